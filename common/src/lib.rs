@@ -1,0 +1,11 @@
+//! Shared pieces that are not a component: typed IDs, input limits, epoch
+//! comparison, logging setup, the metrics/health HTTP server and the handle
+//! of a running service. Keep this crate small: no decisions live here.
+
+pub mod ids;
+pub mod keys;
+pub mod limits;
+pub mod service;
+pub mod telemetry;
+
+pub use ids::{RangeId, StoreId};

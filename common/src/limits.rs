@@ -1,0 +1,70 @@
+//! Input limits shared by proxy and storenode (DESIGN.md §3).
+
+use thiserror::Error;
+
+/// Longest key a client may send, in bytes.
+pub const MAX_KEY_LEN: usize = 4096;
+/// Default largest value, in bytes (configurable per process).
+pub const DEFAULT_MAX_VALUE_LEN: usize = 1024 * 1024;
+/// Default largest gRPC message a server decodes (value + key + framing headroom).
+pub const DEFAULT_MAX_MESSAGE_LEN: usize = DEFAULT_MAX_VALUE_LEN + 64 * 1024;
+
+/// Why a key or value was refused. Maps to INVALID_ARGUMENT.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum InputError {
+    #[error("key is empty")]
+    EmptyKey,
+    #[error("key is {len} bytes, the limit is {max}")]
+    KeyTooLong { len: usize, max: usize },
+    #[error("value is {len} bytes, the limit is {max}")]
+    ValueTooLong { len: usize, max: usize },
+}
+
+/// Checks a key against [`MAX_KEY_LEN`] (and that it is not empty).
+pub fn check_key(key: &[u8]) -> Result<(), InputError> {
+    check_key_with(key, MAX_KEY_LEN)
+}
+
+/// Checks a key against an explicit limit.
+pub fn check_key_with(key: &[u8], max: usize) -> Result<(), InputError> {
+    if key.is_empty() {
+        return Err(InputError::EmptyKey);
+    }
+    if key.len() > max {
+        return Err(InputError::KeyTooLong { len: key.len(), max });
+    }
+    Ok(())
+}
+
+/// Checks a value against `max`.
+pub fn check_value(value: &[u8], max: usize) -> Result<(), InputError> {
+    if value.len() > max {
+        return Err(InputError::ValueTooLong { len: value.len(), max });
+    }
+    Ok(())
+}
+
+impl From<InputError> for tonic::Status {
+    fn from(e: InputError) -> Self {
+        tonic::Status::invalid_argument(e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_limits() {
+        assert_eq!(check_key(b""), Err(InputError::EmptyKey));
+        assert!(check_key(&[0u8; MAX_KEY_LEN]).is_ok());
+        assert!(matches!(
+            check_key(&[0u8; MAX_KEY_LEN + 1]),
+            Err(InputError::KeyTooLong { .. })
+        ));
+        assert!(check_value(&[0u8; 10], 10).is_ok());
+        assert!(check_value(&[0u8; 11], 10).is_err());
+        let s: tonic::Status = InputError::EmptyKey.into();
+        assert_eq!(s.code(), tonic::Code::InvalidArgument);
+    }
+}
