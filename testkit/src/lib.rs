@@ -1,1 +1,18 @@
-//! placeholder
+//! Test harness for skv: real processes and in-process nodes on random
+//! 127.0.0.1 ports, and a real etcd from the Debian `etcd-server` package.
+//!
+//! Every process started here is owned by a guard that kills it by PID when
+//! dropped, so a failing (panicking) test leaves nothing behind.
+
+pub mod etcd;
+pub mod process;
+
+pub use etcd::Etcd;
+pub use process::{ChildGuard, bin_path, free_port, wait_until};
+
+/// Installs a test-friendly tracing subscriber once (respects `RUST_LOG`).
+pub fn init_test_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
+}

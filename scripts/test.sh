@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# skv's one test command (README "Run the tests"; .ci/run calls exactly this).
+# On a fresh Debian machine it installs what the tests need, then runs every check:
+#   1. system packages: etcd-server, etcd-client, protobuf-compiler (apt)
+#   2. Python grpcio-tools in a venv (a client in another language)
+#   3. cargo fmt --check, cargo clippy -D warnings
+#   4. cargo build --bins (tests start the real binaries), cargo nextest run
+#   5. every proto compiles with protoc and with Python's grpc_tools.protoc
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+
+step() { printf '\n==> %s\n' "$*"; }
+
+# --- 1. system packages ----------------------------------------------------
+need=()
+command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
+command -v etcdctl >/dev/null 2>&1 || need+=(etcd-client)
+command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
+command -v python3 >/dev/null 2>&1 || need+=(python3 python3-venv)
+if [ ${#need[@]} -gt 0 ]; then
+  step "installing ${need[*]} (apt)"
+  if [ "$(id -u)" -eq 0 ]; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"
+  elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
+    sudo apt-get update -qq
+    sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"
+  else
+    echo "error: the tests need: ${need[*]}" >&2
+    echo "       run this script as root, or install them first: sudo apt-get install ${need[*]}" >&2
+    exit 1
+  fi
+fi
+command -v cargo-nextest >/dev/null 2>&1 || { step "installing cargo-nextest"; cargo install --locked cargo-nextest; }
+
+# --- 2. Python tooling (grpcio-tools) -----------------------------------------
+PYENV="$ROOT/target/pyenv"
+if [ ! -x "$PYENV/bin/python" ] || ! "$PYENV/bin/python" -c 'import grpc_tools' 2>/dev/null; then
+  step "installing grpcio-tools into $PYENV"
+  python3 -m venv "$PYENV"
+  "$PYENV/bin/pip" install -q --disable-pip-version-check 'grpcio-tools>=1.60' 'grpcio-health-checking>=1.60'
+fi
+export SKV_PYTHON="$PYENV/bin/python"
+
+# --- 3. static checks ------------------------------------------------------------
+step "cargo fmt --check"
+cargo fmt --all -- --check
+step "cargo clippy --all-targets -- -D warnings"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+# --- 4. protos compile everywhere --------------------------------------------------
+step "protoc -I proto (every proto file)"
+mapfile -t protos < <(cd proto && find skv -name '*.proto' | sort)
+(cd proto && protoc -I . --descriptor_set_out=/dev/null "${protos[@]}")
+pyout=$(mktemp -d)
+(cd proto && "$SKV_PYTHON" -m grpc_tools.protoc -I . --python_out="$pyout" --grpc_python_out="$pyout" "${protos[@]}")
+rm -rf "$pyout"
+echo "all ${#protos[@]} proto files compile with protoc and grpc_tools.protoc"
+
+# --- 5. build the binaries the tests start, then run every test --------------------
+step "cargo build --bins"
+cargo build --workspace --bins --locked
+step "cargo nextest run"
+profile=default
+[ "${CI:-}" = "true" ] && profile=ci
+cargo nextest run --workspace --locked --profile "$profile" --no-fail-fast
+step "doc tests"
+cargo test --workspace --doc --locked
