@@ -1,1 +1,173 @@
-//! placeholder
+//! skv placement driver: cluster metadata in etcd (or an embedded store), leader
+//! election, store and range heartbeats, the range map with a watch, ID allocation,
+//! admin operations and the scheduler.
+//!
+//! - [`meta`]: the [`meta::MetaStore`] trait, [`meta::etcd::EtcdStore`], [`meta::embedded::EmbeddedStore`].
+//! - [`layout`]: the key layout under `--etcd-prefix` (documented there).
+//! - [`rangemap`]: pure epoch rules for range map updates.
+//! - [`scheduler`]: pure scheduling decisions.
+//! - [`election`]: leader election on leases.
+//! - [`cluster`]: typed metadata operations (bootstrap, CAS updates, allocator).
+//! - [`server`]: the gRPC `Placement` service, forwarding, the leader loop.
+//!
+//! ## Behaviour
+//! - Run 1 or 3+ instances against one etcd (same `--etcd-prefix`), or one instance on the
+//!   embedded store. The first instance to start bootstraps the cluster (one CAS on
+//!   `<prefix>/cluster_id`), whatever the number starting at once.
+//! - One instance leads ([`election`]). Followers answer reads (GetRange, ScanRanges,
+//!   WatchRanges, GetStores, GetMembers) from the metadata store and forward every write and
+//!   admin call to the leader (`<prefix>/leader` holds its address; set `--advertise` when
+//!   listening on a wildcard address). A follower that does not know the leader answers
+//!   UNAVAILABLE, which callers retry.
+//! - Failover: a clean shutdown revokes the leader lease, another instance leads within one
+//!   campaign interval (~0.2 s); a crashed leader is replaced after its lease expires
+//!   (`--lease-ttl-secs`, default 3 s: measured ~3.3 s).
+//! - Range map writes go through [`rangemap::plan_update`] and a CAS transaction, so the map
+//!   never goes backwards, even with two leaders.
+//! - Only the leader keeps in-memory state (latest store heartbeats, range leader terms,
+//!   operator cooldowns); a new leader rebuilds it from heartbeats. Store records are
+//!   persisted on registration, on state/address change and at most every
+//!   `store_down_after / 5` (clamped to 0.1..5 s) otherwise, so followers judge liveness too.
+
+pub mod cluster;
+pub mod election;
+pub mod layout;
+pub mod meta;
+pub mod metrics;
+pub mod rangemap;
+pub mod scheduler;
+pub mod server;
+
+use skv_common::service::ServiceHandle;
+use skv_common::telemetry::LogFormat;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// `skv-placement` flags (each also from its `SKV_*` environment variable).
+#[derive(clap::Parser, Clone, Debug)]
+#[command(name = "skv-placement", version, about = "skv placement driver")]
+pub struct Config {
+    /// gRPC listen address (port 0 = any).
+    #[arg(long, env = "SKV_LISTEN", default_value = "127.0.0.1:7000")]
+    pub listen: SocketAddr,
+    /// Address other instances and clients use to reach this one (default: the bound address).
+    #[arg(long, env = "SKV_ADVERTISE")]
+    pub advertise: Option<String>,
+    /// Directory of the embedded metadata store (used when --etcd is empty).
+    #[arg(long, env = "SKV_DATA_DIR", default_value = "skv-placement-data")]
+    pub data_dir: PathBuf,
+    /// etcd endpoints, comma-separated. Empty = the embedded single-node store.
+    #[arg(long, env = "SKV_ETCD", value_delimiter = ',')]
+    pub etcd: Vec<String>,
+    /// Key prefix of this cluster in etcd.
+    #[arg(long, env = "SKV_ETCD_PREFIX", default_value = "/skv/default")]
+    pub etcd_prefix: String,
+    /// Member name (default: the advertised address).
+    #[arg(long, env = "SKV_NAME")]
+    pub name: Option<String>,
+    /// Serve /metrics, /healthz and /readyz here.
+    #[arg(long, env = "SKV_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// A store silent longer than this is DOWN.
+    #[arg(long, env = "SKV_STORE_DOWN_AFTER_MS", default_value_t = 30_000)]
+    pub store_down_after_ms: u64,
+    /// Place the first range after this long with fewer than 3 stores.
+    #[arg(long, env = "SKV_INITIAL_WAIT_MS", default_value_t = 2000)]
+    pub initial_wait_ms: u64,
+    /// Scheduler tick. A placed range whose leader has been silent for 20 ticks (10 s by
+    /// default) gets CreateReplica again.
+    #[arg(long, env = "SKV_SCHEDULE_INTERVAL_MS", default_value_t = 500)]
+    pub schedule_interval_ms: u64,
+    /// TTL of the leader lease: a crashed leader is replaced after at most about this long.
+    #[arg(long, env = "SKV_LEASE_TTL_SECS", default_value_t = 3)]
+    pub lease_ttl_secs: u64,
+    /// Log format.
+    #[arg(long, env = "SKV_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+impl Config {
+    /// A config for tests: port 0 on 127.0.0.1, everything else default.
+    pub fn for_test(data_dir: impl Into<PathBuf>, etcd: Vec<String>, prefix: &str) -> Self {
+        Self {
+            listen: "127.0.0.1:0".parse().expect("valid address"),
+            advertise: None,
+            data_dir: data_dir.into(),
+            etcd,
+            etcd_prefix: prefix.to_string(),
+            name: None,
+            metrics_listen: None,
+            store_down_after_ms: 30_000,
+            initial_wait_ms: 2000,
+            schedule_interval_ms: 500,
+            lease_ttl_secs: 3,
+            log_format: LogFormat::Text,
+        }
+    }
+}
+
+/// Opens the metadata store the config names: etcd, or the embedded store in
+/// `<data-dir>/meta`.
+pub async fn open_meta_store(config: &Config) -> anyhow::Result<meta::DynMetaStore> {
+    let endpoints: Vec<String> = config
+        .etcd
+        .iter()
+        .map(|e| e.trim().to_string())
+        .filter(|e| !e.is_empty())
+        .collect();
+    if endpoints.is_empty() {
+        let s = meta::embedded::EmbeddedStore::open(config.data_dir.join("meta"))?;
+        Ok(Arc::new(s))
+    } else {
+        // etcd may still be starting (compose, k8s): retry for a while.
+        let mut attempt = 0;
+        loop {
+            match meta::etcd::EtcdStore::connect(&endpoints).await {
+                Ok(s) => return Ok(Arc::new(s)),
+                Err(e) if attempt < 20 => {
+                    attempt += 1;
+                    tracing::warn!(error = %e, ?endpoints, "etcd not reachable yet; retrying");
+                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                }
+                Err(e) => return Err(anyhow::anyhow!("cannot connect to etcd {endpoints:?}: {e}")),
+            }
+        }
+    }
+}
+
+/// Starts a placement instance; returns once it listens.
+pub async fn start(config: Config) -> anyhow::Result<ServiceHandle> {
+    let store = open_meta_store(&config).await?;
+    server::start_with_store(config, store).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn flags_and_defaults() {
+        let c = Config::try_parse_from([
+            "skv-placement",
+            "--listen",
+            "127.0.0.1:0",
+            "--etcd",
+            "http://127.0.0.1:2379,http://127.0.0.1:2380",
+            "--data-dir",
+            "/tmp/x",
+        ])
+        .unwrap();
+        assert_eq!(c.etcd.len(), 2);
+        assert_eq!(c.etcd_prefix, "/skv/default");
+        assert_eq!(c.store_down_after_ms, 30_000);
+        assert_eq!(c.initial_wait_ms, 2000);
+        assert_eq!(c.schedule_interval_ms, 500);
+        assert_eq!(c.lease_ttl_secs, 3);
+        assert_eq!(c.listen.port(), 0);
+        let d = Config::try_parse_from(["skv-placement"]).unwrap();
+        assert!(d.etcd.is_empty());
+        assert_eq!(d.listen, "127.0.0.1:7000".parse().unwrap());
+    }
+}

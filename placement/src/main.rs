@@ -1,1 +1,28 @@
-fn main() {}
+//! `skv-placement`: the placement driver binary.
+
+use clap::Parser;
+use std::time::Duration;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let config = skv_placement::Config::parse();
+    skv_common::telemetry::init_logging(config.log_format);
+    let handle = skv_placement::start(config).await?;
+    tracing::info!(addr = %handle.addr, "skv-placement listening");
+    let signal = skv_common::service::shutdown_signal();
+    tokio::pin!(signal);
+    loop {
+        tokio::select! {
+            _ = &mut signal => {
+                tracing::info!("shutting down");
+                return handle.shutdown().await;
+            }
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {
+                if handle.is_finished() {
+                    // Stopped by itself: surface its error.
+                    return handle.wait().await;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,275 @@
+//! Cluster metadata operations on a [`MetaStore`](crate::meta::MetaStore): bootstrap, range map reads and updates,
+//! stores, the ID allocator. Every write that must not race is a compare-and-swap.
+
+use crate::layout::Layout;
+use crate::meta::{CmpOp, Compare, DynMetaStore, MetaError, MetaResult, Op, Txn};
+use crate::metrics::Metrics;
+use crate::rangemap::{Incoming, StoredRange, UpdatePlan, plan_update};
+use prost::Message;
+use skv_common::keys::desc_contains;
+use skv_proto::internal::{RangeDescriptor, RangeEpoch, RangeInfo, StoreInfo};
+
+/// How many times a CAS update is re-read and retried before giving up.
+const CAS_RETRIES: usize = 16;
+
+/// Outcome of a range map update.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ApplyOutcome {
+    Applied,
+    Unchanged,
+    /// Refused; the stored overlapping descriptors.
+    Stale(Vec<RangeDescriptor>),
+}
+
+/// Typed access to the cluster's metadata.
+#[derive(Clone)]
+pub struct Meta {
+    pub store: DynMetaStore,
+    pub layout: Layout,
+    metrics: Metrics,
+}
+
+fn decode_range(kv: &crate::meta::KeyValue) -> MetaResult<StoredRange> {
+    let info = RangeInfo::decode(kv.value.as_slice()).map_err(MetaError::other)?;
+    if info.descriptor.is_none() {
+        return Err(MetaError::Other("range record without descriptor".into()));
+    }
+    Ok(StoredRange {
+        key: kv.key.clone(),
+        mod_revision: kv.mod_revision,
+        info,
+    })
+}
+
+fn parse_u64(v: &[u8]) -> MetaResult<u64> {
+    std::str::from_utf8(v)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| MetaError::Other("bad counter value".into()))
+}
+
+impl Meta {
+    pub fn new(store: DynMetaStore, layout: Layout, metrics: Metrics) -> Self {
+        Self { store, layout, metrics }
+    }
+
+    async fn txn(&self, t: Txn) -> MetaResult<bool> {
+        match self.store.txn(t).await {
+            Ok(r) => {
+                if !r.succeeded {
+                    self.metrics.meta_txn_failures.inc();
+                }
+                Ok(r.succeeded)
+            }
+            Err(e) => {
+                self.metrics.meta_errors.inc();
+                Err(e)
+            }
+        }
+    }
+
+    /// Creates the cluster exactly once (safe under concurrent callers); returns its id.
+    /// Writes the cluster id, range 1 = `["", "")` with epoch {1, 1} and no replicas,
+    /// the ID allocator (next = 2) and the generation counter.
+    pub async fn bootstrap(&self) -> MetaResult<String> {
+        let id = format!("{:032x}", rand::random::<u128>());
+        let r1 = RangeInfo {
+            descriptor: Some(RangeDescriptor {
+                range_id: 1,
+                start: vec![],
+                end: vec![],
+                epoch: Some(RangeEpoch {
+                    conf_ver: 1,
+                    version: 1,
+                }),
+                replicas: vec![],
+            }),
+            leader_store_id: 0,
+        };
+        let l = &self.layout;
+        let t = Txn::new().when([Compare::absent(l.cluster_id())]).and_then([
+            Op::put(l.cluster_id(), id.clone()),
+            Op::put(l.range(b""), r1.encode_to_vec()),
+            Op::put(l.ids(), "2"),
+            Op::put(l.gen_key(), "0"),
+        ]);
+        let created = self.store.txn(t).await?.succeeded;
+        let kv = self
+            .store
+            .get(&l.cluster_id())
+            .await?
+            .ok_or_else(|| MetaError::Other("cluster id missing after bootstrap".into()))?;
+        let stored = String::from_utf8_lossy(&kv.value).into_owned();
+        if created {
+            tracing::info!(cluster_id = %stored, "bootstrapped a new cluster");
+        }
+        Ok(stored)
+    }
+
+    /// The range holding `key`, if the map covers it (one range read).
+    pub async fn lookup(&self, key: &[u8]) -> MetaResult<Option<StoredRange>> {
+        let (from, to) = self.layout.range_lookup_bounds(key);
+        let r = self.store.range(&from, &to, 1).await?;
+        match r.kvs.first() {
+            Some(kv) => {
+                let s = decode_range(kv)?;
+                Ok(desc_contains(s.desc(), key).then_some(s))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Records in key order starting with the one holding `start`, while their start is
+    /// below `end` (empty = +infinity), at most `limit` (0 = all).
+    pub async fn scan(&self, start: &[u8], end: &[u8], limit: usize) -> MetaResult<Vec<StoredRange>> {
+        const PAGE: usize = 256;
+        let (mut from, to) = self.layout.range_lookup_bounds(start);
+        let mut out = Vec::new();
+        loop {
+            let r = self.store.range(&from, &to, PAGE).await?;
+            for kv in &r.kvs {
+                let s = decode_range(kv)?;
+                if !end.is_empty() && s.desc().start.as_slice() >= end {
+                    return Ok(out);
+                }
+                out.push(s);
+                if limit > 0 && out.len() >= limit {
+                    return Ok(out);
+                }
+            }
+            match r.kvs.last() {
+                Some(last) if r.more => {
+                    from = last.key.clone();
+                    from.push(0);
+                }
+                _ => return Ok(out),
+            }
+        }
+    }
+
+    /// Every range record and the revision read (for watching from `revision + 1`).
+    pub async fn all_ranges(&self) -> MetaResult<(Vec<StoredRange>, i64)> {
+        let (from, to) = self.layout.ranges_bounds();
+        let r = self.store.range(&from, &to, 0).await?;
+        let ranges = r.kvs.iter().map(decode_range).collect::<MetaResult<Vec<_>>>()?;
+        Ok((ranges, r.revision))
+    }
+
+    /// The record of range `id` (a full scan: there is no index by id).
+    pub async fn range_by_id(&self, id: u64) -> MetaResult<Option<StoredRange>> {
+        Ok(self.all_ranges().await?.0.into_iter().find(|s| s.desc().range_id == id))
+    }
+
+    /// Applies descriptors through the epoch rules ([`plan_update`]), retrying on conflicts.
+    pub async fn apply(&self, incoming: &[Incoming]) -> MetaResult<ApplyOutcome> {
+        for _ in 0..CAS_RETRIES {
+            let mut stored: Vec<StoredRange> = Vec::new();
+            for inc in incoming {
+                for s in self.scan(&inc.desc.start, &inc.desc.end, 0).await? {
+                    if !stored.iter().any(|x| x.key == s.key) {
+                        stored.push(s);
+                    }
+                }
+            }
+            match plan_update(&self.layout, &stored, incoming) {
+                UpdatePlan::Unchanged => return Ok(ApplyOutcome::Unchanged),
+                UpdatePlan::Stale(cur) => {
+                    self.metrics.stale_updates.inc();
+                    return Ok(ApplyOutcome::Stale(cur));
+                }
+                UpdatePlan::Invalid(m) => return Err(MetaError::Other(format!("invalid range update: {m}"))),
+                UpdatePlan::Write(t) => {
+                    if self.txn(t).await? {
+                        return Ok(ApplyOutcome::Applied);
+                    }
+                }
+            }
+        }
+        Err(MetaError::Other("range update kept conflicting; giving up".into()))
+    }
+
+    /// Writes the voters chosen for a replica-less range, only if its record is unchanged
+    /// and still replica-less. Returns whether it was written.
+    pub async fn place_initial(&self, desc: &RangeDescriptor) -> MetaResult<bool> {
+        let key = self.layout.range(&desc.end);
+        let Some(kv) = self.store.get(&key).await? else {
+            return Ok(false);
+        };
+        let cur = decode_range(&kv)?;
+        let c = cur.desc();
+        if c.range_id != desc.range_id || c.start != desc.start || !c.replicas.is_empty() || c.epoch != desc.epoch {
+            return Ok(false);
+        }
+        let info = RangeInfo {
+            descriptor: Some(desc.clone()),
+            leader_store_id: 0,
+        };
+        self.txn(
+            Txn::new()
+                .when([Compare::mod_revision(key.clone(), CmpOp::Equal, kv.mod_revision)])
+                .and_then([Op::put(key, info.encode_to_vec())]),
+        )
+        .await
+    }
+
+    /// Every stored store record.
+    pub async fn stores(&self) -> MetaResult<Vec<StoreInfo>> {
+        let (from, to) = crate::meta::prefix_range(&self.layout.stores_prefix());
+        let r = self.store.range(&from, &to, 0).await?;
+        r.kvs
+            .iter()
+            .map(|kv| StoreInfo::decode(kv.value.as_slice()).map_err(MetaError::other))
+            .collect()
+    }
+
+    pub async fn get_store(&self, id: u64) -> MetaResult<Option<StoreInfo>> {
+        match self.store.get(&self.layout.store(id)).await? {
+            Some(kv) => Ok(Some(StoreInfo::decode(kv.value.as_slice()).map_err(MetaError::other)?)),
+            None => Ok(None),
+        }
+    }
+
+    pub async fn put_store(&self, s: &StoreInfo) -> MetaResult<()> {
+        self.store
+            .txn(Txn::new().and_then([Op::put(self.layout.store(s.store_id), s.encode_to_vec())]))
+            .await?;
+        Ok(())
+    }
+
+    /// Reserves `n` ids from the shared allocator by CAS; returns the first.
+    pub async fn reserve_ids(&self, n: u64) -> MetaResult<u64> {
+        self.bump_counter(&self.layout.ids(), n, 2).await
+    }
+
+    /// Next snapshot generation (strictly increasing across leaders).
+    pub async fn next_generation(&self) -> MetaResult<u64> {
+        Ok(self.bump_counter(&self.layout.gen_key(), 1, 0).await? + 1)
+    }
+
+    async fn bump_counter(&self, key: &[u8], n: u64, initial: u64) -> MetaResult<u64> {
+        for _ in 0..CAS_RETRIES * 4 {
+            let cur = self.store.get(key).await?;
+            let (first, cmp) = match &cur {
+                Some(kv) => (
+                    parse_u64(&kv.value)?,
+                    Compare::mod_revision(key.to_vec(), CmpOp::Equal, kv.mod_revision),
+                ),
+                None => (initial, Compare::absent(key.to_vec())),
+            };
+            let next = first
+                .checked_add(n)
+                .ok_or_else(|| MetaError::Other("id space exhausted".into()))?;
+            if self
+                .txn(
+                    Txn::new()
+                        .when([cmp])
+                        .and_then([Op::put(key.to_vec(), next.to_string())]),
+                )
+                .await?
+            {
+                return Ok(first);
+            }
+        }
+        Err(MetaError::Other("counter kept conflicting".into()))
+    }
+}
