@@ -1,1 +1,281 @@
-//! placeholder
+//! skv-proxy: the stateless client-facing gateway (DESIGN.md §7).
+//!
+//! It serves `skv.v1.Kv` (plus gRPC reflection and health), authenticates every call
+//! with a JWT ([`auth`]), confines each tenant to its namespace ([`namespace`]), routes
+//! each key to its range through a cache of the range map ([`routing`], kept fresh from
+//! placement and from storenodes' routing errors), and retries what is safe to retry.
+//!
+//! Consistency notes: single-key operations are linearizable (the storenode leader
+//! serves them). A `Scan` is linearizable within one range but not across ranges, and
+//! `BatchGet`/`BatchWrite` are not atomic: each key is its own operation.
+
+pub mod auth;
+pub mod metrics;
+pub mod namespace;
+pub mod router;
+pub mod routing;
+pub mod service;
+
+use anyhow::Context as _;
+use skv_common::service::ServiceHandle;
+use skv_common::telemetry::{LogFormat, Readiness};
+use skv_proto::v1::kv_server::KvServer;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use tonic::codegen::http;
+use tonic::server::NamedService;
+
+pub use router::{OUTCOME_METADATA_KEY, is_outcome_unknown};
+
+/// Command-line and environment configuration of `skv-proxy`.
+#[derive(clap::Parser, Clone, Debug)]
+#[command(name = "skv-proxy", version, about = "skv client-facing proxy")]
+#[command(group(
+    clap::ArgGroup::new("jwt_key")
+        .required(true)
+        .multiple(false)
+        .args(["jwt_hs256_secret_file", "jwt_public_key_file", "jwks_file"])
+))]
+pub struct Config {
+    /// gRPC listen address (port 0 picks a free port).
+    #[arg(long, env = "SKV_LISTEN", default_value = "127.0.0.1:7400")]
+    pub listen: SocketAddr,
+    /// Placement URLs, comma separated (http://host:port,...).
+    #[arg(long, env = "SKV_PLACEMENT", value_delimiter = ',', required = true)]
+    pub placement: Vec<String>,
+    /// File holding the HS256 shared secret (trailing whitespace is ignored).
+    #[arg(long, env = "SKV_JWT_HS256_SECRET_FILE")]
+    pub jwt_hs256_secret_file: Option<PathBuf>,
+    /// PEM public key for RS256/ES256 tokens (not yet supported).
+    #[arg(long, env = "SKV_JWT_PUBLIC_KEY_FILE")]
+    pub jwt_public_key_file: Option<PathBuf>,
+    /// JWKS file with `kid`-based key rotation (not yet supported).
+    #[arg(long, env = "SKV_JWKS_FILE")]
+    pub jwks_file: Option<PathBuf>,
+    /// Accepted `iss` claim.
+    #[arg(long, env = "SKV_JWT_ISSUER", default_value = auth::DEFAULT_ISSUER)]
+    pub jwt_issuer: String,
+    /// Accepted `aud` claim.
+    #[arg(long, env = "SKV_JWT_AUDIENCE", default_value = auth::DEFAULT_AUDIENCE)]
+    pub jwt_audience: String,
+    /// Serve /metrics, /healthz and /readyz on this address.
+    #[arg(long, env = "SKV_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Largest value accepted, in bytes.
+    #[arg(long, env = "SKV_MAX_VALUE_LEN", default_value_t = skv_common::limits::DEFAULT_MAX_VALUE_LEN)]
+    pub max_value_len: usize,
+    /// Largest gRPC request message decoded, in bytes.
+    #[arg(long, env = "SKV_MAX_MESSAGE_LEN", default_value_t = skv_common::limits::DEFAULT_MAX_MESSAGE_LEN)]
+    pub max_message_len: usize,
+    /// Deadline of a request when the client sends no grpc-timeout, in milliseconds.
+    #[arg(long, env = "SKV_REQUEST_TIMEOUT_MS", default_value_t = 5000)]
+    pub request_timeout_ms: u64,
+    /// Concurrent requests allowed per namespace; more get RESOURCE_EXHAUSTED.
+    #[arg(long, env = "SKV_MAX_CONCURRENCY_PER_TENANT", default_value_t = 1024)]
+    pub max_concurrency_per_tenant: usize,
+    /// Log format.
+    #[arg(long, env = "SKV_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+impl Config {
+    /// Defaults for in-process use (tests, playground): listen on 127.0.0.1:0.
+    pub fn new(placement: Vec<String>, jwt_hs256_secret_file: PathBuf) -> Self {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            placement,
+            jwt_hs256_secret_file: Some(jwt_hs256_secret_file),
+            jwt_public_key_file: None,
+            jwks_file: None,
+            jwt_issuer: auth::DEFAULT_ISSUER.to_string(),
+            jwt_audience: auth::DEFAULT_AUDIENCE.to_string(),
+            metrics_listen: None,
+            max_value_len: skv_common::limits::DEFAULT_MAX_VALUE_LEN,
+            max_message_len: skv_common::limits::DEFAULT_MAX_MESSAGE_LEN,
+            request_timeout_ms: 5000,
+            max_concurrency_per_tenant: 1024,
+            log_format: LogFormat::Text,
+        }
+    }
+}
+
+fn build_verifier(config: &Config) -> anyhow::Result<auth::Verifier> {
+    match (
+        &config.jwt_hs256_secret_file,
+        &config.jwt_public_key_file,
+        &config.jwks_file,
+    ) {
+        (Some(p), None, None) => {
+            let secret = auth::load_hs256_secret(p)?;
+            if secret.len() < 32 {
+                tracing::warn!("the HS256 secret is shorter than 32 bytes (RFC 7518 §3.2 asks for at least 256 bits)");
+            }
+            Ok(auth::Verifier::hs256(&secret, &config.jwt_issuer, &config.jwt_audience))
+        }
+        (None, Some(_), None) => {
+            anyhow::bail!("--jwt-public-key-file (RS256/ES256) is not yet supported; use --jwt-hs256-secret-file")
+        }
+        (None, None, Some(_)) => anyhow::bail!("--jwks-file is not yet supported; use --jwt-hs256-secret-file"),
+        _ => anyhow::bail!("exactly one of --jwt-hs256-secret-file, --jwt-public-key-file or --jwks-file is required"),
+    }
+}
+
+/// Starts the proxy: binds `config.listen` (and `--metrics-listen`), loads the range
+/// map from placement (best effort, it keeps following the watch), and serves until
+/// the returned handle is shut down.
+pub async fn start(config: Config) -> anyhow::Result<ServiceHandle> {
+    let verifier = Arc::new(build_verifier(&config)?);
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(skv_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .with_service_name("skv.v1.Kv")
+            .with_service_name("grpc.health.v1.Health")
+            .with_service_name("grpc.reflection.v1.ServerReflection")
+            .with_service_name("grpc.reflection.v1alpha.ServerReflection")
+    };
+    let reflection_v1 = reflection().build_v1()?;
+    let reflection_v1alpha = reflection().build_v1alpha()?;
+    anyhow::ensure!(config.max_value_len > 0, "--max-value-len must be positive");
+    anyhow::ensure!(config.max_message_len > 0, "--max-message-len must be positive");
+    if config.max_message_len < config.max_value_len + skv_common::limits::MAX_KEY_LEN {
+        tracing::warn!(
+            max_message_len = config.max_message_len,
+            max_value_len = config.max_value_len,
+            "--max-message-len is smaller than the largest key plus value; large puts will be refused"
+        );
+    }
+    anyhow::ensure!(config.request_timeout_ms > 0, "--request-timeout-ms must be positive");
+
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = metrics::Metrics::new(&mut registry);
+    let placement = router::Placement::new(&config.placement)?;
+    let router = Arc::new(router::Router::new(placement, metrics.clone()));
+    let cancel = CancellationToken::new();
+
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding {}", config.listen))?;
+    let addr = listener.local_addr()?;
+    let ready = Readiness::default();
+    let metrics_addr = match config.metrics_listen {
+        Some(m) => Some(
+            skv_common::telemetry::serve_metrics(m, Arc::new(registry), ready.clone(), cancel.clone())
+                .await
+                .with_context(|| format!("binding metrics on {m}"))?,
+        ),
+        None => None,
+    };
+
+    router.initial_load(Duration::from_secs(1)).await;
+    tokio::spawn(router.clone().run_watch(cancel.child_token()));
+    // Ready (for /readyz) once the proxy knows at least one range.
+    {
+        let router = router.clone();
+        let ready = ready.clone();
+        let cancel = cancel.clone();
+        tokio::spawn(async move {
+            while router.cached_ranges() == 0 {
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                }
+            }
+            ready.set(true);
+        });
+    }
+
+    let kv = service::KvService::new(
+        router,
+        verifier,
+        metrics,
+        service::ServiceLimits {
+            max_value_len: config.max_value_len,
+            request_timeout: Duration::from_millis(config.request_timeout_ms),
+            max_concurrency_per_tenant: config.max_concurrency_per_tenant,
+        },
+    );
+    let kv = KvServer::new(kv)
+        .max_decoding_message_size(config.max_message_len)
+        .max_encoding_message_size(usize::MAX);
+
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter.set_serving::<KvServer<service::KvService>>().await;
+    {
+        let cancel = cancel.clone();
+        let reporter = health_reporter.clone();
+        tokio::spawn(async move {
+            cancel.cancelled().await;
+            reporter.set_not_serving::<KvServer<service::KvService>>().await;
+            reporter
+                .set_service_status("", tonic_health::ServingStatus::NotServing)
+                .await;
+        });
+    }
+
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let shutdown = cancel.clone().cancelled_owned();
+    let server = tonic::transport::Server::builder()
+        // Notice dead clients (and release their tenant slots) on idle connections.
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .add_service(OversizeAsResourceExhausted(kv))
+        .add_service(health)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .serve_with_incoming_shutdown(incoming, shutdown);
+    let task = tokio::spawn(async move {
+        server.await.context("proxy gRPC server")?;
+        Ok(())
+    });
+    tracing::info!(%addr, metrics = ?metrics_addr, "skv-proxy listening");
+    Ok(ServiceHandle::new(addr, metrics_addr, cancel, task))
+}
+
+/// Rewrites tonic's OUT_OF_RANGE answer to a request message over the decode limit
+/// into RESOURCE_EXHAUSTED (what the gRPC spec asks for). The Kv service itself never
+/// answers OUT_OF_RANGE, so every such status comes from the codec.
+#[derive(Clone)]
+struct OversizeAsResourceExhausted<S>(S);
+
+impl<S: NamedService> NamedService for OversizeAsResourceExhausted<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S, B> tonic::codegen::Service<http::Request<B>> for OversizeAsResourceExhausted<S>
+where
+    S: tonic::codegen::Service<http::Request<B>, Response = http::Response<tonic::body::Body>, Error = Infallible>,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = tonic::codegen::BoxFuture<Self::Response, Infallible>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let fut = self.0.call(req);
+        Box::pin(async move {
+            let mut resp = fut.await?;
+            let out_of_range = (tonic::Code::OutOfRange as i32).to_string();
+            if resp
+                .headers()
+                .get("grpc-status")
+                .is_some_and(|v| v.as_bytes() == out_of_range.as_bytes())
+            {
+                let code = (tonic::Code::ResourceExhausted as i32).to_string();
+                if let Ok(v) = http::HeaderValue::from_str(&code) {
+                    resp.headers_mut().insert("grpc-status", v);
+                }
+            }
+            Ok(resp)
+        })
+    }
+}
