@@ -4,6 +4,11 @@ use thiserror::Error;
 
 /// Longest key a client may send, in bytes.
 pub const MAX_KEY_LEN: usize = 4096;
+/// Largest namespace the proxy accepts, in bytes.
+pub const MAX_NAMESPACE_LEN: usize = 255;
+/// Longest key a storenode accepts: a user key plus the proxy's namespace
+/// prefix (`u16` length + namespace).
+pub const MAX_INTERNAL_KEY_LEN: usize = MAX_KEY_LEN + 2 + MAX_NAMESPACE_LEN;
 /// Default largest value, in bytes (configurable per process).
 pub const DEFAULT_MAX_VALUE_LEN: usize = 1024 * 1024;
 /// Default largest gRPC message a server decodes (value + key + framing headroom).
@@ -23,6 +28,11 @@ pub enum InputError {
 /// Checks a key against [`MAX_KEY_LEN`] (and that it is not empty).
 pub fn check_key(key: &[u8]) -> Result<(), InputError> {
     check_key_with(key, MAX_KEY_LEN)
+}
+
+/// Checks an internal (namespaced) key against [`MAX_INTERNAL_KEY_LEN`]; for storenodes.
+pub fn check_internal_key(key: &[u8]) -> Result<(), InputError> {
+    check_key_with(key, MAX_INTERNAL_KEY_LEN)
 }
 
 /// Checks a key against an explicit limit.

@@ -1,1 +1,359 @@
-//! placeholder
+//! # skv storage node
+//!
+//! A storenode holds replicas of ranges. Every range is one openraft group; all ranges
+//! of the node share ONE fjall `Database`.
+//!
+//! ```text
+//!  gRPC (tonic, one listener)
+//!  ├── Store service  (service.rs)  Get/Write/Scan + admin (CreateReplica, ChangeReplicas,
+//!  │                                SplitRange, TransferLeader, ListReplicas)
+//!  └── Raft service   (service.rs)  Send (postcard openraft RPC) / SendSnapshot (chunks)
+//!            │
+//!  NodeInner (node.rs): RangeId → Replica { openraft::Raft, RangeShared{descriptor, ..} }
+//!            │
+//!  raft/ (the only module naming openraft types)
+//!  ├── mod.rs            TypeConfig, Command/CmdResponse, timing config, split seeds
+//!  ├── log_store.rs      RaftLogStorage on the `raft` keyspace; appends acked after the
+//!  │                     group-commit fsync
+//!  ├── state_machine.rs  apply (data + applied state + descriptor in ONE batch),
+//!  │                     split, file-backed streaming snapshots
+//!  └── network.rs        one tonic Channel per destination store, RaftFilter (tests)
+//!            │
+//!  engine.rs: fjall Database { data, raft, meta } + the log-sync thread (group commit:
+//!             every pending append of every range shares one fsync)
+//! ```
+//!
+//! ## Invariants
+//! - A client is acknowledged only after its entry is committed (durable on a quorum:
+//!   appends are fsynced before openraft's IO callback fires) and applied locally.
+//! - Apply writes the user data, the range's applied log id and (when changed) its
+//!   descriptor in one atomic fjall batch; the journal is sequential, so after a crash the
+//!   applied state never runs ahead of the durable log.
+//! - Versions: a key's version starts at 1 and rises by 1 per put. A delete removes the key,
+//!   so a later put restarts at version 1.
+//! - Split is a Raft command. On apply (every replica): the left descriptor is shortened and
+//!   its version +1; the right descriptor gets the same replicas; the right group's storage
+//!   is pre-seeded (vote, last purged log id = (term 5, index 5), membership) in the same
+//!   batch, then `Raft::new` — never `initialize()`. The old leader's node campaigns first.
+//! - A message for an unknown range creates an uninitialized peer from the carried
+//!   descriptor; a snapshot overlapping a live (initialized) local range is refused until
+//!   the split applies locally (as TiKV).
+//! - Descriptor replicas follow membership: when a membership entry applies, replicas become
+//!   voters + learners and `conf_ver` +1. After bootstrap the log is snapshotted and purged,
+//!   so every later replica starts from a snapshot carrying the descriptor.
+//! - Apply: entries that are ready together go into one atomic batch (data + applied
+//!   state); split and membership entries are applied alone. Clients are answered after
+//!   the batch commits.
+//! - Snapshots are files under `<data-dir>/snapshots` streamed from a fjall snapshot
+//!   (bounded memory); they are not kept across restarts: openraft rebuilds one on start
+//!   when the log is purged. Installing writes several batches under a redo marker
+//!   (`meta: installing/<range>`, fsynced first): a crash mid-install is finished on the next
+//!   start from the received (fsynced) file, before the range opens.
+//! - Raft messages are bounded: an AppendEntries carries at most ~4 MiB (plus one entry);
+//!   the rest is reported to openraft as a partial success and sent next.
+//!
+//! ## Known limits
+//! - A removed replica stays open (idle, no longer replicated to); its data and Raft state
+//!   are not deleted yet (background GC checked against overlapping live ranges is to do).
+//! - An uninitialized peer (created by a Raft message) is not reopened after a restart; it
+//!   is recreated by the next message.
+//! - Merge, hibernation, approximate range size/keys (heartbeats report 0) and the foyer
+//!   cache are not implemented yet. Load counters (reads, writes, bytes, sampled keys) are.
+//!   `--snapshot-url` is accepted and ignored.
+//! - `--advertise` defaults to the bound address; set it when listening on 0.0.0.0.
+
+pub mod engine;
+pub mod metrics;
+pub mod node;
+pub mod placement;
+pub mod raft;
+pub mod service;
+
+use anyhow::Context;
+use skv_common::service::ServiceHandle;
+use skv_common::telemetry::{LogFormat, Readiness};
+use skv_common::{RangeId, StoreId};
+use skv_proto::internal::raft_server::RaftServer;
+use skv_proto::internal::store_server::StoreServer;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// Storenode configuration (every flag also from `SKV_*` env vars where noted).
+#[derive(clap::Parser, Clone, Debug)]
+#[command(name = "skv-storenode", about = "skv storage node")]
+pub struct Config {
+    /// gRPC listen address (Store and Raft services).
+    #[arg(long, env = "SKV_LISTEN", default_value = "127.0.0.1:7100")]
+    pub listen: SocketAddr,
+    /// Address other nodes use to reach this one (default: the bound listen address).
+    #[arg(long, env = "SKV_ADVERTISE")]
+    pub advertise: Option<String>,
+    /// Placement URLs, comma-separated. Empty: standalone (needs --store-id).
+    #[arg(long, env = "SKV_PLACEMENT", value_delimiter = ',')]
+    pub placement: Vec<String>,
+    /// Data directory (fjall database and snapshots).
+    #[arg(long, env = "SKV_DATA_DIR")]
+    pub data_dir: PathBuf,
+    /// Store id; required without --placement.
+    #[arg(long, env = "SKV_STORE_ID")]
+    pub store_id: Option<u64>,
+    /// Object storage URL for snapshots (accepted, unused for now).
+    #[arg(long, env = "SKV_SNAPSHOT_URL")]
+    pub snapshot_url: Option<String>,
+    /// Serve /metrics, /healthz, /readyz on this address.
+    #[arg(long, env = "SKV_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Largest value accepted, in bytes.
+    #[arg(long, env = "SKV_MAX_VALUE_LEN", default_value_t = skv_common::limits::DEFAULT_MAX_VALUE_LEN)]
+    pub max_value_len: usize,
+    /// Placement heartbeat interval.
+    #[arg(long, env = "SKV_HEARTBEAT_INTERVAL_MS", default_value_t = 1000)]
+    pub heartbeat_interval_ms: u64,
+    /// Log format.
+    #[arg(long, env = "SKV_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// Build a Raft snapshot (and purge the log) every this many entries.
+    #[arg(long, env = "SKV_RAFT_SNAPSHOT_LOGS", default_value_t = 10_000, hide = true)]
+    pub raft_snapshot_logs: u64,
+}
+
+impl Config {
+    /// A config for tests: loopback port 0, standalone with `store_id`.
+    pub fn for_test(data_dir: PathBuf, store_id: u64) -> Self {
+        Self {
+            listen: "127.0.0.1:0"
+                .parse()
+                .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0))),
+            advertise: None,
+            placement: Vec::new(),
+            data_dir,
+            store_id: Some(store_id),
+            snapshot_url: None,
+            metrics_listen: None,
+            max_value_len: skv_common::limits::DEFAULT_MAX_VALUE_LEN,
+            heartbeat_interval_ms: 1000,
+            log_format: LogFormat::Text,
+            raft_snapshot_logs: 10_000,
+        }
+    }
+}
+
+/// What a test filter decides for one Raft message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FilterAction {
+    Pass,
+    Drop,
+    Delay(Duration),
+}
+
+/// Decides the fate of each outgoing Raft message (tests partition/drop/delay traffic).
+pub trait RaftFilter: Send + Sync {
+    fn check(&self, from: StoreId, to: StoreId, range: RangeId) -> FilterAction;
+}
+
+/// Options of [`start_with`] beyond the command line.
+#[derive(Clone, Default)]
+pub struct StartOptions {
+    pub raft_filter: Option<Arc<dyn RaftFilter>>,
+}
+
+/// Starts a storenode; returns once it listens.
+pub async fn start(config: Config) -> anyhow::Result<ServiceHandle> {
+    start_with(config, StartOptions::default()).await
+}
+
+/// Starts a storenode with extra options (the Raft transport filter).
+pub async fn start_with(config: Config, opts: StartOptions) -> anyhow::Result<ServiceHandle> {
+    let cancel = CancellationToken::new();
+    // Stops whatever was spawned if start fails half-way.
+    let start_guard = cancel.clone().drop_guard();
+    let metrics = metrics::Metrics::new();
+    let engine = engine::Engine::open(&config.data_dir, metrics.clone())
+        .with_context(|| format!("opening data dir {}", config.data_dir.display()))?;
+
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding {}", config.listen))?;
+    let addr = listener.local_addr()?;
+    let advertise = config.advertise.clone().unwrap_or_else(|| addr.to_string());
+
+    let mut registry = prometheus_client::registry::Registry::default();
+    metrics.register(&mut registry);
+    let ready = Readiness::default();
+    let metrics_addr = match config.metrics_listen {
+        Some(l) => {
+            Some(skv_common::telemetry::serve_metrics(l, Arc::new(registry), ready.clone(), cancel.clone()).await?)
+        }
+        None => None,
+    };
+    let metrics_address = metrics_addr.map(|a| a.to_string()).unwrap_or_default();
+
+    let placement_urls: Vec<String> = config
+        .placement
+        .iter()
+        .map(|u| u.trim().to_string())
+        .filter(|u| !u.is_empty())
+        .collect();
+    let placement = if placement_urls.is_empty() {
+        None
+    } else {
+        Some(placement::Placement::new(&placement_urls)?)
+    };
+    let local_id = engine.load_store_id()?;
+    let store_id = match (&placement, local_id, config.store_id) {
+        (_, Some(local), Some(flag)) if local.0 != flag => {
+            anyhow::bail!("data dir belongs to store {local}, but --store-id is {flag}")
+        }
+        (_, Some(local), _) => local,
+        (None, None, Some(flag)) => StoreId(flag),
+        (None, None, None) => anyhow::bail!("--store-id is required without --placement"),
+        (Some(p), None, flag) => {
+            p.register(flag.map(StoreId), advertise.clone(), metrics_address.clone(), &cancel)
+                .await?
+        }
+    };
+    if store_id.0 == 0 {
+        anyhow::bail!("store id 0 is reserved");
+    }
+    if local_id != Some(store_id) {
+        engine.save_store_id(store_id)?;
+    }
+    if let (Some(p), Some(_)) = (&placement, local_id) {
+        // Known id: serve at once, re-register in the background.
+        let p = p.clone();
+        let (adv, m, c) = (advertise.clone(), metrics_address.clone(), cancel.clone());
+        tokio::spawn(async move {
+            let _ = p.register(Some(store_id), adv, m, &c).await;
+        });
+    }
+
+    let max_message = config.max_value_len + 256 * 1024;
+    // One AppendEntries carries up to the byte budget plus one entry.
+    let raft_message = raft::network::APPEND_BYTES_BUDGET + 2 * max_message;
+    let transport = raft::network::Transport::new(store_id, opts.raft_filter.clone(), raft_message);
+    transport.set_address(store_id, &advertise);
+    let raft_config = raft::raft_config(config.raft_snapshot_logs)?;
+    let node = node::NodeInner::new(
+        store_id,
+        engine.clone(),
+        transport,
+        raft_config,
+        config.data_dir.join("snapshots"),
+        metrics.clone(),
+    );
+    if let Some(p) = &placement {
+        let p = p.clone();
+        let reporter: node::SplitReporter = Arc::new(move |l, r| {
+            let p = p.clone();
+            tokio::spawn(async move { p.report_split(l, r, store_id).await });
+        });
+        *node.split_reporter.write() = Some(reporter);
+    }
+    node.load().await?;
+
+    let store_svc = service::StoreService {
+        node: node.clone(),
+        max_value_len: config.max_value_len,
+    };
+    let raft_svc = service::RaftService { node: node.clone() };
+    let server = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(
+            StoreServer::new(store_svc)
+                .max_decoding_message_size(max_message)
+                .max_encoding_message_size(max_message.max(skv_common::limits::DEFAULT_MAX_MESSAGE_LEN) * 2),
+        )
+        .add_service(
+            RaftServer::new(raft_svc)
+                .max_decoding_message_size(raft_message)
+                .max_encoding_message_size(raft_message),
+        );
+
+    // Background: gauges and placement heartbeats.
+    {
+        let node = node.clone();
+        let c = cancel.clone();
+        tokio::spawn(async move {
+            let mut t = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    _ = c.cancelled() => return,
+                    _ = t.tick() => node.refresh_gauges(),
+                }
+            }
+        });
+    }
+    if let Some(p) = placement.clone() {
+        tokio::spawn(placement::heartbeat_loop(
+            p,
+            node.clone(),
+            advertise.clone(),
+            metrics_address.clone(),
+            Duration::from_millis(config.heartbeat_interval_ms.max(10)),
+            cancel.clone(),
+        ));
+    }
+
+    start_guard.disarm();
+    ready.set(true);
+    tracing::info!(store_id = %store_id, %addr, "storenode listening");
+    let c = cancel.clone();
+    let task = tokio::spawn(async move {
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        let res = server.serve_with_incoming_shutdown(incoming, c.cancelled_owned()).await;
+        node.stop_all().await;
+        drop(node);
+        // Wait for straggling tasks to drop their engine handles so the directory can be
+        // reopened in-process (tests restart nodes on the same data dir).
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while Arc::strong_count(&engine) > 1 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        engine.stop_syncer();
+        drop(engine);
+        res.map_err(anyhow::Error::from)
+    });
+    Ok(ServiceHandle::new(addr, metrics_addr, cancel, task))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn flags_parse() {
+        let c = Config::try_parse_from(["skv-storenode", "--data-dir", "/tmp/x", "--store-id", "4"]).unwrap();
+        assert_eq!(c.listen.port(), 7100);
+        assert!(c.placement.is_empty());
+        assert_eq!(c.store_id, Some(4));
+        assert_eq!(c.max_value_len, skv_common::limits::DEFAULT_MAX_VALUE_LEN);
+        assert_eq!(c.heartbeat_interval_ms, 1000);
+        let c = Config::try_parse_from([
+            "skv-storenode",
+            "--data-dir",
+            "/tmp/x",
+            "--placement",
+            "http://a:1,http://b:2",
+            "--log-format",
+            "json",
+            "--listen",
+            "0.0.0.0:9",
+        ])
+        .unwrap();
+        assert_eq!(c.placement, vec!["http://a:1".to_string(), "http://b:2".to_string()]);
+        assert_eq!(c.log_format, LogFormat::Json);
+        assert!(Config::try_parse_from(["skv-storenode"]).is_err());
+    }
+
+    #[tokio::test]
+    async fn store_id_is_required_without_placement() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = Config::for_test(dir.path().to_path_buf(), 1);
+        c.store_id = None;
+        assert!(start(c).await.is_err());
+    }
+}

@@ -1,0 +1,389 @@
+//! The set of replicas (one openraft group per range) of this node, and the
+//! operations that create, open, stop and split them.
+
+use crate::engine::{Engine, applied_key, desc_key, io_err};
+use crate::metrics::Metrics;
+use crate::raft::Raft;
+use crate::raft::log_store::LogStore;
+use crate::raft::network::{NetworkFactory, Transport};
+use crate::raft::state_machine::{RangeShared, StateMachine};
+use openraft::async_runtime::watch::WatchReceiver;
+use parking_lot::RwLock;
+use prost::Message;
+use skv_common::keys::cmp_end;
+use skv_common::{RangeId, StoreId};
+use skv_proto::internal::{RangeDescriptor, ReplicaRole};
+use std::collections::{BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+/// One local replica of a range.
+pub struct Replica {
+    pub raft: Raft,
+    pub shared: Arc<RangeShared>,
+}
+
+/// Leadership as seen locally.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LeaderView {
+    pub leader: Option<u64>,
+    pub term: u64,
+}
+
+impl Replica {
+    pub fn leader_view(&self) -> LeaderView {
+        let m = self.raft.metrics();
+        let m = m.borrow_watched();
+        LeaderView {
+            leader: m.current_leader,
+            term: m.current_term,
+        }
+    }
+    pub fn is_leader(&self) -> bool {
+        self.raft.is_leader()
+    }
+}
+
+/// Callback for events the node reports upward (placement ReportSplit).
+pub type SplitReporter = Arc<dyn Fn(RangeDescriptor, RangeDescriptor) + Send + Sync>;
+
+pub struct NodeInner {
+    pub store_id: StoreId,
+    pub engine: Arc<Engine>,
+    pub transport: Arc<Transport>,
+    pub raft_config: Arc<openraft::Config>,
+    pub snap_dir: PathBuf,
+    pub metrics: Metrics,
+    replicas: RwLock<HashMap<RangeId, Arc<Replica>>>,
+    create_lock: tokio::sync::Mutex<()>,
+    self_weak: Weak<NodeInner>,
+    pub split_reporter: RwLock<Option<SplitReporter>>,
+}
+
+impl NodeInner {
+    pub fn new(
+        store_id: StoreId,
+        engine: Arc<Engine>,
+        transport: Arc<Transport>,
+        raft_config: Arc<openraft::Config>,
+        snap_dir: PathBuf,
+        metrics: Metrics,
+    ) -> Arc<Self> {
+        Arc::new_cyclic(|w| Self {
+            store_id,
+            engine,
+            transport,
+            raft_config,
+            snap_dir,
+            metrics,
+            replicas: RwLock::new(HashMap::new()),
+            create_lock: tokio::sync::Mutex::new(()),
+            self_weak: w.clone(),
+            split_reporter: RwLock::new(None),
+        })
+    }
+
+    pub fn replica(&self, id: RangeId) -> Option<Arc<Replica>> {
+        self.replicas.read().get(&id).cloned()
+    }
+
+    pub fn replicas(&self) -> Vec<Arc<Replica>> {
+        let mut v: Vec<_> = self.replicas.read().values().cloned().collect();
+        v.sort_by_key(|r| r.shared.range_id);
+        v
+    }
+
+    /// Opens every range found in `meta` (restart path).
+    pub async fn load(&self) -> anyhow::Result<()> {
+        // Snapshots are rebuilt on demand (openraft rebuilds one when the log is purged and
+        // none is current), so once interrupted installs are redone, old files are garbage.
+        crate::raft::state_machine::recover_interrupted_installs(&self.engine)?;
+        if self.snap_dir.exists() {
+            std::fs::remove_dir_all(&self.snap_dir)?;
+        }
+        std::fs::create_dir_all(&self.snap_dir)?;
+        for (id, addr) in self.engine.load_addresses()? {
+            self.transport.set_address(id, &addr);
+        }
+        for d in self.engine.load_descriptors()? {
+            let initialized = self.engine.meta.get(applied_key(RangeId(d.range_id)))?.is_some();
+            let _g = self.create_lock.lock().await;
+            self.open_locked(d, initialized).await?;
+        }
+        Ok(())
+    }
+
+    async fn open_locked(&self, desc: RangeDescriptor, initialized: bool) -> anyhow::Result<Arc<Replica>> {
+        let id = RangeId(desc.range_id);
+        if let Some(r) = self.replica(id) {
+            return Ok(r);
+        }
+        let shared = RangeShared::new(desc, initialized);
+        let sm = StateMachine::open(
+            self.engine.clone(),
+            shared.clone(),
+            self.self_weak.clone(),
+            self.snap_dir.clone(),
+            self.metrics.clone(),
+        )?;
+        let net = NetworkFactory {
+            transport: self.transport.clone(),
+            shared: shared.clone(),
+        };
+        let log = LogStore::new(self.engine.clone(), id);
+        let raft = Raft::new(self.store_id.0, self.raft_config.clone(), net, log, sm)
+            .await
+            .map_err(|e| anyhow::anyhow!("raft start for {id}: {e}"))?;
+        let r = Arc::new(Replica { raft, shared });
+        self.replicas.write().insert(id, r.clone());
+        self.metrics.ranges.set(self.replicas.read().len() as i64);
+        tracing::info!(store_id = %self.store_id, range_id = %id, initialized, "replica opened");
+        Ok(r)
+    }
+
+    /// Stops and forgets a replica (its storage stays).
+    pub fn stop_replica(&self, id: RangeId) -> futures::future::BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let r = self.replicas.write().remove(&id);
+            if let Some(r) = r {
+                let _ = r.raft.shutdown().await;
+            }
+            self.metrics.ranges.set(self.replicas.read().len() as i64);
+        })
+    }
+
+    /// Stops every replica (shutdown path).
+    pub async fn stop_all(&self) {
+        let all: Vec<_> = self.replicas.write().drain().map(|(_, r)| r).collect();
+        for r in all {
+            let _ = r.raft.shutdown().await;
+        }
+    }
+
+    /// `CreateReplica`: idempotent; with `bootstrap`, initializes the group with the voters.
+    pub async fn create_replica(&self, desc: RangeDescriptor, bootstrap: bool) -> anyhow::Result<()> {
+        let id = RangeId(desc.range_id);
+        let replica = {
+            let _g = self.create_lock.lock().await;
+            match self.replica(id) {
+                Some(r) => r,
+                None => {
+                    if self.engine.meta.get(desc_key(id))?.is_none() {
+                        self.engine.meta.insert(desc_key(id), desc.encode_to_vec())?;
+                    }
+                    let stored = self
+                        .engine
+                        .meta
+                        .get(desc_key(id))?
+                        .and_then(|v| RangeDescriptor::decode(&v[..]).ok())
+                        .unwrap_or(desc.clone());
+                    let initialized = bootstrap || self.engine.meta.get(applied_key(id))?.is_some();
+                    self.open_locked(stored, initialized).await?
+                }
+            }
+        };
+        if bootstrap {
+            let voters: BTreeSet<u64> = desc
+                .replicas
+                .iter()
+                .filter(|r| r.role == ReplicaRole::Voter as i32)
+                .map(|r| r.store_id)
+                .collect();
+            if voters.is_empty() {
+                anyhow::bail!("bootstrap needs at least one voter");
+            }
+            replica
+                .shared
+                .initialized
+                .store(true, std::sync::atomic::Ordering::Release);
+            match replica.raft.initialize(voters).await {
+                Ok(()) => {
+                    self.engine.sync().await?;
+                    tokio::spawn(compact_after_bootstrap(replica.clone()));
+                }
+                Err(e) => tracing::debug!(range_id = %id, error = %e, "initialize skipped"),
+            }
+        }
+        Ok(())
+    }
+
+    /// A Raft message arrived for a range we do not have: create an uninitialized peer
+    /// from the sender's descriptor (new learner, or a split this node has not applied yet).
+    pub async fn get_or_create_peer(&self, id: RangeId, desc: Option<RangeDescriptor>) -> Option<Arc<Replica>> {
+        if let Some(r) = self.replica(id) {
+            return Some(r);
+        }
+        let desc = desc.filter(|d| d.range_id == id.0)?;
+        let _g = self.create_lock.lock().await;
+        if let Some(r) = self.replica(id) {
+            return Some(r);
+        }
+        let stored = self
+            .engine
+            .meta
+            .get(desc_key(id))
+            .ok()
+            .flatten()
+            .and_then(|v| RangeDescriptor::decode(&v[..]).ok());
+        let initialized = stored.is_some() && self.engine.meta.get(applied_key(id)).ok().flatten().is_some();
+        match self.open_locked(stored.unwrap_or(desc), initialized).await {
+            Ok(r) => Some(r),
+            Err(e) => {
+                tracing::warn!(range_id = %id, error = %e, "cannot create peer");
+                None
+            }
+        }
+    }
+
+    /// Called by a state machine after a split entry applied (on every replica).
+    /// Boxed: it opens a Raft group whose type contains the state machine calling it.
+    pub fn on_split_applied(
+        &self,
+        left: RangeId,
+        right: RangeDescriptor,
+        seeded: bool,
+    ) -> futures::future::BoxFuture<'_, ()> {
+        Box::pin(self.on_split_applied_inner(left, right, seeded))
+    }
+
+    async fn on_split_applied_inner(&self, left: RangeId, right: RangeDescriptor, seeded: bool) {
+        let right_id = RangeId(right.range_id);
+        if seeded {
+            let _g = self.create_lock.lock().await;
+            // A peer created by a Raft message just before the seed commit loaded empty
+            // state: restart it on the seeded storage.
+            let stale = self.replica(right_id).is_some_and(|r| !r.shared.is_initialized());
+            if stale {
+                let r = self.replicas.write().remove(&right_id);
+                if let Some(r) = r {
+                    let _ = r.raft.shutdown().await;
+                }
+            }
+            if let Err(e) = self.open_locked(right.clone(), true).await {
+                tracing::error!(range_id = %right_id, error = %e, "cannot open split range");
+                return;
+            }
+        }
+        let left_replica = self.replica(left);
+        if let Some(l) = left_replica
+            && l.is_leader()
+        {
+            if let Some(r) = self.replica(right_id) {
+                // The old leader's node campaigns first for the new group.
+                let raft = r.raft.clone();
+                tokio::spawn(async move {
+                    let _ = raft.trigger().elect(false).await;
+                });
+            }
+            let reporter = self.split_reporter.read().clone();
+            if let Some(rep) = reporter {
+                rep(l.shared.desc(), right);
+            }
+        }
+    }
+
+    /// Whether a live (initialized) local range other than `id` overlaps `[start, end)`.
+    pub fn overlapping_live(&self, id: RangeId, start: &[u8], end: &[u8]) -> Option<RangeId> {
+        for r in self.replicas.read().values() {
+            if r.shared.range_id == id || !r.shared.is_initialized() {
+                continue;
+            }
+            let d = r.shared.desc.read();
+            let starts_before_end = end.is_empty() || d.start.as_slice() < end;
+            let ends_after_start = cmp_end(&d.end, start) == std::cmp::Ordering::Greater;
+            if starts_before_end && ends_after_start {
+                return Some(r.shared.range_id);
+            }
+        }
+        None
+    }
+
+    /// This node's current descriptors covering the key space a stale request targeted:
+    /// the range itself, then the ranges split off to its right (same or newer version).
+    pub fn current_descriptors(&self, desc: &RangeDescriptor, req_version: u64) -> Vec<RangeDescriptor> {
+        let all: Vec<RangeDescriptor> = self
+            .replicas
+            .read()
+            .values()
+            .filter(|r| r.shared.is_initialized())
+            .map(|r| r.shared.desc())
+            .collect();
+        let mut out = vec![desc.clone()];
+        let mut end = desc.end.clone();
+        while !end.is_empty() {
+            match all
+                .iter()
+                .find(|d| d.start == end && d.epoch.unwrap_or_default().version > req_version)
+            {
+                Some(d) => {
+                    out.push(d.clone());
+                    end = d.end.clone();
+                }
+                None => break,
+            }
+        }
+        out
+    }
+
+    /// Persists and installs peer addresses.
+    pub fn record_addresses(&self, stores: &[skv_proto::internal::StoreInfo]) -> anyhow::Result<()> {
+        for s in stores {
+            if s.store_id == 0 || s.address.is_empty() {
+                continue;
+            }
+            if self.transport.set_address(StoreId(s.store_id), &s.address) {
+                self.engine
+                    .save_address(StoreId(s.store_id), &s.address)
+                    .map_err(io_err)?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn refresh_gauges(&self) {
+        let reps = self.replicas();
+        self.metrics.ranges.set(reps.len() as i64);
+        self.metrics
+            .leaders
+            .set(reps.iter().filter(|r| r.is_leader()).count() as i64);
+    }
+}
+
+/// After bootstrap, snapshot and purge the log so every later replica starts from a
+/// snapshot carrying the descriptor (keeps descriptors identical on all replicas).
+async fn compact_after_bootstrap(r: Arc<Replica>) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if tokio::time::Instant::now() > deadline {
+            return;
+        }
+        let applied = {
+            let m = r.raft.metrics();
+            let m = m.borrow_watched();
+            if m.current_leader != Some(*r.raft.node_id()) {
+                None
+            } else {
+                m.last_applied.map(|l| l.index)
+            }
+        };
+        if let Some(idx) = applied
+            && idx >= 1
+        {
+            if r.raft.trigger().snapshot().await.is_err() {
+                return;
+            }
+            let until = tokio::time::Instant::now() + Duration::from_secs(10);
+            while tokio::time::Instant::now() < until {
+                let snap = r.raft.metrics().borrow_watched().snapshot.map(|l| l.index);
+                if snap.is_some_and(|s| s >= idx) {
+                    let _ = r.raft.trigger().purge_log(idx).await;
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -1,0 +1,182 @@
+//! Client side of the placement protocol: registration, store and range heartbeats,
+//! split reports. Written against `skv.internal.v1.Placement` only.
+
+use crate::node::NodeInner;
+use skv_common::StoreId;
+use skv_proto::internal::placement_client::PlacementClient;
+use skv_proto::internal::*;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel, Endpoint};
+
+/// Tries each placement URL in turn.
+#[derive(Clone)]
+pub struct Placement {
+    channels: Vec<Channel>,
+}
+
+impl Placement {
+    pub fn new(urls: &[String]) -> anyhow::Result<Self> {
+        let mut channels = Vec::new();
+        for u in urls {
+            let u = if u.starts_with("http") {
+                u.clone()
+            } else {
+                format!("http://{u}")
+            };
+            channels.push(
+                Endpoint::from_shared(u)?
+                    .connect_timeout(Duration::from_secs(1))
+                    .timeout(Duration::from_secs(5))
+                    .connect_lazy(),
+            );
+        }
+        Ok(Self { channels })
+    }
+
+    async fn call<T, F, Fut>(&self, f: F) -> Result<T, tonic::Status>
+    where
+        F: Fn(PlacementClient<Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let mut last = tonic::Status::unavailable("no placement configured");
+        for ch in &self.channels {
+            match f(PlacementClient::new(ch.clone())).await {
+                Ok(r) => return Ok(r.into_inner()),
+                Err(s) => last = s,
+            }
+        }
+        Err(last)
+    }
+
+    /// Registers until placement answers; returns the store id.
+    pub async fn register(
+        &self,
+        known: Option<StoreId>,
+        address: String,
+        metrics: String,
+        cancel: &CancellationToken,
+    ) -> anyhow::Result<StoreId> {
+        loop {
+            let req = RegisterStoreRequest {
+                store_id: known.map(|s| s.0).unwrap_or(0),
+                address: address.clone(),
+                metrics_address: metrics.clone(),
+                capacity_bytes: 0,
+            };
+            match self
+                .call(|mut c| {
+                    let req = req.clone();
+                    async move { c.register_store(req).await }
+                })
+                .await
+            {
+                Ok(r) if r.store_id != 0 => return Ok(StoreId(r.store_id)),
+                Ok(_) => tracing::warn!("placement returned store id 0"),
+                Err(e) => tracing::warn!(error = %e, "placement registration failed; retrying"),
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => anyhow::bail!("cancelled"),
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            }
+        }
+    }
+
+    pub async fn report_split(&self, left: RangeDescriptor, right: RangeDescriptor, leader: StoreId) {
+        let req = ReportSplitRequest {
+            left: Some(left),
+            right: Some(right),
+            leader_store_id: leader.0,
+        };
+        if let Err(e) = self
+            .call(|mut c| {
+                let req = req.clone();
+                async move { c.report_split(req).await }
+            })
+            .await
+        {
+            tracing::debug!(error = %e, "report split failed (heartbeats will converge)");
+        }
+    }
+}
+
+/// Heartbeats every `interval` until `cancel`.
+pub async fn heartbeat_loop(
+    p: Placement,
+    node: Arc<NodeInner>,
+    address: String,
+    metrics_address: String,
+    interval: Duration,
+    cancel: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(interval);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let reps = node.replicas();
+        let leaders: Vec<_> = reps.iter().filter(|r| r.is_leader()).collect();
+        let info = StoreInfo {
+            store_id: node.store_id.0,
+            address: address.clone(),
+            state: StoreState::Up as i32,
+            capacity_bytes: 0,
+            used_bytes: node.engine.db.disk_space().unwrap_or(0),
+            range_count: reps.len() as u64,
+            leader_count: leaders.len() as u64,
+            last_heartbeat_ms: 0,
+            metrics_address: metrics_address.clone(),
+        };
+        let req = StoreHeartbeatRequest { store: Some(info) };
+        match p
+            .call(|mut c| {
+                let req = req.clone();
+                async move { c.store_heartbeat(req).await }
+            })
+            .await
+        {
+            Ok(resp) => {
+                if let Err(e) = node.record_addresses(&resp.stores) {
+                    tracing::warn!(error = %e, "cannot persist address book");
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "store heartbeat failed"),
+        }
+        let ranges = leaders
+            .iter()
+            .map(|r| {
+                let l = r.shared.take_load();
+                RangeReport {
+                    descriptor: Some(r.shared.desc()),
+                    leader_store_id: node.store_id.0,
+                    term: r.leader_view().term,
+                    load: Some(RangeLoad {
+                        reads: l.reads,
+                        writes: l.writes,
+                        read_bytes: l.read_bytes,
+                        written_bytes: l.written_bytes,
+                        approximate_size_bytes: 0,
+                        approximate_keys: 0,
+                        sampled_keys: l.sampled_keys,
+                        interval_ms: interval.as_millis() as u64,
+                    }),
+                }
+            })
+            .collect();
+        let req = RangeHeartbeatRequest {
+            store_id: node.store_id.0,
+            ranges,
+        };
+        if let Err(e) = p
+            .call(|mut c| {
+                let req = req.clone();
+                async move { c.range_heartbeat(req).await }
+            })
+            .await
+        {
+            tracing::debug!(error = %e, "range heartbeat failed");
+        }
+    }
+}

@@ -1,0 +1,322 @@
+//! Raft transport: every range's messages to a store share one tonic `Channel`
+//! (one HTTP/2 connection). openraft RPCs are postcard-encoded into `RaftMessage.payload`;
+//! snapshots are streamed with `SendSnapshot` in 1 MiB chunks. The test `RaftFilter`
+//! is applied here, on the sending side.
+
+use super::state_machine::{RangeShared, SnapFile};
+use super::{TypeConfig, Vote, decode, encode};
+use crate::{FilterAction, RaftFilter};
+use openraft::entry::RaftEntry;
+use openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
+use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest, TransferLeaderResponse,
+    VoteRequest, VoteResponse,
+};
+use openraft::{AnyError, OptionalSend};
+use parking_lot::RwLock;
+use serde::{Deserialize, Serialize};
+use skv_common::{RangeId, StoreId};
+use skv_proto::internal::raft_client::RaftClient;
+use skv_proto::internal::{RaftMessage, SnapshotChunk};
+use std::collections::HashMap;
+use std::future::Future;
+use std::io::Read;
+use std::sync::Arc;
+use std::time::Duration;
+use tonic::transport::{Channel, Endpoint};
+
+pub const SNAPSHOT_CHUNK: usize = 1 << 20;
+/// Soft byte budget of one AppendEntries message (at least one entry is always sent).
+pub const APPEND_BYTES_BUDGET: usize = 4 << 20;
+
+/// An openraft RPC on the wire.
+#[derive(Serialize, Deserialize)]
+pub enum RaftRpc {
+    Append(AppendEntriesRequest<TypeConfig>),
+    Vote(VoteRequest<TypeConfig>),
+    PreVote(VoteRequest<TypeConfig>),
+    TransferLeader(TransferLeaderRequest<TypeConfig>),
+}
+
+/// The first chunk of a snapshot stream.
+#[derive(Serialize, Deserialize)]
+pub struct SnapshotHeader {
+    pub vote: Vote,
+    pub meta: super::SnapshotMeta,
+}
+
+/// Responses are `Result<T, String>`: the error is the remote's Raft error text.
+pub type WireResult<T> = Result<T, String>;
+
+/// Connections and the address book, shared by all ranges of the node.
+pub struct Transport {
+    pub local: StoreId,
+    addrs: RwLock<HashMap<StoreId, String>>,
+    channels: RwLock<HashMap<StoreId, (String, Channel)>>,
+    filter: Option<Arc<dyn RaftFilter>>,
+    max_message: usize,
+}
+
+impl Transport {
+    pub fn new(local: StoreId, filter: Option<Arc<dyn RaftFilter>>, max_message: usize) -> Arc<Self> {
+        Arc::new(Self {
+            local,
+            addrs: RwLock::new(HashMap::new()),
+            channels: RwLock::new(HashMap::new()),
+            filter,
+            max_message,
+        })
+    }
+
+    /// Records a store address; returns true when it changed.
+    pub fn set_address(&self, id: StoreId, addr: &str) -> bool {
+        let mut a = self.addrs.write();
+        if a.get(&id).map(String::as_str) == Some(addr) {
+            return false;
+        }
+        a.insert(id, addr.to_string());
+        true
+    }
+
+    pub fn address(&self, id: StoreId) -> Option<String> {
+        self.addrs.read().get(&id).cloned()
+    }
+
+    fn channel(&self, to: StoreId) -> Result<Channel, String> {
+        let addr = self.address(to).ok_or_else(|| format!("no address for store {to}"))?;
+        if let Some((a, c)) = self.channels.read().get(&to)
+            && *a == addr
+        {
+            return Ok(c.clone());
+        }
+        let uri = if addr.starts_with("http") {
+            addr.clone()
+        } else {
+            format!("http://{addr}")
+        };
+        let ch = Endpoint::from_shared(uri)
+            .map_err(|e| e.to_string())?
+            .connect_timeout(Duration::from_millis(500))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .connect_lazy();
+        self.channels.write().insert(to, (addr, ch.clone()));
+        Ok(ch)
+    }
+
+    fn client(&self, to: StoreId) -> Result<RaftClient<Channel>, String> {
+        Ok(RaftClient::new(self.channel(to)?)
+            .max_decoding_message_size(self.max_message)
+            .max_encoding_message_size(self.max_message))
+    }
+
+    /// Applies the test filter: `Err` when the message must be dropped.
+    async fn filter(&self, to: StoreId, range: RangeId) -> Result<(), String> {
+        if let Some(f) = &self.filter {
+            match f.check(self.local, to, range) {
+                FilterAction::Pass => {}
+                FilterAction::Drop => return Err("dropped by filter".into()),
+                FilterAction::Delay(d) => tokio::time::sleep(d).await,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Creates per-target clients for one range.
+pub struct NetworkFactory {
+    pub transport: Arc<Transport>,
+    pub shared: Arc<RangeShared>,
+}
+
+impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
+    type Network = Network;
+
+    async fn new_client(&mut self, target: u64, _node: &openraft::EmptyNode) -> Self::Network {
+        Network {
+            transport: self.transport.clone(),
+            shared: self.shared.clone(),
+            target: StoreId(target),
+        }
+    }
+}
+
+pub struct Network {
+    transport: Arc<Transport>,
+    shared: Arc<RangeShared>,
+    target: StoreId,
+}
+
+fn unreachable(e: impl std::fmt::Display) -> RPCError<TypeConfig> {
+    RPCError::Unreachable(Unreachable::new(&AnyError::error(e.to_string())))
+}
+
+impl Network {
+    fn message(&self, payload: Vec<u8>) -> RaftMessage {
+        RaftMessage {
+            range_id: self.shared.range_id.0,
+            from_store_id: self.transport.local.0,
+            to_store_id: self.target.0,
+            descriptor: Some(self.shared.desc()),
+            payload,
+        }
+    }
+
+    async fn call<T: serde::de::DeserializeOwned>(
+        &self,
+        rpc: &RaftRpc,
+        option: &RPCOption,
+    ) -> Result<T, RPCError<TypeConfig>> {
+        self.transport
+            .filter(self.target, self.shared.range_id)
+            .await
+            .map_err(unreachable)?;
+        let payload = encode(rpc).map_err(|e| RPCError::Network(NetworkError::new(&AnyError::error(e.to_string()))))?;
+        let mut client = self.transport.client(self.target).map_err(unreachable)?;
+        let fut = client.send(self.message(payload));
+        let resp = match tokio::time::timeout(option.hard_ttl(), fut).await {
+            Err(_) => return Err(unreachable("raft rpc timed out")),
+            Ok(Err(status)) => return Err(unreachable(status.message())),
+            Ok(Ok(r)) => r.into_inner(),
+        };
+        if !resp.error.is_empty() {
+            return Err(unreachable(resp.error));
+        }
+        let r: WireResult<T> = decode(&resp.payload).map_err(unreachable)?;
+        r.map_err(unreachable)
+    }
+}
+
+impl RaftNetworkV2<TypeConfig> for Network {
+    type SnapshotData = SnapFile;
+
+    async fn append_entries(
+        &mut self,
+        mut rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
+        // Keep each message bounded whatever the value sizes: send a prefix and report
+        // a partial success, openraft sends the rest next.
+        let mut total = 0usize;
+        let mut keep = 0usize;
+        for e in &rpc.entries {
+            let sz = super::entry_size(e);
+            if keep > 0 && total + sz > APPEND_BYTES_BUDGET {
+                break;
+            }
+            total += sz;
+            keep += 1;
+        }
+        let partial = if keep < rpc.entries.len() {
+            rpc.entries.truncate(keep);
+            let last = rpc.entries.last().map(|e| e.log_id());
+            if rpc.leader_commit > last {
+                rpc.leader_commit = last;
+            }
+            Some(last)
+        } else {
+            None
+        };
+        let resp: AppendEntriesResponse<TypeConfig> = self.call(&RaftRpc::Append(rpc), &option).await?;
+        Ok(match (resp, partial) {
+            (AppendEntriesResponse::Success, Some(last)) => AppendEntriesResponse::PartialSuccess(last),
+            (r, _) => r,
+        })
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.call(&RaftRpc::Vote(rpc), &option).await
+    }
+
+    async fn pre_vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.call(&RaftRpc::PreVote(rpc), &option).await
+    }
+
+    async fn transfer_leader(
+        &mut self,
+        req: TransferLeaderRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.call(&RaftRpc::TransferLeader(req), &option).await
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: Vote,
+        snapshot: openraft::alias::SnapshotOf<TypeConfig, SnapFile>,
+        cancel: impl Future<Output = ReplicationClosed> + OptionalSend + 'static,
+        _option: RPCOption,
+    ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
+        let un = |e: String| StreamingError::Unreachable(Unreachable::new(&AnyError::error(e)));
+        self.transport
+            .filter(self.target, self.shared.range_id)
+            .await
+            .map_err(un)?;
+        let header = SnapshotHeader {
+            vote,
+            meta: snapshot.meta.clone(),
+        };
+        let payload = encode(&header).map_err(|e| un(e.to_string()))?;
+        let first = SnapshotChunk {
+            header: Some(self.message(payload)),
+            data: Vec::new(),
+            last: false,
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel::<SnapshotChunk>(2);
+        let mut file = snapshot.snapshot.file;
+        // Read the file on a blocking thread, one chunk at a time (bounded memory).
+        let reader = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            if tx.blocking_send(first).is_err() {
+                return Ok(());
+            }
+            loop {
+                let mut buf = vec![0u8; SNAPSHOT_CHUNK];
+                let mut n = 0;
+                while n < buf.len() {
+                    let r = file.read(&mut buf[n..])?;
+                    if r == 0 {
+                        break;
+                    }
+                    n += r;
+                }
+                buf.truncate(n);
+                let last = n < SNAPSHOT_CHUNK;
+                if tx
+                    .blocking_send(SnapshotChunk {
+                        header: None,
+                        data: buf,
+                        last,
+                    })
+                    .is_err()
+                {
+                    return Ok(());
+                }
+                if last {
+                    return Ok(());
+                }
+            }
+        });
+        let mut client = self.transport.client(self.target).map_err(un)?;
+        let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+        let resp = tokio::select! {
+            r = client.send_snapshot(stream) => r,
+            c = cancel => return Err(StreamingError::Closed(c)),
+        };
+        let _ = reader.await;
+        let resp = resp.map_err(|s| un(s.message().to_string()))?.into_inner();
+        if !resp.error.is_empty() {
+            return Err(un(resp.error));
+        }
+        let r: WireResult<SnapshotResponse<TypeConfig>> = decode(&resp.payload).map_err(|e| un(e.to_string()))?;
+        r.map_err(un)
+    }
+}

@@ -1,0 +1,700 @@
+//! gRPC services: `Store` (data access and admin on ranges) and `Raft` (transport).
+
+use crate::node::{NodeInner, Replica};
+use crate::raft::network::{RaftRpc, SnapshotHeader, WireResult};
+use crate::raft::state_machine::{SnapFile, read_snapshot_descriptor};
+use crate::raft::{CmdResponse, Command, WriteOp, decode, encode};
+use futures::StreamExt;
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{ChangeMembers, EmptyNode, ReadPolicy};
+use prost::Message;
+use skv_common::keys::{cmp_end, desc_contains, in_range};
+use skv_common::limits;
+use skv_common::{RangeId, StoreId};
+use skv_proto::internal::raft_server::Raft as RaftSvc;
+use skv_proto::internal::store_server::Store;
+use skv_proto::internal::*;
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+use thiserror::Error;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
+
+/// How long a proposal or a ReadIndex may wait before the outcome is reported unknown.
+const PROPOSAL_TIMEOUT: Duration = Duration::from_secs(10);
+const MEMBERSHIP_TIMEOUT: Duration = Duration::from_secs(60);
+const DEFAULT_SCAN_LIMIT: usize = 1000;
+const MAX_SCAN_LIMIT: usize = 10_000;
+
+/// Why a request on a range was refused; becomes a `RoutingError` in the response body.
+#[derive(Debug, Error)]
+pub enum StoreError {
+    #[error("range {0} not found")]
+    RangeNotFound(RangeId),
+    #[error("not leader of range {range}")]
+    NotLeader {
+        range: RangeId,
+        leader: Option<StoreId>,
+        address: Option<String>,
+    },
+    #[error("epoch does not match")]
+    EpochNotMatch { current: Vec<RangeDescriptor> },
+    #[error("key not in range")]
+    KeyNotInRange { key: Vec<u8>, desc: RangeDescriptor },
+    #[error("server busy")]
+    ServerBusy { retry_after_ms: u64 },
+}
+
+impl From<StoreError> for RoutingError {
+    fn from(e: StoreError) -> Self {
+        use routing_error::Kind;
+        let message = e.to_string();
+        let kind = match e {
+            StoreError::RangeNotFound(r) => Kind::RangeNotFound(RangeNotFound { range_id: r.0 }),
+            StoreError::NotLeader { range, leader, address } => Kind::NotLeader(NotLeader {
+                range_id: range.0,
+                leader_store_id: leader.map(|s| s.0).unwrap_or(0),
+                leader_address: address.unwrap_or_default(),
+            }),
+            StoreError::EpochNotMatch { current } => Kind::EpochNotMatch(EpochNotMatch { current }),
+            StoreError::KeyNotInRange { key, desc } => Kind::KeyNotInRange(KeyNotInRange {
+                key,
+                descriptor: Some(desc),
+            }),
+            StoreError::ServerBusy { retry_after_ms } => Kind::ServerBusy(ServerBusy { retry_after_ms }),
+        };
+        RoutingError {
+            message,
+            kind: Some(kind),
+        }
+    }
+}
+
+/// A handler failure: a routing error (in the body) or a gRPC status.
+enum Fail {
+    Route(Box<StoreError>),
+    Status(Status),
+}
+
+impl From<StoreError> for Fail {
+    fn from(e: StoreError) -> Self {
+        Fail::Route(Box::new(e))
+    }
+}
+impl From<Status> for Fail {
+    fn from(s: Status) -> Self {
+        Fail::Status(s)
+    }
+}
+impl From<limits::InputError> for Fail {
+    fn from(e: limits::InputError) -> Self {
+        Fail::Status(e.into())
+    }
+}
+
+/// Turns a handler result into a response, routing errors in the body.
+fn respond<T, F>(r: Result<T, Fail>, set: F) -> Result<Response<T>, Status>
+where
+    T: Default,
+    F: FnOnce(&mut T, RoutingError),
+{
+    match r {
+        Ok(t) => Ok(Response::new(t)),
+        Err(Fail::Route(e)) => {
+            let mut t = T::default();
+            set(&mut t, (*e).into());
+            Ok(Response::new(t))
+        }
+        Err(Fail::Status(s)) => Err(s),
+    }
+}
+
+#[derive(Clone)]
+pub struct StoreService {
+    pub node: Arc<NodeInner>,
+    pub max_value_len: usize,
+}
+
+impl StoreService {
+    fn span(&self, name: &'static str, header: Option<&RequestHeader>) -> tracing::Span {
+        let range_id = header.map(|h| h.range_id).unwrap_or(0);
+        tracing::debug_span!("store", op = name, store_id = %self.node.store_id, range_id)
+    }
+
+    fn not_leader(&self, range: RangeId, leader: Option<u64>) -> StoreError {
+        let leader = leader.filter(|l| *l != self.node.store_id.0).map(StoreId);
+        StoreError::NotLeader {
+            range,
+            address: leader.and_then(|l| self.node.transport.address(l)),
+            leader,
+        }
+    }
+
+    /// Finds the replica and checks the header epoch.
+    fn route(&self, header: Option<&RequestHeader>) -> Result<(Arc<Replica>, RangeDescriptor), Fail> {
+        let header = header.ok_or_else(|| Status::invalid_argument("missing header"))?;
+        let id = RangeId(header.range_id);
+        let r = self.node.replica(id).ok_or(StoreError::RangeNotFound(id))?;
+        if !r.shared.is_initialized() {
+            return Err(StoreError::RangeNotFound(id).into());
+        }
+        let desc = r.shared.desc();
+        let want = header.epoch.unwrap_or_default().version;
+        let have = desc.epoch.unwrap_or_default().version;
+        if want != have {
+            return Err(StoreError::EpochNotMatch {
+                current: self.node.current_descriptors(&desc, want),
+            }
+            .into());
+        }
+        Ok((r, desc))
+    }
+
+    async fn read_index(&self, r: &Replica) -> Result<(), Fail> {
+        let id = r.shared.range_id;
+        match tokio::time::timeout(PROPOSAL_TIMEOUT, r.raft.ensure_linearizable(ReadPolicy::ReadIndex)).await {
+            Err(_) => Err(Fail::Status(Status::unavailable("read index timed out"))),
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => {
+                let leader = e
+                    .forward_to_leader()
+                    .and_then(|f| f.leader_id)
+                    .or(r.leader_view().leader);
+                Err(self.not_leader(id, leader).into())
+            }
+        }
+    }
+
+    async fn propose(&self, r: &Replica, cmd: Command) -> Result<CmdResponse, Fail> {
+        let id = r.shared.range_id;
+        if !r.is_leader() {
+            return Err(self.not_leader(id, r.leader_view().leader).into());
+        }
+        self.node.metrics.proposals.inc();
+        match tokio::time::timeout(PROPOSAL_TIMEOUT, r.raft.client_write(cmd)).await {
+            Err(_) => Err(Status::unavailable("write outcome unknown: proposal timed out").into()),
+            Ok(Ok(resp)) => Ok(resp.data),
+            Ok(Err(e)) => Err(self.write_error(r, e)),
+        }
+    }
+
+    fn write_error(
+        &self,
+        r: &Replica,
+        e: RaftError<crate::raft::TypeConfig, ClientWriteError<crate::raft::TypeConfig>>,
+    ) -> Fail {
+        let id = r.shared.range_id;
+        match e {
+            RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => self.not_leader(id, f.leader_id).into(),
+            RaftError::APIError(ClientWriteError::LogEntryDiscarded(_)) => {
+                Status::unavailable("write outcome unknown: leader changed").into()
+            }
+            other => Status::unavailable(format!("write outcome unknown: {other}")).into(),
+        }
+    }
+
+    fn decode_resp(&self, resp: CmdResponse) -> Result<CmdResponse, Fail> {
+        match resp {
+            CmdResponse::KeyNotInRange(d) => {
+                let desc = RangeDescriptor::decode(&d[..]).unwrap_or_default();
+                Err(StoreError::EpochNotMatch {
+                    current: self.node.current_descriptors(&desc, 0),
+                }
+                .into())
+            }
+            CmdResponse::EpochNotMatch(d) => {
+                let desc = RangeDescriptor::decode(&d[..]).unwrap_or_default();
+                Err(StoreError::EpochNotMatch {
+                    current: self.node.current_descriptors(&desc, 0),
+                }
+                .into())
+            }
+            CmdResponse::Rejected(m) => Err(Status::invalid_argument(m).into()),
+            other => Ok(other),
+        }
+    }
+
+    async fn get(&self, req: StoreGetRequest) -> Result<StoreGetResponse, Fail> {
+        limits::check_internal_key(&req.key)?;
+        let (r, desc) = self.route(req.header.as_ref())?;
+        if !desc_contains(&desc, &req.key) {
+            return Err(StoreError::KeyNotInRange { key: req.key, desc }.into());
+        }
+        if !req.stale_ok {
+            self.read_index(&r).await?;
+            let desc = r.shared.desc();
+            if !desc_contains(&desc, &req.key) {
+                return Err(StoreError::KeyNotInRange { key: req.key, desc }.into());
+            }
+        }
+        let v = self
+            .node
+            .engine
+            .get_data(&req.key)
+            .map_err(|e| Status::internal(e.to_string()))?;
+        r.shared
+            .record_read(&req.key, req.key.len() + v.as_ref().map(|x| x.1.len()).unwrap_or(0));
+        Ok(match v {
+            Some((version, value)) => StoreGetResponse {
+                routing_error: None,
+                found: true,
+                value,
+                version,
+            },
+            None => StoreGetResponse::default(),
+        })
+    }
+
+    async fn write(&self, req: StoreWriteRequest) -> Result<StoreWriteResponse, Fail> {
+        limits::check_internal_key(&req.key)?;
+        let op = match req.op {
+            Some(store_write_request::Op::Put(v)) => {
+                limits::check_value(&v, self.max_value_len)?;
+                WriteOp::Put(v)
+            }
+            Some(store_write_request::Op::Delete(_)) => WriteOp::Delete,
+            None => return Err(Status::invalid_argument("missing op").into()),
+        };
+        let condition = req
+            .condition
+            .and_then(|c| c.kind)
+            .map(|condition::Kind::VersionEquals(v)| v);
+        let (r, desc) = self.route(req.header.as_ref())?;
+        if !desc_contains(&desc, &req.key) {
+            return Err(StoreError::KeyNotInRange { key: req.key, desc }.into());
+        }
+        let bytes = req.key.len()
+            + match &op {
+                WriteOp::Put(v) => v.len(),
+                WriteOp::Delete => 0,
+            };
+        r.shared.record_write(&req.key, bytes);
+        let cmd = Command::Write {
+            key: req.key,
+            op,
+            condition,
+            epoch_version: desc.epoch.unwrap_or_default().version,
+        };
+        let resp = self.propose(&r, cmd).await?;
+        match self.decode_resp(resp)? {
+            CmdResponse::Write {
+                succeeded,
+                version,
+                existed,
+            } => Ok(StoreWriteResponse {
+                routing_error: None,
+                succeeded,
+                version,
+                existed,
+            }),
+            other => Err(Status::internal(format!("unexpected apply result {other:?}")).into()),
+        }
+    }
+
+    async fn scan(&self, req: StoreScanRequest) -> Result<StoreScanResponse, Fail> {
+        let (r, desc) = self.route(req.header.as_ref())?;
+        let start_ok = req.start.as_slice() >= desc.start.as_slice() && (desc.end.is_empty() || req.start < desc.end);
+        let end_ok =
+            !req.end.is_empty() && cmp_end(&req.end, &desc.end) != std::cmp::Ordering::Greater || req.end.is_empty();
+        if !start_ok || !end_ok {
+            return Err(StoreError::KeyNotInRange { key: req.start, desc }.into());
+        }
+        self.read_index(&r).await?;
+        let desc = r.shared.desc();
+        if !in_range(&req.start, &desc.start, &desc.end) && req.start != desc.start {
+            return Err(StoreError::KeyNotInRange { key: req.start, desc }.into());
+        }
+        // Clamp to the (possibly shrunk) range end.
+        let end = if req.end.is_empty() || cmp_end(&req.end, &desc.end) == std::cmp::Ordering::Greater {
+            desc.end.clone()
+        } else {
+            req.end.clone()
+        };
+        let limit = match req.limit as usize {
+            0 => DEFAULT_SCAN_LIMIT,
+            n => n.min(MAX_SCAN_LIMIT),
+        };
+        let byte_budget = limits::DEFAULT_MAX_MESSAGE_LEN.max(self.max_value_len * 2);
+        let mut out = StoreScanResponse::default();
+        let mut bytes = 0usize;
+        for g in self
+            .node
+            .engine
+            .data
+            .range::<&[u8], _>(crate::engine::data_range(&req.start, &end))
+        {
+            let (k, v) = g.into_inner().map_err(|e| Status::internal(e.to_string()))?;
+            if out.kvs.len() >= limit || (bytes > 0 && bytes + k.len() + v.len() > byte_budget) {
+                out.more = true;
+                break;
+            }
+            let Some((version, value)) = crate::engine::decode_value(&v) else {
+                continue;
+            };
+            bytes += k.len() + value.len();
+            out.kvs.push(StoreKv {
+                key: k.to_vec(),
+                value,
+                version,
+            });
+        }
+        Ok(out)
+    }
+
+    async fn change_replicas(&self, req: ChangeReplicasRequest) -> Result<ChangeReplicasResponse, Fail> {
+        self.node
+            .record_addresses(&req.stores)
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let header = req
+            .header
+            .as_ref()
+            .ok_or_else(|| Status::invalid_argument("missing header"))?;
+        let id = RangeId(header.range_id);
+        let r = self.node.replica(id).ok_or(StoreError::RangeNotFound(id))?;
+        if !r.is_leader() {
+            return Err(self.not_leader(id, r.leader_view().leader).into());
+        }
+        for c in &req.changes {
+            let target = c.store_id;
+            let kind =
+                replica_change::Kind::try_from(c.kind).map_err(|_| Status::invalid_argument("bad change kind"))?;
+            let change = async {
+                match kind {
+                    replica_change::Kind::AddVoter => match r.raft.add_learner(target, EmptyNode::new(), true).await {
+                        Ok(_) => {
+                            r.raft
+                                .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([target])), false)
+                                .await
+                        }
+                        Err(e) => Err(e),
+                    },
+                    replica_change::Kind::AddLearner => r.raft.add_learner(target, EmptyNode::new(), true).await,
+                    replica_change::Kind::Remove => {
+                        let is_voter = r.raft.voter_ids().any(|v| v == target);
+                        if is_voter {
+                            r.raft
+                                .change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([target])), false)
+                                .await
+                        } else {
+                            r.raft
+                                .change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([target])), false)
+                                .await
+                        }
+                    }
+                }
+            };
+            // A learner catching up by snapshot may take a while; never hang the caller.
+            match tokio::time::timeout(MEMBERSHIP_TIMEOUT, change).await {
+                Err(_) => {
+                    return Err(Status::unavailable(format!(
+                        "membership change for store {target} timed out; retry (it is idempotent)"
+                    ))
+                    .into());
+                }
+                Ok(Err(e)) => return Err(self.write_error(&r, e)),
+                Ok(Ok(_)) => {}
+            }
+        }
+        Ok(ChangeReplicasResponse {
+            routing_error: None,
+            descriptor: Some(r.shared.desc()),
+        })
+    }
+
+    async fn split(&self, req: SplitRangeRequest) -> Result<SplitRangeResponse, Fail> {
+        limits::check_internal_key(&req.split_key)?;
+        if req.new_range_id == 0 {
+            return Err(Status::invalid_argument("new_range_id must be set").into());
+        }
+        let (r, desc) = self.route(req.header.as_ref())?;
+        if !desc_contains(&desc, &req.split_key) || req.split_key == desc.start {
+            return Err(StoreError::KeyNotInRange {
+                key: req.split_key,
+                desc,
+            }
+            .into());
+        }
+        if self.node.replica(RangeId(req.new_range_id)).is_some() {
+            return Err(Status::already_exists("new range id already in use").into());
+        }
+        let cmd = Command::Split {
+            split_key: req.split_key,
+            new_range_id: req.new_range_id,
+            epoch_version: desc.epoch.unwrap_or_default().version,
+        };
+        match self.decode_resp(self.propose(&r, cmd).await?)? {
+            CmdResponse::Split { left, right } => Ok(SplitRangeResponse {
+                routing_error: None,
+                left: RangeDescriptor::decode(&left[..]).ok(),
+                right: RangeDescriptor::decode(&right[..]).ok(),
+            }),
+            other => Err(Status::internal(format!("unexpected apply result {other:?}")).into()),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Store for StoreService {
+    async fn get(&self, request: Request<StoreGetRequest>) -> Result<Response<StoreGetResponse>, Status> {
+        let req = request.into_inner();
+        let span = tracing::debug_span!("get", store_id = %self.node.store_id, range_id = req.header.as_ref().map(|h| h.range_id).unwrap_or(0));
+        respond(self.get(req).instrument(span).await, |t, e| t.routing_error = Some(e))
+    }
+
+    async fn write(&self, request: Request<StoreWriteRequest>) -> Result<Response<StoreWriteResponse>, Status> {
+        let req = request.into_inner();
+        let span = tracing::debug_span!("write", store_id = %self.node.store_id, range_id = req.header.as_ref().map(|h| h.range_id).unwrap_or(0));
+        respond(self.write(req).instrument(span).await, |t, e| t.routing_error = Some(e))
+    }
+
+    async fn scan(&self, request: Request<StoreScanRequest>) -> Result<Response<StoreScanResponse>, Status> {
+        let req = request.into_inner();
+        let span = self.span("scan", req.header.as_ref());
+        respond(self.scan(req).instrument(span).await, |t, e| t.routing_error = Some(e))
+    }
+
+    async fn create_replica(
+        &self,
+        request: Request<CreateReplicaRequest>,
+    ) -> Result<Response<CreateReplicaResponse>, Status> {
+        let req = request.into_inner();
+        let desc = req
+            .descriptor
+            .ok_or_else(|| Status::invalid_argument("missing descriptor"))?;
+        if desc.range_id == 0 {
+            return Err(Status::invalid_argument("range id 0"));
+        }
+        self.node
+            .record_addresses(&req.stores)
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let span = tracing::info_span!("create_replica", store_id = %self.node.store_id, range_id = desc.range_id);
+        self.node
+            .create_replica(desc, req.bootstrap)
+            .instrument(span)
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(CreateReplicaResponse {}))
+    }
+
+    async fn change_replicas(
+        &self,
+        request: Request<ChangeReplicasRequest>,
+    ) -> Result<Response<ChangeReplicasResponse>, Status> {
+        let req = request.into_inner();
+        let span = self.span("change_replicas", req.header.as_ref());
+        respond(self.change_replicas(req).instrument(span).await, |t, e| {
+            t.routing_error = Some(e)
+        })
+    }
+
+    async fn split_range(&self, request: Request<SplitRangeRequest>) -> Result<Response<SplitRangeResponse>, Status> {
+        let req = request.into_inner();
+        let span = self.span("split_range", req.header.as_ref());
+        respond(self.split(req).instrument(span).await, |t, e| t.routing_error = Some(e))
+    }
+
+    async fn transfer_leader(
+        &self,
+        request: Request<TransferLeaderRequest>,
+    ) -> Result<Response<TransferLeaderResponse>, Status> {
+        let req = request.into_inner();
+        let r: Result<TransferLeaderResponse, Fail> = async {
+            let header = req
+                .header
+                .as_ref()
+                .ok_or_else(|| Status::invalid_argument("missing header"))?;
+            let id = RangeId(header.range_id);
+            let r = self.node.replica(id).ok_or(StoreError::RangeNotFound(id))?;
+            if !r.is_leader() {
+                return Err(self.not_leader(id, r.leader_view().leader).into());
+            }
+            r.raft
+                .trigger()
+                .transfer_leader(req.to_store_id)
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?;
+            Ok(TransferLeaderResponse::default())
+        }
+        .await;
+        respond(r, |t, e| t.routing_error = Some(e))
+    }
+
+    async fn list_replicas(
+        &self,
+        _request: Request<ListReplicasRequest>,
+    ) -> Result<Response<ListReplicasResponse>, Status> {
+        let replicas = self
+            .node
+            .replicas()
+            .into_iter()
+            .map(|r| {
+                let v = r.leader_view();
+                ReplicaStatus {
+                    descriptor: Some(r.shared.desc()),
+                    leader_store_id: v.leader.unwrap_or(0),
+                    term: v.term,
+                    applied_index: r.shared.applied_index.load(std::sync::atomic::Ordering::Acquire),
+                }
+            })
+            .collect();
+        Ok(Response::new(ListReplicasResponse {
+            store_id: self.node.store_id.0,
+            replicas,
+        }))
+    }
+}
+
+#[derive(Clone)]
+pub struct RaftService {
+    pub node: Arc<NodeInner>,
+}
+
+fn wire<T: serde::Serialize, E: std::fmt::Display>(r: Result<T, E>) -> RaftMessageResponse {
+    let w: WireResult<T> = r.map_err(|e| e.to_string());
+    match encode(&w) {
+        Ok(payload) => RaftMessageResponse {
+            payload,
+            error: String::new(),
+        },
+        Err(e) => RaftMessageResponse {
+            payload: Vec::new(),
+            error: e.to_string(),
+        },
+    }
+}
+
+fn wire_err(e: impl Into<String>) -> Response<RaftMessageResponse> {
+    Response::new(RaftMessageResponse {
+        payload: Vec::new(),
+        error: e.into(),
+    })
+}
+
+impl RaftService {
+    async fn peer(&self, msg: &RaftMessage) -> Result<Arc<Replica>, String> {
+        if msg.to_store_id != self.node.store_id.0 {
+            return Err(format!(
+                "message for store {} reached store {}",
+                msg.to_store_id, self.node.store_id
+            ));
+        }
+        let id = RangeId(msg.range_id);
+        self.node
+            .get_or_create_peer(id, msg.descriptor.clone())
+            .await
+            .ok_or_else(|| format!("range {id} not found"))
+    }
+}
+
+#[tonic::async_trait]
+impl RaftSvc for RaftService {
+    async fn send(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessageResponse>, Status> {
+        let msg = request.into_inner();
+        let rpc: RaftRpc = match decode(&msg.payload) {
+            Ok(r) => r,
+            Err(e) => return Ok(wire_err(format!("bad raft payload: {e}"))),
+        };
+        let r = match self.peer(&msg).await {
+            Ok(r) => r,
+            Err(e) => return Ok(wire_err(e)),
+        };
+        let resp = match rpc {
+            RaftRpc::Append(req) => wire(r.raft.append_entries(req).await),
+            RaftRpc::Vote(req) => wire(r.raft.vote(req).await),
+            RaftRpc::PreVote(req) => wire(r.raft.pre_vote(req).await),
+            RaftRpc::TransferLeader(req) => wire(r.raft.handle_transfer_leader(req).await),
+        };
+        Ok(Response::new(resp))
+    }
+
+    async fn send_snapshot(
+        &self,
+        request: Request<Streaming<SnapshotChunk>>,
+    ) -> Result<Response<RaftMessageResponse>, Status> {
+        let mut stream = request.into_inner();
+        let first = match stream.next().await {
+            Some(Ok(c)) => c,
+            Some(Err(s)) => return Err(s),
+            None => return Ok(wire_err("empty snapshot stream")),
+        };
+        let Some(msg) = first.header else {
+            return Ok(wire_err("first snapshot chunk has no header"));
+        };
+        let header: SnapshotHeader = match decode(&msg.payload) {
+            Ok(h) => h,
+            Err(e) => return Ok(wire_err(format!("bad snapshot header: {e}"))),
+        };
+        let r = match self.peer(&msg).await {
+            Ok(r) => r,
+            Err(e) => return Ok(wire_err(e)),
+        };
+        let id = r.shared.range_id;
+        // Early refusal from the sender's descriptor, before streaming the data.
+        if let Some(d) = msg.descriptor.as_ref()
+            && let Some(other) = self.node.overlapping_live(id, &d.start, &d.end)
+        {
+            tracing::info!(store_id = %self.node.store_id, range_id = %id, overlapping = %other, "refusing overlapping snapshot until the split applies");
+            return Ok(wire_err(format!("snapshot of {id} overlaps live range {other}")));
+        }
+        if let Err(e) = tokio::fs::create_dir_all(&self.node.snap_dir).await {
+            return Ok(wire_err(e.to_string()));
+        }
+        let path = self
+            .node
+            .snap_dir
+            .join(format!("{}-recv-{}.snap", id.0, rand::random::<u64>()));
+        let result: Result<(), String> = async {
+            use tokio::io::AsyncWriteExt;
+            let mut f = tokio::fs::File::create(&path).await.map_err(|e| e.to_string())?;
+            f.write_all(&first.data).await.map_err(|e| e.to_string())?;
+            let mut last = first.last;
+            while !last {
+                match stream.next().await {
+                    Some(Ok(c)) => {
+                        f.write_all(&c.data).await.map_err(|e| e.to_string())?;
+                        last = c.last;
+                    }
+                    Some(Err(s)) => return Err(s.to_string()),
+                    None => return Err("snapshot stream ended early".into()),
+                }
+            }
+            f.sync_all().await.map_err(|e| e.to_string())?;
+            Ok(())
+        }
+        .await;
+        if let Err(e) = result {
+            let _ = tokio::fs::remove_file(&path).await;
+            return Ok(wire_err(e));
+        }
+        let p2 = path.clone();
+        let desc = match tokio::task::spawn_blocking(move || read_snapshot_descriptor(&p2)).await {
+            Ok(Ok(d)) => d,
+            Ok(Err(e)) => {
+                let _ = tokio::fs::remove_file(&path).await;
+                return Ok(wire_err(format!("bad snapshot: {e}")));
+            }
+            Err(e) => return Ok(wire_err(e.to_string())),
+        };
+        if desc.range_id != id.0 {
+            let _ = tokio::fs::remove_file(&path).await;
+            return Ok(wire_err("snapshot of another range"));
+        }
+        // As TiKV: refuse a snapshot overlapping a live local range until the split applies.
+        if let Some(other) = self.node.overlapping_live(id, &desc.start, &desc.end) {
+            tracing::info!(store_id = %self.node.store_id, range_id = %id, overlapping = %other, "refusing overlapping snapshot until the split applies");
+            let _ = tokio::fs::remove_file(&path).await;
+            return Ok(wire_err(format!("snapshot of {id} overlaps live range {other}")));
+        }
+        let file = match SnapFile::open(path.clone()) {
+            Ok(f) => f,
+            Err(e) => return Ok(wire_err(e.to_string())),
+        };
+        let snap = openraft::storage::Snapshot {
+            meta: header.meta,
+            snapshot: file,
+        };
+        let resp = wire(r.raft.install_full_snapshot(header.vote, snap).await);
+        Ok(Response::new(resp))
+    }
+}

@@ -1,0 +1,343 @@
+//! In-process storenode cluster for tests: real gRPC on 127.0.0.1, a RaftFilter to
+//! partition nodes, and a tiny router that follows routing errors.
+#![allow(dead_code)]
+
+use parking_lot::Mutex;
+use skv_common::service::ServiceHandle;
+use skv_common::{RangeId, StoreId};
+use skv_proto::internal::store_client::StoreClient;
+use skv_proto::internal::*;
+use skv_storenode::{Config, FilterAction, RaftFilter, StartOptions};
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tonic::transport::Channel;
+
+/// Drops messages between chosen store pairs (directional).
+#[derive(Default)]
+pub struct Partition {
+    blocked: Mutex<HashSet<(u64, u64)>>,
+}
+
+impl Partition {
+    /// Cuts `id` off from every other store, both directions.
+    pub fn isolate(&self, id: u64, n: u64) {
+        let mut b = self.blocked.lock();
+        for o in 1..=n {
+            if o != id {
+                b.insert((id, o));
+                b.insert((o, id));
+            }
+        }
+    }
+    pub fn heal(&self) {
+        self.blocked.lock().clear();
+    }
+}
+
+impl RaftFilter for Partition {
+    fn check(&self, from: StoreId, to: StoreId, _range: RangeId) -> FilterAction {
+        if self.blocked.lock().contains(&(from.0, to.0)) {
+            FilterAction::Drop
+        } else {
+            FilterAction::Pass
+        }
+    }
+}
+
+pub struct Cluster {
+    pub n: u64,
+    pub dirs: Vec<tempfile::TempDir>,
+    pub handles: Vec<Option<ServiceHandle>>,
+    pub addrs: Vec<SocketAddr>,
+    pub filter: Arc<Partition>,
+    pub snapshot_logs: u64,
+    pub max_value_len: usize,
+    /// Last known (leader, descriptor) per range, refreshed on routing errors.
+    routes: Mutex<Vec<(u64, RangeDescriptor)>>,
+}
+
+pub fn init_logs() {
+    skv_common::telemetry::init_logging(skv_common::telemetry::LogFormat::Text);
+}
+
+impl Cluster {
+    pub async fn start(n: u64, snapshot_logs: u64) -> Self {
+        init_logs();
+        let mut c = Cluster {
+            n,
+            dirs: Vec::new(),
+            handles: Vec::new(),
+            addrs: Vec::new(),
+            filter: Arc::new(Partition::default()),
+            snapshot_logs,
+            max_value_len: 64 * 1024,
+            routes: Mutex::new(Vec::new()),
+        };
+        for _ in 0..n {
+            c.dirs.push(tempfile::tempdir().expect("tempdir"));
+            c.handles.push(None);
+            c.addrs.push("127.0.0.1:0".parse().expect("addr"));
+        }
+        for id in 1..=n {
+            c.start_node(id).await;
+        }
+        c
+    }
+
+    fn config(&self, id: u64) -> Config {
+        let i = (id - 1) as usize;
+        let mut cfg = Config::for_test(self.dirs[i].path().to_path_buf(), id);
+        cfg.listen = self.addrs[i];
+        cfg.raft_snapshot_logs = self.snapshot_logs;
+        cfg.max_value_len = self.max_value_len;
+        cfg
+    }
+
+    pub async fn start_node(&mut self, id: u64) {
+        let i = (id - 1) as usize;
+        let opts = StartOptions {
+            raft_filter: Some(self.filter.clone()),
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let h = loop {
+            match skv_storenode::start_with(self.config(id), opts.clone()).await {
+                Ok(h) => break h,
+                Err(e) if Instant::now() < deadline => {
+                    eprintln!("start s{id} failed, retrying: {e:#}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("start s{id}: {e:#}"),
+            }
+        };
+        self.addrs[i] = h.addr;
+        self.handles[i] = Some(h);
+    }
+
+    pub async fn stop_node(&mut self, id: u64) {
+        self.invalidate();
+        if let Some(h) = self.handles[(id - 1) as usize].take() {
+            h.shutdown().await.expect("shutdown");
+        }
+    }
+
+    pub async fn restart_node(&mut self, id: u64) {
+        self.stop_node(id).await;
+        self.start_node(id).await;
+    }
+
+    pub fn is_up(&self, id: u64) -> bool {
+        self.handles[(id - 1) as usize].is_some()
+    }
+
+    pub fn stores(&self) -> Vec<StoreInfo> {
+        (1..=self.n)
+            .map(|id| StoreInfo {
+                store_id: id,
+                address: self.addrs[(id - 1) as usize].to_string(),
+                ..Default::default()
+            })
+            .collect()
+    }
+
+    pub async fn client(&self, id: u64) -> StoreClient<Channel> {
+        let ch = Channel::from_shared(format!("http://{}", self.addrs[(id - 1) as usize]))
+            .expect("uri")
+            .connect_lazy();
+        StoreClient::new(ch)
+            .max_decoding_message_size(8 << 20)
+            .max_encoding_message_size(8 << 20)
+    }
+
+    /// Creates range 1 = ["", "") on every node with voters 1..=n (bootstrap on node 1).
+    pub async fn bootstrap(&self) {
+        let desc = RangeDescriptor {
+            range_id: 1,
+            start: vec![],
+            end: vec![],
+            epoch: Some(RangeEpoch {
+                conf_ver: 1,
+                version: 1,
+            }),
+            replicas: (1..=self.n)
+                .map(|id| Replica {
+                    store_id: id,
+                    role: ReplicaRole::Voter as i32,
+                })
+                .collect(),
+        };
+        for id in (1..=self.n).rev() {
+            let mut c = self.client(id).await;
+            c.create_replica(CreateReplicaRequest {
+                descriptor: Some(desc.clone()),
+                bootstrap: id == 1,
+                stores: self.stores(),
+            })
+            .await
+            .expect("create replica");
+        }
+    }
+
+    /// Replicas as seen by every live node.
+    pub async fn list(&self) -> Vec<(u64, ReplicaStatus)> {
+        let mut out = Vec::new();
+        for id in 1..=self.n {
+            if !self.is_up(id) {
+                continue;
+            }
+            let mut c = self.client(id).await;
+            let Ok(Ok(r)) = tokio::time::timeout(Duration::from_secs(2), c.list_replicas(ListReplicasRequest {})).await
+            else {
+                continue;
+            };
+            for rep in r.into_inner().replicas {
+                out.push((id, rep));
+            }
+        }
+        out
+    }
+
+    /// The node that leads `range` (and says so itself), with its descriptor.
+    pub async fn leader_of(&self, range: u64, timeout: Duration) -> (u64, RangeDescriptor) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            for (id, r) in self.list().await {
+                let d = r.descriptor.clone().unwrap_or_default();
+                if d.range_id == range && r.leader_store_id == id {
+                    return (id, d);
+                }
+            }
+            assert!(Instant::now() < deadline, "no leader for r{range} within {timeout:?}");
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// Forgets cached routes (after a routing error).
+    pub fn invalidate(&self) {
+        self.routes.lock().clear();
+    }
+
+    /// The leader of the range holding `key`: from the cache, else by asking the nodes.
+    pub async fn route(&self, key: &[u8], timeout: Duration) -> (u64, RangeDescriptor) {
+        if let Some(r) = self
+            .routes
+            .lock()
+            .iter()
+            .find(|(_, d)| skv_common::keys::desc_contains(d, key))
+        {
+            return r.clone();
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut found = None;
+            let mut routes = Vec::new();
+            for (id, r) in self.list().await {
+                let d = r.descriptor.clone().unwrap_or_default();
+                if r.leader_store_id == id {
+                    if skv_common::keys::desc_contains(&d, key) {
+                        found = Some((id, d.clone()));
+                    }
+                    routes.push((id, d));
+                }
+            }
+            if let Some(f) = found {
+                *self.routes.lock() = routes;
+                return f;
+            }
+            assert!(Instant::now() < deadline, "no leader for key {key:?}");
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// Puts with retries on routing errors. Returns the new version.
+    pub async fn put(&self, key: &[u8], value: &[u8]) -> u64 {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let (id, d) = self.route(key, Duration::from_secs(20)).await;
+            let mut c = self.client(id).await;
+            let req = StoreWriteRequest {
+                header: Some(header(&d)),
+                key: key.to_vec(),
+                op: Some(store_write_request::Op::Put(value.to_vec())),
+                condition: None,
+            };
+            if let Ok(Ok(r)) = tokio::time::timeout(Duration::from_secs(5), c.write(req)).await {
+                let r = r.into_inner();
+                if r.routing_error.is_none() {
+                    assert!(r.succeeded);
+                    return r.version;
+                }
+            }
+            self.invalidate();
+            assert!(Instant::now() < deadline, "put {key:?} did not succeed");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Linearizable get with retries.
+    pub async fn get(&self, key: &[u8]) -> Option<(Vec<u8>, u64)> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let (id, d) = self.route(key, Duration::from_secs(20)).await;
+            let mut c = self.client(id).await;
+            let req = StoreGetRequest {
+                header: Some(header(&d)),
+                key: key.to_vec(),
+                stale_ok: false,
+            };
+            if let Ok(Ok(r)) = tokio::time::timeout(Duration::from_secs(5), c.get(req)).await {
+                let r = r.into_inner();
+                if r.routing_error.is_none() {
+                    return r.found.then_some((r.value, r.version));
+                }
+            }
+            self.invalidate();
+            assert!(Instant::now() < deadline, "get {key:?} did not succeed");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Local (stale) read on a given node and range.
+    pub async fn stale_get(&self, node: u64, d: &RangeDescriptor, key: &[u8]) -> Option<StoreGetResponse> {
+        let mut c = self.client(node).await;
+        let req = StoreGetRequest {
+            header: Some(header(d)),
+            key: key.to_vec(),
+            stale_ok: true,
+        };
+        match tokio::time::timeout(Duration::from_secs(2), c.get(req)).await {
+            Ok(Ok(r)) => Some(r.into_inner()),
+            _ => None,
+        }
+    }
+
+    pub async fn shutdown(mut self) {
+        for id in 1..=self.n {
+            self.stop_node(id).await;
+        }
+    }
+}
+
+pub fn header(d: &RangeDescriptor) -> RequestHeader {
+    RequestHeader {
+        range_id: d.range_id,
+        epoch: d.epoch,
+    }
+}
+
+/// Polls `f` until it returns true or the deadline passes.
+pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f().await {
+            return;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -1,0 +1,310 @@
+mod common;
+
+use common::*;
+use skv_proto::internal::*;
+use std::time::{Duration, Instant};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replication_and_reads() {
+    let c = Cluster::start(3, 10_000).await;
+    c.bootstrap().await;
+    let (leader, d) = c.leader_of(1, Duration::from_secs(10)).await;
+    for i in 0..30u32 {
+        let v = c.put(format!("k{i:03}").as_bytes(), format!("v{i}").as_bytes()).await;
+        assert_eq!(v, 1);
+    }
+    assert_eq!(c.put(b"k000", b"again").await, 2);
+    assert_eq!(c.get(b"k000").await, Some((b"again".to_vec(), 2)));
+    assert_eq!(c.get(b"missing").await, None);
+
+    // Conditional writes.
+    let mut lc = c.client(leader).await;
+    let d = {
+        let (_, d2) = c.leader_of(1, Duration::from_secs(5)).await;
+        assert_eq!(d2.range_id, d.range_id);
+        d2
+    };
+    let cond = |v| {
+        Some(Condition {
+            kind: Some(condition::Kind::VersionEquals(v)),
+        })
+    };
+    let r = lc
+        .write(StoreWriteRequest {
+            header: Some(header(&d)),
+            key: b"k001".to_vec(),
+            op: Some(store_write_request::Op::Put(b"x".to_vec())),
+            condition: cond(7),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!r.succeeded && r.version == 1, "{r:?}");
+    let r = lc
+        .write(StoreWriteRequest {
+            header: Some(header(&d)),
+            key: b"k001".to_vec(),
+            op: Some(store_write_request::Op::Put(b"x".to_vec())),
+            condition: cond(1),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.succeeded && r.version == 2, "{r:?}");
+    let r = lc
+        .write(StoreWriteRequest {
+            header: Some(header(&d)),
+            key: b"new".to_vec(),
+            op: Some(store_write_request::Op::Put(b"n".to_vec())),
+            condition: cond(0),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.succeeded && r.version == 1, "{r:?}");
+    // Delete.
+    let r = lc
+        .write(StoreWriteRequest {
+            header: Some(header(&d)),
+            key: b"new".to_vec(),
+            op: Some(store_write_request::Op::Delete(true)),
+            condition: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.succeeded && r.existed && r.version == 0, "{r:?}");
+    assert_eq!(c.get(b"new").await, None);
+
+    // Scan with limit and `more`.
+    let r = lc
+        .scan(StoreScanRequest {
+            header: Some(header(&d)),
+            start: b"k".to_vec(),
+            end: b"k010".to_vec(),
+            limit: 5,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.routing_error.is_none());
+    assert_eq!(r.kvs.len(), 5);
+    assert!(r.more);
+    assert_eq!(r.kvs[0].key, b"k000");
+    let r = lc
+        .scan(StoreScanRequest {
+            header: Some(header(&d)),
+            start: b"k".to_vec(),
+            end: b"k010".to_vec(),
+            limit: 100,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.kvs.len(), 10);
+    assert!(!r.more);
+
+    // Followers: NotLeader with the leader's address; stale reads converge.
+    for f in (1..=3).filter(|f| *f != leader) {
+        let mut fc = c.client(f).await;
+        let r = fc
+            .get(StoreGetRequest {
+                header: Some(header(&d)),
+                key: b"k002".to_vec(),
+                stale_ok: false,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        match r.routing_error.and_then(|e| e.kind) {
+            Some(routing_error::Kind::NotLeader(nl)) => {
+                assert_eq!(nl.leader_store_id, leader);
+                assert_eq!(nl.leader_address, c.addrs[(leader - 1) as usize].to_string());
+            }
+            other => panic!("expected NotLeader, got {other:?}"),
+        }
+        wait_until("follower catch-up", Duration::from_secs(10), || async {
+            c.stale_get(f, &d, b"k029")
+                .await
+                .is_some_and(|r| r.found && r.value == b"v29")
+        })
+        .await;
+    }
+
+    // Descriptor follows the membership (3 voters) on every node.
+    for (_, r) in c.list().await {
+        let d = r.descriptor.unwrap();
+        assert_eq!(d.replicas.len(), 3);
+    }
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn leader_stop_elects_new_leader_without_losing_writes() {
+    let mut c = Cluster::start(3, 10_000).await;
+    c.bootstrap().await;
+    let (leader, _) = c.leader_of(1, Duration::from_secs(10)).await;
+    for i in 0..20u32 {
+        c.put(format!("a{i}").as_bytes(), b"v").await;
+    }
+    let stopping = Instant::now();
+    c.stop_node(leader).await;
+    let stopped = Instant::now();
+    let (new_leader, _) = c.leader_of(1, Duration::from_secs(10)).await;
+    eprintln!(
+        "MEASURE new leader {:?} after the old one stopped ({:?} including its shutdown)",
+        stopped.elapsed(),
+        stopping.elapsed()
+    );
+    assert_ne!(new_leader, leader);
+    for i in 0..20u32 {
+        assert!(c.get(format!("a{i}").as_bytes()).await.is_some(), "lost a{i}");
+    }
+    c.put(b"after", b"x").await;
+    // The old leader comes back as a follower and catches up.
+    c.start_node(leader).await;
+    let (_, d) = c.leader_of(1, Duration::from_secs(10)).await;
+    wait_until("old leader catch-up", Duration::from_secs(15), || async {
+        c.stale_get(leader, &d, b"after").await.is_some_and(|r| r.found)
+    })
+    .await;
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn follower_restart_catches_up_from_log_and_snapshot() {
+    let mut c = Cluster::start(3, 40).await;
+    c.bootstrap().await;
+    let (leader, _) = c.leader_of(1, Duration::from_secs(10)).await;
+    let f = (1..=3).find(|f| *f != leader).unwrap();
+
+    // From the log: a few writes while down.
+    c.stop_node(f).await;
+    for i in 0..5u32 {
+        c.put(format!("log{i}").as_bytes(), b"v").await;
+    }
+    c.start_node(f).await;
+    let (_, d) = c.leader_of(1, Duration::from_secs(10)).await;
+    wait_until("catch-up from log", Duration::from_secs(15), || async {
+        c.stale_get(f, &d, b"log4").await.is_some_and(|r| r.found)
+    })
+    .await;
+
+    // From a snapshot: many writes while down (the leader snapshots and purges its log).
+    c.stop_node(f).await;
+    for i in 0..200u32 {
+        c.put(format!("snap{i:03}").as_bytes(), format!("{i}").as_bytes()).await;
+    }
+    c.start_node(f).await;
+    let (_, d) = c.leader_of(1, Duration::from_secs(10)).await;
+    wait_until("catch-up from snapshot", Duration::from_secs(20), || async {
+        c.stale_get(f, &d, b"snap199").await.is_some_and(|r| r.found)
+    })
+    .await;
+    for i in (0..200u32).step_by(17) {
+        let r = c.stale_get(f, &d, format!("snap{i:03}").as_bytes()).await.unwrap();
+        assert!(r.found && r.value == format!("{i}").as_bytes());
+    }
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn partitioned_minority_leader_cannot_ack() {
+    let c = Cluster::start(3, 10_000).await;
+    c.bootstrap().await;
+    let (old, d) = c.leader_of(1, Duration::from_secs(10)).await;
+    c.put(b"before", b"1").await;
+    c.filter.isolate(old, 3);
+
+    let mut oc = c.client(old).await;
+    let w = tokio::time::timeout(
+        Duration::from_secs(3),
+        oc.write(StoreWriteRequest {
+            header: Some(header(&d)),
+            key: b"minority".to_vec(),
+            op: Some(store_write_request::Op::Put(b"x".to_vec())),
+            condition: None,
+        }),
+    )
+    .await;
+    let acked = matches!(&w, Ok(Ok(r)) if r.get_ref().routing_error.is_none() && r.get_ref().succeeded);
+    assert!(!acked, "minority leader acked a write: {w:?}");
+    let r = tokio::time::timeout(
+        Duration::from_secs(3),
+        oc.get(StoreGetRequest {
+            header: Some(header(&d)),
+            key: b"before".to_vec(),
+            stale_ok: false,
+        }),
+    )
+    .await;
+    let served = matches!(&r, Ok(Ok(g)) if g.get_ref().routing_error.is_none());
+    assert!(!served, "minority leader served a linearizable read: {r:?}");
+
+    // The majority elects a leader and accepts writes.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let new = loop {
+        let mut found = None;
+        for (id, r) in c.list().await {
+            if id != old && r.leader_store_id == id {
+                found = Some(id);
+            }
+        }
+        if let Some(f) = found {
+            break f;
+        }
+        assert!(Instant::now() < deadline, "majority did not elect");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    };
+    assert_ne!(new, old);
+    let (_, nd) = c.leader_of(1, Duration::from_secs(5)).await;
+    let mut nc = c.client(new).await;
+    let r = nc
+        .write(StoreWriteRequest {
+            header: Some(header(&nd)),
+            key: b"majority".to_vec(),
+            op: Some(store_write_request::Op::Put(b"y".to_vec())),
+            condition: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.succeeded, "{r:?}");
+
+    c.filter.heal();
+    wait_until("old leader converges", Duration::from_secs(15), || async {
+        c.stale_get(old, &nd, b"majority").await.is_some_and(|r| r.found)
+    })
+    .await;
+    // The write sent to the minority leader either never applied or applied once everywhere.
+    let v = c.get(b"minority").await;
+    assert!(v.is_none() || v.unwrap().1 == 1);
+    c.shutdown().await;
+}
+
+/// Large values: a lagging follower catches up through bounded AppendEntries messages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn large_values_catch_up_in_bounded_messages() {
+    let mut c = Cluster::start(3, 10_000).await;
+    c.bootstrap().await;
+    let (leader, _) = c.leader_of(1, Duration::from_secs(10)).await;
+    let f = (1..=3).find(|f| *f != leader).unwrap();
+    c.stop_node(f).await;
+    let value = vec![b'v'; 60 * 1024];
+    for i in 0..150u32 {
+        c.put(format!("big{i:03}").as_bytes(), &value).await;
+    }
+    c.start_node(f).await;
+    let (_, d) = c.leader_of(1, Duration::from_secs(10)).await;
+    wait_until(
+        "follower catches up on 9 MB of values",
+        Duration::from_secs(20),
+        || async {
+            c.stale_get(f, &d, b"big149")
+                .await
+                .is_some_and(|r| r.found && r.value.len() == 60 * 1024)
+        },
+    )
+    .await;
+    c.shutdown().await;
+}
