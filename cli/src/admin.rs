@@ -1,0 +1,349 @@
+//! Admin commands through the placement gRPC service.
+
+use crate::args::{Global, Output, SchedulerAction};
+use crate::data::ExitCode;
+use crate::output::{ago, internal_key, show_internal_key, table};
+use anyhow::{Context, Result, anyhow};
+use serde_json::{Value, json};
+use skv_proto::internal as pb;
+use skv_proto::internal::placement_client::PlacementClient;
+use std::time::Duration;
+use tonic::transport::{Channel, Endpoint};
+
+/// Connects to the first reachable placement endpoint.
+pub async fn connect(g: &Global) -> Result<PlacementClient<Channel>> {
+    let mut errors = Vec::new();
+    for raw in &g.placement {
+        let url = if raw.contains("://") {
+            raw.clone()
+        } else {
+            format!("http://{raw}")
+        };
+        let ep = match Endpoint::from_shared(url.clone()) {
+            Ok(ep) => ep.connect_timeout(Duration::from_secs(3)).timeout(g.timeout),
+            Err(e) => {
+                errors.push(format!("{url}: {e}"));
+                continue;
+            }
+        };
+        match ep.connect().await {
+            Ok(ch) => return Ok(PlacementClient::new(ch).max_decoding_message_size(64 * 1024 * 1024)),
+            Err(e) => errors.push(format!("{url}: {e}")),
+        }
+    }
+    Err(anyhow!("no placement endpoint reachable ({})", errors.join("; ")))
+}
+
+fn status_err(what: &str) -> impl FnOnce(tonic::Status) -> anyhow::Error + '_ {
+    move |s| anyhow!("{what}: {:?}: {}", s.code(), s.message())
+}
+
+fn epoch(d: &pb::RangeDescriptor) -> (u64, u64) {
+    d.epoch.map_or((0, 0), |e| (e.conf_ver, e.version))
+}
+
+fn replicas(d: &pb::RangeDescriptor) -> String {
+    d.replicas
+        .iter()
+        .map(|r| {
+            if r.role == pb::ReplicaRole::Learner as i32 {
+                format!("s{}(learner)", r.store_id)
+            } else {
+                format!("s{}", r.store_id)
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn desc_json(d: &pb::RangeDescriptor) -> Value {
+    let (conf_ver, version) = epoch(d);
+    json!({
+        "id": d.range_id,
+        "start_hex": hex::encode(&d.start),
+        "end_hex": hex::encode(&d.end),
+        "start": show_internal_key(&d.start, false),
+        "end": show_internal_key(&d.end, true),
+        "epoch": { "conf_ver": conf_ver, "version": version },
+        "replicas": d.replicas.iter().map(|r| json!({
+            "store_id": r.store_id,
+            "role": if r.role == pb::ReplicaRole::Learner as i32 { "learner" } else { "voter" },
+        })).collect::<Vec<_>>(),
+    })
+}
+
+async fn all_ranges(c: &mut PlacementClient<Channel>) -> Result<Vec<pb::RangeInfo>> {
+    let resp = c
+        .scan_ranges(pb::ScanRangesRequest::default())
+        .await
+        .map_err(status_err("listing ranges"))?;
+    Ok(resp.into_inner().ranges)
+}
+
+pub async fn ranges(g: &Global) -> Result<ExitCode> {
+    let mut c = connect(g).await?;
+    let ranges = all_ranges(&mut c).await?;
+    match g.output {
+        Output::Json => {
+            let rows: Vec<Value> = ranges
+                .iter()
+                .map(|r| {
+                    let mut v = r.descriptor.as_ref().map(desc_json).unwrap_or_else(|| json!({}));
+                    v["leader_store_id"] = r.leader_store_id.into();
+                    v
+                })
+                .collect();
+            println!("{}", Value::Array(rows));
+        }
+        Output::Table => {
+            let rows: Vec<Vec<String>> = ranges
+                .iter()
+                .filter_map(|r| {
+                    let d = r.descriptor.as_ref()?;
+                    let (cv, v) = epoch(d);
+                    Some(vec![
+                        format!("r{}", d.range_id),
+                        show_internal_key(&d.start, false),
+                        show_internal_key(&d.end, true),
+                        format!("{cv}/{v}"),
+                        replicas(d),
+                        if r.leader_store_id == 0 {
+                            "-".into()
+                        } else {
+                            format!("s{}", r.leader_store_id)
+                        },
+                    ])
+                })
+                .collect();
+            print!(
+                "{}",
+                table(&["ID", "START", "END", "EPOCH(conf/ver)", "REPLICAS", "LEADER"], &rows)
+            );
+        }
+    }
+    Ok(0)
+}
+
+fn state_name(s: i32) -> &'static str {
+    match pb::StoreState::try_from(s) {
+        Ok(pb::StoreState::Up) => "up",
+        Ok(pb::StoreState::Down) => "down",
+        Ok(pb::StoreState::Draining) => "draining",
+        Ok(pb::StoreState::Removed) => "removed",
+        Err(_) => "unknown",
+    }
+}
+
+async fn all_stores(c: &mut PlacementClient<Channel>) -> Result<Vec<pb::StoreInfo>> {
+    let resp = c
+        .get_stores(pb::GetStoresRequest {})
+        .await
+        .map_err(status_err("listing stores"))?;
+    let mut stores = resp.into_inner().stores;
+    stores.sort_by_key(|s| s.store_id);
+    Ok(stores)
+}
+
+pub async fn stores(g: &Global) -> Result<ExitCode> {
+    let mut c = connect(g).await?;
+    let stores = all_stores(&mut c).await?;
+    match g.output {
+        Output::Json => {
+            let rows: Vec<Value> = stores
+                .iter()
+                .map(|s| {
+                    json!({
+                        "id": s.store_id,
+                        "address": s.address,
+                        "state": state_name(s.state),
+                        "ranges": s.range_count,
+                        "leaders": s.leader_count,
+                        "capacity_bytes": s.capacity_bytes,
+                        "used_bytes": s.used_bytes,
+                        "last_heartbeat_ms": s.last_heartbeat_ms,
+                        "metrics_address": s.metrics_address,
+                    })
+                })
+                .collect();
+            println!("{}", Value::Array(rows));
+        }
+        Output::Table => {
+            let rows: Vec<Vec<String>> = stores
+                .iter()
+                .map(|s| {
+                    vec![
+                        format!("s{}", s.store_id),
+                        s.address.clone(),
+                        state_name(s.state).into(),
+                        s.range_count.to_string(),
+                        s.leader_count.to_string(),
+                        ago(s.last_heartbeat_ms),
+                    ]
+                })
+                .collect();
+            print!(
+                "{}",
+                table(
+                    &["ID", "ADDRESS", "STATE", "RANGES", "LEADERS", "LAST HEARTBEAT"],
+                    &rows
+                )
+            );
+        }
+    }
+    Ok(0)
+}
+
+pub async fn split(g: &Global, range: u64, at: &str, ns: &str, raw: bool) -> Result<ExitCode> {
+    let key = crate::output::input_bytes(at, g.hex)?;
+    let split_key = if raw { key } else { internal_key(ns, &key)? };
+    let mut c = connect(g).await?;
+    let resp = c
+        .split_range(pb::AdminSplitRequest {
+            range_id: range,
+            split_key: split_key.clone(),
+        })
+        .await
+        .map_err(status_err("split"))?
+        .into_inner();
+    match g.output {
+        Output::Json => println!(
+            "{}",
+            json!({
+                "left": resp.left.as_ref().map(desc_json),
+                "right": resp.right.as_ref().map(desc_json),
+            })
+        ),
+        Output::Table => {
+            let show = |d: &Option<pb::RangeDescriptor>| match d {
+                Some(d) => format!(
+                    "r{} [{}, {})",
+                    d.range_id,
+                    show_internal_key(&d.start, false),
+                    show_internal_key(&d.end, true)
+                ),
+                None => "?".into(),
+            };
+            println!(
+                "split r{range} at {}: {} + {}",
+                show_internal_key(&split_key, false),
+                show(&resp.left),
+                show(&resp.right)
+            );
+        }
+    }
+    Ok(0)
+}
+
+fn done(g: &Global, what: String) -> ExitCode {
+    match g.output {
+        Output::Json => println!("{}", json!({ "ok": true })),
+        Output::Table => println!("{what}"),
+    }
+    0
+}
+
+pub async fn transfer_leader(g: &Global, range: u64, to: u64) -> Result<ExitCode> {
+    let mut c = connect(g).await?;
+    c.transfer_leader(pb::AdminTransferLeaderRequest {
+        range_id: range,
+        to_store_id: to,
+    })
+    .await
+    .map_err(status_err("transfer-leader"))?;
+    Ok(done(g, format!("leadership of r{range} transferred to s{to}")))
+}
+
+pub async fn merge(g: &Global, left: u64, right: u64) -> Result<ExitCode> {
+    let mut c = connect(g).await?;
+    let resp = c
+        .merge_ranges(pb::AdminMergeRequest {
+            left_range_id: left,
+            right_range_id: right,
+        })
+        .await
+        .map_err(status_err("merge"))?
+        .into_inner();
+    match g.output {
+        Output::Json => println!("{}", json!({ "merged": resp.merged.as_ref().map(desc_json) })),
+        Output::Table => println!("merged r{right} into r{left}"),
+    }
+    Ok(0)
+}
+
+pub async fn move_replica(g: &Global, range: u64, from: u64, to: u64) -> Result<ExitCode> {
+    let mut c = connect(g).await?;
+    c.move_replica(pb::AdminMoveReplicaRequest {
+        range_id: range,
+        from_store_id: from,
+        to_store_id: to,
+    })
+    .await
+    .map_err(status_err("move"))?;
+    Ok(done(g, format!("moving r{range} from s{from} to s{to}")))
+}
+
+pub async fn drain(g: &Global, store: u64) -> Result<ExitCode> {
+    let mut c = connect(g).await?;
+    c.drain_store(pb::AdminDrainStoreRequest { store_id: store })
+        .await
+        .map_err(status_err("drain"))?;
+    Ok(done(g, format!("draining s{store}")))
+}
+
+pub async fn scheduler(g: &Global, action: SchedulerAction) -> Result<ExitCode> {
+    let mut c = connect(g).await?;
+    let paused = action == SchedulerAction::Pause;
+    c.set_scheduler_paused(pb::SetSchedulerPausedRequest { paused })
+        .await
+        .map_err(status_err("scheduler"))?;
+    Ok(done(
+        g,
+        if paused {
+            "scheduler paused".into()
+        } else {
+            "scheduler resumed".into()
+        },
+    ))
+}
+
+pub async fn status(g: &Global) -> Result<ExitCode> {
+    let mut c = connect(g).await?;
+    let members = c
+        .get_members(pb::GetMembersRequest {})
+        .await
+        .map_err(status_err("placement members"))?
+        .into_inner();
+    let stores = all_stores(&mut c).await.context("status")?;
+    let ranges = all_ranges(&mut c).await.context("status")?;
+    let up = stores.iter().filter(|s| s.state == pb::StoreState::Up as i32).count();
+    let leaderless = ranges.iter().filter(|r| r.leader_store_id == 0).count();
+    let leader = members.leader.as_ref();
+    match g.output {
+        Output::Json => println!(
+            "{}",
+            json!({
+                "cluster_id": members.cluster_id,
+                "placement_leader": leader.map(|m| json!({"name": m.name, "address": m.address})),
+                "placement_members": members.members.iter().map(|m| json!({"name": m.name, "address": m.address})).collect::<Vec<_>>(),
+                "stores": stores.len(),
+                "stores_up": up,
+                "ranges": ranges.len(),
+                "ranges_without_leader": leaderless,
+            })
+        ),
+        Output::Table => {
+            println!("cluster:    {}", members.cluster_id);
+            println!(
+                "placement:  {} member(s), leader {}",
+                members.members.len(),
+                leader.map_or("none".to_string(), |m| format!("{} ({})", m.name, m.address))
+            );
+            for m in &members.members {
+                println!("            - {} {}", m.name, m.address);
+            }
+            println!("stores:     {up}/{} up", stores.len());
+            println!("ranges:     {} ({leaderless} without a known leader)", ranges.len());
+        }
+    }
+    Ok(0)
+}

@@ -1,0 +1,419 @@
+//! `skvctl playground`: placement (embedded store), N storenodes and a proxy
+//! in this process, on 127.0.0.1, with a development secret.
+//!
+//! Port plan for `--port-base P`:
+//!
+//! | service         | gRPC        | metrics      |
+//! |-----------------|-------------|--------------|
+//! | placement       | P           | P+1          |
+//! | storenode i=1.. | P+10+i      | P+110+i      |
+//! | proxy           | P+400       | P+401        |
+//!
+//! Data layout in `--data-dir DIR`: `DIR/placement`, `DIR/store-<i>`, and
+//! `DIR/dev-secret` (the HS256 secret, created on the first run and reused,
+//! so tokens minted before a restart keep working).
+
+use crate::args::PlaygroundArgs;
+use crate::data::ExitCode;
+use anyhow::{Context, Result, anyhow};
+use clap::Parser;
+use skv_common::service::ServiceHandle;
+use skv_proxy::auth::{Claims, Role, load_hs256_secret, mint_hs256};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// How long the playground's token is valid.
+const TOKEN_TTL: Duration = Duration::from_secs(30 * 86_400);
+/// The namespace of the playground's token.
+pub const NAMESPACE: &str = "default";
+
+/// The addresses of every service, from the port base.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ports {
+    pub placement: u16,
+    pub placement_metrics: u16,
+    /// (gRPC, metrics) per storenode, i = 1..=N.
+    pub stores: Vec<(u16, u16)>,
+    pub proxy: u16,
+    pub proxy_metrics: u16,
+}
+
+impl Ports {
+    pub fn plan(base: u16, storenodes: u16) -> Result<Self> {
+        anyhow::ensure!((1..=89).contains(&storenodes), "--storenodes must be 1 to 89");
+        anyhow::ensure!(
+            u32::from(base) + 401 <= 65535,
+            "--port-base {base} is too high: the proxy's metrics would be at {}",
+            u32::from(base) + 401
+        );
+        Ok(Self {
+            placement: base,
+            placement_metrics: base + 1,
+            stores: (1..=storenodes).map(|i| (base + 10 + i, base + 110 + i)).collect(),
+            proxy: base + 400,
+            proxy_metrics: base + 401,
+        })
+    }
+}
+
+/// `$XDG_DATA_HOME/skv/playground`, or `~/.local/share/skv/playground`.
+pub fn default_data_dir() -> Result<PathBuf> {
+    if let Some(x) = std::env::var_os("XDG_DATA_HOME").filter(|x| !x.is_empty()) {
+        return Ok(PathBuf::from(x).join("skv").join("playground"));
+    }
+    let home = std::env::var_os("HOME")
+        .filter(|h| !h.is_empty())
+        .ok_or_else(|| anyhow!("neither XDG_DATA_HOME nor HOME is set: pass --data-dir"))?;
+    Ok(PathBuf::from(home).join(".local/share/skv/playground"))
+}
+
+/// Loads `DIR/dev-secret`, creating it (32 random bytes, hex, mode 0600) on the first run.
+pub fn dev_secret(dir: &Path) -> Result<(PathBuf, Vec<u8>)> {
+    let path = dir.join("dev-secret");
+    if !path.exists() {
+        let bytes: [u8; 32] = rand::random();
+        let mut opts = std::fs::OpenOptions::new();
+        opts.write(true).create_new(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            opts.mode(0o600);
+        }
+        let mut f = opts
+            .open(&path)
+            .with_context(|| format!("creating {}", path.display()))?;
+        writeln!(f, "{}", hex::encode(bytes)).with_context(|| format!("writing {}", path.display()))?;
+        f.sync_all()?;
+    }
+    let secret = load_hs256_secret(&path)?;
+    Ok((path, secret))
+}
+
+fn parse<C: Parser>(name: &str, args: &[String]) -> Result<C> {
+    C::try_parse_from(std::iter::once(name.to_string()).chain(args.iter().cloned()))
+        .map_err(|e| anyhow!("building the {name} config: {e}"))
+}
+
+fn addr(port: u16) -> String {
+    format!("127.0.0.1:{port}")
+}
+
+fn s(x: impl AsRef<std::ffi::OsStr>) -> String {
+    x.as_ref().to_string_lossy().into_owned()
+}
+
+/// The running services, stopped in reverse order of start.
+#[derive(Default)]
+struct Services {
+    placement: Option<ServiceHandle>,
+    stores: Vec<ServiceHandle>,
+    proxy: Option<ServiceHandle>,
+}
+
+impl Services {
+    /// The first service that stopped by itself, if any.
+    fn stopped(&self) -> Option<String> {
+        if self.placement.as_ref().is_some_and(|h| h.is_finished()) {
+            return Some("placement".into());
+        }
+        if let Some(i) = self.stores.iter().position(|h| h.is_finished()) {
+            return Some(format!("storenode {}", i + 1));
+        }
+        if self.proxy.as_ref().is_some_and(|h| h.is_finished()) {
+            return Some("proxy".into());
+        }
+        None
+    }
+
+    /// Stops the proxy, then the storenodes, then placement. Returns every error.
+    async fn shutdown(self) -> Vec<String> {
+        let mut errors = Vec::new();
+        if let Some(p) = self.proxy {
+            eprintln!("stopping the proxy");
+            if let Err(e) = p.shutdown().await {
+                errors.push(format!("proxy: {e:#}"));
+            }
+        }
+        if !self.stores.is_empty() {
+            eprintln!("stopping {} storenode(s)", self.stores.len());
+        }
+        let results = futures::future::join_all(self.stores.into_iter().map(|h| h.shutdown())).await;
+        for (i, r) in results.into_iter().enumerate() {
+            if let Err(e) = r {
+                errors.push(format!("storenode {}: {e:#}", i + 1));
+            }
+        }
+        if let Some(p) = self.placement {
+            eprintln!("stopping placement");
+            if let Err(e) = p.shutdown().await {
+                errors.push(format!("placement: {e:#}"));
+            }
+        }
+        errors
+    }
+}
+
+async fn start_all(dir: &Path, ports: &Ports, secret_file: &Path, svc: &mut Services) -> Result<()> {
+    let placement_url = format!("http://{}", addr(ports.placement));
+    let pcfg: skv_placement::Config = parse(
+        "skv-placement",
+        &[
+            "--listen".into(),
+            addr(ports.placement),
+            "--data-dir".into(),
+            s(dir.join("placement")),
+            "--metrics-listen".into(),
+            addr(ports.placement_metrics),
+        ],
+    )?;
+    eprintln!("starting placement on {}", addr(ports.placement));
+    svc.placement = Some(
+        skv_placement::start(pcfg)
+            .await
+            .with_context(|| format!("starting placement on {}", addr(ports.placement)))?,
+    );
+    for (i, (grpc, metrics)) in ports.stores.iter().enumerate() {
+        let n = i + 1;
+        let cfg: skv_storenode::Config = parse(
+            "skv-storenode",
+            &[
+                "--listen".into(),
+                addr(*grpc),
+                "--placement".into(),
+                placement_url.clone(),
+                "--data-dir".into(),
+                s(dir.join(format!("store-{n}"))),
+                "--metrics-listen".into(),
+                addr(*metrics),
+            ],
+        )?;
+        eprintln!("starting storenode {n} on {}", addr(*grpc));
+        svc.stores.push(
+            skv_storenode::start(cfg)
+                .await
+                .with_context(|| format!("starting storenode {n} on {}", addr(*grpc)))?,
+        );
+    }
+    let cfg: skv_proxy::Config = parse(
+        "skv-proxy",
+        &[
+            "--listen".into(),
+            addr(ports.proxy),
+            "--placement".into(),
+            placement_url,
+            "--jwt-hs256-secret-file".into(),
+            s(secret_file),
+            "--metrics-listen".into(),
+            addr(ports.proxy_metrics),
+        ],
+    )?;
+    eprintln!("starting the proxy on {}", addr(ports.proxy));
+    svc.proxy = Some(
+        skv_proxy::start(cfg)
+            .await
+            .with_context(|| format!("starting the proxy on {}", addr(ports.proxy)))?,
+    );
+    Ok(())
+}
+
+/// Polls a put, a get and a delete through the proxy until they work.
+async fn wait_ready(endpoint: &str, token: &str, timeout: Duration) -> Result<()> {
+    let client = skv::Client::builder()
+        .endpoint(endpoint)
+        .token(token)
+        .timeout(Duration::from_secs(3))
+        .max_attempts(2)
+        .connect()
+        .await?;
+    let start = Instant::now();
+    let mut last_report = Instant::now();
+    let key = b"__skv_playground_probe__";
+    loop {
+        let attempt = async {
+            let v = client.put(key, "ok").await?;
+            match client.get(key).await? {
+                Some(e) if e.version >= v => {}
+                other => anyhow::bail!("read back {other:?} after writing version {v}"),
+            }
+            client.delete(key).await?;
+            anyhow::Ok(())
+        };
+        let err = match attempt.await {
+            Ok(()) => {
+                eprintln!(
+                    "the cluster serves reads and writes ({:.1}s)",
+                    start.elapsed().as_secs_f64()
+                );
+                return Ok(());
+            }
+            Err(e) => e,
+        };
+        if start.elapsed() >= timeout {
+            return Err(anyhow!(
+                "the cluster did not serve a write and a read within {}s; last error: {err:#}",
+                timeout.as_secs()
+            ));
+        }
+        if last_report.elapsed() >= Duration::from_secs(2) {
+            eprintln!(
+                "waiting for the cluster to serve requests ({:.0}s): {err:#}",
+                start.elapsed().as_secs_f64()
+            );
+            last_report = Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// A second Ctrl-C while stopping exits at once (the data stays consistent:
+/// every acknowledged write is durable).
+fn force_exit_on_second_signal() {
+    tokio::spawn(async {
+        skv_common::service::shutdown_signal().await;
+        eprintln!("second signal: exiting without waiting for a clean shutdown");
+        std::process::exit(130);
+    });
+}
+
+pub async fn run(args: PlaygroundArgs) -> Result<ExitCode> {
+    let ports = Ports::plan(args.port_base, args.storenodes)?;
+    let (dir, defaulted) = match &args.data_dir {
+        Some(d) => (d.clone(), false),
+        None => (default_data_dir()?, true),
+    };
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating the data dir {}", dir.display()))?;
+    let dir = dir.canonicalize().unwrap_or(dir);
+    if defaulted {
+        println!(
+            "data dir: {} (the default; choose another with --data-dir)",
+            dir.display()
+        );
+    } else {
+        println!("data dir: {}", dir.display());
+    }
+    let (secret_file, secret) = dev_secret(&dir)?;
+    let claims = Claims::new("playground", NAMESPACE, Role::Admin, TOKEN_TTL);
+    let token = mint_hs256(&secret, &claims).context("minting the playground token")?;
+    let endpoint = format!("http://{}", addr(ports.proxy));
+    let placement = format!("http://{}", addr(ports.placement));
+
+    let mut svc = Services::default();
+    let signal = skv_common::service::shutdown_signal();
+    tokio::pin!(signal);
+
+    let started = async {
+        start_all(&dir, &ports, &secret_file, &mut svc).await?;
+        wait_ready(&endpoint, &token, args.ready_timeout).await
+    };
+    let interrupted = tokio::select! {
+        r = started => {
+            if let Err(e) = r {
+                eprintln!("error: {e:#}");
+                if format!("{e:#}").contains("in use") {
+                    eprintln!("hint: another playground may be running; choose other ports with --port-base");
+                }
+                let errors = svc.shutdown().await;
+                for e in errors {
+                    eprintln!("error while stopping: {e}");
+                }
+                return Ok(1);
+            }
+            false
+        }
+        _ = &mut signal => true,
+    };
+    if interrupted {
+        eprintln!("interrupted during start-up; stopping");
+        force_exit_on_second_signal();
+        let errors = svc.shutdown().await;
+        for e in &errors {
+            eprintln!("error while stopping: {e}");
+        }
+        return Ok(if errors.is_empty() { 0 } else { 1 });
+    }
+
+    println!();
+    println!("skv playground is up: {} storenode(s)", ports.stores.len());
+    println!(
+        "  placement    {placement}  (metrics http://{}/metrics)",
+        addr(ports.placement_metrics)
+    );
+    for (i, (grpc, metrics)) in ports.stores.iter().enumerate() {
+        println!(
+            "  storenode {:<2} http://{}  (metrics http://{}/metrics)",
+            i + 1,
+            addr(*grpc),
+            addr(*metrics)
+        );
+    }
+    println!(
+        "  proxy        {endpoint}  (metrics http://{}/metrics)",
+        addr(ports.proxy_metrics)
+    );
+    println!("  token        admin on namespace \"{NAMESPACE}\", valid 30 days");
+    println!("  secret       {}", secret_file.display());
+    println!();
+    println!("In another shell, run this line, then e.g. `skvctl put hello world`:");
+    println!("export SKV_ENDPOINT={endpoint} SKV_TOKEN={token} SKV_PLACEMENT={placement}");
+    println!();
+    println!("Press Ctrl-C to stop. The data stays in {}.", dir.display());
+
+    let mut code = 0;
+    loop {
+        tokio::select! {
+            _ = &mut signal => {
+                force_exit_on_second_signal();
+                break;
+            }
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {
+                if let Some(which) = svc.stopped() {
+                    eprintln!("error: {which} stopped unexpectedly; stopping the playground");
+                    code = 1;
+                    break;
+                }
+            }
+        }
+    }
+    eprintln!("shutting down");
+    let errors = svc.shutdown().await;
+    for e in &errors {
+        eprintln!("error while stopping: {e}");
+    }
+    if !errors.is_empty() {
+        code = 1;
+    }
+    if code == 0 {
+        eprintln!("stopped cleanly");
+    }
+    Ok(code)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_plan() {
+        let p = Ports::plan(7000, 3).unwrap();
+        assert_eq!((p.placement, p.placement_metrics), (7000, 7001));
+        assert_eq!(p.stores, vec![(7011, 7111), (7012, 7112), (7013, 7113)]);
+        assert_eq!((p.proxy, p.proxy_metrics), (7400, 7401));
+        assert!(Ports::plan(65200, 3).is_err());
+        assert!(Ports::plan(7000, 0).is_err());
+    }
+
+    #[test]
+    fn secret_is_created_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, a) = dev_secret(dir.path()).unwrap();
+        let (_, b) = dev_secret(dir.path()).unwrap();
+        assert_eq!(a, b);
+        assert_eq!(a.len(), 64, "32 bytes as hex");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            assert_eq!(std::fs::metadata(path).unwrap().permissions().mode() & 0o777, 0o600);
+        }
+    }
+}
