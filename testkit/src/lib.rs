@@ -4,6 +4,7 @@
 //! Every process started here is owned by a guard that kills it by PID when
 //! dropped, so a failing (panicking) test leaves nothing behind.
 
+pub mod cluster;
 pub mod etcd;
 pub mod process;
 

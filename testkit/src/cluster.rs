@@ -1,0 +1,438 @@
+//! Whole-system clusters for end-to-end tests.
+//!
+//! - [`Cluster`]: placement, storenodes and proxies in this test process, on real
+//!   gRPC sockets (127.0.0.1, port 0). Nodes can be stopped and restarted on
+//!   the same data dir.
+//! - [`ProcCluster`]: the same topology as real OS processes started from the
+//!   built binaries, so that a node can be `kill -9`ed.
+
+use crate::etcd::Etcd;
+use crate::process::{ChildGuard, bin_path, free_port, wait_until};
+use clap::Parser;
+use skv_common::service::ServiceHandle;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// The HS256 secret every test cluster uses.
+pub const TEST_SECRET: &[u8] = b"skv-test-secret-0123456789abcdef";
+
+/// Mints a token for `ns` with `role` ("read", "write", "admin"), valid for an hour.
+pub fn token(ns: &str, role: &str) -> String {
+    token_with(ns, role, 3600, "skv", "skv", TEST_SECRET)
+}
+
+/// Mints a token with explicit lifetime (seconds from now; negative = expired),
+/// issuer, audience and secret.
+pub fn token_with(ns: &str, role: &str, ttl_secs: i64, iss: &str, aud: &str, secret: &[u8]) -> String {
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
+    let claims = serde_json::json!({
+        "sub": "test", "ns": ns, "role": role,
+        "iat": now, "nbf": now - 5, "exp": now + ttl_secs,
+        "iss": iss, "aud": aud,
+    });
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret),
+    )
+    .unwrap_or_else(|e| panic!("mint token: {e}"))
+}
+
+/// Options for [`Cluster::start`].
+#[derive(Clone, Debug)]
+pub struct ClusterOptions {
+    pub storenodes: usize,
+    pub proxies: usize,
+    /// Use a real etcd (true) or placement's embedded store (false).
+    pub etcd: bool,
+    pub placement_instances: usize,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        Self { storenodes: 3, proxies: 1, etcd: false, placement_instances: 1 }
+    }
+}
+
+/// An in-process cluster.
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub etcd: Option<Etcd>,
+    pub placements: Vec<Option<ServiceHandle>>,
+    pub stores: Vec<Option<ServiceHandle>>,
+    pub proxies: Vec<Option<ServiceHandle>>,
+    secret_file: PathBuf,
+}
+
+fn s(p: &Path) -> String {
+    p.display().to_string()
+}
+
+impl Cluster {
+    /// Starts placement, storenodes and proxies and waits until a write goes through.
+    pub async fn start(opts: ClusterOptions) -> Cluster {
+        crate::init_test_logging();
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+        let secret_file = dir.path().join("secret");
+        std::fs::write(&secret_file, TEST_SECRET).unwrap_or_else(|e| panic!("write secret: {e}"));
+        let etcd = if opts.etcd { Some(Etcd::start().await) } else { None };
+        let mut c = Cluster {
+            dir,
+            etcd,
+            placements: Vec::new(),
+            stores: Vec::new(),
+            proxies: Vec::new(),
+            secret_file,
+        };
+        for i in 0..opts.placement_instances.max(1) {
+            let h = c.start_placement(i).await;
+            c.placements.push(Some(h));
+        }
+        for i in 0..opts.storenodes {
+            let h = c.start_store(i).await;
+            c.stores.push(Some(h));
+        }
+        for i in 0..opts.proxies.max(1) {
+            let h = c.start_proxy(i).await;
+            c.proxies.push(Some(h));
+        }
+        c.wait_writable().await;
+        c
+    }
+
+    async fn start_placement(&self, i: usize) -> ServiceHandle {
+        let mut args = vec![
+            "skv-placement".to_string(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--data-dir".into(),
+            s(&self.dir.path().join(format!("pd-{i}"))),
+            "--initial-wait-ms".into(),
+            "300".into(),
+            "--schedule-interval-ms".into(),
+            "200".into(),
+        ];
+        if let Some(e) = &self.etcd {
+            args.push("--etcd".into());
+            args.push(e.client_url.clone());
+        }
+        let cfg = skv_placement::Config::try_parse_from(args).unwrap_or_else(|e| panic!("placement config: {e}"));
+        skv_placement::start(cfg).await.unwrap_or_else(|e| panic!("start placement: {e:#}"))
+    }
+
+    /// Comma-separated URLs of the running placement instances.
+    pub fn placement_urls(&self) -> String {
+        self.placements
+            .iter()
+            .flatten()
+            .map(|h| format!("http://{}", h.addr))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    async fn start_store(&self, i: usize) -> ServiceHandle {
+        self.start_store_on(i, "127.0.0.1:0".to_string()).await
+    }
+
+    async fn start_store_on(&self, i: usize, listen: String) -> ServiceHandle {
+        let args = vec![
+            "skv-storenode".to_string(),
+            "--listen".into(),
+            listen,
+            "--placement".into(),
+            self.placement_urls(),
+            "--data-dir".into(),
+            s(&self.dir.path().join(format!("store-{i}"))),
+            "--heartbeat-interval-ms".into(),
+            "300".into(),
+        ];
+        let cfg = skv_storenode::Config::try_parse_from(args).unwrap_or_else(|e| panic!("storenode config: {e}"));
+        skv_storenode::start(cfg).await.unwrap_or_else(|e| panic!("start storenode: {e:#}"))
+    }
+
+    async fn start_proxy(&self, _i: usize) -> ServiceHandle {
+        let args = vec![
+            "skv-proxy".to_string(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--placement".into(),
+            self.placement_urls(),
+            "--jwt-hs256-secret-file".into(),
+            s(&self.secret_file),
+        ];
+        let cfg = skv_proxy::Config::try_parse_from(args).unwrap_or_else(|e| panic!("proxy config: {e}"));
+        skv_proxy::start(cfg).await.unwrap_or_else(|e| panic!("start proxy: {e:#}"))
+    }
+
+    /// `http://addr` of proxy `i`.
+    pub fn proxy_url(&self, i: usize) -> String {
+        match self.proxies.get(i).and_then(|p| p.as_ref()) {
+            Some(h) => format!("http://{}", h.addr),
+            None => panic!("proxy {i} is not running"),
+        }
+    }
+
+    /// URLs of every running proxy.
+    pub fn proxy_urls(&self) -> Vec<String> {
+        self.proxies.iter().flatten().map(|h| format!("http://{}", h.addr)).collect()
+    }
+
+    /// An SDK client for namespace `ns` with `role`, connected to every running proxy.
+    pub async fn client(&self, ns: &str, role: &str) -> skv::Client {
+        skv::Client::builder()
+            .endpoints(self.proxy_urls())
+            .token(token(ns, role))
+            .connect()
+            .await
+            .unwrap_or_else(|e| panic!("connect sdk: {e}"))
+    }
+
+    /// Waits until a put and a get round-trip through proxy 0 (up to 30 s).
+    pub async fn wait_writable(&self) {
+        let client = self.client("healthcheck", "write").await;
+        wait_until("the cluster to accept writes", Duration::from_secs(30), || {
+            let client = client.clone();
+            async move {
+                match client.put(b"ready".to_vec(), b"1".to_vec()).await {
+                    Ok(_) => client.get(b"ready".to_vec()).await.ok().flatten().map(|_| ()),
+                    Err(_) => None,
+                }
+            }
+        })
+        .await;
+    }
+
+    /// Stops storenode `i` (its data dir is kept).
+    pub async fn stop_store(&mut self, i: usize) {
+        if let Some(h) = self.stores.get_mut(i).and_then(|s| s.take()) {
+            let _ = h.shutdown().await;
+        }
+    }
+
+    /// Restarts storenode `i` on its old data dir (new port is fine: it re-registers).
+    pub async fn restart_store(&mut self, i: usize) {
+        self.stop_store(i).await;
+        let h = self.start_store(i).await;
+        self.stores[i] = Some(h);
+    }
+
+    /// Stops placement instance `i`.
+    pub async fn stop_placement(&mut self, i: usize) {
+        if let Some(h) = self.placements.get_mut(i).and_then(|s| s.take()) {
+            let _ = h.shutdown().await;
+        }
+    }
+
+    /// Stops proxy `i`.
+    pub async fn stop_proxy(&mut self, i: usize) {
+        if let Some(h) = self.proxies.get_mut(i).and_then(|s| s.take()) {
+            let _ = h.shutdown().await;
+        }
+    }
+
+    /// A placement admin client on the first running instance.
+    pub async fn placement_client(
+        &self,
+    ) -> skv_proto::internal::placement_client::PlacementClient<tonic::transport::Channel> {
+        let url = self
+            .placements
+            .iter()
+            .flatten()
+            .map(|h| format!("http://{}", h.addr))
+            .next()
+            .unwrap_or_else(|| panic!("no placement running"));
+        skv_proto::internal::placement_client::PlacementClient::connect(url)
+            .await
+            .unwrap_or_else(|e| panic!("connect placement: {e}"))
+    }
+
+    /// Stops everything (proxies, storenodes, placement).
+    pub async fn shutdown(mut self) {
+        for p in self.proxies.iter_mut() {
+            if let Some(h) = p.take() {
+                let _ = h.shutdown().await;
+            }
+        }
+        for p in self.stores.iter_mut() {
+            if let Some(h) = p.take() {
+                let _ = h.shutdown().await;
+            }
+        }
+        for p in self.placements.iter_mut() {
+            if let Some(h) = p.take() {
+                let _ = h.shutdown().await;
+            }
+        }
+    }
+}
+
+/// A cluster of real OS processes (the built binaries), each killed by PID on drop.
+pub struct ProcCluster {
+    pub dir: tempfile::TempDir,
+    pub etcd: Option<Etcd>,
+    pub placement: Option<ChildGuard>,
+    pub placement_port: u16,
+    pub stores: Vec<Option<ChildGuard>>,
+    pub store_ports: Vec<u16>,
+    pub proxy: Option<ChildGuard>,
+    pub proxy_port: u16,
+}
+
+impl ProcCluster {
+    /// Starts placement (embedded or etcd), `n` storenodes and one proxy as processes.
+    pub async fn start(n: usize, use_etcd: bool) -> ProcCluster {
+        crate::init_test_logging();
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+        std::fs::write(dir.path().join("secret"), TEST_SECRET).unwrap_or_else(|e| panic!("secret: {e}"));
+        let etcd = if use_etcd { Some(Etcd::start().await) } else { None };
+        let mut c = ProcCluster {
+            dir,
+            etcd,
+            placement: None,
+            placement_port: free_port(),
+            stores: Vec::new(),
+            store_ports: Vec::new(),
+            proxy: None,
+            proxy_port: free_port(),
+        };
+        c.start_placement();
+        for i in 0..n {
+            let port = free_port();
+            c.store_ports.push(port);
+            c.stores.push(None);
+            c.start_store(i);
+        }
+        c.start_proxy();
+        let client = c.client("healthcheck", "write").await;
+        wait_until("the process cluster to accept writes", Duration::from_secs(60), || {
+            let client = client.clone();
+            async move { client.put(b"ready".to_vec(), b"1".to_vec()).await.ok() }
+        })
+        .await;
+        c
+    }
+
+    fn log(&self, name: &str) -> Stdio {
+        match std::fs::File::create(self.dir.path().join(format!("{name}.log"))) {
+            Ok(f) => Stdio::from(f),
+            Err(_) => Stdio::null(),
+        }
+    }
+
+    /// Starts (or restarts) the placement process.
+    pub fn start_placement(&mut self) {
+        let mut cmd = Command::new(bin_path("skv-placement"));
+        cmd.arg("--listen")
+            .arg(format!("127.0.0.1:{}", self.placement_port))
+            .arg("--data-dir")
+            .arg(self.dir.path().join("pd"))
+            .arg("--initial-wait-ms")
+            .arg("300")
+            .arg("--schedule-interval-ms")
+            .arg("200")
+            .stdout(Stdio::null())
+            .stderr(self.log("placement"));
+        if let Some(e) = &self.etcd {
+            cmd.arg("--etcd").arg(&e.client_url);
+        }
+        self.placement = Some(ChildGuard::spawn("placement", &mut cmd).unwrap_or_else(|e| panic!("{e}")));
+    }
+
+    /// `http://127.0.0.1:PORT` of placement.
+    pub fn placement_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.placement_port)
+    }
+
+    /// Starts (or restarts) storenode `i` on its port and data dir.
+    pub fn start_store(&mut self, i: usize) {
+        let mut cmd = Command::new(bin_path("skv-storenode"));
+        cmd.arg("--listen")
+            .arg(format!("127.0.0.1:{}", self.store_ports[i]))
+            .arg("--placement")
+            .arg(self.placement_url())
+            .arg("--data-dir")
+            .arg(self.dir.path().join(format!("store-{i}")))
+            .arg("--heartbeat-interval-ms")
+            .arg("300")
+            .stdout(Stdio::null())
+            .stderr(self.log(&format!("store-{i}")));
+        self.stores[i] = Some(ChildGuard::spawn(format!("store-{i}"), &mut cmd).unwrap_or_else(|e| panic!("{e}")));
+    }
+
+    /// `kill -9` storenode `i`.
+    pub fn kill_store(&mut self, i: usize) {
+        if let Some(mut g) = self.stores[i].take() {
+            g.kill();
+        }
+    }
+
+    /// Starts the proxy process.
+    pub fn start_proxy(&mut self) {
+        let mut cmd = Command::new(bin_path("skv-proxy"));
+        cmd.arg("--listen")
+            .arg(format!("127.0.0.1:{}", self.proxy_port))
+            .arg("--placement")
+            .arg(self.placement_url())
+            .arg("--jwt-hs256-secret-file")
+            .arg(self.dir.path().join("secret"))
+            .stdout(Stdio::null())
+            .stderr(self.log("proxy"));
+        self.proxy = Some(ChildGuard::spawn("proxy", &mut cmd).unwrap_or_else(|e| panic!("{e}")));
+    }
+
+    /// An SDK client on the proxy.
+    pub async fn client(&self, ns: &str, role: &str) -> skv::Client {
+        skv::Client::builder()
+            .endpoints([format!("http://127.0.0.1:{}", self.proxy_port)])
+            .token(token(ns, role))
+            .connect()
+            .await
+            .unwrap_or_else(|e| panic!("connect sdk: {e}"))
+    }
+
+    /// The content of a process's log file, for failure messages.
+    pub fn read_log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("{name}.log"))).unwrap_or_default()
+    }
+}
+
+/// Wraps a message in a request carrying `authorization: Bearer <tok>` (or no token).
+pub fn with_token<T>(msg: T, tok: Option<&str>) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    if let Some(t) = tok {
+        match tonic::metadata::MetadataValue::try_from(format!("Bearer {t}")) {
+            Ok(v) => {
+                r.metadata_mut().insert("authorization", v);
+            }
+            Err(e) => panic!("token is not valid metadata: {e}"),
+        }
+    }
+    r
+}
+
+/// A raw `skv.v1.Kv` client on `url` with large message limits (to test the server's).
+pub async fn kv_client(url: &str) -> skv_proto::v1::kv_client::KvClient<tonic::transport::Channel> {
+    skv_proto::v1::kv_client::KvClient::connect(url.to_string())
+        .await
+        .unwrap_or_else(|e| panic!("connect {url}: {e}"))
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(64 << 20)
+}
+
+/// Scans the whole namespace of `tok` through `kv`, returning (key, value) in stream order.
+pub async fn scan_all(
+    kv: &mut skv_proto::v1::kv_client::KvClient<tonic::transport::Channel>,
+    tok: &str,
+    start: &[u8],
+    end: &[u8],
+    limit: u32,
+) -> Result<Vec<(Vec<u8>, Vec<u8>)>, tonic::Status> {
+    let req = skv_proto::v1::ScanRequest { start: start.to_vec(), end: end.to_vec(), limit };
+    let mut stream = kv.scan(with_token(req, Some(tok))).await?.into_inner();
+    let mut out = Vec::new();
+    while let Some(page) = stream.message().await? {
+        out.extend(page.kvs.into_iter().map(|kv| (kv.key, kv.value)));
+    }
+    Ok(out)
+}
