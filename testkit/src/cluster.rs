@@ -25,7 +25,10 @@ pub fn token(ns: &str, role: &str) -> String {
 /// Mints a token with explicit lifetime (seconds from now; negative = expired),
 /// issuer, audience and secret.
 pub fn token_with(ns: &str, role: &str, ttl_secs: i64, iss: &str, aud: &str, secret: &[u8]) -> String {
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
     let claims = serde_json::json!({
         "sub": "test", "ns": ns, "role": role,
         "iat": now, "nbf": now - 5, "exp": now + ttl_secs,
@@ -51,7 +54,12 @@ pub struct ClusterOptions {
 
 impl Default for ClusterOptions {
     fn default() -> Self {
-        Self { storenodes: 3, proxies: 1, etcd: false, placement_instances: 1 }
+        Self {
+            storenodes: 3,
+            proxies: 1,
+            etcd: false,
+            placement_instances: 1,
+        }
     }
 }
 
@@ -118,7 +126,9 @@ impl Cluster {
             args.push(e.client_url.clone());
         }
         let cfg = skv_placement::Config::try_parse_from(args).unwrap_or_else(|e| panic!("placement config: {e}"));
-        skv_placement::start(cfg).await.unwrap_or_else(|e| panic!("start placement: {e:#}"))
+        skv_placement::start(cfg)
+            .await
+            .unwrap_or_else(|e| panic!("start placement: {e:#}"))
     }
 
     /// Comma-separated URLs of the running placement instances.
@@ -148,7 +158,9 @@ impl Cluster {
             "300".into(),
         ];
         let cfg = skv_storenode::Config::try_parse_from(args).unwrap_or_else(|e| panic!("storenode config: {e}"));
-        skv_storenode::start(cfg).await.unwrap_or_else(|e| panic!("start storenode: {e:#}"))
+        skv_storenode::start(cfg)
+            .await
+            .unwrap_or_else(|e| panic!("start storenode: {e:#}"))
     }
 
     async fn start_proxy(&self, _i: usize) -> ServiceHandle {
@@ -162,7 +174,9 @@ impl Cluster {
             s(&self.secret_file),
         ];
         let cfg = skv_proxy::Config::try_parse_from(args).unwrap_or_else(|e| panic!("proxy config: {e}"));
-        skv_proxy::start(cfg).await.unwrap_or_else(|e| panic!("start proxy: {e:#}"))
+        skv_proxy::start(cfg)
+            .await
+            .unwrap_or_else(|e| panic!("start proxy: {e:#}"))
     }
 
     /// `http://addr` of proxy `i`.
@@ -175,7 +189,11 @@ impl Cluster {
 
     /// URLs of every running proxy.
     pub fn proxy_urls(&self) -> Vec<String> {
-        self.proxies.iter().flatten().map(|h| format!("http://{}", h.addr)).collect()
+        self.proxies
+            .iter()
+            .flatten()
+            .map(|h| format!("http://{}", h.addr))
+            .collect()
     }
 
     /// An SDK client for namespace `ns` with `role`, connected to every running proxy.
@@ -428,7 +446,11 @@ pub async fn scan_all(
     end: &[u8],
     limit: u32,
 ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, tonic::Status> {
-    let req = skv_proto::v1::ScanRequest { start: start.to_vec(), end: end.to_vec(), limit };
+    let req = skv_proto::v1::ScanRequest {
+        start: start.to_vec(),
+        end: end.to_vec(),
+        limit,
+    };
     let mut stream = kv.scan(with_token(req, Some(tok))).await?.into_inner();
     let mut out = Vec::new();
     while let Some(page) = stream.message().await? {

@@ -47,7 +47,11 @@ impl Etcd {
             while Instant::now() < deadline {
                 if let Ok(mut c) = etcd_client::Client::connect([client_url.as_str()], None).await {
                     if c.get("health-probe", None).await.is_ok() {
-                        return Etcd { client_url, guard, _dir: dir };
+                        return Etcd {
+                            client_url,
+                            guard,
+                            _dir: dir,
+                        };
                     }
                 }
                 if guard.wait_timeout(Duration::from_millis(1)).is_some() {

@@ -43,7 +43,10 @@ impl ChildGuard {
     /// Spawns `cmd` with stdout/stderr inherited unless the caller set them.
     pub fn spawn(name: impl Into<String>, cmd: &mut Command) -> std::io::Result<Self> {
         let child = cmd.stdin(Stdio::null()).spawn()?;
-        Ok(Self { name: name.into(), child: Some(child) })
+        Ok(Self {
+            name: name.into(),
+            child: Some(child),
+        })
     }
 
     /// The process id.
@@ -66,7 +69,10 @@ impl ChildGuard {
 
     /// Sends a signal by PID (e.g. "INT", "STOP", "CONT") with `kill(1)`.
     pub fn signal(&self, sig: &str) -> std::io::Result<()> {
-        let status = Command::new("kill").arg(format!("-{sig}")).arg(self.pid().to_string()).status()?;
+        let status = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.pid().to_string())
+            .status()?;
         if status.success() {
             Ok(())
         } else {

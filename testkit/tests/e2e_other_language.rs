@@ -35,6 +35,9 @@ async fn python_grpc_client_works_against_the_proxy() {
         .expect("run python");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success() && stdout.contains("PYTHON-CLIENT-OK"), "python client failed:\n{stdout}\n{stderr}");
+    assert!(
+        out.status.success() && stdout.contains("PYTHON-CLIENT-OK"),
+        "python client failed:\n{stdout}\n{stderr}"
+    );
     cluster.shutdown().await;
 }

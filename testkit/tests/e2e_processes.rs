@@ -14,7 +14,11 @@ use tokio::sync::Mutex;
 /// Index (in `c.stores`) of the process holding the leader of the range for `key`.
 async fn leader_index(c: &ProcCluster, key: &[u8]) -> Option<usize> {
     let mut pd = PlacementClient::connect(c.placement_url()).await.ok()?;
-    let r = pd.get_range(GetRangeRequest { key: key.to_vec() }).await.ok()?.into_inner();
+    let r = pd
+        .get_range(GetRangeRequest { key: key.to_vec() })
+        .await
+        .ok()?
+        .into_inner();
     let leader = r.range?.leader_store_id;
     if leader == 0 {
         return None;
@@ -80,9 +84,16 @@ async fn kill_9_leader_loses_no_acknowledged_write() {
     let acked = acked.lock().await.clone();
     assert!(acked.len() > 100, "only {} writes acknowledged", acked.len());
     for (k, v) in &acked {
-        let got = client.get(k.clone().into_bytes()).await.unwrap_or_else(|e| panic!("get {k}: {e}"));
+        let got = client
+            .get(k.clone().into_bytes())
+            .await
+            .unwrap_or_else(|e| panic!("get {k}: {e}"));
         let got = got.unwrap_or_else(|| panic!("acknowledged write {k} lost"));
-        assert_eq!(&got.value[..], v.as_bytes(), "acknowledged write {k} has the wrong value");
+        assert_eq!(
+            &got.value[..],
+            v.as_bytes(),
+            "acknowledged write {k} has the wrong value"
+        );
     }
     assert!(failover < Duration::from_secs(15), "failover took {failover:?}");
 }

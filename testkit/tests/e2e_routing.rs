@@ -8,7 +8,12 @@ use skv_testkit::cluster::{Cluster, ClusterOptions, kv_client, scan_all, token, 
 use std::time::{Duration, Instant};
 
 fn put(key: &[u8], value: &[u8]) -> PutRequest {
-    PutRequest { key: key.to_vec(), value: value.to_vec(), if_version: None, if_absent: false }
+    PutRequest {
+        key: key.to_vec(),
+        value: value.to_vec(),
+        if_version: None,
+        if_absent: false,
+    }
 }
 
 #[tokio::test]
@@ -19,21 +24,42 @@ async fn versions_cas_delete_and_scan_semantics() {
 
     // CAS with expected_version 0 = only if absent.
     let r = kv
-        .compare_and_swap(with_token(CompareAndSwapRequest { key: b"c".to_vec(), expected_version: 0, value: b"1".to_vec() }, Some(&t)))
+        .compare_and_swap(with_token(
+            CompareAndSwapRequest {
+                key: b"c".to_vec(),
+                expected_version: 0,
+                value: b"1".to_vec(),
+            },
+            Some(&t),
+        ))
         .await
         .unwrap()
         .into_inner();
     assert!(r.succeeded);
     assert_eq!(r.version, 1);
     let r = kv
-        .compare_and_swap(with_token(CompareAndSwapRequest { key: b"c".to_vec(), expected_version: 0, value: b"2".to_vec() }, Some(&t)))
+        .compare_and_swap(with_token(
+            CompareAndSwapRequest {
+                key: b"c".to_vec(),
+                expected_version: 0,
+                value: b"2".to_vec(),
+            },
+            Some(&t),
+        ))
         .await
         .unwrap()
         .into_inner();
     assert!(!r.succeeded, "CAS on a present key with expected 0 must fail");
     assert_eq!(r.version, 1, "a failed CAS reports the current version");
     let r = kv
-        .compare_and_swap(with_token(CompareAndSwapRequest { key: b"c".to_vec(), expected_version: 1, value: b"2".to_vec() }, Some(&t)))
+        .compare_and_swap(with_token(
+            CompareAndSwapRequest {
+                key: b"c".to_vec(),
+                expected_version: 1,
+                value: b"2".to_vec(),
+            },
+            Some(&t),
+        ))
         .await
         .unwrap()
         .into_inner();
@@ -45,23 +71,68 @@ async fn versions_cas_delete_and_scan_semantics() {
     p.if_version = Some(1);
     let err = kv.put(with_token(p, Some(&t))).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::FailedPrecondition);
-    let g = kv.get(with_token(GetRequest { key: b"c".to_vec(), stale_ok: false }, Some(&t))).await.unwrap().into_inner();
+    let g = kv
+        .get(with_token(
+            GetRequest {
+                key: b"c".to_vec(),
+                stale_ok: false,
+            },
+            Some(&t),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!((g.found, g.value.as_slice(), g.version), (true, &b"2"[..], 2));
 
     // Delete reports whether it removed something.
-    let d = kv.delete(with_token(DeleteRequest { key: b"c".to_vec(), if_version: None }, Some(&t))).await.unwrap().into_inner();
+    let d = kv
+        .delete(with_token(
+            DeleteRequest {
+                key: b"c".to_vec(),
+                if_version: None,
+            },
+            Some(&t),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
     assert!(d.deleted);
-    let d = kv.delete(with_token(DeleteRequest { key: b"c".to_vec(), if_version: None }, Some(&t))).await.unwrap().into_inner();
+    let d = kv
+        .delete(with_token(
+            DeleteRequest {
+                key: b"c".to_vec(),
+                if_version: None,
+            },
+            Some(&t),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
     assert!(!d.deleted);
-    let g = kv.get(with_token(GetRequest { key: b"c".to_vec(), stale_ok: false }, Some(&t))).await.unwrap().into_inner();
+    let g = kv
+        .get(with_token(
+            GetRequest {
+                key: b"c".to_vec(),
+                stale_ok: false,
+            },
+            Some(&t),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
     assert!(!g.found);
 
     // Scan bounds and limit.
     for i in 0..20u32 {
-        kv.put(with_token(put(format!("s{i:02}").as_bytes(), b"v"), Some(&t))).await.unwrap();
+        kv.put(with_token(put(format!("s{i:02}").as_bytes(), b"v"), Some(&t)))
+            .await
+            .unwrap();
     }
     let got = scan_all(&mut kv, &t, b"s05", b"s10", 0).await.unwrap();
-    let keys: Vec<String> = got.iter().map(|(k, _)| String::from_utf8_lossy(k).into_owned()).collect();
+    let keys: Vec<String> = got
+        .iter()
+        .map(|(k, _)| String::from_utf8_lossy(k).into_owned())
+        .collect();
     assert_eq!(keys, (5..10).map(|i| format!("s{i:02}")).collect::<Vec<_>>());
     let got = scan_all(&mut kv, &t, b"s", b"", 3).await.unwrap();
     assert_eq!(got.len(), 3);
@@ -71,9 +142,18 @@ async fn versions_cas_delete_and_scan_semantics() {
         .batch_write(with_token(
             BatchWriteRequest {
                 ops: vec![
-                    WriteOp { key: b"b1".to_vec(), op: Some(write_op::Op::Put(b"x".to_vec())) },
-                    WriteOp { key: b"b2".to_vec(), op: Some(write_op::Op::Put(b"y".to_vec())) },
-                    WriteOp { key: b"s00".to_vec(), op: Some(write_op::Op::Delete(DeleteMarker {})) },
+                    WriteOp {
+                        key: b"b1".to_vec(),
+                        op: Some(write_op::Op::Put(b"x".to_vec())),
+                    },
+                    WriteOp {
+                        key: b"b2".to_vec(),
+                        op: Some(write_op::Op::Put(b"y".to_vec())),
+                    },
+                    WriteOp {
+                        key: b"s00".to_vec(),
+                        op: Some(write_op::Op::Delete(DeleteMarker {})),
+                    },
                 ],
             },
             Some(&t),
@@ -84,7 +164,12 @@ async fn versions_cas_delete_and_scan_semantics() {
     assert_eq!(bw.results.len(), 3);
     assert!(bw.results.iter().all(|r| r.code == 0), "{:?}", bw.results);
     let bg = kv
-        .batch_get(with_token(BatchGetRequest { keys: vec![b"b2".to_vec(), b"nope".to_vec(), b"b1".to_vec(), b"s00".to_vec()] }, Some(&t)))
+        .batch_get(with_token(
+            BatchGetRequest {
+                keys: vec![b"b2".to_vec(), b"nope".to_vec(), b"b1".to_vec(), b"s00".to_vec()],
+            },
+            Some(&t),
+        ))
         .await
         .unwrap()
         .into_inner();
@@ -100,7 +185,9 @@ async fn data_path_survives_placement_outage() {
     let mut kv = kv_client(&cluster.proxy_url(0)).await;
     let t = token("pd-down", "write");
     for i in 0..20u32 {
-        kv.put(with_token(put(format!("k{i}").as_bytes(), b"before"), Some(&t))).await.unwrap();
+        kv.put(with_token(put(format!("k{i}").as_bytes(), b"before"), Some(&t)))
+            .await
+            .unwrap();
     }
     cluster.stop_placement(0).await;
     // Keep writing and reading for a while with placement gone.
@@ -108,8 +195,20 @@ async fn data_path_survives_placement_outage() {
     let mut n = 0u32;
     while Instant::now() < until {
         let key = format!("after{n}");
-        kv.put(with_token(put(key.as_bytes(), b"v"), Some(&t))).await.unwrap_or_else(|e| panic!("put {key} with placement down: {e:?}"));
-        let g = kv.get(with_token(GetRequest { key: key.into_bytes(), stale_ok: false }, Some(&t))).await.unwrap().into_inner();
+        kv.put(with_token(put(key.as_bytes(), b"v"), Some(&t)))
+            .await
+            .unwrap_or_else(|e| panic!("put {key} with placement down: {e:?}"));
+        let g = kv
+            .get(with_token(
+                GetRequest {
+                    key: key.into_bytes(),
+                    stale_ok: false,
+                },
+                Some(&t),
+            ))
+            .await
+            .unwrap()
+            .into_inner();
         assert!(g.found);
         n += 1;
     }
@@ -126,7 +225,12 @@ async fn split_during_scans_keeps_results_complete_and_ordered() {
     let t = token("split", "write");
     let n = 600u32;
     for i in 0..n {
-        kv.put(with_token(put(format!("key{i:05}").as_bytes(), format!("v{i}").as_bytes()), Some(&t))).await.unwrap();
+        kv.put(with_token(
+            put(format!("key{i:05}").as_bytes(), format!("v{i}").as_bytes()),
+            Some(&t),
+        ))
+        .await
+        .unwrap();
     }
     let expect: Vec<Vec<u8>> = (0..n).map(|i| format!("key{i:05}").into_bytes()).collect();
 
@@ -159,9 +263,24 @@ async fn split_during_scans_keeps_results_complete_and_ordered() {
     for at in ["key00150", "key00300", "key00450"] {
         let mut split_key = ns_prefix.clone();
         split_key.extend_from_slice(at.as_bytes());
-        let range = pd.get_range(GetRangeRequest { key: split_key.clone() }).await.unwrap().into_inner();
-        let range_id = range.range.and_then(|r| r.descriptor).map(|d| d.range_id).expect("range for key");
-        let r = pd.split_range(AdminSplitRequest { range_id, split_key: split_key.clone() }).await.unwrap().into_inner();
+        let range = pd
+            .get_range(GetRangeRequest { key: split_key.clone() })
+            .await
+            .unwrap()
+            .into_inner();
+        let range_id = range
+            .range
+            .and_then(|r| r.descriptor)
+            .map(|d| d.range_id)
+            .expect("range for key");
+        let r = pd
+            .split_range(AdminSplitRequest {
+                range_id,
+                split_key: split_key.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
         let (l, rr) = (r.left.expect("left"), r.right.expect("right"));
         assert_eq!(l.end, split_key);
         assert_eq!(rr.start, split_key);
@@ -172,7 +291,13 @@ async fn split_during_scans_keeps_results_complete_and_ordered() {
     // And every key is still readable with the right value.
     for i in (0..n).step_by(37) {
         let g = kv
-            .get(with_token(GetRequest { key: format!("key{i:05}").into_bytes(), stale_ok: false }, Some(&t)))
+            .get(with_token(
+                GetRequest {
+                    key: format!("key{i:05}").into_bytes(),
+                    stale_ok: false,
+                },
+                Some(&t),
+            ))
             .await
             .unwrap()
             .into_inner();
@@ -183,7 +308,11 @@ async fn split_during_scans_keeps_results_complete_and_ordered() {
 
 #[tokio::test]
 async fn sdk_fails_over_between_proxies() {
-    let mut cluster = Cluster::start(ClusterOptions { proxies: 2, ..Default::default() }).await;
+    let mut cluster = Cluster::start(ClusterOptions {
+        proxies: 2,
+        ..Default::default()
+    })
+    .await;
     let client = cluster.client("failover", "write").await;
     for i in 0..10u32 {
         client.put(format!("k{i}").into_bytes(), b"v".to_vec()).await.unwrap();
@@ -196,7 +325,10 @@ async fn sdk_fails_over_between_proxies() {
             .unwrap_or_else(|e| panic!("put k{i} after proxy 0 died: {e}"));
     }
     for i in 0..30u32 {
-        assert!(client.get(format!("k{i}").into_bytes()).await.unwrap().is_some(), "k{i} missing");
+        assert!(
+            client.get(format!("k{i}").into_bytes()).await.unwrap().is_some(),
+            "k{i} missing"
+        );
     }
     cluster.shutdown().await;
 }
