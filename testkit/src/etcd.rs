@@ -45,14 +45,14 @@ impl Etcd {
             let mut guard = ChildGuard::spawn("etcd", &mut cmd).unwrap_or_else(|e| panic!("spawn etcd: {e}"));
             let deadline = Instant::now() + Duration::from_secs(15);
             while Instant::now() < deadline {
-                if let Ok(mut c) = etcd_client::Client::connect([client_url.as_str()], None).await {
-                    if c.get("health-probe", None).await.is_ok() {
-                        return Etcd {
-                            client_url,
-                            guard,
-                            _dir: dir,
-                        };
-                    }
+                if let Ok(mut c) = etcd_client::Client::connect([client_url.as_str()], None).await
+                    && c.get("health-probe", None).await.is_ok()
+                {
+                    return Etcd {
+                        client_url,
+                        guard,
+                        _dir: dir,
+                    };
                 }
                 if guard.wait_timeout(Duration::from_millis(1)).is_some() {
                     break; // exited (port race): try other ports

@@ -65,13 +65,13 @@ async fn three_placements_on_etcd_serve_and_fail_over() {
             .await
             .unwrap_or_else(|e| panic!("write {i} while placement fails over: {e:?}"));
         i += 1;
-        if let Ok(m) = pd2.get_members(GetMembersRequest {}).await {
-            if let Some(l) = m.into_inner().leader {
-                if !l.address.is_empty() && l.address != leader_addr {
-                    new_leader = Some(killed.elapsed());
-                    break;
-                }
-            }
+        if let Ok(m) = pd2.get_members(GetMembersRequest {}).await
+            && let Some(l) = m.into_inner().leader
+            && !l.address.is_empty()
+            && l.address != leader_addr
+        {
+            new_leader = Some(killed.elapsed());
+            break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

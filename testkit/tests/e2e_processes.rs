@@ -62,7 +62,7 @@ async fn kill_9_leader_loses_no_acknowledged_write() {
     c.kill_store(victim);
 
     // Time until writes are acknowledged again.
-    let recovered = wait_until("writes after kill -9", Duration::from_secs(20), || {
+    wait_until("writes after kill -9", Duration::from_secs(20), || {
         let acked = acked.clone();
         async move {
             let n = acked.lock().await.len();
@@ -70,7 +70,6 @@ async fn kill_9_leader_loses_no_acknowledged_write() {
         }
     })
     .await;
-    let _ = recovered;
     let failover = killed_at.elapsed();
     eprintln!("write availability restored {failover:?} after kill -9 of the leader's storenode");
     tokio::time::sleep(Duration::from_secs(1)).await;
