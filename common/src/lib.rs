@@ -2,6 +2,7 @@
 //! comparison, logging setup, the metrics/health HTTP server and the handle
 //! of a running service. Keep this crate small: no decisions live here.
 
+pub mod config;
 pub mod ids;
 pub mod keys;
 pub mod limits;

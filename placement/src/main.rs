@@ -1,11 +1,10 @@
 //! `skv-placement`: the placement driver binary.
 
-use clap::Parser;
 use std::time::Duration;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let config = skv_placement::Config::parse();
+    let config: skv_placement::Config = skv_common::config::parse();
     skv_common::telemetry::init_logging(config.log_format);
     let handle = skv_placement::start(config).await?;
     tracing::info!(addr = %handle.addr, "skv-placement listening");

@@ -1,10 +1,8 @@
 //! `skv-proxy`: parse flags, start the proxy, run until SIGINT/SIGTERM.
 
-use clap::Parser;
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let config = skv_proxy::Config::parse();
+    let config: skv_proxy::Config = skv_common::config::parse();
     skv_common::telemetry::init_logging(config.log_format);
     let handle = skv_proxy::start(config).await?;
     skv_common::service::shutdown_signal().await;

@@ -1,10 +1,8 @@
 //! `skv-storenode`: parse flags, start, wait for a signal, shut down.
 
-use clap::Parser;
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let config = skv_storenode::Config::parse();
+    let config: skv_storenode::Config = skv_common::config::parse();
     skv_common::telemetry::init_logging(config.log_format);
     let handle = skv_storenode::start(config).await?;
     skv_common::service::shutdown_signal().await;
