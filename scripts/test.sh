@@ -49,6 +49,13 @@ cargo fmt --all -- --check
 step "cargo clippy --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+step "one crypto provider: aws-lc-rs (no ring in the dependency graph)"
+if cargo tree --workspace --locked -e normal,build -i ring >/dev/null 2>&1; then
+  echo "error: ring is in the dependency graph; skv uses aws-lc-rs only (docs/adr/0005)" >&2
+  cargo tree --workspace -e normal,build -i ring >&2 || true
+  exit 1
+fi
+
 # --- 4. protos compile everywhere --------------------------------------------------
 step "protoc -I proto (every proto file)"
 mapfile -t protos < <(cd proto && find skv -name '*.proto' | sort)

@@ -110,6 +110,39 @@ where
     }
 }
 
+/// Why a scan cannot be served after its ReadIndex wait.
+#[derive(Debug, PartialEq, Eq)]
+enum ScanRecheck {
+    /// The range's epoch version changed (a split applied) since the request was routed.
+    EpochChanged,
+    /// The start key is no longer in the range.
+    OutOfRange,
+}
+
+/// Re-checks a scan against the descriptor current after the ReadIndex wait and returns
+/// the exclusive end to scan to (the request end, or the range end when the request is
+/// open-ended). The epoch version must still be the one the request was routed with.
+fn scan_end_after_read_index(
+    start: &[u8],
+    end: &[u8],
+    want_version: u64,
+    desc: &RangeDescriptor,
+) -> Result<Vec<u8>, ScanRecheck> {
+    if desc.epoch.unwrap_or_default().version != want_version {
+        return Err(ScanRecheck::EpochChanged);
+    }
+    if !in_range(start, &desc.start, &desc.end) && start != desc.start.as_slice() {
+        return Err(ScanRecheck::OutOfRange);
+    }
+    // Same version: the range has the bounds the request was checked against, so this
+    // only turns an open end into the range end.
+    Ok(if end.is_empty() || cmp_end(end, &desc.end) == std::cmp::Ordering::Greater {
+        desc.end.clone()
+    } else {
+        end.to_vec()
+    })
+}
+
 #[derive(Clone)]
 pub struct StoreService {
     pub node: Arc<NodeInner>,
@@ -301,16 +334,20 @@ impl StoreService {
             return Err(StoreError::KeyNotInRange { key: req.start, desc }.into());
         }
         self.read_index(&r).await?;
+        // A split may have applied during the ReadIndex wait: the range is then narrower
+        // than the request was checked against. Never clamp silently (the keys past the new
+        // end would be missed with `more = false`); report the new layout (reads retry).
+        let want = req.header.as_ref().and_then(|h| h.epoch).unwrap_or_default().version;
         let desc = r.shared.desc();
-        if !in_range(&req.start, &desc.start, &desc.end) && req.start != desc.start {
-            return Err(StoreError::KeyNotInRange { key: req.start, desc }.into());
-        }
-        // Clamp to the (possibly shrunk) range end.
-        let end = if req.end.is_empty() || cmp_end(&req.end, &desc.end) == std::cmp::Ordering::Greater {
-            desc.end.clone()
-        } else {
-            req.end.clone()
-        };
+        let end = scan_end_after_read_index(&req.start, &req.end, want, &desc).map_err(|e| match e {
+            ScanRecheck::EpochChanged => StoreError::EpochNotMatch {
+                current: self.node.current_descriptors(&desc, want),
+            },
+            ScanRecheck::OutOfRange => StoreError::KeyNotInRange {
+                key: req.start.clone(),
+                desc: desc.clone(),
+            },
+        })?;
         let limit = match req.limit as usize {
             0 => DEFAULT_SCAN_LIMIT,
             n => n.min(MAX_SCAN_LIMIT),
@@ -696,5 +733,43 @@ impl RaftSvc for RaftService {
         };
         let resp = wire(r.raft.install_full_snapshot(header.vote, snap).await);
         Ok(Response::new(resp))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn desc(start: &[u8], end: &[u8], version: u64) -> RangeDescriptor {
+        RangeDescriptor {
+            range_id: 1,
+            start: start.to_vec(),
+            end: end.to_vec(),
+            epoch: Some(RangeEpoch { conf_ver: 1, version }),
+            replicas: vec![],
+        }
+    }
+
+    #[test]
+    fn scan_after_read_index_refuses_a_split_that_applied_meanwhile() {
+        // Routed against [a, +inf) version 1; a split at "m" applied during ReadIndex.
+        let after_split = desc(b"a", b"m", 2);
+        assert_eq!(
+            scan_end_after_read_index(b"b", b"", 1, &after_split),
+            Err(ScanRecheck::EpochChanged)
+        );
+        assert_eq!(
+            scan_end_after_read_index(b"b", b"z", 1, &after_split),
+            Err(ScanRecheck::EpochChanged)
+        );
+        // Unchanged epoch: an open end becomes the range end; a bounded end is kept.
+        let same = desc(b"a", b"m", 2);
+        assert_eq!(scan_end_after_read_index(b"b", b"", 2, &same), Ok(b"m".to_vec()));
+        assert_eq!(scan_end_after_read_index(b"b", b"c", 2, &same), Ok(b"c".to_vec()));
+        assert_eq!(scan_end_after_read_index(b"a", b"", 2, &same), Ok(b"m".to_vec()));
+        assert_eq!(
+            scan_end_after_read_index(b"x", b"", 2, &same),
+            Err(ScanRecheck::OutOfRange)
+        );
     }
 }
