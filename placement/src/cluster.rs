@@ -4,7 +4,9 @@
 use crate::layout::Layout;
 use crate::meta::{CmpOp, Compare, DynMetaStore, MetaError, MetaResult, Op, Txn};
 use crate::metrics::Metrics;
-use crate::rangemap::{Incoming, StoredRange, UpdatePlan, plan_update};
+use crate::rangemap::{
+    Guard, Incoming, StoredRange, UpdatePlan, decode_record, encode_record, ends_guard, guard_start, plan_update,
+};
 use prost::Message;
 use skv_common::keys::desc_contains;
 use skv_proto::internal::{RangeDescriptor, RangeEpoch, RangeInfo, StoreInfo};
@@ -30,7 +32,7 @@ pub struct Meta {
 }
 
 fn decode_range(kv: &crate::meta::KeyValue) -> MetaResult<StoredRange> {
-    let info = RangeInfo::decode(kv.value.as_slice()).map_err(MetaError::other)?;
+    let (info, leader_term) = decode_record(kv.value.as_slice()).map_err(MetaError::other)?;
     if info.descriptor.is_none() {
         return Err(MetaError::Other("range record without descriptor".into()));
     }
@@ -38,6 +40,7 @@ fn decode_range(kv: &crate::meta::KeyValue) -> MetaResult<StoredRange> {
         key: kv.key.clone(),
         mod_revision: kv.mod_revision,
         info,
+        leader_term,
     })
 }
 
@@ -160,18 +163,73 @@ impl Meta {
         Ok(self.all_ranges().await?.0.into_iter().find(|s| s.desc().range_id == id))
     }
 
+    /// Reads the records an update of `[start, end)` must guard: from the first one that
+    /// could overlap it through the first one whose end is >= `end` ([`ends_guard`]), and
+    /// the interval read, with the revision it was read at.
+    async fn read_guarded(&self, start: &[u8], end: &[u8]) -> MetaResult<(Vec<StoredRange>, Guard)> {
+        const PAGE: usize = 256;
+        let first = guard_start(&self.layout, start);
+        let (_, to) = self.layout.ranges_bounds();
+        let mut from = first.clone();
+        let mut revision = None;
+        let mut out = Vec::new();
+        loop {
+            let r = self.store.range(&from, &to, PAGE).await?;
+            let revision = *revision.get_or_insert(r.revision);
+            for kv in &r.kvs {
+                let s = decode_range(kv)?;
+                let last = ends_guard(s.desc(), end);
+                out.push(s);
+                if last {
+                    let mut guard_end = kv.key.clone();
+                    guard_end.push(0);
+                    let guard = Guard {
+                        from: first,
+                        to: guard_end,
+                        revision,
+                    };
+                    return Ok((out, guard));
+                }
+            }
+            match r.kvs.last() {
+                Some(last) if r.more => {
+                    from = last.key.clone();
+                    from.push(0);
+                }
+                _ => {
+                    let guard = Guard {
+                        from: first,
+                        to,
+                        revision,
+                    };
+                    return Ok((out, guard));
+                }
+            }
+        }
+    }
+
+    /// Reads what `incoming` could affect and plans the update ([`plan_update`]); a
+    /// [`UpdatePlan::Write`] must then be run as is (it fails if that part of the map changed
+    /// since the read). [`Meta::apply`] does both, with retries.
+    pub async fn plan(&self, incoming: &[Incoming]) -> MetaResult<UpdatePlan> {
+        let mut stored: Vec<StoredRange> = Vec::new();
+        let mut guards: Vec<Guard> = Vec::new();
+        for inc in incoming {
+            let (read, guard) = self.read_guarded(&inc.desc.start, &inc.desc.end).await?;
+            for s in read {
+                if !stored.iter().any(|x| x.key == s.key) {
+                    stored.push(s);
+                }
+            }
+            guards.push(guard);
+        }
+        Ok(plan_update(&self.layout, &stored, &guards, incoming))
+    }
+
     /// Applies descriptors through the epoch rules ([`plan_update`]), retrying on conflicts.
     pub async fn apply(&self, incoming: &[Incoming]) -> MetaResult<ApplyOutcome> {
         for _ in 0..CAS_RETRIES {
-            let mut stored: Vec<StoredRange> = Vec::new();
-            for inc in incoming {
-                for s in self.scan(&inc.desc.start, &inc.desc.end, 0).await? {
-                    if !stored.iter().any(|x| x.key == s.key) {
-                        stored.push(s);
-                    }
-                }
-            }
-            match plan_update(&self.layout, &stored, incoming) {
+            match self.plan(incoming).await? {
                 UpdatePlan::Unchanged => return Ok(ApplyOutcome::Unchanged),
                 UpdatePlan::Stale(cur) => {
                     self.metrics.stale_updates.inc();
@@ -207,7 +265,7 @@ impl Meta {
         self.txn(
             Txn::new()
                 .when([Compare::mod_revision(key.clone(), CmpOp::Equal, kv.mod_revision)])
-                .and_then([Op::put(key, info.encode_to_vec())]),
+                .and_then([Op::put(key, encode_record(&info, cur.leader_term))]),
         )
         .await
     }

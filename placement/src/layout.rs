@@ -5,8 +5,8 @@
 //! |---|---|
 //! | `<p>/cluster_id` | the cluster id, 32 lowercase hex chars (written once, at bootstrap) |
 //! | `<p>/stores/<id>` | `StoreInfo` (protobuf); `<id>` is the `StoreId` as 20-digit zero-padded decimal |
-//! | `<p>/ranges/1<end>` | `RangeInfo` (protobuf: descriptor + last known leader) of the range whose finite end key is `<end>` (raw bytes) |
-//! | `<p>/ranges/2` | `RangeInfo` of the range whose end is +infinity |
+//! | `<p>/ranges/1<end>` | `RangeInfo` (protobuf: descriptor + last known leader) of the range whose finite end key is `<end>` (raw bytes), plus field 3 `leader_term` (uint64, the leader's Raft term; reserved in `RangeInfo`, see [`crate::rangemap::encode_record`]) |
+//! | `<p>/ranges/2` | the same, for the range whose end is +infinity |
 //! | `<p>/ids` | next free id of the shared RangeId/StoreId allocator, decimal ASCII; leaders reserve blocks by CAS |
 //! | `<p>/gen` | generation counter (decimal ASCII), for snapshot generations |
 //! | `<p>/leader` | `PlacementMember` (protobuf) of the current leader, attached to its lease |

@@ -1,11 +1,19 @@
-//! Range-map update rules. Pure: no I/O; the caller reads the stored records that overlap
-//! the incoming descriptors, asks [`plan_update`] what to do, and runs the returned
-//! transaction (which compares the mod revision of every record involved, so a concurrent
-//! change, even by a second placement leader, makes it fail and the caller re-reads).
+//! Range-map update rules. Pure: no I/O; the caller reads the stored records that could be
+//! affected by the incoming descriptors (see [`guard_start`] / [`ends_guard`]), asks
+//! [`plan_update`] what to do, and runs the returned transaction. The transaction compares
+//! the mod revision of every record read AND that no key of each read interval was created
+//! or changed since it was read ([`Guard`]), so any concurrent change of that part of the
+//! map, even by a second placement leader, makes it fail and the caller re-reads. Guarding
+//! the interval (not just the records found) matters for holes: two descriptors landing in
+//! the same hole with different ends have different keys, and would both commit otherwise.
 //!
 //! An incoming descriptor replaces the records it overlaps only if it is newer (by epoch,
 //! [`skv_common::keys::epoch_newer`]) than EVERY one of them; one identical to a stored record
 //! is a no-op (or a leader-only update). So the map never goes backwards.
+//!
+//! Leader hints carry the Raft term they were observed in; the stored record keeps the term
+//! of its leader (`leader_term`, see [`encode_record`]) and a hint from an older term is
+//! ignored, so a heartbeat from a deposed leader cannot overwrite a newer leader.
 
 use crate::layout::Layout;
 use crate::meta::{CmpOp, Compare, Op, Txn};
@@ -19,6 +27,8 @@ pub struct StoredRange {
     pub key: Vec<u8>,
     pub mod_revision: i64,
     pub info: RangeInfo,
+    /// Raft term in which `info.leader_store_id` was reported leader (0 = unknown).
+    pub leader_term: u64,
 }
 
 impl StoredRange {
@@ -30,11 +40,70 @@ impl StoredRange {
     }
 }
 
+/// Placement-only fields of a stored range record. They are encoded after the `RangeInfo`
+/// fields in the same protobuf message (concatenated encodings merge), so the stored value
+/// still decodes as a plain `RangeInfo` (unknown fields are skipped) for every other reader.
+/// Field 3 is reserved for this in `RangeInfo` (proto/skv/internal/v1/meta.proto).
+#[derive(Clone, PartialEq, prost::Message)]
+struct RecordExt {
+    #[prost(uint64, tag = "3")]
+    leader_term: u64,
+}
+
+/// The stored value of a range record: `info` plus the term of its leader.
+pub fn encode_record(info: &RangeInfo, leader_term: u64) -> Vec<u8> {
+    let mut v = info.encode_to_vec();
+    RecordExt { leader_term }.encode(&mut v).expect("a Vec grows as needed");
+    v
+}
+
+/// Decodes a stored range record value: `(info, leader_term)`.
+pub fn decode_record(value: &[u8]) -> Result<(RangeInfo, u64), prost::DecodeError> {
+    let info = RangeInfo::decode(value)?;
+    let ext = RecordExt::decode(value)?;
+    Ok((info, ext.leader_term))
+}
+
 /// An incoming descriptor, with the leader to record (None = keep what is stored, or 0).
 #[derive(Clone, Debug)]
 pub struct Incoming {
     pub desc: RangeDescriptor,
     pub leader: Option<u64>,
+    /// The Raft term in which `leader` was observed leading. With a term, the hint is
+    /// accepted only if the term is >= the stored one (and the stored term is raised).
+    /// Without one (a hint from a routing error or a split report), the hint is accepted
+    /// but the stored term is kept, so the next heartbeat from the real leader wins.
+    pub leader_term: Option<u64>,
+}
+
+/// "No key in `[from, to)` was created or changed after `revision`": the part of the map
+/// read for one incoming descriptor.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Guard {
+    pub from: Vec<u8>,
+    pub to: Vec<u8>,
+    /// The store revision the read observed (its first page, if paged).
+    pub revision: i64,
+}
+
+impl Guard {
+    fn compare(&self) -> Compare {
+        Compare::mod_revision(self.from.clone(), CmpOp::Less, self.revision + 1).with_range(self.to.clone())
+    }
+}
+
+/// The first key to read for an incoming descriptor starting at `start`: every record that
+/// could overlap it has an end > `start`, i.e. a key >= this one.
+pub fn guard_start(layout: &Layout, start: &[u8]) -> Vec<u8> {
+    layout.range_lookup_bounds(start).0
+}
+
+/// Whether `rec` is the last record to read (and guard, inclusively) for an incoming
+/// descriptor ending at `end`: the first record, in key order, whose end is >= `end`. Any
+/// record created later that overlaps the incoming descriptor either has its key in the
+/// guarded interval or overlaps `rec` (so its writer must have changed `rec`).
+pub fn ends_guard(rec: &RangeDescriptor, end: &[u8]) -> bool {
+    rec.end.is_empty() || (!end.is_empty() && rec.end.as_slice() >= end)
 }
 
 /// What to do with an update.
@@ -76,9 +145,21 @@ fn valid(d: &RangeDescriptor) -> Result<(), String> {
     Ok(())
 }
 
+/// `(leader, term)` to store, given what is stored for the range (`prev`) and a hint.
+fn merge_leader(prev: (u64, u64), inc: &Incoming) -> (u64, u64) {
+    match (inc.leader, inc.leader_term) {
+        (None, _) => prev,
+        (Some(l), None) => (l, prev.1),
+        (Some(l), Some(t)) if t >= prev.1 => (l, t),
+        (Some(_), Some(_)) => prev,
+    }
+}
+
 /// Decides how to apply `incoming` (one descriptor, or the two halves of a split) given
-/// `stored`: the records that overlap any of them (extra non-overlapping records are ignored).
-pub fn plan_update(layout: &Layout, stored: &[StoredRange], incoming: &[Incoming]) -> UpdatePlan {
+/// `stored`: the records read (those overlapping any incoming descriptor, and possibly
+/// neighbours; every one is compared by mod revision, only overlapping ones are acted on),
+/// and `guards`: the intervals they were read from, each compared for "nothing new since".
+pub fn plan_update(layout: &Layout, stored: &[StoredRange], guards: &[Guard], incoming: &[Incoming]) -> UpdatePlan {
     if incoming.is_empty() {
         return UpdatePlan::Unchanged;
     }
@@ -92,18 +173,18 @@ pub fn plan_update(layout: &Layout, stored: &[StoredRange], incoming: &[Incoming
     }
     let mut involved: Vec<&StoredRange> = Vec::new();
     let mut changed = false;
-    let mut puts: Vec<(Vec<u8>, RangeInfo)> = Vec::new();
+    let mut puts: Vec<(Vec<u8>, RangeInfo, u64)> = Vec::new();
     for inc in incoming {
         let over: Vec<&StoredRange> = stored.iter().filter(|s| desc_overlaps(s.desc(), &inc.desc)).collect();
         let identical = over.len() == 1 && same_shape(over[0].desc(), &inc.desc);
         if identical {
             let s = over[0];
-            let leader = inc.leader.unwrap_or(s.info.leader_store_id);
-            if leader != s.info.leader_store_id {
+            let (leader, term) = merge_leader((s.info.leader_store_id, s.leader_term), inc);
+            if (leader, term) != (s.info.leader_store_id, s.leader_term) {
                 changed = true;
                 let mut info = s.info.clone();
                 info.leader_store_id = leader;
-                puts.push((s.key.clone(), info));
+                puts.push((s.key.clone(), info, term));
             }
             involved.push(s);
             continue;
@@ -113,16 +194,18 @@ pub fn plan_update(layout: &Layout, stored: &[StoredRange], incoming: &[Incoming
             return UpdatePlan::Stale(over.iter().map(|s| s.desc().clone()).collect());
         }
         changed = true;
-        let keep_leader = over
+        let prev = over
             .iter()
             .find(|s| s.desc().range_id == inc.desc.range_id)
-            .map_or(0, |s| s.info.leader_store_id);
+            .map_or((0, 0), |s| (s.info.leader_store_id, s.leader_term));
+        let (leader, term) = merge_leader(prev, inc);
         puts.push((
             layout.range(&inc.desc.end),
             RangeInfo {
                 descriptor: Some(inc.desc.clone()),
-                leader_store_id: inc.leader.unwrap_or(keep_leader),
+                leader_store_id: leader,
             },
+            term,
         ));
         involved.extend(over);
     }
@@ -131,21 +214,28 @@ pub fn plan_update(layout: &Layout, stored: &[StoredRange], incoming: &[Incoming
     }
     involved.sort_by(|a, b| a.key.cmp(&b.key));
     involved.dedup_by(|a, b| a.key == b.key);
-    let mut compares: Vec<Compare> = involved
+    let mut read: Vec<&StoredRange> = stored.iter().collect();
+    read.sort_by(|a, b| a.key.cmp(&b.key));
+    read.dedup_by(|a, b| a.key == b.key);
+    let mut compares: Vec<Compare> = read
         .iter()
         .map(|s| Compare::mod_revision(s.key.clone(), CmpOp::Equal, s.mod_revision))
         .collect();
-    for (k, _) in &puts {
-        if !involved.iter().any(|s| &s.key == k) {
+    for (k, _, _) in &puts {
+        if !read.iter().any(|s| &s.key == k) {
             compares.push(Compare::absent(k.clone()));
         }
     }
+    compares.extend(guards.iter().map(Guard::compare));
     let mut ops: Vec<Op> = involved
         .iter()
-        .filter(|s| !puts.iter().any(|(k, _)| k == &s.key))
+        .filter(|s| !puts.iter().any(|(k, _, _)| k == &s.key))
         .map(|s| Op::delete(s.key.clone()))
         .collect();
-    ops.extend(puts.into_iter().map(|(k, info)| Op::put(k, info.encode_to_vec())));
+    ops.extend(
+        puts.into_iter()
+            .map(|(k, info, term)| Op::put(k, encode_record(&info, term))),
+    );
     UpdatePlan::Write(Txn::new().when(compares).and_then(ops))
 }
 
@@ -172,11 +262,16 @@ mod tests {
                 descriptor: Some(desc),
                 leader_store_id: leader,
             },
+            leader_term: 0,
         }
     }
 
     fn inc(desc: RangeDescriptor) -> Incoming {
-        Incoming { desc, leader: None }
+        Incoming {
+            desc,
+            leader: None,
+            leader_term: None,
+        }
     }
 
     fn txn(p: UpdatePlan) -> Txn {
@@ -190,18 +285,24 @@ mod tests {
     fn identical_is_unchanged_and_leader_change_is_a_cas_put() {
         let l = Layout::new("/p");
         let s = vec![stored(&l, d(1, "", "", 1, 1), 5, 2)];
-        assert_eq!(plan_update(&l, &s, &[inc(d(1, "", "", 1, 1))]), UpdatePlan::Unchanged);
+        assert_eq!(
+            plan_update(&l, &s, &[], &[inc(d(1, "", "", 1, 1))]),
+            UpdatePlan::Unchanged
+        );
         let same_leader = Incoming {
             desc: d(1, "", "", 1, 1),
             leader: Some(2),
+            leader_term: None,
         };
-        assert_eq!(plan_update(&l, &s, &[same_leader]), UpdatePlan::Unchanged);
+        assert_eq!(plan_update(&l, &s, &[], &[same_leader]), UpdatePlan::Unchanged);
         let t = txn(plan_update(
             &l,
             &s,
+            &[],
             &[Incoming {
                 desc: d(1, "", "", 1, 1),
                 leader: Some(3),
+                leader_term: None,
             }],
         ));
         assert_eq!(t.compares, vec![Compare::mod_revision(l.range(b""), CmpOp::Equal, 5)]);
@@ -214,7 +315,7 @@ mod tests {
     fn newer_conf_ver_replaces_and_keeps_leader() {
         let l = Layout::new("/p");
         let s = vec![stored(&l, d(1, "", "", 1, 1), 5, 2)];
-        let t = txn(plan_update(&l, &s, &[inc(d(1, "", "", 2, 1))]));
+        let t = txn(plan_update(&l, &s, &[], &[inc(d(1, "", "", 2, 1))]));
         assert_eq!(t.compares, vec![Compare::mod_revision(l.range(b""), CmpOp::Equal, 5)]);
         let Op::Put { key, value, .. } = &t.success[0] else {
             panic!()
@@ -233,22 +334,22 @@ mod tests {
             stored(&l, d(2, "m", "", 1, 2), 6, 0),
         ];
         // An old full-range descriptor from before the split.
-        match plan_update(&l, &s, &[inc(d(1, "", "", 1, 1))]) {
+        match plan_update(&l, &s, &[], &[inc(d(1, "", "", 1, 1))]) {
             UpdatePlan::Stale(cur) => assert_eq!(cur.len(), 2),
             other => panic!("{other:?}"),
         }
         // conf_ver newer but version older: not newer.
         assert!(matches!(
-            plan_update(&l, &s, &[inc(d(1, "", "m", 2, 1))]),
+            plan_update(&l, &s, &[], &[inc(d(1, "", "m", 2, 1))]),
             UpdatePlan::Stale(_)
         ));
         // Newer than one overlapping record but not the other.
         assert!(matches!(
-            plan_update(&l, &s, &[inc(d(1, "", "", 1, 3)), inc(d(9, "zz", "zzz", 1, 3))]),
+            plan_update(&l, &s, &[], &[inc(d(1, "", "", 1, 3)), inc(d(9, "zz", "zzz", 1, 3))]),
             UpdatePlan::Invalid(_) | UpdatePlan::Stale(_)
         ));
         assert!(matches!(
-            plan_update(&l, &s, &[inc(d(2, "a", "", 1, 2))]),
+            plan_update(&l, &s, &[], &[inc(d(2, "a", "", 1, 2))]),
             UpdatePlan::Stale(_)
         ));
     }
@@ -260,14 +361,17 @@ mod tests {
         let t = txn(plan_update(
             &l,
             &s,
+            &[],
             &[
                 Incoming {
                     desc: d(1, "", "k", 1, 2),
                     leader: Some(4),
+                    leader_term: None,
                 },
                 Incoming {
                     desc: d(5, "k", "", 1, 2),
                     leader: Some(4),
+                    leader_term: None,
                 },
             ],
         ));
@@ -285,13 +389,13 @@ mod tests {
         let l = Layout::new("/p");
         let s = vec![stored(&l, d(1, "", "", 1, 1), 7, 4)];
         // The right half (new range) reported first overwrites the old record's key.
-        let t = txn(plan_update(&l, &s, &[inc(d(5, "k", "", 1, 2))]));
+        let t = txn(plan_update(&l, &s, &[], &[inc(d(5, "k", "", 1, 2))]));
         assert_eq!(t.success.len(), 1);
         // Then the left half overlaps nothing (a hole) and is simply created.
-        let t = txn(plan_update(&l, &[], &[inc(d(1, "", "k", 1, 2))]));
+        let t = txn(plan_update(&l, &[], &[], &[inc(d(1, "", "k", 1, 2))]));
         assert_eq!(t.compares, vec![Compare::absent(l.range(b"k"))]);
         // Left first instead: replaces the old record (different key: delete + put).
-        let t = txn(plan_update(&l, &s, &[inc(d(1, "", "k", 1, 2))]));
+        let t = txn(plan_update(&l, &s, &[], &[inc(d(1, "", "k", 1, 2))]));
         assert!(t.success.contains(&Op::delete(l.range(b""))));
         assert!(
             t.success
@@ -307,7 +411,7 @@ mod tests {
             stored(&l, d(1, "", "m", 1, 2), 5, 0),
             stored(&l, d(2, "m", "", 1, 2), 6, 0),
         ];
-        let t = txn(plan_update(&l, &s, &[inc(d(1, "", "", 1, 3))]));
+        let t = txn(plan_update(&l, &s, &[], &[inc(d(1, "", "", 1, 3))]));
         assert_eq!(t.compares.len(), 2);
         assert!(t.success.contains(&Op::delete(l.range(b"m"))));
         assert!(
@@ -317,19 +421,132 @@ mod tests {
         );
     }
 
+    fn hint(desc: RangeDescriptor, leader: u64, term: Option<u64>) -> Incoming {
+        Incoming {
+            desc,
+            leader: Some(leader),
+            leader_term: term,
+        }
+    }
+
+    fn put_of(t: &Txn, key: &[u8]) -> (RangeInfo, u64) {
+        t.success
+            .iter()
+            .find_map(|op| match op {
+                Op::Put { key: k, value, .. } if k == key => Some(decode_record(value).unwrap()),
+                _ => None,
+            })
+            .expect("a put of the key")
+    }
+
+    #[test]
+    fn record_encoding_keeps_the_term_and_stays_a_range_info() {
+        let info = RangeInfo {
+            descriptor: Some(d(1, "a", "b", 1, 2)),
+            leader_store_id: 7,
+        };
+        let v = encode_record(&info, 42);
+        assert_eq!(decode_record(&v).unwrap(), (info.clone(), 42));
+        // Other readers see a plain RangeInfo.
+        assert_eq!(RangeInfo::decode(v.as_slice()).unwrap(), info);
+        // Records written before terms were stored decode with term 0.
+        assert_eq!(decode_record(&info.encode_to_vec()).unwrap(), (info, 0));
+    }
+
+    #[test]
+    fn leader_hint_from_an_older_term_is_ignored() {
+        let l = Layout::new("/p");
+        let mut rec = stored(&l, d(1, "", "", 1, 1), 5, 2);
+        rec.leader_term = 7;
+        let s = vec![rec];
+        let key = l.range(b"");
+        // A deposed leader (term 6) reporting the identical descriptor: nothing changes.
+        assert_eq!(
+            plan_update(&l, &s, &[], &[hint(d(1, "", "", 1, 1), 3, Some(6))]),
+            UpdatePlan::Unchanged
+        );
+        // Same term (e.g. the stored leader came from an untermed hint): accepted.
+        let t = txn(plan_update(&l, &s, &[], &[hint(d(1, "", "", 1, 1), 3, Some(7))]));
+        assert_eq!(put_of(&t, &key).0.leader_store_id, 3);
+        assert_eq!(put_of(&t, &key).1, 7);
+        // Newer term: accepted and the term raised.
+        let t = txn(plan_update(&l, &s, &[], &[hint(d(1, "", "", 1, 1), 3, Some(8))]));
+        assert_eq!(put_of(&t, &key).0.leader_store_id, 3);
+        assert_eq!(put_of(&t, &key).1, 8);
+        // Same leader re-elected in a newer term: the term alone is written.
+        let t = txn(plan_update(&l, &s, &[], &[hint(d(1, "", "", 1, 1), 2, Some(9))]));
+        assert_eq!(put_of(&t, &key), (s[0].info.clone(), 9));
+        // A hint without a term (routing error, split report) is taken, the term kept.
+        let t = txn(plan_update(&l, &s, &[], &[hint(d(1, "", "", 1, 1), 4, None)]));
+        assert_eq!(put_of(&t, &key).0.leader_store_id, 4);
+        assert_eq!(put_of(&t, &key).1, 7);
+        // A newer descriptor from a deposed leader replaces the descriptor, not the leader.
+        let t = txn(plan_update(&l, &s, &[], &[hint(d(1, "", "", 2, 1), 3, Some(6))]));
+        let (info, term) = put_of(&t, &key);
+        assert_eq!((info.leader_store_id, term), (2, 7));
+        assert_eq!(info.descriptor.unwrap().epoch.unwrap().conf_ver, 2);
+        // A different range taking the keys over starts from its own term.
+        let t = txn(plan_update(&l, &s, &[], &[hint(d(5, "k", "", 1, 2), 3, Some(1))]));
+        assert_eq!(put_of(&t, &key).0.leader_store_id, 3);
+        assert_eq!(put_of(&t, &key).1, 1);
+    }
+
+    #[test]
+    fn guards_and_every_read_record_are_compared() {
+        let l = Layout::new("/p");
+        // A hole [a, m) before [m, +inf): the update into the hole reads that record as
+        // the boundary of its guarded interval.
+        let s = [stored(&l, d(3, "m", "", 1, 2), 6, 0)];
+        let from = guard_start(&l, b"a");
+        let mut to = l.range(b"");
+        to.push(0);
+        let g = Guard {
+            from: from.clone(),
+            to: to.clone(),
+            revision: 9,
+        };
+        let t = txn(plan_update(
+            &l,
+            &s,
+            std::slice::from_ref(&g),
+            &[inc(d(2, "a", "c", 1, 3))],
+        ));
+        assert!(
+            t.compares
+                .contains(&Compare::mod_revision(from, CmpOp::Less, 10).with_range(to))
+        );
+        // The boundary does not overlap, but is compared (a writer deleting it could take
+        // the hole over from outside the guarded interval).
+        assert!(
+            t.compares
+                .contains(&Compare::mod_revision(l.range(b""), CmpOp::Equal, 6))
+        );
+        assert!(t.compares.contains(&Compare::absent(l.range(b"c"))));
+        assert_eq!(t.success.len(), 1, "the boundary is not touched");
+        // Where the guarded read stops.
+        assert!(ends_guard(&d(3, "m", "", 1, 2), b"c"));
+        assert!(ends_guard(&d(3, "m", "x", 1, 2), b"c"));
+        assert!(ends_guard(&d(3, "a", "c", 1, 2), b"c"));
+        assert!(!ends_guard(&d(3, "a", "b", 1, 2), b"c"));
+        assert!(!ends_guard(&d(3, "a", "b", 1, 2), b""));
+        // Every record overlapping [a, ..) sorts at or after the guard start.
+        assert!(l.range(b"a") < guard_start(&l, b"a"));
+        assert!(l.range(b"a\x00") >= guard_start(&l, b"a"));
+    }
+
     #[test]
     fn invalid_inputs() {
         let l = Layout::new("/p");
         assert!(matches!(
-            plan_update(&l, &[], &[inc(d(1, "b", "a", 1, 1))]),
+            plan_update(&l, &[], &[], &[inc(d(1, "b", "a", 1, 1))]),
             UpdatePlan::Invalid(_)
         ));
         assert!(matches!(
-            plan_update(&l, &[], &[inc(d(0, "", "", 1, 1))]),
+            plan_update(&l, &[], &[], &[inc(d(0, "", "", 1, 1))]),
             UpdatePlan::Invalid(_)
         ));
         assert!(matches!(
-            plan_update(&l, &[], &[inc(d(1, "", "m", 1, 1)), inc(d(2, "a", "z", 1, 1))]),
+            plan_update(&l, &[], &[], &[inc(d(1, "", "m", 1, 1)), inc(d(2, "a", "z", 1, 1))]),
             UpdatePlan::Invalid(_)
         ));
         assert!(overlaps(b"a", b"c", b"b", b""));

@@ -64,8 +64,8 @@ struct LeaderMem {
     /// Last leader heartbeat per range, and its Raft term.
     leader_seen: HashMap<u64, u64>,
     leader_term: HashMap<u64, u64>,
-    /// Last RangeInfo written or confirmed per range (skips no-op heartbeats).
-    last_applied: HashMap<u64, RangeInfo>,
+    /// Last RangeInfo and leader term written or confirmed per range (skips no-op heartbeats).
+    last_applied: HashMap<u64, (RangeInfo, u64)>,
     /// Ranges with an operator in flight or cooling down, until this time.
     busy_until: HashMap<u64, u64>,
     leader_since_ms: u64,
@@ -297,6 +297,7 @@ impl Shared {
                     .apply(&[Incoming {
                         desc: desc.clone(),
                         leader: Some(nl.leader_store_id),
+                        leader_term: None,
                     }])
                     .await;
                 Duration::from_millis(50)
@@ -307,6 +308,7 @@ impl Shared {
                         .apply(&[Incoming {
                             desc: d.clone(),
                             leader: None,
+                            leader_term: None,
                         }])
                         .await;
                 }
@@ -525,14 +527,20 @@ impl Placement for PlacementService {
                 descriptor: Some(desc.clone()),
                 leader_store_id: leader.unwrap_or(0),
             };
-            if leader.is_some() && s.mem.lock().last_applied.get(&range_id) == Some(&info) {
+            let applied = (info, report.term);
+            if leader.is_some() && s.mem.lock().last_applied.get(&range_id) == Some(&applied) {
                 continue;
             }
             let span = tracing::debug_span!("range_heartbeat", range_id, store_id = req.store_id);
-            match s.apply(&[Incoming { desc, leader }]).instrument(span).await {
+            let inc = Incoming {
+                desc,
+                leader,
+                leader_term: leader.map(|_| report.term),
+            };
+            match s.apply(&[inc]).instrument(span).await {
                 Ok(ApplyOutcome::Applied | ApplyOutcome::Unchanged) => {
                     if leader.is_some() {
-                        s.mem.lock().last_applied.insert(range_id, info);
+                        s.mem.lock().last_applied.insert(range_id, applied);
                     }
                 }
                 Ok(ApplyOutcome::Stale(cur)) => {
@@ -557,7 +565,18 @@ impl Placement for PlacementService {
         let span = tracing::info_span!("report_split", range_id = left.range_id, new_range_id = right.range_id);
         let out = self
             .s
-            .apply(&[Incoming { desc: left, leader }, Incoming { desc: right, leader }])
+            .apply(&[
+                Incoming {
+                    desc: left,
+                    leader,
+                    leader_term: None,
+                },
+                Incoming {
+                    desc: right,
+                    leader,
+                    leader_term: None,
+                },
+            ])
             .instrument(span)
             .await?;
         tracing::debug!(?out, "split reported");
@@ -694,10 +713,12 @@ impl Placement for PlacementService {
                     Incoming {
                         desc: left.clone(),
                         leader: Some(leader),
+                        leader_term: None,
                     },
                     Incoming {
                         desc: right.clone(),
                         leader: Some(leader),
+                        leader_term: None,
                     },
                 ])
                 .await?;
@@ -1149,6 +1170,7 @@ async fn execute(s: &Shared, op: Operator, stores: &[StoreInfo]) -> anyhow::Resu
                 s.apply(&[Incoming {
                     desc: d,
                     leader: Some(leader),
+                    leader_term: None,
                 }])
                 .await?;
             }

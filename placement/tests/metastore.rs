@@ -3,6 +3,7 @@
 mod support;
 
 use futures::StreamExt;
+use skv_placement::cluster::{ApplyOutcome, Meta};
 use skv_placement::election;
 use skv_placement::layout::Layout;
 use skv_placement::meta::embedded::EmbeddedStore;
@@ -10,6 +11,9 @@ use skv_placement::meta::etcd::EtcdStore;
 use skv_placement::meta::{
     CmpOp, Compare, DynMetaStore, EventKind, MetaError, Op, Txn, WatchEvent, WatchStream, prefix_range,
 };
+use skv_placement::metrics::Metrics;
+use skv_placement::rangemap::{Incoming, UpdatePlan, encode_record};
+use skv_proto::internal::{RangeDescriptor, RangeEpoch, RangeInfo};
 use std::any::Any;
 use std::sync::Arc;
 use std::time::Duration;
@@ -72,6 +76,210 @@ mod cases {
         // `[0]` as the end means "to the end of the key space".
         let open = s.range(b"/t/c", &[0], 0).await.unwrap();
         assert_eq!(open.kvs.len(), 2);
+    }
+
+    pub async fn txn_range_compare(s: DynMetaStore) {
+        put(&s, "/r/a", "1").await;
+        let r = put(&s, "/r/c", "2").await;
+        put(&s, "/r0", "outside").await;
+        // "Nothing in [/r/, /r0) changed after r".
+        let unchanged_since = |rev: i64| Compare::mod_revision("/r/", CmpOp::Less, rev + 1).with_range("/r0");
+        let t = |c: Compare| Txn::new().when([c]).and_then([Op::put("/done", "x")]);
+        assert!(s.txn(t(unchanged_since(r))).await.unwrap().succeeded);
+        // A write outside the interval does not matter; a creation or an update inside does.
+        let r2 = put(&s, "/r0", "outside again").await;
+        assert!(s.txn(t(unchanged_since(r))).await.unwrap().succeeded);
+        let r3 = put(&s, "/r/b", "new").await;
+        assert!(r3 > r2);
+        assert!(!s.txn(t(unchanged_since(r))).await.unwrap().succeeded);
+        assert!(s.txn(t(unchanged_since(r3))).await.unwrap().succeeded);
+        let r4 = put(&s, "/r/a", "changed").await;
+        assert!(!s.txn(t(unchanged_since(r3))).await.unwrap().succeeded);
+        assert!(s.txn(t(unchanged_since(r4))).await.unwrap().succeeded);
+        // The compare holds only if it holds for every key in the interval.
+        let a = s.get(b"/r/a").await.unwrap().unwrap();
+        let each_eq = Compare::mod_revision("/r/", CmpOp::Equal, a.mod_revision).with_range("/r0");
+        assert!(!s.txn(t(each_eq)).await.unwrap().succeeded);
+        let only_a = Compare::mod_revision("/r/a", CmpOp::Equal, a.mod_revision).with_range("/r/b");
+        assert!(s.txn(t(only_a)).await.unwrap().succeeded);
+        // An empty interval is compared as a missing key: revisions 0, a Value compare fails.
+        let empty_rev = Compare::mod_revision("/s/", CmpOp::Equal, 0).with_range("/s0");
+        assert!(s.txn(t(empty_rev)).await.unwrap().succeeded);
+        let empty_absent = Compare::absent("/s/").with_range("/s0");
+        assert!(s.txn(t(empty_absent)).await.unwrap().succeeded);
+        let empty_value = Compare::value("/s/", CmpOp::NotEqual, "x").with_range("/s0");
+        assert!(!s.txn(t(empty_value)).await.unwrap().succeeded);
+        // absent() over a non-empty interval fails.
+        assert!(
+            !s.txn(t(Compare::absent("/r/").with_range("/r0")))
+                .await
+                .unwrap()
+                .succeeded
+        );
+    }
+
+    fn desc(id: u64, start: &str, end: &str, version: u64) -> RangeDescriptor {
+        RangeDescriptor {
+            range_id: id,
+            start: start.as_bytes().to_vec(),
+            end: end.as_bytes().to_vec(),
+            epoch: Some(RangeEpoch { conf_ver: 1, version }),
+            replicas: vec![],
+        }
+    }
+
+    fn inc(d: RangeDescriptor) -> Incoming {
+        Incoming {
+            desc: d,
+            leader: None,
+            leader_term: None,
+        }
+    }
+
+    /// A range map under `prefix` holding exactly `descs`.
+    async fn range_map(s: &DynMetaStore, prefix: &str, descs: &[RangeDescriptor]) -> Meta {
+        let layout = Layout::new(prefix);
+        let ops: Vec<Op> = descs
+            .iter()
+            .map(|d| {
+                let info = RangeInfo {
+                    descriptor: Some(d.clone()),
+                    leader_store_id: 0,
+                };
+                Op::put(layout.range(&d.end), encode_record(&info, 0))
+            })
+            .collect();
+        assert!(s.txn(Txn::new().and_then(ops)).await.unwrap().succeeded);
+        Meta::new(s.clone(), layout, Metrics::default())
+    }
+
+    /// The stored descriptors, checked to be well-formed and pairwise disjoint.
+    async fn disjoint_map(m: &Meta) -> Vec<(u64, String, String, u64)> {
+        let (recs, _) = m.all_ranges().await.unwrap();
+        let descs: Vec<&RangeDescriptor> = recs.iter().map(|r| r.desc()).collect();
+        for (r, d) in recs.iter().zip(&descs) {
+            assert_eq!(r.key, m.layout.range(&d.end), "record stored under the wrong key");
+        }
+        // Records are sorted by end: consecutive ones must not overlap.
+        for w in descs.windows(2) {
+            assert!(
+                !w[0].end.is_empty() && w[1].start >= w[0].end,
+                "overlapping records: {:?} and {:?}",
+                w[0],
+                w[1]
+            );
+        }
+        descs
+            .iter()
+            .map(|d| {
+                (
+                    d.range_id,
+                    String::from_utf8_lossy(&d.start).into_owned(),
+                    String::from_utf8_lossy(&d.end).into_owned(),
+                    d.epoch.unwrap().version,
+                )
+            })
+            .collect()
+    }
+
+    async fn write_plan(m: &Meta, i: &Incoming) -> Txn {
+        match m.plan(std::slice::from_ref(i)).await.unwrap() {
+            UpdatePlan::Write(t) => t,
+            other => panic!("expected a write, got {other:?}"),
+        }
+    }
+
+    /// Two updates planned against the same hole of the map with different ends (a
+    /// delayed ReportSplit#1 `[a, m) v2` and a heartbeat `[a, c) v3` after a second
+    /// split): exactly one commits, in either order, and the map never overlaps.
+    pub async fn range_map_same_hole_race(s: DynMetaStore) {
+        let base = [desc(1, "", "a", 2), desc(3, "m", "", 2)];
+        let old = inc(desc(2, "a", "m", 2));
+        let new = inc(desc(2, "a", "c", 3));
+        // Older first: it wins the race; the newer one then replaces it on retry.
+        let m = range_map(&s, "/race1", &base).await;
+        let (t_old, t_new) = (write_plan(&m, &old).await, write_plan(&m, &new).await);
+        assert!(s.txn(t_old).await.unwrap().succeeded);
+        assert!(
+            !s.txn(t_new).await.unwrap().succeeded,
+            "both updates of one hole committed"
+        );
+        disjoint_map(&m).await;
+        assert_eq!(
+            m.apply(std::slice::from_ref(&new)).await.unwrap(),
+            ApplyOutcome::Applied
+        );
+        assert_eq!(
+            disjoint_map(&m).await,
+            vec![
+                (1, "".into(), "a".into(), 2),
+                (2, "a".into(), "c".into(), 3),
+                (3, "m".into(), "".into(), 2)
+            ]
+        );
+        // Newer first: the older one loses, and is then refused as stale.
+        let m = range_map(&s, "/race2", &base).await;
+        let (t_old, t_new) = (write_plan(&m, &old).await, write_plan(&m, &new).await);
+        assert!(s.txn(t_new).await.unwrap().succeeded);
+        assert!(
+            !s.txn(t_old).await.unwrap().succeeded,
+            "both updates of one hole committed"
+        );
+        assert!(matches!(
+            m.apply(std::slice::from_ref(&old)).await.unwrap(),
+            ApplyOutcome::Stale(_)
+        ));
+        assert_eq!(disjoint_map(&m).await.len(), 3);
+        // Many concurrent writers into one hole: whatever wins, nothing overlaps.
+        let m = range_map(&s, "/race3", &base).await;
+        let ends = ["b", "c", "d", "e", "f", "g", "h", "i"];
+        let tasks: Vec<_> = ends
+            .iter()
+            .enumerate()
+            .map(|(i, e)| {
+                let (m, i) = (m.clone(), inc(desc(2, "a", e, 2 + i as u64)));
+                tokio::spawn(async move { m.apply(&[i]).await.unwrap() })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        disjoint_map(&m).await;
+    }
+
+    /// The record just past a hole does not overlap an update into the hole, but a
+    /// concurrent writer that deletes it may take the hole over with a record whose key lies
+    /// beyond the guarded interval: the update must still fail.
+    pub async fn range_map_race_past_the_hole(s: DynMetaStore) {
+        let base = [desc(1, "", "a", 2), desc(3, "m", "x", 2), desc(4, "x", "", 2)];
+        let m = range_map(&s, "/race4", &base).await;
+        let into_hole = inc(desc(2, "a", "c", 5));
+        let merge = inc(desc(3, "b", "", 3));
+        let (t_hole, t_merge) = (write_plan(&m, &into_hole).await, write_plan(&m, &merge).await);
+        assert!(s.txn(t_merge).await.unwrap().succeeded);
+        assert!(!s.txn(t_hole).await.unwrap().succeeded, "overlapping update committed");
+        disjoint_map(&m).await;
+        assert_eq!(m.apply(&[into_hole]).await.unwrap(), ApplyOutcome::Applied);
+        disjoint_map(&m).await;
+    }
+
+    /// The leader's term is stored with the record: after a placement restart (a fresh
+    /// `Meta`, no in-memory state), a heartbeat from a deposed leader is still ignored.
+    pub async fn range_map_leader_term_is_stored(s: DynMetaStore) {
+        let m = range_map(&s, "/term", &[desc(1, "", "", 2)]).await;
+        let hb = |leader: u64, term: u64| Incoming {
+            desc: desc(1, "", "", 2),
+            leader: Some(leader),
+            leader_term: Some(term),
+        };
+        assert_eq!(m.apply(&[hb(2, 7)]).await.unwrap(), ApplyOutcome::Applied);
+        let m = Meta::new(s.clone(), Layout::new("/term"), Metrics::default());
+        assert_eq!(m.apply(&[hb(3, 6)]).await.unwrap(), ApplyOutcome::Unchanged);
+        let rec = m.lookup(b"k").await.unwrap().unwrap();
+        assert_eq!((rec.info.leader_store_id, rec.leader_term), (2, 7));
+        assert_eq!(m.apply(&[hb(3, 8)]).await.unwrap(), ApplyOutcome::Applied);
+        let rec = m.lookup(b"k").await.unwrap().unwrap();
+        assert_eq!((rec.info.leader_store_id, rec.leader_term), (3, 8));
     }
 
     pub async fn txn_compares(s: DynMetaStore) {
@@ -231,6 +439,26 @@ macro_rules! metastore_suite {
                 cases::kv_range_and_revisions(s).await;
             }
             #[tokio::test]
+            async fn txn_range_compare() {
+                let (s, _g) = $fixture().await;
+                cases::txn_range_compare(s).await;
+            }
+            #[tokio::test]
+            async fn range_map_same_hole_race() {
+                let (s, _g) = $fixture().await;
+                cases::range_map_same_hole_race(s).await;
+            }
+            #[tokio::test]
+            async fn range_map_race_past_the_hole() {
+                let (s, _g) = $fixture().await;
+                cases::range_map_race_past_the_hole(s).await;
+            }
+            #[tokio::test]
+            async fn range_map_leader_term_is_stored() {
+                let (s, _g) = $fixture().await;
+                cases::range_map_leader_term_is_stored(s).await;
+            }
+            #[tokio::test]
             async fn txn_compares() {
                 let (s, _g) = $fixture().await;
                 cases::txn_compares(s).await;
@@ -285,21 +513,10 @@ async fn embedded_survives_restart_and_drops_leased_keys() {
     );
     // Revisions keep rising after the restart.
     assert!(put(&s, "/c", "4").await > rev);
-    // A torn tail (crash mid-append) is ignored.
-    drop(s);
-    {
-        use std::io::Write;
-        let mut f = std::fs::OpenOptions::new()
-            .append(true)
-            .open(path.join("meta.log"))
-            .unwrap();
-        f.write_all(&[9, 0, 0, 0, 1, 2, 3]).unwrap();
-    }
-    let s: DynMetaStore = Arc::new(EmbeddedStore::open(&path).unwrap());
-    assert_eq!(s.get(b"/c").await.unwrap().unwrap().value, b"4");
     put(&s, "/d", "5").await;
     drop(s);
     let s: DynMetaStore = Arc::new(EmbeddedStore::open(&path).unwrap());
+    assert_eq!(s.get(b"/c").await.unwrap().unwrap().value, b"4");
     assert_eq!(s.get(b"/d").await.unwrap().unwrap().value, b"5");
 }
 
@@ -331,34 +548,48 @@ async fn etcd_compaction_breaks_old_watches_cleanly() {
 }
 
 #[tokio::test]
-async fn embedded_snapshot_and_log_truncation_survive_restart() {
+async fn embedded_many_revisions_survive_restart() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("meta");
-    let last;
+    let (from, to) = prefix_range(b"/k/");
+    let (before, last);
     {
-        let s: DynMetaStore = Arc::new(EmbeddedStore::open_with(&path, 10).unwrap());
-        for i in 0..35 {
-            put(&s, &format!("/k/{:02}", i % 12), &i.to_string()).await;
+        let s: DynMetaStore = Arc::new(EmbeddedStore::open(&path).unwrap());
+        for i in 0..300 {
+            put(&s, &format!("/k/{:02}", i % 40), &i.to_string()).await;
+            if i % 7 == 0 {
+                // Multi-key revisions and deletes too.
+                s.txn(Txn::new().and_then([
+                    Op::put(format!("/k/m{i:03}"), "m"),
+                    Op::delete(format!("/k/{:02}", (i + 3) % 40)),
+                ]))
+                .await
+                .unwrap();
+            }
         }
         s.txn(Txn::new().and_then([Op::delete("/k/00")])).await.unwrap();
         last = put(&s, "/last", "x").await;
-        // A watch from before the snapshot still works from memory while the store is open.
-        let (from, to) = prefix_range(b"/last");
-        let mut w = s.watch(&from, &to, last).await.unwrap();
+        before = s.range(&from, &to, 0).await.unwrap();
+        // A watch from an older revision works from memory while the store is open.
+        let (lf, lt) = prefix_range(b"/last");
+        let mut w = s.watch(&lf, &lt, last).await.unwrap();
         assert_eq!(next_events(&mut w).await[0].kv.mod_revision, last);
     }
-    assert!(std::fs::metadata(path.join("meta.snap")).unwrap().len() > 0);
-    let s: DynMetaStore = Arc::new(EmbeddedStore::open_with(&path, 10).unwrap());
-    let (from, to) = prefix_range(b"/k/");
-    let all = s.range(&from, &to, 0).await.unwrap();
-    assert_eq!(all.kvs.len(), 11);
-    assert_eq!(s.get(b"/k/11").await.unwrap().unwrap().value, b"23");
-    assert_eq!(s.get(b"/k/01").await.unwrap().unwrap().value, b"25");
-    assert_eq!(s.get(b"/last").await.unwrap().unwrap().mod_revision, last);
+    assert!(last > 340);
+    for _ in 0..2 {
+        let s: DynMetaStore = Arc::new(EmbeddedStore::open(&path).unwrap());
+        let after = s.range(&from, &to, 0).await.unwrap();
+        // Every key comes back with its value, revisions and version, at the same revision.
+        assert_eq!(after.kvs, before.kvs);
+        assert_eq!(after.revision, last);
+        assert!(s.get(b"/k/00").await.unwrap().is_none());
+        assert_eq!(s.get(b"/last").await.unwrap().unwrap().mod_revision, last);
+        // History before the restart is gone: watching from it says so.
+        assert!(matches!(
+            s.watch(&from, &to, 1).await.err(),
+            Some(MetaError::Compacted(_))
+        ));
+    }
+    let s: DynMetaStore = Arc::new(EmbeddedStore::open(&path).unwrap());
     assert!(put(&s, "/after", "y").await > last);
-    // History before the restart is gone: watching from it says so.
-    assert!(matches!(
-        s.watch(&from, &to, 1).await.err(),
-        Some(MetaError::Compacted(_))
-    ));
 }

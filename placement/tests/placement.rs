@@ -297,9 +297,13 @@ async fn epoch_cas_refuses_stale_updates() {
             for i in 0..20u64 {
                 let conf_ver = 3 + (i * 7 + w as u64 * 13) % 20;
                 let d = desc(9, "m", "", conf_ver, 2, &[1, 2, 3]);
-                m.apply(&[skv_placement::rangemap::Incoming { desc: d, leader: None }])
-                    .await
-                    .unwrap();
+                m.apply(&[skv_placement::rangemap::Incoming {
+                    desc: d,
+                    leader: None,
+                    leader_term: None,
+                }])
+                .await
+                .unwrap();
             }
         }));
     }

@@ -1,39 +1,47 @@
 //! A single-process [`MetaStore`] persisted in a directory: an in-memory ordered map with
-//! etcd's revision model, made durable by an append-only log (`meta.log`, fsync per
-//! commit) and a periodic snapshot (`meta.snap`). Watches are served from a bounded
-//! in-memory history plus a broadcast channel. Leases live in memory only: on open, keys
-//! that carried a lease are deleted (their lease cannot have survived the restart).
+//! etcd's revision model, made durable in a [fjall](https://docs.rs/fjall) database in
+//! `<dir>/db`. The storage engine is fjall's; this module only decides what to write:
+//!
+//! - keyspace `kv`: store key → the postcard-encoded [`KeyValue`] (value, create/mod
+//!   revision, version, lease) of every live key;
+//! - keyspace `meta`: `revision` → the store revision (i64, big-endian).
+//!
+//! Each committed revision is ONE atomic fjall write batch (the keys it put or deleted plus
+//! the new revision) persisted with [`PersistMode::SyncAll`] before the transaction returns
+//! and before memory, watchers or callers see it. A failed write leaves memory untouched
+//! (fjall then refuses further writes: the store fails stopped). On open, every key and the
+//! revision are loaded back into memory; a record that does not decode is an error from
+//! [`EmbeddedStore::open`], never a panic.
+//!
+//! Watches are served from a bounded in-memory history plus a broadcast channel, so a watch
+//! cannot start from a revision committed before the last open (it gets
+//! [`MetaError::Compacted`]). Leases live in memory only: on open, keys that carried a lease
+//! are deleted (their lease cannot have survived the restart). An exclusive lock on
+//! `<dir>/LOCK` keeps a second process out.
 
 use super::{
     EventKind, KeyValue, MetaError, MetaResult, MetaStore, Op, RangeResult, Txn, TxnResult, WatchEvent, WatchStream,
 };
 use async_trait::async_trait;
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use futures::StreamExt;
 use parking_lot::Mutex;
-use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
-use std::io::{BufReader, Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 use tokio::sync::broadcast;
 
 const HISTORY_BATCHES: usize = 4096;
-const COMPACT_AFTER_RECORDS: usize = 20_000;
-
-/// One committed revision: the keys it changed (None = deleted).
-#[derive(Serialize, Deserialize, Clone, Debug)]
-struct Record {
-    revision: i64,
-    changes: Vec<(Vec<u8>, Option<KeyValue>)>,
-}
-
-#[derive(Serialize, Deserialize)]
-struct Snapshot {
-    revision: i64,
-    kvs: Vec<KeyValue>,
-}
+/// Key of the store revision in the `meta` keyspace.
+const REVISION_KEY: &[u8] = b"revision";
+/// fjall's limit on key length.
+const MAX_KEY_LEN: usize = u16::MAX as usize;
+/// Block cache of the fjall database. Reads are served from memory, fjall is read only on open.
+const CACHE_BYTES: u64 = 4 << 20;
+/// Files of the former home-made persistence; their presence means an unmigrated store.
+const LEGACY_FILES: [&str; 2] = ["meta.log", "meta.snap"];
 
 struct LeaseState {
     ttl: Duration,
@@ -43,21 +51,23 @@ struct LeaseState {
 
 type Batch = Arc<(i64, Vec<WatchEvent>)>;
 
+/// Field order matters: the database is dropped (closed) before `LOCK` is released.
 struct Inner {
-    dir: PathBuf,
-    /// Holds an exclusive lock on `<dir>/LOCK` for the life of the store.
-    _lock: File,
+    db: Database,
+    /// Store key → postcard [`KeyValue`].
+    kv: Keyspace,
+    /// [`REVISION_KEY`] → revision.
+    meta: Keyspace,
     kvs: BTreeMap<Vec<u8>, KeyValue>,
     revision: i64,
-    log: File,
-    log_records: usize,
-    compact_after: usize,
     leases: HashMap<i64, LeaseState>,
     next_lease: i64,
     history: VecDeque<Batch>,
     /// Every revision above this one is in `history` (or later).
     history_floor: i64,
     tx: broadcast::Sender<Batch>,
+    /// Holds an exclusive lock on `<dir>/LOCK` for the life of the store.
+    _lock: File,
 }
 
 /// Embedded metadata store. Cheap to clone.
@@ -66,62 +76,67 @@ pub struct EmbeddedStore {
     inner: Arc<Mutex<Inner>>,
 }
 
-fn checksum(data: &[u8]) -> u64 {
-    // FNV-1a, enough to detect a torn tail.
-    let mut h: u64 = 0xcbf29ce484222325;
-    for b in data {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x100000001b3);
-    }
-    h
-}
-
-fn frame(payload: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(payload.len() + 12);
-    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    out.extend_from_slice(&checksum(payload).to_le_bytes());
-    out.extend_from_slice(payload);
-    out
-}
-
-/// Reads frames until the end or the first torn/corrupt one.
-fn read_frames(path: &Path) -> std::io::Result<Vec<Vec<u8>>> {
-    let mut out = Vec::new();
-    let f = match File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
-        Err(e) => return Err(e),
-    };
-    let mut r = BufReader::new(f);
-    loop {
-        let mut hdr = [0u8; 12];
-        if r.read_exact(&mut hdr).is_err() {
-            break;
-        }
-        let len = u32::from_le_bytes(hdr[0..4].try_into().expect("4 bytes")) as usize;
-        let sum = u64::from_le_bytes(hdr[4..12].try_into().expect("8 bytes"));
-        let mut payload = vec![0u8; len];
-        if r.read_exact(&mut payload).is_err() || checksum(&payload) != sum {
-            break;
-        }
-        out.push(payload);
-    }
-    Ok(out)
-}
-
 fn in_key_range(key: &[u8], start: &[u8], end: &[u8]) -> bool {
     key >= start && (end == [0] || end.is_empty() || key < end)
+}
+
+fn corrupt(dir: &Path, what: impl std::fmt::Display) -> MetaError {
+    MetaError::Other(format!("embedded metadata store {}: {what}", dir.display()))
+}
+
+fn check_key(key: &[u8]) -> MetaResult<()> {
+    if key.is_empty() {
+        return Err(MetaError::Other("key is empty".into()));
+    }
+    if key.len() > MAX_KEY_LEN {
+        return Err(MetaError::Other(format!(
+            "key of {} bytes exceeds the limit of {MAX_KEY_LEN}",
+            key.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Reads the stored revision and every stored key, checking that they are consistent.
+fn load(dir: &Path, kv: &Keyspace, meta: &Keyspace) -> MetaResult<(i64, BTreeMap<Vec<u8>, KeyValue>)> {
+    let revision = match meta.get(REVISION_KEY).map_err(|e| corrupt(dir, e))? {
+        None => 0,
+        Some(v) => {
+            let b = <[u8; 8]>::try_from(&v[..])
+                .map_err(|_| corrupt(dir, format!("stored revision has {} bytes, expected 8", v.len())))?;
+            i64::from_be_bytes(b)
+        }
+    };
+    if revision < 0 {
+        return Err(corrupt(dir, format!("negative stored revision {revision}")));
+    }
+    let mut kvs = BTreeMap::new();
+    for g in kv.iter() {
+        let (k, v) = g.into_inner().map_err(|e| corrupt(dir, e))?;
+        let rec: KeyValue = postcard::from_bytes(&v)
+            .map_err(|e| corrupt(dir, format!("undecodable record for key {:?}: {e}", k.as_ref())))?;
+        let sane = rec.key.as_slice() == k.as_ref()
+            && 0 < rec.create_revision
+            && rec.create_revision <= rec.mod_revision
+            && rec.mod_revision <= revision
+            && rec.version > 0;
+        if !sane {
+            return Err(corrupt(
+                dir,
+                format!(
+                    "inconsistent record for key {:?} at store revision {revision}: {rec:?}",
+                    k.as_ref()
+                ),
+            ));
+        }
+        kvs.insert(rec.key.clone(), rec);
+    }
+    Ok((revision, kvs))
 }
 
 impl EmbeddedStore {
     /// Opens (or creates) the store in `dir`.
     pub fn open(dir: impl AsRef<Path>) -> MetaResult<Self> {
-        Self::open_with(dir, COMPACT_AFTER_RECORDS)
-    }
-
-    /// Like [`EmbeddedStore::open`], snapshotting (and truncating the log) every
-    /// `compact_after` records.
-    pub fn open_with(dir: impl AsRef<Path>, compact_after: usize) -> MetaResult<Self> {
         let dir = dir.as_ref().to_path_buf();
         std::fs::create_dir_all(&dir).map_err(MetaError::other)?;
         let lock = OpenOptions::new()
@@ -136,58 +151,38 @@ impl EmbeddedStore {
                 dir.display()
             )));
         }
-        let mut kvs = BTreeMap::new();
-        let mut revision = 0;
-        let snap_path = dir.join("meta.snap");
-        if let Some(payload) = read_frames(&snap_path).map_err(MetaError::other)?.into_iter().next() {
-            let snap: Snapshot = postcard::from_bytes(&payload).map_err(MetaError::other)?;
-            revision = snap.revision;
-            kvs = snap.kvs.into_iter().map(|kv| (kv.key.clone(), kv)).collect();
+        // Starting empty next to the old format's files would silently lose the metadata.
+        if let Some(f) = LEGACY_FILES.iter().find(|f| dir.join(f).exists()) {
+            return Err(corrupt(
+                &dir,
+                format!("holds `{f}` of an older, unsupported on-disk format; refusing to open"),
+            ));
         }
-        let log_path = dir.join("meta.log");
-        let frames = read_frames(&log_path).map_err(MetaError::other)?;
-        let mut valid_len = 0u64;
-        let mut log_records = 0;
-        for payload in &frames {
-            let rec: Record = match postcard::from_bytes(payload) {
-                Ok(r) => r,
-                Err(_) => break,
-            };
-            valid_len += 12 + payload.len() as u64;
-            log_records += 1;
-            if rec.revision <= revision {
-                continue;
-            }
-            revision = rec.revision;
-            for (k, v) in rec.changes {
-                match v {
-                    Some(kv) => kvs.insert(k, kv),
-                    None => kvs.remove(&k),
-                };
-            }
-        }
-        let log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .read(true)
-            .open(&log_path)
-            .map_err(MetaError::other)?;
-        // Drop a torn tail so that later appends follow valid records.
-        log.set_len(valid_len).map_err(MetaError::other)?;
+        let db = Database::builder(dir.join("db"))
+            .cache_size(CACHE_BYTES)
+            .worker_threads(1)
+            .open()
+            .map_err(|e| corrupt(&dir, e))?;
+        let kv = db
+            .keyspace("kv", KeyspaceCreateOptions::default)
+            .map_err(|e| corrupt(&dir, e))?;
+        let meta = db
+            .keyspace("meta", KeyspaceCreateOptions::default)
+            .map_err(|e| corrupt(&dir, e))?;
+        let (revision, kvs) = load(&dir, &kv, &meta)?;
         let (tx, _) = broadcast::channel(1024);
         let mut inner = Inner {
-            dir,
-            _lock: lock,
+            db,
+            kv,
+            meta,
             kvs,
             revision,
-            log,
-            log_records,
-            compact_after: compact_after.max(1),
             leases: HashMap::new(),
             next_lease: 1,
             history: VecDeque::new(),
             history_floor: revision,
             tx,
+            _lock: lock,
         };
         // Leases do not survive a restart: drop their keys.
         let leased: Vec<Vec<u8>> = inner
@@ -247,6 +242,7 @@ impl Inner {
         for op in ops {
             match op {
                 Op::Put { key, value, lease } => {
+                    check_key(&key)?;
                     if lease != 0 && !self.leases.contains_key(&lease) {
                         return Err(MetaError::LeaseNotFound(lease));
                     }
@@ -269,6 +265,7 @@ impl Inner {
                     changes.insert(key, Some(kv));
                 }
                 Op::Delete { key } => {
+                    check_key(&key)?;
                     let exists = match changes.get(&key) {
                         Some(p) => p.is_some(),
                         None => self.kvs.contains_key(&key),
@@ -293,16 +290,24 @@ impl Inner {
         if changes.is_empty() {
             return Ok(self.revision);
         }
-        let rec = Record {
-            revision: rev,
-            changes: changes.into_iter().collect(),
-        };
-        let payload = postcard::to_stdvec(&rec).map_err(MetaError::other)?;
-        self.log.write_all(&frame(&payload)).map_err(MetaError::other)?;
-        self.log.sync_data().map_err(MetaError::other)?;
-        self.log_records += 1;
+        // One atomic batch per revision, synced to disk before anyone sees the revision.
+        let mut batch = self.db.batch().durability(Some(PersistMode::SyncAll));
+        for (k, v) in &changes {
+            match v {
+                Some(kv) => {
+                    let rec = postcard::to_stdvec(kv).map_err(MetaError::other)?;
+                    if u32::try_from(rec.len()).is_err() {
+                        return Err(MetaError::Other(format!("value of {} bytes is too large", rec.len())));
+                    }
+                    batch.insert(&self.kv, k.as_slice(), rec);
+                }
+                None => batch.remove(&self.kv, k.as_slice()),
+            }
+        }
+        batch.insert(&self.meta, REVISION_KEY, rev.to_be_bytes());
+        batch.commit().map_err(MetaError::other)?;
         self.revision = rev;
-        for (k, v) in rec.changes {
+        for (k, v) in changes {
             if let Some(old) = self.kvs.get(&k)
                 && old.lease != 0
                 && let Some(l) = self.leases.get_mut(&old.lease)
@@ -331,33 +336,7 @@ impl Inner {
             }
         }
         let _ = self.tx.send(batch);
-        if self.log_records >= self.compact_after {
-            self.compact()?;
-        }
         Ok(rev)
-    }
-
-    /// Writes a snapshot and truncates the log.
-    fn compact(&mut self) -> MetaResult<()> {
-        let snap = Snapshot {
-            revision: self.revision,
-            kvs: self.kvs.values().cloned().collect(),
-        };
-        let payload = postcard::to_stdvec(&snap).map_err(MetaError::other)?;
-        let tmp = self.dir.join("meta.snap.tmp");
-        {
-            let mut f = File::create(&tmp).map_err(MetaError::other)?;
-            f.write_all(&frame(&payload)).map_err(MetaError::other)?;
-            f.sync_all().map_err(MetaError::other)?;
-        }
-        std::fs::rename(&tmp, self.dir.join("meta.snap")).map_err(MetaError::other)?;
-        if let Ok(d) = File::open(&self.dir) {
-            let _ = d.sync_all();
-        }
-        self.log.set_len(0).map_err(MetaError::other)?;
-        self.log.sync_all().map_err(MetaError::other)?;
-        self.log_records = 0;
-        Ok(())
     }
 
     fn revoke(&mut self, id: i64) -> MetaResult<()> {
@@ -394,7 +373,18 @@ impl MetaStore for EmbeddedStore {
 
     async fn txn(&self, txn: Txn) -> MetaResult<TxnResult> {
         let mut g = self.inner.lock();
-        let ok = txn.compares.iter().all(|c| c.holds(g.kvs.get(&c.key)));
+        let ok = txn.compares.iter().all(|c| {
+            if c.range_end.is_empty() {
+                c.holds(g.kvs.get(&c.key))
+            } else {
+                c.holds_all(
+                    g.kvs
+                        .range(c.key.clone()..)
+                        .map(|(_, kv)| kv)
+                        .take_while(|kv| in_key_range(&kv.key, &c.key, &c.range_end)),
+                )
+            }
+        });
         let ops = if ok { txn.success } else { txn.failure };
         let revision = g.commit(ops)?;
         Ok(TxnResult {
@@ -471,5 +461,92 @@ impl MetaStore for EmbeddedStore {
 
     fn kind(&self) -> &'static str {
         "embedded"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn put(s: &EmbeddedStore, k: &str, v: &str) -> i64 {
+        s.inner.lock().commit(vec![Op::put(k, v)]).expect("commit")
+    }
+
+    /// Writes `key → value` straight into fjall (as a bad disk or a bug would).
+    fn tamper(dir: &Path, keyspace: &str, key: &[u8], value: &[u8]) {
+        let db = Database::builder(dir.join("db")).open().expect("open fjall");
+        let ks = db.keyspace(keyspace, KeyspaceCreateOptions::default).expect("keyspace");
+        ks.insert(key, value).expect("insert");
+        db.persist(PersistMode::SyncAll).expect("persist");
+    }
+
+    fn fresh_store() -> (tempfile::TempDir, std::path::PathBuf) {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("meta");
+        let s = EmbeddedStore::open(&dir).expect("open");
+        put(&s, "/a", "1");
+        put(&s, "/b", "2");
+        (tmp, dir)
+    }
+
+    #[test]
+    fn reopens_with_every_key_and_the_revision() {
+        let (_tmp, dir) = fresh_store();
+        let s = EmbeddedStore::open(&dir).expect("reopen");
+        let g = s.inner.lock();
+        assert_eq!(g.revision, 2);
+        assert_eq!(g.kvs.len(), 2);
+        assert_eq!(g.kvs[b"/b".as_slice()].mod_revision, 2);
+    }
+
+    #[test]
+    fn undecodable_record_is_an_error_from_open() {
+        let (_tmp, dir) = fresh_store();
+        tamper(&dir, "kv", b"/a", &[0xff; 3]);
+        let err = EmbeddedStore::open(&dir).err().expect("open must fail");
+        assert!(err.to_string().contains("undecodable"), "{err}");
+    }
+
+    #[test]
+    fn record_under_the_wrong_key_is_an_error_from_open() {
+        let (_tmp, dir) = fresh_store();
+        let s = EmbeddedStore::open(&dir).expect("reopen");
+        let rec = postcard::to_stdvec(&s.inner.lock().kvs[b"/a".as_slice()]).expect("encode");
+        drop(s);
+        tamper(&dir, "kv", b"/z", &rec);
+        assert!(EmbeddedStore::open(&dir).is_err());
+    }
+
+    #[test]
+    fn record_newer_than_the_revision_is_an_error_from_open() {
+        let (_tmp, dir) = fresh_store();
+        tamper(&dir, "meta", REVISION_KEY, &1i64.to_be_bytes());
+        assert!(EmbeddedStore::open(&dir).is_err());
+    }
+
+    #[test]
+    fn malformed_revision_is_an_error_from_open() {
+        let (_tmp, dir) = fresh_store();
+        tamper(&dir, "meta", REVISION_KEY, b"abc");
+        let err = EmbeddedStore::open(&dir).err().expect("open must fail");
+        assert!(err.to_string().contains("revision"), "{err}");
+    }
+
+    #[test]
+    fn legacy_log_is_refused_rather_than_ignored() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        std::fs::write(tmp.path().join("meta.log"), b"old").expect("write");
+        assert!(EmbeddedStore::open(tmp.path()).is_err());
+    }
+
+    #[test]
+    fn empty_key_is_rejected_without_writing() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let s = EmbeddedStore::open(tmp.path()).expect("open");
+        let mut g = s.inner.lock();
+        assert!(g.commit(vec![Op::put("/x", "1"), Op::put("", "v")]).is_err());
+        assert!(g.commit(vec![Op::delete("")]).is_err());
+        assert!(g.commit(vec![Op::put(vec![b'k'; MAX_KEY_LEN + 1], "v")]).is_err());
+        assert_eq!((g.revision, g.kvs.len()), (0, 0));
     }
 }

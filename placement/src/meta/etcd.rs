@@ -80,11 +80,18 @@ impl MetaStore for EtcdStore {
         let compares: Vec<ec::Compare> = txn
             .compares
             .into_iter()
-            .map(|c| match c.target {
-                CmpTarget::Value(v) => ec::Compare::value(c.key, conv_op(c.op), v),
-                CmpTarget::ModRevision(r) => ec::Compare::mod_revision(c.key, conv_op(c.op), r),
-                CmpTarget::CreateRevision(r) => ec::Compare::create_revision(c.key, conv_op(c.op), r),
-                CmpTarget::Version(r) => ec::Compare::version(c.key, conv_op(c.op), r),
+            .map(|c| {
+                let cmp = match c.target {
+                    CmpTarget::Value(v) => ec::Compare::value(c.key, conv_op(c.op), v),
+                    CmpTarget::ModRevision(r) => ec::Compare::mod_revision(c.key, conv_op(c.op), r),
+                    CmpTarget::CreateRevision(r) => ec::Compare::create_revision(c.key, conv_op(c.op), r),
+                    CmpTarget::Version(r) => ec::Compare::version(c.key, conv_op(c.op), r),
+                };
+                if c.range_end.is_empty() {
+                    cmp
+                } else {
+                    cmp.with_range(c.range_end)
+                }
             })
             .collect();
         let t = ec::Txn::new()

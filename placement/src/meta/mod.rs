@@ -97,6 +97,11 @@ pub enum CmpTarget {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Compare {
     pub key: Vec<u8>,
+    /// Empty: the condition is on `key` alone. Otherwise it is on every key in
+    /// `[key, range_end)` (`[0]` = to the end of the key space), as etcd's range compare:
+    /// it holds when it holds for each existing key in the interval, and, if the interval
+    /// is empty, when it holds for a missing key (so a `Value` compare fails).
+    pub range_end: Vec<u8>,
     pub op: CmpOp,
     pub target: CmpTarget,
 }
@@ -105,6 +110,7 @@ impl Compare {
     pub fn value(key: impl Into<Vec<u8>>, op: CmpOp, v: impl Into<Vec<u8>>) -> Self {
         Self {
             key: key.into(),
+            range_end: Vec::new(),
             op,
             target: CmpTarget::Value(v.into()),
         }
@@ -112,6 +118,7 @@ impl Compare {
     pub fn mod_revision(key: impl Into<Vec<u8>>, op: CmpOp, rev: i64) -> Self {
         Self {
             key: key.into(),
+            range_end: Vec::new(),
             op,
             target: CmpTarget::ModRevision(rev),
         }
@@ -119,6 +126,7 @@ impl Compare {
     pub fn create_revision(key: impl Into<Vec<u8>>, op: CmpOp, rev: i64) -> Self {
         Self {
             key: key.into(),
+            range_end: Vec::new(),
             op,
             target: CmpTarget::CreateRevision(rev),
         }
@@ -126,9 +134,17 @@ impl Compare {
     pub fn version(key: impl Into<Vec<u8>>, op: CmpOp, v: i64) -> Self {
         Self {
             key: key.into(),
+            range_end: Vec::new(),
             op,
             target: CmpTarget::Version(v),
         }
+    }
+    /// Applies the condition to every key in `[key, end)` instead (see [`Compare::range_end`]).
+    /// E.g. "nothing in `[a, b)` was created or changed after revision `r`":
+    /// `Compare::mod_revision(a, CmpOp::Less, r + 1).with_range(b)`.
+    pub fn with_range(mut self, end: impl Into<Vec<u8>>) -> Self {
+        self.range_end = end.into();
+        self
     }
     /// The key does not exist.
     pub fn absent(key: impl Into<Vec<u8>>) -> Self {
@@ -137,6 +153,15 @@ impl Compare {
     /// The key exists.
     pub fn exists(key: impl Into<Vec<u8>>) -> Self {
         Self::create_revision(key, CmpOp::Greater, 0)
+    }
+
+    /// Evaluates against the keys currently in the compared interval (for a single-key
+    /// compare, the key itself or nothing), with etcd's rules.
+    pub fn holds_all<'a>(&self, mut kvs: impl Iterator<Item = &'a KeyValue>) -> bool {
+        match kvs.next() {
+            None => self.holds(None),
+            Some(first) => self.holds(Some(first)) && kvs.all(|kv| self.holds(Some(kv))),
+        }
     }
 
     /// Evaluates against the current key (None = missing), with etcd's rules.
