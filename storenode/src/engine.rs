@@ -134,9 +134,14 @@ impl Engine {
         self.meta.insert(addr_key(id), addr.as_bytes()).map_err(io_err)
     }
 
-    /// Stored value of a user key: (version, value).
+    /// Live value of a user key: (version, value). A tombstone reads as absent.
     pub fn get_data(&self, key: &[u8]) -> io::Result<Option<(u64, Vec<u8>)>> {
         Ok(self.data.get(key).map_err(io_err)?.and_then(|v| decode_value(&v)))
+    }
+
+    /// Stored record of a user key, tombstones included.
+    pub fn get_record(&self, key: &[u8]) -> io::Result<Option<Record>> {
+        Ok(self.data.get(key).map_err(io_err)?.and_then(|v| decode_record(&v)))
     }
 }
 
@@ -192,16 +197,62 @@ pub fn addr_key(store: StoreId) -> Vec<u8> {
     k
 }
 
+/// Marks a tombstone in the version field of a stored record (versions stay below 2^63).
+const TOMBSTONE_BIT: u64 = 1 << 63;
+
+/// A stored record of the `data` keyspace: `version (8 bytes BE) ++ value`, or, for a
+/// deleted key, `(version | 1 << 63) (8 bytes BE)` alone — a tombstone keeping the version
+/// of the deleted incarnation so the next put continues from it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Record {
+    Live { version: u64, value: Vec<u8> },
+    Tombstone { version: u64 },
+}
+
+impl Record {
+    /// The stored version (of the live value or of the deleted one).
+    pub fn version(&self) -> u64 {
+        match self {
+            Record::Live { version, .. } | Record::Tombstone { version } => *version,
+        }
+    }
+    pub fn is_live(&self) -> bool {
+        matches!(self, Record::Live { .. })
+    }
+}
+
 pub fn encode_value(version: u64, value: &[u8]) -> Vec<u8> {
     let mut v = Vec::with_capacity(8 + value.len());
-    v.extend_from_slice(&version.to_be_bytes());
+    v.extend_from_slice(&(version & !TOMBSTONE_BIT).to_be_bytes());
     v.extend_from_slice(value);
     v
 }
 
-pub fn decode_value(v: &[u8]) -> Option<(u64, Vec<u8>)> {
+pub fn encode_tombstone(version: u64) -> Vec<u8> {
+    (version | TOMBSTONE_BIT).to_be_bytes().to_vec()
+}
+
+/// Decodes any stored record; `None` for garbage.
+pub fn decode_record(v: &[u8]) -> Option<Record> {
     let b = <[u8; 8]>::try_from(v.get(..8)?).ok()?;
-    Some((u64::from_be_bytes(b), v[8..].to_vec()))
+    let raw = u64::from_be_bytes(b);
+    if raw & TOMBSTONE_BIT != 0 {
+        return (v.len() == 8).then_some(Record::Tombstone {
+            version: raw & !TOMBSTONE_BIT,
+        });
+    }
+    Some(Record::Live {
+        version: raw,
+        value: v[8..].to_vec(),
+    })
+}
+
+/// Decodes a live value: (version, value). `None` for a tombstone or garbage.
+pub fn decode_value(v: &[u8]) -> Option<(u64, Vec<u8>)> {
+    match decode_record(v)? {
+        Record::Live { version, value } => Some((version, value)),
+        Record::Tombstone { .. } => None,
+    }
 }
 
 /// Exclusive upper bound for a range end (empty = +infinity).
@@ -236,6 +287,19 @@ mod tests {
         let v = encode_value(7, b"hello");
         assert_eq!(decode_value(&v), Some((7, b"hello".to_vec())));
         assert_eq!(decode_value(b"short"), None);
+        let t = encode_tombstone(7);
+        assert_eq!(decode_record(&t), Some(Record::Tombstone { version: 7 }));
+        assert_eq!(decode_value(&t), None);
+        assert_eq!(
+            decode_record(&v),
+            Some(Record::Live {
+                version: 7,
+                value: b"hello".to_vec()
+            })
+        );
+        let mut bad = t.clone();
+        bad.push(1);
+        assert_eq!(decode_record(&bad), None);
     }
 
     #[tokio::test]

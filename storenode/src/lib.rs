@@ -29,15 +29,32 @@
 //! - Apply writes the user data, the range's applied log id and (when changed) its
 //!   descriptor in one atomic fjall batch; the journal is sequential, so after a crash the
 //!   applied state never runs ahead of the durable log.
-//! - Versions: a key's version starts at 1 and rises by 1 per put. A delete removes the key,
-//!   so a later put restarts at version 1.
+//! - Versions: a key's version starts at 1 and rises by 1 per put, across deletes. A delete
+//!   writes a tombstone record keeping the deleted incarnation's version (`engine::Record`);
+//!   get/scan treat it as absent, a condition compares with the live version (0 when absent
+//!   or deleted, so if-absent matches a tombstone), and the next put gets version + 1 — a
+//!   stale CAS naming an old incarnation's version can never match a new one. Tombstones
+//!   are carried in snapshots; they are never garbage-collected yet (known limit).
 //! - Split is a Raft command. On apply (every replica): the left descriptor is shortened and
 //!   its version +1; the right descriptor gets the same replicas; the right group's storage
 //!   is pre-seeded (vote, last purged log id = (term 5, index 5), membership) in the same
 //!   batch, then `Raft::new` — never `initialize()`. The old leader's node campaigns first.
+//!   The seed batch also deletes the Raft state an uninitialized peer of the right range
+//!   left behind and never lowers its vote (a vote not below the seed vote is kept); the
+//!   node's creation lock is held from stopping that peer to reopening the range, so no
+//!   message recreates it (and votes) in between.
 //! - A message for an unknown range creates an uninitialized peer from the carried
-//!   descriptor; a snapshot overlapping a live (initialized) local range is refused until
-//!   the split applies locally (as TiKV).
+//!   descriptor, only if that descriptor lists this store as a replica. A snapshot
+//!   overlapping a live (initialized) local range, or another range's pending install, is
+//!   refused until the split applies locally (as TiKV); check and claim of the key span are
+//!   one step under a node-level lock, the claim lasting until the install committed.
+//! - Reads: a linearizable read (Get, Scan) waits for ReadIndex, then re-checks the range:
+//!   if a split applied meanwhile, a Scan answers EpochNotMatch (never a silently clamped
+//!   result) and a Get of a key that moved answers KeyNotInRange. A `stale_ok` Get is served
+//!   only by a replica that, within 2 × `election_timeout_max` (2 s), was acknowledged by a
+//!   quorum (leader) or accepted an AppendEntries leaving its log matching the leader's
+//!   (follower); otherwise it answers NotLeader. Data read by a follower can still lag by
+//!   its apply backlog.
 //! - Descriptor replicas follow membership: when a membership entry applies, replicas become
 //!   voters + learners and `conf_ver` +1. After bootstrap the log is snapshotted and purged,
 //!   so every later replica starts from a snapshot carrying the descriptor.
@@ -46,9 +63,18 @@
 //!   the batch commits.
 //! - Snapshots are files under `<data-dir>/snapshots` streamed from a fjall snapshot
 //!   (bounded memory); they are not kept across restarts: openraft rebuilds one on start
-//!   when the log is purged. Installing writes several batches under a redo marker
-//!   (`meta: installing/<range>`, fsynced first): a crash mid-install is finished on the next
-//!   start from the received (fsynced) file, before the range opens.
+//!   when the log is purged. File format v2: magic, descriptor, sorted (key, record) frames,
+//!   then a trailer with the pair count and an FNV-1a checksum; the whole file is validated
+//!   (checksum, order, span, records) on receipt and again before an install modifies
+//!   anything. Installing writes several batches under a redo marker
+//!   (`meta: installing/<range>`, fsynced first) and syncs before the new state is
+//!   published; on failure the marker stays. On the next start a marked install is finished
+//!   from the received (fsynced) file before the range opens; if it cannot be (file gone or
+//!   corrupt, marker undecodable), that replica is made uninitialized (data in the install
+//!   span, applied state and Raft log deleted; vote and descriptor kept) and waits for a new
+//!   snapshot — the node still starts.
+//! - The Raft log is truncated highest index first (a crash mid-truncation leaves a prefix,
+//!   never a hole) and purged lowest first.
 //! - Raft messages are bounded: an AppendEntries carries at most ~4 MiB (plus one entry);
 //!   the rest is reported to openraft as a partial success and sent next.
 //!

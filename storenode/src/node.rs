@@ -10,7 +10,6 @@ use crate::raft::state_machine::{RangeShared, StateMachine};
 use openraft::async_runtime::watch::WatchReceiver;
 use parking_lot::RwLock;
 use prost::Message;
-use skv_common::keys::cmp_end;
 use skv_common::{RangeId, StoreId};
 use skv_proto::internal::{RangeDescriptor, ReplicaRole};
 use std::collections::{BTreeSet, HashMap};
@@ -45,6 +44,14 @@ impl Replica {
     }
 }
 
+tokio::task_local! {
+    /// Set while a task runs `Raft::new` under the creation lock.
+    static HOLDS_CREATE_LOCK: ();
+}
+
+/// A snapshot install under way: (claim token, range, start, end).
+type PendingInstall = (u64, RangeId, Vec<u8>, Vec<u8>);
+
 /// Callback for events the node reports upward (placement ReportSplit).
 pub type SplitReporter = Arc<dyn Fn(RangeDescriptor, RangeDescriptor) + Send + Sync>;
 
@@ -56,8 +63,11 @@ pub struct NodeInner {
     pub snap_dir: PathBuf,
     pub metrics: Metrics,
     replicas: RwLock<HashMap<RangeId, Arc<Replica>>>,
-    create_lock: tokio::sync::Mutex<()>,
+    /// Serializes replica creation, reopening and split seeding (see [`Self::lock_creation`]).
+    create_lock: Arc<tokio::sync::Mutex<()>>,
     self_weak: Weak<NodeInner>,
+    /// Key spans of snapshot installs under way: (claim token, range, start, end).
+    pending_installs: parking_lot::Mutex<Vec<PendingInstall>>,
     pub split_reporter: RwLock<Option<SplitReporter>>,
 }
 
@@ -78,10 +88,29 @@ impl NodeInner {
             snap_dir,
             metrics,
             replicas: RwLock::new(HashMap::new()),
-            create_lock: tokio::sync::Mutex::new(()),
+            create_lock: Arc::new(tokio::sync::Mutex::new(())),
             self_weak: w.clone(),
+            pending_installs: parking_lot::Mutex::new(Vec::new()),
             split_reporter: RwLock::new(None),
         })
+    }
+
+    /// The creation lock. A split apply holds it from stopping an uninitialized peer of the
+    /// new range, through the seed commit, to reopening the range on the seeded storage, so
+    /// no Raft message can recreate the peer (and grant a vote) in between.
+    pub async fn lock_creation(&self) -> tokio::sync::OwnedMutexGuard<()> {
+        self.create_lock.clone().lock_owned().await
+    }
+
+    /// [`Self::lock_creation`], or `None` when the calling task already holds the lock:
+    /// `Raft::new` (run under the lock) re-applies committed entries inline on start, and
+    /// a split among them must not wait for the lock its own task holds.
+    pub async fn lock_creation_unless_held(&self) -> Option<tokio::sync::OwnedMutexGuard<()>> {
+        if HOLDS_CREATE_LOCK.try_with(|_| ()).is_ok() {
+            None
+        } else {
+            Some(self.lock_creation().await)
+        }
     }
 
     pub fn replica(&self, id: RangeId) -> Option<Arc<Replica>> {
@@ -132,7 +161,10 @@ impl NodeInner {
             shared: shared.clone(),
         };
         let log = LogStore::new(self.engine.clone(), id);
-        let raft = Raft::new(self.store_id.0, self.raft_config.clone(), net, log, sm)
+        // Callers hold the creation lock; mark the task so a split re-applied inline by
+        // `Raft::new` does not wait for it.
+        let raft = HOLDS_CREATE_LOCK
+            .scope((), Raft::new(self.store_id.0, self.raft_config.clone(), net, log, sm))
             .await
             .map_err(|e| anyhow::anyhow!("raft start for {id}: {e}"))?;
         let r = Arc::new(Replica { raft, shared });
@@ -214,7 +246,8 @@ impl NodeInner {
         if let Some(r) = self.replica(id) {
             return Some(r);
         }
-        let desc = desc.filter(|d| d.range_id == id.0)?;
+        // Only a descriptor naming this store as a replica may create a peer here.
+        let desc = desc.filter(|d| d.range_id == id.0 && d.replicas.iter().any(|r| r.store_id == self.store_id.0))?;
         let _g = self.create_lock.lock().await;
         if let Some(r) = self.replica(id) {
             return Some(r);
@@ -238,19 +271,31 @@ impl NodeInner {
 
     /// Called by a state machine after a split entry applied (on every replica).
     /// Boxed: it opens a Raft group whose type contains the state machine calling it.
+    /// `guard` is the creation lock taken by the split apply before it stopped/seeded the
+    /// right range; it is released once the right range is reopened.
     pub fn on_split_applied(
         &self,
         left: RangeId,
         right: RangeDescriptor,
         seeded: bool,
+        guard: Option<tokio::sync::OwnedMutexGuard<()>>,
     ) -> futures::future::BoxFuture<'_, ()> {
-        Box::pin(self.on_split_applied_inner(left, right, seeded))
+        Box::pin(self.on_split_applied_inner(left, right, seeded, guard))
     }
 
-    async fn on_split_applied_inner(&self, left: RangeId, right: RangeDescriptor, seeded: bool) {
+    async fn on_split_applied_inner(
+        &self,
+        left: RangeId,
+        right: RangeDescriptor,
+        seeded: bool,
+        guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+    ) {
         let right_id = RangeId(right.range_id);
         if seeded {
-            let _g = self.create_lock.lock().await;
+            let _g = match guard {
+                Some(g) => Some(g),
+                None => self.lock_creation_unless_held().await,
+            };
             // A peer created by a Raft message just before the seed commit loaded empty
             // state: restart it on the seeded storage.
             let stale = self.replica(right_id).is_some_and(|r| !r.shared.is_initialized());
@@ -290,13 +335,33 @@ impl NodeInner {
                 continue;
             }
             let d = r.shared.desc.read();
-            let starts_before_end = end.is_empty() || d.start.as_slice() < end;
-            let ends_after_start = cmp_end(&d.end, start) == std::cmp::Ordering::Greater;
-            if starts_before_end && ends_after_start {
+            if spans_overlap(&d.start, &d.end, start, end) {
                 return Some(r.shared.range_id);
             }
         }
         None
+    }
+
+    /// Claims `[start, end)` for a snapshot install of `id`: refused (with the range in the
+    /// way) if a live local range other than `id` or another range's pending install
+    /// overlaps it. Check and claim happen under one lock, so two overlapping installs
+    /// cannot both pass. The claim is released when the returned guard drops (after the
+    /// install committed or failed).
+    pub fn claim_install(&self, id: RangeId, start: &[u8], end: &[u8]) -> Result<InstallClaim, RangeId> {
+        let node = self.self_weak.upgrade().ok_or(id)?;
+        let mut pending = self.pending_installs.lock();
+        if let Some(other) = self.overlapping_live(id, start, end) {
+            return Err(other);
+        }
+        if let Some((_, other, _, _)) = pending
+            .iter()
+            .find(|(_, r, s, e)| *r != id && spans_overlap(s, e, start, end))
+        {
+            return Err(*other);
+        }
+        let token = rand::random::<u64>();
+        pending.push((token, id, start.to_vec(), end.to_vec()));
+        Ok(InstallClaim { node, token })
     }
 
     /// This node's current descriptors covering the key space a stale request targeted:
@@ -350,6 +415,25 @@ impl NodeInner {
     }
 }
 
+/// A claimed key span of a pending snapshot install (see [`NodeInner::claim_install`]).
+pub struct InstallClaim {
+    node: Arc<NodeInner>,
+    token: u64,
+}
+
+impl Drop for InstallClaim {
+    fn drop(&mut self) {
+        self.node.pending_installs.lock().retain(|(t, ..)| *t != self.token);
+    }
+}
+
+/// Whether `[a_start, a_end)` and `[b_start, b_end)` intersect (empty end = +infinity).
+fn spans_overlap(a_start: &[u8], a_end: &[u8], b_start: &[u8], b_end: &[u8]) -> bool {
+    let a_before_b_end = b_end.is_empty() || a_start < b_end;
+    let b_before_a_end = a_end.is_empty() || b_start < a_end;
+    a_before_b_end && b_before_a_end
+}
+
 /// After bootstrap, snapshot and purge the log so every later replica starts from a
 /// snapshot carrying the descriptor (keeps descriptors identical on all replicas).
 async fn compact_after_bootstrap(r: Arc<Replica>) {
@@ -385,5 +469,87 @@ async fn compact_after_bootstrap(r: Arc<Replica>) {
             return;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn test_node(dir: &std::path::Path) -> Arc<NodeInner> {
+        let engine = Engine::open(dir, Metrics::new()).unwrap();
+        NodeInner::new(
+            StoreId(1),
+            engine,
+            Transport::new(StoreId(1), None, 1 << 20),
+            crate::raft::raft_config(100).unwrap(),
+            dir.join("snaps"),
+            Metrics::new(),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_message_creates_a_peer_only_if_its_descriptor_lists_this_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = test_node(dir.path());
+        let replica = |id| skv_proto::internal::Replica {
+            store_id: id,
+            role: ReplicaRole::Voter as i32,
+        };
+        let mut desc = RangeDescriptor {
+            range_id: 5,
+            replicas: vec![replica(2), replica(3)],
+            ..Default::default()
+        };
+        assert!(node.get_or_create_peer(RangeId(5), Some(desc.clone())).await.is_none());
+        assert!(node.get_or_create_peer(RangeId(5), None).await.is_none());
+        assert!(node.replica(RangeId(5)).is_none());
+        desc.replicas.push(replica(1));
+        let r = node.get_or_create_peer(RangeId(5), Some(desc)).await.unwrap();
+        assert!(!r.shared.is_initialized());
+        node.stop_all().await;
+    }
+
+    #[tokio::test]
+    async fn a_split_reapplied_inside_raft_new_does_not_wait_for_its_own_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = test_node(dir.path());
+        // What `open_locked` does: hold the lock and run `Raft::new` in the marked scope.
+        let held = node.lock_creation().await;
+        let inner = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            HOLDS_CREATE_LOCK.scope((), node.lock_creation_unless_held()),
+        )
+        .await
+        .expect("deadlock: the lock holder's own task waited for the lock");
+        assert!(inner.is_none());
+        drop(held);
+        // Any other task takes the lock normally.
+        assert!(node.lock_creation_unless_held().await.is_some());
+    }
+
+    #[test]
+    fn overlapping_snapshot_installs_cannot_both_claim() {
+        assert!(spans_overlap(b"a", b"m", b"l", b""));
+        assert!(!spans_overlap(b"a", b"m", b"m", b"z"));
+        assert!(spans_overlap(b"", b"", b"x", b"y"));
+        assert!(!spans_overlap(b"x", b"", b"a", b"x"));
+
+        let dir = tempfile::tempdir().unwrap();
+        let node = test_node(dir.path());
+        let c1 = node.claim_install(RangeId(1), b"a", b"m").unwrap();
+        // Another range overlapping the pending install is refused; a disjoint one is not;
+        // the same range may claim again (openraft serializes its own installs).
+        assert_eq!(node.claim_install(RangeId(2), b"k", b"").err(), Some(RangeId(1)));
+        let c3 = node.claim_install(RangeId(3), b"m", b"z").unwrap();
+        let c1b = node.claim_install(RangeId(1), b"a", b"m").unwrap();
+        drop(c1);
+        // Still claimed by c1b.
+        assert_eq!(node.claim_install(RangeId(4), b"b", b"c").err(), Some(RangeId(1)));
+        drop(c1b);
+        assert!(node.claim_install(RangeId(4), b"b", b"c").is_ok());
+        assert_eq!(node.claim_install(RangeId(2), b"k", b"").err(), Some(RangeId(3)));
+        drop(c3);
+        assert!(node.claim_install(RangeId(2), b"k", b"").is_ok());
     }
 }

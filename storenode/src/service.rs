@@ -2,9 +2,10 @@
 
 use crate::node::{NodeInner, Replica};
 use crate::raft::network::{RaftRpc, SnapshotHeader, WireResult};
-use crate::raft::state_machine::{SnapFile, read_snapshot_descriptor};
+use crate::raft::state_machine::{SnapFile, validate_snapshot_file};
 use crate::raft::{CmdResponse, Command, WriteOp, decode, encode};
 use futures::StreamExt;
+use openraft::async_runtime::watch::WatchReceiver;
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::{ChangeMembers, EmptyNode, ReadPolicy};
 use prost::Message;
@@ -110,6 +111,12 @@ where
     }
 }
 
+/// How recently a replica must have heard from (follower) or been acknowledged by (leader)
+/// a quorum-backed leader to serve a `stale_ok` read: 2 × the maximum election timeout.
+fn stale_read_bound(c: &openraft::Config) -> Duration {
+    Duration::from_millis(c.election_timeout_max.saturating_mul(2))
+}
+
 /// Why a scan cannot be served after its ReadIndex wait.
 #[derive(Debug, PartialEq, Eq)]
 enum ScanRecheck {
@@ -136,11 +143,44 @@ fn scan_end_after_read_index(
     }
     // Same version: the range has the bounds the request was checked against, so this
     // only turns an open end into the range end.
-    Ok(if end.is_empty() || cmp_end(end, &desc.end) == std::cmp::Ordering::Greater {
-        desc.end.clone()
-    } else {
-        end.to_vec()
-    })
+    Ok(
+        if end.is_empty() || cmp_end(end, &desc.end) == std::cmp::Ordering::Greater {
+            desc.end.clone()
+        } else {
+            end.to_vec()
+        },
+    )
+}
+
+/// Reads the live pairs of `[start, end)` (empty end = +inf), at most `limit` pairs and
+/// about `byte_budget` bytes (at least one pair). Tombstones (deleted keys) are skipped and
+/// count toward neither the limit nor `more`: `more` is set only when a live pair is left out.
+fn scan_live(
+    engine: &crate::engine::Engine,
+    start: &[u8],
+    end: &[u8],
+    limit: usize,
+    byte_budget: usize,
+) -> std::io::Result<StoreScanResponse> {
+    let mut out = StoreScanResponse::default();
+    let mut bytes = 0usize;
+    for g in engine.data.range::<&[u8], _>(crate::engine::data_range(start, end)) {
+        let (k, v) = g.into_inner().map_err(crate::engine::io_err)?;
+        let Some((version, value)) = crate::engine::decode_value(&v) else {
+            continue;
+        };
+        if out.kvs.len() >= limit || (bytes > 0 && bytes + k.len() + value.len() > byte_budget) {
+            out.more = true;
+            break;
+        }
+        bytes += k.len() + value.len();
+        out.kvs.push(StoreKv {
+            key: k.to_vec(),
+            value,
+            version,
+        });
+    }
+    Ok(out)
 }
 
 #[derive(Clone)]
@@ -182,6 +222,32 @@ impl StoreService {
             .into());
         }
         Ok((r, desc))
+    }
+
+    /// Whether a `stale_ok` read may be served here: only if, within the last
+    /// 2 × `election_timeout_max` (2 s by default), this replica as leader was acknowledged
+    /// by a quorum, or as follower accepted an AppendEntries from the leader that left its
+    /// log matching the leader's. Otherwise the caller gets NotLeader and goes to the leader
+    /// (a partitioned or lagging replica must not serve arbitrarily old data).
+    fn may_serve_stale(&self, r: &Replica) -> bool {
+        if r.shared.installing.load(std::sync::atomic::Ordering::Acquire) {
+            return false;
+        }
+        let bound = stale_read_bound(&self.node.raft_config);
+        if r.is_leader() {
+            // A sole voter is its own quorum (openraft records no acknowledgement then).
+            let mut voters = r.raft.voter_ids();
+            if voters.next() == Some(self.node.store_id.0) && voters.next().is_none() {
+                return true;
+            }
+            let m = r.raft.metrics();
+            let m = m.borrow_watched();
+            return m
+                .last_quorum_acked
+                .as_ref()
+                .is_some_and(|t| openraft::Instant::elapsed(&**t) <= bound);
+        }
+        r.leader_view().leader.is_some() && r.shared.leader_contact.lock().is_some_and(|t| t.elapsed() <= bound)
     }
 
     async fn read_index(&self, r: &Replica) -> Result<(), Fail> {
@@ -254,7 +320,11 @@ impl StoreService {
         if !desc_contains(&desc, &req.key) {
             return Err(StoreError::KeyNotInRange { key: req.key, desc }.into());
         }
-        if !req.stale_ok {
+        if req.stale_ok {
+            if !self.may_serve_stale(&r) {
+                return Err(self.not_leader(r.shared.range_id, r.leader_view().leader).into());
+            }
+        } else {
             self.read_index(&r).await?;
             let desc = r.shared.desc();
             if !desc_contains(&desc, &req.key) {
@@ -353,30 +423,8 @@ impl StoreService {
             n => n.min(MAX_SCAN_LIMIT),
         };
         let byte_budget = limits::DEFAULT_MAX_MESSAGE_LEN.max(self.max_value_len * 2);
-        let mut out = StoreScanResponse::default();
-        let mut bytes = 0usize;
-        for g in self
-            .node
-            .engine
-            .data
-            .range::<&[u8], _>(crate::engine::data_range(&req.start, &end))
-        {
-            let (k, v) = g.into_inner().map_err(|e| Status::internal(e.to_string()))?;
-            if out.kvs.len() >= limit || (bytes > 0 && bytes + k.len() + v.len() > byte_budget) {
-                out.more = true;
-                break;
-            }
-            let Some((version, value)) = crate::engine::decode_value(&v) else {
-                continue;
-            };
-            bytes += k.len() + value.len();
-            out.kvs.push(StoreKv {
-                key: k.to_vec(),
-                value,
-                version,
-            });
-        }
-        Ok(out)
+        scan_live(&self.node.engine, &req.start, &end, limit, byte_budget)
+            .map_err(|e| Status::internal(e.to_string()).into())
     }
 
     async fn change_replicas(&self, req: ChangeReplicasRequest) -> Result<ChangeReplicasResponse, Fail> {
@@ -637,7 +685,15 @@ impl RaftSvc for RaftService {
             Err(e) => return Ok(wire_err(e)),
         };
         let resp = match rpc {
-            RaftRpc::Append(req) => wire(r.raft.append_entries(req).await),
+            RaftRpc::Append(req) => {
+                let received = std::time::Instant::now();
+                let from_leader = req.vote.is_committed();
+                let res = r.raft.append_entries(req).await;
+                if from_leader && matches!(res, Ok(openraft::raft::AppendEntriesResponse::Success)) {
+                    *r.shared.leader_contact.lock() = Some(received);
+                }
+                wire(res)
+            }
             RaftRpc::Vote(req) => wire(r.raft.vote(req).await),
             RaftRpc::PreVote(req) => wire(r.raft.pre_vote(req).await),
             RaftRpc::TransferLeader(req) => wire(r.raft.handle_transfer_leader(req).await),
@@ -705,7 +761,8 @@ impl RaftSvc for RaftService {
             return Ok(wire_err(e));
         }
         let p2 = path.clone();
-        let desc = match tokio::task::spawn_blocking(move || read_snapshot_descriptor(&p2)).await {
+        // The whole file is checked (checksum, order, span) before anything is installed.
+        let desc = match tokio::task::spawn_blocking(move || validate_snapshot_file(&p2)).await {
             Ok(Ok(d)) => d,
             Ok(Err(e)) => {
                 let _ = tokio::fs::remove_file(&path).await;
@@ -717,12 +774,19 @@ impl RaftSvc for RaftService {
             let _ = tokio::fs::remove_file(&path).await;
             return Ok(wire_err("snapshot of another range"));
         }
-        // As TiKV: refuse a snapshot overlapping a live local range until the split applies.
-        if let Some(other) = self.node.overlapping_live(id, &desc.start, &desc.end) {
-            tracing::info!(store_id = %self.node.store_id, range_id = %id, overlapping = %other, "refusing overlapping snapshot until the split applies");
-            let _ = tokio::fs::remove_file(&path).await;
-            return Ok(wire_err(format!("snapshot of {id} overlaps live range {other}")));
-        }
+        // As TiKV: refuse a snapshot overlapping a live local range (until the split
+        // applies) or another range's pending install. The claim is held until the install
+        // committed (or failed).
+        let _claim = match self.node.claim_install(id, &desc.start, &desc.end) {
+            Ok(c) => c,
+            Err(other) => {
+                tracing::info!(store_id = %self.node.store_id, range_id = %id, overlapping = %other, "refusing overlapping snapshot until the split applies");
+                let _ = tokio::fs::remove_file(&path).await;
+                return Ok(wire_err(format!(
+                    "snapshot of {id} overlaps live range or pending install of {other}"
+                )));
+            }
+        };
         let file = match SnapFile::open(path.clone()) {
             Ok(f) => f,
             Err(e) => return Ok(wire_err(e.to_string())),
@@ -748,6 +812,31 @@ mod tests {
             epoch: Some(RangeEpoch { conf_ver: 1, version }),
             replicas: vec![],
         }
+    }
+
+    #[test]
+    fn scan_skips_tombstones_and_sets_more_only_for_live_pairs() {
+        use crate::engine::{encode_tombstone, encode_value};
+        let dir = tempfile::tempdir().unwrap();
+        let e = crate::engine::Engine::open(dir.path(), crate::metrics::Metrics::new()).unwrap();
+        e.data.insert(b"a", encode_value(1, b"1")).unwrap();
+        e.data.insert(b"b", encode_tombstone(3)).unwrap();
+        e.data.insert(b"c", encode_value(2, b"2")).unwrap();
+        e.data.insert(b"d", encode_tombstone(1)).unwrap();
+        let keys = |r: &StoreScanResponse| r.kvs.iter().map(|kv| kv.key.clone()).collect::<Vec<_>>();
+        let r = scan_live(&e, b"", b"", 10, 1 << 20).unwrap();
+        assert_eq!(keys(&r), vec![b"a".to_vec(), b"c".to_vec()]);
+        assert!(!r.more);
+        // Limit 2 is reached by the last live pair; only tombstones follow: no `more`.
+        let r = scan_live(&e, b"", b"", 2, 1 << 20).unwrap();
+        assert_eq!(keys(&r), vec![b"a".to_vec(), b"c".to_vec()]);
+        assert!(!r.more);
+        let r = scan_live(&e, b"", b"", 1, 1 << 20).unwrap();
+        assert_eq!(keys(&r), vec![b"a".to_vec()]);
+        assert!(r.more);
+        let r = scan_live(&e, b"b", b"d", 1, 1 << 20).unwrap();
+        assert_eq!(keys(&r), vec![b"c".to_vec()]);
+        assert!(!r.more);
     }
 
     #[test]

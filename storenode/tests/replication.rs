@@ -308,3 +308,52 @@ async fn large_values_catch_up_in_bounded_messages() {
     .await;
     c.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stale_reads_refused_by_a_replica_cut_off_from_the_leader() {
+    let c = Cluster::start(3, 10_000).await;
+    c.bootstrap().await;
+    let (leader, d) = c.leader_of(1, Duration::from_secs(10)).await;
+    c.put(b"k", b"v").await;
+    let f = (1..=3).find(|f| *f != leader).unwrap();
+    wait_until("follower serves a stale read", Duration::from_secs(10), || async {
+        c.stale_get(f, &d, b"k")
+            .await
+            .is_some_and(|r| r.found && r.routing_error.is_none())
+    })
+    .await;
+    c.filter.isolate(f, 3);
+    // Past the bound (2 × election timeout max = 2 s), the cut-off follower refuses.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let r = c.stale_get(f, &d, b"k").await.expect("answer");
+    assert!(!r.found, "{r:?}");
+    assert!(
+        matches!(
+            r.routing_error.as_ref().and_then(|e| e.kind.as_ref()),
+            Some(routing_error::Kind::NotLeader(_))
+        ),
+        "{r:?}"
+    );
+    c.filter.heal();
+    wait_until("follower serves stale reads again", Duration::from_secs(15), || async {
+        c.stale_get(f, &d, b"k").await.is_some_and(|r| r.found)
+    })
+    .await;
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stale_reads_on_a_leader_stay_served_while_it_has_a_quorum() {
+    // A sole voter is its own quorum; a 3-voter leader is acked by heartbeats. Both keep
+    // serving stale reads after an idle period longer than the bound.
+    for n in [1, 3] {
+        let c = Cluster::start(n, 10_000).await;
+        c.bootstrap().await;
+        let (leader, d) = c.leader_of(1, Duration::from_secs(10)).await;
+        c.put(b"k", b"v").await;
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        let r = c.stale_get(leader, &d, b"k").await.expect("answer");
+        assert!(r.found && r.routing_error.is_none(), "n={n}: {r:?}");
+        c.shutdown().await;
+    }
+}

@@ -31,35 +31,101 @@ impl LogStore {
         }
     }
 
-    fn remove_logs(&self, from: u64, to_exclusive: u64) -> io::Result<()> {
+    /// Deletes the log entries in `[from, to_exclusive)` in batches of `REMOVE_CHUNK`.
+    ///
+    /// The batches are separate commits, so a crash can stop the deletion half-way. The
+    /// direction keeps the log contiguous whatever the crash point:
+    /// - `HighestFirst` (truncation of a conflicting suffix): what remains is a prefix of
+    ///   the old log — never an old-term suffix after a hole (openraft's `truncate_after`
+    ///   contract);
+    /// - `LowestFirst` (purge, after the purged log id is recorded): what remains is a
+    ///   suffix starting after a purged index.
+    fn remove_logs(&self, from: u64, to_exclusive: u64, order: RemoveOrder) -> io::Result<()> {
+        self.remove_logs_chunked(from, to_exclusive, order, REMOVE_CHUNK, usize::MAX)
+    }
+
+    /// [`Self::remove_logs`] with the chunk size and a cap on committed chunks (tests
+    /// simulate a crash after `max_chunks` commits). Returns after the last commit.
+    fn remove_logs_chunked(
+        &self,
+        from: u64,
+        to_exclusive: u64,
+        order: RemoveOrder,
+        chunk: usize,
+        max_chunks: usize,
+    ) -> io::Result<()> {
+        if from >= to_exclusive {
+            return Ok(());
+        }
         let lo = log_key(self.range, from);
         let hi = log_key(self.range, to_exclusive);
+        let iter = self.engine.raft.range(lo..hi);
+        let keys: Box<dyn Iterator<Item = fjall::Guard>> = match order {
+            RemoveOrder::LowestFirst => Box::new(iter),
+            RemoveOrder::HighestFirst => Box::new(iter.rev()),
+        };
         let mut batch = self.engine.db.batch();
         let mut n = 0usize;
-        for g in self.engine.raft.range(lo..hi) {
+        let mut committed = 0usize;
+        for g in keys {
             let k = g.key().map_err(io_err)?;
             batch.remove(&self.engine.raft, k);
             n += 1;
-            if n >= 1024 {
+            if n >= chunk.max(1) {
                 std::mem::replace(&mut batch, self.engine.db.batch())
                     .commit()
                     .map_err(io_err)?;
                 n = 0;
+                committed += 1;
+                if committed >= max_chunks {
+                    return Ok(());
+                }
             }
         }
         batch.commit().map_err(io_err)
     }
 }
 
-/// Writes the seeded Raft state of a group born from a split into `batch`.
-pub fn seed_split_state(
-    engine: &Engine,
-    batch: &mut fjall::OwnedWriteBatch,
-    range: RangeId,
-    vote: &Vote,
-) -> io::Result<()> {
+/// Entries deleted per batch by [`LogStore::remove_logs`].
+const REMOVE_CHUNK: usize = 1024;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RemoveOrder {
+    LowestFirst,
+    HighestFirst,
+}
+
+/// Writes the seeded Raft state of a group born from a split into `batch`, replacing
+/// whatever Raft state an uninitialized peer of that range left behind: its log and other
+/// records are deleted in the SAME batch (one commit: no window where the state is cleared
+/// but not seeded), and the vote is never lowered — an existing vote that does not sort
+/// below the seed vote is kept (the peer may have granted it to a candidate; writing an
+/// older vote over it would let it vote twice in one term).
+///
+/// The caller must hold the node's creation lock with the range stopped, so that no peer
+/// of `range` writes its vote between this read and the batch commit.
+/// Returns the vote written.
+pub fn seed_split_state(engine: &Engine, batch: &mut fjall::OwnedWriteBatch, range: RangeId) -> io::Result<Vote> {
+    let init = super::split_init_vote();
+    let vote = match read_vote(engine, range)? {
+        Some(old) if old.partial_cmp(&init) != Some(std::cmp::Ordering::Less) => old,
+        _ => init,
+    };
+    let keep = [
+        raft_key(range, TAG_VOTE),
+        raft_key(range, TAG_PURGED),
+        raft_key(range, TAG_COMMITTED),
+    ];
+    for g in engine.raft.prefix(range.0.to_be_bytes()) {
+        let k = g.key().map_err(io_err)?;
+        // Keys rewritten below are not also removed: one batch must not both remove and
+        // insert the same key.
+        if !keep.iter().any(|x| x.as_slice() == &k[..]) {
+            batch.remove(&engine.raft, k);
+        }
+    }
     let log_id = super::split_init_log_id();
-    batch.insert(&engine.raft, raft_key(range, TAG_VOTE), encode(vote).map_err(io_err)?);
+    batch.insert(&engine.raft, raft_key(range, TAG_VOTE), encode(&vote).map_err(io_err)?);
     batch.insert(
         &engine.raft,
         raft_key(range, TAG_PURGED),
@@ -70,7 +136,7 @@ pub fn seed_split_state(
         raft_key(range, TAG_COMMITTED),
         encode(&Some(log_id)).map_err(io_err)?,
     );
-    Ok(())
+    Ok(vote)
 }
 
 /// Reads the stored vote of a range, if any.
@@ -174,7 +240,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {
         let from = last_log_id.map(|l| l.index() + 1).unwrap_or(0);
-        self.remove_logs(from, u64::MAX)
+        self.remove_logs(from, u64::MAX, RemoveOrder::HighestFirst)
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
@@ -182,16 +248,88 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .raft
             .insert(raft_key(self.range, TAG_PURGED), encode(&log_id).map_err(io_err)?)
             .map_err(io_err)?;
-        self.remove_logs(0, log_id.index() + 1)
+        self.remove_logs(0, log_id.index() + 1, RemoveOrder::LowestFirst)
     }
 }
 
-/// Deletes every Raft record of a range (used when an uninitialized peer is replaced).
-pub fn clear_range_raft_state(engine: &Engine, range: RangeId) -> io::Result<()> {
-    let mut batch = engine.db.batch();
-    for g in engine.raft.prefix(range.0.to_be_bytes()) {
-        let k = g.key().map_err(io_err)?;
-        batch.remove(&engine.raft, k);
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::Metrics;
+
+    fn entry(term: u64, index: u64) -> Entry {
+        let log_id = openraft::LogId::new(openraft::impls::leader_id_adv::LeaderId { term, node_id: 1 }, index);
+        Entry::new_blank(log_id)
     }
-    batch.commit().map_err(io_err)
+
+    fn indexes(s: &LogStore) -> Vec<u64> {
+        s.engine
+            .raft
+            .prefix(raft_key(s.range, TAG_LOG))
+            .map(|g| log_index_of(&g.key().unwrap()).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn interrupted_truncation_never_leaves_a_hole() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = Engine::open(dir.path(), Metrics::new()).unwrap();
+        let s = LogStore::new(e.clone(), RangeId(7));
+        for i in 1..=10 {
+            e.raft
+                .insert(log_key(s.range, i), encode(&entry(1, i)).unwrap())
+                .unwrap();
+        }
+        // truncate_after(3) "crashes" after one chunk of 2 deletions: the remaining log
+        // must still be contiguous (1..=8), not 1..=3 then an old suffix after a hole.
+        s.remove_logs_chunked(4, u64::MAX, RemoveOrder::HighestFirst, 2, 1)
+            .unwrap();
+        assert_eq!(indexes(&s), (1..=8).collect::<Vec<_>>());
+        // Purge interrupted: the remaining log is a contiguous suffix.
+        s.remove_logs_chunked(0, 6, RemoveOrder::LowestFirst, 2, 1).unwrap();
+        assert_eq!(indexes(&s), (3..=8).collect::<Vec<_>>());
+        // Uninterrupted truncation removes the whole suffix.
+        s.remove_logs(5, u64::MAX, RemoveOrder::HighestFirst).unwrap();
+        assert_eq!(indexes(&s), vec![3, 4]);
+    }
+
+    #[test]
+    fn split_seed_clears_old_state_in_its_batch_and_never_lowers_the_vote() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = Engine::open(dir.path(), Metrics::new()).unwrap();
+        let r = RangeId(9);
+        // An uninitialized peer granted a vote at term 6 and holds stray entries.
+        let granted: Vote = openraft::Vote::new(6, 3);
+        e.raft.insert(raft_key(r, TAG_VOTE), encode(&granted).unwrap()).unwrap();
+        for i in 1..=3 {
+            e.raft.insert(log_key(r, i), encode(&entry(6, i)).unwrap()).unwrap();
+        }
+        let mut batch = e.db.batch();
+        assert_eq!(seed_split_state(&e, &mut batch, r).unwrap(), granted);
+        // Nothing is cleared before the seed batch commits.
+        assert_eq!(indexes(&LogStore::new(e.clone(), r)), vec![1, 2, 3]);
+        batch.commit().unwrap();
+        assert_eq!(read_vote(&e, r).unwrap(), Some(granted));
+        assert!(indexes(&LogStore::new(e.clone(), r)).is_empty());
+        let purged: LogId = decode(&e.raft.get(raft_key(r, TAG_PURGED)).unwrap().unwrap()).unwrap();
+        assert_eq!(purged, crate::raft::split_init_log_id());
+
+        // A lower vote (or none) gets the seed vote.
+        let r2 = RangeId(10);
+        let low: Vote = openraft::Vote::new(2, 3);
+        e.raft.insert(raft_key(r2, TAG_VOTE), encode(&low).unwrap()).unwrap();
+        let mut batch = e.db.batch();
+        assert_eq!(
+            seed_split_state(&e, &mut batch, r2).unwrap(),
+            crate::raft::split_init_vote()
+        );
+        batch.commit().unwrap();
+        assert_eq!(read_vote(&e, r2).unwrap(), Some(crate::raft::split_init_vote()));
+        let r3 = RangeId(11);
+        let mut batch = e.db.batch();
+        assert_eq!(
+            seed_split_state(&e, &mut batch, r3).unwrap(),
+            crate::raft::split_init_vote()
+        );
+    }
 }

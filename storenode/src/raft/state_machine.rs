@@ -5,7 +5,7 @@
 use super::{
     CmdResponse, Command, LogId, Membership, SnapshotMeta, StoredMembership, TypeConfig, WriteOp, decode, encode,
 };
-use crate::engine::{Engine, applied_key, data_range, decode_value, desc_key, encode_value, io_err};
+use crate::engine::{Engine, applied_key, data_range, decode_record, desc_key, encode_tombstone, encode_value, io_err};
 use crate::metrics::Metrics;
 use crate::node::NodeInner;
 use futures::{Stream, StreamExt};
@@ -24,7 +24,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Instant;
 
-const SNAP_MAGIC: &[u8; 8] = b"SKVSNAP1";
+const SNAP_MAGIC: &[u8; 8] = b"SKVSNAP2";
+/// Frame length marking the end of the pairs; the trailer (count, checksum) follows.
+const END_FRAME: u32 = u32::MAX;
 const INSTALL_BATCH_BYTES: usize = 4 << 20;
 
 /// State of a range shared between its state machine and the services.
@@ -37,6 +39,12 @@ pub struct RangeShared {
     pub applied_index: AtomicU64,
     /// Load counted by the serving node since the last range heartbeat.
     pub load: Mutex<LoadStats>,
+    /// When this replica last accepted an AppendEntries from a leader (committed vote) that
+    /// left its log matching the leader's (bounds how stale a follower read can be).
+    pub leader_contact: Mutex<Option<Instant>>,
+    /// True while a snapshot install modifies this range's data (and for good if it failed:
+    /// the group is stopped and the data may be half-replaced): no stale read is served.
+    pub installing: AtomicBool,
 }
 
 /// Per-range load since the last report (leader side), with a reservoir sample of keys.
@@ -93,6 +101,8 @@ impl RangeShared {
             initialized: AtomicBool::new(initialized),
             applied_index: AtomicU64::new(0),
             load: Mutex::new(LoadStats::default()),
+            leader_contact: Mutex::new(None),
+            installing: AtomicBool::new(false),
         })
     }
     pub fn desc(&self) -> RangeDescriptor {
@@ -130,6 +140,10 @@ pub fn encode_applied(last_applied: Option<LogId>, membership: StoredMembership)
     })
     .map_err(io_err)
 }
+
+/// A split that applied: the right descriptor, whether its storage was seeded, and the
+/// node's creation lock (held until the right range is reopened).
+type SplitOutcome = (RangeDescriptor, bool, Option<tokio::sync::OwnedMutexGuard<()>>);
 
 type CurrentSnapshot = Arc<Mutex<Option<(SnapshotMeta, PathBuf)>>>;
 
@@ -204,12 +218,17 @@ impl StateMachine {
         Ok(())
     }
 
-    /// Applies one write into `batch`; `overlay` holds the versions written earlier in the
-    /// same (uncommitted) batch so conditions see them.
+    /// Applies one write into `batch`; `overlay` holds the records (stored version, live)
+    /// written earlier in the same (uncommitted) batch so conditions see them.
+    ///
+    /// A key's version rises by 1 on every put, across deletes: a delete leaves a tombstone
+    /// keeping the version, so a later put continues from it and a condition naming an
+    /// older incarnation's version can never match a newer one. Conditions compare with
+    /// the live version (0 when absent or deleted).
     fn apply_write(
         &self,
         batch: &mut fjall::OwnedWriteBatch,
-        overlay: &mut HashMap<Vec<u8>, Option<u64>>,
+        overlay: &mut HashMap<Vec<u8>, (u64, bool)>,
         key: Vec<u8>,
         op: WriteOp,
         condition: Option<u64>,
@@ -218,41 +237,43 @@ impl StateMachine {
         if !desc_contains(&desc, &key) {
             return Ok(CmdResponse::KeyNotInRange(desc.encode_to_vec()));
         }
-        let cur_version = match overlay.get(&key) {
+        let (stored_version, live) = match overlay.get(&key) {
             Some(v) => *v,
-            None => self.engine.get_data(&key)?.map(|c| c.0),
+            None => match self.engine.get_record(&key)? {
+                Some(r) => (r.version(), r.is_live()),
+                None => (0, false),
+            },
         };
-        let cur = cur_version.map(|v| (v, ()));
-        let cur_version = cur_version.unwrap_or(0);
+        let live_version = if live { stored_version } else { 0 };
         if let Some(want) = condition
-            && want != cur_version
+            && want != live_version
         {
             return Ok(CmdResponse::Write {
                 succeeded: false,
-                version: cur_version,
-                existed: cur.is_some(),
+                version: live_version,
+                existed: live,
             });
         }
         Ok(match op {
             WriteOp::Put(v) => {
-                let version = cur_version + 1;
-                overlay.insert(key.clone(), Some(version));
+                let version = stored_version + 1;
+                overlay.insert(key.clone(), (version, true));
                 batch.insert(&self.engine.data, key, encode_value(version, &v));
                 CmdResponse::Write {
                     succeeded: true,
                     version,
-                    existed: cur.is_some(),
+                    existed: live,
                 }
             }
             WriteOp::Delete => {
-                if cur.is_some() {
-                    overlay.insert(key.clone(), None);
-                    batch.remove(&self.engine.data, key);
+                if live {
+                    overlay.insert(key.clone(), (stored_version, false));
+                    batch.insert(&self.engine.data, key, encode_tombstone(stored_version));
                 }
                 CmdResponse::Write {
                     succeeded: true,
                     version: 0,
-                    existed: cur.is_some(),
+                    existed: live,
                 }
             }
         })
@@ -265,7 +286,7 @@ impl StateMachine {
         split_key: Vec<u8>,
         new_range_id: u64,
         epoch_version: u64,
-    ) -> io::Result<(CmdResponse, Option<(RangeDescriptor, bool)>)> {
+    ) -> io::Result<(CmdResponse, Option<SplitOutcome>)> {
         let desc = self.shared.desc();
         let epoch = desc.epoch.unwrap_or_default();
         if epoch.version != epoch_version {
@@ -294,8 +315,12 @@ impl StateMachine {
         let right_id = RangeId(new_range_id);
         // The right group may already exist here: initialized (it got a snapshot after a
         // lagging split) → keep it; uninitialized (created by a Raft message) → replace it.
+        // The creation lock is held from here until the right range is reopened (after the
+        // batch commits), so no Raft message recreates the peer and votes meanwhile.
         let mut seed = true;
+        let mut guard = None;
         if let Some(node) = self.node.upgrade() {
+            guard = node.lock_creation_unless_held().await;
             match node.replica(right_id) {
                 Some(r) if r.shared.is_initialized() => seed = false,
                 Some(_) => node.stop_replica(right_id).await,
@@ -306,14 +331,8 @@ impl StateMachine {
             seed = false;
         }
         if seed {
-            let old_vote = super::log_store::read_vote(&self.engine, right_id)?;
-            super::log_store::clear_range_raft_state(&self.engine, right_id)?;
-            let init = super::split_init_vote();
-            let vote = match old_vote {
-                Some(v) if v > init => v,
-                _ => init,
-            };
-            super::log_store::seed_split_state(&self.engine, batch, right_id, &vote)?;
+            // Clears the old peer's Raft state and seeds, in this batch; keeps a higher vote.
+            super::log_store::seed_split_state(&self.engine, batch, right_id)?;
             let init_log = super::split_init_log_id();
             let m = StoredMembership::new(Some(init_log), self.membership.membership().clone());
             batch.insert(
@@ -327,7 +346,7 @@ impl StateMachine {
             left: left.encode_to_vec(),
             right: right.encode_to_vec(),
         };
-        Ok((resp, Some((right, seed))))
+        Ok((resp, Some((right, seed, guard))))
     }
 
     fn membership_desc(&self, m: &Membership) -> RangeDescriptor {
@@ -374,7 +393,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         while let Some(items) = chunks.next().await {
             let started = Instant::now();
             let mut batch = self.engine.db.batch();
-            let mut overlay: HashMap<Vec<u8>, Option<u64>> = HashMap::new();
+            let mut overlay: HashMap<Vec<u8>, (u64, bool)> = HashMap::new();
             let mut replies: Vec<(ApplyResponder<TypeConfig>, CmdResponse)> = Vec::new();
             let mut dirty = false;
             for item in items {
@@ -404,7 +423,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                             dirty = false;
                         }
                         let mut new_desc: Option<RangeDescriptor> = None;
-                        let mut split: Option<(RangeDescriptor, bool)> = None;
+                        let mut split: Option<SplitOutcome> = None;
                         let resp = match payload {
                             EntryPayload::Normal(Command::Split {
                                 split_key,
@@ -430,10 +449,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                         self.last_applied = Some(log_id);
                         let b = std::mem::replace(&mut batch, self.engine.db.batch());
                         self.commit_applied(b, new_desc, &mut Vec::new())?;
-                        if let Some((right, seeded)) = split
+                        if let Some((right, seeded, guard)) = split
                             && let Some(node) = self.node.upgrade()
                         {
-                            node.on_split_applied(self.shared.range_id, right, seeded).await;
+                            node.on_split_applied(self.shared.range_id, right, seeded, guard).await;
                         }
                         if let Some(r) = responder {
                             r.send(resp);
@@ -463,26 +482,35 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let range = self.shared.range_id;
         let meta2 = meta.clone();
         let path = snapshot.path.clone();
-        // Redo marker: the install writes several batches; if the node dies half-way, the
-        // next start re-runs the install from the (fsynced) file before opening the range.
+        // The whole file is checked before anything is modified (the receiving service
+        // checked it too; this also covers other callers).
+        let p = path.clone();
+        let desc = tokio::task::spawn_blocking(move || validate_snapshot_file(&p))
+            .await
+            .map_err(io_err)??;
+        if desc.range_id != range.0 {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "snapshot of another range"));
+        }
+        // Redo marker: the install writes several batches; if the node dies (or the install
+        // fails) half-way, the next start re-runs the install from the (fsynced) file before
+        // opening the range, or, if it cannot, makes the replica uninitialized.
         let marker = encode(&InstallMarker {
             path: path.to_string_lossy().into_owned(),
             meta: meta.clone(),
+            start: desc.start.clone(),
+            end: desc.end.clone(),
         })
         .map_err(io_err)?;
+        self.shared.installing.store(true, Ordering::Release);
         self.engine.meta.insert(installing_key(range), marker).map_err(io_err)?;
         self.engine.sync().await?;
-        let res = tokio::task::spawn_blocking(move || install_from_file(&engine, range, &meta2, snapshot))
+        // On failure the marker stays: the data may be half-replaced. openraft stops the
+        // group on this storage error; the next start finishes or undoes the install.
+        let desc = tokio::task::spawn_blocking(move || install_from_file(&engine, range, &meta2, snapshot))
             .await
-            .map_err(io_err)
-            .and_then(|r| r);
-        let desc = match res {
-            Ok(d) => d,
-            Err(e) => {
-                let _ = self.engine.meta.remove(installing_key(range));
-                return Err(e);
-            }
-        };
+            .map_err(io_err)??;
+        // Durable before the new state is published (and before openraft acts on it).
+        self.engine.sync().await?;
         self.last_applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
         *self.shared.desc.write() = desc;
@@ -490,6 +518,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         if let Some(l) = &meta.last_log_id {
             self.shared.applied_index.store(l.index(), Ordering::Release);
         }
+        self.shared.installing.store(false, Ordering::Release);
         let old = self.current.lock().replace((meta.clone(), path.clone()));
         if let Some((_, p)) = old
             && p != path
@@ -541,27 +570,171 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapBuilder {
     }
 }
 
-fn write_frame(w: &mut impl Write, b: &[u8]) -> io::Result<()> {
-    let len = u32::try_from(b.len()).map_err(io_err)?;
-    w.write_all(&len.to_be_bytes())?;
-    w.write_all(b)
+// Snapshot file format (v2):
+//   "SKVSNAP2" ++ frame(descriptor) ++ (frame(key) ++ frame(record))* ++ u32::MAX
+//   ++ u64 BE pair count ++ u64 BE FNV-1a checksum of every byte before the count.
+// A frame is a u32 BE length then the bytes. Keys are strictly ascending and inside the
+// descriptor; records are data-keyspace records (tombstones included). The whole file is
+// validated before an install modifies anything.
+
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
+
+fn fnv1a(mut h: u64, bytes: &[u8]) -> u64 {
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(FNV_PRIME);
+    }
+    h
 }
 
-/// Reads a frame; `Ok(None)` at a clean end of file.
-fn read_frame(r: &mut impl Read) -> io::Result<Option<Vec<u8>>> {
-    let mut len = [0u8; 4];
-    match r.read_exact(&mut len) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
-        Err(e) => return Err(e),
+fn bad_snap(msg: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, format!("bad snapshot: {msg}"))
+}
+
+/// Writes the snapshot format, checksumming as it goes.
+struct SnapWriter<W: Write> {
+    w: W,
+    hash: u64,
+    count: u64,
+}
+
+impl<W: Write> SnapWriter<W> {
+    fn new(w: W, desc: &RangeDescriptor) -> io::Result<Self> {
+        let mut s = Self {
+            w,
+            hash: FNV_OFFSET,
+            count: 0,
+        };
+        s.put(SNAP_MAGIC)?;
+        s.frame(&desc.encode_to_vec())?;
+        Ok(s)
     }
-    let len = u32::from_be_bytes(len) as usize;
-    if len > 64 << 20 {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, "snapshot frame too large"));
+    fn put(&mut self, b: &[u8]) -> io::Result<()> {
+        self.hash = fnv1a(self.hash, b);
+        self.w.write_all(b)
     }
-    let mut b = vec![0u8; len];
-    r.read_exact(&mut b)?;
-    Ok(Some(b))
+    fn frame(&mut self, b: &[u8]) -> io::Result<()> {
+        let len = u32::try_from(b.len())
+            .ok()
+            .filter(|l| *l != END_FRAME)
+            .ok_or_else(|| bad_snap("frame too large"))?;
+        self.put(&len.to_be_bytes())?;
+        self.put(b)
+    }
+    fn pair(&mut self, k: &[u8], v: &[u8]) -> io::Result<()> {
+        self.frame(k)?;
+        self.frame(v)?;
+        self.count += 1;
+        Ok(())
+    }
+    fn finish(mut self) -> io::Result<W> {
+        self.put(&END_FRAME.to_be_bytes())?;
+        let (count, hash) = (self.count, self.hash);
+        self.w.write_all(&count.to_be_bytes())?;
+        self.w.write_all(&hash.to_be_bytes())?;
+        Ok(self.w)
+    }
+}
+
+/// Reads and checks the snapshot format: every pair is checked as it is read (order, span,
+/// record encoding) and the trailer (count, checksum, end of file) at the end.
+struct SnapReader<R: Read> {
+    r: R,
+    hash: u64,
+    count: u64,
+    desc: RangeDescriptor,
+    last: Option<Vec<u8>>,
+    done: bool,
+}
+
+impl<R: Read> SnapReader<R> {
+    fn open(r: R) -> io::Result<Self> {
+        let mut s = Self {
+            r,
+            hash: FNV_OFFSET,
+            count: 0,
+            desc: RangeDescriptor::default(),
+            last: None,
+            done: false,
+        };
+        let mut magic = [0u8; 8];
+        s.get(&mut magic)?;
+        if &magic != SNAP_MAGIC {
+            return Err(bad_snap("not an skv snapshot (v2)"));
+        }
+        let d = s.frame()?.ok_or_else(|| bad_snap("no descriptor"))?;
+        s.desc = RangeDescriptor::decode(&d[..]).map_err(|e| bad_snap(&e.to_string()))?;
+        Ok(s)
+    }
+    fn get(&mut self, b: &mut [u8]) -> io::Result<()> {
+        self.r.read_exact(b).map_err(|e| match e.kind() {
+            io::ErrorKind::UnexpectedEof => bad_snap("truncated"),
+            _ => e,
+        })?;
+        self.hash = fnv1a(self.hash, b);
+        Ok(())
+    }
+    /// A frame, or `None` at the end marker.
+    fn frame(&mut self) -> io::Result<Option<Vec<u8>>> {
+        let mut len = [0u8; 4];
+        self.get(&mut len)?;
+        let len = u32::from_be_bytes(len);
+        if len == END_FRAME {
+            return Ok(None);
+        }
+        if len as usize > 64 << 20 {
+            return Err(bad_snap("frame too large"));
+        }
+        let mut b = vec![0u8; len as usize];
+        self.get(&mut b)?;
+        Ok(Some(b))
+    }
+    /// The next (key, record) pair; `None` once the trailer checked out.
+    fn next_pair(&mut self) -> io::Result<Option<(Vec<u8>, Vec<u8>)>> {
+        if self.done {
+            return Ok(None);
+        }
+        let Some(k) = self.frame()? else {
+            let hash = self.hash;
+            let mut t = [0u8; 16];
+            self.r.read_exact(&mut t).map_err(|_| bad_snap("truncated trailer"))?;
+            let mut extra = [0u8; 1];
+            if self.r.read(&mut extra)? != 0 {
+                return Err(bad_snap("data after the trailer"));
+            }
+            let (count, sum) = t.split_at(8);
+            if u64::from_be_bytes(count.try_into().map_err(io_err)?) != self.count {
+                return Err(bad_snap("pair count mismatch"));
+            }
+            if u64::from_be_bytes(sum.try_into().map_err(io_err)?) != hash {
+                return Err(bad_snap("checksum mismatch"));
+            }
+            self.done = true;
+            return Ok(None);
+        };
+        let v = self.frame()?.ok_or_else(|| bad_snap("key without a value"))?;
+        if decode_record(&v).is_none() {
+            return Err(bad_snap("bad record"));
+        }
+        if !desc_contains(&self.desc, &k) {
+            return Err(bad_snap("key outside the descriptor"));
+        }
+        if self.last.as_ref().is_some_and(|l| *l >= k) {
+            return Err(bad_snap("keys out of order"));
+        }
+        self.last = Some(k.clone());
+        self.count += 1;
+        Ok(Some((k, v)))
+    }
+}
+
+/// Reads a whole snapshot file and checks it (format, order, span, count, checksum)
+/// without touching the engine. Returns its descriptor.
+pub fn validate_snapshot_file(path: &Path) -> io::Result<RangeDescriptor> {
+    let mut r = SnapReader::open(BufReader::with_capacity(1 << 20, std::fs::File::open(path)?))?;
+    while r.next_pair()?.is_some() {}
+    Ok(r.desc)
 }
 
 fn build_to_file(engine: &Engine, range: RangeId, dir: &Path) -> io::Result<(SnapshotMeta, PathBuf)> {
@@ -582,14 +755,13 @@ fn build_to_file(engine: &Engine, range: RangeId, dir: &Path) -> io::Result<(Sna
     let idx = applied.last_applied.map(|l| l.index()).unwrap_or(0);
     let path = dir.join(format!("{}-{}-{}.snap", range.0, idx, rand::random::<u32>()));
     let tmp = path.with_extension("tmp");
-    let mut w = BufWriter::with_capacity(1 << 20, std::fs::File::create(&tmp)?);
-    w.write_all(SNAP_MAGIC)?;
-    write_frame(&mut w, &desc.encode_to_vec())?;
+    let mut w = SnapWriter::new(BufWriter::with_capacity(1 << 20, std::fs::File::create(&tmp)?), &desc)?;
     for g in snap.range::<&[u8], _>(&engine.data, data_range(&desc.start, &desc.end)) {
         let (k, v) = g.into_inner().map_err(io_err)?;
-        write_frame(&mut w, &k)?;
-        write_frame(&mut w, &v)?;
+        w.pair(&k, &v)?;
     }
+    let mut w = w.finish()?;
+    w.flush()?;
     let f = w.into_inner().map_err(|e| e.into_error())?;
     f.sync_all()?;
     std::fs::rename(&tmp, &path)?;
@@ -600,22 +772,6 @@ fn build_to_file(engine: &Engine, range: RangeId, dir: &Path) -> io::Result<(Sna
     Ok((meta, path))
 }
 
-/// Reads the descriptor at the head of a snapshot file.
-pub fn read_snapshot_descriptor(path: &Path) -> io::Result<RangeDescriptor> {
-    let mut r = BufReader::new(std::fs::File::open(path)?);
-    read_header(&mut r)
-}
-
-fn read_header(r: &mut impl Read) -> io::Result<RangeDescriptor> {
-    let mut magic = [0u8; 8];
-    r.read_exact(&mut magic)?;
-    if &magic != SNAP_MAGIC {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, "not an skv snapshot"));
-    }
-    let d = read_frame(r)?.ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "truncated snapshot"))?;
-    RangeDescriptor::decode(&d[..]).map_err(io_err)
-}
-
 fn install_from_file(
     engine: &Engine,
     range: RangeId,
@@ -623,8 +779,8 @@ fn install_from_file(
     snap: SnapFile,
 ) -> io::Result<RangeDescriptor> {
     use fjall::Readable;
-    let mut r = BufReader::with_capacity(1 << 20, snap.file);
-    let desc = read_header(&mut r)?;
+    let mut r = SnapReader::open(BufReader::with_capacity(1 << 20, snap.file))?;
+    let desc = r.desc.clone();
     if desc.range_id != range.0 {
         return Err(io::Error::new(io::ErrorKind::InvalidData, "snapshot of another range"));
     }
@@ -646,11 +802,7 @@ fn install_from_file(
         Ok(())
     };
     let mut cur = next_local()?;
-    while let Some(k) = read_frame(&mut r)? {
-        let v = read_frame(&mut r)?.ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "truncated snapshot"))?;
-        if decode_value(&v).is_none() {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, "bad value in snapshot"));
-        }
+    while let Some((k, v)) = r.next_pair()? {
         // Merge join: local keys sorting before `k` are absent from the snapshot.
         while let Some(lk) = cur.take() {
             match lk.cmp(&k) {
@@ -694,6 +846,9 @@ fn install_from_file(
 struct InstallMarker {
     path: String,
     meta: SnapshotMeta,
+    /// The key span the install writes (the snapshot's descriptor).
+    start: Vec<u8>,
+    end: Vec<u8>,
 }
 
 fn installing_key(range: RangeId) -> Vec<u8> {
@@ -702,8 +857,11 @@ fn installing_key(range: RangeId) -> Vec<u8> {
     k
 }
 
-/// Finishes snapshot installs interrupted by a crash (run at start, before any range opens).
-/// Returns the ranges repaired.
+/// Finishes snapshot installs interrupted by a crash or a failure (run at start, before
+/// any range opens). Returns the ranges repaired. A marker that cannot be redone (file
+/// gone or corrupt, marker undecodable, install error) makes that replica uninitialized
+/// ([`uninitialize_replica`]) instead of failing the node start: it then waits for a new
+/// snapshot from its leader.
 pub fn recover_interrupted_installs(engine: &Engine) -> io::Result<Vec<RangeId>> {
     let mut markers = Vec::new();
     for g in engine.meta.prefix(b"installing/") {
@@ -715,19 +873,79 @@ pub fn recover_interrupted_installs(engine: &Engine) -> io::Result<Vec<RangeId>>
     }
     let mut done = Vec::new();
     for (range, v) in markers {
-        let m: InstallMarker = decode(&v).map_err(io_err)?;
-        match SnapFile::open(PathBuf::from(&m.path)) {
-            Ok(f) => {
-                install_from_file(engine, range, &m.meta, f)?;
+        let marker: Option<InstallMarker> = decode(&v).ok();
+        let redo = || -> io::Result<()> {
+            let m = marker
+                .as_ref()
+                .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "undecodable install marker"))?;
+            let path = PathBuf::from(&m.path);
+            let desc = validate_snapshot_file(&path)?;
+            if desc.range_id != range.0 {
+                return Err(io::Error::new(io::ErrorKind::InvalidData, "snapshot of another range"));
+            }
+            install_from_file(engine, range, &m.meta, SnapFile::open(path)?).map(|_| ())
+        };
+        match redo() {
+            Ok(()) => {
                 tracing::warn!(range_id = %range, "finished a snapshot install interrupted by a crash");
                 done.push(range);
             }
             Err(e) => {
-                tracing::error!(range_id = %range, error = %e, "interrupted snapshot install cannot be redone: the file is gone");
+                tracing::error!(range_id = %range, error = %e, "interrupted snapshot install cannot be redone: the replica becomes uninitialized");
+                let span = marker.map(|m| (m.start, m.end));
+                uninitialize_replica(engine, range, span)?;
             }
         }
     }
+    if !done.is_empty() {
+        engine.db.persist(fjall::PersistMode::SyncAll).map_err(io_err)?;
+    }
     Ok(done)
+}
+
+/// Makes a replica uninitialized after a snapshot install that cannot be finished: its
+/// data in the install's span (or, without one, in its stored descriptor when it was
+/// initialized), its applied state and its Raft log, purged and committed ids are deleted;
+/// its vote and descriptor stay (it must not vote twice; it reopens as a peer waiting for
+/// a snapshot). The marker is removed in the last batch, so a crash here is redone.
+fn uninitialize_replica(engine: &Engine, range: RangeId, span: Option<(Vec<u8>, Vec<u8>)>) -> io::Result<()> {
+    use crate::engine::{TAG_VOTE, raft_key};
+    let span = match span {
+        Some(s) => Some(s),
+        None if engine.meta.get(applied_key(range)).map_err(io_err)?.is_some() => {
+            match engine.meta.get(desc_key(range)).map_err(io_err)? {
+                Some(v) => RangeDescriptor::decode(&v[..]).ok().map(|d| (d.start, d.end)),
+                None => None,
+            }
+        }
+        None => None,
+    };
+    let mut batch = engine.db.batch();
+    let mut n = 0usize;
+    if let Some((start, end)) = &span {
+        for g in engine.data.range::<&[u8], _>(data_range(start, end)) {
+            let k = g.key().map_err(io_err)?;
+            batch.remove(&engine.data, k);
+            n += 1;
+            if n >= 4096 {
+                std::mem::replace(&mut batch, engine.db.batch())
+                    .commit()
+                    .map_err(io_err)?;
+                n = 0;
+            }
+        }
+    }
+    let vote = raft_key(range, TAG_VOTE);
+    for g in engine.raft.prefix(range.0.to_be_bytes()) {
+        let k = g.key().map_err(io_err)?;
+        if k[..] != vote[..] {
+            batch.remove(&engine.raft, k);
+        }
+    }
+    batch.remove(&engine.meta, applied_key(range));
+    batch.remove(&engine.meta, installing_key(range));
+    batch.commit().map_err(io_err)?;
+    engine.db.persist(fjall::PersistMode::SyncAll).map_err(io_err)
 }
 
 #[cfg(test)]
@@ -739,6 +957,116 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let e = Engine::open(dir.path(), Metrics::new()).unwrap();
         (dir, e)
+    }
+
+    fn write(sm: &StateMachine, key: &[u8], op: WriteOp, cond: Option<u64>) -> (bool, u64, bool) {
+        let mut batch = sm.engine.db.batch();
+        let mut overlay = HashMap::new();
+        let r = sm
+            .apply_write(&mut batch, &mut overlay, key.to_vec(), op, cond)
+            .unwrap();
+        batch.commit().unwrap();
+        match r {
+            CmdResponse::Write {
+                succeeded,
+                version,
+                existed,
+            } => (succeeded, version, existed),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn versions_survive_delete_so_a_stale_cas_cannot_match_a_new_incarnation() {
+        let (dir, e) = engine();
+        let desc = RangeDescriptor {
+            range_id: 1,
+            ..Default::default()
+        };
+        let sm = StateMachine::open(
+            e.clone(),
+            RangeShared::new(desc, true),
+            Weak::new(),
+            dir.path().join("snaps"),
+            Metrics::new(),
+        )
+        .unwrap();
+        let put = |v: &[u8]| WriteOp::Put(v.to_vec());
+        assert_eq!(write(&sm, b"k", put(b"a"), None), (true, 1, false));
+        assert_eq!(write(&sm, b"k", WriteOp::Delete, None), (true, 0, true));
+        // Deleted: reads as absent, if-absent (0) matches, a stale version does not.
+        assert_eq!(e.get_data(b"k").unwrap(), None);
+        assert_eq!(write(&sm, b"k", put(b"x"), Some(1)), (false, 0, false));
+        assert_eq!(write(&sm, b"k", WriteOp::Delete, None), (true, 0, false));
+        assert_eq!(write(&sm, b"k", put(b"b"), Some(0)), (true, 2, false));
+        // The old incarnation's version 1 does not match the new one (version 2).
+        assert_eq!(write(&sm, b"k", put(b"stale"), Some(1)), (false, 2, true));
+        assert_eq!(e.get_data(b"k").unwrap(), Some((2, b"b".to_vec())));
+        assert_eq!(write(&sm, b"k", put(b"c"), Some(2)), (true, 3, true));
+
+        // In one batch, the overlay sees the tombstone too.
+        let mut batch = e.db.batch();
+        let mut overlay = HashMap::new();
+        sm.apply_write(&mut batch, &mut overlay, b"k".to_vec(), WriteOp::Delete, None)
+            .unwrap();
+        let r = sm
+            .apply_write(&mut batch, &mut overlay, b"k".to_vec(), put(b"d"), Some(0))
+            .unwrap();
+        batch.commit().unwrap();
+        assert_eq!(
+            r,
+            CmdResponse::Write {
+                succeeded: true,
+                version: 4,
+                existed: false
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn a_corrupt_snapshot_is_refused_before_anything_is_modified() {
+        let r = RangeId(1);
+        let desc = RangeDescriptor {
+            range_id: 1,
+            start: b"a".to_vec(),
+            end: b"z".to_vec(),
+            ..Default::default()
+        };
+        let (_da, a) = engine();
+        a.meta.insert(desc_key(r), desc.encode_to_vec()).unwrap();
+        for i in 0..100u32 {
+            a.data
+                .insert(format!("k{i:03}"), encode_value(1, &[b'v'; 100]))
+                .unwrap();
+        }
+        let snap_dir = tempfile::tempdir().unwrap();
+        let (meta, path) = build_to_file(&a, r, snap_dir.path()).unwrap();
+        let mut bytes = std::fs::read(&path).unwrap();
+        let at = bytes.len() * 3 / 4;
+        bytes[at] ^= 0x01;
+        std::fs::write(&path, &bytes).unwrap();
+
+        let (db, b) = engine();
+        b.data.insert(b"k000", encode_value(7, b"local")).unwrap();
+        b.data.insert(b"b", encode_value(7, b"local-only")).unwrap();
+        let shared = RangeShared::new(desc.clone(), true);
+        let mut sm = StateMachine::open(
+            b.clone(),
+            shared.clone(),
+            Weak::new(),
+            db.path().join("snaps"),
+            Metrics::new(),
+        )
+        .unwrap();
+        let snap = SnapFile::open(path).unwrap();
+        assert!(sm.install_snapshot(&meta, snap).await.is_err());
+        // Untouched: local data, no marker, no applied state, still serving.
+        assert_eq!(b.get_data(b"k000").unwrap(), Some((7, b"local".to_vec())));
+        assert_eq!(b.get_data(b"b").unwrap(), Some((7, b"local-only".to_vec())));
+        assert_eq!(b.get_data(b"k001").unwrap(), None);
+        assert!(b.meta.get(installing_key(r)).unwrap().is_none());
+        assert!(b.meta.get(applied_key(r)).unwrap().is_none());
+        assert!(!shared.installing.load(Ordering::Acquire));
     }
 
     #[test]
@@ -767,10 +1095,11 @@ mod tests {
         a.data.insert(b"b", encode_value(1, b"new-b")).unwrap();
         a.data.insert(b"c", encode_value(2, b"new-c")).unwrap();
         a.data.insert(b"zz", encode_value(1, b"outside")).unwrap();
+        a.data.insert(b"e", crate::engine::encode_tombstone(4)).unwrap();
         let snap_dir = tempfile::tempdir().unwrap();
         let (meta, path) = build_to_file(&a, r, snap_dir.path()).unwrap();
         assert_eq!(meta.last_log_id, Some(log_id));
-        assert_eq!(read_snapshot_descriptor(&path).unwrap(), desc);
+        assert_eq!(validate_snapshot_file(&path).unwrap(), desc);
 
         // Target: stale keys, one absent from the snapshot, one outside the range; a crash
         // left the redo marker behind.
@@ -781,6 +1110,8 @@ mod tests {
         let marker = encode(&InstallMarker {
             path: path.to_string_lossy().into_owned(),
             meta: meta.clone(),
+            start: desc.start.clone(),
+            end: desc.end.clone(),
         })
         .unwrap();
         b.meta.insert(installing_key(r), marker).unwrap();
@@ -789,10 +1120,69 @@ mod tests {
         assert_eq!(b.get_data(b"c").unwrap(), Some((2, b"new-c".to_vec())));
         assert_eq!(b.get_data(b"d").unwrap(), None);
         assert_eq!(b.get_data(b"zz").unwrap(), Some((9, b"keep".to_vec())));
+        // Tombstones travel with the snapshot (versions keep rising after a delete).
+        assert_eq!(
+            b.get_record(b"e").unwrap(),
+            Some(crate::engine::Record::Tombstone { version: 4 })
+        );
         assert!(b.meta.get(installing_key(r)).unwrap().is_none());
         assert!(b.meta.get(applied_key(r)).unwrap().is_some());
-        assert_eq!(b.load_descriptors().unwrap(), vec![desc]);
+        assert_eq!(b.load_descriptors().unwrap(), vec![desc.clone()]);
         // Nothing left to redo.
         assert!(recover_interrupted_installs(&b).unwrap().is_empty());
+
+        // Any corruption of the file is caught by validation, before anything is written.
+        let bytes = std::fs::read(&path).unwrap();
+        let bad = snap_dir.path().join("bad.snap");
+        for i in [8, 20, bytes.len() / 2, bytes.len() - 3] {
+            let mut b2 = bytes.clone();
+            b2[i] ^= 0x40;
+            std::fs::write(&bad, &b2).unwrap();
+            assert!(validate_snapshot_file(&bad).is_err(), "flip at {i} not caught");
+        }
+        std::fs::write(&bad, &bytes[..bytes.len() - 17]).unwrap();
+        assert!(validate_snapshot_file(&bad).is_err(), "truncation not caught");
+        let mut longer = bytes.clone();
+        longer.push(0);
+        std::fs::write(&bad, &longer).unwrap();
+        assert!(validate_snapshot_file(&bad).is_err(), "trailing bytes not caught");
+
+        // A marker whose file is corrupt cannot be redone: the replica becomes
+        // uninitialized (data in the span, applied state and log gone; vote and descriptor
+        // kept; other ranges untouched) and the node still starts.
+        let vote: crate::raft::Vote = openraft::Vote::new(7, 2);
+        b.raft
+            .insert(
+                crate::engine::raft_key(r, crate::engine::TAG_VOTE),
+                encode(&vote).unwrap(),
+            )
+            .unwrap();
+        b.raft.insert(crate::engine::log_key(r, 3), b"entry".to_vec()).unwrap();
+        let mut b2 = bytes.clone();
+        let mid = b2.len() / 2;
+        b2[mid] ^= 0x40;
+        std::fs::write(&bad, &b2).unwrap();
+        let marker = encode(&InstallMarker {
+            path: bad.to_string_lossy().into_owned(),
+            meta: meta.clone(),
+            start: desc.start.clone(),
+            end: desc.end.clone(),
+        })
+        .unwrap();
+        b.meta.insert(installing_key(r), marker).unwrap();
+        // An undecodable marker of another range is handled per range too.
+        b.meta
+            .insert(installing_key(RangeId(2)), b"\xff\xff garbage".to_vec())
+            .unwrap();
+        assert!(recover_interrupted_installs(&b).unwrap().is_empty());
+        assert_eq!(b.get_data(b"b").unwrap(), None);
+        assert_eq!(b.get_data(b"c").unwrap(), None);
+        assert_eq!(b.get_data(b"zz").unwrap(), Some((9, b"keep".to_vec())));
+        assert!(b.meta.get(applied_key(r)).unwrap().is_none());
+        assert!(b.meta.get(installing_key(r)).unwrap().is_none());
+        assert!(b.meta.get(installing_key(RangeId(2))).unwrap().is_none());
+        assert!(b.raft.get(crate::engine::log_key(r, 3)).unwrap().is_none());
+        assert_eq!(crate::raft::log_store::read_vote(&b, r).unwrap(), Some(vote));
+        assert_eq!(b.load_descriptors().unwrap(), vec![desc]);
     }
 }
