@@ -235,6 +235,14 @@ impl Cluster {
         self.stores[i] = Some(h);
     }
 
+    /// Starts one more storenode (a new data dir); returns its index.
+    pub async fn add_store(&mut self) -> usize {
+        let i = self.stores.len();
+        let h = self.start_store(i).await;
+        self.stores.push(Some(h));
+        i
+    }
+
     /// Stops placement instance `i`.
     pub async fn stop_placement(&mut self, i: usize) {
         if let Some(h) = self.placements.get_mut(i).and_then(|s| s.take()) {
