@@ -58,6 +58,9 @@ impl Placement {
         metrics: String,
         cancel: &CancellationToken,
     ) -> anyhow::Result<StoreId> {
+        // Placement electing its leader while stores start is expected: stay quiet for
+        // the first few seconds, then warn.
+        let started = std::time::Instant::now();
         loop {
             let req = RegisterStoreRequest {
                 store_id: known.map(|s| s.0).unwrap_or(0),
@@ -74,6 +77,9 @@ impl Placement {
             {
                 Ok(r) if r.store_id != 0 => return Ok(StoreId(r.store_id)),
                 Ok(_) => tracing::warn!("placement returned store id 0"),
+                Err(e) if started.elapsed() < Duration::from_secs(5) => {
+                    tracing::debug!(error = %e, "placement not ready for registration yet; retrying")
+                }
                 Err(e) => tracing::warn!(error = %e, "placement registration failed; retrying"),
             }
             tokio::select! {
