@@ -1,7 +1,7 @@
 //! Data commands through the SDK: get, put, delete, scan, cas.
 
 use crate::args::{Global, Output, ScanArgs};
-use crate::output::{input_bytes, json_bytes, show_bytes, table};
+use crate::output::{input_bytes, json_bytes, show_bytes, show_cell, table};
 use anyhow::Result;
 use futures::StreamExt;
 use serde_json::{Map, Value, json};
@@ -148,8 +148,8 @@ pub async fn scan(g: &Global, a: &ScanArgs) -> Result<ExitCode> {
             while let Some(kv) = stream.next().await {
                 let kv = kv?;
                 rows.push(vec![
-                    show_bytes(&kv.key, g.hex),
-                    show_bytes(&kv.value, g.hex),
+                    show_cell(&kv.key, g.hex),
+                    show_cell(&kv.value, g.hex),
                     kv.version.to_string(),
                 ]);
             }

@@ -66,6 +66,24 @@ pub fn show_bytes(b: &[u8], hex: bool) -> String {
     }
 }
 
+/// Like [`show_bytes`], for a table cell: control characters (newlines, tabs,
+/// other C0/C1 codes) are escaped too, so one entry stays on one line.
+pub fn show_cell(b: &[u8], hex: bool) -> String {
+    let s = show_bytes(b, hex);
+    if !s.chars().any(char::is_control) {
+        return s;
+    }
+    s.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
 /// A key or value for JSON: `{"<name>": "..."}` when UTF-8 (and not `--hex`),
 /// else `{"<name>_hex": "..."}`.
 pub fn json_bytes(obj: &mut serde_json::Map<String, serde_json::Value>, name: &str, b: &[u8], hex: bool) {
@@ -150,6 +168,8 @@ mod tests {
         assert_eq!(show_bytes(b"hi", false), "hi");
         assert_eq!(show_bytes(b"hi", true), "6869");
         assert_eq!(show_bytes(&[0xff], false), "\\xff");
+        assert_eq!(show_cell(b"a\nb\x05", false), "a\\nb\\u{5}");
+        assert_eq!(show_cell(b"plain", false), "plain");
         assert_eq!(input_bytes("6869", true).unwrap(), b"hi");
         assert!(input_bytes("zz", true).is_err());
         let mut m = serde_json::Map::new();
