@@ -14,6 +14,7 @@ use skv_placement::meta::{
 use skv_placement::metrics::Metrics;
 use skv_placement::rangemap::{Incoming, UpdatePlan, encode_record};
 use skv_proto::internal::{RangeDescriptor, RangeEpoch, RangeInfo};
+use skv_testkit::{Etcd, wait_until};
 use std::any::Any;
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,8 +22,8 @@ use std::time::Duration;
 type Fixture = (DynMetaStore, Box<dyn Any + Send>);
 
 async fn etcd_fixture() -> Fixture {
-    let g = support::etcd::EtcdGuard::start();
-    let s = EtcdStore::connect(std::slice::from_ref(&g.endpoint))
+    let g = Etcd::start().await;
+    let s = EtcdStore::connect(std::slice::from_ref(&g.client_url))
         .await
         .expect("connect etcd");
     (Arc::new(s), Box::new(g))
@@ -392,7 +393,7 @@ mod cases {
         }
         assert!(s.get(b"/l/2").await.unwrap().is_some());
         // Not kept alive: expires.
-        support::eventually(Duration::from_secs(10), "lease expiry", || {
+        wait_until("lease expiry", Duration::from_secs(10), || {
             let s = s.clone();
             async move { s.get(b"/l/2").await.unwrap().is_none().then_some(()) }
         })

@@ -11,17 +11,16 @@ use skv_placement::meta::DynMetaStore;
 use skv_placement::meta::etcd::EtcdStore;
 use skv_proto::internal::placement_client::PlacementClient;
 use skv_proto::internal::*;
+use skv_testkit::{ChildGuard, Etcd, wait_until};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use support::etcd::EtcdGuard;
-use support::eventually;
 use support::fake_store::FakeStore;
 use tonic::transport::Channel;
 
 const PREFIX: &str = "/skv/test";
 
-fn cfg(etcd: &EtcdGuard) -> Config {
-    let mut c = Config::for_test(std::env::temp_dir(), vec![etcd.endpoint.clone()], PREFIX);
+fn cfg(etcd: &Etcd) -> Config {
+    let mut c = Config::for_test(std::env::temp_dir(), vec![etcd.client_url.clone()], PREFIX);
     c.schedule_interval_ms = 100;
     c.initial_wait_ms = 300;
     c
@@ -38,7 +37,7 @@ async fn leader_addr(c: &mut PlacementClient<Channel>) -> Option<String> {
 }
 
 /// Starts `n` instances concurrently and waits for one leader.
-async fn start_n(etcd: &EtcdGuard, n: usize, tweak: impl Fn(&mut Config)) -> Vec<ServiceHandle> {
+async fn start_n(etcd: &Etcd, n: usize, tweak: impl Fn(&mut Config)) -> Vec<ServiceHandle> {
     let mut c = cfg(etcd);
     tweak(&mut c);
     let handles = futures::future::join_all((0..n).map(|_| skv_placement::start(c.clone()))).await;
@@ -49,7 +48,7 @@ async fn start_n(etcd: &EtcdGuard, n: usize, tweak: impl Fn(&mut Config)) -> Vec
 
 async fn find_leader(handles: &[ServiceHandle]) -> usize {
     let c = client(handles[0].addr).await;
-    let addr = eventually(Duration::from_secs(10), "leader", || {
+    let addr = wait_until("leader", Duration::from_secs(10), || {
         let mut c = c.clone();
         async move { leader_addr(&mut c).await }
     })
@@ -84,7 +83,7 @@ async fn shutdown_all(handles: Vec<ServiceHandle>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bootstrap_race_three_instances_one_cluster() {
-    let etcd = EtcdGuard::start();
+    let etcd = Etcd::start().await;
     let handles = start_n(&etcd, 3, |_| {}).await;
     let mut ids = Vec::new();
     for h in &handles {
@@ -115,7 +114,11 @@ async fn bootstrap_race_three_instances_one_cluster() {
         })
     );
     // Straight from etcd: exactly one cluster id and one range record.
-    let store: DynMetaStore = Arc::new(EtcdStore::connect(std::slice::from_ref(&etcd.endpoint)).await.unwrap());
+    let store: DynMetaStore = Arc::new(
+        EtcdStore::connect(std::slice::from_ref(&etcd.client_url))
+            .await
+            .unwrap(),
+    );
     let l = Layout::new(PREFIX);
     let (from, to) = l.ranges_bounds();
     assert_eq!(store.range(&from, &to, 0).await.unwrap().kvs.len(), 1);
@@ -134,7 +137,7 @@ async fn bootstrap_race_three_instances_one_cluster() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leader_failover_after_clean_shutdown() {
-    let etcd = EtcdGuard::start();
+    let etcd = Etcd::start().await;
     let mut handles = start_n(&etcd, 3, |_| {}).await;
     let li = find_leader(&handles).await;
     let old = handles.remove(li);
@@ -142,7 +145,7 @@ async fn leader_failover_after_clean_shutdown() {
     let t0 = Instant::now();
     old.shutdown().await.unwrap();
     let c = client(handles[0].addr).await;
-    let new = eventually(Duration::from_secs(10), "a new leader", || {
+    let new = wait_until("a new leader", Duration::from_secs(10), || {
         let mut c = c.clone();
         let old_addr = old_addr.clone();
         async move { leader_addr(&mut c).await.filter(|a| a != &old_addr) }
@@ -153,7 +156,7 @@ async fn leader_failover_after_clean_shutdown() {
     assert!(took < Duration::from_secs(10));
     // The new leader serves writes, and the follower forwards to it (a follower may answer
     // UNAVAILABLE for one campaign interval while it learns the new leader).
-    let r = eventually(Duration::from_secs(5), "AllocIds after failover", || {
+    let r = wait_until("AllocIds after failover", Duration::from_secs(5), || {
         let mut c = c.clone();
         async move { c.alloc_ids(AllocIdsRequest { count: 5 }).await.ok() }
     })
@@ -165,16 +168,16 @@ async fn leader_failover_after_clean_shutdown() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leader_failover_after_crash_of_leader_process() {
-    let etcd = EtcdGuard::start();
+    let etcd = Etcd::start().await;
     let bin = env!("CARGO_BIN_EXE_skv-placement");
-    let mut procs: Vec<support::procs::ProcGuard> = (0..3)
+    let mut procs: Vec<(String, ChildGuard)> = (0..3)
         .map(|i| {
-            let addr = format!("127.0.0.1:{}", support::free_port());
+            let addr = format!("127.0.0.1:{}", skv_testkit::free_port());
             let args = vec![
                 "--listen".to_string(),
                 addr.clone(),
                 "--etcd".to_string(),
-                etcd.endpoint.clone(),
+                etcd.client_url.clone(),
                 "--etcd-prefix".to_string(),
                 PREFIX.to_string(),
                 "--name".to_string(),
@@ -182,21 +185,27 @@ async fn leader_failover_after_crash_of_leader_process() {
                 "--lease-ttl-secs".to_string(),
                 "3".to_string(),
             ];
-            support::procs::ProcGuard::spawn(bin, &args, addr)
+            let mut cmd = std::process::Command::new(bin);
+            cmd.args(&args)
+                .env("RUST_LOG", "warn")
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null());
+            let guard = ChildGuard::spawn(format!("placement-{i}"), &mut cmd).expect("spawn skv-placement");
+            (addr, guard)
         })
         .collect();
-    let mut c = client(&procs[0].addr).await;
-    let leader = eventually(Duration::from_secs(20), "a leader among the processes", || {
+    let mut c = client(&procs[0].0).await;
+    let leader = wait_until("a leader among the processes", Duration::from_secs(20), || {
         let mut c = c.clone();
         async move { leader_addr(&mut c).await }
     })
     .await;
-    let li = procs.iter().position(|p| p.addr == leader).unwrap();
+    let li = procs.iter().position(|p| p.0 == leader).unwrap();
     let t0 = Instant::now();
-    procs[li].kill();
-    let survivor = procs.iter().find(|p| p.addr != leader).unwrap().addr.clone();
+    procs[li].1.kill();
+    let survivor = procs.iter().find(|p| p.0 != leader).unwrap().0.clone();
     c = client(&survivor).await;
-    let new = eventually(Duration::from_secs(15), "a new leader after the crash", || {
+    let new = wait_until("a new leader after the crash", Duration::from_secs(15), || {
         let mut c = c.clone();
         let leader = leader.clone();
         async move { leader_addr(&mut c).await.filter(|a| a != &leader) }
@@ -209,7 +218,7 @@ async fn leader_failover_after_crash_of_leader_process() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn epoch_cas_refuses_stale_updates() {
-    let etcd = EtcdGuard::start();
+    let etcd = Etcd::start().await;
     let handles = start_n(&etcd, 1, |_| {}).await;
     let mut c = client(handles[0].addr).await;
     let hb = |d: RangeDescriptor, leader: u64, term: u64| RangeHeartbeatRequest {
@@ -281,7 +290,11 @@ async fn epoch_cas_refuses_stale_updates() {
         .into_inner();
     assert_eq!(part.ranges.len(), 1);
     // Two writers racing with updates of random epochs: the map ends at the newest one.
-    let store: DynMetaStore = Arc::new(EtcdStore::connect(std::slice::from_ref(&etcd.endpoint)).await.unwrap());
+    let store: DynMetaStore = Arc::new(
+        EtcdStore::connect(std::slice::from_ref(&etcd.client_url))
+            .await
+            .unwrap(),
+    );
     let metas: Vec<_> = (0..2)
         .map(|_| {
             skv_placement::cluster::Meta::new(
@@ -325,7 +338,7 @@ async fn epoch_cas_refuses_stale_updates() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_on_follower_sees_split() {
-    let etcd = EtcdGuard::start();
+    let etcd = Etcd::start().await;
     let handles = start_n(&etcd, 2, |_| {}).await;
     let li = find_leader(&handles).await;
     let follower = &handles[1 - li];
@@ -389,7 +402,7 @@ async fn watch_on_follower_sees_split() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn store_goes_down_after_silence_and_comes_back() {
-    let etcd = EtcdGuard::start();
+    let etcd = Etcd::start().await;
     let handles = start_n(&etcd, 2, |c| c.store_down_after_ms = 600).await;
     let li = find_leader(&handles).await;
     let mut c = client(handles[1 - li].addr).await; // via the follower
@@ -422,7 +435,7 @@ async fn store_goes_down_after_silence_and_comes_back() {
     assert_eq!(resp.stores.len(), 1);
     assert_eq!(state(c.clone()).await, StoreState::Up as i32);
     let t0 = Instant::now();
-    eventually(Duration::from_secs(5), "store DOWN", || {
+    wait_until("store DOWN", Duration::from_secs(5), || {
         let c = c.clone();
         async move { (state(c).await == StoreState::Down as i32).then_some(()) }
     })
@@ -472,7 +485,7 @@ async fn register(c: &mut PlacementClient<Channel>, addr: std::net::SocketAddr) 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scheduler_places_range_on_three_fake_stores() {
-    let etcd = EtcdGuard::start();
+    let etcd = Etcd::start().await;
     let handles = start_n(&etcd, 1, |c| c.initial_wait_ms = 60_000).await;
     let mut c = client(handles[0].addr).await;
     let fakes = vec![
@@ -490,7 +503,7 @@ async fn scheduler_places_range_on_three_fake_stores() {
             .map(|f| f.calls.lock().unwrap().create_replica.len())
             .sum::<usize>()
     };
-    eventually(Duration::from_secs(10), "3 CreateReplica calls", || async {
+    wait_until("3 CreateReplica calls", Duration::from_secs(10), || async {
         (total() >= 3).then_some(())
     })
     .await;
@@ -530,13 +543,13 @@ async fn scheduler_places_range_on_three_fake_stores() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scheduler_up_replicates_and_admin_split_uses_leader_store() {
-    let etcd = EtcdGuard::start();
+    let etcd = Etcd::start().await;
     let handles = start_n(&etcd, 1, |c| c.initial_wait_ms = 200).await;
     let mut c = client(handles[0].addr).await;
     let f1 = FakeStore::spawn().await;
     let s1 = register(&mut c, f1.addr).await;
     // One store, after initial_wait: placed alone, with bootstrap.
-    eventually(Duration::from_secs(10), "initial placement on one store", || async {
+    wait_until("initial placement on one store", Duration::from_secs(10), || async {
         let g = f1.calls.lock().unwrap();
         g.create_replica.first().cloned()
     })
@@ -562,7 +575,7 @@ async fn scheduler_up_replicates_and_admin_split_uses_leader_store() {
     // A second store joins: CreateReplica(bootstrap=false) on it, ADD_VOTER on the leader.
     let f2 = FakeStore::spawn().await;
     let s2 = register(&mut c, f2.addr).await;
-    let cc = eventually(Duration::from_secs(10), "ChangeReplicas on the leader", || {
+    let cc = wait_until("ChangeReplicas on the leader", Duration::from_secs(10), || {
         let r = report.clone();
         let mut c = c.clone();
         let f1c = f1.calls.clone();
@@ -577,7 +590,7 @@ async fn scheduler_up_replicates_and_admin_split_uses_leader_store() {
     let cr2 = f2.calls.lock().unwrap().create_replica[0].clone();
     assert!(!cr2.bootstrap);
     // Placement records the descriptor ChangeReplicas answered with.
-    let info = eventually(Duration::from_secs(5), "two voters in the map", || {
+    let info = wait_until("two voters in the map", Duration::from_secs(5), || {
         let mut c = c.clone();
         async move {
             let r = c
@@ -636,7 +649,7 @@ async fn scheduler_up_replicates_and_admin_split_uses_leader_store() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn alloc_ids_unique_across_leader_and_follower() {
-    let etcd = EtcdGuard::start();
+    let etcd = Etcd::start().await;
     let handles = start_n(&etcd, 2, |_| {}).await;
     let mut seen = std::collections::HashSet::new();
     for h in &handles {
@@ -659,7 +672,7 @@ async fn embedded_store_placement_survives_restart() {
     c.schedule_interval_ms = 100;
     let h = skv_placement::start(c.clone()).await.unwrap();
     let mut pc = client(h.addr).await;
-    eventually(Duration::from_secs(10), "embedded leader", || {
+    wait_until("embedded leader", Duration::from_secs(10), || {
         let mut pc = pc.clone();
         async move { leader_addr(&mut pc).await }
     })
@@ -693,7 +706,7 @@ async fn embedded_store_placement_survives_restart() {
     assert_eq!(ids, vec![1, 50]);
     assert!(scan.stores.iter().any(|s| s.store_id == id));
     // The embedded store elects this single instance.
-    eventually(Duration::from_secs(10), "embedded leader after restart", || {
+    wait_until("embedded leader after restart", Duration::from_secs(10), || {
         let mut pc = pc.clone();
         let me = h.addr.to_string();
         async move { leader_addr(&mut pc).await.filter(|a| *a == me) }
@@ -725,7 +738,7 @@ async fn serves_metrics_health_and_readiness() {
     };
     assert!(get("/readyz").await.starts_with("HTTP/1.1 200"));
     assert!(get("/healthz").await.starts_with("HTTP/1.1 200"));
-    eventually(Duration::from_secs(10), "is_leader 1 and a range count", || async {
+    wait_until("is_leader 1 and a range count", Duration::from_secs(10), || async {
         let m = get("/metrics").await;
         (m.contains("skv_placement_is_leader 1") && m.contains("skv_placement_ranges 1")).then_some(())
     })
@@ -735,8 +748,12 @@ async fn serves_metrics_health_and_readiness() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_bootstraps_create_one_cluster() {
-    let etcd = EtcdGuard::start();
-    let store: DynMetaStore = Arc::new(EtcdStore::connect(std::slice::from_ref(&etcd.endpoint)).await.unwrap());
+    let etcd = Etcd::start().await;
+    let store: DynMetaStore = Arc::new(
+        EtcdStore::connect(std::slice::from_ref(&etcd.client_url))
+            .await
+            .unwrap(),
+    );
     let metas: Vec<_> = (0..8)
         .map(|_| {
             skv_placement::cluster::Meta::new(
@@ -756,7 +773,7 @@ async fn concurrent_bootstraps_create_one_cluster() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn follower_never_forwards_a_forwarded_request() {
-    let etcd = EtcdGuard::start();
+    let etcd = Etcd::start().await;
     let handles = start_n(&etcd, 2, |_| {}).await;
     let li = find_leader(&handles).await;
     let mut c = client(handles[1 - li].addr).await;
@@ -773,7 +790,7 @@ async fn follower_never_forwards_a_forwarded_request() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn paused_scheduler_issues_no_operators_until_resumed() {
-    let etcd = EtcdGuard::start();
+    let etcd = Etcd::start().await;
     let handles = start_n(&etcd, 2, |_| {}).await;
     let li = find_leader(&handles).await;
     // Pause through the follower (forwarded to the leader).
@@ -803,7 +820,7 @@ async fn paused_scheduler_issues_no_operators_until_resumed() {
     old.shutdown().await.unwrap();
     let mut c = client(handles[0].addr).await;
     let me = handles[0].addr.to_string();
-    eventually(Duration::from_secs(10), "the survivor leads", || {
+    wait_until("the survivor leads", Duration::from_secs(10), || {
         let mut c = c.clone();
         let me = me.clone();
         async move { leader_addr(&mut c).await.filter(|a| *a == me) }
@@ -814,7 +831,7 @@ async fn paused_scheduler_issues_no_operators_until_resumed() {
     c.set_scheduler_paused(SetSchedulerPausedRequest { paused: false })
         .await
         .unwrap();
-    eventually(Duration::from_secs(10), "placement after resume", || async {
+    wait_until("placement after resume", Duration::from_secs(10), || async {
         (total() == 3).then_some(())
     })
     .await;
@@ -823,7 +840,7 @@ async fn paused_scheduler_issues_no_operators_until_resumed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leaderless_range_gets_create_replica_again_until_a_leader_reports() {
-    let etcd = EtcdGuard::start();
+    let etcd = Etcd::start().await;
     // 100 ms ticks: a range without a leader report for 2 s gets CreateReplica again.
     let handles = start_n(&etcd, 1, |c| c.schedule_interval_ms = 100).await;
     let mut c = client(handles[0].addr).await;
@@ -842,13 +859,13 @@ async fn leaderless_range_gets_create_replica_again_until_a_leader_reports() {
             .map(|f| f.calls.lock().unwrap().create_replica.len())
             .sum::<usize>()
     };
-    eventually(Duration::from_secs(10), "initial placement", || async {
+    wait_until("initial placement", Duration::from_secs(10), || async {
         (total() == 3).then_some(())
     })
     .await;
     let t0 = Instant::now();
     // Keep the stores alive but report no range leader.
-    eventually(Duration::from_secs(10), "CreateReplica re-sent", || {
+    wait_until("CreateReplica re-sent", Duration::from_secs(10), || {
         let mut c = c.clone();
         let ids = ids.clone();
         let fakes = &fakes;

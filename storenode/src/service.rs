@@ -523,13 +523,13 @@ impl StoreService {
 impl Store for StoreService {
     async fn get(&self, request: Request<StoreGetRequest>) -> Result<Response<StoreGetResponse>, Status> {
         let req = request.into_inner();
-        let span = tracing::debug_span!("get", store_id = %self.node.store_id, range_id = req.header.as_ref().map(|h| h.range_id).unwrap_or(0));
+        let span = self.span("get", req.header.as_ref());
         respond(self.get(req).instrument(span).await, |t, e| t.routing_error = Some(e))
     }
 
     async fn write(&self, request: Request<StoreWriteRequest>) -> Result<Response<StoreWriteResponse>, Status> {
         let req = request.into_inner();
-        let span = tracing::debug_span!("write", store_id = %self.node.store_id, range_id = req.header.as_ref().map(|h| h.range_id).unwrap_or(0));
+        let span = self.span("write", req.header.as_ref());
         respond(self.write(req).instrument(span).await, |t, e| t.routing_error = Some(e))
     }
 
