@@ -207,24 +207,52 @@ impl EmbeddedStore {
     pub fn revision(&self) -> i64 {
         self.inner.lock().revision
     }
+
+    /// Runs `f` on the locked state on tokio's blocking pool: a commit fsyncs, and must
+    /// not stall the async workers (in the playground they also serve storenodes and the proxy).
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Inner) -> MetaResult<T> + Send + 'static,
+    ) -> MetaResult<T> {
+        run_blocking(self.inner.clone(), f).await
+    }
+}
+
+async fn run_blocking<T: Send + 'static>(
+    inner: Arc<Mutex<Inner>>,
+    f: impl FnOnce(&mut Inner) -> MetaResult<T> + Send + 'static,
+) -> MetaResult<T> {
+    tokio::task::spawn_blocking(move || f(&mut inner.lock()))
+        .await
+        .map_err(|e| MetaError::Other(format!("embedded store task failed: {e}")))?
 }
 
 async fn expire_leases(inner: Weak<Mutex<Inner>>) {
     loop {
         tokio::time::sleep(Duration::from_millis(100)).await;
         let Some(inner) = inner.upgrade() else { return };
-        let mut g = inner.lock();
         let now = Instant::now();
-        let expired: Vec<i64> = g
-            .leases
-            .iter()
-            .filter(|(_, l)| l.deadline <= now)
-            .map(|(id, _)| *id)
-            .collect();
-        for id in expired {
-            if let Err(e) = g.revoke(id) {
-                tracing::warn!(lease = id, error = %e, "embedded store: lease expiry failed");
+        if !inner.lock().leases.values().any(|l| l.deadline <= now) {
+            continue;
+        }
+        // Revoking deletes the lease's keys: a durable commit, so off the async workers.
+        let r = run_blocking(inner, move |g| {
+            let expired: Vec<i64> = g
+                .leases
+                .iter()
+                .filter(|(_, l)| l.deadline <= now)
+                .map(|(id, _)| *id)
+                .collect();
+            for id in expired {
+                if let Err(e) = g.revoke(id) {
+                    tracing::warn!(lease = id, error = %e, "embedded store: lease expiry failed");
+                }
             }
+            Ok(())
+        })
+        .await;
+        if let Err(e) = r {
+            tracing::warn!(error = %e, "embedded store: lease expiry task failed");
         }
     }
 }
@@ -372,25 +400,27 @@ impl MetaStore for EmbeddedStore {
     }
 
     async fn txn(&self, txn: Txn) -> MetaResult<TxnResult> {
-        let mut g = self.inner.lock();
-        let ok = txn.compares.iter().all(|c| {
-            if c.range_end.is_empty() {
-                c.holds(g.kvs.get(&c.key))
-            } else {
-                c.holds_all(
-                    g.kvs
-                        .range(c.key.clone()..)
-                        .map(|(_, kv)| kv)
-                        .take_while(|kv| in_key_range(&kv.key, &c.key, &c.range_end)),
-                )
-            }
-        });
-        let ops = if ok { txn.success } else { txn.failure };
-        let revision = g.commit(ops)?;
-        Ok(TxnResult {
-            succeeded: ok,
-            revision,
+        self.blocking(move |g| {
+            let ok = txn.compares.iter().all(|c| {
+                if c.range_end.is_empty() {
+                    c.holds(g.kvs.get(&c.key))
+                } else {
+                    c.holds_all(
+                        g.kvs
+                            .range(c.key.clone()..)
+                            .map(|(_, kv)| kv)
+                            .take_while(|kv| in_key_range(&kv.key, &c.key, &c.range_end)),
+                    )
+                }
+            });
+            let ops = if ok { txn.success } else { txn.failure };
+            let revision = g.commit(ops)?;
+            Ok(TxnResult {
+                succeeded: ok,
+                revision,
+            })
         })
+        .await
     }
 
     async fn watch(&self, start: &[u8], end: &[u8], from: i64) -> MetaResult<WatchStream> {
@@ -456,7 +486,7 @@ impl MetaStore for EmbeddedStore {
     }
 
     async fn revoke_lease(&self, lease: i64) -> MetaResult<()> {
-        self.inner.lock().revoke(lease)
+        self.blocking(move |g| g.revoke(lease)).await
     }
 
     fn kind(&self) -> &'static str {
