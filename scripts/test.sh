@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # skv's one test command (README "Run the tests"; .ci/run calls exactly this).
 # On a fresh Debian machine it installs what the tests need, then runs every check:
-#   1. system packages: etcd-server, etcd-client, protobuf-compiler (apt)
+#   1. system packages: etcd-server, etcd-client (apt); no protoc (ADR 0011)
 #   2. Python grpcio-tools in a venv (a client in another language)
 #   3. cargo fmt --check, cargo clippy -D warnings
-#   4. cargo build --bins (tests start the real binaries), cargo nextest run
-#   5. every proto compiles with protoc and with Python's grpc_tools.protoc
+#   4. every proto compiles with protoc (the one in Python's grpcio-tools)
+#   5. the build needs no protoc; cargo build --bins (tests start them); cargo nextest run
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -16,7 +16,6 @@ step() { printf '\n==> %s\n' "$*"; }
 need=()
 command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
 command -v etcdctl >/dev/null 2>&1 || need+=(etcd-client)
-command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
 command -v python3 >/dev/null 2>&1 || need+=(python3 python3-venv)
 if [ ${#need[@]} -gt 0 ]; then
   step "installing ${need[*]} (apt)"
@@ -56,16 +55,27 @@ if cargo tree --workspace --locked -e normal,build -i ring >/dev/null 2>&1; then
   exit 1
 fi
 
-# --- 4. protos compile everywhere --------------------------------------------------
-step "protoc -I proto (every proto file)"
+step "the SDK depends on no server crate (ARCHITECTURE.md invariant)"
+if cargo tree -p skv --locked -e normal --prefix none | grep -Eq '^skv-(storenode|placement|proxy|testkit) '; then
+  echo "error: the sdk (crate skv) depends on a server crate:" >&2
+  cargo tree -p skv -e normal -i skv-proxy >&2 || true
+  exit 1
+fi
+
+# --- 4. protos compile with protoc ---------------------------------------------------
+step "protoc -I proto (every proto file, with grpcio-tools' protoc)"
 mapfile -t protos < <(cd proto && find skv -name '*.proto' | sort)
-(cd proto && protoc -I . --descriptor_set_out=/dev/null "${protos[@]}")
 pyout=$(mktemp -d)
-(cd proto && "$SKV_PYTHON" -m grpc_tools.protoc -I . --python_out="$pyout" --grpc_python_out="$pyout" "${protos[@]}")
+(cd proto && "$SKV_PYTHON" -m grpc_tools.protoc -I . --descriptor_set_out=/dev/null \
+  --python_out="$pyout" --grpc_python_out="$pyout" "${protos[@]}")
 rm -rf "$pyout"
-echo "all ${#protos[@]} proto files compile with protoc and grpc_tools.protoc"
+echo "all ${#protos[@]} proto files compile with protoc"
 
 # --- 5. build the binaries the tests start, then run every test --------------------
+step "building needs no protoc (README's first command on a fresh machine; ADR 0011)"
+nopath=$(printf '%s' "$PATH" | tr ':' '\n' | while read -r d; do [ -x "$d/protoc" ] || printf '%s:' "$d"; done)
+cargo clean -p etcd-client --locked 2>/dev/null || true
+env PATH="${nopath%:}" cargo build -p etcd-client --locked
 step "cargo build --bins"
 cargo build --workspace --bins --locked
 step "cargo nextest run"
