@@ -8,6 +8,61 @@ pub fn in_range(key: &[u8], start: &[u8], end: &[u8]) -> bool {
     key >= start && (end.is_empty() || key < end)
 }
 
+/// A span of keys `[start, end)`; an empty `end` is +infinity. The one definition of
+/// "contains" and "overlaps" for ranges, scans and snapshots.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KeySpan<'a> {
+    pub start: &'a [u8],
+    pub end: &'a [u8],
+}
+
+impl<'a> KeySpan<'a> {
+    pub fn new(start: &'a [u8], end: &'a [u8]) -> Self {
+        KeySpan { start, end }
+    }
+
+    /// The span of a descriptor.
+    pub fn of(d: &'a RangeDescriptor) -> Self {
+        KeySpan::new(&d.start, &d.end)
+    }
+
+    pub fn contains(&self, key: &[u8]) -> bool {
+        in_range(key, self.start, self.end)
+    }
+
+    /// Whether the two spans share at least one key.
+    pub fn overlaps(&self, other: &KeySpan<'_>) -> bool {
+        // start < end, where an empty end is +infinity (an empty start is the least key).
+        let before = |start: &[u8], end: &[u8]| end.is_empty() || start < end;
+        before(self.start, other.end) && before(other.start, self.end)
+    }
+}
+
+/// Longest tenant namespace, in bytes.
+pub const MAX_NAMESPACE_LEN: usize = crate::limits::MAX_NAMESPACE_LEN;
+
+/// The key prefix of namespace `ns`: `u16 big-endian len(ns) ++ ns`
+/// (docs/dev/contracts.md). The length makes it prefix-free: no namespace's prefix is a
+/// prefix of another's, so their key spans are disjoint. None unless `ns` is 1..=255 bytes.
+pub fn namespace_prefix(ns: &[u8]) -> Option<Vec<u8>> {
+    if ns.is_empty() || ns.len() > MAX_NAMESPACE_LEN {
+        return None;
+    }
+    let mut prefix = Vec::with_capacity(2 + ns.len());
+    prefix.extend_from_slice(&(ns.len() as u16).to_be_bytes());
+    prefix.extend_from_slice(ns);
+    Some(prefix)
+}
+
+/// Splits an internal key into (namespace, user key), when it starts with a namespace prefix.
+pub fn split_namespace(key: &[u8]) -> Option<(&[u8], &[u8])> {
+    let n = u16::from_be_bytes([*key.first()?, *key.get(1)?]) as usize;
+    if n == 0 || n > MAX_NAMESPACE_LEN || key.len() < 2 + n {
+        return None;
+    }
+    Some((&key[2..2 + n], &key[2 + n..]))
+}
+
 /// Whether `key` lies in the descriptor's bounds.
 pub fn desc_contains(d: &RangeDescriptor, key: &[u8]) -> bool {
     in_range(key, &d.start, &d.end)
@@ -54,6 +109,45 @@ pub fn epoch_stale(a: &RangeEpoch, b: &RangeEpoch) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn spans() {
+        let s = KeySpan::new;
+        // (a, b, overlaps)
+        let table: [(KeySpan, KeySpan, bool); 10] = [
+            (s(b"a", b"c"), s(b"b", b"d"), true),
+            (s(b"a", b"c"), s(b"c", b"d"), false),
+            (s(b"c", b"d"), s(b"a", b"c"), false),
+            (s(b"a", b""), s(b"z", b""), true),
+            (s(b"", b"b"), s(b"a", b"c"), true),
+            (s(b"", b""), s(b"x", b"y"), true),
+            (s(b"", b"a"), s(b"a", b""), false),
+            (s(b"", b"a"), s(b"", b"b"), true),
+            (s(b"m", b""), s(b"", b"m"), false),
+            (s(b"m", b""), s(b"", b"n"), true),
+        ];
+        for (a, b, want) in table {
+            assert_eq!(a.overlaps(&b), want, "{a:?} ~ {b:?}");
+            assert_eq!(b.overlaps(&a), want, "{b:?} ~ {a:?}");
+        }
+        assert!(s(b"a", b"").contains(b"\xff"));
+        assert!(!s(b"a", b"b").contains(b"b"));
+    }
+
+    #[test]
+    fn namespaces() {
+        let p = namespace_prefix(b"team").unwrap();
+        assert_eq!(p, b"\x00\x04team");
+        let mut k = p.clone();
+        k.extend_from_slice(b"key");
+        assert_eq!(split_namespace(&k), Some((&b"team"[..], &b"key"[..])));
+        assert_eq!(split_namespace(b"\x00\x09short"), None);
+        assert_eq!(split_namespace(b"\x00"), None);
+        assert_eq!(split_namespace(b""), None);
+        assert!(namespace_prefix(b"").is_none());
+        assert!(namespace_prefix(&[b'a'; 256]).is_none());
+        assert!(namespace_prefix(&[b'a'; 255]).is_some());
+    }
 
     #[test]
     fn ranges_and_prefixes() {

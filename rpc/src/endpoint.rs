@@ -1,0 +1,92 @@
+use crate::RpcError;
+use std::time::Duration;
+use tonic::transport::{Channel, Endpoint};
+
+/// Connection settings. The defaults suit traffic inside the cluster.
+#[derive(Clone, Debug)]
+pub struct EndpointOptions {
+    pub connect_timeout: Duration,
+    /// HTTP/2 PING interval; a dead peer is noticed within `keepalive_interval + keepalive_timeout`.
+    pub keepalive_interval: Duration,
+    pub keepalive_timeout: Duration,
+    /// Deadline of every call on the channel, when the caller sets none of its own.
+    pub request_timeout: Option<Duration>,
+}
+
+impl Default for EndpointOptions {
+    fn default() -> Self {
+        EndpointOptions {
+            connect_timeout: Duration::from_secs(1),
+            keepalive_interval: Duration::from_secs(10),
+            keepalive_timeout: Duration::from_secs(5),
+            request_timeout: None,
+        }
+    }
+}
+
+/// `host:port` → `http://host:port`; a URL is kept as it is.
+pub fn url(addr: &str) -> String {
+    let addr = addr.trim();
+    if addr.contains("://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    }
+}
+
+/// An endpoint with the default [`EndpointOptions`].
+pub fn endpoint(addr: &str) -> Result<Endpoint, RpcError> {
+    endpoint_with(addr, &EndpointOptions::default())
+}
+
+/// An endpoint for `addr` (`host:port` or a URL). `TCP_NODELAY` is always on: skv's
+/// messages are small request/response pairs, and Nagle plus delayed ACKs would add
+/// ~40 ms to them.
+pub fn endpoint_with(addr: &str, o: &EndpointOptions) -> Result<Endpoint, RpcError> {
+    let u = url(addr);
+    let ep = Endpoint::from_shared(u.clone()).map_err(|e| RpcError::BadAddress {
+        addr: u,
+        reason: e.to_string(),
+    })?;
+    let ep = match o.request_timeout {
+        Some(t) => ep.timeout(t),
+        None => ep,
+    };
+    Ok(ep
+        .connect_timeout(o.connect_timeout)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(o.keepalive_interval)
+        .keep_alive_timeout(o.keepalive_timeout)
+        .keep_alive_while_idle(true))
+}
+
+/// A channel that connects on first use (and reconnects after failures).
+pub fn lazy_channel(addr: &str) -> Result<Channel, RpcError> {
+    Ok(endpoint(addr)?.connect_lazy())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls() {
+        for (input, want) in [
+            ("127.0.0.1:7000", "http://127.0.0.1:7000"),
+            (" 127.0.0.1:7000 ", "http://127.0.0.1:7000"),
+            ("http://h:1", "http://h:1"),
+            ("https://h:1", "https://h:1"),
+        ] {
+            assert_eq!(url(input), want, "{input}");
+        }
+    }
+
+    #[test]
+    fn bad_address_is_an_error_not_a_panic() {
+        assert!(matches!(
+            endpoint("http://bad host:1"),
+            Err(RpcError::BadAddress { .. })
+        ));
+        assert!(endpoint("127.0.0.1:1").is_ok());
+    }
+}

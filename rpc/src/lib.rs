@@ -1,0 +1,27 @@
+//! How skv components and clients talk gRPC, in one place (issue 8: one shared client layer).
+//!
+//! - [`endpoint`] / [`lazy_channel`]: the only way skv builds a tonic channel (connect
+//!   timeout, `TCP_NODELAY`, HTTP/2 keepalive; TLS comes here with the security milestone).
+//! - [`Backoff`]: bounded exponential backoff with full jitter; the jitter is passed in, so
+//!   the schedule is a pure function that tests can table.
+//! - [`PlacementMembers`]: the one client of the placement service. It tries each member
+//!   in turn, the last good one first, each try bounded and all under the caller's deadline.
+//!
+//! This crate depends on no server crate, so the SDK can use it too.
+
+mod backoff;
+mod endpoint;
+mod placement;
+
+pub use backoff::Backoff;
+pub use endpoint::{EndpointOptions, endpoint, endpoint_with, lazy_channel, url};
+pub use placement::PlacementMembers;
+
+/// Errors of this crate. A bad address is a configuration error: report it, don't retry.
+#[derive(Debug, thiserror::Error)]
+pub enum RpcError {
+    #[error("bad address {addr:?}: {reason}")]
+    BadAddress { addr: String, reason: String },
+    #[error("no endpoint given")]
+    NoEndpoints,
+}
