@@ -7,35 +7,40 @@ use anyhow::{Context, Result, anyhow};
 use serde_json::{Value, json};
 use skv_proto::internal as pb;
 use skv_proto::internal::placement_client::PlacementClient;
+use skv_rpc::{EndpointOptions, PlacementMembers};
 use std::time::Duration;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
-/// Connects to the first reachable placement endpoint.
+/// Connects to the first placement member that answers (skv-rpc's one placement client).
 pub async fn connect(g: &Global) -> Result<PlacementClient<Channel>> {
-    let mut errors = Vec::new();
-    for raw in &g.placement {
-        let url = if raw.contains("://") {
-            raw.clone()
-        } else {
-            format!("http://{raw}")
-        };
-        let ep = match Endpoint::from_shared(url.clone()) {
-            Ok(ep) => ep.connect_timeout(Duration::from_secs(3)).timeout(g.timeout),
-            Err(e) => {
-                errors.push(format!("{url}: {e}"));
-                continue;
-            }
-        };
-        match ep.connect().await {
-            Ok(ch) => return Ok(PlacementClient::new(ch).max_decoding_message_size(64 * 1024 * 1024)),
-            Err(e) => errors.push(format!("{url}: {e}")),
-        }
-    }
-    Err(anyhow!("no placement endpoint reachable ({})", errors.join("; ")))
+    let options = EndpointOptions {
+        connect_timeout: Duration::from_secs(3),
+        request_timeout: Some(g.timeout),
+        ..EndpointOptions::default()
+    };
+    let members = PlacementMembers::with_options(&g.placement, &options).map_err(|e| anyhow!("--placement: {e}"))?;
+    let deadline = tokio::time::Instant::now() + g.timeout;
+    members
+        .call(deadline, Duration::from_secs(3), |mut c| async move {
+            c.get_members(pb::GetMembersRequest {}).await
+        })
+        .await
+        .map_err(|s| {
+            anyhow!(
+                "no placement member reachable at {}: {}",
+                g.placement.join(","),
+                s.message()
+            )
+        })?;
+    let (_, client) = members.member(members.preferred());
+    Ok(client)
 }
 
 fn status_err(what: &str) -> impl FnOnce(tonic::Status) -> anyhow::Error + '_ {
-    move |s| anyhow!("{what}: {:?}: {}", s.code(), s.message())
+    move |s| match s.code() {
+        tonic::Code::Unimplemented => anyhow!("{what} is not implemented yet in this version of skv ({})", s.message()),
+        _ => anyhow!("{what}: {:?}: {}", s.code(), s.message()),
+    }
 }
 
 fn epoch(d: &pb::RangeDescriptor) -> (u64, u64) {

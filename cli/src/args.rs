@@ -113,14 +113,16 @@ pub enum Command {
         #[arg(long, env = "SKV_RAW_KEY")]
         raw: bool,
     },
-    /// Merge two adjacent ranges.
+    /// Merge two adjacent ranges. NOT YET IMPLEMENTED: placement answers UNIMPLEMENTED
+    /// until range merges land (elasticity milestone).
     Merge {
         #[arg(value_parser = parse_range_id)]
         left: u64,
         #[arg(value_parser = parse_range_id)]
         right: u64,
     },
-    /// Move a replica of a range from one store to another.
+    /// Move a replica of a range from one store to another. NOT YET IMPLEMENTED:
+    /// placement answers UNIMPLEMENTED until replica moves land (elasticity milestone).
     Move {
         #[arg(value_parser = parse_range_id)]
         range: u64,
@@ -137,7 +139,8 @@ pub enum Command {
         #[arg(long, env = "SKV_TO_STORE", value_parser = parse_store_id)]
         to: u64,
     },
-    /// Move every replica off a store.
+    /// Move every replica off a store. NOT YET IMPLEMENTED: placement answers
+    /// UNIMPLEMENTED until drains land (elasticity milestone).
     Drain {
         #[arg(value_parser = parse_store_id)]
         store: u64,

@@ -104,28 +104,19 @@ pub fn show_internal_key(b: &[u8], is_end: bool) -> String {
     if b.is_empty() {
         return if is_end { "+inf".into() } else { "-inf".into() };
     }
-    if b.len() >= 2 {
-        let n = u16::from_be_bytes([b[0], b[1]]) as usize;
-        if n > 0
-            && b.len() >= 2 + n
-            && let Ok(ns) = std::str::from_utf8(&b[2..2 + n])
-            && ns.bytes().all(|c| (0x21..=0x7e).contains(&c))
-        {
-            return format!("{ns}:{}", escape_bytes(&b[2 + n..]));
-        }
+    if let Some((ns, key)) = skv_common::keys::split_namespace(b)
+        && let Ok(ns) = std::str::from_utf8(ns)
+        && ns.bytes().all(|c| (0x21..=0x7e).contains(&c))
+    {
+        return format!("{ns}:{}", escape_bytes(key));
     }
     escape_bytes(b)
 }
 
 /// The internal key of `key` in namespace `ns`: `u16 BE len(ns)` ++ ns ++ key.
 pub fn internal_key(ns: &str, key: &[u8]) -> anyhow::Result<Vec<u8>> {
-    anyhow::ensure!(
-        !ns.is_empty() && ns.len() <= 255,
-        "a namespace is 1 to 255 bytes, {ns:?} is not"
-    );
-    let mut out = Vec::with_capacity(2 + ns.len() + key.len());
-    out.extend_from_slice(&(ns.len() as u16).to_be_bytes());
-    out.extend_from_slice(ns.as_bytes());
+    let mut out = skv_common::keys::namespace_prefix(ns.as_bytes())
+        .ok_or_else(|| anyhow::anyhow!("a namespace is 1 to 255 bytes, {ns:?} is not"))?;
     out.extend_from_slice(key);
     Ok(out)
 }

@@ -3,7 +3,6 @@
 use crate::args::{MintArgs, RoleArg};
 use anyhow::{Context, Result};
 use skv_proxy::auth::{Claims, Role, load_hs256_secret, mint_hs256};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 pub fn role(r: RoleArg) -> Role {
     match r {
@@ -15,20 +14,10 @@ pub fn role(r: RoleArg) -> Role {
 
 /// The claims `skvctl token mint` signs.
 pub fn claims(a: &MintArgs) -> Claims {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    Claims {
-        sub: a.sub.clone(),
-        ns: a.ns.clone(),
-        role: role(a.role),
-        exp: now.saturating_add(a.ttl.as_secs()),
-        nbf: now,
-        iat: now,
-        iss: a.issuer.clone(),
-        aud: a.audience.clone(),
-    }
+    let mut c = Claims::new(a.sub.clone(), a.ns.clone(), role(a.role), a.ttl);
+    c.iss = a.issuer.clone();
+    c.aud = a.audience.clone();
+    c
 }
 
 /// Mints a token from a secret file, read the way the proxy reads it.

@@ -27,7 +27,7 @@ pub const DEFAULT_ISSUER: &str = "skv";
 /// Default `aud`.
 pub const DEFAULT_AUDIENCE: &str = "skv";
 /// Longest namespace, in bytes (the internal prefix stores its length in a u16, we allow 255).
-pub const MAX_NAMESPACE_LEN: usize = 255;
+pub const MAX_NAMESPACE_LEN: usize = skv_common::keys::MAX_NAMESPACE_LEN;
 /// Longest `authorization` header value we look at.
 const MAX_TOKEN_LEN: usize = 16 * 1024;
 

@@ -12,6 +12,7 @@
 pub mod auth;
 pub mod metrics;
 pub mod namespace;
+pub mod retry;
 pub mod router;
 pub mod routing;
 pub mod service;
@@ -154,7 +155,7 @@ pub async fn start(config: Config) -> anyhow::Result<ServiceHandle> {
 
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = metrics::Metrics::new(&mut registry);
-    let placement = router::Placement::new(&config.placement)?;
+    let placement = skv_rpc::PlacementMembers::new(&config.placement)?;
     let router = Arc::new(router::Router::new(placement, metrics.clone()));
     let cancel = CancellationToken::new();
 

@@ -6,10 +6,10 @@
 //! `[prefix, prefix_end(prefix))` are disjoint and no user key of one can land in
 //! the other. Scans are clamped to the span.
 
-use skv_common::keys::prefix_end;
+use skv_common::keys::{namespace_prefix, prefix_end};
 
 /// Longest namespace in bytes.
-pub const MAX_NAMESPACE_LEN: usize = crate::auth::MAX_NAMESPACE_LEN;
+pub const MAX_NAMESPACE_LEN: usize = skv_common::keys::MAX_NAMESPACE_LEN;
 
 /// Why a namespace was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -33,12 +33,7 @@ impl Namespace {
         if ns.is_empty() {
             return Err(NamespaceError::Empty);
         }
-        if ns.len() > MAX_NAMESPACE_LEN {
-            return Err(NamespaceError::TooLong(ns.len()));
-        }
-        let mut prefix = Vec::with_capacity(2 + ns.len());
-        prefix.extend_from_slice(&(ns.len() as u16).to_be_bytes());
-        prefix.extend_from_slice(ns);
+        let prefix = namespace_prefix(ns).ok_or(NamespaceError::TooLong(ns.len()))?;
         // The first byte is 0 (len <= 255), so the end is never +infinity.
         let end = prefix_end(&prefix);
         Ok(Namespace { prefix, end })

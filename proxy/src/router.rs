@@ -2,24 +2,25 @@
 //! and the retry loop that sends one request to the right range.
 
 use crate::metrics::Metrics;
-use crate::routing::{Backoff, RangeCache, Route, StoreBook, pick_any_store, pick_store};
+use crate::retry::{self, Attempt, Kind, Next};
+use crate::routing::{RangeCache, Route, StoreBook, pick_any_store, pick_store};
 use parking_lot::{Mutex, RwLock};
 use skv_common::StoreId;
-use skv_proto::internal::placement_client::PlacementClient;
 use skv_proto::internal::store_client::StoreClient;
 use skv_proto::internal::{
-    GetRangeRequest, GetStoresRequest, RangeInfo, RoutingError, ScanRangesRequest, StoreGetResponse, StoreInfo,
-    StoreScanResponse, StoreWriteResponse, WatchRangesRequest, routing_error,
+    GetRangeRequest, GetStoresRequest, RangeInfo, RoutingError, ScanRangesRequest, StoreBatchGetResponse,
+    StoreBatchWriteResponse, StoreGetResponse, StoreInfo, StoreScanResponse, StoreWriteResponse, WatchRangesRequest,
+    routing_error,
 };
+use skv_rpc::{Backoff, PlacementMembers};
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tonic::metadata::{MetadataMap, MetadataValue};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Code, Status};
 use tracing::{Instrument, debug, info, warn};
 
@@ -27,14 +28,11 @@ use tracing::{Instrument, debug, info, warn};
 pub const OUTCOME_METADATA_KEY: &str = "skv-outcome";
 /// Largest internal response the proxy decodes from a storenode.
 const STORE_MAX_DECODE: usize = 256 * 1024 * 1024;
-const CONNECT_TIMEOUT: Duration = Duration::from_millis(1000);
 /// Longest a placement call on the request path may take per member.
 const PLACEMENT_TRY_TIMEOUT: Duration = Duration::from_millis(500);
 /// After a failed placement call, serve from the (stale) cache for this long before asking again.
 const PLACEMENT_QUIET_AFTER_FAILURE: Duration = Duration::from_millis(500);
 const RANGES_PAGE: u32 = 1024;
-/// A read attempt that would leave less than this for a retry gets the whole deadline.
-const READ_RETRY_MIN: Duration = Duration::from_millis(100);
 
 /// UNAVAILABLE with "outcome unknown" and `skv-outcome: unknown` metadata.
 pub fn outcome_unknown(detail: &str) -> Status {
@@ -70,21 +68,29 @@ impl Routed for StoreWriteResponse {
         self.routing_error.as_ref()
     }
 }
-impl Routed for StoreScanResponse {
+impl Routed for StoreBatchGetResponse {
+    fn routing_error(&self) -> Option<&RoutingError> {
+        self.routing_error.as_ref()
+    }
+}
+impl Routed for StoreBatchWriteResponse {
     fn routing_error(&self) -> Option<&RoutingError> {
         self.routing_error.as_ref()
     }
 }
 
-/// What kind of request goes through [`Router::call`]; decides what may be retried.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Kind {
-    /// Linearizable read: retried on any transport error.
-    Read,
-    /// Follower read allowed: retried on any transport error; success says nothing about leadership.
-    StaleRead,
-    /// Write: retried only when it certainly was not applied.
-    Write,
+/// A storenode scan stream whose first message has been read: a routing error comes
+/// only as the first message, so routing decides on it alone.
+pub(crate) struct OpenScan {
+    pub first: StoreScanResponse,
+    /// The rest of the stream; None when it ended after the first message (or before).
+    pub rest: Option<tonic::Streaming<StoreScanResponse>>,
+}
+
+impl Routed for OpenScan {
+    fn routing_error(&self) -> Option<&RoutingError> {
+        self.first.routing_error.as_ref()
+    }
 }
 
 /// The error was raised while connecting, so the request never left the proxy.
@@ -102,128 +108,45 @@ fn certainly_not_sent(status: &Status) -> bool {
     false
 }
 
-/// Codes by which a storenode refuses a request without applying it.
-fn definite_refusal(code: Code) -> bool {
-    matches!(
-        code,
-        Code::InvalidArgument
-            | Code::NotFound
-            | Code::AlreadyExists
-            | Code::PermissionDenied
-            | Code::Unauthenticated
-            | Code::FailedPrecondition
-            | Code::OutOfRange
-            | Code::Unimplemented
-            | Code::ResourceExhausted
-    )
-}
-
-fn endpoint(addr: &str) -> Result<Endpoint, tonic::transport::Error> {
-    let uri = if addr.contains("://") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
-    };
-    Ok(Endpoint::from_shared(uri)?
-        .connect_timeout(CONNECT_TIMEOUT)
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(5))
-        .keep_alive_while_idle(true))
-}
-
-/// Placement members (any answers reads; followers forward).
-pub(crate) struct Placement {
-    members: Vec<(String, PlacementClient<Channel>)>,
-    preferred: AtomicUsize,
-}
-
-impl Placement {
-    pub(crate) fn new(urls: &[String]) -> anyhow::Result<Self> {
-        let mut members = Vec::new();
-        for u in urls.iter().map(|u| u.trim()).filter(|u| !u.is_empty()) {
-            let ch = endpoint(u)
-                .map_err(|e| anyhow::anyhow!("bad placement URL {u:?}: {e}"))?
-                .connect_lazy();
-            members.push((
-                u.to_string(),
-                PlacementClient::new(ch).max_decoding_message_size(STORE_MAX_DECODE),
-            ));
+/// The whole range map and store list, page by page.
+async fn scan_all(placement: &PlacementMembers, deadline: Instant) -> Result<(Vec<RangeInfo>, Vec<StoreInfo>), Status> {
+    let mut ranges = Vec::new();
+    let mut stores;
+    let mut start = Vec::new();
+    loop {
+        let req = ScanRangesRequest {
+            start: start.clone(),
+            end: Vec::new(),
+            limit: RANGES_PAGE,
+        };
+        let resp = placement
+            .call(deadline, Duration::from_secs(5), |mut c| {
+                let req = req.clone();
+                async move { c.scan_ranges(req).await }
+            })
+            .await?;
+        let n = resp.ranges.len();
+        stores = resp.stores;
+        let next = resp
+            .ranges
+            .last()
+            .and_then(|r| r.descriptor.as_ref())
+            .map(|d| d.end.clone());
+        ranges.extend(resp.ranges);
+        match next {
+            Some(end) if !end.is_empty() && n >= RANGES_PAGE as usize && end > start => start = end,
+            _ => break,
         }
-        anyhow::ensure!(!members.is_empty(), "--placement needs at least one URL");
-        Ok(Placement {
-            members,
-            preferred: AtomicUsize::new(0),
-        })
     }
-
-    /// Tries each member in turn (the last good one first) until one answers.
-    async fn call<T, F, Fut>(&self, deadline: Instant, per_try: Duration, mut f: F) -> Result<T, Status>
-    where
-        F: FnMut(PlacementClient<Channel>) -> Fut,
-        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
-    {
-        let n = self.members.len();
-        let first = self.preferred.load(Ordering::Relaxed);
-        let mut last = Status::unavailable("placement unreachable");
-        for i in 0..n {
-            let idx = (first + i) % n;
-            let now = Instant::now();
-            if now >= deadline {
-                break;
-            }
-            let t = per_try.min(deadline - now);
-            match tokio::time::timeout(t, f(self.members[idx].1.clone())).await {
-                Ok(Ok(r)) => {
-                    self.preferred.store(idx, Ordering::Relaxed);
-                    return Ok(r.into_inner());
-                }
-                Ok(Err(s)) => last = s,
-                Err(_) => last = Status::deadline_exceeded("placement call timed out"),
-            }
-        }
-        Err(last)
+    if stores.is_empty() {
+        stores = placement
+            .call(deadline, Duration::from_secs(5), |mut c| async move {
+                c.get_stores(GetStoresRequest {}).await
+            })
+            .await?
+            .stores;
     }
-
-    async fn scan_all(&self, deadline: Instant) -> Result<(Vec<RangeInfo>, Vec<StoreInfo>), Status> {
-        let mut ranges = Vec::new();
-        let mut stores;
-        let mut start = Vec::new();
-        loop {
-            let req = ScanRangesRequest {
-                start: start.clone(),
-                end: Vec::new(),
-                limit: RANGES_PAGE,
-            };
-            let resp = self
-                .call(deadline, Duration::from_secs(5), |mut c| {
-                    let req = req.clone();
-                    async move { c.scan_ranges(req).await }
-                })
-                .await?;
-            let n = resp.ranges.len();
-            stores = resp.stores;
-            let next = resp
-                .ranges
-                .last()
-                .and_then(|r| r.descriptor.as_ref())
-                .map(|d| d.end.clone());
-            ranges.extend(resp.ranges);
-            match next {
-                Some(end) if !end.is_empty() && n >= RANGES_PAGE as usize && end > start => start = end,
-                _ => break,
-            }
-        }
-        if stores.is_empty() {
-            stores = self
-                .call(deadline, Duration::from_secs(5), |mut c| async move {
-                    c.get_stores(GetStoresRequest {}).await
-                })
-                .await?
-                .stores;
-        }
-        Ok((ranges, stores))
-    }
+    Ok((ranges, stores))
 }
 
 struct Table {
@@ -234,7 +157,7 @@ struct Table {
 /// Routes requests to ranges. Shared by every RPC handler.
 pub struct Router {
     table: RwLock<Table>,
-    placement: Placement,
+    placement: PlacementMembers,
     channels: RwLock<HashMap<String, Channel>>,
     metrics: Metrics,
     placement_quiet_until: Mutex<Option<Instant>>,
@@ -243,7 +166,7 @@ pub struct Router {
 }
 
 impl Router {
-    pub(crate) fn new(placement: Placement, metrics: Metrics) -> Self {
+    pub(crate) fn new(placement: PlacementMembers, metrics: Metrics) -> Self {
         Router {
             table: RwLock::new(Table {
                 ranges: RangeCache::new(),
@@ -268,7 +191,7 @@ impl Router {
 
     /// Loads the whole range map and store list from placement.
     pub(crate) async fn load_all(&self, deadline: Instant) -> Result<usize, Status> {
-        let (ranges, stores) = self.placement.scan_all(deadline).await.inspect_err(|_| {
+        let (ranges, stores) = scan_all(&self.placement, deadline).await.inspect_err(|_| {
             self.metrics.placement_errors.inc();
         })?;
         let mut t = self.table.write();
@@ -297,6 +220,24 @@ impl Router {
         out
     }
 
+    /// Groups the indexes of `keys` by the cached range that holds each key (keys with
+    /// no cached range form one group of their own). Within a group, indexes keep their
+    /// order. Routing errors later may split a group further.
+    pub(crate) fn group_by_range(&self, keys: &[&[u8]]) -> Vec<Vec<usize>> {
+        let t = self.table.read();
+        let mut groups: Vec<Vec<usize>> = Vec::new();
+        let mut by_range: HashMap<Option<skv_common::RangeId>, usize> = HashMap::new();
+        for (i, k) in keys.iter().enumerate() {
+            let id = t.ranges.lookup(k).map(|r| r.range_id);
+            let g = *by_range.entry(id).or_insert_with(|| {
+                groups.push(Vec::new());
+                groups.len() - 1
+            });
+            groups[g].push(i);
+        }
+        groups
+    }
+
     fn store_client(&self, addr: &str) -> Result<StoreClient<Channel>, Status> {
         let cached = self.channels.read().get(addr).cloned();
         let ch = match cached {
@@ -306,9 +247,8 @@ impl Router {
                 match chans.get(addr) {
                     Some(c) => c.clone(),
                     None => {
-                        let c = endpoint(addr)
-                            .map_err(|e| Status::internal(format!("bad store address {addr:?}: {e}")))?
-                            .connect_lazy();
+                        let c = skv_rpc::lazy_channel(addr)
+                            .map_err(|e| Status::internal(format!("bad store address: {e}")))?;
                         chans.insert(addr.to_string(), c.clone());
                         c
                     }
@@ -407,6 +347,7 @@ impl Router {
     /// Sends one request for `key` to its range, retrying on routing errors (and, for
     /// reads, transport errors) with bounded exponential backoff until `deadline`.
     /// A write whose outcome is unknown fails with [`outcome_unknown`], never retried.
+    /// What is retried is decided by [`retry::decide`] and the range cache.
     pub(crate) async fn call<Resp, F, Fut>(
         &self,
         key: &[u8],
@@ -426,8 +367,7 @@ impl Router {
         let mut follower_refused = false;
         let mut last = String::from("no attempt made");
         loop {
-            let now = Instant::now();
-            if now >= deadline {
+            if Instant::now() >= deadline {
                 return Err(match kind {
                     Kind::Write => Status::unavailable(format!(
                         "write not applied: deadline reached while routing (last: {last})"
@@ -467,74 +407,12 @@ impl Router {
                 };
                 let client = self.store_client(&addr)?;
                 let remaining = deadline.saturating_duration_since(Instant::now());
-                // A write gets the whole remaining time (it cannot be retried after a
-                // timeout); a read keeps half of it back for another replica.
-                let attempt = match kind {
-                    Kind::Write => remaining,
-                    _ if remaining > READ_RETRY_MIN * 2 => remaining / 2,
-                    _ => remaining,
-                };
+                let budget = retry::attempt_budget(kind, remaining);
                 let span = tracing::debug_span!("store_call", range_id = %route.range_id, store_id = %store);
-                let res = tokio::time::timeout(attempt, f(client, &route, attempt))
+                let (failure, reason, detail) = match tokio::time::timeout(budget, f(client, &route, budget))
                     .instrument(span)
-                    .await;
-                match res {
-                    Err(_) if kind == Kind::Write => {
-                        self.metrics.retry("write_outcome_unknown");
-                        return Err(outcome_unknown(&format!("no answer from {store} before the deadline")));
-                    }
-                    Err(_) => {
-                        if attempt == remaining {
-                            return Err(Status::deadline_exceeded(format!(
-                                "no answer from {store} before the deadline"
-                            )));
-                        }
-                        last = format!("{store} timed out");
-                        avoid.insert(store);
-                        if route.leader == Some(store) {
-                            self.table.write().ranges.set_leader(route.range_id, None);
-                        }
-                        self.metrics.retry("timeout");
-                        break 'attempt;
-                    }
-                    Ok(Err(status)) => {
-                        if certainly_not_sent(&status) {
-                            last = format!("{store} unreachable: {}", status.message());
-                            avoid.insert(store);
-                            if route.leader == Some(store) {
-                                self.table.write().ranges.set_leader(route.range_id, None);
-                            }
-                            self.metrics.retry("connect");
-                            if route.replicas.iter().all(|s| avoid.contains(s)) {
-                                wait = Some(backoff.next_wait());
-                            }
-                            break 'attempt;
-                        }
-                        if definite_refusal(status.code()) {
-                            return Err(Status::new(
-                                status.code(),
-                                format!("storenode {store}: {}", status.message()),
-                            ));
-                        }
-                        if kind == Kind::Write {
-                            self.metrics.retry("write_outcome_unknown");
-                            return Err(outcome_unknown(&format!(
-                                "{store} failed after the request was sent: {:?} {}",
-                                status.code(),
-                                status.message()
-                            )));
-                        }
-                        last = format!("{store}: {:?} {}", status.code(), status.message());
-                        avoid.insert(store);
-                        if route.leader == Some(store) {
-                            self.table.write().ranges.set_leader(route.range_id, None);
-                        }
-                        self.metrics.retry("transport");
-                        if route.replicas.iter().all(|s| avoid.contains(s)) {
-                            wait = Some(backoff.next_wait());
-                        }
-                        break 'attempt;
-                    }
+                    .await
+                {
                     Ok(Ok(resp)) => {
                         let resp = resp.into_inner();
                         let Some(err) = resp.routing_error() else {
@@ -543,39 +421,55 @@ impl Router {
                             }
                             return Ok((resp, route));
                         };
-                        let action = {
-                            let mut t = self.table.write();
-                            if let Some(routing_error::Kind::NotLeader(nl)) = &err.kind
-                                && nl.leader_store_id != 0
-                            {
-                                t.stores.learn_address(StoreId(nl.leader_store_id), &nl.leader_address);
-                            }
-                            let a = t.ranges.on_routing_error(&route, store, err);
-                            self.update_size_metric(&t);
-                            a
-                        };
-                        debug!(reason = action.reason, range_id = %route.range_id, store_id = %store, "routing error; retrying");
-                        self.metrics.retry(action.reason);
+                        wait = self.on_routing_error(&route, store, err, &mut avoid, &mut backoff, &mut last);
                         follower_refused = true;
-                        last = format!("{} from {store}: {}", action.reason, err.message);
-                        if action.avoid_store {
-                            avoid.insert(store);
-                        }
-                        wait = action.wait;
-                        // The replicas agree on a leader we gave up on (it failed a moment
-                        // ago): give it another chance, after a backoff.
-                        if let Some(routing_error::Kind::NotLeader(nl)) = &err.kind
-                            && nl.leader_store_id != 0
-                            && avoid.remove(&StoreId(nl.leader_store_id))
-                        {
-                            wait = Some(wait.unwrap_or_default().max(backoff.next_wait()));
-                        }
                         if wait.is_none() {
                             immediate += 1;
                             if immediate > 3 {
                                 wait = Some(backoff.next_wait());
                             }
                         }
+                        break 'attempt;
+                    }
+                    Err(_) => (
+                        Attempt::TimedOut {
+                            had_all_time: budget == remaining,
+                        },
+                        "timeout",
+                        format!("no answer from {store} before the deadline"),
+                    ),
+                    Ok(Err(status)) if certainly_not_sent(&status) => (
+                        Attempt::NotSent,
+                        "connect",
+                        format!("{store} unreachable: {}", status.message()),
+                    ),
+                    Ok(Err(status)) => (
+                        Attempt::Failed(status.code()),
+                        "transport",
+                        format!("{store}: {:?} {}", status.code(), status.message()),
+                    ),
+                };
+                match retry::decide(kind, failure) {
+                    Next::Retry => {
+                        last = detail;
+                        avoid.insert(store);
+                        if route.leader == Some(store) {
+                            self.table.write().ranges.set_leader(route.range_id, None);
+                        }
+                        self.metrics.retry(reason);
+                        if !matches!(failure, Attempt::TimedOut { .. })
+                            && route.replicas.iter().all(|s| avoid.contains(s))
+                        {
+                            wait = Some(backoff.next_wait());
+                        }
+                    }
+                    Next::DeadlineExceeded => return Err(Status::deadline_exceeded(detail)),
+                    Next::Refused(code) => {
+                        return Err(Status::new(code, format!("storenode {detail}")));
+                    }
+                    Next::OutcomeUnknown => {
+                        self.metrics.retry("write_outcome_unknown");
+                        return Err(outcome_unknown(&detail));
                     }
                 }
             }
@@ -587,6 +481,46 @@ impl Router {
                 tokio::time::sleep(w.min(remaining)).await;
             }
         }
+    }
+
+    /// Learns from a routing error in an answer's body; returns how long to wait before
+    /// the next attempt (None: at once).
+    fn on_routing_error(
+        &self,
+        route: &Route,
+        store: StoreId,
+        err: &RoutingError,
+        avoid: &mut HashSet<StoreId>,
+        backoff: &mut Backoff,
+        last: &mut String,
+    ) -> Option<Duration> {
+        let action = {
+            let mut t = self.table.write();
+            if let Some(routing_error::Kind::NotLeader(nl)) = &err.kind
+                && nl.leader_store_id != 0
+            {
+                t.stores.learn_address(StoreId(nl.leader_store_id), &nl.leader_address);
+            }
+            let a = t.ranges.on_routing_error(route, store, err);
+            self.update_size_metric(&t);
+            a
+        };
+        debug!(reason = action.reason, range_id = %route.range_id, store_id = %store, "routing error; retrying");
+        self.metrics.retry(action.reason);
+        *last = format!("{} from {store}: {}", action.reason, err.message);
+        if action.avoid_store {
+            avoid.insert(store);
+        }
+        let mut wait = action.wait;
+        // The replicas agree on a leader we gave up on (it failed a moment ago): give it
+        // another chance, after a backoff.
+        if let Some(routing_error::Kind::NotLeader(nl)) = &err.kind
+            && nl.leader_store_id != 0
+            && avoid.remove(&StoreId(nl.leader_store_id))
+        {
+            wait = Some(wait.unwrap_or_default().max(backoff.next_wait()));
+        }
+        wait
     }
 
     /// Applies one watch message.
@@ -610,12 +544,11 @@ impl Router {
     /// rotating through the placement members.
     pub(crate) async fn run_watch(self: Arc<Self>, cancel: CancellationToken) {
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
-        let n = self.placement.members.len();
-        let mut idx = self.placement.preferred.load(Ordering::Relaxed);
+        let mut idx = self.placement.preferred();
         loop {
             let (url, mut client) = {
-                let (u, c) = &self.placement.members[idx % n];
-                (u.clone(), c.clone())
+                let (u, c) = self.placement.member(idx);
+                (u.to_string(), c)
             };
             let opened = tokio::select! {
                 _ = cancel.cancelled() => return,
@@ -704,7 +637,7 @@ mod tests {
     #[tokio::test]
     async fn plans_scan_intervals_at_range_boundaries() {
         let router = Router::new(
-            Placement::new(&["127.0.0.1:1".to_string()]).unwrap(),
+            PlacementMembers::new(&["127.0.0.1:1"]).unwrap(),
             Metrics::unregistered(),
         );
         // Nothing cached: one interval.
@@ -744,8 +677,6 @@ mod tests {
         assert!(s.message().contains("outcome unknown"));
         assert!(is_outcome_unknown(&s));
         assert!(!is_outcome_unknown(&Status::unavailable("x")));
-        assert!(definite_refusal(Code::InvalidArgument));
-        assert!(!definite_refusal(Code::Unavailable));
         assert!(!certainly_not_sent(&Status::unavailable("connection reset")));
     }
 }

@@ -7,7 +7,7 @@
 //! [`RoutingAction`] that tells the request path how to retry.
 
 use rand::Rng;
-use skv_common::keys::{desc_contains, epoch_of, epoch_stale};
+use skv_common::keys::{KeySpan, desc_contains, epoch_of, epoch_stale};
 use skv_common::{RangeId, StoreId};
 use skv_proto::internal::{
     RangeDescriptor, RangeEpoch, RangeInfo, ReplicaRole, RequestHeader, RoutingError, StoreInfo, StoreState,
@@ -106,11 +106,6 @@ pub struct RangeCache {
 }
 
 /// Whether `[a_start, a_end)` and `[b_start, b_end)` overlap (empty end = +inf).
-fn overlaps(a_start: &[u8], a_end: &[u8], b_start: &[u8], b_end: &[u8]) -> bool {
-    let below = |key: &[u8], end: &[u8]| end.is_empty() || key < end;
-    below(a_start, b_end) && below(b_start, a_end)
-}
-
 impl RangeCache {
     pub fn new() -> Self {
         Self::default()
@@ -155,7 +150,7 @@ impl RangeCache {
             .by_start
             .range::<[u8], _>((Bound::Unbounded, Bound::Included(start)))
             .next_back()
-            && overlaps(&e.desc.start, &e.desc.end, start, end)
+            && KeySpan::of(&e.desc).overlaps(&KeySpan::new(start, end))
         {
             out.push(s.clone());
         }
@@ -166,7 +161,7 @@ impl RangeCache {
             if !end.is_empty() && s.as_slice() >= end {
                 break;
             }
-            if overlaps(&e.desc.start, &e.desc.end, start, end) {
+            if KeySpan::of(&e.desc).overlaps(&KeySpan::new(start, end)) {
                 out.push(s.clone());
             }
         }
@@ -415,32 +410,6 @@ pub fn pick_any_store(route: &Route, avoid: &HashSet<StoreId>, book: &StoreBook)
         return pick_store(route, avoid, book);
     }
     Some(up[rand::rng().random_range(0..up.len())])
-}
-
-/// Bounded exponential backoff with full jitter.
-#[derive(Debug, Clone)]
-pub struct Backoff {
-    base: Duration,
-    max: Duration,
-    attempt: u32,
-}
-
-impl Backoff {
-    pub fn new(base: Duration, max: Duration) -> Self {
-        Backoff { base, max, attempt: 0 }
-    }
-
-    /// The next wait: uniform in `[cap/2, cap]` with `cap = min(max, base * 2^attempt)`.
-    pub fn next_wait(&mut self) -> Duration {
-        let cap = self.base.saturating_mul(1u32 << self.attempt.min(20)).min(self.max);
-        self.attempt = self.attempt.saturating_add(1);
-        let nanos = cap.as_nanos() as u64;
-        Duration::from_nanos(rand::rng().random_range(nanos / 2..=nanos.max(1)))
-    }
-
-    pub fn reset(&mut self) {
-        self.attempt = 0;
-    }
 }
 
 #[cfg(test)]
@@ -718,19 +687,6 @@ mod tests {
         assert_eq!(pick_any_store(&r, &avoid, &book), Some(StoreId(3)));
         let avoid: HashSet<_> = [StoreId(1), StoreId(2), StoreId(3)].into();
         assert_eq!(pick_any_store(&r, &avoid, &book), None);
-    }
-
-    #[test]
-    fn backoff_is_bounded() {
-        let mut b = Backoff::new(Duration::from_millis(10), Duration::from_millis(200));
-        let mut last = Duration::ZERO;
-        for _ in 0..30 {
-            last = b.next_wait();
-            assert!(last <= Duration::from_millis(200));
-        }
-        assert!(last >= Duration::from_millis(100));
-        b.reset();
-        assert!(b.next_wait() <= Duration::from_millis(10));
     }
 
     /// Randomized: after any sequence of accepted inserts, cached ranges never overlap.

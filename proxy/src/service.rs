@@ -3,12 +3,14 @@
 use crate::auth::{Claims, Role, Verifier};
 use crate::metrics::Metrics;
 use crate::namespace::Namespace;
-use crate::router::{Kind, Router};
+use crate::retry::Kind;
+use crate::router::{OpenScan, Router};
 use futures::{StreamExt, TryStreamExt};
 use parking_lot::Mutex;
 use skv_common::limits::{MAX_KEY_LEN, check_key, check_value};
 use skv_proto::internal::{
-    Condition, StoreGetRequest, StoreScanRequest, StoreWriteRequest, condition, store_write_request,
+    Condition, StoreBatchGetRequest, StoreBatchWriteRequest, StoreGetRequest, StoreScanRequest, StoreWriteOp,
+    StoreWriteRequest, condition, store_write_op, store_write_request,
 };
 use skv_proto::v1::kv_server::Kv;
 use skv_proto::v1::{
@@ -31,10 +33,12 @@ use tracing::{Instrument, Span, field, warn};
 pub const MAX_BATCH_OPS: usize = 10_000;
 /// Largest total of values a BatchGet returns.
 pub const MAX_BATCH_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
-/// How many single-key requests of one batch are in flight at once.
-const BATCH_PARALLELISM: usize = 64;
-/// Keys asked of a storenode per scan page.
-const SCAN_PAGE: u32 = 512;
+/// How many ranges of one batch are asked at once.
+const BATCH_PARALLELISM: usize = 16;
+/// Deadline of one range's scan stream when the client sets none.
+const SCAN_RANGE_TIMEOUT: Duration = Duration::from_secs(60);
+/// A limit at or below this fetches one range piece at a time (no lookahead).
+const SCAN_SMALL_LIMIT: u32 = 512;
 /// Range pieces of one scan fetched in parallel.
 const SCAN_LOOKAHEAD: usize = 4;
 /// Target size of one streamed `ScanResponse`.
@@ -131,12 +135,21 @@ fn check_bound(b: &[u8]) -> Result<(), Status> {
     Ok(())
 }
 
+/// A scan whose range stream broke after it delivered keys: it cannot go on from the
+/// same point, so the client is told where to resume.
+fn interrupted(range: skv_common::RangeId, ns: &Namespace, last: Option<&[u8]>, why: &str) -> Status {
+    let after = last.and_then(|k| ns.strip(k)).map_or_else(
+        || "the start".to_string(),
+        |k| format!("key {:?}", String::from_utf8_lossy(k)),
+    );
+    Status::unavailable(format!(
+        "scan interrupted in {range} ({why}); the keys up to {after} were returned: resume after it"
+    ))
+}
+
 fn precondition_failed(current: u64) -> Status {
     Status::failed_precondition(format!("condition not met: the key's current version is {current}"))
 }
-
-/// (request index, internal key, operation, is a put)
-type BatchOp = (usize, Vec<u8>, store_write_request::Op, bool);
 
 type ScanStream = Pin<Box<dyn futures::Stream<Item = Result<ScanResponse, Status>> + Send>>;
 
@@ -394,7 +407,7 @@ impl KvService {
         tx: &mpsc::Sender<Result<ScanResponse, Status>>,
     ) -> Result<(), Status> {
         let mut remaining: u64 = if limit == 0 { u64::MAX } else { u64::from(limit) };
-        let lookahead = if limit != 0 && limit <= SCAN_PAGE {
+        let lookahead = if limit != 0 && limit <= SCAN_SMALL_LIMIT {
             1
         } else {
             SCAN_LOOKAHEAD
@@ -472,6 +485,12 @@ impl KvService {
         }
     }
 
+    /// One storenode stream per range piece: each range's part is read from one
+    /// consistent point (one ReadIndex, one engine snapshot on the storenode). When the
+    /// range map changed (split, merge, move) before a piece's stream opened, it is
+    /// re-located and retried; a stream that breaks after it delivered keys cannot be
+    /// resumed at the same point, so the scan fails with UNAVAILABLE naming where to
+    /// resume, rather than silently mixing two points in one range.
     async fn scan_interval_inner(
         &self,
         ns: &Namespace,
@@ -484,80 +503,269 @@ impl KvService {
         let mut cursor = start;
         let mut remaining = limit;
         loop {
-            let page_deadline = {
-                let d = Instant::now() + self.inner.limits.request_timeout;
-                client_deadline.map_or(d, |c| c.min(d))
-            };
-            let page = remaining.min(u64::from(SCAN_PAGE)) as u32;
+            let deadline = client_deadline.unwrap_or_else(|| Instant::now() + SCAN_RANGE_TIMEOUT);
+            let want = u32::try_from(remaining).unwrap_or(0); // 0 = no limit
             let cur = cursor.clone();
-            let (resp, route) = self
+            let (open, route) = self
                 .inner
                 .router
-                .call(&cur, Kind::Read, page_deadline, |mut c, route, t| {
+                .call(&cur, Kind::Read, deadline, |mut c, route, _attempt| {
                     let sub_end = if !route.end.is_empty() && route.end < end {
                         route.end.clone()
                     } else {
                         end.clone()
                     };
+                    // The stream may outlive the opening attempt: it gets the whole deadline.
                     let r = request(
                         StoreScanRequest {
                             header: Some(route.header()),
                             start: cur.clone(),
                             end: sub_end,
-                            limit: page,
+                            limit: want,
+                        },
+                        deadline.saturating_duration_since(Instant::now()),
+                    );
+                    async move {
+                        let mut stream = c.scan(r).await?.into_inner();
+                        let first = stream.message().await?;
+                        let rest = first.is_some().then_some(stream);
+                        Ok(Response::new(OpenScan {
+                            first: first.unwrap_or_default(),
+                            rest,
+                        }))
+                    }
+                })
+                .await?;
+            let OpenScan { first, mut rest } = open;
+            let mut delivered = 0u64;
+            let mut retry_piece = false;
+            let mut last: Option<Vec<u8>> = None;
+            let mut message = Some(first);
+            while let Some(m) = message.take() {
+                let mut out = Vec::with_capacity(m.kvs.len());
+                for kv in m.kvs {
+                    // Defence in depth: only keys of this namespace, inside the request, in order.
+                    if kv.key < cursor || kv.key >= end || last.as_ref().is_some_and(|l| &kv.key <= l) {
+                        warn!(range_id = %route.range_id, "storenode returned a key outside the scan interval; dropped");
+                        continue;
+                    }
+                    let Some(user_key) = ns.strip(&kv.key) else {
+                        warn!(range_id = %route.range_id, "storenode returned a key outside the namespace; dropped");
+                        continue;
+                    };
+                    out.push(KeyValue {
+                        key: user_key.to_vec(),
+                        value: kv.value,
+                        version: kv.version,
+                    });
+                    last = Some(kv.key);
+                    remaining = remaining.saturating_sub(1);
+                    if remaining == 0 {
+                        break;
+                    }
+                }
+                delivered += out.len() as u64;
+                if !out.is_empty() && tx.send(Ok(out)).await.is_err() {
+                    return Ok(()); // the consumer stopped (limit reached or client gone)
+                }
+                if remaining == 0 {
+                    return Ok(());
+                }
+                let Some(stream) = rest.as_mut() else { break };
+                let next = tokio::time::timeout_at(deadline, stream.message()).await;
+                message = match next {
+                    Ok(Ok(m)) => m,
+                    // Nothing of this piece reached the client yet: open it again.
+                    Ok(Err(_)) if delivered == 0 => {
+                        retry_piece = true;
+                        break;
+                    }
+                    Ok(Err(e)) => return Err(interrupted(route.range_id, ns, last.as_deref(), e.message())),
+                    Err(_) => return Err(Status::deadline_exceeded("scan deadline reached")),
+                };
+                if message.as_ref().is_some_and(|m| m.routing_error.is_some()) {
+                    // Only a first message may carry one; a storenode that breaks that rule
+                    // must not make us mix points.
+                    return Err(interrupted(
+                        route.range_id,
+                        ns,
+                        last.as_deref(),
+                        "routing error mid-stream",
+                    ));
+                }
+            }
+            if retry_piece {
+                continue;
+            }
+            if route.end.is_empty() || route.end >= end {
+                return Ok(());
+            }
+            cursor = route.end.clone();
+        }
+    }
+
+    /// Reads `keys` (internal keys), one storenode call per range; results in key order.
+    async fn batch_read(&self, keys: &[Vec<u8>], deadline: Instant) -> Result<Vec<GetResponse>, Status> {
+        let refs: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
+        let groups = self.inner.router.group_by_range(&refs);
+        let mut results: Vec<GetResponse> = vec![GetResponse::default(); keys.len()];
+        let mut done = futures::stream::iter(groups.into_iter().map(|g| self.batch_read_group(keys, g, deadline)))
+            .buffer_unordered(BATCH_PARALLELISM);
+        let mut bytes = 0usize;
+        while let Some(out) = done.try_next().await? {
+            for (i, r) in out {
+                bytes += r.value.len() + 16;
+                if bytes > MAX_BATCH_RESPONSE_BYTES {
+                    return Err(Status::resource_exhausted(format!(
+                        "batch response would exceed {MAX_BATCH_RESPONSE_BYTES} bytes; ask for fewer keys"
+                    )));
+                }
+                results[i] = r;
+            }
+        }
+        Ok(results)
+    }
+
+    /// The keys at `pending` (indexes into `keys`), one call per range: each call sends
+    /// the pending keys inside the range that holds the first one, so every round makes
+    /// progress even when the range map changed.
+    async fn batch_read_group(
+        &self,
+        keys: &[Vec<u8>],
+        mut pending: Vec<usize>,
+        deadline: Instant,
+    ) -> Result<Vec<(usize, GetResponse)>, Status> {
+        let mut out = Vec::with_capacity(pending.len());
+        while let Some(&first) = pending.first() {
+            let (resp, route) = self
+                .inner
+                .router
+                .call(&keys[first], Kind::Read, deadline, |mut c, route, t| {
+                    let r = request(
+                        StoreBatchGetRequest {
+                            header: Some(route.header()),
+                            keys: pending
+                                .iter()
+                                .filter(|&&i| route.contains(&keys[i]))
+                                .map(|&i| keys[i].clone())
+                                .collect(),
+                            stale_ok: false,
                         },
                         t,
                     );
-                    async move { c.scan(r).await }
+                    async move { c.batch_get(r).await }
                 })
                 .await?;
-            let got = resp.kvs.len();
-            let mut last: Option<Vec<u8>> = None;
-            let mut out = Vec::with_capacity(got);
-            for kv in resp.kvs {
-                // Defence in depth: only keys of this namespace, inside the request, in order.
-                if kv.key < cursor || kv.key >= end || last.as_ref().is_some_and(|l| &kv.key <= l) {
-                    warn!(range_id = %route.range_id, "storenode returned a key outside the scan interval; dropped");
-                    continue;
-                }
-                let Some(user_key) = ns.strip(&kv.key) else {
-                    warn!(range_id = %route.range_id, "storenode returned a key outside the namespace; dropped");
-                    continue;
-                };
-                out.push(KeyValue {
-                    key: user_key.to_vec(),
-                    value: kv.value,
-                    version: kv.version,
-                });
-                last = Some(kv.key);
-                remaining = remaining.saturating_sub(1);
-                if remaining == 0 {
-                    break;
-                }
+            let (sent, rest): (Vec<usize>, Vec<usize>) = pending.into_iter().partition(|&i| route.contains(&keys[i]));
+            if resp.results.len() != sent.len() {
+                return Err(Status::internal(format!(
+                    "storenode answered {} results for {} keys",
+                    resp.results.len(),
+                    sent.len()
+                )));
             }
-            if !out.is_empty() && tx.send(Ok(out)).await.is_err() {
-                return Ok(()); // the consumer stopped (limit reached or client gone)
+            for (i, r) in sent.into_iter().zip(resp.results) {
+                out.push((
+                    i,
+                    GetResponse {
+                        found: r.found,
+                        value: r.value,
+                        version: r.version,
+                    },
+                ));
             }
-            if remaining == 0 {
-                return Ok(());
-            }
-            if resp.more {
-                match last {
-                    Some(mut l) => {
-                        l.push(0); // the smallest key after the last one returned
-                        cursor = l;
-                    }
-                    None if got == 0 => {
-                        return Err(Status::internal("storenode reported more keys but returned none"));
-                    }
-                    None => return Err(Status::internal("storenode returned only keys outside the scan")),
-                }
-            } else if route.end.is_empty() || route.end >= end {
-                return Ok(());
-            } else {
-                cursor = route.end.clone();
+            pending = rest;
+        }
+        Ok(out)
+    }
+
+    /// Applies `ops` (internal keys), one storenode call (one Raft proposal) per range;
+    /// one result per op, in request order. Ops on one key stay in request order: they
+    /// always go to the same range in the same call.
+    async fn batch_apply(&self, ops: Vec<(Vec<u8>, store_write_op::Op)>, deadline: Instant) -> Vec<WriteResult> {
+        let refs: Vec<&[u8]> = ops.iter().map(|(k, _)| k.as_slice()).collect();
+        let groups = self.inner.router.group_by_range(&refs);
+        let mut results: Vec<WriteResult> = vec![WriteResult::default(); ops.len()];
+        let ops = &ops;
+        let mut done = futures::stream::iter(groups.into_iter().map(|g| self.batch_apply_group(ops, g, deadline)))
+            .buffer_unordered(BATCH_PARALLELISM);
+        while let Some(out) = done.next().await {
+            for (i, r) in out {
+                results[i] = r;
             }
         }
+        results
+    }
+
+    async fn batch_apply_group(
+        &self,
+        ops: &[(Vec<u8>, store_write_op::Op)],
+        mut pending: Vec<usize>,
+        deadline: Instant,
+    ) -> Vec<(usize, WriteResult)> {
+        let mut out = Vec::with_capacity(pending.len());
+        while let Some(&first) = pending.first() {
+            let r = self
+                .inner
+                .router
+                .call(&ops[first].0, Kind::Write, deadline, |mut c, route, t| {
+                    let r = request(
+                        StoreBatchWriteRequest {
+                            header: Some(route.header()),
+                            ops: pending
+                                .iter()
+                                .filter(|&&i| route.contains(&ops[i].0))
+                                .map(|&i| StoreWriteOp {
+                                    key: ops[i].0.clone(),
+                                    op: Some(ops[i].1.clone()),
+                                    condition: None,
+                                })
+                                .collect(),
+                        },
+                        t,
+                    );
+                    async move { c.batch_write(r).await }
+                })
+                .await;
+            let failed = |s: &Status| WriteResult {
+                code: s.code() as i32,
+                message: s.message().to_string(),
+                version: 0,
+            };
+            match r {
+                Ok((resp, route)) => {
+                    let (sent, rest): (Vec<usize>, Vec<usize>) =
+                        pending.into_iter().partition(|&i| route.contains(&ops[i].0));
+                    if resp.results.len() != sent.len() {
+                        let s = crate::router::outcome_unknown(&format!(
+                            "storenode answered {} results for {} operations",
+                            resp.results.len(),
+                            sent.len()
+                        ));
+                        out.extend(sent.into_iter().map(|i| (i, failed(&s))));
+                    } else {
+                        for (i, r) in sent.into_iter().zip(resp.results) {
+                            let is_put = matches!(ops[i].1, store_write_op::Op::Put(_));
+                            out.push((
+                                i,
+                                WriteResult {
+                                    code: 0,
+                                    message: String::new(),
+                                    version: if is_put { r.version } else { u64::from(r.existed) },
+                                },
+                            ));
+                        }
+                    }
+                    pending = rest;
+                }
+                Err(s) => {
+                    // Whatever was in flight shares the call's fate; the rest of the group
+                    // was never sent and would only meet the same deadline.
+                    out.extend(pending.drain(..).map(|i| (i, failed(&s))));
+                }
+            }
+        }
+        out
     }
 
     async fn do_batch_get(&self, req: Request<BatchGetRequest>) -> Result<Response<BatchGetResponse>, Status> {
@@ -575,19 +783,7 @@ impl KvService {
         }
         let _permit = self.admit(&ctx)?;
         let keys: Vec<Vec<u8>> = req.keys.iter().map(|k| ctx.ns.encode(k)).collect();
-        let mut results = Vec::with_capacity(keys.len());
-        let mut bytes = 0usize;
-        let mut gets = futures::stream::iter(keys.into_iter().map(|key| self.read(key, false, deadline)))
-            .buffered(BATCH_PARALLELISM);
-        while let Some(r) = gets.try_next().await? {
-            bytes += r.value.len() + 16;
-            if bytes > MAX_BATCH_RESPONSE_BYTES {
-                return Err(Status::resource_exhausted(format!(
-                    "batch response would exceed {MAX_BATCH_RESPONSE_BYTES} bytes; ask for fewer keys"
-                )));
-            }
-            results.push(r);
-        }
+        let results = self.batch_read(&keys, deadline).await?;
         Ok(Response::new(BatchGetResponse { results }))
     }
 
@@ -611,50 +807,18 @@ impl KvService {
             }
         }
         let _permit = self.admit(&ctx)?;
-        // Operations on the same key run one after another in request order; distinct
-        // keys run in parallel. Results come back in request order.
-        let n = req.ops.len();
-        let mut groups: Vec<Vec<BatchOp>> = Vec::new();
-        let mut by_key: HashMap<Vec<u8>, usize> = HashMap::new();
-        for (i, op) in req.ops.into_iter().enumerate() {
-            let (store_op, is_put) = match op.op {
-                Some(write_op::Op::Put(v)) => (store_write_request::Op::Put(v), true),
-                _ => (store_write_request::Op::Delete(true), false),
-            };
-            let key = ctx.ns.encode(&op.key);
-            let g = *by_key.entry(key.clone()).or_insert_with(|| {
-                groups.push(Vec::new());
-                groups.len() - 1
-            });
-            groups[g].push((i, key, store_op, is_put));
-        }
-        drop(by_key);
-        let mut results: Vec<WriteResult> = vec![WriteResult::default(); n];
-        let mut done = futures::stream::iter(groups.into_iter().map(|group| async move {
-            let mut out = Vec::with_capacity(group.len());
-            for (i, key, store_op, is_put) in group {
-                let r = match self.write(key, store_op, None, deadline).await {
-                    Ok(r) => WriteResult {
-                        code: 0,
-                        message: String::new(),
-                        version: if is_put { r.version } else { u64::from(r.existed) },
-                    },
-                    Err(s) => WriteResult {
-                        code: s.code() as i32,
-                        message: s.message().to_string(),
-                        version: 0,
-                    },
+        let ops = req
+            .ops
+            .into_iter()
+            .map(|op| {
+                let store_op = match op.op {
+                    Some(write_op::Op::Put(v)) => store_write_op::Op::Put(v),
+                    _ => store_write_op::Op::Delete(true),
                 };
-                out.push((i, r));
-            }
-            out
-        }))
-        .buffer_unordered(BATCH_PARALLELISM);
-        while let Some(out) = done.next().await {
-            for (i, r) in out {
-                results[i] = r;
-            }
-        }
+                (ctx.ns.encode(&op.key), store_op)
+            })
+            .collect();
+        let results = self.batch_apply(ops, deadline).await;
         Ok(Response::new(BatchWriteResponse { results }))
     }
 }

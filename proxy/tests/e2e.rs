@@ -689,16 +689,26 @@ async fn scan_continues_across_a_split_without_placement() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     let ns = skv_proxy::namespace::Namespace::new(b"s").unwrap();
     cl.shared.scan_page_cap.store(7, Ordering::SeqCst);
-    *cl.shared.split_after_pages.lock() = Some((3, vec![ns.encode(b"key0050"), ns.encode(b"key0090")]));
+    // The range splits right after the first stream took its point: that stream is
+    // still served whole (one range, one point), and the proxy's cache is now stale.
+    *cl.shared.split_after_pages.lock() = Some((1, vec![ns.encode(b"key0050"), ns.encode(b"key0090")]));
+    let want: Vec<String> = (0..n).map(|i| format!("key{i:04}")).collect();
     let kvs = scan_all(&mut c, &t, b"", b"", 0).await.unwrap();
     let keys: Vec<String> = kvs
         .iter()
         .map(|kv| String::from_utf8(kv.key.clone()).unwrap())
         .collect();
-    let want: Vec<String> = (0..n).map(|i| format!("key{i:04}")).collect();
+    assert_eq!(keys, want);
+    assert_eq!(cl.shared.truth.lock().ranges.len(), 3);
+    assert_eq!(cl.shared.epoch_errors.load(Ordering::SeqCst), 0);
+    // The next scan meets the split (EpochNotMatch) and learns it from the storenode.
+    let kvs = scan_all(&mut c, &t, b"", b"", 0).await.unwrap();
+    let keys: Vec<String> = kvs
+        .iter()
+        .map(|kv| String::from_utf8(kv.key.clone()).unwrap())
+        .collect();
     assert_eq!(keys, want);
     assert!(cl.shared.epoch_errors.load(Ordering::SeqCst) >= 1);
-    assert_eq!(cl.shared.truth.lock().ranges.len(), 3);
 
     // Again, now fanning out over the three known ranges, with more splits mid-scan.
     let kvs = scan_all(&mut c, &t, b"", b"", 0).await.unwrap();
@@ -724,6 +734,28 @@ async fn scan_continues_across_a_split_without_placement() {
     assert_eq!(kvs.len(), 10);
     // Point operations keep working with placement down.
     assert_eq!(put(&mut c, &t, b"key0100", b"z").await, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_range_stream_that_breaks_is_never_resumed_at_another_point() {
+    let cl = fake::start(Options::default()).await;
+    let mut c = cl.client().await;
+    let t = token("i", Role::Write);
+    for i in 0..20 {
+        put(&mut c, &t, format!("k{i:02}").as_bytes(), b"v").await;
+    }
+    cl.shared.scan_page_cap.store(5, Ordering::SeqCst);
+    cl.shared.break_scan_after_first.store(true, Ordering::SeqCst);
+    let err = scan_all(&mut c, &t, b"", b"", 0).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("resume after it"), "{}", err.message());
+    assert!(
+        err.message().contains("k04"),
+        "names the last key returned: {}",
+        err.message()
+    );
+    // Without the break the same scan is whole, from one point.
+    assert_eq!(scan_all(&mut c, &t, b"", b"", 0).await.unwrap().len(), 20);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -765,6 +797,8 @@ async fn batches_keep_request_order_across_ranges() {
     assert_eq!(r.results.len(), 6);
     assert!(r.results[..5].iter().all(|w| w.code == 0 && w.version == 1));
     assert_eq!((r.results[5].code, r.results[5].version), (0, 0));
+    // One storenode call per range, not one per key.
+    assert_eq!(cl.shared.batch_calls.swap(0, Ordering::SeqCst), 2);
     let mut ask = keys.clone();
     ask.insert(2, b"missing".to_vec());
     let r = c
@@ -773,6 +807,7 @@ async fn batches_keep_request_order_across_ranges() {
         .unwrap()
         .into_inner();
     assert_eq!(r.results.len(), ask.len());
+    assert_eq!(cl.shared.batch_calls.swap(0, Ordering::SeqCst), 2);
     for (k, g) in ask.iter().zip(&r.results) {
         if k == b"missing" {
             assert!(!g.found);

@@ -5,6 +5,7 @@ use futures::stream::{self, BoxStream, StreamExt};
 use rand::Rng;
 use skv_proto::v1 as pb;
 use skv_proto::v1::kv_client::KvClient;
+use skv_rpc::{Backoff, EndpointOptions};
 use std::collections::VecDeque;
 use std::future::Future;
 use std::ops::{Bound, Range, RangeFrom, RangeFull, RangeInclusive, RangeTo, RangeToInclusive};
@@ -15,13 +16,16 @@ use tokio::time::Instant;
 use tonic::metadata::{AsciiMetadataValue, MetadataValue};
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Request, Status};
 
 /// Largest gRPC message the client decodes (batch answers can hold many values).
 const MAX_DECODE: usize = 256 * 1024 * 1024;
 /// After a proxy could not be reached, new calls start elsewhere for this long.
 const DOWN_FOR: Duration = Duration::from_secs(2);
+/// How much longer than the deadline it sent the client waits for a proxy's answer, so
+/// that the proxy's own "deadline reached" answer (which may say "not applied") arrives.
+const ATTEMPT_GRACE: Duration = Duration::from_millis(250);
 
 /// A stored value and its version.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -208,6 +212,7 @@ pub struct ClientBuilder {
     endpoints: Vec<String>,
     token: Option<String>,
     timeout: Duration,
+    attempt_timeout: Duration,
     connect_timeout: Duration,
     max_attempts: u32,
     backoff_base: Duration,
@@ -220,6 +225,7 @@ impl Default for ClientBuilder {
             endpoints: Vec::new(),
             token: None,
             timeout: Duration::from_secs(10),
+            attempt_timeout: Duration::from_secs(3),
             connect_timeout: Duration::from_secs(3),
             max_attempts: 10,
             backoff_base: Duration::from_millis(20),
@@ -258,6 +264,16 @@ impl ClientBuilder {
     /// it bounds opening the stream and each wait for the next batch.
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
+        self
+    }
+
+    /// How long one attempt at one proxy may take (default 3 s, never more than the
+    /// call's [`timeout`](Self::timeout)). A proxy that accepts a call and never answers
+    /// costs one attempt: a read then goes to another proxy; a write cannot be retried
+    /// blindly and fails with [`Error::DeadlineExceeded`] saying its outcome is unknown.
+    /// The proxy is told this deadline, so it answers in time when it can.
+    pub fn attempt_timeout(mut self, timeout: Duration) -> Self {
+        self.attempt_timeout = timeout.max(Duration::from_millis(1));
         self
     }
 
@@ -300,18 +316,16 @@ impl ClientBuilder {
         let mut names = Vec::with_capacity(self.endpoints.len());
         for raw in &self.endpoints {
             for ep in raw.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-                let url = if ep.contains("://") {
-                    ep.to_string()
-                } else {
-                    format!("http://{ep}")
+                let url = skv_rpc::url(ep);
+                let options = EndpointOptions {
+                    connect_timeout: self.connect_timeout,
+                    keepalive_interval: Duration::from_secs(30),
+                    keepalive_timeout: Duration::from_secs(10),
+                    request_timeout: None,
                 };
-                let endpoint = Endpoint::from_shared(url.clone())
-                    .map_err(|e| Error::Config(format!("bad endpoint {url:?}: {e}")))?
-                    .connect_timeout(self.connect_timeout)
-                    .tcp_nodelay(true)
-                    .http2_keep_alive_interval(Duration::from_secs(30))
-                    .keep_alive_timeout(Duration::from_secs(10));
-                let channel = endpoint.connect_lazy();
+                let channel = skv_rpc::endpoint_with(ep, &options)
+                    .map_err(|e| Error::Config(e.to_string()))?
+                    .connect_lazy();
                 let stub = KvClient::with_interceptor(channel, auth.clone())
                     .max_decoding_message_size(MAX_DECODE)
                     .max_encoding_message_size(MAX_DECODE);
@@ -331,6 +345,7 @@ impl ClientBuilder {
                 names,
                 next: AtomicUsize::new(start),
                 timeout: self.timeout,
+                attempt_timeout: self.attempt_timeout,
                 max_attempts: self.max_attempts,
                 backoff_base: self.backoff_base,
                 backoff_max: self.backoff_max,
@@ -347,6 +362,7 @@ struct Inner {
     names: Vec<String>,
     next: AtomicUsize,
     timeout: Duration,
+    attempt_timeout: Duration,
     max_attempts: u32,
     backoff_base: Duration,
     backoff_max: Duration,
@@ -432,6 +448,7 @@ impl Client {
         let deadline = Instant::now() + inner.timeout;
         let mut cursor = inner.next.fetch_add(1, Ordering::Relaxed);
         let mut attempt: u32 = 0;
+        let mut backoff = Backoff::new(inner.backoff_base, inner.backoff_max);
         loop {
             let idx = inner.pick(cursor);
             cursor = idx + 1;
@@ -441,8 +458,10 @@ impl Client {
                     "the call's deadline passed while retrying".into(),
                 ));
             }
+            let budget = inner.attempt_timeout.min(remaining);
+            let wait = budget + ATTEMPT_GRACE.min(remaining - budget);
             let stub = inner.stubs[idx].clone();
-            let status = match tokio::time::timeout(remaining, f(stub, remaining)).await {
+            let status = match tokio::time::timeout(wait, f(stub, budget)).await {
                 Ok(Ok(resp)) => {
                     inner.mark_up(idx);
                     return Ok(resp.into_inner());
@@ -454,16 +473,22 @@ impl Client {
                     status
                 }
                 Err(_) if write => {
+                    inner.mark_down(idx);
                     return Err(Error::DeadlineExceeded(format!(
-                        "no answer from {} before the deadline; the write may or may not have been applied",
+                        "no answer from {} in {budget:?}; the write may or may not have been applied",
                         inner.names[idx]
                     )));
                 }
-                Err(_) => {
+                Err(_) if budget == remaining => {
                     return Err(Error::DeadlineExceeded(format!(
                         "no answer from {} before the deadline",
                         inner.names[idx]
                     )));
+                }
+                Err(_) => {
+                    // The proxy accepted the call and never answered: one attempt spent.
+                    inner.mark_down(idx);
+                    Status::unavailable(format!("no answer from {} in {budget:?}", inner.names[idx]))
                 }
             };
             attempt += 1;
@@ -473,8 +498,7 @@ impl Client {
             tracing::debug!(endpoint = %inner.names[idx], code = ?status.code(), msg = status.message(), attempt, "skv call failed; retrying");
             // Fail over to the next proxy at once; back off after a full round.
             if (attempt as usize).is_multiple_of(n) {
-                let round = (attempt as usize / n) as u32;
-                let pause = self.backoff(round);
+                let pause = backoff.next_wait();
                 let remaining = deadline.saturating_duration_since(Instant::now());
                 if pause >= remaining {
                     return Err(from_status_at(status, write, &inner.names[idx]));
@@ -482,17 +506,6 @@ impl Client {
                 tokio::time::sleep(pause).await;
             }
         }
-    }
-
-    /// Exponential backoff for retry round `round` (1-based), jittered to 50..100%.
-    fn backoff(&self, round: u32) -> Duration {
-        let inner = &*self.inner;
-        let exp = inner
-            .backoff_base
-            .saturating_mul(1u32 << round.saturating_sub(1).min(16))
-            .min(inner.backoff_max);
-        let ms = exp.as_millis().max(1) as u64;
-        Duration::from_millis(rand::rng().random_range(ms / 2..=ms))
     }
 
     /// Reads a key. `None` when it does not exist.
@@ -783,6 +796,8 @@ impl Client {
             buf: VecDeque::new(),
             done: false,
             failures: 0,
+            received: false,
+            backoff: Backoff::new(self.inner.backoff_base, self.inner.backoff_max),
         };
         stream::unfold(state, |mut st| async move {
             let item = st.next().await?;
@@ -819,6 +834,9 @@ struct ScanState {
     end: Vec<u8>,
     remaining: Option<u32>,
     stream: Option<tonic::Streaming<pb::ScanResponse>>,
+    /// The open stream has delivered keys: it cannot be resumed at the same point.
+    received: bool,
+    backoff: Backoff,
     buf: VecDeque<pb::KeyValue>,
     done: bool,
     failures: u32,
@@ -855,7 +873,10 @@ impl ScanState {
                     .open_scan(self.next_start.clone(), self.end.clone(), self.remaining.unwrap_or(0))
                     .await;
                 match opened {
-                    Ok(s) => self.stream = Some(s),
+                    Ok(s) => {
+                        self.stream = Some(s);
+                        self.received = false;
+                    }
                     Err(e) => {
                         self.done = true;
                         return Some(Err(e));
@@ -867,6 +888,7 @@ impl ScanState {
             match tokio::time::timeout(timeout, stream.message()).await {
                 Ok(Ok(Some(resp))) => {
                     self.failures = 0;
+                    self.received |= !resp.kvs.is_empty();
                     self.buf.extend(resp.kvs);
                 }
                 Ok(Ok(None)) => {
@@ -876,8 +898,19 @@ impl ScanState {
                 Ok(Err(status)) => {
                     self.stream = None;
                     self.failures += 1;
+                    if self.received {
+                        // Each range's part of a scan comes from one consistent point;
+                        // reopening after the last key would read the rest at another
+                        // one. Say where to resume instead of mixing them silently.
+                        self.done = true;
+                        return Some(Err(Error::Unavailable(format!(
+                            "scan interrupted ({}); every key before {:?} was returned: scan again from there",
+                            status.message(),
+                            String::from_utf8_lossy(&self.next_start)
+                        ))));
+                    }
                     if should_retry(&status, false) && self.failures < self.client.inner.max_attempts {
-                        tokio::time::sleep(self.client.backoff(self.failures)).await;
+                        tokio::time::sleep(self.backoff.next_wait()).await;
                         continue;
                     }
                     self.done = true;
@@ -950,26 +983,5 @@ mod tests {
         assert_eq!(inner.pick(4), 1, "all down: plain round-robin");
         inner.mark_up(2);
         assert_eq!(inner.pick(0), 2);
-    }
-
-    #[test]
-    fn backoff_is_bounded() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let c = rt
-            .block_on(
-                Client::builder()
-                    .endpoint("http://127.0.0.1:1")
-                    .backoff(Duration::from_millis(10), Duration::from_millis(100))
-                    .connect(),
-            )
-            .unwrap();
-        for round in 1..40 {
-            let b = c.backoff(round);
-            assert!(b <= Duration::from_millis(100), "{b:?}");
-            assert!(b >= Duration::from_millis(5), "{b:?}");
-        }
     }
 }

@@ -10,9 +10,10 @@ use crate::etcd::Etcd;
 use crate::process::{ChildGuard, bin_path, free_port, wait_until};
 use clap::Parser;
 use skv_common::service::ServiceHandle;
+use skv_proxy::auth::{Claims, Role, mint_hs256};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 /// The HS256 secret every test cluster uses.
 pub const TEST_SECRET: &[u8] = b"skv-test-secret-0123456789abcdef";
@@ -23,23 +24,20 @@ pub fn token(ns: &str, role: &str) -> String {
 }
 
 /// Mints a token with explicit lifetime (seconds from now; negative = expired),
-/// issuer, audience and secret.
+/// issuer, audience and secret, with the proxy's own claims and minting code.
 pub fn token_with(ns: &str, role: &str, ttl_secs: i64, iss: &str, aud: &str, secret: &[u8]) -> String {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
-    let claims = serde_json::json!({
-        "sub": "test", "ns": ns, "role": role,
-        "iat": now, "nbf": now - 5, "exp": now + ttl_secs,
-        "iss": iss, "aud": aud,
-    });
-    jsonwebtoken::encode(
-        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
-        &claims,
-        &jsonwebtoken::EncodingKey::from_secret(secret),
-    )
-    .unwrap_or_else(|e| panic!("mint token: {e}"))
+    let role = match role {
+        "read" => Role::Read,
+        "write" => Role::Write,
+        "admin" => Role::Admin,
+        other => panic!("unknown role {other:?}"),
+    };
+    let mut claims = Claims::new("test", ns, role, Duration::ZERO);
+    claims.nbf = claims.nbf.saturating_sub(5);
+    claims.exp = claims.iat.saturating_add_signed(ttl_secs);
+    claims.iss = iss.to_string();
+    claims.aud = aud.to_string();
+    mint_hs256(secret, &claims).unwrap_or_else(|e| panic!("mint token: {e}"))
 }
 
 /// Options for [`Cluster::start`].

@@ -97,6 +97,10 @@ pub struct Shared {
     /// After this many scan pages, split at these keys (ids from 100).
     pub split_after_pages: Mutex<Option<(usize, Vec<Vec<u8>>)>>,
     pub placement_calls: AtomicUsize,
+    /// The next scan stream fails after its first message (a leader lost mid-stream).
+    pub break_scan_after_first: AtomicBool,
+    /// Store calls of BatchGet/BatchWrite (one per range and round).
+    pub batch_calls: AtomicUsize,
     /// Ids for ranges created by simulated splits (from 100).
     pub next_range_id: std::sync::atomic::AtomicU64,
 }
@@ -249,56 +253,56 @@ impl Store for FakeStore {
         }))
     }
 
-    async fn scan(&self, request: Request<StoreScanRequest>) -> Result<Response<StoreScanResponse>, Status> {
+    type ScanStream = Pin<Box<dyn futures::Stream<Item = Result<StoreScanResponse, Status>> + Send>>;
+
+    /// Like a storenode: every key from one point (one lock of the truth), streamed in
+    /// messages of at most `scan_page_cap` keys; a routing error is the only message.
+    async fn scan(&self, request: Request<StoreScanRequest>) -> Result<Response<Self::ScanStream>, Status> {
         let r = request.into_inner();
+        let one = |m: StoreScanResponse| -> Result<Response<Self::ScanStream>, Status> {
+            Ok(Response::new(Box::pin(futures::stream::iter([Ok(m)]))))
+        };
         let d = match self.check(r.header, None) {
             Ok(d) => d,
             Err(e) => {
-                return Ok(Response::new(StoreScanResponse {
+                return one(StoreScanResponse {
                     routing_error: Some(e),
                     ..Default::default()
-                }));
+                });
             }
         };
         if !skv_common::keys::desc_contains(&d, &r.start)
             || (!r.end.is_empty() && skv_common::keys::cmp_end(&r.end, &d.end) == std::cmp::Ordering::Greater)
         {
-            return Ok(Response::new(StoreScanResponse {
+            return one(StoreScanResponse {
                 routing_error: routing(routing_error::Kind::KeyNotInRange(KeyNotInRange {
                     key: r.start.clone(),
                     descriptor: Some(d),
                 })),
                 ..Default::default()
-            }));
+            });
         }
-        let pages = self.shared.scan_calls.fetch_add(1, Ordering::SeqCst) + 1;
+        let calls = self.shared.scan_calls.fetch_add(1, Ordering::SeqCst) + 1;
         let cap = self.shared.scan_page_cap.load(Ordering::SeqCst);
-        let mut limit = if r.limit == 0 { u32::MAX } else { r.limit };
-        if cap != 0 {
-            limit = limit.min(cap);
-        }
+        let chunk = if cap == 0 { 256 } else { cap as usize };
+        let limit = if r.limit == 0 { usize::MAX } else { r.limit as usize };
         let end = if r.end.is_empty() { d.end.clone() } else { r.end.clone() };
         let mut t = self.shared.truth.lock();
-        let mut kvs = Vec::new();
-        let mut more = false;
-        for (k, (v, ver)) in t.data.range(r.start.clone()..) {
-            if !end.is_empty() && *k >= end {
-                break;
-            }
-            if kvs.len() as u32 == limit {
-                more = true;
-                break;
-            }
-            kvs.push(StoreKv {
+        let kvs: Vec<StoreKv> = t
+            .data
+            .range(r.start.clone()..)
+            .take_while(|(k, _)| end.is_empty() || **k < end)
+            .take(limit)
+            .map(|(k, (v, ver))| StoreKv {
                 key: k.clone(),
                 value: v.clone(),
                 version: *ver,
-            });
-        }
-        // Simulated split right after serving this page.
+            })
+            .collect();
+        // Simulated split right after this stream's point was taken.
         let mut split = self.shared.split_after_pages.lock();
         if let Some((after, keys)) = split.as_ref()
-            && pages >= *after
+            && calls >= *after
         {
             for k in keys {
                 let id = 100 + self.shared.next_range_id.fetch_add(1, Ordering::SeqCst);
@@ -306,10 +310,99 @@ impl Store for FakeStore {
             }
             *split = None;
         }
-        Ok(Response::new(StoreScanResponse {
+        let mut messages: Vec<Result<StoreScanResponse, Status>> = kvs
+            .chunks(chunk)
+            .map(|c| {
+                Ok(StoreScanResponse {
+                    routing_error: None,
+                    kvs: c.to_vec(),
+                })
+            })
+            .collect();
+        if self.shared.break_scan_after_first.swap(false, Ordering::SeqCst) {
+            messages.truncate(1);
+            messages.push(Err(Status::unavailable("fake: leadership lost mid-stream")));
+        }
+        Ok(Response::new(Box::pin(futures::stream::iter(messages))))
+    }
+
+    async fn batch_get(
+        &self,
+        request: Request<StoreBatchGetRequest>,
+    ) -> Result<Response<StoreBatchGetResponse>, Status> {
+        let r = request.into_inner();
+        self.shared.batch_calls.fetch_add(1, Ordering::SeqCst);
+        for k in &r.keys {
+            if let Err(e) = self.check(r.header, Some(k)) {
+                return Ok(Response::new(StoreBatchGetResponse {
+                    routing_error: Some(e),
+                    results: vec![],
+                }));
+            }
+        }
+        let t = self.shared.truth.lock();
+        let results = r
+            .keys
+            .iter()
+            .map(|k| match t.data.get(k) {
+                Some((v, ver)) => StoreGetResult {
+                    found: true,
+                    value: v.clone(),
+                    version: *ver,
+                },
+                None => StoreGetResult::default(),
+            })
+            .collect();
+        Ok(Response::new(StoreBatchGetResponse {
             routing_error: None,
-            kvs,
-            more,
+            results,
+        }))
+    }
+
+    async fn batch_write(
+        &self,
+        request: Request<StoreBatchWriteRequest>,
+    ) -> Result<Response<StoreBatchWriteResponse>, Status> {
+        let r = request.into_inner();
+        self.shared.batch_calls.fetch_add(1, Ordering::SeqCst);
+        for op in &r.ops {
+            if let Err(e) = self.check(r.header, Some(&op.key)) {
+                return Ok(Response::new(StoreBatchWriteResponse {
+                    routing_error: Some(e),
+                    results: vec![],
+                }));
+            }
+        }
+        self.shared.write_attempts.fetch_add(1, Ordering::SeqCst);
+        if self.shared.hang_writes.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+        }
+        let mut t = self.shared.truth.lock();
+        let results = r
+            .ops
+            .into_iter()
+            .map(|op| {
+                let current = t.data.get(&op.key).map(|(_, v)| *v).unwrap_or(0);
+                match op.op {
+                    Some(store_write_op::Op::Put(v)) => {
+                        t.data.insert(op.key, (v, current + 1));
+                        StoreWriteResult {
+                            succeeded: true,
+                            version: current + 1,
+                            existed: current != 0,
+                        }
+                    }
+                    _ => StoreWriteResult {
+                        succeeded: true,
+                        version: 0,
+                        existed: t.data.remove(&op.key).is_some(),
+                    },
+                }
+            })
+            .collect();
+        Ok(Response::new(StoreBatchWriteResponse {
+            routing_error: None,
+            results,
         }))
     }
 
