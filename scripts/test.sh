@@ -62,6 +62,12 @@ if cargo tree -p skv --locked -e normal --prefix none | grep -Eq '^skv-(storenod
   exit 1
 fi
 
+step "every server accepts through skv_rpc::incoming (TCP_NODELAY; issue 9)"
+if grep -rn --include='*.rs' -e 'TcpListenerStream' -e 'TcpIncoming::from' storenode/src placement/src proxy/src cli/src; then
+  echo "error: a server accepts connections without skv_rpc::incoming (Nagle would add ~40 ms)" >&2
+  exit 1
+fi
+
 # --- 4. protos compile with protoc ---------------------------------------------------
 step "protoc -I proto (every proto file, with grpcio-tools' protoc)"
 mapfile -t protos < <(cd proto && find skv -name '*.proto' | sort)

@@ -219,7 +219,7 @@ pub async fn start(config: Config) -> anyhow::Result<ServiceHandle> {
         });
     }
 
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let incoming = skv_rpc::incoming(listener);
     let shutdown = cancel.clone().cancelled_owned();
     let server = tonic::transport::Server::builder()
         // Notice dead clients (and release their tenant slots) on idle connections.

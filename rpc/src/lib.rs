@@ -4,6 +4,7 @@
 //!   timeout, `TCP_NODELAY`, HTTP/2 keepalive; TLS comes here with the security milestone).
 //! - [`Backoff`]: bounded exponential backoff with full jitter; the jitter is passed in, so
 //!   the schedule is a pure function that tests can table.
+//! - [`incoming`]: how every skv server accepts connections (`TCP_NODELAY` on).
 //! - [`PlacementMembers`]: the one client of the placement service. It tries each member
 //!   in turn, the last good one first, each try bounded and all under the caller's deadline.
 //!
@@ -12,10 +13,12 @@
 mod backoff;
 mod endpoint;
 mod placement;
+mod server;
 
 pub use backoff::Backoff;
 pub use endpoint::{EndpointOptions, endpoint, endpoint_with, lazy_channel, url};
 pub use placement::PlacementMembers;
+pub use server::incoming;
 
 /// Errors of this crate. A bad address is a configuration error: report it, don't retry.
 #[derive(Debug, thiserror::Error)]
