@@ -6,8 +6,11 @@
 //! placement and from storenodes' routing errors), and retries what is safe to retry.
 //!
 //! Consistency notes: single-key operations are linearizable (the storenode leader
-//! serves them). A `Scan` is linearizable within one range but not across ranges, and
-//! `BatchGet`/`BatchWrite` are not atomic: each key is its own operation.
+//! serves them). A `Scan` reads each range's part from one point (one storenode stream
+//! per range, from one ReadIndex and one engine snapshot); a stream that breaks after it
+//! delivered keys fails the scan with a resume hint instead of mixing points. Batches
+//! make one storenode call per range (atomic within the range, not across ranges).
+//! What is retried is decided in [`retry`], purely.
 
 pub mod auth;
 pub mod metrics;
