@@ -1,0 +1,329 @@
+//! The gRPC `Placement` service, one file per concern:
+//!
+//! - this file: wiring and start, the state shared by the concerns, and the service's entry
+//!   points, which forward to the leader when this instance follows and call the concern;
+//! - [`forward`]: forwarding to the leader, clients to the leader and to storenodes;
+//! - [`heartbeat`]: store registration, store and range heartbeats, split reports;
+//! - [`query`]: GetRange, ScanRanges, GetStores, GetMembers, AllocIds;
+//! - [`watch`]: the WatchRanges stream;
+//! - [`admin`]: split, leader transfer, merge/move/drain, scheduler pause;
+//! - [`leader`]: the leader loop, the scheduler tick and operator execution.
+
+#[macro_use]
+mod forward;
+mod admin;
+mod heartbeat;
+mod leader;
+mod query;
+mod watch;
+
+pub use leader::scheduler_config;
+
+use crate::Config;
+use crate::cluster::{ApplyOutcome, Meta};
+use crate::election::{self, ElectionState};
+use crate::layout::Layout;
+use crate::meta::{DynMetaStore, MetaError};
+use crate::metrics::Metrics;
+use crate::rangemap::Incoming;
+use skv_common::service::ServiceHandle;
+use skv_common::telemetry::{Readiness, serve_metrics};
+use skv_proto::internal::placement_server::{Placement, PlacementServer};
+use skv_proto::internal::*;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::{mpsc, watch as tokio_watch};
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status};
+
+/// Largest AllocIds count.
+pub(super) const MAX_ALLOC: u32 = 100_000;
+/// IDs reserved from the shared allocator at a time.
+pub(super) const ID_BLOCK: u64 = 1000;
+/// How often the leader compacts the metadata store's history, and how much it keeps.
+pub(super) const COMPACT_EVERY_MS: u64 = 5 * 60 * 1000;
+pub(super) const COMPACT_KEEP_REVISIONS: i64 = 10_000;
+/// Attempts of admin operations that meet routing errors.
+pub(super) const ADMIN_ATTEMPTS: usize = 5;
+
+pub(super) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+pub(super) fn meta_status(e: MetaError) -> Status {
+    Status::unavailable(format!("metadata store: {e}"))
+}
+
+/// In-memory state of the leader, reset on each new term.
+#[derive(Default)]
+struct LeaderMem {
+    /// Latest heartbeat of each store.
+    stores: HashMap<u64, StoreInfo>,
+    /// When each store record was last written to the metadata store.
+    persisted_ms: HashMap<u64, u64>,
+    /// When each store (last) came up, as seen by this leader.
+    up_since: HashMap<u64, u64>,
+    /// Last leader heartbeat per range, and its Raft term.
+    leader_seen: HashMap<u64, u64>,
+    leader_term: HashMap<u64, u64>,
+    /// Last RangeInfo and leader term written or confirmed per range (skips no-op heartbeats).
+    last_applied: HashMap<u64, (RangeInfo, u64)>,
+    /// Ranges with an operator in flight or cooling down, until this time.
+    busy_until: HashMap<u64, u64>,
+    leader_since_ms: u64,
+    /// Last etcd history compaction by this leader.
+    last_compact_ms: u64,
+}
+
+struct Shared {
+    config: Config,
+    meta: Meta,
+    cluster_id: String,
+    me: PlacementMember,
+    state: tokio_watch::Receiver<ElectionState>,
+    metrics: Metrics,
+    paused: AtomicBool,
+    mem: parking_lot::Mutex<LeaderMem>,
+    ids: tokio::sync::Mutex<(u64, u64)>,
+    channels: parking_lot::Mutex<HashMap<String, Channel>>,
+    cancel: CancellationToken,
+}
+
+/// Starts a placement instance on an already opened metadata store.
+pub async fn start_with_store(config: Config, store: DynMetaStore) -> anyhow::Result<ServiceHandle> {
+    let listener = tokio::net::TcpListener::bind(config.listen).await?;
+    let addr = listener.local_addr()?;
+    if config.advertise.is_none() && addr.ip().is_unspecified() {
+        tracing::warn!(%addr, "listening on a wildcard address without --advertise: other instances cannot forward here");
+    }
+    let advertise = config.advertise.clone().unwrap_or_else(|| addr.to_string());
+    let name = config.name.clone().unwrap_or_else(|| advertise.clone());
+    let (metrics, registry) = Metrics::new_registry();
+    let layout = Layout::new(&config.etcd_prefix);
+    let meta = Meta::new(store.clone(), layout.clone(), metrics.clone());
+    let mut attempt = 0;
+    let cluster_id = loop {
+        match meta.bootstrap().await {
+            Ok(id) => break id,
+            Err(e) if attempt < 20 => {
+                attempt += 1;
+                tracing::warn!(error = %e, "bootstrap failed; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(anyhow::anyhow!("bootstrap failed: {e}")),
+        }
+    };
+    let cancel = CancellationToken::new();
+    let ready = Readiness::default();
+    let metrics_addr = match config.metrics_listen {
+        Some(l) => Some(serve_metrics(l, Arc::new(registry), ready.clone(), cancel.clone()).await?),
+        None => None,
+    };
+    let me = PlacementMember {
+        name,
+        address: advertise,
+    };
+    let (state_tx, state_rx) = tokio_watch::channel(ElectionState::default());
+    let shared = Arc::new(Shared {
+        config: config.clone(),
+        meta,
+        cluster_id,
+        me: me.clone(),
+        state: state_rx,
+        metrics,
+        paused: AtomicBool::new(false),
+        mem: parking_lot::Mutex::new(LeaderMem::default()),
+        ids: tokio::sync::Mutex::new((0, 0)),
+        channels: parking_lot::Mutex::new(HashMap::new()),
+        cancel: cancel.clone(),
+    });
+    let election_task = tokio::spawn(election::run(
+        store,
+        layout,
+        me.clone(),
+        config.lease_ttl_secs,
+        state_tx,
+        cancel.clone(),
+    ));
+    let leader_task = tokio::spawn(leader::leader_loop(shared.clone()));
+    let svc = PlacementServer::new(PlacementService { s: shared })
+        .max_decoding_message_size(skv_common::limits::DEFAULT_MAX_MESSAGE_LEN);
+    let incoming = TcpListenerStream::new(listener);
+    ready.set(true);
+    tracing::info!(%addr, name = %me.name, "placement serving");
+    let c = cancel.clone();
+    let task = tokio::spawn(async move {
+        let r = tonic::transport::Server::builder()
+            .add_service(svc)
+            .serve_with_incoming_shutdown(incoming, c.clone().cancelled_owned())
+            .await;
+        c.cancel();
+        let _ = leader_task.await;
+        let _ = election_task.await;
+        r.map_err(anyhow::Error::from)
+    });
+    Ok(ServiceHandle::new(addr, metrics_addr, cancel, task))
+}
+
+impl Shared {
+    pub(super) fn is_leader(&self) -> bool {
+        self.state.borrow().is_leader
+    }
+
+    pub(super) fn effective(&self, mut s: StoreInfo, now: u64) -> StoreInfo {
+        if s.state == StoreState::Up as i32 && now.saturating_sub(s.last_heartbeat_ms) > self.config.store_down_after_ms
+        {
+            s.state = StoreState::Down as i32;
+        }
+        s
+    }
+
+    /// Every store with its effective state (the leader overlays fresher heartbeats).
+    pub(super) async fn current_stores(&self) -> Result<Vec<StoreInfo>, Status> {
+        let mut stores = self.meta.stores().await.map_err(meta_status)?;
+        if self.is_leader() {
+            let mem = self.mem.lock();
+            for s in stores.iter_mut() {
+                if let Some(m) = mem.stores.get(&s.store_id)
+                    && m.last_heartbeat_ms >= s.last_heartbeat_ms
+                {
+                    *s = m.clone();
+                }
+            }
+        }
+        let now = now_ms();
+        Ok(stores.into_iter().map(|s| self.effective(s, now)).collect())
+    }
+
+    /// Applies descriptors and keeps the heartbeat cache coherent.
+    pub(super) async fn apply(&self, incoming: &[Incoming]) -> Result<ApplyOutcome, Status> {
+        let out = self.meta.apply(incoming).await.map_err(|e| match e {
+            MetaError::Other(m) if m.starts_with("invalid range update") => Status::invalid_argument(m),
+            e => meta_status(e),
+        })?;
+        let mut mem = self.mem.lock();
+        for inc in incoming {
+            mem.last_applied.remove(&inc.desc.range_id);
+        }
+        Ok(out)
+    }
+}
+
+/// The `Placement` gRPC service.
+#[derive(Clone)]
+pub struct PlacementService {
+    s: Arc<Shared>,
+}
+
+#[tonic::async_trait]
+impl Placement for PlacementService {
+    async fn register_store(
+        &self,
+        request: Request<RegisterStoreRequest>,
+    ) -> Result<Response<RegisterStoreResponse>, Status> {
+        forward_if_follower!(self, request, register_store);
+        heartbeat::register_store(&self.s, request).await
+    }
+
+    async fn store_heartbeat(
+        &self,
+        request: Request<StoreHeartbeatRequest>,
+    ) -> Result<Response<StoreHeartbeatResponse>, Status> {
+        forward_if_follower!(self, request, store_heartbeat);
+        heartbeat::store_heartbeat(&self.s, request).await
+    }
+
+    async fn range_heartbeat(
+        &self,
+        request: Request<RangeHeartbeatRequest>,
+    ) -> Result<Response<RangeHeartbeatResponse>, Status> {
+        forward_if_follower!(self, request, range_heartbeat);
+        heartbeat::range_heartbeat(&self.s, request).await
+    }
+
+    async fn report_split(
+        &self,
+        request: Request<ReportSplitRequest>,
+    ) -> Result<Response<ReportSplitResponse>, Status> {
+        forward_if_follower!(self, request, report_split);
+        heartbeat::report_split(&self.s, request).await
+    }
+
+    async fn get_range(&self, request: Request<GetRangeRequest>) -> Result<Response<GetRangeResponse>, Status> {
+        query::get_range(&self.s, request).await
+    }
+
+    async fn scan_ranges(&self, request: Request<ScanRangesRequest>) -> Result<Response<ScanRangesResponse>, Status> {
+        query::scan_ranges(&self.s, request).await
+    }
+
+    type WatchRangesStream = ReceiverStream<Result<WatchRangesResponse, Status>>;
+
+    async fn watch_ranges(
+        &self,
+        _request: Request<WatchRangesRequest>,
+    ) -> Result<Response<Self::WatchRangesStream>, Status> {
+        let (tx, rx) = mpsc::channel(64);
+        let s = self.s.clone();
+        tokio::spawn(watch::watch_ranges_task(s, tx));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn get_stores(&self, _request: Request<GetStoresRequest>) -> Result<Response<GetStoresResponse>, Status> {
+        query::get_stores(&self.s, _request).await
+    }
+
+    async fn alloc_ids(&self, request: Request<AllocIdsRequest>) -> Result<Response<AllocIdsResponse>, Status> {
+        forward_if_follower!(self, request, alloc_ids);
+        query::alloc_ids(&self.s, request).await
+    }
+
+    async fn get_members(&self, _request: Request<GetMembersRequest>) -> Result<Response<GetMembersResponse>, Status> {
+        query::get_members(&self.s, _request).await
+    }
+
+    async fn split_range(&self, request: Request<AdminSplitRequest>) -> Result<Response<AdminSplitResponse>, Status> {
+        forward_if_follower!(self, request, split_range);
+        admin::split_range(&self.s, request).await
+    }
+
+    async fn transfer_leader(
+        &self,
+        request: Request<AdminTransferLeaderRequest>,
+    ) -> Result<Response<AdminTransferLeaderResponse>, Status> {
+        forward_if_follower!(self, request, transfer_leader);
+        admin::transfer_leader(&self.s, request).await
+    }
+
+    async fn merge_ranges(&self, _request: Request<AdminMergeRequest>) -> Result<Response<AdminMergeResponse>, Status> {
+        admin::merge_ranges(_request).await
+    }
+
+    async fn move_replica(
+        &self,
+        _request: Request<AdminMoveReplicaRequest>,
+    ) -> Result<Response<AdminMoveReplicaResponse>, Status> {
+        admin::move_replica(_request).await
+    }
+
+    async fn drain_store(
+        &self,
+        _request: Request<AdminDrainStoreRequest>,
+    ) -> Result<Response<AdminDrainStoreResponse>, Status> {
+        admin::drain_store(_request).await
+    }
+
+    async fn set_scheduler_paused(
+        &self,
+        request: Request<SetSchedulerPausedRequest>,
+    ) -> Result<Response<SetSchedulerPausedResponse>, Status> {
+        forward_if_follower!(self, request, set_scheduler_paused);
+        admin::set_scheduler_paused(&self.s, request).await
+    }
+}
