@@ -75,7 +75,17 @@ impl Store for FakeStore {
     async fn write(&self, _r: Request<StoreWriteRequest>) -> Result<Response<StoreWriteResponse>, Status> {
         Err(Status::unimplemented("fake"))
     }
-    async fn scan(&self, _r: Request<StoreScanRequest>) -> Result<Response<StoreScanResponse>, Status> {
+    type ScanStream = tokio_stream::Empty<Result<StoreScanResponse, Status>>;
+    async fn scan(&self, _r: Request<StoreScanRequest>) -> Result<Response<Self::ScanStream>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+    async fn batch_get(&self, _r: Request<StoreBatchGetRequest>) -> Result<Response<StoreBatchGetResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+    async fn batch_write(
+        &self,
+        _r: Request<StoreBatchWriteRequest>,
+    ) -> Result<Response<StoreBatchWriteResponse>, Status> {
         Err(Status::unimplemented("fake"))
     }
     async fn create_replica(
