@@ -8,6 +8,7 @@
 //! - [`scheduler`]: pure scheduling decisions.
 //! - [`election`]: leader election on leases.
 //! - [`cluster`]: typed metadata operations (bootstrap, CAS updates, allocator).
+//! - [`error`]: [`error::PlacementError`] and its stable codes (`PD-NotLeader`, ...).
 //! - [`server`]: the gRPC `Placement` service, forwarding, the leader loop.
 //!
 //! ## Behaviour
@@ -31,6 +32,7 @@
 
 pub mod cluster;
 pub mod election;
+pub mod error;
 pub mod layout;
 pub mod meta;
 pub mod metrics;

@@ -58,8 +58,17 @@ fn conv_write(op: Op) -> ec::TxnOp {
     }
 }
 
+/// etcd answers NOT_FOUND for a missing lease (`ErrGRPCLeaseNotFound`), and nothing else
+/// placement calls answers NOT_FOUND: a missing key is an empty result, not an error.
 fn is_lease_not_found(e: &ec::Error) -> bool {
-    e.to_string().contains("requested lease not found")
+    matches!(e, ec::Error::GRpcStatus(st) if st.code() == tonic::Code::NotFound)
+}
+
+/// etcd answers OUT_OF_RANGE to a compaction at or below the compacted revision
+/// (`ErrGRPCCompacted`), or above the current one (`ErrGRPCFutureRev`), which placement never
+/// asks for: it compacts below a revision it has read.
+fn is_compacted(e: &ec::Error) -> bool {
+    matches!(e, ec::Error::GRpcStatus(st) if st.code() == tonic::Code::OutOfRange)
 }
 
 #[async_trait]
@@ -172,11 +181,17 @@ impl MetaStore for EtcdStore {
 
     async fn keep_alive(&self, lease: i64) -> MetaResult<()> {
         let mut l = self.client.lease_client();
-        // Opening the stream sends one keep-alive and checks the answer's TTL.
+        // Opening the stream sends one keep-alive and checks the answer's TTL. The client
+        // reports a TTL of 0 (lease gone) and a failed send with the same error variant, so
+        // that case is told apart by asking for the lease's TTL (-1: gone).
         match l.keep_alive(lease).await {
             Ok(_) => Ok(()),
-            Err(ec::Error::LeaseKeepAliveError(m)) if m.contains("not found") => Err(MetaError::LeaseNotFound(lease)),
             Err(e) if is_lease_not_found(&e) => Err(MetaError::LeaseNotFound(lease)),
+            Err(e @ ec::Error::LeaseKeepAliveError(_)) => match l.time_to_live(lease, None).await {
+                Ok(ttl) if ttl.ttl() <= 0 => Err(MetaError::LeaseNotFound(lease)),
+                Err(e) if is_lease_not_found(&e) => Err(MetaError::LeaseNotFound(lease)),
+                _ => Err(MetaError::other(e)),
+            },
             Err(e) => Err(MetaError::other(e)),
         }
     }
@@ -194,7 +209,7 @@ impl MetaStore for EtcdStore {
         let mut kv = self.client.kv_client();
         match kv.compact(revision, None).await {
             Ok(_) => Ok(()),
-            Err(e) if e.to_string().contains("compacted") => Ok(()),
+            Err(e) if is_compacted(&e) => Ok(()),
             Err(e) => Err(MetaError::other(e)),
         }
     }
