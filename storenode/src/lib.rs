@@ -93,6 +93,7 @@ pub mod metrics;
 pub mod node;
 pub mod placement;
 pub mod raft;
+pub mod scan;
 pub mod service;
 
 use anyhow::Context;
@@ -280,9 +281,11 @@ pub async fn start_with(config: Config, opts: StartOptions) -> anyhow::Result<Se
     }
     node.load().await?;
 
+    let max_response = max_message.max(skv_common::limits::DEFAULT_MAX_MESSAGE_LEN) * 2;
     let store_svc = service::StoreService {
         node: node.clone(),
         max_value_len: config.max_value_len,
+        max_response_len: max_response,
     };
     let raft_svc = service::RaftService { node: node.clone() };
     let server = tonic::transport::Server::builder()
@@ -290,7 +293,7 @@ pub async fn start_with(config: Config, opts: StartOptions) -> anyhow::Result<Se
         .add_service(
             StoreServer::new(store_svc)
                 .max_decoding_message_size(max_message)
-                .max_encoding_message_size(max_message.max(skv_common::limits::DEFAULT_MAX_MESSAGE_LEN) * 2),
+                .max_encoding_message_size(max_response),
         )
         .add_service(
             RaftServer::new(raft_svc)

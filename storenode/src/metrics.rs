@@ -1,13 +1,57 @@
 //! Prometheus metrics of a storenode.
 
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+/// How a `Store` request ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Ok,
+    /// Answered with a routing error in the body (not applied).
+    RoutingError,
+    /// Answered with a gRPC status.
+    Error,
+}
+
+impl Outcome {
+    fn label(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::RoutingError => "routing_error",
+            Outcome::Error => "error",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RpcOutcome {
+    pub rpc: &'static str,
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Rpc {
+    pub rpc: &'static str,
+}
+
+type HistogramCtor = fn() -> Histogram;
+
+fn latency_histogram() -> Histogram {
+    // 50 µs .. ~13 s
+    Histogram::new(exponential_buckets(0.000_05, 2.0, 19))
+}
+
 /// Every metric the node exports. Cheap to clone (shared handles).
 #[derive(Clone)]
 pub struct Metrics {
+    /// `Store` requests by method and outcome.
+    pub requests: Family<RpcOutcome, Counter>,
+    /// `Store` request latency by method (for Scan: until the stream is opened).
+    pub request_seconds: Family<Rpc, Histogram, HistogramCtor>,
     pub proposals: Counter,
     pub apply_seconds: Histogram,
     pub fsync_seconds: Histogram,
@@ -18,6 +62,8 @@ pub struct Metrics {
 impl Metrics {
     pub fn new() -> Self {
         Self {
+            requests: Family::default(),
+            request_seconds: Family::new_with_constructor(latency_histogram as HistogramCtor),
             proposals: Counter::default(),
             apply_seconds: Histogram::new(exponential_buckets(0.00005, 2.0, 16)),
             fsync_seconds: Histogram::new(exponential_buckets(0.00005, 2.0, 16)),
@@ -26,7 +72,30 @@ impl Metrics {
         }
     }
 
+    /// Records one `Store` request.
+    pub fn observe_request(&self, rpc: &'static str, outcome: Outcome, took: std::time::Duration) {
+        self.requests
+            .get_or_create(&RpcOutcome {
+                rpc,
+                outcome: outcome.label(),
+            })
+            .inc();
+        self.request_seconds
+            .get_or_create(&Rpc { rpc })
+            .observe(took.as_secs_f64());
+    }
+
     pub fn register(&self, reg: &mut Registry) {
+        reg.register(
+            "skv_storenode_requests",
+            "Store requests by method and outcome (ok, routing_error, error)",
+            self.requests.clone(),
+        );
+        reg.register(
+            "skv_storenode_request_duration_seconds",
+            "Store request latency by method (Scan: until its stream opens)",
+            self.request_seconds.clone(),
+        );
         reg.register(
             "skv_storenode_raft_proposals",
             "Raft proposals made by this node",

@@ -3,7 +3,8 @@
 use crate::node::{NodeInner, Replica};
 use crate::raft::network::{RaftRpc, SnapshotHeader, WireResult};
 use crate::raft::state_machine::{SnapFile, validate_snapshot_file};
-use crate::raft::{CmdResponse, Command, WriteOp, decode, encode};
+use crate::raft::{BatchOp, CmdResponse, Command, WriteOp, WriteOutcome, decode, encode};
+use crate::scan::{ScanCursor, ScanStream};
 use futures::StreamExt;
 use openraft::async_runtime::watch::WatchReceiver;
 use openraft::error::{ClientWriteError, RaftError};
@@ -25,8 +26,6 @@ use tracing::Instrument;
 /// How long a proposal or a ReadIndex may wait before the outcome is reported unknown.
 const PROPOSAL_TIMEOUT: Duration = Duration::from_secs(10);
 const MEMBERSHIP_TIMEOUT: Duration = Duration::from_secs(60);
-const DEFAULT_SCAN_LIMIT: usize = 1000;
-const MAX_SCAN_LIMIT: usize = 10_000;
 
 /// Why a request on a range was refused; becomes a `RoutingError` in the response body.
 #[derive(Debug, Error)]
@@ -152,47 +151,64 @@ fn scan_end_after_read_index(
     )
 }
 
-/// Reads the live pairs of `[start, end)` (empty end = +inf), at most `limit` pairs and
-/// about `byte_budget` bytes (at least one pair). Tombstones (deleted keys) are skipped and
-/// count toward neither the limit nor `more`: `more` is set only when a live pair is left out.
-fn scan_live(
-    engine: &crate::engine::Engine,
-    start: &[u8],
-    end: &[u8],
-    limit: usize,
-    byte_budget: usize,
-) -> std::io::Result<StoreScanResponse> {
-    let mut out = StoreScanResponse::default();
-    let mut bytes = 0usize;
-    for g in engine.data.range::<&[u8], _>(crate::engine::data_range(start, end)) {
-        let (k, v) = g.into_inner().map_err(crate::engine::io_err)?;
-        let Some((version, value)) = crate::engine::decode_value(&v) else {
-            continue;
-        };
-        if out.kvs.len() >= limit || (bytes > 0 && bytes + k.len() + value.len() > byte_budget) {
-            out.more = true;
-            break;
-        }
-        bytes += k.len() + value.len();
-        out.kvs.push(StoreKv {
-            key: k.to_vec(),
-            value,
-            version,
-        });
-    }
-    Ok(out)
-}
-
 #[derive(Clone)]
 pub struct StoreService {
     pub node: Arc<NodeInner>,
     pub max_value_len: usize,
+    /// Largest response body this service may send (its max encoding message size).
+    pub max_response_len: usize,
+}
+
+/// Converts a request's write (key, op, condition) into a command op, with the checks of a
+/// single write: key and value sizes, op present.
+fn write_op(
+    key: Vec<u8>,
+    op: Option<WriteOp>,
+    condition: Option<Condition>,
+    max_value_len: usize,
+) -> Result<BatchOp, Fail> {
+    limits::check_internal_key(&key)?;
+    let op = op.ok_or_else(|| Status::invalid_argument("missing op"))?;
+    if let WriteOp::Put(v) = &op {
+        limits::check_value(v, max_value_len)?;
+    }
+    let condition = condition
+        .and_then(|c| c.kind)
+        .map(|condition::Kind::VersionEquals(v)| v);
+    Ok(BatchOp { key, op, condition })
+}
+
+fn op_bytes(o: &BatchOp) -> usize {
+    o.key.len()
+        + match &o.op {
+            WriteOp::Put(v) => v.len(),
+            WriteOp::Delete => 0,
+        }
 }
 
 impl StoreService {
     fn span(&self, name: &'static str, header: Option<&RequestHeader>) -> tracing::Span {
         let range_id = header.map(|h| h.range_id).unwrap_or(0);
         tracing::debug_span!("store", op = name, store_id = %self.node.store_id, range_id)
+    }
+
+    /// Runs one request handler in its span and records the per-method request metrics
+    /// (count by outcome, latency).
+    async fn run<T>(
+        &self,
+        rpc: &'static str,
+        span: tracing::Span,
+        fut: impl std::future::Future<Output = Result<T, Fail>>,
+    ) -> Result<T, Fail> {
+        let started = std::time::Instant::now();
+        let r = fut.instrument(span).await;
+        let outcome = match &r {
+            Ok(_) => crate::metrics::Outcome::Ok,
+            Err(Fail::Route(_)) => crate::metrics::Outcome::RoutingError,
+            Err(Fail::Status(_)) => crate::metrics::Outcome::Error,
+        };
+        self.node.metrics.observe_request(rpc, outcome, started.elapsed());
+        r
     }
 
     fn not_leader(&self, range: RangeId, leader: Option<u64>) -> StoreError {
@@ -350,33 +366,20 @@ impl StoreService {
     }
 
     async fn write(&self, req: StoreWriteRequest) -> Result<StoreWriteResponse, Fail> {
-        limits::check_internal_key(&req.key)?;
-        let op = match req.op {
-            Some(store_write_request::Op::Put(v)) => {
-                limits::check_value(&v, self.max_value_len)?;
-                WriteOp::Put(v)
-            }
-            Some(store_write_request::Op::Delete(_)) => WriteOp::Delete,
-            None => return Err(Status::invalid_argument("missing op").into()),
-        };
-        let condition = req
-            .condition
-            .and_then(|c| c.kind)
-            .map(|condition::Kind::VersionEquals(v)| v);
+        let op = req.op.map(|o| match o {
+            store_write_request::Op::Put(v) => WriteOp::Put(v),
+            store_write_request::Op::Delete(_) => WriteOp::Delete,
+        });
+        let o = write_op(req.key, op, req.condition, self.max_value_len)?;
         let (r, desc) = self.route(req.header.as_ref())?;
-        if !desc_contains(&desc, &req.key) {
-            return Err(StoreError::KeyNotInRange { key: req.key, desc }.into());
+        if !desc_contains(&desc, &o.key) {
+            return Err(StoreError::KeyNotInRange { key: o.key, desc }.into());
         }
-        let bytes = req.key.len()
-            + match &op {
-                WriteOp::Put(v) => v.len(),
-                WriteOp::Delete => 0,
-            };
-        r.shared.record_write(&req.key, bytes);
+        r.shared.record_write(&o.key, op_bytes(&o));
         let cmd = Command::Write {
-            key: req.key,
-            op,
-            condition,
+            key: o.key,
+            op: o.op,
+            condition: o.condition,
             epoch_version: desc.epoch.unwrap_or_default().version,
         };
         let resp = self.propose(&r, cmd).await?;
@@ -395,18 +398,35 @@ impl StoreService {
         }
     }
 
-    async fn scan(&self, req: StoreScanRequest) -> Result<StoreScanResponse, Fail> {
+    /// Scan, first phase: route, check the bounds, ReadIndex. Nothing is read yet.
+    async fn scan_prepare(&self, req: &StoreScanRequest) -> Result<Arc<Replica>, Fail> {
         let (r, desc) = self.route(req.header.as_ref())?;
         let start_ok = req.start.as_slice() >= desc.start.as_slice() && (desc.end.is_empty() || req.start < desc.end);
         let end_ok =
             !req.end.is_empty() && cmp_end(&req.end, &desc.end) != std::cmp::Ordering::Greater || req.end.is_empty();
         if !start_ok || !end_ok {
-            return Err(StoreError::KeyNotInRange { key: req.start, desc }.into());
+            return Err(StoreError::KeyNotInRange {
+                key: req.start.clone(),
+                desc,
+            }
+            .into());
         }
         self.read_index(&r).await?;
-        // A split may have applied during the ReadIndex wait: the range is then narrower
-        // than the request was checked against. Never clamp silently (the keys past the new
-        // end would be missed with `more = false`); report the new layout (reads retry).
+        Ok(r)
+    }
+
+    /// Scan, second phase: take ONE engine snapshot, THEN re-check the range. Epochs only
+    /// grow, and a split publishes the shortened descriptor before any other range can write
+    /// into the span it gave away, so a check that passes after the snapshot was taken proves
+    /// the snapshot was taken while this replica still owned the whole span: the scan is a
+    /// consistent cut at a point after the ReadIndex. If a split applied after the ReadIndex,
+    /// the answer is EpochNotMatch — never a silently truncated or stale result.
+    fn scan_open(&self, r: &Replica, req: &StoreScanRequest) -> Result<ScanCursor, Fail> {
+        let snap = self.node.engine.db.snapshot();
+        if r.shared.installing.load(std::sync::atomic::Ordering::Acquire) {
+            // Lost leadership and is installing a snapshot: the data may be half-replaced.
+            return Err(self.not_leader(r.shared.range_id, r.leader_view().leader).into());
+        }
         let want = req.header.as_ref().and_then(|h| h.epoch).unwrap_or_default().version;
         let desc = r.shared.desc();
         let end = scan_end_after_read_index(&req.start, &req.end, want, &desc).map_err(|e| match e {
@@ -418,13 +438,133 @@ impl StoreService {
                 desc: desc.clone(),
             },
         })?;
-        let limit = match req.limit as usize {
-            0 => DEFAULT_SCAN_LIMIT,
-            n => n.min(MAX_SCAN_LIMIT),
+        Ok(ScanCursor::new(
+            &self.node.engine,
+            snap,
+            req.start.clone(),
+            end,
+            req.limit,
+        ))
+    }
+
+    async fn batch_get(&self, req: StoreBatchGetRequest) -> Result<StoreBatchGetResponse, Fail> {
+        for k in &req.keys {
+            limits::check_internal_key(k)?;
+        }
+        let (r, desc) = self.route(req.header.as_ref())?;
+        let outside = |desc: &RangeDescriptor| req.keys.iter().find(|k| !desc_contains(desc, k)).cloned();
+        if let Some(key) = outside(&desc) {
+            return Err(StoreError::KeyNotInRange { key, desc }.into());
+        }
+        if req.stale_ok {
+            if !self.may_serve_stale(&r) {
+                return Err(self.not_leader(r.shared.range_id, r.leader_view().leader).into());
+            }
+        } else {
+            self.read_index(&r).await?;
+        }
+        // One snapshot for all keys, then the range re-check (as a scan does).
+        let snap = self.node.engine.db.snapshot();
+        if r.shared.installing.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(self.not_leader(r.shared.range_id, r.leader_view().leader).into());
+        }
+        let desc = r.shared.desc();
+        if let Some(key) = outside(&desc) {
+            return Err(StoreError::KeyNotInRange { key, desc }.into());
+        }
+        let engine = self.node.engine.clone();
+        let keys = req.keys;
+        let budget = self.max_response_len;
+        let read = tokio::task::spawn_blocking(move || -> Result<(Vec<Vec<u8>>, Vec<StoreGetResult>), Status> {
+            use fjall::Readable;
+            let mut out = Vec::with_capacity(keys.len());
+            let mut bytes = 0usize;
+            for k in &keys {
+                let v = snap
+                    .get(&engine.data, k)
+                    .map_err(|e| Status::internal(e.to_string()))?
+                    .and_then(|v| crate::engine::decode_value(&v));
+                out.push(match v {
+                    Some((version, value)) => {
+                        bytes += value.len() + 16;
+                        StoreGetResult {
+                            found: true,
+                            value,
+                            version,
+                        }
+                    }
+                    None => StoreGetResult::default(),
+                });
+                if bytes > budget {
+                    return Err(Status::resource_exhausted(format!(
+                        "batch get result exceeds {budget} bytes; ask for fewer keys"
+                    )));
+                }
+            }
+            Ok((keys, out))
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))??;
+        let (keys, results) = read;
+        for (k, res) in keys.iter().zip(&results) {
+            r.shared.record_read(k, k.len() + res.value.len());
+        }
+        Ok(StoreBatchGetResponse {
+            routing_error: None,
+            results,
+        })
+    }
+
+    async fn batch_write(&self, req: StoreBatchWriteRequest) -> Result<StoreBatchWriteResponse, Fail> {
+        let mut ops = Vec::with_capacity(req.ops.len());
+        for o in req.ops {
+            let op = o.op.map(|x| match x {
+                store_write_op::Op::Put(v) => WriteOp::Put(v),
+                store_write_op::Op::Delete(_) => WriteOp::Delete,
+            });
+            ops.push(write_op(o.key, op, o.condition, self.max_value_len)?);
+        }
+        let (r, desc) = self.route(req.header.as_ref())?;
+        // Every key is checked before anything is proposed: a routing error means nothing
+        // was applied.
+        if let Some(o) = ops.iter().find(|o| !desc_contains(&desc, &o.key)) {
+            return Err(StoreError::KeyNotInRange {
+                key: o.key.clone(),
+                desc,
+            }
+            .into());
+        }
+        if ops.is_empty() {
+            return Ok(StoreBatchWriteResponse::default());
+        }
+        for o in &ops {
+            r.shared.record_write(&o.key, op_bytes(o));
+        }
+        let n = ops.len();
+        let cmd = Command::Batch {
+            ops,
+            epoch_version: desc.epoch.unwrap_or_default().version,
         };
-        let byte_budget = limits::DEFAULT_MAX_MESSAGE_LEN.max(self.max_value_len * 2);
-        scan_live(&self.node.engine, &req.start, &end, limit, byte_budget)
-            .map_err(|e| Status::internal(e.to_string()).into())
+        match self.decode_resp(self.propose(&r, cmd).await?)? {
+            CmdResponse::Batch(outcomes) if outcomes.len() == n => Ok(StoreBatchWriteResponse {
+                routing_error: None,
+                results: outcomes
+                    .into_iter()
+                    .map(
+                        |WriteOutcome {
+                             succeeded,
+                             version,
+                             existed,
+                         }| StoreWriteResult {
+                            succeeded,
+                            version,
+                            existed,
+                        },
+                    )
+                    .collect(),
+            }),
+            other => Err(Status::internal(format!("unexpected apply result {other:?}")).into()),
+        }
     }
 
     async fn change_replicas(&self, req: ChangeReplicasRequest) -> Result<ChangeReplicasResponse, Fail> {
@@ -524,19 +664,58 @@ impl Store for StoreService {
     async fn get(&self, request: Request<StoreGetRequest>) -> Result<Response<StoreGetResponse>, Status> {
         let req = request.into_inner();
         let span = self.span("get", req.header.as_ref());
-        respond(self.get(req).instrument(span).await, |t, e| t.routing_error = Some(e))
+        respond(self.run("get", span, self.get(req)).await, |t, e| {
+            t.routing_error = Some(e)
+        })
     }
 
     async fn write(&self, request: Request<StoreWriteRequest>) -> Result<Response<StoreWriteResponse>, Status> {
         let req = request.into_inner();
         let span = self.span("write", req.header.as_ref());
-        respond(self.write(req).instrument(span).await, |t, e| t.routing_error = Some(e))
+        respond(self.run("write", span, self.write(req)).await, |t, e| {
+            t.routing_error = Some(e)
+        })
     }
 
-    async fn scan(&self, request: Request<StoreScanRequest>) -> Result<Response<StoreScanResponse>, Status> {
+    type ScanStream = ScanStream;
+
+    async fn scan(&self, request: Request<StoreScanRequest>) -> Result<Response<ScanStream>, Status> {
+        let arrived = tokio::time::Instant::now();
+        let deadline = crate::scan::deadline(request.metadata(), arrived);
         let req = request.into_inner();
         let span = self.span("scan", req.header.as_ref());
-        respond(self.scan(req).instrument(span).await, |t, e| t.routing_error = Some(e))
+        let opened = async {
+            let r = self.scan_prepare(&req).await?;
+            self.scan_open(&r, &req)
+        };
+        let r = self.run("scan", span, opened).await;
+        match r {
+            Ok(cursor) => Ok(Response::new(crate::scan::stream(cursor, deadline))),
+            Err(Fail::Route(e)) => Ok(Response::new(crate::scan::routing_error_stream((*e).into()))),
+            Err(Fail::Status(s)) => Err(s),
+        }
+    }
+
+    async fn batch_get(
+        &self,
+        request: Request<StoreBatchGetRequest>,
+    ) -> Result<Response<StoreBatchGetResponse>, Status> {
+        let req = request.into_inner();
+        let span = self.span("batch_get", req.header.as_ref());
+        respond(self.run("batch_get", span, self.batch_get(req)).await, |t, e| {
+            t.routing_error = Some(e)
+        })
+    }
+
+    async fn batch_write(
+        &self,
+        request: Request<StoreBatchWriteRequest>,
+    ) -> Result<Response<StoreBatchWriteResponse>, Status> {
+        let req = request.into_inner();
+        let span = self.span("batch_write", req.header.as_ref());
+        respond(self.run("batch_write", span, self.batch_write(req)).await, |t, e| {
+            t.routing_error = Some(e)
+        })
     }
 
     async fn create_replica(
@@ -568,15 +747,18 @@ impl Store for StoreService {
     ) -> Result<Response<ChangeReplicasResponse>, Status> {
         let req = request.into_inner();
         let span = self.span("change_replicas", req.header.as_ref());
-        respond(self.change_replicas(req).instrument(span).await, |t, e| {
-            t.routing_error = Some(e)
-        })
+        respond(
+            self.run("change_replicas", span, self.change_replicas(req)).await,
+            |t, e| t.routing_error = Some(e),
+        )
     }
 
     async fn split_range(&self, request: Request<SplitRangeRequest>) -> Result<Response<SplitRangeResponse>, Status> {
         let req = request.into_inner();
         let span = self.span("split_range", req.header.as_ref());
-        respond(self.split(req).instrument(span).await, |t, e| t.routing_error = Some(e))
+        respond(self.run("split_range", span, self.split(req)).await, |t, e| {
+            t.routing_error = Some(e)
+        })
     }
 
     async fn transfer_leader(
@@ -814,6 +996,8 @@ mod tests {
         }
     }
 
+    /// The streaming scan has no `more` flag any more (the stream ends after `limit` keys or
+    /// at the end); "more" is now "a live pair follows the last one returned".
     #[test]
     fn scan_skips_tombstones_and_sets_more_only_for_live_pairs() {
         use crate::engine::{encode_tombstone, encode_value};
@@ -823,20 +1007,149 @@ mod tests {
         e.data.insert(b"b", encode_tombstone(3)).unwrap();
         e.data.insert(b"c", encode_value(2, b"2")).unwrap();
         e.data.insert(b"d", encode_tombstone(1)).unwrap();
-        let keys = |r: &StoreScanResponse| r.kvs.iter().map(|kv| kv.key.clone()).collect::<Vec<_>>();
-        let r = scan_live(&e, b"", b"", 10, 1 << 20).unwrap();
+        struct R {
+            kvs: Vec<StoreKv>,
+            more: bool,
+        }
+        let scan_live = |start: &[u8], end: &[u8], limit: u32| -> R {
+            let mut c = ScanCursor::new(&e, e.db.snapshot(), start.to_vec(), end.to_vec(), limit);
+            let mut kvs = Vec::new();
+            while let Some(chunk) = c.next_chunk().unwrap() {
+                kvs.extend(chunk);
+            }
+            // A live pair after the last one returned, within the bounds?
+            let after = kvs.last().map(|kv| {
+                let mut k = kv.key.clone();
+                k.push(0);
+                k
+            });
+            let mut rest = ScanCursor::new(&e, e.db.snapshot(), after.unwrap_or(start.to_vec()), end.to_vec(), 0);
+            let more = limit != 0 && rest.next_chunk().unwrap().is_some_and(|c| !c.is_empty());
+            R { kvs, more }
+        };
+        let keys = |r: &R| r.kvs.iter().map(|kv| kv.key.clone()).collect::<Vec<_>>();
+        let r = scan_live(b"", b"", 10);
         assert_eq!(keys(&r), vec![b"a".to_vec(), b"c".to_vec()]);
         assert!(!r.more);
         // Limit 2 is reached by the last live pair; only tombstones follow: no `more`.
-        let r = scan_live(&e, b"", b"", 2, 1 << 20).unwrap();
+        let r = scan_live(b"", b"", 2);
         assert_eq!(keys(&r), vec![b"a".to_vec(), b"c".to_vec()]);
         assert!(!r.more);
-        let r = scan_live(&e, b"", b"", 1, 1 << 20).unwrap();
+        let r = scan_live(b"", b"", 1);
         assert_eq!(keys(&r), vec![b"a".to_vec()]);
         assert!(r.more);
-        let r = scan_live(&e, b"b", b"d", 1, 1 << 20).unwrap();
+        let r = scan_live(b"b", b"d", 1);
         assert_eq!(keys(&r), vec![b"c".to_vec()]);
         assert!(!r.more);
+    }
+
+    /// A one-voter node with range 1 = ["", +inf) bootstrapped, and its Store service.
+    async fn single_node(dir: &std::path::Path) -> (Arc<NodeInner>, StoreService) {
+        let engine = crate::engine::Engine::open(dir, crate::metrics::Metrics::new()).unwrap();
+        let node = NodeInner::new(
+            StoreId(1),
+            engine,
+            crate::raft::network::Transport::new(StoreId(1), None, 1 << 20),
+            crate::raft::raft_config(10_000).unwrap(),
+            dir.join("snaps"),
+            crate::metrics::Metrics::new(),
+        );
+        let d = RangeDescriptor {
+            range_id: 1,
+            start: vec![],
+            end: vec![],
+            epoch: Some(RangeEpoch {
+                conf_ver: 1,
+                version: 1,
+            }),
+            replicas: vec![skv_proto::internal::Replica {
+                store_id: 1,
+                role: ReplicaRole::Voter as i32,
+            }],
+        };
+        node.create_replica(d, true).await.unwrap();
+        let svc = StoreService {
+            node: node.clone(),
+            max_value_len: 1 << 20,
+            max_response_len: 8 << 20,
+        };
+        (node, svc)
+    }
+
+    fn current_header(node: &NodeInner, range: u64) -> RequestHeader {
+        let d = node.replica(RangeId(range)).unwrap().shared.desc();
+        RequestHeader {
+            range_id: range,
+            epoch: d.epoch,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_split_applied_between_read_index_and_snapshot_refuses_the_scan() {
+        let dir = tempfile::tempdir().unwrap();
+        let (node, svc) = single_node(dir.path()).await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        for k in [b"a", b"k", b"x"] {
+            loop {
+                let req = StoreWriteRequest {
+                    header: Some(current_header(&node, 1)),
+                    key: k.to_vec(),
+                    op: Some(store_write_request::Op::Put(b"v".to_vec())),
+                    condition: None,
+                };
+                if svc.write(req).await.is_ok() {
+                    break;
+                }
+                assert!(std::time::Instant::now() < deadline, "no leader");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        let req = StoreScanRequest {
+            header: Some(current_header(&node, 1)),
+            start: vec![],
+            end: vec![],
+            limit: 0,
+        };
+        let read = |mut c: ScanCursor| {
+            let mut keys = Vec::new();
+            while let Some(kvs) = c.next_chunk().unwrap() {
+                keys.extend(kvs.into_iter().map(|kv| kv.key));
+            }
+            keys
+        };
+        // No split: the scan opens and reads every key.
+        let Ok(r) = svc.scan_prepare(&req).await else {
+            panic!("prepare failed")
+        };
+        let Ok(c) = svc.scan_open(&r, &req) else {
+            panic!("open failed")
+        };
+        assert_eq!(read(c), vec![b"a".to_vec(), b"k".to_vec(), b"x".to_vec()]);
+
+        // ReadIndex passes, then a split applies, then the snapshot is taken: refused.
+        let Ok(r) = svc.scan_prepare(&req).await else {
+            panic!("prepare failed")
+        };
+        let split = svc
+            .split(SplitRangeRequest {
+                header: Some(current_header(&node, 1)),
+                split_key: b"m".to_vec(),
+                new_range_id: 2,
+            })
+            .await;
+        assert!(split.is_ok_and(|s| s.left.is_some_and(|l| l.end == b"m")));
+        match svc.scan_open(&r, &req) {
+            Err(Fail::Route(e)) => match *e {
+                StoreError::EpochNotMatch { current } => {
+                    let ids: Vec<u64> = current.iter().map(|d| d.range_id).collect();
+                    assert_eq!(ids, vec![1, 2]);
+                }
+                other => panic!("expected EpochNotMatch, got {other:?}"),
+            },
+            Err(Fail::Status(s)) => panic!("expected EpochNotMatch, got {s:?}"),
+            Ok(c) => panic!("a scan after the split was served: {:?}", read(c)),
+        }
+        node.stop_all().await;
     }
 
     #[test]

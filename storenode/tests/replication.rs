@@ -76,33 +76,45 @@ async fn replication_and_reads() {
     assert!(r.succeeded && r.existed && r.version == 0, "{r:?}");
     assert_eq!(c.get(b"new").await, None);
 
-    // Scan with limit and `more`.
-    let r = lc
-        .scan(StoreScanRequest {
+    // Scan with limit and `more` (the stream ends after `limit` keys; "more" = a key follows).
+    let r = scan_all(
+        &mut lc,
+        StoreScanRequest {
             header: Some(header(&d)),
             start: b"k".to_vec(),
             end: b"k010".to_vec(),
             limit: 5,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+        },
+    )
+    .await
+    .unwrap();
     assert!(r.routing_error.is_none());
     assert_eq!(r.kvs.len(), 5);
-    assert!(r.more);
+    let more = |r: &ScanResult| {
+        let mut after = r.kvs.last().map(|kv| kv.key.clone()).unwrap_or_default();
+        after.push(0);
+        after
+    };
+    let rest = c.scan(leader, &d, &more(&r), b"k010", 1).await.unwrap();
+    assert!(!rest.kvs.is_empty());
     assert_eq!(r.kvs[0].key, b"k000");
-    let r = lc
-        .scan(StoreScanRequest {
+    let r = scan_all(
+        &mut lc,
+        StoreScanRequest {
             header: Some(header(&d)),
             start: b"k".to_vec(),
             end: b"k010".to_vec(),
             limit: 100,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+        },
+    )
+    .await
+    .unwrap();
     assert_eq!(r.kvs.len(), 10);
-    assert!(!r.more);
+    let rest = c.scan(leader, &d, &more(&r), b"k010", 1).await.unwrap();
+    assert!(rest.kvs.is_empty());
+    // Limit 0 = no limit.
+    let r = c.scan(leader, &d, b"k", b"k010", 0).await.unwrap();
+    assert_eq!(r.kvs.len(), 10);
 
     // Followers: NotLeader with the leader's address; stale reads converge.
     for f in (1..=3).filter(|f| *f != leader) {

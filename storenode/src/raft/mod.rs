@@ -16,7 +16,24 @@ pub enum WriteOp {
     Delete,
 }
 
-/// The application command replicated by Raft.
+/// One write of a [`Command::Batch`].
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BatchOp {
+    pub key: Vec<u8>,
+    pub op: WriteOp,
+    /// Applies only if the key's live version equals this (0 = absent), as `Command::Write`.
+    pub condition: Option<u64>,
+}
+
+/// The application command replicated by Raft, stored in the Raft log (postcard).
+///
+/// On-disk compatibility: postcard encodes an enum as its variant index (a varint) followed
+/// by the fields, so the variant index is the format version of a log entry. Variants are
+/// append-only: never reorder, remove or change the fields of an existing variant; add a
+/// new variant at the end instead (as `Batch` was, after `Write` and `Split`). Entries
+/// written by an older node (`Write` = 0, `Split` = 1) therefore apply unchanged after an
+/// upgrade. An older node cannot decode a newer variant: every replica of a range must run
+/// a version that knows `Batch` before a `BatchWrite` is sent to that range.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub enum Command {
     /// Writes one key. `epoch_version` is the range version the proposer checked against;
@@ -33,6 +50,11 @@ pub enum Command {
         new_range_id: u64,
         epoch_version: u64,
     },
+    /// Several writes to one range, applied in order in ONE atomic engine batch: a later op
+    /// sees the earlier ones (two ops on one key behave as if applied one after the other).
+    /// Each op's condition is checked on its own. If any key is outside the range at apply
+    /// (a split applied after the proposal), nothing is written.
+    Batch { ops: Vec<BatchOp>, epoch_version: u64 },
 }
 
 impl std::fmt::Display for Command {
@@ -40,6 +62,7 @@ impl std::fmt::Display for Command {
         match self {
             Command::Write { key, .. } => write!(f, "write({} bytes key)", key.len()),
             Command::Split { new_range_id, .. } => write!(f, "split(r{new_range_id})"),
+            Command::Batch { ops, .. } => write!(f, "batch({} ops)", ops.len()),
         }
     }
 }
@@ -62,6 +85,16 @@ pub enum CmdResponse {
     EpochNotMatch(Vec<u8>),
     /// The command was refused (bad split key etc.).
     Rejected(String),
+    /// A batch applied: one outcome per op, in order.
+    Batch(Vec<WriteOutcome>),
+}
+
+/// The outcome of one write, as `StoreWriteResponse`'s fields of the same names.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct WriteOutcome {
+    pub succeeded: bool,
+    pub version: u64,
+    pub existed: bool,
 }
 
 openraft::declare_raft_types!(
@@ -130,6 +163,16 @@ pub fn entry_size(e: &Entry) -> usize {
                 }
         }
         openraft::EntryPayload::Normal(Command::Split { split_key, .. }) => split_key.len(),
+        openraft::EntryPayload::Normal(Command::Batch { ops, .. }) => ops
+            .iter()
+            .map(|o| {
+                16 + o.key.len()
+                    + match &o.op {
+                        WriteOp::Put(v) => v.len(),
+                        WriteOp::Delete => 0,
+                    }
+            })
+            .sum(),
         openraft::EntryPayload::Membership(m) => 16 * m.nodes().count(),
         openraft::EntryPayload::Blank => 0,
     }
@@ -166,6 +209,59 @@ mod tests {
         let l = split_init_log_id();
         let back: LogId = decode(&encode(&l).unwrap()).unwrap();
         assert_eq!(back, l);
+    }
+
+    /// Log entries written before `Batch` existed must decode unchanged (the variant index
+    /// is the format version). These bytes are what an older node wrote.
+    #[test]
+    fn old_log_commands_still_decode_and_batch_is_a_new_variant() {
+        let old_write = [0u8, 1, b'k', 0, 3, 1, 2, 3, 1, 4, 2];
+        assert_eq!(
+            decode::<Command>(&old_write).unwrap(),
+            Command::Write {
+                key: b"k".to_vec(),
+                op: WriteOp::Put(vec![1, 2, 3]),
+                condition: Some(4),
+                epoch_version: 2,
+            }
+        );
+        let old_delete = [0u8, 1, b'k', 1, 0, 7];
+        assert_eq!(
+            decode::<Command>(&old_delete).unwrap(),
+            Command::Write {
+                key: b"k".to_vec(),
+                op: WriteOp::Delete,
+                condition: None,
+                epoch_version: 7,
+            }
+        );
+        let old_split = [1u8, 1, b'm', 2, 1];
+        assert_eq!(
+            decode::<Command>(&old_split).unwrap(),
+            Command::Split {
+                split_key: b"m".to_vec(),
+                new_range_id: 2,
+                epoch_version: 1,
+            }
+        );
+        let b = Command::Batch {
+            ops: vec![
+                BatchOp {
+                    key: b"a".to_vec(),
+                    op: WriteOp::Put(b"1".to_vec()),
+                    condition: Some(0),
+                },
+                BatchOp {
+                    key: b"a".to_vec(),
+                    op: WriteOp::Delete,
+                    condition: None,
+                },
+            ],
+            epoch_version: 3,
+        };
+        let bytes = encode(&b).unwrap();
+        assert_eq!(bytes[0], 2, "Batch is variant 2, after Write and Split");
+        assert_eq!(decode::<Command>(&bytes).unwrap(), b);
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! Snapshots are streamed to/from files (bounded memory whatever the range size).
 
 use super::{
-    CmdResponse, Command, LogId, Membership, SnapshotMeta, StoredMembership, TypeConfig, WriteOp, decode, encode,
+    BatchOp, CmdResponse, Command, LogId, Membership, SnapshotMeta, StoredMembership, TypeConfig, WriteOp,
+    WriteOutcome, decode, encode,
 };
 use crate::engine::{Engine, applied_key, data_range, decode_record, desc_key, encode_tombstone, encode_value, io_err};
 use crate::metrics::Metrics;
@@ -237,6 +238,44 @@ impl StateMachine {
         if !desc_contains(&desc, &key) {
             return Ok(CmdResponse::KeyNotInRange(desc.encode_to_vec()));
         }
+        let o = self.write_one(batch, overlay, key, op, condition)?;
+        Ok(CmdResponse::Write {
+            succeeded: o.succeeded,
+            version: o.version,
+            existed: o.existed,
+        })
+    }
+
+    /// Applies a batch of writes into `batch`, in order, sharing `overlay` so that each op
+    /// sees the earlier ones. All keys are checked against the range first: if one is outside
+    /// (a split applied after the proposal), nothing is written and the whole batch answers
+    /// KeyNotInRange (a routing error from an apply that wrote nothing, ADR 0006).
+    fn apply_batch(
+        &self,
+        batch: &mut fjall::OwnedWriteBatch,
+        overlay: &mut HashMap<Vec<u8>, (u64, bool)>,
+        ops: Vec<BatchOp>,
+    ) -> io::Result<CmdResponse> {
+        let desc = self.shared.desc();
+        if ops.iter().any(|o| !desc_contains(&desc, &o.key)) {
+            return Ok(CmdResponse::KeyNotInRange(desc.encode_to_vec()));
+        }
+        let mut out = Vec::with_capacity(ops.len());
+        for o in ops {
+            out.push(self.write_one(batch, overlay, o.key, o.op, o.condition)?);
+        }
+        Ok(CmdResponse::Batch(out))
+    }
+
+    /// One write of a key already checked against the range (see [`Self::apply_write`]).
+    fn write_one(
+        &self,
+        batch: &mut fjall::OwnedWriteBatch,
+        overlay: &mut HashMap<Vec<u8>, (u64, bool)>,
+        key: Vec<u8>,
+        op: WriteOp,
+        condition: Option<u64>,
+    ) -> io::Result<WriteOutcome> {
         let (stored_version, live) = match overlay.get(&key) {
             Some(v) => *v,
             None => match self.engine.get_record(&key)? {
@@ -248,7 +287,7 @@ impl StateMachine {
         if let Some(want) = condition
             && want != live_version
         {
-            return Ok(CmdResponse::Write {
+            return Ok(WriteOutcome {
                 succeeded: false,
                 version: live_version,
                 existed: live,
@@ -259,7 +298,7 @@ impl StateMachine {
                 let version = stored_version + 1;
                 overlay.insert(key.clone(), (version, true));
                 batch.insert(&self.engine.data, key, encode_value(version, &v));
-                CmdResponse::Write {
+                WriteOutcome {
                     succeeded: true,
                     version,
                     existed: live,
@@ -270,7 +309,7 @@ impl StateMachine {
                     overlay.insert(key.clone(), (stored_version, false));
                     batch.insert(&self.engine.data, key, encode_tombstone(stored_version));
                 }
-                CmdResponse::Write {
+                WriteOutcome {
                     succeeded: true,
                     version: 0,
                     existed: live,
@@ -409,6 +448,14 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     }
                     EntryPayload::Normal(Command::Write { key, op, condition, .. }) => {
                         let resp = self.apply_write(&mut batch, &mut overlay, key, op, condition)?;
+                        self.last_applied = Some(log_id);
+                        dirty = true;
+                        if let Some(r) = responder {
+                            replies.push((r, resp));
+                        }
+                    }
+                    EntryPayload::Normal(Command::Batch { ops, .. }) => {
+                        let resp = self.apply_batch(&mut batch, &mut overlay, ops)?;
                         self.last_applied = Some(log_id);
                         dirty = true;
                         if let Some(r) = responder {
@@ -1021,6 +1068,65 @@ mod tests {
                 existed: false
             }
         );
+    }
+
+    #[test]
+    fn a_batch_applies_in_order_and_atomically_or_not_at_all() {
+        let (dir, e) = engine();
+        let desc = RangeDescriptor {
+            range_id: 1,
+            start: b"a".to_vec(),
+            end: b"m".to_vec(),
+            ..Default::default()
+        };
+        let sm = StateMachine::open(
+            e.clone(),
+            RangeShared::new(desc, true),
+            Weak::new(),
+            dir.path().join("snaps"),
+            Metrics::new(),
+        )
+        .unwrap();
+        let op = |k: &[u8], op: WriteOp, condition| BatchOp {
+            key: k.to_vec(),
+            op,
+            condition,
+        };
+        let put = |v: &[u8]| WriteOp::Put(v.to_vec());
+        let apply = |ops: Vec<BatchOp>| {
+            let mut batch = e.db.batch();
+            let r = sm.apply_batch(&mut batch, &mut HashMap::new(), ops).unwrap();
+            batch.commit().unwrap();
+            r
+        };
+        // A key outside the range: nothing at all is written.
+        let r = apply(vec![op(b"b", put(b"1"), None), op(b"x", put(b"1"), None)]);
+        assert!(matches!(r, CmdResponse::KeyNotInRange(_)), "{r:?}");
+        assert_eq!(e.get_record(b"b").unwrap(), None);
+        // In order: later ops see earlier ones; each condition on its own.
+        let r = apply(vec![
+            op(b"b", put(b"1"), Some(0)),
+            op(b"b", put(b"2"), Some(1)),
+            op(b"b", put(b"3"), Some(1)),
+            op(b"b", WriteOp::Delete, None),
+            op(b"b", put(b"4"), None),
+        ]);
+        let w = |succeeded, version, existed| WriteOutcome {
+            succeeded,
+            version,
+            existed,
+        };
+        assert_eq!(
+            r,
+            CmdResponse::Batch(vec![
+                w(true, 1, false),
+                w(true, 2, true),
+                w(false, 2, true),
+                w(true, 0, true),
+                w(true, 3, false),
+            ])
+        );
+        assert_eq!(e.get_data(b"b").unwrap(), Some((3, b"4".to_vec())));
     }
 
     #[tokio::test]

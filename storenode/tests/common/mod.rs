@@ -312,10 +312,142 @@ impl Cluster {
         }
     }
 
+    /// A scan on `node`, collected.
+    pub async fn scan(
+        &self,
+        node: u64,
+        d: &RangeDescriptor,
+        start: &[u8],
+        end: &[u8],
+        limit: u32,
+    ) -> Result<ScanResult, tonic::Status> {
+        let mut c = self.client(node).await;
+        scan_all(
+            &mut c,
+            StoreScanRequest {
+                header: Some(header(d)),
+                start: start.to_vec(),
+                end: end.to_vec(),
+                limit,
+            },
+        )
+        .await
+    }
+
+    /// A batch write with retries on routing errors (routed by the first key). Returns one
+    /// result per op.
+    pub async fn batch_write(&self, ops: Vec<StoreWriteOp>) -> Vec<StoreWriteResult> {
+        let first = ops.first().map(|o| o.key.clone()).unwrap_or_default();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let (id, d) = self.route(&first, Duration::from_secs(20)).await;
+            let mut c = self.client(id).await;
+            let req = StoreBatchWriteRequest {
+                header: Some(header(&d)),
+                ops: ops.clone(),
+            };
+            if let Ok(Ok(r)) = tokio::time::timeout(Duration::from_secs(5), c.batch_write(req)).await {
+                let r = r.into_inner();
+                if r.routing_error.is_none() {
+                    assert_eq!(r.results.len(), ops.len());
+                    return r.results;
+                }
+            }
+            self.invalidate();
+            assert!(Instant::now() < deadline, "batch write did not succeed");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// A linearizable batch get with retries (routed by the first key).
+    pub async fn batch_get(&self, keys: &[&[u8]]) -> Vec<StoreGetResult> {
+        let first = keys.first().map(|k| k.to_vec()).unwrap_or_default();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let (id, d) = self.route(&first, Duration::from_secs(20)).await;
+            let mut c = self.client(id).await;
+            let req = StoreBatchGetRequest {
+                header: Some(header(&d)),
+                keys: keys.iter().map(|k| k.to_vec()).collect(),
+                stale_ok: false,
+            };
+            if let Ok(Ok(r)) = tokio::time::timeout(Duration::from_secs(5), c.batch_get(req)).await {
+                let r = r.into_inner();
+                if r.routing_error.is_none() {
+                    assert_eq!(r.results.len(), keys.len());
+                    return r.results;
+                }
+            }
+            self.invalidate();
+            assert!(Instant::now() < deadline, "batch get did not succeed");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     pub async fn shutdown(mut self) {
         for id in 1..=self.n {
             self.stop_node(id).await;
         }
+    }
+}
+
+/// A streaming scan's answer, collected: the routing error (then the only message), or
+/// every pair in order.
+#[derive(Debug, Default)]
+pub struct ScanResult {
+    pub routing_error: Option<RoutingError>,
+    pub kvs: Vec<StoreKv>,
+    pub messages: usize,
+}
+
+impl ScanResult {
+    pub fn keys(&self) -> Vec<Vec<u8>> {
+        self.kvs.iter().map(|kv| kv.key.clone()).collect()
+    }
+    pub fn kind(&self) -> Option<&routing_error::Kind> {
+        self.routing_error.as_ref().and_then(|e| e.kind.as_ref())
+    }
+}
+
+/// Sends a scan and reads its whole stream. A routing error must be the first and only
+/// message; a stream that ends with an error status returns that status.
+pub async fn scan_all(c: &mut StoreClient<Channel>, req: StoreScanRequest) -> Result<ScanResult, tonic::Status> {
+    let mut stream = c.scan(req).await?.into_inner();
+    let mut out = ScanResult::default();
+    while let Some(m) = stream.message().await? {
+        out.messages += 1;
+        if let Some(e) = m.routing_error {
+            assert_eq!(out.messages, 1, "a routing error after data");
+            assert!(m.kvs.is_empty(), "a routing error with data");
+            out.routing_error = Some(e);
+            assert!(stream.message().await?.is_none(), "a message after a routing error");
+            return Ok(out);
+        }
+        assert!(!m.kvs.is_empty(), "an empty scan message");
+        out.kvs.extend(m.kvs);
+    }
+    Ok(out)
+}
+
+/// A put op of a batch write.
+pub fn put_op(key: &[u8], value: &[u8], condition: Option<u64>) -> StoreWriteOp {
+    StoreWriteOp {
+        key: key.to_vec(),
+        op: Some(store_write_op::Op::Put(value.to_vec())),
+        condition: condition.map(|v| Condition {
+            kind: Some(condition::Kind::VersionEquals(v)),
+        }),
+    }
+}
+
+/// A delete op of a batch write.
+pub fn delete_op(key: &[u8], condition: Option<u64>) -> StoreWriteOp {
+    StoreWriteOp {
+        key: key.to_vec(),
+        op: Some(store_write_op::Op::Delete(true)),
+        condition: condition.map(|v| Condition {
+            kind: Some(condition::Kind::VersionEquals(v)),
+        }),
     }
 }
 
