@@ -1,15 +1,20 @@
 //! Cluster metadata operations on a [`MetaStore`](crate::meta::MetaStore): bootstrap, range map reads and updates,
 //! stores, the ID allocator. Every write that must not race is a compare-and-swap.
+//! Errors are [`PlacementError`]s: a failing metadata store is `PD-MetaUnavailable`, a
+//! compare-and-swap that keeps losing `PD-Conflict`, an undecodable record `PD-Internal`.
 
+use crate::error::{PlacementError, PlacementResult};
 use crate::layout::Layout;
-use crate::meta::{CmpOp, Compare, DynMetaStore, MetaError, MetaResult, Op, Txn};
+use crate::meta::{CmpOp, Compare, DynMetaStore, MetaResult, Op, Txn};
 use crate::metrics::Metrics;
+use crate::model::{Descriptor, Epoch};
 use crate::rangemap::{
     Guard, Incoming, StoredRange, UpdatePlan, decode_record, encode_record, ends_guard, guard_start, plan_update,
 };
 use prost::Message;
+use skv_common::ids::{RangeId, StoreId};
 use skv_common::keys::desc_contains;
-use skv_proto::internal::{RangeDescriptor, RangeEpoch, RangeInfo, StoreInfo};
+use skv_proto::internal::{RangeDescriptor, RangeInfo, StoreInfo};
 
 /// How many times a CAS update is re-read and retried before giving up.
 const CAS_RETRIES: usize = 16;
@@ -31,10 +36,17 @@ pub struct Meta {
     metrics: Metrics,
 }
 
-fn decode_range(kv: &crate::meta::KeyValue) -> MetaResult<StoredRange> {
-    let (info, leader_term) = decode_record(kv.value.as_slice()).map_err(MetaError::other)?;
+fn corrupt(kv: &crate::meta::KeyValue, what: impl std::fmt::Display) -> PlacementError {
+    PlacementError::internal(format!(
+        "corrupt metadata at {}: {what}",
+        String::from_utf8_lossy(&kv.key)
+    ))
+}
+
+fn decode_range(kv: &crate::meta::KeyValue) -> PlacementResult<StoredRange> {
+    let (info, leader_term) = decode_record(kv.value.as_slice()).map_err(|e| corrupt(kv, e))?;
     if info.descriptor.is_none() {
-        return Err(MetaError::Other("range record without descriptor".into()));
+        return Err(corrupt(kv, "range record without descriptor"));
     }
     Ok(StoredRange {
         key: kv.key.clone(),
@@ -44,11 +56,15 @@ fn decode_range(kv: &crate::meta::KeyValue) -> MetaResult<StoredRange> {
     })
 }
 
-fn parse_u64(v: &[u8]) -> MetaResult<u64> {
-    std::str::from_utf8(v)
+fn parse_u64(kv: &crate::meta::KeyValue) -> PlacementResult<u64> {
+    std::str::from_utf8(&kv.value)
         .ok()
         .and_then(|s| s.parse().ok())
-        .ok_or_else(|| MetaError::Other("bad counter value".into()))
+        .ok_or_else(|| corrupt(kv, "bad counter value"))
+}
+
+fn decode_store(kv: &crate::meta::KeyValue) -> PlacementResult<StoreInfo> {
+    StoreInfo::decode(kv.value.as_slice()).map_err(|e| corrupt(kv, e))
 }
 
 impl Meta {
@@ -74,19 +90,19 @@ impl Meta {
     /// Creates the cluster exactly once (safe under concurrent callers); returns its id.
     /// Writes the cluster id, range 1 = `["", "")` with epoch {1, 1} and no replicas,
     /// the ID allocator (next = 2) and the generation counter.
-    pub async fn bootstrap(&self) -> MetaResult<String> {
+    pub async fn bootstrap(&self) -> PlacementResult<String> {
         let id = format!("{:032x}", rand::random::<u128>());
         let r1 = RangeInfo {
-            descriptor: Some(RangeDescriptor {
-                range_id: 1,
-                start: vec![],
-                end: vec![],
-                epoch: Some(RangeEpoch {
-                    conf_ver: 1,
-                    version: 1,
-                }),
-                replicas: vec![],
-            }),
+            descriptor: Some(
+                Descriptor {
+                    id: RangeId(1),
+                    start: vec![],
+                    end: vec![],
+                    epoch: Epoch::INITIAL,
+                    replicas: vec![],
+                }
+                .to_proto(),
+            ),
             leader_store_id: 0,
         };
         let l = &self.layout;
@@ -101,7 +117,7 @@ impl Meta {
             .store
             .get(&l.cluster_id())
             .await?
-            .ok_or_else(|| MetaError::Other("cluster id missing after bootstrap".into()))?;
+            .ok_or_else(|| PlacementError::internal("cluster id missing after bootstrap"))?;
         let stored = String::from_utf8_lossy(&kv.value).into_owned();
         if created {
             tracing::info!(cluster_id = %stored, "bootstrapped a new cluster");
@@ -110,7 +126,7 @@ impl Meta {
     }
 
     /// The range holding `key`, if the map covers it (one range read).
-    pub async fn lookup(&self, key: &[u8]) -> MetaResult<Option<StoredRange>> {
+    pub async fn lookup(&self, key: &[u8]) -> PlacementResult<Option<StoredRange>> {
         let (from, to) = self.layout.range_lookup_bounds(key);
         let r = self.store.range(&from, &to, 1).await?;
         match r.kvs.first() {
@@ -124,7 +140,7 @@ impl Meta {
 
     /// Records in key order starting with the one holding `start`, while their start is
     /// below `end` (empty = +infinity), at most `limit` (0 = all).
-    pub async fn scan(&self, start: &[u8], end: &[u8], limit: usize) -> MetaResult<Vec<StoredRange>> {
+    pub async fn scan(&self, start: &[u8], end: &[u8], limit: usize) -> PlacementResult<Vec<StoredRange>> {
         const PAGE: usize = 256;
         let (mut from, to) = self.layout.range_lookup_bounds(start);
         let mut out = Vec::new();
@@ -151,22 +167,22 @@ impl Meta {
     }
 
     /// Every range record and the revision read (for watching from `revision + 1`).
-    pub async fn all_ranges(&self) -> MetaResult<(Vec<StoredRange>, i64)> {
+    pub async fn all_ranges(&self) -> PlacementResult<(Vec<StoredRange>, i64)> {
         let (from, to) = self.layout.ranges_bounds();
         let r = self.store.range(&from, &to, 0).await?;
-        let ranges = r.kvs.iter().map(decode_range).collect::<MetaResult<Vec<_>>>()?;
+        let ranges = r.kvs.iter().map(decode_range).collect::<PlacementResult<Vec<_>>>()?;
         Ok((ranges, r.revision))
     }
 
     /// The record of range `id` (a full scan: there is no index by id).
-    pub async fn range_by_id(&self, id: u64) -> MetaResult<Option<StoredRange>> {
-        Ok(self.all_ranges().await?.0.into_iter().find(|s| s.desc().range_id == id))
+    pub async fn range_by_id(&self, id: RangeId) -> PlacementResult<Option<StoredRange>> {
+        Ok(self.all_ranges().await?.0.into_iter().find(|s| s.range_id() == id))
     }
 
     /// Reads the records an update of `[start, end)` must guard: from the first one that
     /// could overlap it through the first one whose end is >= `end` ([`ends_guard`]), and
     /// the interval read, with the revision it was read at.
-    async fn read_guarded(&self, start: &[u8], end: &[u8]) -> MetaResult<(Vec<StoredRange>, Guard)> {
+    async fn read_guarded(&self, start: &[u8], end: &[u8]) -> PlacementResult<(Vec<StoredRange>, Guard)> {
         const PAGE: usize = 256;
         let first = guard_start(&self.layout, start);
         let (_, to) = self.layout.ranges_bounds();
@@ -211,7 +227,7 @@ impl Meta {
     /// Reads what `incoming` could affect and plans the update ([`plan_update`]); a
     /// [`UpdatePlan::Write`] must then be run as is (it fails if that part of the map changed
     /// since the read). [`Meta::apply`] does both, with retries.
-    pub async fn plan(&self, incoming: &[Incoming]) -> MetaResult<UpdatePlan> {
+    pub async fn plan(&self, incoming: &[Incoming]) -> PlacementResult<UpdatePlan> {
         let mut stored: Vec<StoredRange> = Vec::new();
         let mut guards: Vec<Guard> = Vec::new();
         for inc in incoming {
@@ -227,7 +243,8 @@ impl Meta {
     }
 
     /// Applies descriptors through the epoch rules ([`plan_update`]), retrying on conflicts.
-    pub async fn apply(&self, incoming: &[Incoming]) -> MetaResult<ApplyOutcome> {
+    /// Malformed input is `PD-InvalidArgument`.
+    pub async fn apply(&self, incoming: &[Incoming]) -> PlacementResult<ApplyOutcome> {
         for _ in 0..CAS_RETRIES {
             match self.plan(incoming).await? {
                 UpdatePlan::Unchanged => return Ok(ApplyOutcome::Unchanged),
@@ -235,7 +252,7 @@ impl Meta {
                     self.metrics.stale_updates.inc();
                     return Ok(ApplyOutcome::Stale(cur));
                 }
-                UpdatePlan::Invalid(m) => return Err(MetaError::Other(format!("invalid range update: {m}"))),
+                UpdatePlan::Invalid(m) => return Err(PlacementError::invalid(format!("invalid range update: {m}"))),
                 UpdatePlan::Write(t) => {
                     if self.txn(t).await? {
                         return Ok(ApplyOutcome::Applied);
@@ -243,23 +260,29 @@ impl Meta {
                 }
             }
         }
-        Err(MetaError::Other("range update kept conflicting; giving up".into()))
+        Err(PlacementError::Conflict {
+            what: format!("range update kept conflicting {CAS_RETRIES} times"),
+        })
     }
 
     /// Writes the voters chosen for a replica-less range, only if its record is unchanged
     /// and still replica-less. Returns whether it was written.
-    pub async fn place_initial(&self, desc: &RangeDescriptor) -> MetaResult<bool> {
+    pub async fn place_initial(&self, desc: &Descriptor) -> PlacementResult<bool> {
         let key = self.layout.range(&desc.end);
         let Some(kv) = self.store.get(&key).await? else {
             return Ok(false);
         };
         let cur = decode_range(&kv)?;
         let c = cur.desc();
-        if c.range_id != desc.range_id || c.start != desc.start || !c.replicas.is_empty() || c.epoch != desc.epoch {
+        if cur.range_id() != desc.id
+            || c.start != desc.start
+            || !c.replicas.is_empty()
+            || c.epoch.map(Epoch::from) != Some(desc.epoch)
+        {
             return Ok(false);
         }
         let info = RangeInfo {
-            descriptor: Some(desc.clone()),
+            descriptor: Some(desc.to_proto()),
             leader_store_id: 0,
         };
         self.txn(
@@ -268,55 +291,53 @@ impl Meta {
                 .and_then([Op::put(key, encode_record(&info, cur.leader_term))]),
         )
         .await
+        .map_err(PlacementError::from)
     }
 
     /// Every stored store record.
-    pub async fn stores(&self) -> MetaResult<Vec<StoreInfo>> {
+    pub async fn stores(&self) -> PlacementResult<Vec<StoreInfo>> {
         let (from, to) = crate::meta::prefix_range(&self.layout.stores_prefix());
         let r = self.store.range(&from, &to, 0).await?;
-        r.kvs
-            .iter()
-            .map(|kv| StoreInfo::decode(kv.value.as_slice()).map_err(MetaError::other))
-            .collect()
+        r.kvs.iter().map(decode_store).collect()
     }
 
-    pub async fn get_store(&self, id: u64) -> MetaResult<Option<StoreInfo>> {
+    pub async fn get_store(&self, id: StoreId) -> PlacementResult<Option<StoreInfo>> {
         match self.store.get(&self.layout.store(id)).await? {
-            Some(kv) => Ok(Some(StoreInfo::decode(kv.value.as_slice()).map_err(MetaError::other)?)),
+            Some(kv) => Ok(Some(decode_store(&kv)?)),
             None => Ok(None),
         }
     }
 
-    pub async fn put_store(&self, s: &StoreInfo) -> MetaResult<()> {
+    pub async fn put_store(&self, s: &StoreInfo) -> PlacementResult<()> {
         self.store
-            .txn(Txn::new().and_then([Op::put(self.layout.store(s.store_id), s.encode_to_vec())]))
+            .txn(Txn::new().and_then([Op::put(self.layout.store(StoreId(s.store_id)), s.encode_to_vec())]))
             .await?;
         Ok(())
     }
 
     /// Reserves `n` ids from the shared allocator by CAS; returns the first.
-    pub async fn reserve_ids(&self, n: u64) -> MetaResult<u64> {
+    pub async fn reserve_ids(&self, n: u64) -> PlacementResult<u64> {
         self.bump_counter(&self.layout.ids(), n, 2).await
     }
 
     /// Next snapshot generation (strictly increasing across leaders).
-    pub async fn next_generation(&self) -> MetaResult<u64> {
+    pub async fn next_generation(&self) -> PlacementResult<u64> {
         Ok(self.bump_counter(&self.layout.gen_key(), 1, 0).await? + 1)
     }
 
-    async fn bump_counter(&self, key: &[u8], n: u64, initial: u64) -> MetaResult<u64> {
+    async fn bump_counter(&self, key: &[u8], n: u64, initial: u64) -> PlacementResult<u64> {
         for _ in 0..CAS_RETRIES * 4 {
             let cur = self.store.get(key).await?;
             let (first, cmp) = match &cur {
                 Some(kv) => (
-                    parse_u64(&kv.value)?,
+                    parse_u64(kv)?,
                     Compare::mod_revision(key.to_vec(), CmpOp::Equal, kv.mod_revision),
                 ),
                 None => (initial, Compare::absent(key.to_vec())),
             };
             let next = first
                 .checked_add(n)
-                .ok_or_else(|| MetaError::Other("id space exhausted".into()))?;
+                .ok_or_else(|| PlacementError::internal("id space exhausted"))?;
             if self
                 .txn(
                     Txn::new()
@@ -328,6 +349,8 @@ impl Meta {
                 return Ok(first);
             }
         }
-        Err(MetaError::Other("counter kept conflicting".into()))
+        Err(PlacementError::Conflict {
+            what: format!("counter {} kept conflicting", String::from_utf8_lossy(key)),
+        })
     }
 }

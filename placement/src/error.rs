@@ -278,11 +278,14 @@ mod tests {
         }
     }
 
-    /// One line per variant: the error, its code, gRPC code, retry hint (ms) and leader hint.
+    /// One line of the mapping table: the error, its code, gRPC code, retry hint (ms) and
+    /// leader hint.
+    type Line = (PlacementError, &'static str, Code, Option<u64>, Option<&'static str>);
+
     #[test]
     fn mapping_table() {
         let ms = |n: u64| Some(n);
-        let table: Vec<(PlacementError, &str, Code, Option<u64>, Option<&str>)> = vec![
+        let table: Vec<Line> = vec![
             (
                 PlacementError::NotLeader {
                     leader: Some("10.0.0.1:7000".into()),
@@ -327,7 +330,13 @@ mod tests {
                 None,
                 None,
             ),
-            (range_unavailable(), "PD-RangeUnavailable", Code::Unavailable, ms(70), None),
+            (
+                range_unavailable(),
+                "PD-RangeUnavailable",
+                Code::Unavailable,
+                ms(70),
+                None,
+            ),
             (
                 PlacementError::KeyNotCovered,
                 "PD-KeyNotCovered",

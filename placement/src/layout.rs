@@ -17,6 +17,8 @@
 //! the first record with end > K, i.e. from `ranges/1` + K + `\x00` (the smallest key above
 //! `ranges/1` + K) to `ranges/3`, limit 1. Since `2` > `1…`, the infinite range sorts last.
 
+use skv_common::ids::StoreId;
+
 /// Key builder for one cluster prefix.
 #[derive(Clone, Debug)]
 pub struct Layout {
@@ -68,9 +70,9 @@ impl Layout {
     pub fn stores_prefix(&self) -> Vec<u8> {
         self.key(b"stores/")
     }
-    pub fn store(&self, id: u64) -> Vec<u8> {
+    pub fn store(&self, id: StoreId) -> Vec<u8> {
         let mut k = self.stores_prefix();
-        k.extend_from_slice(format!("{id:020}").as_bytes());
+        k.extend_from_slice(format!("{:020}", id.get()).as_bytes());
         k
     }
     pub fn ranges_prefix(&self) -> Vec<u8> {
@@ -137,6 +139,6 @@ mod tests {
         assert!(l.range(b"") < to);
         let (from, _) = l.range_lookup_bounds(b"");
         assert!(l.range(b"\x00") >= from);
-        assert_eq!(l.store(7), b"/skv/t/stores/00000000000000000007".to_vec());
+        assert_eq!(l.store(StoreId(7)), b"/skv/t/stores/00000000000000000007".to_vec());
     }
 }

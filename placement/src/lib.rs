@@ -4,6 +4,8 @@
 //!
 //! - [`meta`]: the [`meta::MetaStore`] trait, [`meta::etcd::EtcdStore`], [`meta::embedded::EmbeddedStore`].
 //! - [`layout`]: the key layout under `--etcd-prefix` (documented there).
+//! - [`model`]: domain types (descriptors with typed IDs, roles, store states) the decisions
+//!   work on; protobuf messages are converted into them once.
 //! - [`rangemap`]: pure epoch rules for range map updates.
 //! - [`scheduler`]: pure scheduling decisions.
 //! - [`election`]: leader election on leases.
@@ -36,6 +38,7 @@ pub mod error;
 pub mod layout;
 pub mod meta;
 pub mod metrics;
+pub mod model;
 pub mod rangemap;
 pub mod scheduler;
 pub mod server;

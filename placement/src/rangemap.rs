@@ -17,7 +17,9 @@
 
 use crate::layout::Layout;
 use crate::meta::{CmpOp, Compare, Op, Txn};
+use crate::model::{store_opt, store_raw};
 use prost::Message;
+use skv_common::ids::{RangeId, StoreId};
 use skv_common::keys::{epoch_newer, epoch_of};
 use skv_proto::internal::{RangeDescriptor, RangeInfo};
 
@@ -37,6 +39,15 @@ impl StoredRange {
             .descriptor
             .as_ref()
             .expect("stored ranges always carry a descriptor")
+    }
+
+    pub fn range_id(&self) -> RangeId {
+        RangeId(self.desc().range_id)
+    }
+
+    /// The last known leader.
+    pub fn leader(&self) -> Option<StoreId> {
+        store_opt(self.info.leader_store_id)
     }
 }
 
@@ -68,7 +79,7 @@ pub fn decode_record(value: &[u8]) -> Result<(RangeInfo, u64), prost::DecodeErro
 #[derive(Clone, Debug)]
 pub struct Incoming {
     pub desc: RangeDescriptor,
-    pub leader: Option<u64>,
+    pub leader: Option<StoreId>,
     /// The Raft term in which `leader` was observed leading. With a term, the hint is
     /// accepted only if the term is >= the stored one (and the stored term is raised).
     /// Without one (a hint from a routing error or a split report), the hint is accepted
@@ -146,11 +157,11 @@ fn valid(d: &RangeDescriptor) -> Result<(), String> {
 }
 
 /// `(leader, term)` to store, given what is stored for the range (`prev`) and a hint.
-fn merge_leader(prev: (u64, u64), inc: &Incoming) -> (u64, u64) {
+fn merge_leader(prev: (Option<StoreId>, u64), inc: &Incoming) -> (Option<StoreId>, u64) {
     match (inc.leader, inc.leader_term) {
         (None, _) => prev,
-        (Some(l), None) => (l, prev.1),
-        (Some(l), Some(t)) if t >= prev.1 => (l, t),
+        (Some(l), None) => (Some(l), prev.1),
+        (Some(l), Some(t)) if t >= prev.1 => (Some(l), t),
         (Some(_), Some(_)) => prev,
     }
 }
@@ -179,11 +190,11 @@ pub fn plan_update(layout: &Layout, stored: &[StoredRange], guards: &[Guard], in
         let identical = over.len() == 1 && same_shape(over[0].desc(), &inc.desc);
         if identical {
             let s = over[0];
-            let (leader, term) = merge_leader((s.info.leader_store_id, s.leader_term), inc);
-            if (leader, term) != (s.info.leader_store_id, s.leader_term) {
+            let (leader, term) = merge_leader((s.leader(), s.leader_term), inc);
+            if (leader, term) != (s.leader(), s.leader_term) {
                 changed = true;
                 let mut info = s.info.clone();
-                info.leader_store_id = leader;
+                info.leader_store_id = store_raw(leader);
                 puts.push((s.key.clone(), info, term));
             }
             involved.push(s);
@@ -196,14 +207,14 @@ pub fn plan_update(layout: &Layout, stored: &[StoredRange], guards: &[Guard], in
         changed = true;
         let prev = over
             .iter()
-            .find(|s| s.desc().range_id == inc.desc.range_id)
-            .map_or((0, 0), |s| (s.info.leader_store_id, s.leader_term));
+            .find(|s| s.range_id() == RangeId(inc.desc.range_id))
+            .map_or((None, 0), |s| (s.leader(), s.leader_term));
         let (leader, term) = merge_leader(prev, inc);
         puts.push((
             layout.range(&inc.desc.end),
             RangeInfo {
                 descriptor: Some(inc.desc.clone()),
-                leader_store_id: leader,
+                leader_store_id: store_raw(leader),
             },
             term,
         ));
@@ -291,7 +302,7 @@ mod tests {
         );
         let same_leader = Incoming {
             desc: d(1, "", "", 1, 1),
-            leader: Some(2),
+            leader: Some(StoreId(2)),
             leader_term: None,
         };
         assert_eq!(plan_update(&l, &s, &[], &[same_leader]), UpdatePlan::Unchanged);
@@ -301,7 +312,7 @@ mod tests {
             &[],
             &[Incoming {
                 desc: d(1, "", "", 1, 1),
-                leader: Some(3),
+                leader: Some(StoreId(3)),
                 leader_term: None,
             }],
         ));
@@ -365,12 +376,12 @@ mod tests {
             &[
                 Incoming {
                     desc: d(1, "", "k", 1, 2),
-                    leader: Some(4),
+                    leader: Some(StoreId(4)),
                     leader_term: None,
                 },
                 Incoming {
                     desc: d(5, "k", "", 1, 2),
-                    leader: Some(4),
+                    leader: Some(StoreId(4)),
                     leader_term: None,
                 },
             ],
@@ -424,7 +435,7 @@ mod tests {
     fn hint(desc: RangeDescriptor, leader: u64, term: Option<u64>) -> Incoming {
         Incoming {
             desc,
-            leader: Some(leader),
+            leader: Some(StoreId(leader)),
             leader_term: term,
         }
     }

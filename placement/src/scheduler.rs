@@ -1,11 +1,13 @@
 //! The scheduler's decisions. Pure: a snapshot of stores and ranges in, operators out.
-//! The leader's loop ([`crate::server`]) executes them.
+//! The leader's loop ([`crate::server`]) executes them. It works on the domain types of
+//! [`crate::model`]; the leader converts stored records into them once per tick.
 //!
 //! This milestone: initial placement of a range without replicas, up-replication to
 //! min(3, up stores) voters, and re-sending `CreateReplica` to a placed range whose leader
 //! has not been reported for a while (the storenode treats it as idempotent).
 
-use skv_proto::internal::{RangeDescriptor, RangeInfo, Replica, ReplicaRole, StoreInfo, StoreState};
+use crate::model::{Descriptor, Epoch, Range, Replica, Store, StoreState};
+use skv_common::ids::{RangeId, StoreId};
 use std::collections::{HashMap, HashSet};
 
 /// Replication factor.
@@ -38,16 +40,16 @@ impl Default for SchedulerConfig {
 pub struct Snapshot {
     pub now_ms: u64,
     /// Every known store, with `state` already computed (UP/DOWN/...).
-    pub stores: Vec<StoreInfo>,
-    pub ranges: Vec<RangeInfo>,
+    pub stores: Vec<Store>,
+    pub ranges: Vec<Range>,
     /// When this placement instance first saw each store up (unix ms).
-    pub store_up_since_ms: HashMap<u64, u64>,
+    pub store_up_since_ms: HashMap<StoreId, u64>,
     /// Last time a leader of each range heartbeated (unix ms).
-    pub leader_seen_ms: HashMap<u64, u64>,
+    pub leader_seen_ms: HashMap<RangeId, u64>,
     /// When this instance became leader (unix ms).
     pub leader_since_ms: u64,
     /// Ranges with an operator in flight or cooling down: skipped.
-    pub busy: HashSet<u64>,
+    pub busy: HashSet<RangeId>,
 }
 
 /// One action.
@@ -55,19 +57,16 @@ pub struct Snapshot {
 pub enum Operator {
     /// Write `desc` (the stored descriptor with these voters) if the stored record is still
     /// replica-less, then `CreateReplica` on each voter, `bootstrap=true` on the first only.
-    InitialPlacement { desc: RangeDescriptor },
+    InitialPlacement { desc: Descriptor },
     /// `CreateReplica(bootstrap=false)` on `target`, then `ChangeReplicas{ADD_VOTER target}`
     /// on the leader store.
     AddVoter {
-        desc: RangeDescriptor,
-        leader: u64,
-        target: u64,
+        desc: Descriptor,
+        leader: StoreId,
+        target: StoreId,
     },
     /// `CreateReplica` again on every replica (`bootstrap` on the first one only if set).
-    ResendCreate {
-        desc: RangeDescriptor,
-        bootstrap_first: bool,
-    },
+    ResendCreate { desc: Descriptor, bootstrap_first: bool },
 }
 
 impl Operator {
@@ -78,41 +77,37 @@ impl Operator {
             Operator::ResendCreate { .. } => "resend_create",
         }
     }
-    pub fn range_id(&self) -> u64 {
+    pub fn range_id(&self) -> RangeId {
+        self.desc().id
+    }
+    pub fn desc(&self) -> &Descriptor {
         match self {
             Operator::InitialPlacement { desc }
             | Operator::AddVoter { desc, .. }
-            | Operator::ResendCreate { desc, .. } => desc.range_id,
+            | Operator::ResendCreate { desc, .. } => desc,
         }
     }
-}
-
-fn voters(d: &RangeDescriptor) -> usize {
-    d.replicas
-        .iter()
-        .filter(|r| r.role == ReplicaRole::Voter as i32)
-        .count()
 }
 
 /// Decides this tick's operators.
 pub fn schedule(cfg: &SchedulerConfig, snap: &Snapshot) -> Vec<Operator> {
-    let up: Vec<&StoreInfo> = snap
+    let up: Vec<&Store> = snap
         .stores
         .iter()
-        .filter(|s| s.state == StoreState::Up as i32 && !s.address.is_empty())
+        .filter(|s| s.state == StoreState::Up && !s.address.is_empty())
         .collect();
-    let up_ids: HashSet<u64> = up.iter().map(|s| s.store_id).collect();
+    let up_ids: HashSet<StoreId> = up.iter().map(|s| s.id).collect();
     // Replica count per store, kept up to date as operators are chosen.
-    let mut load: HashMap<u64, usize> = up.iter().map(|s| (s.store_id, 0)).collect();
+    let mut load: HashMap<StoreId, usize> = up.iter().map(|s| (s.id, 0)).collect();
     for r in &snap.ranges {
-        for rep in r.descriptor.iter().flat_map(|d| d.replicas.iter()) {
-            if let Some(c) = load.get_mut(&rep.store_id) {
+        for rep in &r.desc.replicas {
+            if let Some(c) = load.get_mut(&rep.store) {
                 *c += 1;
             }
         }
     }
-    let pick = |load: &HashMap<u64, usize>, exclude: &HashSet<u64>, n: usize| -> Vec<u64> {
-        let mut c: Vec<(usize, u64)> = load
+    let pick = |load: &HashMap<StoreId, usize>, exclude: &HashSet<StoreId>, n: usize| -> Vec<StoreId> {
+        let mut c: Vec<(usize, StoreId)> = load
             .iter()
             .filter(|(id, _)| !exclude.contains(id))
             .map(|(id, n)| (*n, *id))
@@ -122,7 +117,7 @@ pub fn schedule(cfg: &SchedulerConfig, snap: &Snapshot) -> Vec<Operator> {
     };
     let earliest_up = up
         .iter()
-        .filter_map(|s| snap.store_up_since_ms.get(&s.store_id))
+        .filter_map(|s| snap.store_up_since_ms.get(&s.id))
         .min()
         .copied();
     let can_place_initial = up.len() >= REPLICAS
@@ -133,8 +128,8 @@ pub fn schedule(cfg: &SchedulerConfig, snap: &Snapshot) -> Vec<Operator> {
         if ops.len() >= cfg.max_ops_per_tick {
             break;
         }
-        let Some(d) = r.descriptor.as_ref() else { continue };
-        if snap.busy.contains(&d.range_id) {
+        let d = &r.desc;
+        if snap.busy.contains(&d.id) {
             continue;
         }
         if d.replicas.is_empty() {
@@ -149,30 +144,24 @@ pub fn schedule(cfg: &SchedulerConfig, snap: &Snapshot) -> Vec<Operator> {
                 *load.entry(*id).or_default() += 1;
             }
             let mut desc = d.clone();
-            desc.replicas = chosen
-                .into_iter()
-                .map(|store_id| Replica {
-                    store_id,
-                    role: ReplicaRole::Voter as i32,
-                })
-                .collect();
+            desc.replicas = chosen.into_iter().map(Replica::voter).collect();
             ops.push(Operator::InitialPlacement { desc });
             continue;
         }
-        let leader_fresh = r.leader_store_id != 0
-            && snap
-                .leader_seen_ms
-                .get(&d.range_id)
-                .is_some_and(|t| snap.now_ms.saturating_sub(*t) < cfg.leaderless_resend_ms);
-        if leader_fresh {
+        let fresh_leader = r.leader.filter(|_| {
+            snap.leader_seen_ms
+                .get(&d.id)
+                .is_some_and(|t| snap.now_ms.saturating_sub(*t) < cfg.leaderless_resend_ms)
+        });
+        if let Some(leader) = fresh_leader {
             // A learner counts as a replica on its way in: never add past `want` in total.
-            if voters(d) < want && d.replicas.len() < want {
-                let have: HashSet<u64> = d.replicas.iter().map(|r| r.store_id).collect();
+            if d.voters() < want && d.replicas.len() < want {
+                let have: HashSet<StoreId> = d.replicas.iter().map(|r| r.store).collect();
                 if let Some(target) = pick(&load, &have, 1).into_iter().next() {
                     *load.entry(target).or_default() += 1;
                     ops.push(Operator::AddVoter {
                         desc: d.clone(),
-                        leader: r.leader_store_id,
+                        leader,
                         target,
                     });
                 }
@@ -180,14 +169,13 @@ pub fn schedule(cfg: &SchedulerConfig, snap: &Snapshot) -> Vec<Operator> {
             continue;
         }
         // Placed but no leader heard of recently. Give heartbeats time after a failover.
-        let last_seen = snap.leader_seen_ms.get(&d.range_id).copied().unwrap_or(0);
+        let last_seen = snap.leader_seen_ms.get(&d.id).copied().unwrap_or(0);
         let silent_for = snap.now_ms.saturating_sub(last_seen.max(snap.leader_since_ms));
-        if silent_for >= cfg.leaderless_resend_ms && d.replicas.iter().any(|r| up_ids.contains(&r.store_id)) {
-            let e = d.epoch.unwrap_or_default();
+        if silent_for >= cfg.leaderless_resend_ms && d.replicas.iter().any(|r| up_ids.contains(&r.store)) {
             ops.push(Operator::ResendCreate {
                 desc: d.clone(),
                 // Only a range that never changed since initial placement may be bootstrapped.
-                bootstrap_first: e.conf_ver == 1 && e.version == 1,
+                bootstrap_first: d.epoch == Epoch::INITIAL,
             });
         }
     }
@@ -197,43 +185,36 @@ pub fn schedule(cfg: &SchedulerConfig, snap: &Snapshot) -> Vec<Operator> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use skv_proto::internal::RangeEpoch;
+    use crate::model::Role;
 
-    fn store(id: u64, up: bool) -> StoreInfo {
-        StoreInfo {
-            store_id: id,
+    fn store(id: u64, up: bool) -> Store {
+        Store {
+            id: StoreId(id),
             address: format!("127.0.0.1:{}", 9000 + id),
-            state: if up { StoreState::Up } else { StoreState::Down } as i32,
-            ..Default::default()
+            state: if up { StoreState::Up } else { StoreState::Down },
         }
     }
 
-    fn range(id: u64, start: &str, end: &str, replicas: &[u64], leader: u64, epoch: (u64, u64)) -> RangeInfo {
-        RangeInfo {
-            descriptor: Some(RangeDescriptor {
-                range_id: id,
+    fn range(id: u64, start: &str, end: &str, replicas: &[u64], leader: u64, epoch: (u64, u64)) -> Range {
+        Range {
+            desc: Descriptor {
+                id: RangeId(id),
                 start: start.into(),
                 end: end.into(),
-                epoch: Some(RangeEpoch {
+                epoch: Epoch {
                     conf_ver: epoch.0,
                     version: epoch.1,
-                }),
-                replicas: replicas
-                    .iter()
-                    .map(|s| Replica {
-                        store_id: *s,
-                        role: ReplicaRole::Voter as i32,
-                    })
-                    .collect(),
-            }),
-            leader_store_id: leader,
+                },
+                replicas: replicas.iter().map(|s| Replica::voter(StoreId(*s))).collect(),
+            },
+            leader: crate::model::store_opt(leader),
         }
     }
 
-    fn snap(stores: Vec<StoreInfo>, ranges: Vec<RangeInfo>) -> Snapshot {
+    fn snap(stores: Vec<Store>, ranges: Vec<Range>) -> Snapshot {
         Snapshot {
             now_ms: 100_000,
-            store_up_since_ms: stores.iter().map(|s| (s.store_id, 99_900)).collect(),
+            store_up_since_ms: stores.iter().map(|s| (s.id, 99_900)).collect(),
             stores,
             ranges,
             leader_since_ms: 50_000,
@@ -249,7 +230,7 @@ mod tests {
             vec![range(1, "", "", &[], 0, (1, 1))],
         );
         assert!(schedule(&cfg, &s).is_empty(), "2 stores, just up: wait");
-        s.store_up_since_ms.insert(1, 90_000);
+        s.store_up_since_ms.insert(StoreId(1), 90_000);
         let ops = schedule(&cfg, &s);
         assert_eq!(ops.len(), 1);
         let Operator::InitialPlacement { desc } = &ops[0] else {
@@ -268,10 +249,10 @@ mod tests {
         assert_eq!(desc.replicas.len(), 3);
         assert_eq!(
             desc.epoch,
-            Some(RangeEpoch {
+            Epoch {
                 conf_ver: 1,
                 version: 1
-            })
+            }
         );
     }
 
@@ -285,7 +266,7 @@ mod tests {
         let Operator::InitialPlacement { desc } = &schedule(&cfg, &s)[0] else {
             panic!()
         };
-        assert!(desc.replicas.iter().all(|r| r.store_id != 1));
+        assert!(desc.replicas.iter().all(|r| r.store != StoreId(1)));
     }
 
     #[test]
@@ -298,45 +279,37 @@ mod tests {
                 range(2, "m", "", &[1, 2, 3], 1, (4, 2)),
             ],
         );
-        s.leader_seen_ms.insert(1, 99_000);
-        s.leader_seen_ms.insert(2, 99_000);
+        s.leader_seen_ms.insert(RangeId(1), 99_000);
+        s.leader_seen_ms.insert(RangeId(2), 99_000);
         let ops = schedule(&cfg, &s);
         assert_eq!(ops.len(), 1);
         assert_eq!(
             ops[0],
             Operator::AddVoter {
-                desc: s.ranges[0].descriptor.clone().unwrap(),
-                leader: 1,
-                target: 4
+                desc: s.ranges[0].desc.clone(),
+                leader: StoreId(1),
+                target: StoreId(4)
             }
         );
         // A learner being promoted counts: no extra replica is added meanwhile.
         let mut with_learner = s.clone();
-        if let Some(d) = with_learner.ranges[0].descriptor.as_mut() {
-            d.replicas = vec![
-                Replica {
-                    store_id: 1,
-                    role: ReplicaRole::Voter as i32,
-                },
-                Replica {
-                    store_id: 2,
-                    role: ReplicaRole::Voter as i32,
-                },
-                Replica {
-                    store_id: 3,
-                    role: ReplicaRole::Learner as i32,
-                },
-            ];
-        }
+        with_learner.ranges[0].desc.replicas = vec![
+            Replica::voter(StoreId(1)),
+            Replica::voter(StoreId(2)),
+            Replica {
+                store: StoreId(3),
+                role: Role::Learner,
+            },
+        ];
         assert!(schedule(&cfg, &with_learner).is_empty());
         // Busy ranges are skipped (rate limiting).
-        s.busy.insert(1);
+        s.busy.insert(RangeId(1));
         assert!(schedule(&cfg, &s).is_empty());
         // Without a leader report nothing is added.
         s.busy.clear();
         s.leader_seen_ms.clear();
-        s.ranges[0].leader_store_id = 0;
-        s.ranges[1].leader_store_id = 0;
+        s.ranges[0].leader = None;
+        s.ranges[1].leader = None;
         s.leader_since_ms = 99_000;
         assert!(schedule(&cfg, &s).is_empty());
     }
@@ -379,16 +352,16 @@ mod tests {
             max_ops_per_tick: 2,
             ..Default::default()
         };
-        let ranges: Vec<RangeInfo> = (0..5)
+        let ranges: Vec<Range> = (0..5)
             .map(|i| range(i + 1, &format!("{i}"), &format!("{}", i + 1), &[], 0, (1, 1)))
             .collect();
-        let stores: Vec<StoreInfo> = (1..=6).map(|i| store(i, true)).collect();
+        let stores: Vec<Store> = (1..=6).map(|i| store(i, true)).collect();
         let ops = schedule(&cfg, &snap(stores, ranges));
         assert_eq!(ops.len(), 2);
         let mut used: Vec<u64> = ops
             .iter()
             .flat_map(|o| match o {
-                Operator::InitialPlacement { desc } => desc.replicas.iter().map(|r| r.store_id).collect::<Vec<_>>(),
+                Operator::InitialPlacement { desc } => desc.replicas.iter().map(|r| r.store.get()).collect::<Vec<_>>(),
                 _ => vec![],
             })
             .collect();

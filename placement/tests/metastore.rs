@@ -3,6 +3,7 @@
 mod support;
 
 use futures::StreamExt;
+use skv_common::ids::StoreId;
 use skv_placement::cluster::{ApplyOutcome, Meta};
 use skv_placement::election;
 use skv_placement::layout::Layout;
@@ -270,7 +271,7 @@ mod cases {
         let m = range_map(&s, "/term", &[desc(1, "", "", 2)]).await;
         let hb = |leader: u64, term: u64| Incoming {
             desc: desc(1, "", "", 2),
-            leader: Some(leader),
+            leader: Some(StoreId(leader)),
             leader_term: Some(term),
         };
         assert_eq!(m.apply(&[hb(2, 7)]).await.unwrap(), ApplyOutcome::Applied);

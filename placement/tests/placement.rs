@@ -6,6 +6,7 @@ mod support;
 use futures::StreamExt;
 use skv_common::service::ServiceHandle;
 use skv_placement::Config;
+use skv_placement::error::{ErrorCode, LEADER_KEY};
 use skv_placement::layout::Layout;
 use skv_placement::meta::DynMetaStore;
 use skv_placement::meta::etcd::EtcdStore;
@@ -456,6 +457,8 @@ async fn store_goes_down_after_silence_and_comes_back() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    assert_eq!(ErrorCode::of(&err), Some(ErrorCode::StoreNotFound), "{err:?}");
+    assert!(err.message().starts_with("[PD-StoreNotFound] "), "{err:?}");
     shutdown_all(handles).await;
 }
 
@@ -632,6 +635,34 @@ async fn scheduler_up_replicates_and_admin_split_uses_leader_store() {
     .await
     .unwrap();
     assert_eq!(f1.calls.lock().unwrap().transfer_leader.len(), 1);
+    // Refusals carry codes that say what to do next, and nothing reaches a store.
+    let splits = f1.calls.lock().unwrap().split_range.len();
+    fn code<T>(r: Result<tonic::Response<T>, tonic::Status>) -> Option<ErrorCode> {
+        r.err().and_then(|e| ErrorCode::of(&e))
+    }
+    let no_replica = c
+        .transfer_leader(AdminTransferLeaderRequest {
+            range_id: 1,
+            to_store_id: 999_999,
+        })
+        .await;
+    assert_eq!(code(no_replica), Some(ErrorCode::NotAReplica));
+    let outside = c
+        .split_range(AdminSplitRequest {
+            range_id: 1,
+            split_key: b"x".to_vec(),
+        })
+        .await;
+    assert_eq!(code(outside), Some(ErrorCode::InvalidArgument));
+    let missing = c
+        .split_range(AdminSplitRequest {
+            range_id: 999_999,
+            split_key: b"x".to_vec(),
+        })
+        .await;
+    assert_eq!(code(missing), Some(ErrorCode::RangeNotFound));
+    assert_eq!(f1.calls.lock().unwrap().transfer_leader.len(), 1);
+    assert_eq!(f1.calls.lock().unwrap().split_range.len(), splits);
     // Next-milestone admin calls are explicit UNIMPLEMENTED.
     let e = c
         .merge_ranges(AdminMergeRequest {
@@ -641,6 +672,7 @@ async fn scheduler_up_replicates_and_admin_split_uses_leader_store() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::Unimplemented);
+    assert_eq!(ErrorCode::of(&e), Some(ErrorCode::Unimplemented));
     c.set_scheduler_paused(SetSchedulerPausedRequest { paused: true })
         .await
         .unwrap();
@@ -782,6 +814,10 @@ async fn follower_never_forwards_a_forwarded_request() {
         .insert("skv-placement-forwarded", "1".parse().unwrap());
     let e = c.alloc_ids(req).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::Unavailable);
+    // It says where the leader is, in the metadata, so the caller goes there.
+    assert_eq!(ErrorCode::of(&e), Some(ErrorCode::NotLeader), "{e:?}");
+    let hint = e.metadata().get(LEADER_KEY).and_then(|v| v.to_str().ok());
+    assert_eq!(hint, Some(handles[li].addr.to_string().as_str()));
     // Reads are served locally by the follower.
     c.get_range(GetRangeRequest { key: b"x".to_vec() }).await.unwrap();
     c.get_stores(GetStoresRequest {}).await.unwrap();

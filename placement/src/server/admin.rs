@@ -1,35 +1,87 @@
 //! Admin operations: split, leader transfer, merge/move/drain (not yet), scheduler pause.
 
-use super::{ADMIN_ATTEMPTS, Shared, meta_status};
+use super::{ADMIN_ATTEMPTS, Shared};
+use crate::error::{PlacementError, PlacementResult};
 use crate::meta::{Op, Txn};
+use crate::model::store_opt;
 use crate::rangemap::Incoming;
+use skv_common::ids::{RangeId, StoreId};
 use skv_common::keys::desc_contains;
 use skv_proto::internal::routing_error::Kind as RoutingKind;
 use skv_proto::internal::*;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
-use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
-pub(super) async fn split_range(
-    s: &Shared,
-    request: Request<AdminSplitRequest>,
-) -> Result<Response<AdminSplitResponse>, Status> {
-    let req = request.into_inner();
+/// Retry delay after a routing error the map was fixed from (NotLeader with a leader,
+/// EpochNotMatch): the next attempt uses the fixed view at once.
+const FIXED_VIEW_RETRY: Duration = Duration::from_millis(50);
+/// Retry delay after any other routing error.
+const ROUTING_RETRY: Duration = Duration::from_millis(300);
+
+/// How long to wait before retrying after a storenode's routing error.
+fn routing_retry_delay(re: &RoutingError) -> Duration {
+    match &re.kind {
+        Some(RoutingKind::NotLeader(nl)) if nl.leader_store_id != 0 => FIXED_VIEW_RETRY,
+        Some(RoutingKind::EpochNotMatch(_)) => FIXED_VIEW_RETRY,
+        Some(RoutingKind::ServerBusy(b)) => Duration::from_millis(b.retry_after_ms.clamp(10, 2000)),
+        _ => ROUTING_RETRY,
+    }
+}
+
+/// The error of an operation on `range_id` that a storenode refused with a routing error
+/// (`last`, the final one if it was retried): the range changed under it (re-read and
+/// decide), or its leader was unreachable or busy (retry later).
+pub(super) fn routing_refusal(range_id: RangeId, reason: String, last: Option<&RoutingError>) -> PlacementError {
+    match last.and_then(|re| re.kind.as_ref()) {
+        Some(RoutingKind::EpochNotMatch(_) | RoutingKind::KeyNotInRange(_)) => {
+            PlacementError::EpochNotMatch { range_id, reason }
+        }
+        Some(RoutingKind::ServerBusy(b)) => PlacementError::RangeUnavailable {
+            range_id,
+            reason,
+            retry_after: Duration::from_millis(b.retry_after_ms.clamp(10, 2000)),
+        },
+        Some(RoutingKind::NotLeader(_) | RoutingKind::RangeNotFound(_)) | None => PlacementError::RangeUnavailable {
+            range_id,
+            reason,
+            retry_after: ROUTING_RETRY,
+        },
+    }
+}
+
+fn exhausted(range_id: RangeId, what: &str, last: Option<&RoutingError>) -> PlacementError {
+    let reason = format!(
+        "{what} did not go through in {ADMIN_ATTEMPTS} attempts: {}",
+        last.map_or("", |re| re.message.as_str())
+    );
+    routing_refusal(range_id, reason, last)
+}
+
+pub(super) fn store_call_failed(store_id: StoreId, address: &str, e: tonic::Status) -> PlacementError {
+    PlacementError::StoreUnavailable {
+        store_id,
+        address: address.to_string(),
+        reason: e.message().to_string(),
+    }
+}
+
+pub(super) async fn split_range(s: &Shared, req: AdminSplitRequest) -> PlacementResult<AdminSplitResponse> {
     if req.split_key.is_empty() {
-        return Err(Status::invalid_argument("split_key is empty"));
+        return Err(PlacementError::invalid("split_key is empty"));
     }
     skv_common::limits::check_key(&req.split_key)?;
-    let span = tracing::info_span!("admin_split", range_id = req.range_id);
+    let range_id = RangeId(req.range_id);
+    let span = tracing::info_span!("admin_split", range_id = range_id.get());
     async move {
-        let new_range_id = s.alloc_ids(1).await?;
-        let mut last_err = String::new();
+        let new_range_id = RangeId(s.alloc_ids(1).await?);
+        let mut last: Option<RoutingError> = None;
         for _ in 0..ADMIN_ATTEMPTS {
-            let (desc, leader, address) = s.range_and_leader(req.range_id).await?;
+            let (desc, leader, address) = s.range_and_leader(range_id).await?;
             if !desc_contains(&desc, &req.split_key) || req.split_key == desc.start {
-                return Err(Status::invalid_argument(format!(
+                return Err(PlacementError::invalid(format!(
                     "split key is not strictly inside range {}",
-                    req.range_id
+                    range_id.get()
                 )));
             }
             let mut client = s.store_client(&address)?;
@@ -40,19 +92,21 @@ pub(super) async fn split_range(
                         epoch: desc.epoch,
                     }),
                     split_key: req.split_key.clone(),
-                    new_range_id,
+                    new_range_id: new_range_id.get(),
                 })
                 .await
-                .map_err(|e| Status::unavailable(format!("store {leader} at {address}: {}", e.message())))?
+                .map_err(|e| store_call_failed(leader, &address, e))?
                 .into_inner();
             if let Some(re) = resp.routing_error {
-                last_err = re.message.clone();
                 let wait = s.absorb_routing_error(&desc, &re).await;
+                last = Some(re);
                 tokio::time::sleep(wait).await;
                 continue;
             }
             let (Some(left), Some(right)) = (resp.left, resp.right) else {
-                return Err(Status::internal("store answered the split without descriptors"));
+                return Err(PlacementError::internal(format!(
+                    "store {leader} answered the split without descriptors"
+                )));
             };
             s.apply(&[
                 Incoming {
@@ -67,13 +121,13 @@ pub(super) async fn split_range(
                 },
             ])
             .await?;
-            tracing::info!(new_range_id, "range split");
-            return Ok(Response::new(AdminSplitResponse {
+            tracing::info!(new_range_id = new_range_id.get(), "range split");
+            return Ok(AdminSplitResponse {
                 left: Some(left),
                 right: Some(right),
-            }));
+            });
         }
-        Err(Status::unavailable(format!("split did not go through: {last_err}")))
+        Err(exhausted(range_id, "split", last.as_ref()))
     }
     .instrument(span)
     .await
@@ -81,20 +135,18 @@ pub(super) async fn split_range(
 
 pub(super) async fn transfer_leader(
     s: &Shared,
-    request: Request<AdminTransferLeaderRequest>,
-) -> Result<Response<AdminTransferLeaderResponse>, Status> {
-    let req = request.into_inner();
-    let mut last_err = String::new();
+    req: AdminTransferLeaderRequest,
+) -> PlacementResult<AdminTransferLeaderResponse> {
+    let range_id = RangeId(req.range_id);
+    let to = StoreId(req.to_store_id);
+    let mut last: Option<RoutingError> = None;
     for _ in 0..ADMIN_ATTEMPTS {
-        let (desc, leader, address) = s.range_and_leader(req.range_id).await?;
-        if !desc.replicas.iter().any(|r| r.store_id == req.to_store_id) {
-            return Err(Status::failed_precondition(format!(
-                "store {} holds no replica of range {}",
-                req.to_store_id, req.range_id
-            )));
+        let (desc, leader, address) = s.range_and_leader(range_id).await?;
+        if !desc.replicas.iter().any(|r| StoreId(r.store_id) == to) {
+            return Err(PlacementError::NotAReplica { range_id, store_id: to });
         }
-        if leader == req.to_store_id {
-            return Ok(Response::new(AdminTransferLeaderResponse {}));
+        if leader == to {
+            return Ok(AdminTransferLeaderResponse {});
         }
         let resp = s
             .store_client(&address)?
@@ -103,101 +155,98 @@ pub(super) async fn transfer_leader(
                     range_id: desc.range_id,
                     epoch: desc.epoch,
                 }),
-                to_store_id: req.to_store_id,
+                to_store_id: to.get(),
             })
             .await
-            .map_err(|e| Status::unavailable(format!("store {leader} at {address}: {}", e.message())))?
+            .map_err(|e| store_call_failed(leader, &address, e))?
             .into_inner();
         match resp.routing_error {
-            None => return Ok(Response::new(AdminTransferLeaderResponse {})),
+            None => return Ok(AdminTransferLeaderResponse {}),
             Some(re) => {
-                last_err = re.message.clone();
                 let wait = s.absorb_routing_error(&desc, &re).await;
+                last = Some(re);
                 tokio::time::sleep(wait).await;
             }
         }
     }
-    Err(Status::unavailable(format!("transfer did not go through: {last_err}")))
+    Err(exhausted(range_id, "transfer", last.as_ref()))
 }
 
-pub(super) async fn merge_ranges(_request: Request<AdminMergeRequest>) -> Result<Response<AdminMergeResponse>, Status> {
-    Err(Status::unimplemented(
-        "MergeRanges is not implemented yet (milestone 2: ranges in motion)",
-    ))
+pub(super) fn merge_ranges() -> PlacementResult<AdminMergeResponse> {
+    Err(PlacementError::Unimplemented { what: "MergeRanges" })
 }
 
-pub(super) async fn move_replica(
-    _request: Request<AdminMoveReplicaRequest>,
-) -> Result<Response<AdminMoveReplicaResponse>, Status> {
-    Err(Status::unimplemented(
-        "MoveReplica is not implemented yet (milestone 2: ranges in motion)",
-    ))
+pub(super) fn move_replica() -> PlacementResult<AdminMoveReplicaResponse> {
+    Err(PlacementError::Unimplemented { what: "MoveReplica" })
 }
 
-pub(super) async fn drain_store(
-    _request: Request<AdminDrainStoreRequest>,
-) -> Result<Response<AdminDrainStoreResponse>, Status> {
-    Err(Status::unimplemented(
-        "DrainStore is not implemented yet (milestone 2: ranges in motion)",
-    ))
+pub(super) fn drain_store() -> PlacementResult<AdminDrainStoreResponse> {
+    Err(PlacementError::Unimplemented { what: "DrainStore" })
 }
 
 pub(super) async fn set_scheduler_paused(
     s: &Shared,
-    request: Request<SetSchedulerPausedRequest>,
-) -> Result<Response<SetSchedulerPausedResponse>, Status> {
-    let paused = request.into_inner().paused;
+    req: SetSchedulerPausedRequest,
+) -> PlacementResult<SetSchedulerPausedResponse> {
+    let paused = req.paused;
     let key = s.meta.layout.scheduler_paused();
     s.meta
         .store
         .txn(Txn::new().and_then([Op::put(key, if paused { "1" } else { "0" })]))
-        .await
-        .map_err(meta_status)?;
+        .await?;
     s.paused.store(paused, Ordering::Release);
     tracing::info!(paused, "scheduler pause changed");
-    Ok(Response::new(SetSchedulerPausedResponse {}))
+    Ok(SetSchedulerPausedResponse {})
 }
 
 impl Shared {
-    pub(super) async fn range_and_leader(&self, range_id: u64) -> Result<(RangeDescriptor, u64, String), Status> {
+    /// The stored descriptor of a range, its leader and the leader's address.
+    pub(super) async fn range_and_leader(
+        &self,
+        range_id: RangeId,
+    ) -> PlacementResult<(RangeDescriptor, StoreId, String)> {
         let rec = self
             .meta
             .range_by_id(range_id)
-            .await
-            .map_err(meta_status)?
-            .ok_or_else(|| Status::not_found(format!("range {range_id} not found")))?;
+            .await?
+            .ok_or(PlacementError::RangeNotFound { range_id })?;
         let desc = rec.desc().clone();
-        let leader = rec.info.leader_store_id;
-        if leader == 0 {
-            return Err(Status::unavailable(format!(
-                "leader of range {range_id} is not known yet; retry"
-            )));
-        }
+        let leader = rec.leader().ok_or_else(|| PlacementError::RangeUnavailable {
+            range_id,
+            reason: "its leader is not known yet".into(),
+            retry_after: Duration::from_millis(500),
+        })?;
         let address = self
             .meta
             .get_store(leader)
-            .await
-            .map_err(meta_status)?
+            .await?
             .map(|s| s.address)
             .unwrap_or_default();
         if address.is_empty() {
-            return Err(Status::unavailable(format!("address of store {leader} is not known")));
+            return Err(PlacementError::StoreUnavailable {
+                store_id: leader,
+                address,
+                reason: "its address is not known".into(),
+            });
         }
         Ok((desc, leader, address))
     }
 
     /// Folds a storenode's routing error into the map; returns how long to wait before retrying.
     pub(super) async fn absorb_routing_error(&self, desc: &RangeDescriptor, re: &RoutingError) -> Duration {
+        // Best effort: a failed update leaves the map as it was, and the retry meets the same
+        // routing error again.
         match &re.kind {
-            Some(RoutingKind::NotLeader(nl)) if nl.leader_store_id != 0 => {
-                let _ = self
-                    .apply(&[Incoming {
-                        desc: desc.clone(),
-                        leader: Some(nl.leader_store_id),
-                        leader_term: None,
-                    }])
-                    .await;
-                Duration::from_millis(50)
+            Some(RoutingKind::NotLeader(nl)) => {
+                if let Some(leader) = store_opt(nl.leader_store_id) {
+                    let _ = self
+                        .apply(&[Incoming {
+                            desc: desc.clone(),
+                            leader: Some(leader),
+                            leader_term: None,
+                        }])
+                        .await;
+                }
             }
             Some(RoutingKind::EpochNotMatch(e)) => {
                 for d in &e.current {
@@ -209,10 +258,74 @@ impl Shared {
                         }])
                         .await;
                 }
-                Duration::from_millis(50)
             }
-            Some(RoutingKind::ServerBusy(b)) => Duration::from_millis(b.retry_after_ms.clamp(10, 2000)),
-            _ => Duration::from_millis(300),
+            _ => {}
+        }
+        routing_retry_delay(re)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::ErrorCode;
+
+    fn re(kind: Option<RoutingKind>) -> RoutingError {
+        RoutingError {
+            message: "m".into(),
+            kind,
+        }
+    }
+
+    fn not_leader(leader: u64) -> Option<RoutingKind> {
+        Some(RoutingKind::NotLeader(NotLeader {
+            range_id: 1,
+            leader_store_id: leader,
+            leader_address: String::new(),
+        }))
+    }
+
+    fn busy(ms: u64) -> Option<RoutingKind> {
+        Some(RoutingKind::ServerBusy(ServerBusy { retry_after_ms: ms }))
+    }
+
+    #[test]
+    fn retry_delay_after_routing_errors() {
+        // (routing error, delay ms)
+        let table = [
+            (not_leader(3), 50),
+            (not_leader(0), 300),
+            (Some(RoutingKind::EpochNotMatch(EpochNotMatch { current: vec![] })), 50),
+            (busy(700), 700),
+            (busy(0), 10),
+            (busy(60_000), 2000),
+            (Some(RoutingKind::RangeNotFound(RangeNotFound { range_id: 1 })), 300),
+            (None, 300),
+        ];
+        for (kind, ms) in table {
+            let e = re(kind);
+            assert_eq!(routing_retry_delay(&e), Duration::from_millis(ms), "{e:?}");
+        }
+    }
+
+    #[test]
+    fn exhausted_admin_attempts_map_to_codes() {
+        let epoch = Some(RoutingKind::EpochNotMatch(EpochNotMatch { current: vec![] }));
+        let key = Some(RoutingKind::KeyNotInRange(KeyNotInRange::default()));
+        let gone = Some(RoutingKind::RangeNotFound(RangeNotFound { range_id: 1 }));
+        // (last routing error, code, retry after ms)
+        let table = [
+            (Some(re(epoch)), ErrorCode::EpochNotMatch, None),
+            (Some(re(key)), ErrorCode::EpochNotMatch, None),
+            (Some(re(busy(800))), ErrorCode::RangeUnavailable, Some(800)),
+            (Some(re(not_leader(2))), ErrorCode::RangeUnavailable, Some(300)),
+            (Some(re(gone)), ErrorCode::RangeUnavailable, Some(300)),
+            (None, ErrorCode::RangeUnavailable, Some(300)),
+        ];
+        for (last, code, retry) in table {
+            let e = exhausted(RangeId(4), "split", last.as_ref());
+            assert_eq!(e.code(), code, "{last:?}");
+            assert_eq!(e.retry_after().map(|d| d.as_millis() as u64), retry, "{last:?}");
         }
     }
 }

@@ -2,61 +2,82 @@
 
 use super::Shared;
 use crate::election;
+use crate::error::{ErrorCode, PlacementError, PlacementResult};
 use skv_proto::internal::placement_client::PlacementClient;
 use skv_proto::internal::store_client::StoreClient;
+use std::future::Future;
 use std::time::Duration;
-use tonic::Status;
+use tonic::metadata::MetadataValue;
 use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Request, Response, Status};
 
 /// Metadata key set on requests a follower forwards, so they are never forwarded twice.
 pub(super) const FORWARDED: &str = "skv-placement-forwarded";
 
-/// On a follower: forwards the request to the leader and returns its answer. If this
-/// instance's view of the leader is missing or the leader is unavailable, the leader key is
-/// read afresh and, only if it names another instance, the request goes there instead.
-macro_rules! forward_if_follower {
-    ($self:ident, $req:ident, $method:ident) => {
-        if !$self.s.is_leader() {
-            if $req.metadata().contains_key($crate::server::forward::FORWARDED) {
-                return Err(Status::unavailable("this placement instance is not the leader"));
+/// Whether a failed forwarded call means the leader may have moved (so the leader key is
+/// worth re-reading): a transport failure, or the instance answering that it does not lead.
+/// Any other answer came from the leader itself and is passed through as it is.
+fn leader_may_have_moved(st: &Status) -> bool {
+    match ErrorCode::of(st) {
+        None => st.code() == Code::Unavailable,
+        Some(code) => code == ErrorCode::NotLeader,
+    }
+}
+
+/// Sends `request` to the leader with `call` and returns its answer. If this instance's view
+/// of the leader is missing or the leader may have moved ([`leader_may_have_moved`]), the
+/// leader key is read afresh and, only if it names another instance, the request goes there
+/// instead.
+pub(super) async fn to_leader<Req, Resp, F, Fut>(
+    s: &Shared,
+    request: Request<Req>,
+    call: F,
+) -> Result<Response<Resp>, Status>
+where
+    Req: Clone,
+    F: Fn(PlacementClient<Channel>, Request<Req>) -> Fut,
+    Fut: Future<Output = Result<Response<Resp>, Status>>,
+{
+    if request.metadata().contains_key(FORWARDED) {
+        let leader = s
+            .state
+            .borrow()
+            .leader
+            .as_ref()
+            .map(|l| l.address.clone())
+            .filter(|a| *a != s.me.address);
+        return Err(PlacementError::NotLeader { leader }.into());
+    }
+    let inner = request.into_inner();
+    let mut tried: Option<String> = None;
+    let mut fresh = false;
+    loop {
+        let (client, address) = match s.leader_client(fresh).await {
+            Ok(c) => c,
+            Err(_) if !fresh => {
+                fresh = true;
+                continue;
             }
-            let inner = $req.into_inner();
-            let mut tried: Option<String> = None;
-            let mut fresh = false;
-            loop {
-                let (mut client, address) = match $self.s.leader_client(fresh).await {
-                    Ok(c) => c,
-                    Err(_) if !fresh => {
-                        fresh = true;
-                        continue;
-                    }
-                    Err(e) => return Err(e),
-                };
-                if tried.as_deref() == Some(address.as_str()) {
-                    return Err(Status::unavailable(format!(
-                        "placement leader {address} is unavailable"
-                    )));
-                }
-                $self.s.metrics.forwarded.inc();
-                let mut fwd = Request::new(inner.clone());
-                fwd.metadata_mut().insert(
-                    $crate::server::forward::FORWARDED,
-                    tonic::metadata::MetadataValue::from_static("1"),
-                );
-                match client.$method(fwd).await {
-                    Err(st) if st.code() == tonic::Code::Unavailable && !fresh => {
-                        tried = Some(address);
-                        fresh = true;
-                    }
-                    r => return r,
-                }
-            }
+            Err(e) => return Err(e.into()),
+        };
+        if tried.as_deref() == Some(address.as_str()) {
+            return Err(PlacementError::LeaderUnavailable { leader: address }.into());
         }
-    };
+        s.metrics.forwarded.inc();
+        let mut fwd = Request::new(inner.clone());
+        fwd.metadata_mut().insert(FORWARDED, MetadataValue::from_static("1"));
+        match call(client, fwd).await {
+            Err(st) if !fresh && leader_may_have_moved(&st) => {
+                tried = Some(address);
+                fresh = true;
+            }
+            r => return r,
+        }
+    }
 }
 
 impl Shared {
-    pub(super) fn channel(&self, address: &str) -> Result<Channel, Status> {
+    pub(super) fn channel(&self, address: &str) -> PlacementResult<Channel> {
         let mut g = self.channels.lock();
         if let Some(c) = g.get(address) {
             return Ok(c.clone());
@@ -67,7 +88,7 @@ impl Shared {
             format!("http://{address}")
         };
         let ch = Endpoint::from_shared(uri)
-            .map_err(|e| Status::internal(format!("bad address {address}: {e}")))?
+            .map_err(|e| PlacementError::internal(format!("bad address {address}: {e}")))?
             .connect_timeout(Duration::from_secs(2))
             .timeout(Duration::from_secs(15))
             .connect_lazy();
@@ -77,22 +98,52 @@ impl Shared {
 
     /// A client to the leader. With `fresh`, the leader key is read from the metadata store
     /// instead of trusting this instance's (up to one campaign interval old) view.
-    pub(super) async fn leader_client(&self, fresh: bool) -> Result<(PlacementClient<Channel>, String), Status> {
+    pub(super) async fn leader_client(&self, fresh: bool) -> PlacementResult<(PlacementClient<Channel>, String)> {
         let leader = if fresh {
             election::observe_leader(&self.meta.store, &self.meta.layout)
-                .await
-                .map_err(super::meta_status)?
+                .await?
                 .map(|(m, _)| m)
         } else {
             self.state.borrow().leader.clone()
         };
         match leader {
             Some(l) if l.address != self.me.address => Ok((PlacementClient::new(self.channel(&l.address)?), l.address)),
-            _ => Err(Status::unavailable("no placement leader elected yet; retry")),
+            _ => Err(PlacementError::NotLeader { leader: None }),
         }
     }
 
-    pub(super) fn store_client(&self, address: &str) -> Result<StoreClient<Channel>, Status> {
+    pub(super) fn store_client(&self, address: &str) -> PlacementResult<StoreClient<Channel>> {
         Ok(StoreClient::new(self.channel(address)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn which_failures_send_the_follower_back_to_the_leader_key() {
+        let coded = |e: PlacementError| Status::from(e);
+        // (answer, re-read the leader key?)
+        let table = [
+            (Status::unavailable("connection refused"), true),
+            (Status::deadline_exceeded("timeout"), false),
+            (coded(PlacementError::NotLeader { leader: None }), true),
+            (
+                coded(PlacementError::NotLeader {
+                    leader: Some("l:1".into()),
+                }),
+                true,
+            ),
+            (
+                coded(PlacementError::from(crate::meta::MetaError::Other("down".into()))),
+                false,
+            ),
+            (coded(PlacementError::KeyNotCovered), false),
+            (coded(PlacementError::invalid("bad")), false),
+        ];
+        for (st, want) in table {
+            assert_eq!(leader_may_have_moved(&st), want, "{st:?}");
+        }
     }
 }

@@ -1,45 +1,40 @@
 //! Store registration, store and range heartbeats, and split reports.
 
-use super::{Shared, meta_status, now_ms};
+use super::{Shared, now_ms};
 use crate::cluster::ApplyOutcome;
+use crate::error::{PlacementError, PlacementResult};
 use crate::metrics::Metrics;
+use crate::model::{effective, store_opt, store_raw};
 use crate::rangemap::Incoming;
+use skv_common::ids::{RangeId, StoreId};
 use skv_proto::internal::*;
-use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
-pub(super) async fn register_store(
-    s: &Shared,
-    request: Request<RegisterStoreRequest>,
-) -> Result<Response<RegisterStoreResponse>, Status> {
-    let req = request.into_inner();
+pub(super) async fn register_store(s: &Shared, req: RegisterStoreRequest) -> PlacementResult<RegisterStoreResponse> {
     if req.address.is_empty() {
-        return Err(Status::invalid_argument("address is empty"));
+        return Err(PlacementError::invalid("address is empty"));
     }
-    let id = if req.store_id == 0 {
-        s.alloc_ids(1).await?
-    } else {
-        req.store_id
+    let id = match store_opt(req.store_id) {
+        Some(id) => id,
+        None => StoreId(s.alloc_ids(1).await?),
     };
-    let span = tracing::info_span!("register_store", store_id = id);
+    let span = tracing::info_span!("register_store", store_id = id.get());
     async move {
-        let existing = s.meta.get_store(id).await.map_err(meta_status)?;
+        let existing = s.meta.get_store(id).await?;
         let mut info = existing.clone().unwrap_or_default();
-        if info.state == StoreState::Removed as i32 {
-            return Err(Status::failed_precondition(format!(
-                "store {id} was removed from the cluster"
-            )));
+        if info.state() == StoreState::Removed {
+            return Err(PlacementError::StoreRemoved { store_id: id });
         }
-        if info.state != StoreState::Draining as i32 {
-            info.state = StoreState::Up as i32;
+        if info.state() != StoreState::Draining {
+            info.set_state(StoreState::Up);
         }
         let now = now_ms();
-        info.store_id = id;
+        info.store_id = id.get();
         info.address = req.address;
         info.metrics_address = req.metrics_address;
         info.capacity_bytes = req.capacity_bytes;
         info.last_heartbeat_ms = now;
-        s.meta.put_store(&info).await.map_err(meta_status)?;
+        s.meta.put_store(&info).await?;
         {
             let mut mem = s.mem.lock();
             mem.up_since.entry(id).or_insert(now);
@@ -47,48 +42,36 @@ pub(super) async fn register_store(
             mem.stores.insert(id, info.clone());
         }
         tracing::info!(address = %info.address, new = existing.is_none(), "store registered");
-        Ok(Response::new(RegisterStoreResponse {
-            store_id: id,
+        Ok(RegisterStoreResponse {
+            store_id: id.get(),
             cluster_id: s.cluster_id.clone(),
-        }))
+        })
     }
     .instrument(span)
     .await
 }
 
-pub(super) async fn store_heartbeat(
-    s: &Shared,
-    request: Request<StoreHeartbeatRequest>,
-) -> Result<Response<StoreHeartbeatResponse>, Status> {
-    let hb = request
-        .into_inner()
-        .store
-        .ok_or_else(|| Status::invalid_argument("store is missing"))?;
-    if hb.store_id == 0 {
-        return Err(Status::invalid_argument("store_id is 0"));
-    }
+pub(super) async fn store_heartbeat(s: &Shared, req: StoreHeartbeatRequest) -> PlacementResult<StoreHeartbeatResponse> {
+    let hb = req.store.ok_or_else(|| PlacementError::invalid("store is missing"))?;
+    let id = store_opt(hb.store_id).ok_or_else(|| PlacementError::invalid("store_id is 0"))?;
     s.metrics
         .heartbeats
         .get_or_create(&Metrics::label("kind", "store"))
         .inc();
-    let id = hb.store_id;
     let known = s.mem.lock().stores.get(&id).cloned();
     let known = match known {
         Some(k) => k,
         None => s
             .meta
             .get_store(id)
-            .await
-            .map_err(meta_status)?
-            .ok_or_else(|| Status::failed_precondition(format!("unknown store {id}; call RegisterStore first")))?,
+            .await?
+            .ok_or(PlacementError::StoreNotFound { store_id: id })?,
     };
-    if known.state == StoreState::Removed as i32 {
-        return Err(Status::failed_precondition(format!(
-            "store {id} was removed from the cluster"
-        )));
+    if known.state() == StoreState::Removed {
+        return Err(PlacementError::StoreRemoved { store_id: id });
     }
     let now = now_ms();
-    let was_down = s.effective(known.clone(), now).state == StoreState::Down as i32;
+    let was_down = effective(known.clone(), now, s.config.store_down_after_ms).state() == StoreState::Down;
     let mut info = known.clone();
     if !hb.address.is_empty() {
         info.address = hb.address;
@@ -101,8 +84,8 @@ pub(super) async fn store_heartbeat(
     info.range_count = hb.range_count;
     info.leader_count = hb.leader_count;
     info.last_heartbeat_ms = now;
-    if info.state == StoreState::Down as i32 {
-        info.state = StoreState::Up as i32;
+    if info.state() == StoreState::Down {
+        info.set_state(StoreState::Up);
     }
     let persist = {
         let mut mem = s.mem.lock();
@@ -117,35 +100,28 @@ pub(super) async fn store_heartbeat(
             || now.saturating_sub(last) >= s.persist_interval_ms()
     };
     if persist {
-        s.meta.put_store(&info).await.map_err(meta_status)?;
+        s.meta.put_store(&info).await?;
         s.mem.lock().persisted_ms.insert(id, now);
         if was_down {
-            tracing::info!(store_id = id, "store is up again");
+            tracing::info!(store_id = id.get(), "store is up again");
         }
     }
-    Ok(Response::new(StoreHeartbeatResponse {
+    Ok(StoreHeartbeatResponse {
         stores: s.current_stores().await?,
-    }))
+    })
 }
 
-pub(super) async fn range_heartbeat(
-    s: &Shared,
-    request: Request<RangeHeartbeatRequest>,
-) -> Result<Response<RangeHeartbeatResponse>, Status> {
-    let req = request.into_inner();
+pub(super) async fn range_heartbeat(s: &Shared, req: RangeHeartbeatRequest) -> PlacementResult<RangeHeartbeatResponse> {
     let now = now_ms();
+    let from_store = StoreId(req.store_id);
     for report in req.ranges {
         s.metrics
             .heartbeats
             .get_or_create(&Metrics::label("kind", "range"))
             .inc();
         let Some(desc) = report.descriptor else { continue };
-        let range_id = desc.range_id;
-        let reported_leader = if report.leader_store_id != 0 {
-            report.leader_store_id
-        } else {
-            req.store_id
-        };
+        let range_id = RangeId(desc.range_id);
+        let reported_leader = store_opt(report.leader_store_id).unwrap_or(from_store);
         let leader = {
             let mut mem = s.mem.lock();
             let known_term = mem.leader_term.get(&range_id).copied().unwrap_or(0);
@@ -159,13 +135,13 @@ pub(super) async fn range_heartbeat(
         };
         let info = RangeInfo {
             descriptor: Some(desc.clone()),
-            leader_store_id: leader.unwrap_or(0),
+            leader_store_id: store_raw(leader),
         };
         let applied = (info, report.term);
         if leader.is_some() && s.mem.lock().last_applied.get(&range_id) == Some(&applied) {
             continue;
         }
-        let span = tracing::debug_span!("range_heartbeat", range_id, store_id = req.store_id);
+        let span = tracing::debug_span!("range_heartbeat", range_id = range_id.get(), store_id = req.store_id);
         let inc = Incoming {
             desc,
             leader,
@@ -178,23 +154,26 @@ pub(super) async fn range_heartbeat(
                 }
             }
             Ok(ApplyOutcome::Stale(cur)) => {
-                tracing::debug!(range_id, current = cur.len(), "stale range heartbeat ignored");
+                tracing::debug!(
+                    range_id = range_id.get(),
+                    current = cur.len(),
+                    "stale range heartbeat ignored"
+                );
             }
-            Err(e) => tracing::warn!(range_id, error = %e, "range heartbeat not applied"),
+            // Handled here: the next heartbeat reports the range again.
+            Err(e) => {
+                tracing::warn!(range_id = range_id.get(), code = %e.code(), error = %e, "range heartbeat not applied")
+            }
         }
     }
-    Ok(Response::new(RangeHeartbeatResponse {}))
+    Ok(RangeHeartbeatResponse {})
 }
 
-pub(super) async fn report_split(
-    s: &Shared,
-    request: Request<ReportSplitRequest>,
-) -> Result<Response<ReportSplitResponse>, Status> {
-    let req = request.into_inner();
+pub(super) async fn report_split(s: &Shared, req: ReportSplitRequest) -> PlacementResult<ReportSplitResponse> {
     let (Some(left), Some(right)) = (req.left, req.right) else {
-        return Err(Status::invalid_argument("left and right are required"));
+        return Err(PlacementError::invalid("left and right are required"));
     };
-    let leader = (req.leader_store_id != 0).then_some(req.leader_store_id);
+    let leader = store_opt(req.leader_store_id);
     let span = tracing::info_span!("report_split", range_id = left.range_id, new_range_id = right.range_id);
     let out = s
         .apply(&[
@@ -212,7 +191,7 @@ pub(super) async fn report_split(
         .instrument(span)
         .await?;
     tracing::debug!(?out, "split reported");
-    Ok(Response::new(ReportSplitResponse {}))
+    Ok(ReportSplitResponse {})
 }
 
 impl Shared {

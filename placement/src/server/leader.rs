@@ -1,12 +1,18 @@
 //! The leader's loop: store liveness bookkeeping, the scheduler tick, operator execution
 //! and metadata compaction.
 
+use super::admin::{routing_refusal, store_call_failed};
 use super::{COMPACT_EVERY_MS, COMPACT_KEEP_REVISIONS, LeaderMem, Shared, now_ms};
 use crate::Config;
+use crate::error::{PlacementError, PlacementResult};
 use crate::metrics::Metrics;
+use crate::model::{Descriptor, Range, Store, StoreState};
 use crate::rangemap::Incoming;
 use crate::scheduler::{self, Operator, SchedulerConfig};
-use skv_proto::internal::*;
+use skv_common::ids::StoreId;
+use skv_proto::internal::{
+    ChangeReplicasRequest, CreateReplicaRequest, ReplicaChange, RequestHeader, StoreInfo, replica_change,
+};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -65,6 +71,33 @@ pub fn scheduler_config(config: &Config) -> SchedulerConfig {
     }
 }
 
+/// The scheduler's view of the stores and ranges read this tick. A record that does not
+/// convert (an unknown enum value from a newer version, a corrupt record) is left out, so
+/// the scheduler never acts on what it cannot read.
+fn domain_view(stores: &[StoreInfo], ranges: &[crate::rangemap::StoredRange]) -> (Vec<Store>, Vec<Range>) {
+    let stores = stores
+        .iter()
+        .filter_map(|st| match Store::try_from(st) {
+            Ok(x) => Some(x),
+            Err(e) => {
+                tracing::warn!(store_id = st.store_id, error = %e, "scheduler: store record skipped");
+                None
+            }
+        })
+        .collect();
+    let ranges = ranges
+        .iter()
+        .filter_map(|r| match Range::try_from(&r.info) {
+            Ok(x) => Some(x),
+            Err(e) => {
+                tracing::warn!(range_id = r.range_id().get(), error = %e, "scheduler: range record skipped");
+                None
+            }
+        })
+        .collect();
+    (stores, ranges)
+}
+
 /// One scheduler tick on the leader.
 async fn tick_once(s: &Arc<Shared>, term: &CancellationToken) {
     let now = now_ms();
@@ -74,19 +107,20 @@ async fn tick_once(s: &Arc<Shared>, term: &CancellationToken) {
             r
         }
         Err(e) => {
-            tracing::warn!(error = %e, "scheduler: cannot read the range map");
+            tracing::warn!(code = %e.code(), error = %e, "scheduler: cannot read the range map");
             return;
         }
     };
     let stores = match s.current_stores().await {
         Ok(st) => st,
         Err(e) => {
-            tracing::warn!(error = %e, "scheduler: cannot read stores");
+            tracing::warn!(code = %e.code(), error = %e, "scheduler: cannot read stores");
             return;
         }
     };
     s.metrics.ranges.set(ranges.len() as i64);
-    let up = stores.iter().filter(|x| x.state == StoreState::Up as i32).count();
+    let (domain_stores, domain_ranges) = domain_view(&stores, &ranges);
+    let up = domain_stores.iter().filter(|x| x.state == StoreState::Up).count();
     s.metrics
         .stores
         .get_or_create(&Metrics::label("state", "up"))
@@ -101,17 +135,17 @@ async fn tick_once(s: &Arc<Shared>, term: &CancellationToken) {
     let snap = {
         let mut mem = s.mem.lock();
         mem.busy_until.retain(|_, until| *until > now);
-        for st in &stores {
-            if st.state == StoreState::Up as i32 {
-                mem.up_since.entry(st.store_id).or_insert(now);
+        for st in &domain_stores {
+            if st.state == StoreState::Up {
+                mem.up_since.entry(st.id).or_insert(now);
             } else {
-                mem.up_since.remove(&st.store_id);
+                mem.up_since.remove(&st.id);
             }
         }
         scheduler::Snapshot {
             now_ms: now,
-            stores: stores.clone(),
-            ranges: ranges.into_iter().map(|r| r.info).collect(),
+            stores: domain_stores,
+            ranges: domain_ranges,
             store_up_since_ms: mem.up_since.clone(),
             leader_seen_ms: mem.leader_seen.clone(),
             leader_since_ms: mem.leader_since_ms,
@@ -129,7 +163,7 @@ async fn tick_once(s: &Arc<Shared>, term: &CancellationToken) {
         let s2 = s.clone();
         let stores = stores.clone();
         let term = term.clone();
-        let span = tracing::info_span!("operator", range_id, kind = op.kind());
+        let span = tracing::info_span!("operator", range_id = range_id.get(), kind = op.kind());
         // After CreateReplica, give the group time to elect and heartbeat before any resend.
         let creates = !matches!(op, Operator::AddVoter { .. });
         let resend_ms = cfg.leaderless_resend_ms;
@@ -139,8 +173,9 @@ async fn tick_once(s: &Arc<Shared>, term: &CancellationToken) {
                     _ = term.cancelled() => return,
                     r = execute(&s2, op, &stores) => r,
                 };
+                // Handled here: the range cools down, then the scheduler decides again.
                 if let Err(e) = &r {
-                    tracing::warn!(error = %e, "operator failed");
+                    tracing::warn!(code = %e.code(), error = %e, "operator failed");
                 }
                 let settle = match (&r, creates) {
                     (_, true) => resend_ms,
@@ -178,87 +213,100 @@ async fn maybe_compact(s: &Shared, now: u64, revision: i64) {
     }
 }
 
+/// The address of `store_id` in the store list (the wire's address book).
+fn address_of(stores: &[StoreInfo], store_id: StoreId) -> PlacementResult<String> {
+    stores
+        .iter()
+        .find(|x| StoreId(x.store_id) == store_id && !x.address.is_empty())
+        .map(|x| x.address.clone())
+        .ok_or_else(|| PlacementError::StoreUnavailable {
+            store_id,
+            address: String::new(),
+            reason: "it has no known address".into(),
+        })
+}
+
 async fn create_replica(
     s: &Shared,
     stores: &[StoreInfo],
-    store_id: u64,
-    desc: &RangeDescriptor,
+    store_id: StoreId,
+    desc: &Descriptor,
     bootstrap: bool,
-) -> anyhow::Result<()> {
-    let address = stores
-        .iter()
-        .find(|x| x.store_id == store_id)
-        .map(|x| x.address.clone())
-        .ok_or_else(|| anyhow::anyhow!("store {store_id} has no known address"))?;
+) -> PlacementResult<()> {
+    let address = address_of(stores, store_id)?;
     s.store_client(&address)?
         .create_replica(CreateReplicaRequest {
-            descriptor: Some(desc.clone()),
+            descriptor: Some(desc.to_proto()),
             bootstrap,
             stores: stores.to_vec(),
         })
         .await
-        .map_err(|e| anyhow::anyhow!("CreateReplica on store {store_id}: {}", e.message()))?;
-    tracing::info!(range_id = desc.range_id, store_id, bootstrap, "replica created");
+        .map_err(|e| store_call_failed(store_id, &address, e))?;
+    tracing::info!(
+        range_id = desc.id.get(),
+        store_id = store_id.get(),
+        bootstrap,
+        "replica created"
+    );
     Ok(())
 }
 
-async fn create_all(
-    s: &Shared,
-    stores: &[StoreInfo],
-    desc: &RangeDescriptor,
-    bootstrap_first: bool,
-) -> anyhow::Result<()> {
-    let mut errors = Vec::new();
+/// `CreateReplica` on every replica of `desc`; the first failure is returned, the others
+/// are logged.
+async fn create_all(s: &Shared, stores: &[StoreInfo], desc: &Descriptor, bootstrap_first: bool) -> PlacementResult<()> {
+    let mut first_err = None;
     for (i, r) in desc.replicas.iter().enumerate() {
-        if let Err(e) = create_replica(s, stores, r.store_id, desc, bootstrap_first && i == 0).await {
-            errors.push(e.to_string());
+        if let Err(e) = create_replica(s, stores, r.store, desc, bootstrap_first && i == 0).await {
+            if first_err.is_none() {
+                first_err = Some(e);
+            } else {
+                tracing::warn!(store_id = r.store.get(), code = %e.code(), error = %e, "CreateReplica failed");
+            }
         }
     }
-    if errors.is_empty() {
-        Ok(())
-    } else {
-        Err(anyhow::anyhow!(errors.join("; ")))
-    }
+    first_err.map_or(Ok(()), Err)
 }
 
 /// Executes one operator.
-async fn execute(s: &Shared, op: Operator, stores: &[StoreInfo]) -> anyhow::Result<()> {
+async fn execute(s: &Shared, op: Operator, stores: &[StoreInfo]) -> PlacementResult<()> {
     match op {
         Operator::InitialPlacement { desc } => {
             if !s.meta.place_initial(&desc).await? {
-                tracing::info!(range_id = desc.range_id, "range changed meanwhile; placement skipped");
+                tracing::info!(range_id = desc.id.get(), "range changed meanwhile; placement skipped");
                 return Ok(());
             }
-            tracing::info!(range_id = desc.range_id, replicas = ?desc.replicas.iter().map(|r| r.store_id).collect::<Vec<_>>(), "initial placement");
+            tracing::info!(range_id = desc.id.get(), replicas = ?desc.replicas.iter().map(|r| r.store.get()).collect::<Vec<_>>(), "initial placement");
             create_all(s, stores, &desc, true).await
         }
         Operator::ResendCreate { desc, bootstrap_first } => create_all(s, stores, &desc, bootstrap_first).await,
         Operator::AddVoter { desc, leader, target } => {
             create_replica(s, stores, target, &desc, false).await?;
-            let address = stores
-                .iter()
-                .find(|x| x.store_id == leader)
-                .map(|x| x.address.clone())
-                .ok_or_else(|| anyhow::anyhow!("leader store {leader} has no known address"))?;
+            let address = address_of(stores, leader)?;
+            let wire = desc.to_proto();
             let resp = s
                 .store_client(&address)?
                 .change_replicas(ChangeReplicasRequest {
                     header: Some(RequestHeader {
-                        range_id: desc.range_id,
-                        epoch: desc.epoch,
+                        range_id: wire.range_id,
+                        epoch: wire.epoch,
                     }),
                     changes: vec![ReplicaChange {
-                        store_id: target,
+                        store_id: target.get(),
                         kind: replica_change::Kind::AddVoter as i32,
                     }],
-                    stores: stores.iter().filter(|x| x.store_id == target).cloned().collect(),
+                    stores: stores
+                        .iter()
+                        .filter(|x| StoreId(x.store_id) == target)
+                        .cloned()
+                        .collect(),
                 })
                 .await
-                .map_err(|e| anyhow::anyhow!("ChangeReplicas on store {leader}: {}", e.message()))?
+                .map_err(|e| store_call_failed(leader, &address, e))?
                 .into_inner();
             if let Some(re) = resp.routing_error {
-                s.absorb_routing_error(&desc, &re).await;
-                anyhow::bail!("ChangeReplicas refused: {}", re.message);
+                s.absorb_routing_error(&wire, &re).await;
+                let reason = format!("ChangeReplicas refused: {}", re.message);
+                return Err(routing_refusal(desc.id, reason, Some(&re)));
             }
             if let Some(d) = resp.descriptor {
                 s.apply(&[Incoming {
@@ -268,7 +316,7 @@ async fn execute(s: &Shared, op: Operator, stores: &[StoreInfo]) -> anyhow::Resu
                 }])
                 .await?;
             }
-            tracing::info!(range_id = desc.range_id, target, "voter added");
+            tracing::info!(range_id = desc.id.get(), target = target.get(), "voter added");
             Ok(())
         }
     }

@@ -1,17 +1,20 @@
 //! The gRPC `Placement` service, one file per concern:
 //!
-//! - this file: wiring and start, the state shared by the concerns, and the service's entry
-//!   points, which forward to the leader when this instance follows and call the concern;
+//! - this file: wiring and start, the state the concerns share, and the service's entry
+//!   points, which forward to the leader when this instance follows, call the concern, and
+//!   turn its [`PlacementError`](crate::error::PlacementError) into a gRPC status (the only place that happens);
 //! - [`forward`]: forwarding to the leader, clients to the leader and to storenodes;
 //! - [`heartbeat`]: store registration, store and range heartbeats, split reports;
 //! - [`query`]: GetRange, ScanRanges, GetStores, GetMembers, AllocIds;
 //! - [`watch`]: the WatchRanges stream;
 //! - [`admin`]: split, leader transfer, merge/move/drain, scheduler pause;
 //! - [`leader`]: the leader loop, the scheduler tick and operator execution.
+//!
+//! IDs are typed ([`RangeId`], [`StoreId`]) inside; the proto's `u64`s are read and written
+//! where a request arrives or a call leaves.
 
-#[macro_use]
-mod forward;
 mod admin;
+mod forward;
 mod heartbeat;
 mod leader;
 mod query;
@@ -22,10 +25,13 @@ pub use leader::scheduler_config;
 use crate::Config;
 use crate::cluster::{ApplyOutcome, Meta};
 use crate::election::{self, ElectionState};
+use crate::error::PlacementResult;
 use crate::layout::Layout;
-use crate::meta::{DynMetaStore, MetaError};
+use crate::meta::DynMetaStore;
 use crate::metrics::Metrics;
+use crate::model::effective;
 use crate::rangemap::Incoming;
+use skv_common::ids::{RangeId, StoreId};
 use skv_common::service::ServiceHandle;
 use skv_common::telemetry::{Readiness, serve_metrics};
 use skv_proto::internal::placement_server::{Placement, PlacementServer};
@@ -41,41 +47,37 @@ use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 /// Largest AllocIds count.
-pub(super) const MAX_ALLOC: u32 = 100_000;
+const MAX_ALLOC: u32 = 100_000;
 /// IDs reserved from the shared allocator at a time.
-pub(super) const ID_BLOCK: u64 = 1000;
+const ID_BLOCK: u64 = 1000;
 /// How often the leader compacts the metadata store's history, and how much it keeps.
-pub(super) const COMPACT_EVERY_MS: u64 = 5 * 60 * 1000;
-pub(super) const COMPACT_KEEP_REVISIONS: i64 = 10_000;
+const COMPACT_EVERY_MS: u64 = 5 * 60 * 1000;
+const COMPACT_KEEP_REVISIONS: i64 = 10_000;
 /// Attempts of admin operations that meet routing errors.
-pub(super) const ADMIN_ATTEMPTS: usize = 5;
+const ADMIN_ATTEMPTS: usize = 5;
 
-pub(super) fn now_ms() -> u64 {
+fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
-}
-
-pub(super) fn meta_status(e: MetaError) -> Status {
-    Status::unavailable(format!("metadata store: {e}"))
 }
 
 /// In-memory state of the leader, reset on each new term.
 #[derive(Default)]
 struct LeaderMem {
     /// Latest heartbeat of each store.
-    stores: HashMap<u64, StoreInfo>,
+    stores: HashMap<StoreId, StoreInfo>,
     /// When each store record was last written to the metadata store.
-    persisted_ms: HashMap<u64, u64>,
+    persisted_ms: HashMap<StoreId, u64>,
     /// When each store (last) came up, as seen by this leader.
-    up_since: HashMap<u64, u64>,
+    up_since: HashMap<StoreId, u64>,
     /// Last leader heartbeat per range, and its Raft term.
-    leader_seen: HashMap<u64, u64>,
-    leader_term: HashMap<u64, u64>,
+    leader_seen: HashMap<RangeId, u64>,
+    leader_term: HashMap<RangeId, u64>,
     /// Last RangeInfo and leader term written or confirmed per range (skips no-op heartbeats).
-    last_applied: HashMap<u64, (RangeInfo, u64)>,
+    last_applied: HashMap<RangeId, (RangeInfo, u64)>,
     /// Ranges with an operator in flight or cooling down, until this time.
-    busy_until: HashMap<u64, u64>,
+    busy_until: HashMap<RangeId, u64>,
     leader_since_ms: u64,
     /// Last etcd history compaction by this leader.
     last_compact_ms: u64,
@@ -113,7 +115,7 @@ pub async fn start_with_store(config: Config, store: DynMetaStore) -> anyhow::Re
             Ok(id) => break id,
             Err(e) if attempt < 20 => {
                 attempt += 1;
-                tracing::warn!(error = %e, "bootstrap failed; retrying");
+                tracing::warn!(code = %e.code(), error = %e, "bootstrap failed; retrying");
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
             Err(e) => return Err(anyhow::anyhow!("bootstrap failed: {e}")),
@@ -172,25 +174,17 @@ pub async fn start_with_store(config: Config, store: DynMetaStore) -> anyhow::Re
 }
 
 impl Shared {
-    pub(super) fn is_leader(&self) -> bool {
+    fn is_leader(&self) -> bool {
         self.state.borrow().is_leader
     }
 
-    pub(super) fn effective(&self, mut s: StoreInfo, now: u64) -> StoreInfo {
-        if s.state == StoreState::Up as i32 && now.saturating_sub(s.last_heartbeat_ms) > self.config.store_down_after_ms
-        {
-            s.state = StoreState::Down as i32;
-        }
-        s
-    }
-
     /// Every store with its effective state (the leader overlays fresher heartbeats).
-    pub(super) async fn current_stores(&self) -> Result<Vec<StoreInfo>, Status> {
-        let mut stores = self.meta.stores().await.map_err(meta_status)?;
+    async fn current_stores(&self) -> PlacementResult<Vec<StoreInfo>> {
+        let mut stores = self.meta.stores().await?;
         if self.is_leader() {
             let mem = self.mem.lock();
             for s in stores.iter_mut() {
-                if let Some(m) = mem.stores.get(&s.store_id)
+                if let Some(m) = mem.stores.get(&StoreId(s.store_id))
                     && m.last_heartbeat_ms >= s.last_heartbeat_ms
                 {
                     *s = m.clone();
@@ -198,18 +192,16 @@ impl Shared {
             }
         }
         let now = now_ms();
-        Ok(stores.into_iter().map(|s| self.effective(s, now)).collect())
+        let down_after = self.config.store_down_after_ms;
+        Ok(stores.into_iter().map(|s| effective(s, now, down_after)).collect())
     }
 
     /// Applies descriptors and keeps the heartbeat cache coherent.
-    pub(super) async fn apply(&self, incoming: &[Incoming]) -> Result<ApplyOutcome, Status> {
-        let out = self.meta.apply(incoming).await.map_err(|e| match e {
-            MetaError::Other(m) if m.starts_with("invalid range update") => Status::invalid_argument(m),
-            e => meta_status(e),
-        })?;
+    async fn apply(&self, incoming: &[Incoming]) -> PlacementResult<ApplyOutcome> {
+        let out = self.meta.apply(incoming).await?;
         let mut mem = self.mem.lock();
         for inc in incoming {
-            mem.last_applied.remove(&inc.desc.range_id);
+            mem.last_applied.remove(&RangeId(inc.desc.range_id));
         }
         Ok(out)
     }
@@ -221,46 +213,58 @@ pub struct PlacementService {
     s: Arc<Shared>,
 }
 
+/// The answer of a concern, as gRPC: the response, or the error's status with its code.
+fn reply<T>(r: PlacementResult<T>) -> Result<Response<T>, Status> {
+    r.map(Response::new).map_err(Status::from)
+}
+
+/// Writes and admin calls run on the leader: a follower forwards them ([`forward::to_leader`]).
+macro_rules! on_leader {
+    ($self:ident, $request:ident, $method:ident, $concern:expr) => {
+        if $self.s.is_leader() {
+            reply($concern(&$self.s, $request.into_inner()).await)
+        } else {
+            forward::to_leader(&$self.s, $request, |mut c, r| async move { c.$method(r).await }).await
+        }
+    };
+}
+
 #[tonic::async_trait]
 impl Placement for PlacementService {
     async fn register_store(
         &self,
         request: Request<RegisterStoreRequest>,
     ) -> Result<Response<RegisterStoreResponse>, Status> {
-        forward_if_follower!(self, request, register_store);
-        heartbeat::register_store(&self.s, request).await
+        on_leader!(self, request, register_store, heartbeat::register_store)
     }
 
     async fn store_heartbeat(
         &self,
         request: Request<StoreHeartbeatRequest>,
     ) -> Result<Response<StoreHeartbeatResponse>, Status> {
-        forward_if_follower!(self, request, store_heartbeat);
-        heartbeat::store_heartbeat(&self.s, request).await
+        on_leader!(self, request, store_heartbeat, heartbeat::store_heartbeat)
     }
 
     async fn range_heartbeat(
         &self,
         request: Request<RangeHeartbeatRequest>,
     ) -> Result<Response<RangeHeartbeatResponse>, Status> {
-        forward_if_follower!(self, request, range_heartbeat);
-        heartbeat::range_heartbeat(&self.s, request).await
+        on_leader!(self, request, range_heartbeat, heartbeat::range_heartbeat)
     }
 
     async fn report_split(
         &self,
         request: Request<ReportSplitRequest>,
     ) -> Result<Response<ReportSplitResponse>, Status> {
-        forward_if_follower!(self, request, report_split);
-        heartbeat::report_split(&self.s, request).await
+        on_leader!(self, request, report_split, heartbeat::report_split)
     }
 
     async fn get_range(&self, request: Request<GetRangeRequest>) -> Result<Response<GetRangeResponse>, Status> {
-        query::get_range(&self.s, request).await
+        reply(query::get_range(&self.s, request.into_inner()).await)
     }
 
     async fn scan_ranges(&self, request: Request<ScanRangesRequest>) -> Result<Response<ScanRangesResponse>, Status> {
-        query::scan_ranges(&self.s, request).await
+        reply(query::scan_ranges(&self.s, request.into_inner()).await)
     }
 
     type WatchRangesStream = ReceiverStream<Result<WatchRangesResponse, Status>>;
@@ -270,60 +274,55 @@ impl Placement for PlacementService {
         _request: Request<WatchRangesRequest>,
     ) -> Result<Response<Self::WatchRangesStream>, Status> {
         let (tx, rx) = mpsc::channel(64);
-        let s = self.s.clone();
-        tokio::spawn(watch::watch_ranges_task(s, tx));
+        tokio::spawn(watch::watch_ranges_task(self.s.clone(), tx));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
     async fn get_stores(&self, _request: Request<GetStoresRequest>) -> Result<Response<GetStoresResponse>, Status> {
-        query::get_stores(&self.s, _request).await
+        reply(query::get_stores(&self.s).await)
     }
 
     async fn alloc_ids(&self, request: Request<AllocIdsRequest>) -> Result<Response<AllocIdsResponse>, Status> {
-        forward_if_follower!(self, request, alloc_ids);
-        query::alloc_ids(&self.s, request).await
+        on_leader!(self, request, alloc_ids, query::alloc_ids)
     }
 
     async fn get_members(&self, _request: Request<GetMembersRequest>) -> Result<Response<GetMembersResponse>, Status> {
-        query::get_members(&self.s, _request).await
+        reply(query::get_members(&self.s).await)
     }
 
     async fn split_range(&self, request: Request<AdminSplitRequest>) -> Result<Response<AdminSplitResponse>, Status> {
-        forward_if_follower!(self, request, split_range);
-        admin::split_range(&self.s, request).await
+        on_leader!(self, request, split_range, admin::split_range)
     }
 
     async fn transfer_leader(
         &self,
         request: Request<AdminTransferLeaderRequest>,
     ) -> Result<Response<AdminTransferLeaderResponse>, Status> {
-        forward_if_follower!(self, request, transfer_leader);
-        admin::transfer_leader(&self.s, request).await
+        on_leader!(self, request, transfer_leader, admin::transfer_leader)
     }
 
     async fn merge_ranges(&self, _request: Request<AdminMergeRequest>) -> Result<Response<AdminMergeResponse>, Status> {
-        admin::merge_ranges(_request).await
+        reply(admin::merge_ranges())
     }
 
     async fn move_replica(
         &self,
         _request: Request<AdminMoveReplicaRequest>,
     ) -> Result<Response<AdminMoveReplicaResponse>, Status> {
-        admin::move_replica(_request).await
+        reply(admin::move_replica())
     }
 
     async fn drain_store(
         &self,
         _request: Request<AdminDrainStoreRequest>,
     ) -> Result<Response<AdminDrainStoreResponse>, Status> {
-        admin::drain_store(_request).await
+        reply(admin::drain_store())
     }
 
     async fn set_scheduler_paused(
         &self,
         request: Request<SetSchedulerPausedRequest>,
     ) -> Result<Response<SetSchedulerPausedResponse>, Status> {
-        forward_if_follower!(self, request, set_scheduler_paused);
-        admin::set_scheduler_paused(&self.s, request).await
+        on_leader!(self, request, set_scheduler_paused, admin::set_scheduler_paused)
     }
 }

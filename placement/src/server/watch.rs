@@ -1,9 +1,12 @@
 //! The WatchRanges stream.
 
-use super::{Shared, meta_status, now_ms};
+use super::{Shared, now_ms};
+use crate::error::PlacementError;
 use crate::meta::EventKind;
+use crate::model::effective;
 use futures::StreamExt;
 use prost::Message;
+use skv_common::ids::RangeId;
 use skv_proto::internal::*;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -21,18 +24,18 @@ pub(super) async fn watch_ranges_task(s: Arc<Shared>, tx: mpsc::Sender<Result<Wa
         let (ranges, rev) = match s.meta.all_ranges().await {
             Ok(r) => r,
             Err(e) => {
-                let _ = tx.send(Err(meta_status(e))).await;
+                let _ = tx.send(Err(e.into())).await;
                 return;
             }
         };
         let stores = match s.current_stores().await {
             Ok(st) => st,
             Err(e) => {
-                let _ = tx.send(Err(e)).await;
+                let _ = tx.send(Err(e.into())).await;
                 return;
             }
         };
-        let mut known: HashMap<Vec<u8>, u64> = ranges.iter().map(|r| (r.key.clone(), r.desc().range_id)).collect();
+        let mut known: HashMap<Vec<u8>, RangeId> = ranges.iter().map(|r| (r.key.clone(), r.range_id())).collect();
         let full = WatchRangesResponse {
             updated: ranges.into_iter().map(|r| r.info).collect(),
             removed_range_ids: vec![],
@@ -45,7 +48,7 @@ pub(super) async fn watch_ranges_task(s: Arc<Shared>, tx: mpsc::Sender<Result<Wa
         let mut w = match s.meta.store.watch(&root_from, &root_to, rev + 1).await {
             Ok(w) => w,
             Err(e) => {
-                let _ = tx.send(Err(meta_status(e))).await;
+                let _ = tx.send(Err(PlacementError::from(e).into())).await;
                 return;
             }
         };
@@ -74,14 +77,15 @@ pub(super) async fn watch_ranges_task(s: Arc<Shared>, tx: mpsc::Sender<Result<Wa
                             if let Ok(info) = RangeInfo::decode(ev.kv.value.as_slice())
                                 && let Some(d) = &info.descriptor
                             {
+                                let id = RangeId(d.range_id);
                                 // A record key taken over by another range (a split's right
                                 // half, a merge) means the old range may be gone.
-                                if let Some(old) = known.insert(ev.kv.key.clone(), d.range_id)
-                                    && old != d.range_id
+                                if let Some(old) = known.insert(ev.kv.key.clone(), id)
+                                    && old != id
                                 {
                                     deleted.push(old);
                                 }
-                                put_ids.insert(d.range_id);
+                                put_ids.insert(id);
                                 delta.updated.push(info);
                             }
                         }
@@ -95,10 +99,14 @@ pub(super) async fn watch_ranges_task(s: Arc<Shared>, tx: mpsc::Sender<Result<Wa
                     && ev.kind == EventKind::Put
                     && let Ok(st) = StoreInfo::decode(ev.kv.value.as_slice())
                 {
-                    delta.stores.push(s.effective(st, now));
+                    delta.stores.push(effective(st, now, s.config.store_down_after_ms));
                 }
             }
-            delta.removed_range_ids = deleted.into_iter().filter(|id| !put_ids.contains(id)).collect();
+            delta.removed_range_ids = deleted
+                .into_iter()
+                .filter(|id| !put_ids.contains(id))
+                .map(RangeId::get)
+                .collect();
             if delta.updated.is_empty() && delta.removed_range_ids.is_empty() && delta.stores.is_empty() {
                 continue;
             }
