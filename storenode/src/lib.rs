@@ -75,8 +75,11 @@
 //!   snapshot — the node still starts.
 //! - The Raft log is truncated highest index first (a crash mid-truncation leaves a prefix,
 //!   never a hole) and purged lowest first.
-//! - Raft messages are bounded: an AppendEntries carries at most ~4 MiB (plus one entry);
-//!   the rest is reported to openraft as a partial success and sent next.
+//! - Raft messages are bounded: an AppendEntries carries at most ~4 MiB of entries (plus
+//!   one entry): the log reader cuts openraft's replication reads by bytes
+//!   (`limited_get_log_entries`), and the stream continues after the last entry sent. Each
+//!   RPC's deadline fits its payload (a base plus the bytes at a conservative 2 MiB/s), so a
+//!   large message is never retried whole forever for want of time.
 //!
 //! ## Known limits
 //! - A removed replica stays open (idle, no longer replicated to); its data and Raft state
@@ -259,7 +262,7 @@ pub async fn start_with(config: Config, opts: StartOptions) -> anyhow::Result<Se
 
     let max_message = config.max_value_len + 256 * 1024;
     // One AppendEntries carries up to the byte budget plus one entry.
-    let raft_message = raft::network::APPEND_BYTES_BUDGET + 2 * max_message;
+    let raft_message = raft::log_store::APPEND_BYTES_BUDGET + 2 * max_message;
     let transport = raft::network::Transport::new(store_id, opts.raft_filter.clone(), raft_message);
     transport.set_address(store_id, &advertise);
     let raft_config = raft::raft_config(config.raft_snapshot_logs)?;

@@ -175,6 +175,48 @@ impl RaftLogReader<TypeConfig> for LogStore {
     async fn read_vote(&mut self) -> Result<Option<Vote>, io::Error> {
         self.get_meta(TAG_VOTE)
     }
+
+    /// Entries for ONE AppendEntries message: `[start, end)` cut to about
+    /// [`APPEND_BYTES_BUDGET`] of encoded entries (always at least one entry).
+    ///
+    /// This is how openraft 0.10.0-alpha.37 lets storage bound a replication payload: its
+    /// replication stream (`replication/stream_state.rs`) asks for at most
+    /// `max_payload_entries` entries through this method, sends what it returns as one
+    /// request with `last` = the last entry returned, and continues the stream from there
+    /// (no partial-success round trip, the pipeline keeps going). So the byte bound lives
+    /// here, measured on the stored (postcard) bytes, which are the entries' wire size.
+    async fn limited_get_log_entries(&mut self, start: u64, end: u64) -> Result<Vec<Entry>, io::Error> {
+        self.read_bounded(start, end, APPEND_BYTES_BUDGET)
+    }
+}
+
+/// Soft byte budget of the entries of one AppendEntries message (at least one entry is
+/// always sent, so a message carries at most this plus one entry).
+pub const APPEND_BYTES_BUDGET: usize = 4 << 20;
+
+impl LogStore {
+    /// The entries of `[start, end)` from `start` on, stopping before the one that would take
+    /// the encoded total past `budget` (the first entry is always included).
+    fn read_bounded(&self, start: u64, end: u64, budget: usize) -> io::Result<Vec<Entry>> {
+        let mut out = Vec::new();
+        if start >= end {
+            return Ok(out);
+        }
+        let mut bytes = 0usize;
+        for g in self
+            .engine
+            .raft
+            .range(log_key(self.range, start)..log_key(self.range, end))
+        {
+            let (_, v) = g.into_inner().map_err(io_err)?;
+            if !out.is_empty() && bytes + v.len() > budget {
+                break;
+            }
+            bytes += v.len();
+            out.push(decode::<Entry>(&v).map_err(io_err)?);
+        }
+        Ok(out)
+    }
 }
 
 impl RaftLogStorage<TypeConfig> for LogStore {
@@ -291,6 +333,43 @@ mod tests {
         // Uninterrupted truncation removes the whole suffix.
         s.remove_logs(5, u64::MAX, RemoveOrder::HighestFirst).unwrap();
         assert_eq!(indexes(&s), vec![3, 4]);
+    }
+
+    #[test]
+    fn replication_reads_are_bounded_by_bytes_with_at_least_one_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = Engine::open(dir.path(), Metrics::new()).unwrap();
+        let s = LogStore::new(e.clone(), RangeId(7));
+        let big = |i: u64| {
+            let log_id = openraft::LogId::new(openraft::impls::leader_id_adv::LeaderId { term: 1, node_id: 1 }, i);
+            Entry::new_normal(
+                log_id,
+                crate::raft::Command::Write {
+                    key: format!("k{i}").into_bytes(),
+                    op: crate::raft::WriteOp::Put(vec![7; 100 * 1024]),
+                    condition: None,
+                    epoch_version: 1,
+                },
+            )
+        };
+        for i in 1..=100 {
+            e.raft.insert(log_key(s.range, i), encode(&big(i)).unwrap()).unwrap();
+        }
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let mut reader = s.clone();
+        // 100 entries of ~100 KiB, asked for all of them: about 4 MiB come back.
+        let got = rt.block_on(reader.limited_get_log_entries(1, 101)).unwrap();
+        let bytes: usize = got.iter().map(|e| encode(e).unwrap().len()).sum();
+        assert!(got.len() >= 30 && got.len() < 100, "{}", got.len());
+        assert!(bytes <= APPEND_BYTES_BUDGET, "{bytes}");
+        assert_eq!(got.first().map(|e| e.index()), Some(1));
+        assert_eq!(got.last().map(|e| e.index()), Some(got.len() as u64));
+        // The requested end still bounds it; a budget below one entry still gives one.
+        let got = rt.block_on(reader.limited_get_log_entries(5, 8)).unwrap();
+        assert_eq!(got.iter().map(|e| e.index()).collect::<Vec<_>>(), vec![5, 6, 7]);
+        let got = s.read_bounded(10, 101, 10).unwrap();
+        assert_eq!(got.iter().map(|e| e.index()).collect::<Vec<_>>(), vec![10]);
+        assert!(s.read_bounded(10, 10, 10).unwrap().is_empty());
     }
 
     #[test]

@@ -152,32 +152,6 @@ pub fn split_init_vote() -> Vote {
     v
 }
 
-/// Approximate encoded size of a log entry, for message budgeting.
-pub fn entry_size(e: &Entry) -> usize {
-    64 + match &e.payload {
-        openraft::EntryPayload::Normal(Command::Write { key, op, .. }) => {
-            key.len()
-                + match op {
-                    WriteOp::Put(v) => v.len(),
-                    WriteOp::Delete => 0,
-                }
-        }
-        openraft::EntryPayload::Normal(Command::Split { split_key, .. }) => split_key.len(),
-        openraft::EntryPayload::Normal(Command::Batch { ops, .. }) => ops
-            .iter()
-            .map(|o| {
-                16 + o.key.len()
-                    + match &o.op {
-                        WriteOp::Put(v) => v.len(),
-                        WriteOp::Delete => 0,
-                    }
-            })
-            .sum(),
-        openraft::EntryPayload::Membership(m) => 16 * m.nodes().count(),
-        openraft::EntryPayload::Blank => 0,
-    }
-}
-
 /// Encodes an openraft message for the wire.
 pub fn encode<T: Serialize>(t: &T) -> Result<Vec<u8>, postcard::Error> {
     postcard::to_allocvec(t)

@@ -6,7 +6,6 @@
 use super::state_machine::{RangeShared, SnapFile};
 use super::{TypeConfig, Vote, decode, encode};
 use crate::{FilterAction, RaftFilter};
-use openraft::entry::RaftEntry;
 use openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
 use openraft::raft::{
@@ -27,8 +26,46 @@ use std::time::Duration;
 use tonic::transport::{Channel, Endpoint};
 
 pub const SNAPSHOT_CHUNK: usize = 1 << 20;
-/// Soft byte budget of one AppendEntries message (at least one entry is always sent).
-pub const APPEND_BYTES_BUDGET: usize = 4 << 20;
+
+// Byte-bounded AppendEntries.
+//
+// openraft 0.10.0-alpha.37 builds each replication request from
+// `RaftLogReader::limited_get_log_entries(start, start + max_payload_entries)` and streams
+// the requests through `RaftNetworkV2::stream_append` (here the default sequential adapter
+// over `append_entries`). Our log reader cuts that read at `APPEND_BYTES_BUDGET` bytes
+// (`log_store.rs`), so every message is bounded by bytes as well as by entries, and the
+// stream simply continues after the last entry sent. (The other hook, answering
+// `PartialSuccess` for a truncated request, also works but stops the pipeline and starts a
+// new stream session for every message; `PayloadTooLarge`-style hints do not exist in this
+// version's network API.)
+//
+// openraft gives every replication request the same budget, `heartbeat_interval` (100 ms
+// here), whatever it carries; a ~4 MiB message cannot be encoded, sent, decoded, appended
+// and fsynced in 100 ms by a debug build on a busy machine, and a request that times out is
+// resent whole, forever. So the transport sets its own deadline from the payload: a base
+// plus the time to move the bytes at a conservative throughput (see `rpc_deadline`).
+// openraft does not cut a replication stream at `hard_ttl` (its docs: not a limit on a
+// stream's lifetime), so this deadline is the one that applies.
+
+/// Throughput assumed when sizing an RPC deadline: far below a LAN or a release build, and
+/// still met by a debug build on a busy 2-core machine.
+pub const CONSERVATIVE_BYTES_PER_SEC: u64 = 2 << 20;
+/// Smallest deadline of an AppendEntries that carries entries: the follower appends and
+/// fsyncs them before answering.
+pub const APPEND_BASE: Duration = Duration::from_millis(500);
+
+/// The deadline of one Raft RPC: openraft's budget (`soft_ttl`, which it says transports
+/// should enforce), raised to [`APPEND_BASE`] for an AppendEntries carrying entries, plus
+/// `payload_bytes` at [`CONSERVATIVE_BYTES_PER_SEC`]. A full message (~4 MiB) gets ~2.5 s.
+pub fn rpc_deadline(soft_ttl: Duration, payload_bytes: usize, carries_entries: bool) -> Duration {
+    let base = if carries_entries {
+        soft_ttl.max(APPEND_BASE)
+    } else {
+        soft_ttl
+    };
+    let micros = (payload_bytes as u64).saturating_mul(1_000_000) / CONSERVATIVE_BYTES_PER_SEC;
+    base + Duration::from_micros(micros)
+}
 
 /// An openraft RPC on the wire.
 #[derive(Serialize, Deserialize)]
@@ -173,10 +210,12 @@ impl Network {
             .await
             .map_err(unreachable)?;
         let payload = encode(rpc).map_err(|e| RPCError::Network(NetworkError::new(&AnyError::error(e.to_string()))))?;
+        let carries_entries = matches!(rpc, RaftRpc::Append(a) if !a.entries.is_empty());
+        let deadline = rpc_deadline(option.soft_ttl(), payload.len(), carries_entries);
         let mut client = self.transport.client(self.target).map_err(unreachable)?;
         let fut = client.send(self.message(payload));
-        let resp = match tokio::time::timeout(option.hard_ttl(), fut).await {
-            Err(_) => return Err(unreachable("raft rpc timed out")),
+        let resp = match tokio::time::timeout(deadline, fut).await {
+            Err(_) => return Err(unreachable(format!("raft rpc timed out after {deadline:?}"))),
             Ok(Err(status)) => return Err(unreachable(status.message())),
             Ok(Ok(r)) => r.into_inner(),
         };
@@ -193,36 +232,11 @@ impl RaftNetworkV2<TypeConfig> for Network {
 
     async fn append_entries(
         &mut self,
-        mut rpc: AppendEntriesRequest<TypeConfig>,
+        rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
-        // Keep each message bounded whatever the value sizes: send a prefix and report
-        // a partial success, openraft sends the rest next.
-        let mut total = 0usize;
-        let mut keep = 0usize;
-        for e in &rpc.entries {
-            let sz = super::entry_size(e);
-            if keep > 0 && total + sz > APPEND_BYTES_BUDGET {
-                break;
-            }
-            total += sz;
-            keep += 1;
-        }
-        let partial = if keep < rpc.entries.len() {
-            rpc.entries.truncate(keep);
-            let last = rpc.entries.last().map(|e| e.log_id());
-            if rpc.leader_commit > last {
-                rpc.leader_commit = last;
-            }
-            Some(last)
-        } else {
-            None
-        };
-        let resp: AppendEntriesResponse<TypeConfig> = self.call(&RaftRpc::Append(rpc), &option).await?;
-        Ok(match (resp, partial) {
-            (AppendEntriesResponse::Success, Some(last)) => AppendEntriesResponse::PartialSuccess(last),
-            (r, _) => r,
-        })
+        // Already bounded by bytes when it was read from the log (see the top of this file).
+        self.call(&RaftRpc::Append(rpc), &option).await
     }
 
     async fn vote(
@@ -318,5 +332,25 @@ impl RaftNetworkV2<TypeConfig> for Network {
         }
         let r: WireResult<SnapshotResponse<TypeConfig>> = decode(&resp.payload).map_err(|e| un(e.to_string()))?;
         r.map_err(un)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deadlines_fit_the_payload() {
+        let ttl = Duration::from_millis(75);
+        // Heartbeats and votes keep openraft's budget.
+        assert_eq!(rpc_deadline(ttl, 200, false), ttl + Duration::from_micros(95));
+        // Entries: at least APPEND_BASE, plus the bytes at the conservative throughput.
+        assert_eq!(rpc_deadline(ttl, 0, true), APPEND_BASE);
+        let full = rpc_deadline(ttl, crate::raft::log_store::APPEND_BYTES_BUDGET, true);
+        assert_eq!(full, APPEND_BASE + Duration::from_secs(2));
+        // One maximal value (1 MiB) alone still gets its own time.
+        assert!(rpc_deadline(ttl, 1 << 20, true) >= Duration::from_millis(999));
+        // A larger openraft budget is kept.
+        assert_eq!(rpc_deadline(Duration::from_secs(3), 0, true), Duration::from_secs(3));
     }
 }
