@@ -28,7 +28,7 @@ fn cfg(etcd: &Etcd) -> Config {
 }
 
 async fn client(addr: impl std::fmt::Display) -> PlacementClient<Channel> {
-    let ch = Channel::from_shared(format!("http://{addr}")).unwrap().connect_lazy();
+    let ch = skv_rpc::lazy_channel(&addr.to_string()).expect("a valid test address");
     PlacementClient::new(ch)
 }
 

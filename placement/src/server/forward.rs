@@ -5,11 +5,15 @@ use crate::election;
 use crate::error::{ErrorCode, PlacementError, PlacementResult};
 use skv_proto::internal::placement_client::PlacementClient;
 use skv_proto::internal::store_client::StoreClient;
+use skv_rpc::EndpointOptions;
 use std::future::Future;
 use std::time::Duration;
 use tonic::metadata::MetadataValue;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status};
+
+/// Deadline of a call placement makes (to the leader, to a storenode) when it sets none.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Metadata key set on requests a follower forwards, so they are never forwarded twice.
 pub(super) const FORWARDED: &str = "skv-placement-forwarded";
@@ -77,20 +81,18 @@ where
 }
 
 impl Shared {
+    /// A lazily connecting channel to `address` (`host:port` or URL), one per address.
     pub(super) fn channel(&self, address: &str) -> PlacementResult<Channel> {
         let mut g = self.channels.lock();
         if let Some(c) = g.get(address) {
             return Ok(c.clone());
         }
-        let uri = if address.starts_with("http://") || address.starts_with("https://") {
-            address.to_string()
-        } else {
-            format!("http://{address}")
+        let options = EndpointOptions {
+            request_timeout: Some(REQUEST_TIMEOUT),
+            ..Default::default()
         };
-        let ch = Endpoint::from_shared(uri)
-            .map_err(|e| PlacementError::internal(format!("bad address {address}: {e}")))?
-            .connect_timeout(Duration::from_secs(2))
-            .timeout(Duration::from_secs(15))
+        let ch = skv_rpc::endpoint_with(address, &options)
+            .map_err(PlacementError::internal)?
             .connect_lazy();
         g.insert(address.to_string(), ch.clone());
         Ok(ch)

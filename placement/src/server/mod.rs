@@ -41,7 +41,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, watch as tokio_watch};
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
@@ -156,7 +156,7 @@ pub async fn start_with_store(config: Config, store: DynMetaStore) -> anyhow::Re
     let leader_task = tokio::spawn(leader::leader_loop(shared.clone()));
     let svc = PlacementServer::new(PlacementService { s: shared })
         .max_decoding_message_size(skv_common::limits::DEFAULT_MAX_MESSAGE_LEN);
-    let incoming = TcpListenerStream::new(listener);
+    let incoming = skv_rpc::incoming(listener);
     ready.set(true);
     tracing::info!(%addr, name = %me.name, "placement serving");
     let c = cancel.clone();

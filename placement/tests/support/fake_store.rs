@@ -48,10 +48,7 @@ impl FakeStore {
         tokio::spawn(async move {
             let _ = tonic::transport::Server::builder()
                 .add_service(StoreServer::new(fake))
-                .serve_with_incoming_shutdown(
-                    tokio_stream::wrappers::TcpListenerStream::new(listener),
-                    c.cancelled_owned(),
-                )
+                .serve_with_incoming_shutdown(skv_rpc::incoming(listener), c.cancelled_owned())
                 .await;
         });
         FakeStoreHandle { addr, calls, cancel }
