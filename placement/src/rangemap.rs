@@ -20,7 +20,7 @@ use crate::meta::{CmpOp, Compare, Op, Txn};
 use crate::model::{store_opt, store_raw};
 use prost::Message;
 use skv_common::ids::{RangeId, StoreId};
-use skv_common::keys::{epoch_newer, epoch_of};
+use skv_common::keys::{KeySpan, epoch_newer, epoch_of};
 use skv_proto::internal::{RangeDescriptor, RangeInfo};
 
 /// A range record as stored.
@@ -130,13 +130,8 @@ pub enum UpdatePlan {
     Invalid(String),
 }
 
-/// Whether `[a.start, a.end)` and `[b.start, b.end)` intersect (empty end = +infinity).
-pub fn overlaps(a_start: &[u8], a_end: &[u8], b_start: &[u8], b_end: &[u8]) -> bool {
-    (b_end.is_empty() || a_start < b_end) && (a_end.is_empty() || b_start < a_end)
-}
-
 fn desc_overlaps(a: &RangeDescriptor, b: &RangeDescriptor) -> bool {
-    overlaps(&a.start, &a.end, &b.start, &b.end)
+    KeySpan::of(a).overlaps(&KeySpan::of(b))
 }
 
 fn same_shape(a: &RangeDescriptor, b: &RangeDescriptor) -> bool {
@@ -560,7 +555,7 @@ mod tests {
             plan_update(&l, &[], &[], &[inc(d(1, "", "m", 1, 1)), inc(d(2, "a", "z", 1, 1))]),
             UpdatePlan::Invalid(_)
         ));
-        assert!(overlaps(b"a", b"c", b"b", b""));
-        assert!(!overlaps(b"a", b"b", b"b", b"c"));
+        assert!(KeySpan::new(b"a", b"c").overlaps(&KeySpan::new(b"b", b"")));
+        assert!(!KeySpan::new(b"a", b"b").overlaps(&KeySpan::new(b"b", b"c")));
     }
 }
