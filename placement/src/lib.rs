@@ -21,7 +21,9 @@
 //!   WatchRanges, GetStores, GetMembers) from the metadata store and forward every write and
 //!   admin call to the leader (`<prefix>/leader` holds its address; set `--advertise` when
 //!   listening on a wildcard address). A follower that does not know the leader answers
-//!   UNAVAILABLE, which callers retry.
+//!   `PD-NotLeader` (UNAVAILABLE, with `skv-retry-after-ms`), which callers retry.
+//! - Every error is a [`error::PlacementError`]; its stable code travels in the status's
+//!   `skv-error-code` metadata (docs/adr/0012-placement-error-codes.md).
 //! - Failover: a clean shutdown revokes the leader lease, another instance leads within one
 //!   campaign interval (~0.2 s); a crashed leader is replaced after its lease expires
 //!   (`--lease-ttl-secs`, default 3 s: measured ~3.3 s).

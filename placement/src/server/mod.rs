@@ -2,13 +2,14 @@
 //!
 //! - this file: wiring and start, the state the concerns share, and the service's entry
 //!   points, which forward to the leader when this instance follows, call the concern, and
-//!   turn its [`PlacementError`](crate::error::PlacementError) into a gRPC status (the only place that happens);
-//! - [`forward`]: forwarding to the leader, clients to the leader and to storenodes;
-//! - [`heartbeat`]: store registration, store and range heartbeats, split reports;
-//! - [`query`]: GetRange, ScanRanges, GetStores, GetMembers, AllocIds;
-//! - [`watch`]: the WatchRanges stream;
-//! - [`admin`]: split, leader transfer, merge/move/drain, scheduler pause;
-//! - [`leader`]: the leader loop, the scheduler tick and operator execution.
+//!   turn its [`PlacementError`](crate::error::PlacementError) into a gRPC status (only
+//!   here and in `watch`, for its stream);
+//! - `forward`: forwarding to the leader, clients to the leader and to storenodes;
+//! - `heartbeat`: store registration, store and range heartbeats, split reports;
+//! - `query`: GetRange, ScanRanges, GetStores, GetMembers, AllocIds;
+//! - `watch`: the WatchRanges stream;
+//! - `admin`: split, leader transfer, merge/move/drain, scheduler pause;
+//! - `leader`: the leader loop, the scheduler tick and operator execution.
 //!
 //! IDs are typed ([`RangeId`], [`StoreId`]) inside; the proto's `u64`s are read and written
 //! where a request arrives or a call leaves.
