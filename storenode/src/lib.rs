@@ -5,14 +5,17 @@
 //!
 //! ```text
 //!  gRPC (tonic, one listener)
-//!  ├── Store service  (service.rs)  Get/Write/Scan + admin (CreateReplica, ChangeReplicas,
+//!  ├── Store service  (service.rs)  Get/Write/Scan(stream, scan.rs)/BatchGet/BatchWrite
+//!  │                                + admin (CreateReplica, ChangeReplicas,
 //!  │                                SplitRange, TransferLeader, ListReplicas)
 //!  └── Raft service   (service.rs)  Send (postcard openraft RPC) / SendSnapshot (chunks)
 //!            │
-//!  NodeInner (node.rs): RangeId → Replica { openraft::Raft, RangeShared{descriptor, ..} }
+//!  NodeInner (node.rs): RangeId → Replica { RaftGroup, RangeShared{descriptor, ..} }
 //!            │
-//!  raft/ (the only module naming openraft types)
-//!  ├── mod.rs            TypeConfig, Command/CmdResponse, timing config, split seeds
+//!  raft/ (the only module naming openraft types; tests/raft_confined.rs checks it)
+//!  ├── group.rs          RaftGroup: the crate's own API over one group (reads, proposals,
+//!  │                     membership, leadership, stale-read rule) with its own errors/views
+//!  ├── mod.rs            TypeConfig, Command/CmdResponse, split seeds
 //!  ├── log_store.rs      RaftLogStorage on the `raft` keyspace; appends acked after the
 //!  │                     group-commit fsync
 //!  ├── state_machine.rs  apply (data + applied state + descriptor in ONE batch),

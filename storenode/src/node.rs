@@ -1,13 +1,11 @@
-//! The set of replicas (one openraft group per range) of this node, and the
+//! The set of replicas (one Raft group per range) of this node, and the
 //! operations that create, open, stop and split them.
 
 use crate::engine::{Engine, applied_key, desc_key, io_err};
 use crate::metrics::Metrics;
-use crate::raft::Raft;
-use crate::raft::log_store::LogStore;
-use crate::raft::network::{NetworkFactory, Transport};
-use crate::raft::state_machine::{RangeShared, StateMachine};
-use openraft::async_runtime::watch::WatchReceiver;
+use crate::raft::network::Transport;
+use crate::raft::state_machine::RangeShared;
+use crate::raft::{GroupParts, LeaderView, RaftConfig, RaftGroup};
 use parking_lot::RwLock;
 use prost::Message;
 use skv_common::{RangeId, StoreId};
@@ -15,29 +13,16 @@ use skv_proto::internal::{RangeDescriptor, ReplicaRole};
 use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Weak};
-use std::time::Duration;
 
 /// One local replica of a range.
 pub struct Replica {
-    pub raft: Raft,
+    pub raft: RaftGroup,
     pub shared: Arc<RangeShared>,
-}
-
-/// Leadership as seen locally.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct LeaderView {
-    pub leader: Option<u64>,
-    pub term: u64,
 }
 
 impl Replica {
     pub fn leader_view(&self) -> LeaderView {
-        let m = self.raft.metrics();
-        let m = m.borrow_watched();
-        LeaderView {
-            leader: m.current_leader,
-            term: m.current_term,
-        }
+        self.raft.leader_view()
     }
     pub fn is_leader(&self) -> bool {
         self.raft.is_leader()
@@ -59,7 +44,7 @@ pub struct NodeInner {
     pub store_id: StoreId,
     pub engine: Arc<Engine>,
     pub transport: Arc<Transport>,
-    pub raft_config: Arc<openraft::Config>,
+    pub raft_config: RaftConfig,
     pub snap_dir: PathBuf,
     pub metrics: Metrics,
     replicas: RwLock<HashMap<RangeId, Arc<Replica>>>,
@@ -76,7 +61,7 @@ impl NodeInner {
         store_id: StoreId,
         engine: Arc<Engine>,
         transport: Arc<Transport>,
-        raft_config: Arc<openraft::Config>,
+        raft_config: RaftConfig,
         snap_dir: PathBuf,
         metrics: Metrics,
     ) -> Arc<Self> {
@@ -125,7 +110,7 @@ impl NodeInner {
 
     /// Opens every range found in `meta` (restart path).
     pub async fn load(&self) -> anyhow::Result<()> {
-        // Snapshots are rebuilt on demand (openraft rebuilds one when the log is purged and
+        // Snapshots are rebuilt on demand (Raft rebuilds one when the log is purged and
         // none is current), so once interrupted installs are redone, old files are garbage.
         crate::raft::state_machine::recover_interrupted_installs(&self.engine)?;
         if self.snap_dir.exists() {
@@ -149,24 +134,19 @@ impl NodeInner {
             return Ok(r);
         }
         let shared = RangeShared::new(desc, initialized);
-        let sm = StateMachine::open(
-            self.engine.clone(),
-            shared.clone(),
-            self.self_weak.clone(),
-            self.snap_dir.clone(),
-            self.metrics.clone(),
-        )?;
-        let net = NetworkFactory {
-            transport: self.transport.clone(),
+        let parts = GroupParts {
+            store_id: self.store_id,
+            config: self.raft_config.clone(),
+            engine: self.engine.clone(),
             shared: shared.clone(),
+            node: self.self_weak.clone(),
+            snap_dir: self.snap_dir.clone(),
+            metrics: self.metrics.clone(),
+            transport: self.transport.clone(),
         };
-        let log = LogStore::new(self.engine.clone(), id);
-        // Callers hold the creation lock; mark the task so a split re-applied inline by
-        // `Raft::new` does not wait for it.
-        let raft = HOLDS_CREATE_LOCK
-            .scope((), Raft::new(self.store_id.0, self.raft_config.clone(), net, log, sm))
-            .await
-            .map_err(|e| anyhow::anyhow!("raft start for {id}: {e}"))?;
+        // Callers hold the creation lock; mark the task so a split re-applied inline while
+        // the group starts does not wait for it.
+        let raft = HOLDS_CREATE_LOCK.scope((), RaftGroup::start(parts)).await?;
         let r = Arc::new(Replica { raft, shared });
         self.replicas.write().insert(id, r.clone());
         self.metrics.ranges.set(self.replicas.read().len() as i64);
@@ -179,7 +159,7 @@ impl NodeInner {
         Box::pin(async move {
             let r = self.replicas.write().remove(&id);
             if let Some(r) = r {
-                let _ = r.raft.shutdown().await;
+                r.raft.shutdown().await;
             }
             self.metrics.ranges.set(self.replicas.read().len() as i64);
         })
@@ -189,7 +169,7 @@ impl NodeInner {
     pub async fn stop_all(&self) {
         let all: Vec<_> = self.replicas.write().drain().map(|(_, r)| r).collect();
         for r in all {
-            let _ = r.raft.shutdown().await;
+            r.raft.shutdown().await;
         }
     }
 
@@ -216,11 +196,11 @@ impl NodeInner {
             }
         };
         if bootstrap {
-            let voters: BTreeSet<u64> = desc
+            let voters: BTreeSet<StoreId> = desc
                 .replicas
                 .iter()
                 .filter(|r| r.role == ReplicaRole::Voter as i32)
-                .map(|r| r.store_id)
+                .map(|r| StoreId(r.store_id))
                 .collect();
             if voters.is_empty() {
                 anyhow::bail!("bootstrap needs at least one voter");
@@ -232,7 +212,7 @@ impl NodeInner {
             match replica.raft.initialize(voters).await {
                 Ok(()) => {
                     self.engine.sync().await?;
-                    tokio::spawn(compact_after_bootstrap(replica.clone()));
+                    tokio::spawn(replica.raft.clone().compact_after_bootstrap());
                 }
                 Err(e) => tracing::debug!(range_id = %id, error = %e, "initialize skipped"),
             }
@@ -302,7 +282,7 @@ impl NodeInner {
             if stale {
                 let r = self.replicas.write().remove(&right_id);
                 if let Some(r) = r {
-                    let _ = r.raft.shutdown().await;
+                    r.raft.shutdown().await;
                 }
             }
             if let Err(e) = self.open_locked(right.clone(), true).await {
@@ -317,9 +297,7 @@ impl NodeInner {
             if let Some(r) = self.replica(right_id) {
                 // The old leader's node campaigns first for the new group.
                 let raft = r.raft.clone();
-                tokio::spawn(async move {
-                    let _ = raft.trigger().elect(false).await;
-                });
+                tokio::spawn(async move { raft.campaign().await });
             }
             let reporter = self.split_reporter.read().clone();
             if let Some(rep) = reporter {
@@ -434,44 +412,6 @@ fn spans_overlap(a_start: &[u8], a_end: &[u8], b_start: &[u8], b_end: &[u8]) -> 
     a_before_b_end && b_before_a_end
 }
 
-/// After bootstrap, snapshot and purge the log so every later replica starts from a
-/// snapshot carrying the descriptor (keeps descriptors identical on all replicas).
-async fn compact_after_bootstrap(r: Arc<Replica>) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        if tokio::time::Instant::now() > deadline {
-            return;
-        }
-        let applied = {
-            let m = r.raft.metrics();
-            let m = m.borrow_watched();
-            if m.current_leader != Some(*r.raft.node_id()) {
-                None
-            } else {
-                m.last_applied.map(|l| l.index)
-            }
-        };
-        if let Some(idx) = applied
-            && idx >= 1
-        {
-            if r.raft.trigger().snapshot().await.is_err() {
-                return;
-            }
-            let until = tokio::time::Instant::now() + Duration::from_secs(10);
-            while tokio::time::Instant::now() < until {
-                let snap = r.raft.metrics().borrow_watched().snapshot.map(|l| l.index);
-                if snap.is_some_and(|s| s >= idx) {
-                    let _ = r.raft.trigger().purge_log(idx).await;
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -539,7 +479,7 @@ mod tests {
         let node = test_node(dir.path());
         let c1 = node.claim_install(RangeId(1), b"a", b"m").unwrap();
         // Another range overlapping the pending install is refused; a disjoint one is not;
-        // the same range may claim again (openraft serializes its own installs).
+        // the same range may claim again (the Raft library serializes its own installs).
         assert_eq!(node.claim_install(RangeId(2), b"k", b"").err(), Some(RangeId(1)));
         let c3 = node.claim_install(RangeId(3), b"m", b"z").unwrap();
         let c1b = node.claim_install(RangeId(1), b"a", b"m").unwrap();

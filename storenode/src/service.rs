@@ -1,14 +1,11 @@
 //! gRPC services: `Store` (data access and admin on ranges) and `Raft` (transport).
 
 use crate::node::{NodeInner, Replica};
-use crate::raft::network::{RaftRpc, SnapshotHeader, WireResult};
+use crate::raft::network::{RaftRpc, SnapshotHeader};
 use crate::raft::state_machine::{SnapFile, validate_snapshot_file};
-use crate::raft::{BatchOp, CmdResponse, Command, WriteOp, WriteOutcome, decode, encode};
+use crate::raft::{BatchOp, ChangeKind, CmdResponse, Command, RaftOpError, WriteOp, WriteOutcome};
 use crate::scan::{ScanCursor, ScanStream};
 use futures::StreamExt;
-use openraft::async_runtime::watch::WatchReceiver;
-use openraft::error::{ClientWriteError, RaftError};
-use openraft::{ChangeMembers, EmptyNode, ReadPolicy};
 use prost::Message;
 use skv_common::keys::{cmp_end, desc_contains, in_range};
 use skv_common::limits;
@@ -16,7 +13,6 @@ use skv_common::{RangeId, StoreId};
 use skv_proto::internal::raft_server::Raft as RaftSvc;
 use skv_proto::internal::store_server::Store;
 use skv_proto::internal::*;
-use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 use thiserror::Error;
@@ -108,12 +104,6 @@ where
         }
         Err(Fail::Status(s)) => Err(s),
     }
-}
-
-/// How recently a replica must have heard from (follower) or been acknowledged by (leader)
-/// a quorum-backed leader to serve a `stale_ok` read: 2 × the maximum election timeout.
-fn stale_read_bound(c: &openraft::Config) -> Duration {
-    Duration::from_millis(c.election_timeout_max.saturating_mul(2))
 }
 
 /// Why a scan cannot be served after its ReadIndex wait.
@@ -211,8 +201,8 @@ impl StoreService {
         r
     }
 
-    fn not_leader(&self, range: RangeId, leader: Option<u64>) -> StoreError {
-        let leader = leader.filter(|l| *l != self.node.store_id.0).map(StoreId);
+    fn not_leader(&self, range: RangeId, leader: Option<StoreId>) -> StoreError {
+        let leader = leader.filter(|l| *l != self.node.store_id);
         StoreError::NotLeader {
             range,
             address: leader.and_then(|l| self.node.transport.address(l)),
@@ -240,72 +230,49 @@ impl StoreService {
         Ok((r, desc))
     }
 
-    /// Whether a `stale_ok` read may be served here: only if, within the last
-    /// 2 × `election_timeout_max` (2 s by default), this replica as leader was acknowledged
-    /// by a quorum, or as follower accepted an AppendEntries from the leader that left its
-    /// log matching the leader's. Otherwise the caller gets NotLeader and goes to the leader
-    /// (a partitioned or lagging replica must not serve arbitrarily old data).
+    /// Whether a `stale_ok` read may be served here (ADR 0008, [`crate::raft::RaftGroup::stale_read_allowed`]).
+    /// Otherwise the caller gets NotLeader and goes to the leader (a partitioned or lagging
+    /// replica must not serve arbitrarily old data).
     fn may_serve_stale(&self, r: &Replica) -> bool {
-        if r.shared.installing.load(std::sync::atomic::Ordering::Acquire) {
-            return false;
-        }
-        let bound = stale_read_bound(&self.node.raft_config);
-        if r.is_leader() {
-            // A sole voter is its own quorum (openraft records no acknowledgement then).
-            let mut voters = r.raft.voter_ids();
-            if voters.next() == Some(self.node.store_id.0) && voters.next().is_none() {
-                return true;
-            }
-            let m = r.raft.metrics();
-            let m = m.borrow_watched();
-            return m
-                .last_quorum_acked
-                .as_ref()
-                .is_some_and(|t| openraft::Instant::elapsed(&**t) <= bound);
-        }
-        r.leader_view().leader.is_some() && r.shared.leader_contact.lock().is_some_and(|t| t.elapsed() <= bound)
+        r.raft
+            .stale_read_allowed(&r.shared, self.node.raft_config.stale_read_bound())
     }
 
     async fn read_index(&self, r: &Replica) -> Result<(), Fail> {
-        let id = r.shared.range_id;
-        match tokio::time::timeout(PROPOSAL_TIMEOUT, r.raft.ensure_linearizable(ReadPolicy::ReadIndex)).await {
-            Err(_) => Err(Fail::Status(Status::unavailable("read index timed out"))),
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => {
-                let leader = e
-                    .forward_to_leader()
-                    .and_then(|f| f.leader_id)
-                    .or(r.leader_view().leader);
-                Err(self.not_leader(id, leader).into())
-            }
-        }
+        r.raft
+            .read_index(PROPOSAL_TIMEOUT)
+            .await
+            .map_err(|e| self.op_error(r, e))
     }
 
     async fn propose(&self, r: &Replica, cmd: Command) -> Result<CmdResponse, Fail> {
-        let id = r.shared.range_id;
         if !r.is_leader() {
-            return Err(self.not_leader(id, r.leader_view().leader).into());
+            return Err(self.not_leader(r.shared.range_id, r.leader_view().leader).into());
         }
         self.node.metrics.proposals.inc();
-        match tokio::time::timeout(PROPOSAL_TIMEOUT, r.raft.client_write(cmd)).await {
-            Err(_) => Err(Status::unavailable("write outcome unknown: proposal timed out").into()),
-            Ok(Ok(resp)) => Ok(resp.data),
-            Ok(Err(e)) => Err(self.write_error(r, e)),
-        }
+        r.raft
+            .propose(cmd, PROPOSAL_TIMEOUT)
+            .await
+            .map_err(|e| self.op_error(r, e))
     }
 
-    fn write_error(
-        &self,
-        r: &Replica,
-        e: RaftError<crate::raft::TypeConfig, ClientWriteError<crate::raft::TypeConfig>>,
-    ) -> Fail {
+    /// Maps a Raft operation error: routing errors only where nothing was applied (ADR 0006).
+    fn op_error(&self, r: &Replica, e: RaftOpError) -> Fail {
         let id = r.shared.range_id;
         match e {
-            RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => self.not_leader(id, f.leader_id).into(),
-            RaftError::APIError(ClientWriteError::LogEntryDiscarded(_)) => {
-                Status::unavailable("write outcome unknown: leader changed").into()
+            RaftOpError::NotLeader { leader } => self.not_leader(id, leader).into(),
+            RaftOpError::StaleMembership => {
+                let (desc, _) = r.shared.desc_and_stamp();
+                let want = desc.epoch.unwrap_or_default().version;
+                StoreError::EpochNotMatch {
+                    current: self.node.current_descriptors(&desc, want),
+                }
+                .into()
             }
-            other => Status::unavailable(format!("write outcome unknown: {other}")).into(),
+            RaftOpError::Busy(_) => StoreError::ServerBusy { retry_after_ms: 100 }.into(),
+            RaftOpError::Rejected(m) => Status::failed_precondition(m).into(),
+            RaftOpError::Unavailable(m) => Status::unavailable(m).into(),
+            RaftOpError::OutcomeUnknown(m) => Status::unavailable(format!("write outcome unknown: {m}")).into(),
         }
     }
 
@@ -580,47 +547,23 @@ impl StoreService {
         if !r.is_leader() {
             return Err(self.not_leader(id, r.leader_view().leader).into());
         }
+        let mut changes = Vec::with_capacity(req.changes.len());
         for c in &req.changes {
-            let target = c.store_id;
             let kind =
                 replica_change::Kind::try_from(c.kind).map_err(|_| Status::invalid_argument("bad change kind"))?;
-            let change = async {
-                match kind {
-                    replica_change::Kind::AddVoter => match r.raft.add_learner(target, EmptyNode::new(), true).await {
-                        Ok(_) => {
-                            r.raft
-                                .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([target])), false)
-                                .await
-                        }
-                        Err(e) => Err(e),
-                    },
-                    replica_change::Kind::AddLearner => r.raft.add_learner(target, EmptyNode::new(), true).await,
-                    replica_change::Kind::Remove => {
-                        let is_voter = r.raft.voter_ids().any(|v| v == target);
-                        if is_voter {
-                            r.raft
-                                .change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([target])), false)
-                                .await
-                        } else {
-                            r.raft
-                                .change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([target])), false)
-                                .await
-                        }
-                    }
-                }
+            let kind = match kind {
+                replica_change::Kind::AddVoter => ChangeKind::AddVoter,
+                replica_change::Kind::AddLearner => ChangeKind::AddLearner,
+                replica_change::Kind::Remove => ChangeKind::Remove,
             };
-            // A learner catching up by snapshot may take a while; never hang the caller.
-            match tokio::time::timeout(MEMBERSHIP_TIMEOUT, change).await {
-                Err(_) => {
-                    return Err(Status::unavailable(format!(
-                        "membership change for store {target} timed out; retry (it is idempotent)"
-                    ))
-                    .into());
-                }
-                Ok(Err(e)) => return Err(self.write_error(&r, e)),
-                Ok(Ok(_)) => {}
-            }
+            changes.push((StoreId(c.store_id), kind));
         }
+        let (_, stamp) = r.shared.desc_and_stamp();
+        // A learner catching up by snapshot may take a while; never hang the caller.
+        r.raft
+            .change_replicas(&changes, stamp, MEMBERSHIP_TIMEOUT)
+            .await
+            .map_err(|e| self.op_error(&r, e))?;
         Ok(ChangeReplicasResponse {
             routing_error: None,
             descriptor: Some(r.shared.desc()),
@@ -777,8 +720,7 @@ impl Store for StoreService {
                 return Err(self.not_leader(id, r.leader_view().leader).into());
             }
             r.raft
-                .trigger()
-                .transfer_leader(req.to_store_id)
+                .transfer_leader(StoreId(req.to_store_id))
                 .await
                 .map_err(|e| Status::internal(e.to_string()))?;
             Ok(TransferLeaderResponse::default())
@@ -799,7 +741,7 @@ impl Store for StoreService {
                 let v = r.leader_view();
                 ReplicaStatus {
                     descriptor: Some(r.shared.desc()),
-                    leader_store_id: v.leader.unwrap_or(0),
+                    leader_store_id: v.leader.map_or(0, |s| s.0),
                     term: v.term,
                     applied_index: r.shared.applied_index.load(std::sync::atomic::Ordering::Acquire),
                 }
@@ -815,20 +757,6 @@ impl Store for StoreService {
 #[derive(Clone)]
 pub struct RaftService {
     pub node: Arc<NodeInner>,
-}
-
-fn wire<T: serde::Serialize, E: std::fmt::Display>(r: Result<T, E>) -> RaftMessageResponse {
-    let w: WireResult<T> = r.map_err(|e| e.to_string());
-    match encode(&w) {
-        Ok(payload) => RaftMessageResponse {
-            payload,
-            error: String::new(),
-        },
-        Err(e) => RaftMessageResponse {
-            payload: Vec::new(),
-            error: e.to_string(),
-        },
-    }
 }
 
 fn wire_err(e: impl Into<String>) -> Response<RaftMessageResponse> {
@@ -858,7 +786,7 @@ impl RaftService {
 impl RaftSvc for RaftService {
     async fn send(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessageResponse>, Status> {
         let msg = request.into_inner();
-        let rpc: RaftRpc = match decode(&msg.payload) {
+        let rpc = match RaftRpc::decode(&msg.payload) {
             Ok(r) => r,
             Err(e) => return Ok(wire_err(format!("bad raft payload: {e}"))),
         };
@@ -866,21 +794,7 @@ impl RaftSvc for RaftService {
             Ok(r) => r,
             Err(e) => return Ok(wire_err(e)),
         };
-        let resp = match rpc {
-            RaftRpc::Append(req) => {
-                let received = std::time::Instant::now();
-                let from_leader = req.vote.is_committed();
-                let res = r.raft.append_entries(req).await;
-                if from_leader && matches!(res, Ok(openraft::raft::AppendEntriesResponse::Success)) {
-                    *r.shared.leader_contact.lock() = Some(received);
-                }
-                wire(res)
-            }
-            RaftRpc::Vote(req) => wire(r.raft.vote(req).await),
-            RaftRpc::PreVote(req) => wire(r.raft.pre_vote(req).await),
-            RaftRpc::TransferLeader(req) => wire(r.raft.handle_transfer_leader(req).await),
-        };
-        Ok(Response::new(resp))
+        Ok(Response::new(r.raft.handle_rpc(&r.shared, rpc).await))
     }
 
     async fn send_snapshot(
@@ -896,7 +810,7 @@ impl RaftSvc for RaftService {
         let Some(msg) = first.header else {
             return Ok(wire_err("first snapshot chunk has no header"));
         };
-        let header: SnapshotHeader = match decode(&msg.payload) {
+        let header = match SnapshotHeader::decode(&msg.payload) {
             Ok(h) => h,
             Err(e) => return Ok(wire_err(format!("bad snapshot header: {e}"))),
         };
@@ -973,12 +887,7 @@ impl RaftSvc for RaftService {
             Ok(f) => f,
             Err(e) => return Ok(wire_err(e.to_string())),
         };
-        let snap = openraft::storage::Snapshot {
-            meta: header.meta,
-            snapshot: file,
-        };
-        let resp = wire(r.raft.install_full_snapshot(header.vote, snap).await);
-        Ok(Response::new(resp))
+        Ok(Response::new(r.raft.install_snapshot(header, file).await))
     }
 }
 

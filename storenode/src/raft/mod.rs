@@ -1,13 +1,18 @@
-//! The thin layer over openraft: type config, storage adapters, network.
-//! Everything that names an openraft type lives under this module, so an
-//! openraft upgrade touches only here.
+//! The thin layer over openraft: type config, storage adapters, network, and
+//! [`group::RaftGroup`], the crate's own API over one range's group. Everything that names
+//! an openraft type lives under this module, so an openraft upgrade touches only here
+//! (ADR 0001; `tests/raft_confined.rs` keeps it so).
 
+pub mod group;
 pub mod log_store;
 pub mod network;
 pub mod state_machine;
 
+pub use group::{
+    ChangeKind, GroupParts, InitError, LeaderView, MembershipStamp, RaftConfig, RaftConfigError, RaftGroup, RaftOpError,
+};
+
 use serde::{Deserialize, Serialize};
-use std::sync::Arc;
 
 /// One operation of a write command.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -114,22 +119,9 @@ pub type StoredMembership = openraft::alias::StoredMembershipOf<TypeConfig>;
 pub type Membership = openraft::Membership<u64, openraft::EmptyNode>;
 pub type SnapshotMeta = openraft::alias::SnapshotMetaOf<TypeConfig>;
 
-/// Raft timing tuned for a LAN.
-pub fn raft_config(snapshot_logs: u64) -> anyhow::Result<Arc<openraft::Config>> {
-    let c = openraft::Config {
-        cluster_name: "skv".into(),
-        heartbeat_interval: 100,
-        election_timeout_min: 500,
-        election_timeout_max: 1000,
-        install_snapshot_timeout: 10_000,
-        max_payload_entries: 256,
-        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(snapshot_logs.max(1)),
-        max_in_snapshot_log_to_keep: (snapshot_logs / 2).min(1000),
-        purge_batch_size: 256,
-        replication_lag_threshold: snapshot_logs.max(1) * 2,
-        ..Default::default()
-    };
-    Ok(Arc::new(c.validate()?))
+/// Raft timing tuned for a LAN (see [`RaftConfig::new`]).
+pub fn raft_config(snapshot_logs: u64) -> Result<RaftConfig, RaftConfigError> {
+    RaftConfig::new(snapshot_logs)
 }
 
 /// The seeded log id of a group born from a split (as TiKV's RAFT_INIT_LOG_INDEX).

@@ -86,6 +86,35 @@ pub struct SnapshotHeader {
 /// Responses are `Result<T, String>`: the error is the remote's Raft error text.
 pub type WireResult<T> = Result<T, String>;
 
+/// Encodes a local Raft result as the response to a peer.
+pub fn wire<T: Serialize, E: std::fmt::Display>(r: Result<T, E>) -> skv_proto::internal::RaftMessageResponse {
+    let w: WireResult<T> = r.map_err(|e| e.to_string());
+    match encode(&w) {
+        Ok(payload) => skv_proto::internal::RaftMessageResponse {
+            payload,
+            error: String::new(),
+        },
+        Err(e) => skv_proto::internal::RaftMessageResponse {
+            payload: Vec::new(),
+            error: e.to_string(),
+        },
+    }
+}
+
+impl RaftRpc {
+    /// Decodes a peer's message; never panics on garbage.
+    pub fn decode(payload: &[u8]) -> Result<Self, postcard::Error> {
+        decode(payload)
+    }
+}
+
+impl SnapshotHeader {
+    /// Decodes the header of a snapshot stream; never panics on garbage.
+    pub fn decode(payload: &[u8]) -> Result<Self, postcard::Error> {
+        decode(payload)
+    }
+}
+
 /// Connections and the address book, shared by all ranges of the node.
 pub struct Transport {
     pub local: StoreId,

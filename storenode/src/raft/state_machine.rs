@@ -40,12 +40,57 @@ pub struct RangeShared {
     pub applied_index: AtomicU64,
     /// Load counted by the serving node since the last range heartbeat.
     pub load: Mutex<LoadStats>,
-    /// When this replica last accepted an AppendEntries from a leader (committed vote) that
-    /// left its log matching the leader's (bounds how stale a follower read can be).
-    pub leader_contact: Mutex<Option<Instant>>,
+    /// Recent AppendEntries accepted from a leader (committed vote) that left this replica's
+    /// log matching the leader's, with the commit index each one taught (bounds how stale a
+    /// follower read can be, see [`LeaderContacts`]).
+    pub leader_contacts: Mutex<LeaderContacts>,
+    /// Log id of the membership the descriptor's replicas and `conf_ver` were derived from.
+    /// Written only under the `desc` write lock, read under its read lock
+    /// ([`Self::desc_and_membership`]), so the two always match.
+    membership_log_id: Mutex<Option<LogId>>,
     /// True while a snapshot install modifies this range's data (and for good if it failed:
     /// the group is stopped and the data may be half-replaced): no stale read is served.
     pub installing: AtomicBool,
+}
+
+/// The AppendEntries a follower accepted recently from a leader: when each arrived and the
+/// highest leader commit index learnt up to it.
+///
+/// The leader's commit index in a message covers every write the cluster acknowledged
+/// before the leader sent it, and commit indexes only grow, so a replica that has applied
+/// at least the commit index learnt at a contact holds every write acknowledged before that
+/// contact (give or take the message's one-way delay). [`Self::fresh_as_of`] finds the
+/// latest such contact; a replica whose apply lags behind every recent contact has none.
+#[derive(Debug, Default)]
+pub struct LeaderContacts {
+    /// (received, highest commit index learnt so far), commit indexes rising.
+    recent: std::collections::VecDeque<(Instant, u64)>,
+}
+
+/// Contacts remembered (one per distinct commit index).
+const CONTACTS_KEPT: usize = 16;
+
+impl LeaderContacts {
+    /// Records an accepted AppendEntries that arrived `at` with the leader's `commit` index.
+    pub fn record(&mut self, at: Instant, commit: u64) {
+        let commit = self.recent.back().map_or(commit, |&(_, c)| c.max(commit));
+        if let Some(last) = self.recent.back_mut()
+            && last.1 == commit
+        {
+            last.0 = last.0.max(at);
+            return;
+        }
+        self.recent.push_back((at, commit));
+        if self.recent.len() > CONTACTS_KEPT {
+            self.recent.pop_front();
+        }
+    }
+
+    /// The latest contact whose commit index is at most `applied`: the replica's data is no
+    /// older than that contact. `None` if it has applied none of the recent contacts' commits.
+    pub fn fresh_as_of(&self, applied: u64) -> Option<Instant> {
+        self.recent.iter().filter(|(_, c)| *c <= applied).map(|(t, _)| *t).max()
+    }
 }
 
 /// Per-range load since the last report (leader side), with a reservoir sample of keys.
@@ -102,12 +147,27 @@ impl RangeShared {
             initialized: AtomicBool::new(initialized),
             applied_index: AtomicU64::new(0),
             load: Mutex::new(LoadStats::default()),
-            leader_contact: Mutex::new(None),
+            leader_contacts: Mutex::new(LeaderContacts::default()),
+            membership_log_id: Mutex::new(None),
             installing: AtomicBool::new(false),
         })
     }
     pub fn desc(&self) -> RangeDescriptor {
         self.desc.read().clone()
+    }
+    /// The descriptor and the log id of the membership its `conf_ver` reflects, read together.
+    pub fn desc_and_membership(&self) -> (RangeDescriptor, Option<LogId>) {
+        let d = self.desc.read();
+        let m = *self.membership_log_id.lock();
+        (d.clone(), m)
+    }
+    /// Publishes a new descriptor (when given) and the current membership log id together.
+    fn publish(&self, desc: Option<RangeDescriptor>, membership: Option<LogId>) {
+        let mut d = self.desc.write();
+        if let Some(new) = desc {
+            *d = new;
+        }
+        *self.membership_log_id.lock() = membership;
     }
     pub fn is_initialized(&self) -> bool {
         self.initialized.load(Ordering::Acquire)
@@ -177,6 +237,7 @@ impl StateMachine {
         if let Some(l) = &last_applied {
             shared.applied_index.store(l.index(), Ordering::Release);
         }
+        shared.publish(None, *membership.log_id());
         Ok(Self {
             engine,
             shared,
@@ -206,8 +267,8 @@ impl StateMachine {
             batch.insert(&self.engine.meta, desc_key(self.shared.range_id), d.encode_to_vec());
         }
         batch.commit().map_err(io_err)?;
-        if let Some(d) = new_desc {
-            *self.shared.desc.write() = d;
+        if new_desc.is_some() {
+            self.shared.publish(new_desc, *self.membership.log_id());
         }
         self.shared.initialized.store(true, Ordering::Release);
         if let Some(l) = &self.last_applied {
@@ -560,7 +621,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         self.engine.sync().await?;
         self.last_applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
-        *self.shared.desc.write() = desc;
+        self.shared.publish(Some(desc), *self.membership.log_id());
         self.shared.initialized.store(true, Ordering::Release);
         if let Some(l) = &meta.last_log_id {
             self.shared.applied_index.store(l.index(), Ordering::Release);
