@@ -3,7 +3,7 @@
 use crate::node::{NodeInner, Replica};
 use crate::raft::network::{RaftRpc, SnapshotHeader};
 use crate::raft::state_machine::{SnapFile, validate_snapshot_file};
-use crate::raft::{BatchOp, ChangeKind, CmdResponse, Command, RaftOpError, WriteOp, WriteOutcome};
+use crate::raft::{BatchOp, ChangeKind, CmdResponse, Command, MembershipStamp, RaftOpError, WriteOp, WriteOutcome};
 use crate::scan::{ScanCursor, ScanStream};
 use futures::StreamExt;
 use prost::Message;
@@ -104,6 +104,13 @@ where
         }
         Err(Fail::Status(s)) => Err(s),
     }
+}
+
+/// Whether an admin request (membership change, leader transfer) was routed with the
+/// range's current epoch: both `conf_ver` (membership) and `version` (splits) must match. A
+/// stale call (its caller did not see a change) is refused rather than applied on top.
+fn admin_epoch_matches(want: RangeEpoch, current: &RangeDescriptor) -> bool {
+    current.epoch.unwrap_or_default() == want
 }
 
 /// Why a scan cannot be served after its ReadIndex wait.
@@ -534,19 +541,35 @@ impl StoreService {
         }
     }
 
-    async fn change_replicas(&self, req: ChangeReplicasRequest) -> Result<ChangeReplicasResponse, Fail> {
-        self.node
-            .record_addresses(&req.stores)
-            .map_err(|e| Status::internal(e.to_string()))?;
-        let header = req
-            .header
-            .as_ref()
-            .ok_or_else(|| Status::invalid_argument("missing header"))?;
+    /// The replica of an admin request, which must be this range's leader and whose epoch
+    /// (`conf_ver` and `version`) must be the current one; with the descriptor and the stamp
+    /// of the membership it reflects, read together.
+    fn admin_route(
+        &self,
+        header: Option<&RequestHeader>,
+    ) -> Result<(Arc<Replica>, RangeDescriptor, MembershipStamp), Fail> {
+        let header = header.ok_or_else(|| Status::invalid_argument("missing header"))?;
         let id = RangeId(header.range_id);
         let r = self.node.replica(id).ok_or(StoreError::RangeNotFound(id))?;
+        if !r.shared.is_initialized() {
+            return Err(StoreError::RangeNotFound(id).into());
+        }
+        // Only the leader's descriptor is authoritative for membership (a follower's may lag).
         if !r.is_leader() {
             return Err(self.not_leader(id, r.leader_view().leader).into());
         }
+        let (desc, stamp) = r.shared.desc_and_stamp();
+        let want = header.epoch.unwrap_or_default();
+        if !admin_epoch_matches(want, &desc) {
+            return Err(StoreError::EpochNotMatch {
+                current: self.node.current_descriptors(&desc, want.version),
+            }
+            .into());
+        }
+        Ok((r, desc, stamp))
+    }
+
+    async fn change_replicas(&self, req: ChangeReplicasRequest) -> Result<ChangeReplicasResponse, Fail> {
         let mut changes = Vec::with_capacity(req.changes.len());
         for c in &req.changes {
             let kind =
@@ -558,16 +581,44 @@ impl StoreService {
             };
             changes.push((StoreId(c.store_id), kind));
         }
-        let (_, stamp) = r.shared.desc_and_stamp();
-        // A learner catching up by snapshot may take a while; never hang the caller.
-        r.raft
-            .change_replicas(&changes, stamp, MEMBERSHIP_TIMEOUT)
-            .await
-            .map_err(|e| self.op_error(&r, e))?;
+        let (r, desc, stamp) = self.admin_route(req.header.as_ref())?;
+        self.node
+            .record_addresses(&req.stores)
+            .map_err(|e| Status::internal(e.to_string()))?;
+        // The epoch check above is against the applied descriptor; the stamp makes the Raft
+        // core propose only while the effective membership is still the one that descriptor
+        // reflects, so two calls with the same epoch (even on two successive leaders) cannot
+        // both apply. A learner catching up by snapshot may take a while; never hang.
+        match r.raft.change_replicas(&changes, stamp, MEMBERSHIP_TIMEOUT).await {
+            Ok(()) => {}
+            Err(RaftOpError::StaleMembership) => {
+                // Another change went first. Not applied: EpochNotMatch once it shows in the
+                // descriptor, ServerBusy (retry shortly) while it is still being applied.
+                let now = r.shared.desc();
+                if now.epoch == desc.epoch {
+                    return Err(StoreError::ServerBusy { retry_after_ms: 100 }.into());
+                }
+                let want = desc.epoch.unwrap_or_default().version;
+                return Err(StoreError::EpochNotMatch {
+                    current: self.node.current_descriptors(&now, want),
+                }
+                .into());
+            }
+            Err(e) => return Err(self.op_error(&r, e)),
+        }
         Ok(ChangeReplicasResponse {
             routing_error: None,
             descriptor: Some(r.shared.desc()),
         })
+    }
+
+    async fn transfer_leader(&self, req: TransferLeaderRequest) -> Result<TransferLeaderResponse, Fail> {
+        let (r, _, _) = self.admin_route(req.header.as_ref())?;
+        r.raft
+            .transfer_leader(StoreId(req.to_store_id))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(TransferLeaderResponse::default())
     }
 
     async fn split(&self, req: SplitRangeRequest) -> Result<SplitRangeResponse, Fail> {
@@ -709,24 +760,11 @@ impl Store for StoreService {
         request: Request<TransferLeaderRequest>,
     ) -> Result<Response<TransferLeaderResponse>, Status> {
         let req = request.into_inner();
-        let r: Result<TransferLeaderResponse, Fail> = async {
-            let header = req
-                .header
-                .as_ref()
-                .ok_or_else(|| Status::invalid_argument("missing header"))?;
-            let id = RangeId(header.range_id);
-            let r = self.node.replica(id).ok_or(StoreError::RangeNotFound(id))?;
-            if !r.is_leader() {
-                return Err(self.not_leader(id, r.leader_view().leader).into());
-            }
-            r.raft
-                .transfer_leader(StoreId(req.to_store_id))
-                .await
-                .map_err(|e| Status::internal(e.to_string()))?;
-            Ok(TransferLeaderResponse::default())
-        }
-        .await;
-        respond(r, |t, e| t.routing_error = Some(e))
+        let span = self.span("transfer_leader", req.header.as_ref());
+        respond(
+            self.run("transfer_leader", span, self.transfer_leader(req)).await,
+            |t, e| t.routing_error = Some(e),
+        )
     }
 
     async fn list_replicas(
@@ -1059,6 +1097,19 @@ mod tests {
             Ok(c) => panic!("a scan after the split was served: {:?}", read(c)),
         }
         node.stop_all().await;
+    }
+
+    #[test]
+    fn admin_requests_need_the_current_epoch() {
+        let cur = desc(b"a", b"m", 3);
+        let e = |conf_ver, version| RangeEpoch { conf_ver, version };
+        assert!(admin_epoch_matches(e(1, 3), &cur));
+        // Older membership, older split, both, or a made-up newer one: refused.
+        assert!(!admin_epoch_matches(e(0, 3), &cur));
+        assert!(!admin_epoch_matches(e(1, 2), &cur));
+        assert!(!admin_epoch_matches(e(0, 2), &cur));
+        assert!(!admin_epoch_matches(e(2, 3), &cur));
+        assert!(!admin_epoch_matches(RangeEpoch::default(), &cur));
     }
 
     #[test]

@@ -258,3 +258,140 @@ async fn grow_from_one_voter_to_three() {
     }
     c.shutdown().await;
 }
+
+async fn change(
+    c: &Cluster,
+    leader: u64,
+    d: &RangeDescriptor,
+    store: u64,
+    kind: replica_change::Kind,
+) -> ChangeReplicasResponse {
+    c.client(leader)
+        .await
+        .change_replicas(ChangeReplicasRequest {
+            header: Some(header(d)),
+            changes: vec![ReplicaChange {
+                store_id: store,
+                kind: kind as i32,
+            }],
+            stores: c.stores(),
+        })
+        .await
+        .expect("change replicas")
+        .into_inner()
+}
+
+fn voters(d: &RangeDescriptor) -> Vec<u64> {
+    let mut v: Vec<u64> = d
+        .replicas
+        .iter()
+        .filter(|r| r.role == ReplicaRole::Voter as i32)
+        .map(|r| r.store_id)
+        .collect();
+    v.sort();
+    v
+}
+
+/// ChangeReplicas and TransferLeader carry the caller's epoch: a call made with an epoch the
+/// range has moved past is refused with EpochNotMatch (carrying the current descriptor) and
+/// changes nothing; of two concurrent calls with the same epoch, at most one applies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stale_or_concurrent_admin_calls_are_refused() {
+    let c = Cluster::start(5, 10_000).await;
+    let desc = RangeDescriptor {
+        range_id: 1,
+        start: vec![],
+        end: vec![],
+        epoch: Some(RangeEpoch {
+            conf_ver: 1,
+            version: 1,
+        }),
+        replicas: (1..=3)
+            .map(|id| Replica {
+                store_id: id,
+                role: ReplicaRole::Voter as i32,
+            })
+            .collect(),
+    };
+    for id in [3, 2, 1] {
+        create_on(&c, id, &desc, id == 1).await;
+    }
+    c.put(b"x", b"1").await;
+    let (leader, d) = c.leader_of(1, Duration::from_secs(10)).await;
+    create_on(&c, 4, &d, false).await;
+    let r = change(&c, leader, &d, 4, replica_change::Kind::AddVoter).await;
+    assert!(r.routing_error.is_none(), "{r:?}");
+    let nd = r.descriptor.unwrap();
+    assert_eq!(voters(&nd), vec![1, 2, 3, 4]);
+
+    // `d` is stale now (older conf_ver): a membership change with it is refused...
+    let r = change(&c, leader, &d, 2, replica_change::Kind::Remove).await;
+    match r.routing_error.and_then(|e| e.kind) {
+        Some(routing_error::Kind::EpochNotMatch(e)) => assert_eq!(e.current.first(), Some(&nd)),
+        other => panic!("expected EpochNotMatch, got {other:?}"),
+    }
+    // ... and so is a leader transfer.
+    let to = (1..=4).find(|s| *s != leader).unwrap();
+    let r = c
+        .client(leader)
+        .await
+        .transfer_leader(TransferLeaderRequest {
+            header: Some(header(&d)),
+            to_store_id: to,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        matches!(
+            r.routing_error.and_then(|e| e.kind),
+            Some(routing_error::Kind::EpochNotMatch(_))
+        ),
+        "stale transfer not refused"
+    );
+    // A stale split version is refused the same way.
+    let mut old_version = nd.clone();
+    old_version.epoch = Some(RangeEpoch {
+        conf_ver: nd.epoch.unwrap().conf_ver,
+        version: 0,
+    });
+    let r = change(&c, leader, &old_version, 2, replica_change::Kind::Remove).await;
+    assert!(matches!(
+        r.routing_error.and_then(|e| e.kind),
+        Some(routing_error::Kind::EpochNotMatch(_))
+    ));
+    // Nothing of it applied: still 4 voters, same leader, same descriptor everywhere.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (l2, cur) = c.leader_of(1, Duration::from_secs(5)).await;
+    assert_eq!(l2, leader);
+    assert_eq!(cur, nd);
+
+    // Two concurrent changes with the same (current) epoch: add store 5, remove store 4.
+    create_on(&c, 5, &nd, false).await;
+    let (a, b) = tokio::join!(
+        change(&c, leader, &nd, 5, replica_change::Kind::AddVoter),
+        change(&c, leader, &nd, 4, replica_change::Kind::Remove),
+    );
+    let ok = |r: &ChangeReplicasResponse| r.routing_error.is_none();
+    assert!(ok(&a) != ok(&b), "exactly one must apply: {a:?} / {b:?}");
+    let loser = if ok(&a) { &b } else { &a };
+    assert!(
+        matches!(
+            loser.routing_error.as_ref().and_then(|e| e.kind.as_ref()),
+            Some(routing_error::Kind::EpochNotMatch(_) | routing_error::Kind::ServerBusy(_))
+        ),
+        "{loser:?}"
+    );
+    let want = if ok(&a) { vec![1, 2, 3, 4, 5] } else { vec![1, 2, 3] };
+    wait_until(
+        "descriptors converge on one change",
+        Duration::from_secs(15),
+        || async {
+            let (_, d) = c.leader_of(1, Duration::from_secs(5)).await;
+            voters(&d) == want && d.replicas.len() == want.len()
+        },
+    )
+    .await;
+    c.put(b"after", b"1").await;
+    c.shutdown().await;
+}
