@@ -5,7 +5,7 @@ use crate::engine::{Engine, applied_key, desc_key, io_err};
 use crate::metrics::Metrics;
 use crate::raft::network::Transport;
 use crate::raft::state_machine::RangeShared;
-use crate::raft::{GroupParts, LeaderView, RaftConfig, RaftGroup};
+use crate::raft::{GroupParts, InitError, LeaderView, RaftConfig, RaftGroup};
 use parking_lot::RwLock;
 use prost::Message;
 use skv_common::{RangeId, StoreId};
@@ -32,6 +32,19 @@ impl Replica {
 tokio::task_local! {
     /// Set while a task runs `Raft::new` under the creation lock.
     static HOLDS_CREATE_LOCK: ();
+}
+
+/// Why `CreateReplica` failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CreateReplicaError {
+    #[error("bootstrap needs at least one voter")]
+    NoVoter,
+    #[error(transparent)]
+    Init(#[from] InitError),
+    #[error("storage: {0}")]
+    Storage(String),
+    #[error("opening the replica: {0}")]
+    Open(String),
 }
 
 /// A snapshot install under way: (claim token, range, start, end).
@@ -174,50 +187,71 @@ impl NodeInner {
     }
 
     /// `CreateReplica`: idempotent; with `bootstrap`, initializes the group with the voters.
-    pub async fn create_replica(&self, desc: RangeDescriptor, bootstrap: bool) -> anyhow::Result<()> {
+    ///
+    /// The replica is marked initialized (it holds the data of its descriptor: none, for a
+    /// brand-new range) only once `initialize` succeeded; until then, and for good if it
+    /// fails, it is an uninitialized peer that serves nothing and waits for a leader. A
+    /// bootstrap retry on a group that already has a log or a vote is a no-op (idempotent)
+    /// and does not change the mark either.
+    pub async fn create_replica(&self, desc: RangeDescriptor, bootstrap: bool) -> Result<(), CreateReplicaError> {
         let id = RangeId(desc.range_id);
+        let voters: BTreeSet<StoreId> = desc
+            .replicas
+            .iter()
+            .filter(|r| r.role == ReplicaRole::Voter as i32)
+            .map(|r| StoreId(r.store_id))
+            .collect();
+        if bootstrap && voters.is_empty() {
+            return Err(CreateReplicaError::NoVoter);
+        }
+        let storage = |e: fjall::Error| CreateReplicaError::Storage(e.to_string());
         let replica = {
             let _g = self.create_lock.lock().await;
             match self.replica(id) {
                 Some(r) => r,
                 None => {
-                    if self.engine.meta.get(desc_key(id))?.is_none() {
-                        self.engine.meta.insert(desc_key(id), desc.encode_to_vec())?;
+                    if self.engine.meta.get(desc_key(id)).map_err(storage)?.is_none() {
+                        self.engine
+                            .meta
+                            .insert(desc_key(id), desc.encode_to_vec())
+                            .map_err(storage)?;
                     }
                     let stored = self
                         .engine
                         .meta
-                        .get(desc_key(id))?
+                        .get(desc_key(id))
+                        .map_err(storage)?
                         .and_then(|v| RangeDescriptor::decode(&v[..]).ok())
                         .unwrap_or(desc.clone());
-                    let initialized = bootstrap || self.engine.meta.get(applied_key(id))?.is_some();
-                    self.open_locked(stored, initialized).await?
+                    let initialized = self.engine.meta.get(applied_key(id)).map_err(storage)?.is_some();
+                    self.open_locked(stored, initialized)
+                        .await
+                        .map_err(|e| CreateReplicaError::Open(format!("{e:#}")))?
                 }
             }
         };
-        if bootstrap {
-            let voters: BTreeSet<StoreId> = desc
-                .replicas
-                .iter()
-                .filter(|r| r.role == ReplicaRole::Voter as i32)
-                .map(|r| StoreId(r.store_id))
-                .collect();
-            if voters.is_empty() {
-                anyhow::bail!("bootstrap needs at least one voter");
-            }
-            replica
-                .shared
-                .initialized
-                .store(true, std::sync::atomic::Ordering::Release);
-            match replica.raft.initialize(voters).await {
-                Ok(()) => {
-                    self.engine.sync().await?;
-                    tokio::spawn(replica.raft.clone().compact_after_bootstrap());
-                }
-                Err(e) => tracing::debug!(range_id = %id, error = %e, "initialize skipped"),
-            }
+        if !bootstrap {
+            return Ok(());
         }
-        Ok(())
+        match replica.raft.initialize(voters).await {
+            Ok(()) => {
+                replica
+                    .shared
+                    .initialized
+                    .store(true, std::sync::atomic::Ordering::Release);
+                self.engine
+                    .sync()
+                    .await
+                    .map_err(|e| CreateReplicaError::Storage(e.to_string()))?;
+                tokio::spawn(replica.raft.clone().compact_after_bootstrap());
+                Ok(())
+            }
+            Err(InitError::AlreadyInitialized(e)) => {
+                tracing::debug!(range_id = %id, error = %e, "bootstrap skipped: the group already has a log or a vote");
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// A Raft message arrived for a range we do not have: create an uninitialized peer
@@ -447,6 +481,57 @@ mod tests {
         desc.replicas.push(replica(1));
         let r = node.get_or_create_peer(RangeId(5), Some(desc)).await.unwrap();
         assert!(!r.shared.is_initialized());
+        node.stop_all().await;
+    }
+
+    fn voters_desc(range: u64, voters: &[u64]) -> RangeDescriptor {
+        RangeDescriptor {
+            range_id: range,
+            replicas: voters
+                .iter()
+                .map(|id| skv_proto::internal::Replica {
+                    store_id: *id,
+                    role: ReplicaRole::Voter as i32,
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_bootstrap_leaves_the_replica_uninitialized() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = test_node(dir.path());
+        // This store (1) is not among the voters: initialize fails, the error is reported,
+        // and the replica stays an uninitialized peer.
+        let r = node.create_replica(voters_desc(5, &[2, 3]), true).await;
+        assert!(
+            matches!(r, Err(CreateReplicaError::Init(InitError::NotAVoter(_)))),
+            "{r:?}"
+        );
+        assert!(!node.replica(RangeId(5)).unwrap().shared.is_initialized());
+        assert!(node.overlapping_live(RangeId(99), b"", b"").is_none());
+
+        // A peer that already voted for a candidate (it has a vote, no data): a bootstrap
+        // retry is a no-op and does not mark it initialized.
+        let vote = crate::raft::encode(&crate::raft::split_init_vote()).unwrap();
+        node.engine
+            .raft
+            .insert(crate::engine::raft_key(RangeId(6), crate::engine::TAG_VOTE), vote)
+            .unwrap();
+        node.create_replica(voters_desc(6, &[1, 2]), true).await.unwrap();
+        assert!(!node.replica(RangeId(6)).unwrap().shared.is_initialized());
+
+        // No voter at all: refused before anything is created.
+        let r = node.create_replica(voters_desc(8, &[]), true).await;
+        assert!(matches!(r, Err(CreateReplicaError::NoVoter)), "{r:?}");
+        assert!(node.replica(RangeId(8)).is_none());
+
+        // A real bootstrap is initialized, and stays so on an idempotent retry.
+        node.create_replica(voters_desc(7, &[1]), true).await.unwrap();
+        assert!(node.replica(RangeId(7)).unwrap().shared.is_initialized());
+        node.create_replica(voters_desc(7, &[1]), true).await.unwrap();
+        assert!(node.replica(RangeId(7)).unwrap().shared.is_initialized());
         node.stop_all().await;
     }
 

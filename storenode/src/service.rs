@@ -731,7 +731,13 @@ impl Store for StoreService {
             .create_replica(desc, req.bootstrap)
             .instrument(span)
             .await
-            .map_err(|e| Status::internal(e.to_string()))?;
+            .map_err(|e| match e {
+                crate::node::CreateReplicaError::NoVoter
+                | crate::node::CreateReplicaError::Init(crate::raft::InitError::NotAVoter(_)) => {
+                    Status::invalid_argument(e.to_string())
+                }
+                other => Status::internal(other.to_string()),
+            })?;
         Ok(Response::new(CreateReplicaResponse {}))
     }
 
