@@ -84,7 +84,13 @@ async fn load_phase(
 
 async fn load_only(mut a: RunArgs) -> Result<()> {
     a.workload.load = true;
-    let drivers = connect(a.system, &a.target, &a.workload).await?;
+    // Redis: index the keys as they are loaded, so that any later workload E run can
+    // scan them whatever --workload this load was given.
+    let mut o = a.target.connect_options(&a.workload);
+    o.redis_ordered_index = true;
+    let drivers = driver::connect(a.system, &o, a.target.connections)
+        .await
+        .with_context(|| format!("connecting to {}", a.system.name()))?;
     load_phase(a.system, &drivers, &a.workload).await?;
     Ok(())
 }

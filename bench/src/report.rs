@@ -20,6 +20,8 @@ pub struct Row {
     pub p999_us: f64,
     pub cpu_per_1000: Option<f64>,
     pub errors: u64,
+    /// Open-loop target rate (median), if the scenario was run open loop.
+    pub rate: Option<f64>,
 }
 
 pub fn median(mut xs: Vec<f64>) -> f64 {
@@ -86,6 +88,10 @@ pub fn rows(results: &[RunResult]) -> Vec<Row> {
                 p999_us: m(&|r| r.all().p999_us as f64),
                 cpu_per_1000: (!cpu.is_empty()).then(|| median(cpu)),
                 errors: runs.iter().map(|r| r.error_count).sum(),
+                rate: {
+                    let rates: Vec<f64> = runs.iter().filter_map(|r| r.config.rate).collect();
+                    (!rates.is_empty()).then(|| median(rates))
+                },
             });
         }
     }
@@ -140,11 +146,15 @@ pub fn markdown(rows: &[Row], charts: &[(String, String, String)], preamble: &st
     md.push_str("|---|---|---:|---:|---:|---:|---:|---:|---:|\n");
     for r in rows {
         let cpu = r.cpu_per_1000.map(|c| format!("{c:.3}")).unwrap_or_else(|| "–".into());
+        let system = match r.rate {
+            Some(rate) => format!("{} (open loop at {}/s)", r.system, thousands(rate)),
+            None => r.system.clone(),
+        };
         let _ = writeln!(
             md,
             "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             r.label,
-            r.system,
+            system,
             thousands(r.ops_per_sec),
             ms(r.p50_us),
             ms(r.p99_us),
@@ -271,7 +281,9 @@ mod tests {
             results.push(sample_result("write c=64", "skv", ops, p99));
         }
         results.push(sample_result("write c=64", "redis", 9000.0, 500));
-        results.push(sample_result("read c=1", "skv", 100.0, 1000));
+        let mut open = sample_result("read c=1", "skv", 100.0, 1000);
+        open.config.rate = Some(1500.0);
+        results.push(open);
         let rows = rows(&results);
         let order: Vec<(&str, &str)> = rows.iter().map(|r| (r.label.as_str(), r.system.as_str())).collect();
         assert_eq!(
@@ -291,6 +303,7 @@ mod tests {
         assert!(md.starts_with("# Bench\nmachine: test"));
         assert!(md.contains("| write c=64 | skv | 2,000 | 0.75 | 3.00 | 6.00 |"), "{md}");
         assert!(md.contains("| write c=64 | 2.00× | 0.50× | 0.50× | 0.50× |"), "{md}");
+        assert!(md.contains("| read c=1 | skv (open loop at 1,500/s) | 100 |"), "{md}");
         let ratios = md.split("## skv / etcd").nth(1).unwrap_or_default();
         assert!(ratios.contains("| write c=64 |"));
         assert!(!ratios.contains("read c=1"), "no etcd row, no ratio");
