@@ -51,13 +51,19 @@
 //!   overlapping a live (initialized) local range, or another range's pending install, is
 //!   refused until the split applies locally (as TiKV); check and claim of the key span are
 //!   one step under a node-level lock, the claim lasting until the install committed.
-//! - Reads: a linearizable read (Get, Scan) waits for ReadIndex, then re-checks the range:
-//!   if a split applied meanwhile, a Scan answers EpochNotMatch (never a silently clamped
-//!   result) and a Get of a key that moved answers KeyNotInRange. A `stale_ok` Get is served
-//!   only by a replica that, within 2 × `election_timeout_max` (2 s), was acknowledged by a
-//!   quorum (leader) or accepted an AppendEntries leaving its log matching the leader's
-//!   (follower); otherwise it answers NotLeader. Data read by a follower can still lag by
-//!   its apply backlog.
+//! - Reads: a linearizable read (Get, BatchGet, Scan) waits for ReadIndex, then re-checks the
+//!   range: if a split applied meanwhile, a Scan answers EpochNotMatch (never a silently
+//!   clamped result) and a Get of a key that moved answers KeyNotInRange. A Scan (and a
+//!   BatchGet) reads ONE engine snapshot taken after the ReadIndex, and re-checks the epoch
+//!   after taking it, so its whole stream is one consistent cut. A `stale_ok` read is served
+//!   only by a replica whose data is at most 2 × `election_timeout_max` (2 s) old (ADR 0008):
+//!   a leader acknowledged by a quorum within 2 s that applied an entry of its own term, or a
+//!   follower that within 2 s accepted an AppendEntries from the leader AND has applied the
+//!   commit index learnt by then; otherwise NotLeader (a follower applying behind refuses).
+//! - Admin calls carry the caller's epoch: ChangeReplicas and TransferLeader are refused with
+//!   EpochNotMatch unless `conf_ver` and `version` are current; a membership change is one
+//!   log entry per store, proposed only while the membership is still the one the checked
+//!   descriptor reflects (a Raft-core precondition), so same-epoch calls cannot both apply.
 //! - Descriptor replicas follow membership: when a membership entry applies, replicas become
 //!   voters + learners and `conf_ver` +1. After bootstrap the log is snapshotted and purged,
 //!   so every later replica starts from a snapshot carrying the descriptor.

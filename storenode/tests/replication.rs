@@ -369,3 +369,52 @@ async fn stale_reads_on_a_leader_stay_served_while_it_has_a_quorum() {
         c.shutdown().await;
     }
 }
+
+/// ADR 0008: a follower in contact with its leader but applying behind (here: catching up on
+/// 9 MB after a restart) must not serve a stale read of data older than that contact. Every
+/// answer during the catch-up is NotLeader or the newest value, never the old one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stale_reads_refused_while_a_follower_applies_behind_its_leader() {
+    let mut c = Cluster::start(3, 10_000).await;
+    c.bootstrap().await;
+    let (leader, d) = c.leader_of(1, Duration::from_secs(10)).await;
+    let f = (1..=3).find(|f| *f != leader).unwrap();
+    c.put(b"marker", b"old").await;
+    wait_until("follower serves the old marker", Duration::from_secs(10), || async {
+        c.stale_get(f, &d, b"marker")
+            .await
+            .is_some_and(|r| r.routing_error.is_none() && r.value == b"old")
+    })
+    .await;
+    c.stop_node(f).await;
+    let value = vec![b'v'; 60 * 1024];
+    for i in 0..150u32 {
+        c.put(format!("big{i:03}").as_bytes(), &value).await;
+    }
+    c.put(b"marker", b"new").await;
+    c.start_node(f).await;
+    let (_, d) = c.leader_of(1, Duration::from_secs(10)).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut refused = 0;
+    loop {
+        assert!(Instant::now() < deadline, "follower never served the new marker");
+        let Some(r) = c.stale_get(f, &d, b"marker").await else {
+            continue;
+        };
+        match r.routing_error.as_ref().and_then(|e| e.kind.as_ref()) {
+            Some(routing_error::Kind::NotLeader(_)) => refused += 1,
+            None => {
+                assert!(
+                    r.found && r.value == b"new",
+                    "stale read of data older than the contact: {r:?}"
+                );
+                break;
+            }
+            other => panic!("unexpected routing error {other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(refused > 0, "the follower was never seen catching up");
+    eprintln!("refused {refused} stale reads while catching up");
+    c.shutdown().await;
+}

@@ -213,16 +213,27 @@ impl RaftGroup {
         }
     }
 
-    /// Whether this replica may serve a `stale_ok` read (ADR 0008): never during a snapshot
-    /// install; as leader, if a quorum acknowledged it within `bound` (a sole voter is its
-    /// own quorum); as follower, if it knows a leader and accepted an AppendEntries from it
-    /// within `bound`.
+    /// Whether this replica may serve a `stale_ok` read: only if its data is no older than
+    /// `bound` (plus one network delay). ADR 0008:
+    /// - never during a snapshot install;
+    /// - as leader: a quorum acknowledged it within `bound` (a sole voter is its own quorum),
+    ///   so no other leader acknowledged anything since, and it applied an entry of its own
+    ///   term (the blank entry of its election), so every write an earlier leader
+    ///   acknowledged is applied here (it acknowledges its own writes only after applying);
+    /// - as follower: it knows a leader and, within `bound`, accepted an AppendEntries whose
+    ///   commit index (the highest learnt by then) it has applied — its data then holds every
+    ///   write acknowledged before that contact ([`super::state_machine::LeaderContacts`]).
+    ///   A follower in contact but applying behind refuses.
     pub fn stale_read_allowed(&self, shared: &RangeShared, bound: Duration) -> bool {
         if shared.installing.load(std::sync::atomic::Ordering::Acquire) {
             return false;
         }
         let s = self.status();
         if self.is_leader() {
+            let own_term_applied = s.last_applied.is_some_and(|l| l.leader_id.term == s.term);
+            if !own_term_applied {
+                return false;
+            }
             // A sole voter is its own quorum (openraft records no acknowledgement then).
             let mut voters = self.raft.voter_ids();
             if voters.next() == Some(self.id.0) && voters.next().is_none() {
@@ -233,7 +244,8 @@ impl RaftGroup {
         if s.leader.is_none() {
             return false;
         }
-        let contact = shared.leader_contacts.lock().fresh_as_of(u64::MAX);
+        let applied = shared.applied_index.load(std::sync::atomic::Ordering::Acquire);
+        let contact = shared.leader_contacts.lock().fresh_as_of(applied);
         contact.is_some_and(|t| t.elapsed() <= bound)
     }
 

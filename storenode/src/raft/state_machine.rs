@@ -1085,6 +1085,37 @@ mod tests {
     }
 
     #[test]
+    fn leader_contacts_count_only_once_their_commit_index_is_applied() {
+        let t0 = Instant::now();
+        let at = |ms| t0 + std::time::Duration::from_millis(ms);
+        let mut c = LeaderContacts::default();
+        assert_eq!(c.fresh_as_of(u64::MAX), None);
+        c.record(at(0), 10);
+        c.record(at(100), 10); // same commit index: the newer contact replaces it
+        c.record(at(200), 20);
+        c.record(at(300), 30);
+        // Applied everything: fresh as of the latest contact.
+        assert_eq!(c.fresh_as_of(30), Some(at(300)));
+        // Applying behind: the latest contact whose commit index is applied.
+        assert_eq!(c.fresh_as_of(25), Some(at(200)));
+        assert_eq!(c.fresh_as_of(10), Some(at(100)));
+        // Behind every recent contact (a catching-up follower): none.
+        assert_eq!(c.fresh_as_of(9), None);
+        // A lower commit index learnt later (a new leader that has not learnt the old
+        // commit yet) does not lower what must be applied: the highest learnt counts.
+        c.record(at(400), 15);
+        assert_eq!(c.fresh_as_of(25), Some(at(200)));
+        assert_eq!(c.fresh_as_of(30), Some(at(400)));
+        // Bounded memory.
+        for i in 0..100u64 {
+            c.record(at(500 + i), 100 + i);
+        }
+        assert!(c.recent.len() <= CONTACTS_KEPT);
+        assert_eq!(c.fresh_as_of(199), Some(at(599)));
+        assert_eq!(c.fresh_as_of(30), None);
+    }
+
+    #[test]
     fn versions_survive_delete_so_a_stale_cas_cannot_match_a_new_incarnation() {
         let (dir, e) = engine();
         let desc = RangeDescriptor {
