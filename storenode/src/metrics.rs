@@ -53,6 +53,8 @@ pub struct Metrics {
     /// `Store` request latency by method (for Scan: until the stream is opened).
     pub request_seconds: Family<Rpc, Histogram, HistogramCtor>,
     pub proposals: Counter,
+    /// Scan streams holding an engine snapshot right now.
+    pub scans_open: Gauge,
     pub apply_seconds: Histogram,
     pub fsync_seconds: Histogram,
     pub leaders: Gauge,
@@ -65,6 +67,7 @@ impl Metrics {
             requests: Family::default(),
             request_seconds: Family::new_with_constructor(latency_histogram as HistogramCtor),
             proposals: Counter::default(),
+            scans_open: Gauge::default(),
             apply_seconds: Histogram::new(exponential_buckets(0.00005, 2.0, 16)),
             fsync_seconds: Histogram::new(exponential_buckets(0.00005, 2.0, 16)),
             leaders: Gauge::default(),
@@ -100,6 +103,11 @@ impl Metrics {
             "skv_storenode_raft_proposals",
             "Raft proposals made by this node",
             self.proposals.clone(),
+        );
+        reg.register(
+            "skv_storenode_scans_open",
+            "Scan streams holding an engine snapshot",
+            self.scans_open.clone(),
         );
         reg.register(
             "skv_storenode_apply_seconds",

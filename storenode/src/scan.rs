@@ -10,6 +10,7 @@
 use crate::engine::{Engine, data_range, decode_value, io_err};
 use fjall::Readable;
 use futures::{Stream, StreamExt};
+use prometheus_client::metrics::gauge::Gauge;
 use skv_proto::internal::{RoutingError, StoreKv, StoreScanResponse};
 use std::io;
 use std::ops::Bound;
@@ -127,14 +128,27 @@ pub fn routing_error_stream(e: RoutingError) -> ScanStream {
     }))
 }
 
+/// Decrements a gauge when dropped.
+struct OpenScan(Gauge);
+
+impl Drop for OpenScan {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 /// Streams the cursor's chunks until the end, the deadline, or the client going away.
-/// The cursor (and so the snapshot) is dropped as soon as the producer stops.
-pub fn stream(cursor: ScanCursor, deadline: Instant) -> ScanStream {
+/// The cursor (and so the snapshot) is dropped as soon as the producer stops; `open` counts
+/// the producers running.
+pub fn stream(cursor: ScanCursor, deadline: Instant, open: Gauge) -> ScanStream {
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<StoreScanResponse, Status>>(CHANNEL);
     // Set by the producer when it ended the stream itself (last key sent, or an error sent).
     let finished = Arc::new(AtomicBool::new(false));
     let fin = finished.clone();
+    open.inc();
+    let open = OpenScan(open);
     tokio::spawn(async move {
+        let _open = open;
         let mut cursor = cursor;
         // Ends the stream with `st`; `finished` only if the client can receive it.
         let fail = |st: Status| {
@@ -354,6 +368,26 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_client_that_goes_away_stops_the_reader_and_frees_the_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = Engine::open(dir.path(), crate::metrics::Metrics::new()).unwrap();
+        for i in 0..5000u32 {
+            e.data.insert(format!("k{i:05}"), encode_value(1, b"v")).unwrap();
+        }
+        let open = Gauge::default();
+        let c = ScanCursor::new(&e, e.db.snapshot(), b"".to_vec(), b"".to_vec(), 0);
+        let mut s = stream(c, Instant::now() + Duration::from_secs(60), open.clone());
+        assert!(s.next().await.unwrap().unwrap().kvs.len() == CHUNK_KEYS);
+        assert_eq!(open.get(), 1);
+        drop(s);
+        let until = std::time::Instant::now() + Duration::from_secs(5);
+        while open.get() != 0 {
+            assert!(std::time::Instant::now() < until, "the reader kept running");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test]
     async fn stream_ends_with_an_error_past_the_deadline_never_silently() {
         let dir = tempfile::tempdir().unwrap();
         let e = Engine::open(dir.path(), crate::metrics::Metrics::new()).unwrap();
@@ -362,13 +396,15 @@ mod tests {
         }
         // Complete: every key, then a clean end.
         let c = ScanCursor::new(&e, e.db.snapshot(), b"".to_vec(), b"".to_vec(), 0);
-        let items: Vec<_> = stream(c, Instant::now() + Duration::from_secs(30)).collect().await;
+        let items: Vec<_> = stream(c, Instant::now() + Duration::from_secs(30), Gauge::default())
+            .collect()
+            .await;
         let n: usize = items.iter().map(|m| m.as_ref().map(|m| m.kvs.len()).unwrap()).sum();
         assert_eq!(n, 2000);
         // A client that stops reading past the deadline gets an error at the end, not a
         // clean (truncated) end.
         let c = ScanCursor::new(&e, e.db.snapshot(), b"".to_vec(), b"".to_vec(), 0);
-        let mut s = stream(c, Instant::now() + Duration::from_millis(200));
+        let mut s = stream(c, Instant::now() + Duration::from_millis(200), Gauge::default());
         let first = s.next().await.unwrap().unwrap();
         assert_eq!(first.kvs.len(), CHUNK_KEYS);
         tokio::time::sleep(Duration::from_millis(400)).await;

@@ -684,7 +684,11 @@ impl Store for StoreService {
         };
         let r = self.run("scan", span, opened).await;
         match r {
-            Ok(cursor) => Ok(Response::new(crate::scan::stream(cursor, deadline))),
+            Ok(cursor) => Ok(Response::new(crate::scan::stream(
+                cursor,
+                deadline,
+                self.node.metrics.scans_open.clone(),
+            ))),
             Err(Fail::Route(e)) => Ok(Response::new(crate::scan::routing_error_stream((*e).into()))),
             Err(Fail::Status(s)) => Err(s),
         }

@@ -36,8 +36,8 @@ pub const SNAPSHOT_CHUNK: usize = 1 << 20;
 // (`log_store.rs`), so every message is bounded by bytes as well as by entries, and the
 // stream simply continues after the last entry sent. (The other hook, answering
 // `PartialSuccess` for a truncated request, also works but stops the pipeline and starts a
-// new stream session for every message; `PayloadTooLarge`-style hints do not exist in this
-// version's network API.)
+// new stream session for every message; `PayloadTooLarge`, 0.9's error for "split this
+// request", no longer exists in this version.)
 //
 // openraft gives every replication request the same budget, `heartbeat_interval` (100 ms
 // here), whatever it carries; a ~4 MiB message cannot be encoded, sent, decoded, appended
