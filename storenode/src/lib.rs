@@ -343,7 +343,7 @@ pub async fn start_with(config: Config, opts: StartOptions) -> anyhow::Result<Se
     tracing::info!(store_id = %store_id, %addr, "storenode listening");
     let c = cancel.clone();
     let task = tokio::spawn(async move {
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        let incoming = skv_rpc::incoming(listener);
         let res = server.serve_with_incoming_shutdown(incoming, c.cancelled_owned()).await;
         node.stop_all().await;
         drop(node);

@@ -8,6 +8,7 @@ use crate::raft::state_machine::RangeShared;
 use crate::raft::{GroupParts, InitError, LeaderView, RaftConfig, RaftGroup};
 use parking_lot::RwLock;
 use prost::Message;
+use skv_common::keys::KeySpan;
 use skv_common::{RangeId, StoreId};
 use skv_proto::internal::{RangeDescriptor, ReplicaRole};
 use std::collections::{BTreeSet, HashMap};
@@ -441,9 +442,7 @@ impl Drop for InstallClaim {
 
 /// Whether `[a_start, a_end)` and `[b_start, b_end)` intersect (empty end = +infinity).
 fn spans_overlap(a_start: &[u8], a_end: &[u8], b_start: &[u8], b_end: &[u8]) -> bool {
-    let a_before_b_end = b_end.is_empty() || a_start < b_end;
-    let b_before_a_end = a_end.is_empty() || b_start < a_end;
-    a_before_b_end && b_before_a_end
+    KeySpan::new(a_start, a_end).overlaps(&KeySpan::new(b_start, b_end))
 }
 
 #[cfg(test)]

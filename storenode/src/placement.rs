@@ -5,49 +5,35 @@ use crate::node::NodeInner;
 use skv_common::StoreId;
 use skv_proto::internal::placement_client::PlacementClient;
 use skv_proto::internal::*;
+use skv_rpc::PlacementMembers;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
-/// Tries each placement URL in turn.
+/// Placement's members, through skv-rpc's one placement client.
 #[derive(Clone)]
 pub struct Placement {
-    channels: Vec<Channel>,
+    members: Arc<PlacementMembers>,
 }
+
+/// Longest one placement call may take (per member, and in all).
+const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl Placement {
     pub fn new(urls: &[String]) -> anyhow::Result<Self> {
-        let mut channels = Vec::new();
-        for u in urls {
-            let u = if u.starts_with("http") {
-                u.clone()
-            } else {
-                format!("http://{u}")
-            };
-            channels.push(
-                Endpoint::from_shared(u)?
-                    .connect_timeout(Duration::from_secs(1))
-                    .timeout(Duration::from_secs(5))
-                    .connect_lazy(),
-            );
-        }
-        Ok(Self { channels })
+        Ok(Self {
+            members: Arc::new(PlacementMembers::new(urls)?),
+        })
     }
 
     async fn call<T, F, Fut>(&self, f: F) -> Result<T, tonic::Status>
     where
-        F: Fn(PlacementClient<Channel>) -> Fut,
+        F: FnMut(PlacementClient<Channel>) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
-        let mut last = tonic::Status::unavailable("no placement configured");
-        for ch in &self.channels {
-            match f(PlacementClient::new(ch.clone())).await {
-                Ok(r) => return Ok(r.into_inner()),
-                Err(s) => last = s,
-            }
-        }
-        Err(last)
+        let deadline = tokio::time::Instant::now() + CALL_TIMEOUT;
+        self.members.call(deadline, CALL_TIMEOUT, f).await
     }
 
     /// Registers until placement answers; returns the store id.

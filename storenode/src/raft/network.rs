@@ -23,7 +23,7 @@ use std::future::Future;
 use std::io::Read;
 use std::sync::Arc;
 use std::time::Duration;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 pub const SNAPSHOT_CHUNK: usize = 1 << 20;
 
@@ -156,16 +156,12 @@ impl Transport {
         {
             return Ok(c.clone());
         }
-        let uri = if addr.starts_with("http") {
-            addr.clone()
-        } else {
-            format!("http://{addr}")
+        let options = skv_rpc::EndpointOptions {
+            connect_timeout: Duration::from_millis(500),
+            ..skv_rpc::EndpointOptions::default()
         };
-        let ch = Endpoint::from_shared(uri)
+        let ch = skv_rpc::endpoint_with(&addr, &options)
             .map_err(|e| e.to_string())?
-            .connect_timeout(Duration::from_millis(500))
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(10))
             .connect_lazy();
         self.channels.write().insert(to, (addr, ch.clone()));
         Ok(ch)
