@@ -24,6 +24,9 @@ mod tests {
         let mut inc = incoming(listener);
         let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
         let accepted = inc.next().await.unwrap().unwrap();
-        assert!(accepted.nodelay().unwrap(), "accepted connections must have TCP_NODELAY");
+        assert!(
+            accepted.nodelay().unwrap(),
+            "accepted connections must have TCP_NODELAY"
+        );
     }
 }
