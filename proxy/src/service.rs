@@ -96,24 +96,6 @@ pub struct KvService {
     inner: Arc<Inner>,
 }
 
-/// Parses a `grpc-timeout` header value (e.g. `250m`, `5S`).
-pub fn parse_grpc_timeout(v: &str) -> Option<Duration> {
-    if v.len() < 2 || v.len() > 9 {
-        return None;
-    }
-    let (num, unit) = v.split_at(v.len() - 1);
-    let n: u64 = num.parse().ok()?;
-    Some(match unit {
-        "H" => Duration::from_secs(n.saturating_mul(3600)),
-        "M" => Duration::from_secs(n.saturating_mul(60)),
-        "S" => Duration::from_secs(n),
-        "m" => Duration::from_millis(n),
-        "u" => Duration::from_micros(n),
-        "n" => Duration::from_nanos(n),
-        _ => return None,
-    })
-}
-
 struct Ctx {
     claims: Claims,
     ns: Namespace,
@@ -177,7 +159,7 @@ impl KvService {
         match md
             .get("grpc-timeout")
             .and_then(|v| v.to_str().ok())
-            .and_then(parse_grpc_timeout)
+            .and_then(skv_rpc::parse_grpc_timeout)
         {
             Some(t) => {
                 let t = t.min(MAX_CLIENT_TIMEOUT);
@@ -880,23 +862,5 @@ impl Kv for KvService {
         let t = Instant::now();
         let r = self.do_batch_write(request).instrument(rpc_span!("BatchWrite")).await;
         self.finish("BatchWrite", t, r)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn grpc_timeout_parsing() {
-        assert_eq!(parse_grpc_timeout("250m"), Some(Duration::from_millis(250)));
-        assert_eq!(parse_grpc_timeout("5S"), Some(Duration::from_secs(5)));
-        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
-        assert_eq!(parse_grpc_timeout("2M"), Some(Duration::from_secs(120)));
-        assert_eq!(parse_grpc_timeout("7u"), Some(Duration::from_micros(7)));
-        assert_eq!(parse_grpc_timeout("9n"), Some(Duration::from_nanos(9)));
-        assert_eq!(parse_grpc_timeout("m"), None);
-        assert_eq!(parse_grpc_timeout("12x"), None);
-        assert_eq!(parse_grpc_timeout("123456789S"), None);
     }
 }

@@ -14,11 +14,13 @@ mod backoff;
 mod endpoint;
 mod placement;
 mod server;
+mod timeout;
 
 pub use backoff::Backoff;
 pub use endpoint::{EndpointOptions, endpoint, endpoint_with, lazy_channel, url};
 pub use placement::PlacementMembers;
 pub use server::incoming;
+pub use timeout::parse_grpc_timeout;
 
 /// Errors of this crate. A bad address is a configuration error: report it, don't retry.
 #[derive(Debug, thiserror::Error)]

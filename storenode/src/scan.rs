@@ -217,34 +217,13 @@ pub fn stream(cursor: ScanCursor, deadline: Instant, open: Gauge) -> ScanStream 
     Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx).chain(tail))
 }
 
-/// Parses a `grpc-timeout` header value (1 to 8 digits and a unit: H, M, S, m, u, n).
-pub fn parse_grpc_timeout(v: &str) -> Option<Duration> {
-    if v.len() < 2 || v.len() > 9 || !v.is_ascii() {
-        return None;
-    }
-    let (num, unit) = v.split_at(v.len() - 1);
-    if !num.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    let n: u64 = num.parse().ok()?;
-    Some(match unit {
-        "H" => Duration::from_secs(n.saturating_mul(3600)),
-        "M" => Duration::from_secs(n.saturating_mul(60)),
-        "S" => Duration::from_secs(n),
-        "m" => Duration::from_millis(n),
-        "u" => Duration::from_micros(n),
-        "n" => Duration::from_nanos(n),
-        _ => return None,
-    })
-}
-
 /// How long a scan that arrived at `arrived` may hold its snapshot: the caller's deadline
 /// (`grpc-timeout`, counted from arrival) capped by [`MAX_HOLD`].
 pub fn deadline(metadata: &tonic::metadata::MetadataMap, arrived: Instant) -> Instant {
     let caller = metadata
         .get("grpc-timeout")
         .and_then(|v| v.to_str().ok())
-        .and_then(parse_grpc_timeout);
+        .and_then(skv_rpc::parse_grpc_timeout);
     arrived + caller.map_or(MAX_HOLD, |t| t.min(MAX_HOLD))
 }
 
@@ -348,16 +327,7 @@ mod tests {
     }
 
     #[test]
-    fn grpc_timeout_values() {
-        assert_eq!(parse_grpc_timeout("100m"), Some(Duration::from_millis(100)));
-        assert_eq!(parse_grpc_timeout("5S"), Some(Duration::from_secs(5)));
-        assert_eq!(parse_grpc_timeout("2M"), Some(Duration::from_secs(120)));
-        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
-        assert_eq!(parse_grpc_timeout("7u"), Some(Duration::from_micros(7)));
-        assert_eq!(parse_grpc_timeout("9n"), Some(Duration::from_nanos(9)));
-        for bad in ["", "m", "5", "5s", "123456789S", "-1S", "1.5S", "१S"] {
-            assert_eq!(parse_grpc_timeout(bad), None, "{bad}");
-        }
+    fn deadline_from_grpc_timeout() {
         let now = Instant::now();
         let mut md = tonic::metadata::MetadataMap::new();
         assert_eq!(deadline(&md, now), now + MAX_HOLD);

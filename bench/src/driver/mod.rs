@@ -133,17 +133,7 @@ pub async fn connect(system: System, o: &ConnectOptions, connections: usize) -> 
     Ok(out)
 }
 
-/// The first key past every key that starts with `prefix` (empty = no end).
-pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
-    let mut end = prefix.to_vec();
-    while let Some(last) = end.pop() {
-        if last < 0xff {
-            end.push(last + 1);
-            return end;
-        }
-    }
-    Vec::new()
-}
+pub use skv_common::keys::prefix_end;
 
 #[cfg(test)]
 mod tests {
