@@ -60,6 +60,16 @@ impl From<InputError> for tonic::Status {
     }
 }
 
+/// Most keys or operations in one batch (BatchGet, BatchWrite), at the proxy and per
+/// storenode call.
+pub const MAX_BATCH_OPS: usize = 10_000;
+/// Largest total of values one batch read returns (the proxy's answer, and so also one
+/// storenode call's).
+pub const MAX_BATCH_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
+/// What the proxy adds to a client's batch before it reaches a storenode: a namespace
+/// prefix on every key, plus the framing of each op.
+pub const BATCH_PREFIX_OVERHEAD: usize = MAX_BATCH_OPS * (2 + MAX_NAMESPACE_LEN + 16);
+
 #[cfg(test)]
 mod tests {
     use super::*;

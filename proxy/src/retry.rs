@@ -30,7 +30,10 @@ pub enum Attempt {
     TimedOut { had_all_time: bool },
     /// The connection could not be made: the request never left the proxy.
     NotSent,
-    /// The storenode (or the connection, after sending) failed with this code.
+    /// The connection failed after the request was sent (a transport error, whatever
+    /// code tonic gave it: h2's ENHANCE_YOUR_CALM becomes RESOURCE_EXHAUSTED).
+    Broken,
+    /// The storenode answered with this gRPC status.
     Failed(Code),
 }
 
@@ -67,6 +70,8 @@ pub fn definite_refusal(code: Code) -> bool {
 pub fn decide(kind: Kind, attempt: Attempt) -> Next {
     match (kind, attempt) {
         (_, Attempt::NotSent) => Next::Retry,
+        (Kind::Write, Attempt::Broken) => Next::OutcomeUnknown,
+        (_, Attempt::Broken) => Next::Retry,
         (_, Attempt::Failed(code)) if definite_refusal(code) => Next::Refused(code),
         (Kind::Write, Attempt::TimedOut { .. } | Attempt::Failed(_)) => Next::OutcomeUnknown,
         (_, Attempt::TimedOut { had_all_time: true }) => Next::DeadlineExceeded,
@@ -105,6 +110,9 @@ mod tests {
             (StaleRead, t(true), Next::DeadlineExceeded),
             (Write, t(false), Next::OutcomeUnknown),
             (Write, t(true), Next::OutcomeUnknown),
+            (Read, Broken, Next::Retry),
+            (StaleRead, Broken, Next::Retry),
+            (Write, Broken, Next::OutcomeUnknown),
             (Read, Failed(Code::Unavailable), Next::Retry),
             (Read, Failed(Code::Internal), Next::Retry),
             (Read, Failed(Code::Unknown), Next::Retry),

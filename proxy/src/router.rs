@@ -443,6 +443,13 @@ impl Router {
                         "connect",
                         format!("{store} unreachable: {}", status.message()),
                     ),
+                    // A status with a source was made by the transport, not sent by the
+                    // storenode: its code says nothing about whether a write applied.
+                    Ok(Err(status)) if std::error::Error::source(&status).is_some() => (
+                        Attempt::Broken,
+                        "transport",
+                        format!("{store}: connection failed: {:?} {}", status.code(), status.message()),
+                    ),
                     Ok(Err(status)) => (
                         Attempt::Failed(status.code()),
                         "transport",

@@ -29,17 +29,12 @@ use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
 use tracing::{Instrument, Span, field, warn};
 
-/// Most keys or operations in one batch.
-pub const MAX_BATCH_OPS: usize = 10_000;
-/// Largest total of values a BatchGet returns.
-pub const MAX_BATCH_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
+pub use skv_common::limits::{MAX_BATCH_OPS, MAX_BATCH_RESPONSE_BYTES};
 /// How many ranges of one batch are asked at once.
 const BATCH_PARALLELISM: usize = 16;
 /// Deadline of one range's scan stream when the client sets none.
 const SCAN_RANGE_TIMEOUT: Duration = Duration::from_secs(60);
-/// A limit at or below this fetches one range piece at a time (no lookahead).
-const SCAN_SMALL_LIMIT: u32 = 512;
-/// Range pieces of one scan fetched in parallel.
+/// Range pieces of one scan read ahead of the client (one storenode stream at a time).
 const SCAN_LOOKAHEAD: usize = 4;
 /// Target size of one streamed `ScanResponse`.
 const SCAN_CHUNK_BYTES: usize = 1024 * 1024;
@@ -367,7 +362,8 @@ impl KvService {
                 };
                 this.inner.metrics.observe("Scan", code, started.elapsed());
                 if let Err(s) = r {
-                    let _ = tx.send(Err(s)).await;
+                    // Bounded: a client that stopped reading must not pin this task.
+                    let _ = tokio::time::timeout(Duration::from_secs(1), tx.send(Err(s))).await;
                 }
             }
             .instrument(span),
@@ -376,9 +372,12 @@ impl KvService {
     }
 
     /// Streams `[start, end)` in key order. The interval is cut at the cached range
-    /// boundaries and up to [`SCAN_LOOKAHEAD`] pieces are fetched in parallel (each
-    /// bounded by a small channel); their pages are forwarded strictly in order and
-    /// the limit is applied here.
+    /// boundaries into pieces, fetched one storenode stream at a time: the next piece
+    /// opens only when the previous one has been read from its storenode (its last pages
+    /// wait in a small channel), so no storenode holds a snapshot for a piece that sits
+    /// queued behind a slow one. Pages are forwarded strictly in order and the limit is
+    /// applied here. Every send to the client is bounded, so a client that stops reading
+    /// frees its tenant slot.
     async fn scan_task(
         &self,
         ns: &Namespace,
@@ -389,21 +388,26 @@ impl KvService {
         tx: &mpsc::Sender<Result<ScanResponse, Status>>,
     ) -> Result<(), Status> {
         let mut remaining: u64 = if limit == 0 { u64::MAX } else { u64::from(limit) };
-        let lookahead = if limit != 0 && limit <= SCAN_SMALL_LIMIT {
-            1
-        } else {
-            SCAN_LOOKAHEAD
-        };
         let mut intervals = self.inner.router.plan_intervals(&start, &end).into_iter();
         let mut queue: VecDeque<mpsc::Receiver<Result<Vec<KeyValue>, Status>>> = VecDeque::new();
-        // Dropping the set (early return, client gone) aborts the fetchers.
+        // Dropping the set (early return, client gone) aborts the fetcher.
         let mut fetchers = JoinSet::new();
         let mut out: Vec<KeyValue> = Vec::new();
         let mut out_bytes = 0usize;
+        let send = |kvs: Vec<KeyValue>| async move {
+            let by = client_deadline.unwrap_or_else(|| Instant::now() + SCAN_RANGE_TIMEOUT);
+            match tokio::time::timeout_at(by, tx.send(Ok(ScanResponse { kvs }))).await {
+                Ok(Ok(())) => Ok(true),
+                Ok(Err(_)) => Ok(false), // client went away
+                Err(_) => Err(Status::deadline_exceeded("the client stopped reading the scan")),
+            }
+        };
         loop {
             while fetchers.try_join_next().is_some() {}
-            while queue.len() < lookahead {
-                let Some((s, e)) = intervals.next() else { break };
+            if fetchers.is_empty()
+                && queue.len() < SCAN_LOOKAHEAD
+                && let Some((s, e)) = intervals.next()
+            {
                 let (ptx, prx) = mpsc::channel(2);
                 fetchers.spawn(
                     self.clone()
@@ -415,6 +419,8 @@ impl KvService {
             let Some(rx) = queue.front_mut() else { break };
             let next = tokio::select! {
                 _ = tx.closed() => return Ok(()), // client went away
+                // The running piece was read whole: open the next one.
+                Some(_) = fetchers.join_next(), if !fetchers.is_empty() => continue,
                 n = rx.recv() => n,
             };
             match next {
@@ -424,10 +430,9 @@ impl KvService {
                         out.push(kv);
                         remaining -= 1;
                         if out_bytes >= SCAN_CHUNK_BYTES || remaining == 0 {
-                            let kvs = std::mem::take(&mut out);
                             out_bytes = 0;
-                            if tx.send(Ok(ScanResponse { kvs })).await.is_err() {
-                                return Ok(()); // client went away
+                            if !send(std::mem::take(&mut out)).await? {
+                                return Ok(());
                             }
                         }
                         if remaining == 0 {
@@ -435,14 +440,21 @@ impl KvService {
                         }
                     }
                 }
-                Some(Err(s)) => return Err(s),
+                Some(Err(s)) => {
+                    // What was received is the client's before the error (which names the
+                    // last key returned as the place to resume).
+                    if !out.is_empty() {
+                        send(std::mem::take(&mut out)).await?;
+                    }
+                    return Err(s);
+                }
                 None => {
                     queue.pop_front();
                 }
             }
         }
         if !out.is_empty() {
-            let _ = tx.send(Ok(ScanResponse { kvs: out })).await;
+            send(out).await?;
         }
         Ok(())
     }

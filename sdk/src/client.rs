@@ -766,9 +766,11 @@ impl Client {
     /// Streams the entries of a key interval in key order. Accepts any range
     /// over byte-like keys, or a [`KeyRange`].
     ///
-    /// The scan is linearizable within one range of the cluster, not across
-    /// ranges. If the connection fails midway, the stream resumes after the
-    /// last key it yielded (on another proxy if needed).
+    /// Each range of the cluster is read from one consistent point, so the scan is
+    /// linearizable within one range, not across ranges. If the stream fails before it
+    /// yielded anything, it is reopened (on another proxy if needed); if it fails after,
+    /// it ends with [`Error::Unavailable`] naming the key to scan again from, rather than
+    /// reading the rest at another point.
     ///
     /// ```no_run
     /// # async fn demo(client: skv::Client) -> skv::Result<()> {

@@ -269,7 +269,9 @@ pub async fn start_with(config: Config, opts: StartOptions) -> anyhow::Result<Se
         });
     }
 
-    let max_message = config.max_value_len + 256 * 1024;
+    // A Store request: one value, or a client's batch plus the namespace prefix the proxy
+    // added to every key (a BatchWrite becomes one log entry of about this size).
+    let max_message = (config.max_value_len + 256 * 1024).saturating_add(skv_common::limits::BATCH_PREFIX_OVERHEAD);
     // One AppendEntries carries up to the byte budget plus one entry.
     let raft_message = raft::log_store::APPEND_BYTES_BUDGET + 2 * max_message;
     let transport = raft::network::Transport::new(store_id, opts.raft_filter.clone(), raft_message);
@@ -293,7 +295,9 @@ pub async fn start_with(config: Config, opts: StartOptions) -> anyhow::Result<Se
     }
     node.load().await?;
 
-    let max_response = max_message.max(skv_common::limits::DEFAULT_MAX_MESSAGE_LEN) * 2;
+    // A batch read returns up to what the proxy lets a client ask for in one batch.
+    let max_response = (max_message.max(skv_common::limits::DEFAULT_MAX_MESSAGE_LEN) * 2)
+        .max(skv_common::limits::MAX_BATCH_RESPONSE_BYTES + 1024 * 1024);
     let store_svc = service::StoreService {
         node: node.clone(),
         max_value_len: config.max_value_len,

@@ -506,7 +506,13 @@ impl RaftGroup {
         match rpc {
             RaftRpc::Append(req) => {
                 let received = Instant::now();
-                let from_leader = req.vote.is_committed();
+                // A contact counts only from a leader that has committed an entry of its
+                // own term: before that, its commit index may not yet cover writes its
+                // predecessor acknowledged (ADR 0008).
+                let from_leader = req.vote.is_committed()
+                    && req
+                        .leader_commit
+                        .is_some_and(|l| l.leader_id.term == req.vote.leader_id.term);
                 let leader_commit = req.leader_commit.map_or(0, |l| l.index);
                 let res = self.raft.append_entries(req).await;
                 if from_leader && matches!(res, Ok(AppendEntriesResponse::Success)) {
