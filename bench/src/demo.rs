@@ -2,15 +2,14 @@
 //! second how many ranges and stores there are, and mark splits, merges, replica moves
 //! and store joins on the chart.
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use serde::{Deserialize, Serialize};
 use skv_proto::internal as pb;
-use skv_proto::internal::placement_client::PlacementClient;
+use skv_rpc::PlacementMembers;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
-use tonic::transport::{Channel, Endpoint};
 
 use crate::stats::Sample;
 
@@ -130,31 +129,24 @@ pub fn attach_counts(series: &mut [Sample], polls: &[Poll]) {
     }
 }
 
-/// A lazy client to the first placement URL that parses.
-pub fn placement_client(urls: &str) -> Result<PlacementClient<Channel>> {
-    let url = urls
-        .split(',')
-        .map(str::trim)
-        .find(|u| !u.is_empty())
-        .context("no placement URL: give --placement or SKV_PLACEMENT")?;
-    let url = if url.contains("://") {
-        url.to_string()
-    } else {
-        format!("http://{url}")
-    };
-    let ep = Endpoint::from_shared(url.clone())
-        .with_context(|| format!("bad placement URL {url}"))?
-        .connect_timeout(Duration::from_secs(3))
-        .timeout(Duration::from_secs(5));
-    Ok(PlacementClient::new(ep.connect_lazy()).max_decoding_message_size(256 * 1024 * 1024))
+/// skv-rpc's placement client over every placement URL (comma separated).
+pub fn placement_client(urls: &str) -> Result<PlacementMembers> {
+    anyhow::ensure!(
+        urls.split(',').any(|u| !u.trim().is_empty()),
+        "no placement URL: give --placement or SKV_PLACEMENT"
+    );
+    PlacementMembers::new(&[urls]).map_err(|e| anyhow::anyhow!("--placement: {e}"))
 }
 
-pub async fn fetch_view(c: &mut PlacementClient<Channel>) -> Result<ClusterView> {
+pub async fn fetch_view(c: &PlacementMembers) -> Result<ClusterView> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     let r = c
-        .scan_ranges(pb::ScanRangesRequest::default())
+        .call(deadline, Duration::from_secs(5), |mut c| async move {
+            c.scan_ranges(pb::ScanRangesRequest::default()).await
+        })
         .await
         .map_err(|s| anyhow::anyhow!("ScanRanges: {:?}: {}", s.code(), s.message()))?;
-    Ok(ClusterView::from_scan(r.get_ref()))
+    Ok(ClusterView::from_scan(&r))
 }
 
 /// Polls placement once a second until stopped; prints each change to stderr.
@@ -164,7 +156,7 @@ pub struct Poller {
 }
 
 impl Poller {
-    pub fn start(mut client: PlacementClient<Channel>, t0: Instant) -> Self {
+    pub fn start(client: PlacementMembers, t0: Instant) -> Self {
         let polls: Arc<parking_lot::Mutex<Vec<(Instant, ClusterView)>>> = Arc::default();
         let out = polls.clone();
         let task = tokio::spawn(async move {
@@ -174,7 +166,7 @@ impl Poller {
             let mut failing = false;
             loop {
                 tick.tick().await;
-                match fetch_view(&mut client).await {
+                match fetch_view(&client).await {
                     Ok(v) => {
                         failing = false;
                         let now = Instant::now();
