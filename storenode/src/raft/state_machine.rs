@@ -449,8 +449,21 @@ impl StateMachine {
         Ok((resp, Some((right, seed, guard))))
     }
 
+    /// The descriptor after membership `m` applies: replicas from `m`, `conf_ver` + 1.
+    ///
+    /// `conf_ver` must be a function of the log alone, the same on every replica. A replica
+    /// that replays the log from its first entry (it has applied nothing, not even a
+    /// snapshot) therefore counts from the conf_ver every range has before its first
+    /// membership entry, not from the descriptor it was created with: a replica added to a
+    /// live range is created with the range's *current* descriptor, and counting on from
+    /// that would give it a higher conf_ver than its peers for the same log.
     fn membership_desc(&self, m: &Membership) -> RangeDescriptor {
         let mut desc = self.shared.desc();
+        if self.last_applied.is_none()
+            && let Some(e) = desc.epoch.as_mut()
+        {
+            e.conf_ver = INITIAL_CONF_VER;
+        }
         let voters: std::collections::BTreeSet<u64> = m.voter_ids().collect();
         let mut replicas: Vec<Replica> = voters
             .iter()
@@ -474,6 +487,11 @@ impl StateMachine {
         desc
     }
 }
+
+/// `conf_ver` of a range before its first membership entry: placement bootstraps range 1
+/// with it (docs/dev/contracts.md); ranges made by a split start from a seeded, purged log,
+/// so their replicas never replay from a first entry.
+pub const INITIAL_CONF_VER: u64 = 1;
 
 impl RaftStateMachine<TypeConfig> for StateMachine {
     type SnapshotData = SnapFile;
