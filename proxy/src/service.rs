@@ -34,6 +34,8 @@ pub use skv_common::limits::{MAX_BATCH_OPS, MAX_BATCH_RESPONSE_BYTES};
 const BATCH_PARALLELISM: usize = 16;
 /// Deadline of one range's scan stream when the client sets none.
 const SCAN_RANGE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a scan that reached its limit waits for its storenode stream's end.
+const SCAN_DRAIN: Duration = Duration::from_millis(100);
 /// Range pieces of one scan read ahead of the client (one storenode stream at a time).
 const SCAN_LOOKAHEAD: usize = 4;
 /// Target size of one streamed `ScanResponse`.
@@ -436,6 +438,9 @@ impl KvService {
                             }
                         }
                         if remaining == 0 {
+                            // The running piece hit the same limit and is reading its
+                            // stream's end: let it, rather than cancel the stream.
+                            let _ = tokio::time::timeout(SCAN_DRAIN, fetchers.join_next()).await;
                             return Ok(());
                         }
                     }
@@ -563,6 +568,12 @@ impl KvService {
                     return Ok(()); // the consumer stopped (limit reached or client gone)
                 }
                 if remaining == 0 {
+                    // The storenode stops at the same limit: read its end rather than
+                    // cancel the stream (every cancel costs HTTP/2 a reset).
+                    if let Some(stream) = rest.as_mut() {
+                        let drain = async { while let Ok(Some(_)) = stream.message().await {} };
+                        let _ = tokio::time::timeout(SCAN_DRAIN, drain).await;
+                    }
                     return Ok(());
                 }
                 let Some(stream) = rest.as_mut() else { break };

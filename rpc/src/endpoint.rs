@@ -39,6 +39,16 @@ pub fn endpoint(addr: &str) -> Result<Endpoint, RpcError> {
     endpoint_with(addr, &EndpointOptions::default())
 }
 
+/// Cancelled streams whose late frames HTTP/2 remembers (and ignores) per connection.
+///
+/// skv cancels streams as a matter of course: a scan that reached its limit, an attempt
+/// that timed out. h2 remembers only 50 reset streams for 1 s by default; a DATA frame for
+/// a forgotten one makes h2 reset it again and count that as a local error, and after
+/// 1024 such errors it closes the whole connection with GOAWAY(ENHANCE_YOUR_CALM), failing
+/// every call in flight on it (seen under YCSB-E: short scans on a busy proxy). Peers of
+/// these channels are skv's own servers, so remembering more costs only memory.
+const REMEMBERED_RESETS: usize = 16 * 1024;
+
 /// An endpoint for `addr` (`host:port` or a URL). `TCP_NODELAY` is always on: skv's
 /// messages are small request/response pairs, and Nagle plus delayed ACKs would add
 /// ~40 ms to them.
@@ -53,6 +63,7 @@ pub fn endpoint_with(addr: &str, o: &EndpointOptions) -> Result<Endpoint, RpcErr
         None => ep,
     };
     Ok(ep
+        .http2_max_concurrent_reset_streams(REMEMBERED_RESETS)
         .connect_timeout(o.connect_timeout)
         .tcp_nodelay(true)
         .http2_keep_alive_interval(o.keepalive_interval)
