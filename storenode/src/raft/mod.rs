@@ -17,13 +17,14 @@ use serde::{Deserialize, Serialize};
 /// One operation of a write command.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub enum WriteOp {
-    Put(Vec<u8>),
+    Put(#[serde(with = "serde_bytes")] Vec<u8>),
     Delete,
 }
 
 /// One write of a [`Command::Batch`].
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct BatchOp {
+    #[serde(with = "serde_bytes")]
     pub key: Vec<u8>,
     pub op: WriteOp,
     /// Applies only if the key's live version equals this (0 = absent), as `Command::Write`.
@@ -31,6 +32,10 @@ pub struct BatchOp {
 }
 
 /// The application command replicated by Raft, stored in the Raft log (postcard).
+///
+/// Byte fields are (de)serialized as bytes (`serde_bytes`), not as a sequence of `u8`:
+/// postcard writes both as a varint length and the raw bytes, so the format is the same,
+/// but serde's sequence path visits every byte (about 6% of a storenode's CPU under puts).
 ///
 /// On-disk compatibility: postcard encodes an enum as its variant index (a varint) followed
 /// by the fields, so the variant index is the format version of a log entry. Variants are
@@ -44,6 +49,7 @@ pub enum Command {
     /// Writes one key. `epoch_version` is the range version the proposer checked against;
     /// the apply re-checks the key bounds, so a write racing a split cannot land in the wrong range.
     Write {
+        #[serde(with = "serde_bytes")]
         key: Vec<u8>,
         op: WriteOp,
         condition: Option<u64>,
@@ -51,6 +57,7 @@ pub enum Command {
     },
     /// Splits the range at `split_key`; the right half becomes `new_range_id`.
     Split {
+        #[serde(with = "serde_bytes")]
         split_key: Vec<u8>,
         new_range_id: u64,
         epoch_version: u64,
@@ -191,6 +198,14 @@ mod tests {
                 epoch_version: 2,
             }
         );
+        // And new nodes write the same bytes (byte fields go through serde_bytes).
+        let again = Command::Write {
+            key: b"k".to_vec(),
+            op: WriteOp::Put(vec![1, 2, 3]),
+            condition: Some(4),
+            epoch_version: 2,
+        };
+        assert_eq!(encode(&again).unwrap(), old_write);
         let old_delete = [0u8, 1, b'k', 1, 0, 7];
         assert_eq!(
             decode::<Command>(&old_delete).unwrap(),
@@ -202,6 +217,12 @@ mod tests {
             }
         );
         let old_split = [1u8, 1, b'm', 2, 1];
+        let split = Command::Split {
+            split_key: b"m".to_vec(),
+            new_range_id: 2,
+            epoch_version: 1,
+        };
+        assert_eq!(encode(&split).unwrap(), old_split);
         assert_eq!(
             decode::<Command>(&old_split).unwrap(),
             Command::Split {
