@@ -145,21 +145,7 @@ async fn kill9_leader_and_whole_cluster_lose_no_acked_write() {
             ..Default::default()
         })
         .collect();
-    let desc = RangeDescriptor {
-        range_id: 1,
-        start: vec![],
-        end: vec![],
-        epoch: Some(RangeEpoch {
-            conf_ver: 1,
-            version: 1,
-        }),
-        replicas: (1..=3)
-            .map(|id| Replica {
-                store_id: id,
-                role: ReplicaRole::Voter as i32,
-            })
-            .collect(),
-    };
+    let desc = whole_range(1..=3);
     for p in procs.iter().rev() {
         wait_until("process listening", Duration::from_secs(20), || async {
             let mut c = p.client();

@@ -20,21 +20,7 @@ async fn create_on(c: &Cluster, id: u64, desc: &RangeDescriptor, bootstrap: bool
 async fn add_and_remove_replicas_and_transfer_leader() {
     let c = Cluster::start(4, 10_000).await;
     // Range 1 on stores 1..=3 only.
-    let desc = RangeDescriptor {
-        range_id: 1,
-        start: vec![],
-        end: vec![],
-        epoch: Some(RangeEpoch {
-            conf_ver: 1,
-            version: 1,
-        }),
-        replicas: (1..=3)
-            .map(|id| Replica {
-                store_id: id,
-                role: ReplicaRole::Voter as i32,
-            })
-            .collect(),
-    };
+    let desc = whole_range(1..=3);
     for id in [3, 2, 1] {
         create_on(&c, id, &desc, id == 1).await;
     }
@@ -168,21 +154,7 @@ async fn metrics_are_served() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bootstrap_first_then_other_replicas() {
     let c = Cluster::start(3, 10_000).await;
-    let desc = RangeDescriptor {
-        range_id: 1,
-        start: vec![],
-        end: vec![],
-        epoch: Some(RangeEpoch {
-            conf_ver: 1,
-            version: 1,
-        }),
-        replicas: (1..=3)
-            .map(|id| Replica {
-                store_id: id,
-                role: ReplicaRole::Voter as i32,
-            })
-            .collect(),
-    };
+    let desc = whole_range(1..=3);
     create_on(&c, 1, &desc, true).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     create_on(&c, 2, &desc, false).await;
@@ -207,19 +179,7 @@ async fn bootstrap_first_then_other_replicas() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn grow_from_one_voter_to_three() {
     let c = Cluster::start(3, 10_000).await;
-    let desc = RangeDescriptor {
-        range_id: 1,
-        start: vec![],
-        end: vec![],
-        epoch: Some(RangeEpoch {
-            conf_ver: 1,
-            version: 1,
-        }),
-        replicas: vec![Replica {
-            store_id: 1,
-            role: ReplicaRole::Voter as i32,
-        }],
-    };
+    let desc = whole_range([1]);
     create_on(&c, 1, &desc, true).await;
     for i in 0..10u32 {
         c.put(format!("g{i}").as_bytes(), b"v").await;
@@ -298,21 +258,7 @@ fn voters(d: &RangeDescriptor) -> Vec<u64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn stale_or_concurrent_admin_calls_are_refused() {
     let c = Cluster::start(5, 10_000).await;
-    let desc = RangeDescriptor {
-        range_id: 1,
-        start: vec![],
-        end: vec![],
-        epoch: Some(RangeEpoch {
-            conf_ver: 1,
-            version: 1,
-        }),
-        replicas: (1..=3)
-            .map(|id| Replica {
-                store_id: id,
-                role: ReplicaRole::Voter as i32,
-            })
-            .collect(),
-    };
+    let desc = whole_range(1..=3);
     for id in [3, 2, 1] {
         create_on(&c, id, &desc, id == 1).await;
     }

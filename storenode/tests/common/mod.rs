@@ -152,21 +152,7 @@ impl Cluster {
 
     /// Creates range 1 = ["", "") on every node with voters 1..=n (bootstrap on node 1).
     pub async fn bootstrap(&self) {
-        let desc = RangeDescriptor {
-            range_id: 1,
-            start: vec![],
-            end: vec![],
-            epoch: Some(RangeEpoch {
-                conf_ver: 1,
-                version: 1,
-            }),
-            replicas: (1..=self.n)
-                .map(|id| Replica {
-                    store_id: id,
-                    role: ReplicaRole::Voter as i32,
-                })
-                .collect(),
-        };
+        let desc = whole_range(1..=self.n);
         for id in (1..=self.n).rev() {
             let mut c = self.client(id).await;
             c.create_replica(CreateReplicaRequest {
@@ -455,6 +441,27 @@ pub fn header(d: &RangeDescriptor) -> RequestHeader {
     RequestHeader {
         range_id: d.range_id,
         epoch: d.epoch,
+    }
+}
+
+/// Range 1 = ["", "") at its initial epoch (conf_ver 1, version 1) with these voters,
+/// as placement bootstraps it.
+pub fn whole_range(voters: impl IntoIterator<Item = u64>) -> RangeDescriptor {
+    RangeDescriptor {
+        range_id: 1,
+        start: vec![],
+        end: vec![],
+        epoch: Some(RangeEpoch {
+            conf_ver: 1,
+            version: 1,
+        }),
+        replicas: voters
+            .into_iter()
+            .map(|id| Replica {
+                store_id: id,
+                role: ReplicaRole::Voter as i32,
+            })
+            .collect(),
     }
 }
 
