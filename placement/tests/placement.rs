@@ -431,6 +431,7 @@ async fn store_goes_down_after_silence_and_comes_back() {
             used_bytes: 10,
             ..Default::default()
         }),
+        ..Default::default()
     };
     let resp = c.store_heartbeat(hb.clone()).await.unwrap().into_inner();
     assert_eq!(resp.stores.len(), 1);
@@ -453,6 +454,7 @@ async fn store_goes_down_after_silence_and_comes_back() {
                 store_id: 999_999,
                 ..Default::default()
             }),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -480,6 +482,7 @@ async fn register(c: &mut PlacementClient<Channel>, addr: std::net::SocketAddr) 
             address: addr.to_string(),
             ..Default::default()
         }),
+        ..Default::default()
     })
     .await
     .unwrap();
@@ -913,6 +916,7 @@ async fn leaderless_range_gets_create_replica_again_until_a_leader_reports() {
                         address: f.addr.to_string(),
                         ..Default::default()
                     }),
+                    ..Default::default()
                 })
                 .await
                 .ok()?;

@@ -120,8 +120,13 @@ pub async fn heartbeat_loop(
             leader_count: leaders.len() as u64,
             last_heartbeat_ms: 0,
             metrics_address: metrics_address.clone(),
+            available_bytes: 0,
+            cpu_permille: 0,
         };
-        let req = StoreHeartbeatRequest { store: Some(info) };
+        let req = StoreHeartbeatRequest {
+            store: Some(info),
+            replicas: Vec::new(),
+        };
         match p
             .call(|mut c| {
                 let req = req.clone();

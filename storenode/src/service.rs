@@ -777,6 +777,15 @@ impl Store for StoreService {
         )
     }
 
+    async fn merge_ranges(
+        &self,
+        _request: Request<MergeRangesRequest>,
+    ) -> Result<Response<MergeRangesResponse>, Status> {
+        Err(Status::unimplemented(
+            "MergeRanges is not implemented yet on this storenode",
+        ))
+    }
+
     async fn list_replicas(
         &self,
         _request: Request<ListReplicasRequest>,

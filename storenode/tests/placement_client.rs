@@ -46,6 +46,7 @@ impl Placement for Fake {
                     ..Default::default()
                 },
             ],
+            stale: Vec::new(),
         }))
     }
     async fn range_heartbeat(&self, r: Request<RangeHeartbeatRequest>) -> R<RangeHeartbeatResponse> {
@@ -55,6 +56,9 @@ impl Placement for Fake {
     async fn report_split(&self, r: Request<ReportSplitRequest>) -> R<ReportSplitResponse> {
         self.0.lock().splits.push(r.into_inner());
         Ok(Response::new(ReportSplitResponse {}))
+    }
+    async fn report_merge(&self, _: Request<ReportMergeRequest>) -> R<ReportMergeResponse> {
+        Err(Status::unimplemented(""))
     }
     async fn get_range(&self, _: Request<GetRangeRequest>) -> R<GetRangeResponse> {
         Err(Status::unimplemented(""))

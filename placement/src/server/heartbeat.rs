@@ -108,6 +108,7 @@ pub(super) async fn store_heartbeat(s: &Shared, req: StoreHeartbeatRequest) -> P
     }
     Ok(StoreHeartbeatResponse {
         stores: s.current_stores().await?,
+        stale: Vec::new(),
     })
 }
 

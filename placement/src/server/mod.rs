@@ -260,6 +260,13 @@ impl Placement for PlacementService {
         on_leader!(self, request, report_split, heartbeat::report_split)
     }
 
+    async fn report_merge(
+        &self,
+        _request: Request<ReportMergeRequest>,
+    ) -> Result<Response<ReportMergeResponse>, Status> {
+        Err(crate::error::PlacementError::Unimplemented { what: "ReportMerge" }.into())
+    }
+
     async fn get_range(&self, request: Request<GetRangeRequest>) -> Result<Response<GetRangeResponse>, Status> {
         reply(query::get_range(&self.s, request.into_inner()).await)
     }

@@ -177,4 +177,7 @@ impl Store for FakeStore {
     async fn list_replicas(&self, _r: Request<ListReplicasRequest>) -> Result<Response<ListReplicasResponse>, Status> {
         Ok(Response::new(ListReplicasResponse::default()))
     }
+    async fn merge_ranges(&self, _r: Request<MergeRangesRequest>) -> Result<Response<MergeRangesResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
 }

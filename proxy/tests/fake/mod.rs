@@ -430,6 +430,9 @@ impl Store for FakeStore {
     async fn list_replicas(&self, _: Request<ListReplicasRequest>) -> Result<Response<ListReplicasResponse>, Status> {
         Err(Status::unimplemented("fake"))
     }
+    async fn merge_ranges(&self, _: Request<MergeRangesRequest>) -> Result<Response<MergeRangesResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
 }
 
 pub struct FakePlacement {
@@ -459,6 +462,9 @@ impl Placement for FakePlacement {
         Err(Status::unimplemented("fake"))
     }
     async fn report_split(&self, _: Request<ReportSplitRequest>) -> Result<Response<ReportSplitResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+    async fn report_merge(&self, _: Request<ReportMergeRequest>) -> Result<Response<ReportMergeResponse>, Status> {
         Err(Status::unimplemented("fake"))
     }
     async fn get_range(&self, request: Request<GetRangeRequest>) -> Result<Response<GetRangeResponse>, Status> {
