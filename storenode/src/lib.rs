@@ -91,22 +91,27 @@
 //!   large message is never retried whole forever for want of time.
 //!
 //! ## Known limits
-//! - A removed replica stays open (idle, no longer replicated to); its data and Raft state
-//!   are not deleted yet (background GC checked against overlapping live ranges is to do).
+//! - A removed replica is destroyed when it applies the membership entry removing its store,
+//!   or when placement names it stale with a descriptor proving it (gc.rs); openraft usually
+//!   stops replicating to a removed node before it learns the entry committed, so the
+//!   placement path is the one that normally fires.
 //! - An uninitialized peer (created by a Raft message) is not reopened after a restart; it
 //!   is recreated by the next message.
-//! - Merge, hibernation, approximate range size/keys (heartbeats report 0) and the foyer
-//!   cache are not implemented yet. Load counters (reads, writes, bytes, sampled keys) are.
+//! - Hibernation and the foyer cache are not implemented yet. Load counters (reads, writes,
+//!   bytes, a reservoir sample of 64 keys) and approximate size/keys (stats.rs) are.
 //!   `--snapshot-url` is accepted and ignored.
 //! - `--advertise` defaults to the bound address; set it when listening on 0.0.0.0.
 
 pub mod engine;
+pub mod gc;
+pub mod merge;
 pub mod metrics;
 pub mod node;
 pub mod placement;
 pub mod raft;
 pub mod scan;
 pub mod service;
+pub mod stats;
 
 use anyhow::Context;
 use skv_common::service::ServiceHandle;
@@ -293,7 +298,16 @@ pub async fn start_with(config: Config, opts: StartOptions) -> anyhow::Result<Se
         });
         *node.split_reporter.write() = Some(reporter);
     }
+    if let Some(p) = &placement {
+        let p = p.clone();
+        let reporter: node::MergeReporter = Arc::new(move |merged, source| {
+            let p = p.clone();
+            tokio::spawn(async move { p.report_merge(merged, source, store_id).await });
+        });
+        *node.merge_reporter.write() = Some(reporter);
+    }
     node.load().await?;
+    node.resume_gc()?;
 
     // A batch read returns up to what the proxy lets a client ask for in one batch.
     let max_response = (max_message.max(skv_common::limits::DEFAULT_MAX_MESSAGE_LEN) * 2)
@@ -337,6 +351,7 @@ pub async fn start_with(config: Config, opts: StartOptions) -> anyhow::Result<Se
             node.clone(),
             advertise.clone(),
             metrics_address.clone(),
+            config.data_dir.clone(),
             Duration::from_millis(config.heartbeat_interval_ms.max(10)),
             cancel.clone(),
         ));

@@ -59,6 +59,23 @@ pub struct Metrics {
     pub fsync_seconds: Histogram,
     pub leaders: Gauge,
     pub ranges: Gauge,
+    /// Sums over the local replicas of their approximate live bytes and keys.
+    pub replica_bytes: Gauge,
+    pub replica_keys: Gauge,
+    /// statvfs of the data directory, and process CPU (permille of a core), as last reported.
+    pub capacity_bytes: Gauge,
+    pub available_bytes: Gauge,
+    pub cpu_permille: Gauge,
+    /// Replicas stopped and destroyed (removed from their range, or retired by a merge).
+    pub replicas_destroyed: Counter,
+    /// Data keys and bytes (key + record) deleted by the garbage collection of replicas.
+    pub gc_keys_deleted: Counter,
+    pub gc_bytes_deleted: Counter,
+    /// Stale-replica names from placement that local checks refused to act on.
+    pub stale_refused: Counter,
+    /// Merges applied on this node (as target), and merges rolled back (as source).
+    pub merges: Counter,
+    pub merge_rollbacks: Counter,
 }
 
 impl Metrics {
@@ -72,6 +89,17 @@ impl Metrics {
             fsync_seconds: Histogram::new(exponential_buckets(0.00005, 2.0, 16)),
             leaders: Gauge::default(),
             ranges: Gauge::default(),
+            replica_bytes: Gauge::default(),
+            replica_keys: Gauge::default(),
+            capacity_bytes: Gauge::default(),
+            available_bytes: Gauge::default(),
+            cpu_permille: Gauge::default(),
+            replicas_destroyed: Counter::default(),
+            gc_keys_deleted: Counter::default(),
+            gc_bytes_deleted: Counter::default(),
+            stale_refused: Counter::default(),
+            merges: Counter::default(),
+            merge_rollbacks: Counter::default(),
         }
     }
 
@@ -128,6 +156,61 @@ impl Metrics {
             "skv_storenode_range_count",
             "Replicas held by this node",
             self.ranges.clone(),
+        );
+        reg.register(
+            "skv_storenode_replica_bytes",
+            "Approximate live bytes (key + value) summed over the local replicas",
+            self.replica_bytes.clone(),
+        );
+        reg.register(
+            "skv_storenode_replica_keys",
+            "Approximate live keys summed over the local replicas",
+            self.replica_keys.clone(),
+        );
+        reg.register(
+            "skv_storenode_capacity_bytes",
+            "Size of the file system holding the data directory",
+            self.capacity_bytes.clone(),
+        );
+        reg.register(
+            "skv_storenode_available_bytes",
+            "Free bytes (for non-root users) on the file system holding the data directory",
+            self.available_bytes.clone(),
+        );
+        reg.register(
+            "skv_storenode_cpu_permille",
+            "Process CPU over the last heartbeat interval, in thousandths of one core",
+            self.cpu_permille.clone(),
+        );
+        reg.register(
+            "skv_storenode_replicas_destroyed",
+            "Replicas stopped and destroyed (removed, or retired by a merge)",
+            self.replicas_destroyed.clone(),
+        );
+        reg.register(
+            "skv_storenode_gc_deleted_keys",
+            "Data keys deleted by replica garbage collection",
+            self.gc_keys_deleted.clone(),
+        );
+        reg.register(
+            "skv_storenode_gc_deleted_bytes",
+            "Data bytes (key + record) deleted by replica garbage collection",
+            self.gc_bytes_deleted.clone(),
+        );
+        reg.register(
+            "skv_storenode_stale_replicas_refused",
+            "Stale-replica names from placement that the local checks refused",
+            self.stale_refused.clone(),
+        );
+        reg.register(
+            "skv_storenode_merges",
+            "Merges applied on this node as the target",
+            self.merges.clone(),
+        );
+        reg.register(
+            "skv_storenode_merge_rollbacks",
+            "Merges rolled back on this node as the source",
+            self.merge_rollbacks.clone(),
         );
     }
 }

@@ -53,6 +53,8 @@ type PendingInstall = (u64, RangeId, Vec<u8>, Vec<u8>);
 
 /// Callback for events the node reports upward (placement ReportSplit).
 pub type SplitReporter = Arc<dyn Fn(RangeDescriptor, RangeDescriptor) + Send + Sync>;
+/// Callback for a merge applied on the target's leader: (merged, source as frozen).
+pub type MergeReporter = Arc<dyn Fn(RangeDescriptor, RangeDescriptor) + Send + Sync>;
 
 pub struct NodeInner {
     pub store_id: StoreId,
@@ -68,6 +70,11 @@ pub struct NodeInner {
     /// Key spans of snapshot installs under way: (claim token, range, start, end).
     pending_installs: parking_lot::Mutex<Vec<PendingInstall>>,
     pub split_reporter: RwLock<Option<SplitReporter>>,
+    pub merge_reporter: RwLock<Option<MergeReporter>>,
+    /// Ranges being destroyed or garbage-collected: nothing may reopen them meanwhile.
+    gc_ranges: parking_lot::Mutex<std::collections::HashSet<RangeId>>,
+    /// Retired (merged) range → the range that absorbed it, for routing answers.
+    pub retired: parking_lot::Mutex<HashMap<RangeId, RangeId>>,
 }
 
 impl NodeInner {
@@ -91,7 +98,58 @@ impl NodeInner {
             self_weak: w.clone(),
             pending_installs: parking_lot::Mutex::new(Vec::new()),
             split_reporter: RwLock::new(None),
+            merge_reporter: RwLock::new(None),
+            gc_ranges: parking_lot::Mutex::new(std::collections::HashSet::new()),
+            retired: parking_lot::Mutex::new(HashMap::new()),
         })
+    }
+
+    /// This node as an `Arc` (for tasks spawned from the apply path).
+    pub fn arc(&self) -> Option<Arc<NodeInner>> {
+        self.self_weak.upgrade()
+    }
+
+    /// Marks `id` as being destroyed; false if it already was.
+    pub(crate) fn begin_gc(&self, id: RangeId) -> bool {
+        self.gc_ranges.lock().insert(id)
+    }
+
+    pub(crate) fn end_gc(&self, id: RangeId) {
+        self.gc_ranges.lock().remove(&id);
+    }
+
+    pub fn gc_pending(&self, id: RangeId) -> bool {
+        self.gc_ranges.lock().contains(&id)
+    }
+
+    /// Spans of the live (initialized) local replicas other than `id`.
+    pub(crate) fn live_spans(&self, id: RangeId) -> Vec<(Vec<u8>, Vec<u8>)> {
+        self.replicas
+            .read()
+            .values()
+            .filter(|r| r.shared.range_id != id && r.shared.is_initialized())
+            .map(|r| {
+                let d = r.shared.desc.read();
+                (d.start.clone(), d.end.clone())
+            })
+            .collect()
+    }
+
+    /// Whether a message or request with descriptor epoch `conf_ver` may (re)create
+    /// replica `id`: not while it is being destroyed, and not with a descriptor that is
+    /// not newer than the one it was destroyed with.
+    fn may_create(&self, id: RangeId, conf_ver: u64) -> Result<(), String> {
+        if self.gc_pending(id) {
+            return Err(format!("replica {id} is being destroyed; retry later"));
+        }
+        match crate::gc::load_tombstone(&self.engine, id) {
+            Ok(Some(t)) if conf_ver <= t.conf_ver => Err(format!(
+                "replica {id} was destroyed at conf_ver {}; descriptor conf_ver {conf_ver} is not newer",
+                t.conf_ver
+            )),
+            Ok(_) => Ok(()),
+            Err(e) => Err(e.to_string()),
+        }
     }
 
     /// The creation lock. A split apply holds it from stopping an uninitialized peer of the
@@ -134,7 +192,15 @@ impl NodeInner {
         for (id, addr) in self.engine.load_addresses()? {
             self.transport.set_address(id, &addr);
         }
-        for d in self.engine.load_descriptors()? {
+        let gc: std::collections::HashSet<RangeId> = crate::gc::pending(&self.engine)?.into_iter().collect();
+        let mut descs = self.engine.load_descriptors()?;
+        // Right to left: the source of a merge (the right neighbour) opens, and replays its
+        // committed entries, before the target whose CommitMerge may wait for it.
+        descs.sort_by(|a, b| b.start.cmp(&a.start));
+        for d in descs {
+            if gc.contains(&RangeId(d.range_id)) {
+                continue;
+            }
             let initialized = self.engine.meta.get(applied_key(RangeId(d.range_id)))?.is_some();
             let _g = self.create_lock.lock().await;
             self.open_locked(d, initialized).await?;
@@ -211,6 +277,10 @@ impl NodeInner {
             match self.replica(id) {
                 Some(r) => r,
                 None => {
+                    let conf_ver = desc.epoch.unwrap_or_default().conf_ver;
+                    self.may_create(id, conf_ver).map_err(CreateReplicaError::Storage)?;
+                    // Added back after it was destroyed: the tombstone has done its job.
+                    self.engine.meta.remove(crate::gc::tomb_key(id)).map_err(storage)?;
                     if self.engine.meta.get(desc_key(id)).map_err(storage)?.is_none() {
                         self.engine
                             .meta
@@ -266,6 +336,10 @@ impl NodeInner {
         let _g = self.create_lock.lock().await;
         if let Some(r) = self.replica(id) {
             return Some(r);
+        }
+        if let Err(why) = self.may_create(id, desc.epoch.unwrap_or_default().conf_ver) {
+            tracing::debug!(range_id = %id, why, "message does not recreate a destroyed replica");
+            return None;
         }
         let stored = self
             .engine
@@ -425,6 +499,14 @@ impl NodeInner {
         self.metrics
             .leaders
             .set(reps.iter().filter(|r| r.is_leader()).count() as i64);
+        let (mut bytes, mut keys) = (0u64, 0u64);
+        for r in &reps {
+            let (b, k) = r.shared.approximate_size();
+            bytes = bytes.saturating_add(b);
+            keys = keys.saturating_add(k);
+        }
+        self.metrics.replica_bytes.set(bytes.min(i64::MAX as u64) as i64);
+        self.metrics.replica_keys.set(keys.min(i64::MAX as u64) as i64);
     }
 }
 

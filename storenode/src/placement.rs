@@ -75,6 +75,23 @@ impl Placement {
         }
     }
 
+    pub async fn report_merge(&self, merged: RangeDescriptor, source: RangeDescriptor, leader: StoreId) {
+        let req = ReportMergeRequest {
+            merged: Some(merged),
+            source: Some(source),
+            leader_store_id: leader.0,
+        };
+        if let Err(e) = self
+            .call(|mut c| {
+                let req = req.clone();
+                async move { c.report_merge(req).await }
+            })
+            .await
+        {
+            tracing::debug!(error = %e, "report merge failed (heartbeats will converge)");
+        }
+    }
+
     pub async fn report_split(&self, left: RangeDescriptor, right: RangeDescriptor, leader: StoreId) {
         let req = ReportSplitRequest {
             left: Some(left),
@@ -94,15 +111,28 @@ impl Placement {
 }
 
 /// Heartbeats every `interval` until `cancel`.
+///
+/// Store heartbeat: `capacity_bytes` / `available_bytes` are statvfs of `data_dir` (its
+/// file system's size, and its free bytes for non-root users), `used_bytes` the engine's
+/// own disk space, `cpu_permille` this process's CPU since the previous heartbeat in
+/// thousandths of one core; `replicas` holds the descriptor of every initialized local
+/// replica (followers too). The `stale` replicas placement answers with are checked locally
+/// before anything is destroyed ([`NodeInner::handle_stale`]).
+///
+/// Range heartbeat (leaders only): the load since the previous report (counts, bytes, a
+/// reservoir sample of up to 64 read or written keys) and the approximate live size
+/// (key + value bytes) and key count kept by apply.
 pub async fn heartbeat_loop(
     p: Placement,
     node: Arc<NodeInner>,
     address: String,
     metrics_address: String,
+    data_dir: std::path::PathBuf,
     interval: Duration,
     cancel: CancellationToken,
 ) {
     let mut tick = tokio::time::interval(interval);
+    let mut cpu = crate::stats::CpuMeter::new();
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
@@ -110,22 +140,38 @@ pub async fn heartbeat_loop(
         }
         let reps = node.replicas();
         let leaders: Vec<_> = reps.iter().filter(|r| r.is_leader()).collect();
+        let dir = data_dir.clone();
+        let disk = tokio::task::spawn_blocking(move || crate::stats::disk_stats(&dir))
+            .await
+            .unwrap_or_default();
+        let cpu_permille = cpu.sample();
+        node.metrics
+            .capacity_bytes
+            .set(disk.capacity_bytes.min(i64::MAX as u64) as i64);
+        node.metrics
+            .available_bytes
+            .set(disk.available_bytes.min(i64::MAX as u64) as i64);
+        node.metrics.cpu_permille.set(cpu_permille.min(i64::MAX as u64) as i64);
         let info = StoreInfo {
             store_id: node.store_id.0,
             address: address.clone(),
             state: StoreState::Up as i32,
-            capacity_bytes: 0,
+            capacity_bytes: disk.capacity_bytes,
             used_bytes: node.engine.db.disk_space().unwrap_or(0),
             range_count: reps.len() as u64,
             leader_count: leaders.len() as u64,
             last_heartbeat_ms: 0,
             metrics_address: metrics_address.clone(),
-            available_bytes: 0,
-            cpu_permille: 0,
+            available_bytes: disk.available_bytes,
+            cpu_permille,
         };
         let req = StoreHeartbeatRequest {
             store: Some(info),
-            replicas: Vec::new(),
+            replicas: reps
+                .iter()
+                .filter(|r| r.shared.is_initialized())
+                .map(|r| r.shared.desc())
+                .collect(),
         };
         match p
             .call(|mut c| {
@@ -138,6 +184,9 @@ pub async fn heartbeat_loop(
                 if let Err(e) = node.record_addresses(&resp.stores) {
                     tracing::warn!(error = %e, "cannot persist address book");
                 }
+                if !resp.stale.is_empty() {
+                    node.handle_stale(resp.stale).await;
+                }
             }
             Err(e) => tracing::debug!(error = %e, "store heartbeat failed"),
         }
@@ -145,6 +194,7 @@ pub async fn heartbeat_loop(
             .iter()
             .map(|r| {
                 let l = r.shared.take_load();
+                let (size, keys) = r.shared.approximate_size();
                 RangeReport {
                     descriptor: Some(r.shared.desc()),
                     leader_store_id: node.store_id.0,
@@ -154,8 +204,8 @@ pub async fn heartbeat_loop(
                         writes: l.writes,
                         read_bytes: l.read_bytes,
                         written_bytes: l.written_bytes,
-                        approximate_size_bytes: 0,
-                        approximate_keys: 0,
+                        approximate_size_bytes: size,
+                        approximate_keys: keys,
                         sampled_keys: l.sampled_keys,
                         interval_ms: interval.as_millis() as u64,
                     }),

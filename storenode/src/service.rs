@@ -621,11 +621,30 @@ impl StoreService {
         Ok(TransferLeaderResponse::default())
     }
 
-    async fn split(&self, req: SplitRangeRequest) -> Result<SplitRangeResponse, Fail> {
-        limits::check_internal_key(&req.split_key)?;
+    async fn split(&self, mut req: SplitRangeRequest) -> Result<SplitRangeResponse, Fail> {
         if req.new_range_id == 0 {
             return Err(Status::invalid_argument("new_range_id must be set").into());
         }
+        if req.split_key.is_empty() {
+            // Split by size: the leader picks the key that halves the range's live bytes.
+            let (r, desc) = self.route(req.header.as_ref())?;
+            if !r.is_leader() {
+                return Err(self.not_leader(r.shared.range_id, r.leader_view().leader).into());
+            }
+            let engine = self.node.engine.clone();
+            let (start, end) = (desc.start.clone(), desc.end.clone());
+            let key = tokio::task::spawn_blocking(move || crate::stats::size_median_key(&engine, &start, &end))
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?
+                .map_err(|e| Status::internal(e.to_string()))?;
+            req.split_key = key.ok_or_else(|| {
+                Status::failed_precondition(format!(
+                    "range {} holds fewer than 2 keys: no split key halves it",
+                    desc.range_id
+                ))
+            })?;
+        }
+        limits::check_internal_key(&req.split_key)?;
         let (r, desc) = self.route(req.header.as_ref())?;
         if !desc_contains(&desc, &req.split_key) || req.split_key == desc.start {
             return Err(StoreError::KeyNotInRange {

@@ -15,6 +15,9 @@ struct Seen {
     store_heartbeats: Vec<StoreHeartbeatRequest>,
     range_heartbeats: Vec<RangeHeartbeatRequest>,
     splits: Vec<ReportSplitRequest>,
+    merges: Vec<ReportMergeRequest>,
+    /// What to answer each store in `StoreHeartbeatResponse.stale`.
+    stale: std::collections::HashMap<u64, Vec<StaleReplica>>,
 }
 
 #[derive(Clone, Default)]
@@ -36,6 +39,7 @@ impl Placement for Fake {
     async fn store_heartbeat(&self, r: Request<StoreHeartbeatRequest>) -> R<StoreHeartbeatResponse> {
         let r = r.into_inner();
         let me = r.store.clone().unwrap_or_default();
+        let stale = self.0.lock().stale.get(&me.store_id).cloned().unwrap_or_default();
         self.0.lock().store_heartbeats.push(r);
         Ok(Response::new(StoreHeartbeatResponse {
             stores: vec![
@@ -46,7 +50,7 @@ impl Placement for Fake {
                     ..Default::default()
                 },
             ],
-            stale: Vec::new(),
+            stale,
         }))
     }
     async fn range_heartbeat(&self, r: Request<RangeHeartbeatRequest>) -> R<RangeHeartbeatResponse> {
@@ -57,8 +61,9 @@ impl Placement for Fake {
         self.0.lock().splits.push(r.into_inner());
         Ok(Response::new(ReportSplitResponse {}))
     }
-    async fn report_merge(&self, _: Request<ReportMergeRequest>) -> R<ReportMergeResponse> {
-        Err(Status::unimplemented(""))
+    async fn report_merge(&self, r: Request<ReportMergeRequest>) -> R<ReportMergeResponse> {
+        self.0.lock().merges.push(r.into_inner());
+        Ok(Response::new(ReportMergeResponse {}))
     }
     async fn get_range(&self, _: Request<GetRangeRequest>) -> R<GetRangeResponse> {
         Err(Status::unimplemented(""))
@@ -211,4 +216,148 @@ async fn registers_heartbeats_and_reports_splits() {
     })
     .await;
     h.shutdown().await.unwrap();
+}
+
+/// Whether `store` lists a replica of `range`.
+async fn holds(c: &Cluster, store: u64, range: u64) -> bool {
+    c.list()
+        .await
+        .into_iter()
+        .any(|(s, r)| s == store && r.descriptor.is_some_and(|d| d.range_id == range))
+}
+
+/// A fake placement server on a random port.
+async fn start_fake() -> (Fake, String) {
+    let fake = Fake::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let paddr = listener.local_addr().unwrap();
+    let svc = PlacementServer::new(fake.clone());
+    tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(svc)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+            .await
+    });
+    (fake, format!("http://{paddr}"))
+}
+
+/// Store heartbeats carry disk, CPU and every replica; range heartbeats carry the size
+/// and key count kept by apply. A replica removed by ChangeReplicas is destroyed once
+/// placement names it stale with a descriptor that proves it (an unproven name is
+/// ignored): its data and Raft state leave that store, the others keep theirs, and a
+/// restart does not bring it back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stats_in_heartbeats_and_a_removed_replica_is_garbage_collected() {
+    let (fake, url) = start_fake().await;
+    let mut c = Cluster::start_with_placement(3, 10_000, Some(url)).await;
+    c.bootstrap().await;
+    for i in 0..50u32 {
+        c.put(format!("g{i:02}").as_bytes(), &[b'v'; 100]).await;
+    }
+    c.put(b"g00", &[b'w'; 50]).await; // overwrite: -100 + 50 bytes, same key count
+    let (leader, d) = c.leader_of(1, Duration::from_secs(10)).await;
+    let want_bytes = 50 * (3 + 100) - 50;
+    wait_until(
+        "range heartbeat with size and keys",
+        Duration::from_secs(10),
+        || async {
+            fake.0.lock().range_heartbeats.iter().rev().take(3).any(|r| {
+                r.ranges.iter().any(|x| {
+                    x.load
+                        .as_ref()
+                        .is_some_and(|l| l.approximate_keys == 50 && l.approximate_size_bytes == want_bytes)
+                })
+            })
+        },
+    )
+    .await;
+    wait_until(
+        "store heartbeats with disk and replicas",
+        Duration::from_secs(10),
+        || async {
+            let seen = fake.0.lock();
+            (1..=3u64).all(|id| {
+                seen.store_heartbeats.iter().any(|h| {
+                    h.store.as_ref().is_some_and(|s| {
+                        s.store_id == id && s.capacity_bytes > 0 && s.available_bytes > 0 && s.used_bytes > 0
+                    }) && h.replicas.iter().any(|r| r.range_id == 1)
+                })
+            })
+        },
+    )
+    .await;
+
+    let victim = (1..=3u64).find(|s| *s != leader).unwrap();
+    let keeper = (1..=3u64).find(|s| *s != leader && *s != victim).unwrap();
+    // Unproven: placement's descriptor still lists the store. Ignored.
+    fake.0.lock().stale.insert(
+        keeper,
+        vec![StaleReplica {
+            range_id: 1,
+            current: Some(d.clone()),
+        }],
+    );
+    let r = c
+        .client(leader)
+        .await
+        .change_replicas(ChangeReplicasRequest {
+            header: Some(header(&d)),
+            changes: vec![ReplicaChange {
+                store_id: victim,
+                kind: replica_change::Kind::Remove as i32,
+            }],
+            stores: vec![],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.routing_error.is_none(), "{r:?}");
+    let nd = r.descriptor.unwrap();
+    fake.0.lock().stale.insert(
+        victim,
+        vec![StaleReplica {
+            range_id: 1,
+            current: Some(nd.clone()),
+        }],
+    );
+    wait_until("the removed replica is gone", Duration::from_secs(10), || async {
+        !holds(&c, victim, 1).await
+    })
+    .await;
+    // A read there is refused (no range), never served from leftover data.
+    let r = c.stale_get(victim, &nd, b"g01").await.unwrap();
+    assert!(
+        matches!(
+            r.routing_error.as_ref().and_then(|e| e.kind.as_ref()),
+            Some(routing_error::Kind::RangeNotFound(_))
+        ),
+        "{r:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert!(holds(&c, keeper, 1).await, "an unproven stale name destroyed a replica");
+    fake.0.lock().stale.clear();
+
+    // The victim's store holds nothing of the range any more.
+    c.stop_node(victim).await;
+    {
+        let dir = c.dirs[(victim - 1) as usize].path();
+        let e = skv_storenode::engine::Engine::open(dir, skv_storenode::metrics::Metrics::new()).unwrap();
+        assert_eq!(e.data.iter().count(), 0, "data keys left on the removed store");
+        assert_eq!(e.raft.prefix(1u64.to_be_bytes()).count(), 0, "raft state left");
+        assert!(e.meta.prefix(b"gc/").next().is_none(), "GC marker left");
+        assert!(e.load_descriptors().unwrap().is_empty());
+        e.stop_syncer();
+    }
+    c.start_node(victim).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!holds(&c, victim, 1).await, "a destroyed replica was reopened");
+    // The others keep everything.
+    for i in 0..50u32 {
+        assert!(c.get(format!("g{i:02}").as_bytes()).await.is_some());
+    }
+    wait_until("the keeper still has the data", Duration::from_secs(10), || async {
+        c.stale_get(keeper, &nd, b"g49").await.is_some_and(|r| r.found)
+    })
+    .await;
+    c.shutdown().await;
 }

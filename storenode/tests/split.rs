@@ -171,3 +171,40 @@ async fn split_with_partitioned_replica_converges() {
     assert_eq!(descs[1].start, b"m");
     c.shutdown().await;
 }
+
+/// An empty split key: the leader splits at the key that halves the range by size, and
+/// refuses a range with fewer than 2 keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn empty_split_key_splits_at_the_size_median() {
+    let c = Cluster::start(3, 10_000).await;
+    c.bootstrap().await;
+    let (leader, d) = c.leader_of(1, Duration::from_secs(10)).await;
+    let ask = |d: RangeDescriptor, new_id: u64| {
+        let c = &c;
+        async move {
+            c.client(leader)
+                .await
+                .split_range(SplitRangeRequest {
+                    header: Some(header(&d)),
+                    split_key: Vec::new(),
+                    new_range_id: new_id,
+                })
+                .await
+        }
+    };
+    // Empty range, then one key: refused, nothing changes.
+    let r = ask(d.clone(), 2).await.unwrap_err();
+    assert_eq!(r.code(), tonic::Code::FailedPrecondition, "{r:?}");
+    c.put(b"k0", &[b'v'; 100]).await;
+    let r = ask(d.clone(), 2).await.unwrap_err();
+    assert_eq!(r.code(), tonic::Code::FailedPrecondition, "{r:?}");
+    // Ten equal keys: the sixth starts the right half (five on each side).
+    for i in 1..10u32 {
+        c.put(format!("k{i}").as_bytes(), &[b'v'; 100]).await;
+    }
+    let r = ask(d.clone(), 2).await.unwrap().into_inner();
+    assert!(r.routing_error.is_none(), "{r:?}");
+    assert_eq!(r.left.unwrap().end, b"k5");
+    assert_eq!(r.right.unwrap().start, b"k5");
+    c.shutdown().await;
+}

@@ -9,6 +9,7 @@ use super::{
 use crate::engine::{Engine, applied_key, data_range, decode_record, desc_key, encode_tombstone, encode_value, io_err};
 use crate::metrics::Metrics;
 use crate::node::NodeInner;
+use crate::stats::{RangeStats, count_span, encode_stats, load_stats, stats_key};
 use futures::{Stream, StreamExt};
 use openraft::entry::RaftEntry;
 use openraft::storage::{ApplyResponder, EntryResponder, RaftSnapshotBuilder, RaftStateMachine};
@@ -21,7 +22,7 @@ use skv_proto::internal::{RangeDescriptor, RangeEpoch, Replica, ReplicaRole};
 use std::collections::HashMap;
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Instant;
 
@@ -51,6 +52,10 @@ pub struct RangeShared {
     /// True while a snapshot install modifies this range's data (and for good if it failed:
     /// the group is stopped and the data may be half-replaced): no stale read is served.
     pub installing: AtomicBool,
+    /// Approximate live bytes (key + value) and keys, as of the last applied batch
+    /// ([`crate::stats`]).
+    pub approx_bytes: AtomicU64,
+    pub approx_keys: AtomicU64,
 }
 
 /// The AppendEntries a follower accepted recently from a leader: when each arrived and the
@@ -104,7 +109,9 @@ pub struct LoadStats {
     seen: u64,
 }
 
-const LOAD_SAMPLE: usize = 32;
+/// Keys sampled per report interval (reads and writes alike), reservoir-style: every key
+/// seen has the same chance to be in the sample, whatever the load.
+pub const LOAD_SAMPLE: usize = 64;
 
 impl LoadStats {
     fn sample(&mut self, key: &[u8]) {
@@ -150,6 +157,8 @@ impl RangeShared {
             leader_contacts: Mutex::new(LeaderContacts::default()),
             membership_log_id: Mutex::new(None),
             installing: AtomicBool::new(false),
+            approx_bytes: AtomicU64::new(0),
+            approx_keys: AtomicU64::new(0),
         })
     }
     pub fn desc(&self) -> RangeDescriptor {
@@ -171,6 +180,17 @@ impl RangeShared {
     }
     pub fn is_initialized(&self) -> bool {
         self.initialized.load(Ordering::Acquire)
+    }
+    /// (bytes, keys) as of the last applied batch.
+    pub fn approximate_size(&self) -> (u64, u64) {
+        (
+            self.approx_bytes.load(Ordering::Acquire),
+            self.approx_keys.load(Ordering::Acquire),
+        )
+    }
+    fn publish_stats(&self, s: &RangeStats) {
+        self.approx_bytes.store(s.bytes, Ordering::Release);
+        self.approx_keys.store(s.keys, Ordering::Release);
     }
 }
 
@@ -202,6 +222,10 @@ pub fn encode_applied(last_applied: Option<LogId>, membership: StoredMembership)
     .map_err(io_err)
 }
 
+/// Records written earlier in an uncommitted apply batch: key → (stored version, live,
+/// key + value bytes when live).
+type Overlay = HashMap<Vec<u8>, (u64, bool, u64)>;
+
 /// A split that applied: the right descriptor, whether its storage was seeded, and the
 /// node's creation lock (held until the right range is reopened).
 type SplitOutcome = (RangeDescriptor, bool, Option<tokio::sync::OwnedMutexGuard<()>>);
@@ -217,6 +241,11 @@ pub struct StateMachine {
     last_applied: Option<LogId>,
     membership: StoredMembership,
     current: CurrentSnapshot,
+    /// Size and key counters as of `last_applied` (committed with it).
+    stats: RangeStats,
+    /// Changes to `stats` made by the writes of the batch being built (signed).
+    pending_bytes: AtomicI64,
+    pending_keys: AtomicI64,
 }
 
 impl StateMachine {
@@ -238,6 +267,23 @@ impl StateMachine {
             shared.applied_index.store(l.index(), Ordering::Release);
         }
         shared.publish(None, *membership.log_id());
+        let index = last_applied.map_or(0, |l| l.index());
+        let stats = match load_stats(&engine, shared.range_id)? {
+            Some(s) if s.applied_index == index => s,
+            // Counters that do not match the applied state (a snapshot install, or data
+            // from before counters existed): one scan of the span.
+            _ if last_applied.is_some() => {
+                let d = shared.desc();
+                let (bytes, keys) = count_span(&engine, &d.start, &d.end)?;
+                RangeStats {
+                    bytes,
+                    keys,
+                    applied_index: index,
+                }
+            }
+            _ => RangeStats::default(),
+        };
+        shared.publish_stats(&stats);
         Ok(Self {
             engine,
             shared,
@@ -247,17 +293,72 @@ impl StateMachine {
             last_applied,
             membership,
             current: Arc::new(Mutex::new(None)),
+            stats,
+            pending_bytes: AtomicI64::new(0),
+            pending_keys: AtomicI64::new(0),
         })
+    }
+
+    /// Adds the pending write deltas (and `extra`) to the counters, tagged with the applied
+    /// index, into `batch`. Returns the new counters (published once the batch committed).
+    fn stats_into(&mut self, batch: &mut fjall::OwnedWriteBatch, extra: (i64, i64)) -> io::Result<RangeStats> {
+        let db = self.pending_bytes.swap(0, Ordering::Relaxed) + extra.0;
+        let dk = self.pending_keys.swap(0, Ordering::Relaxed) + extra.1;
+        let add = |v: u64, d: i64| {
+            if d >= 0 {
+                v.saturating_add(d as u64)
+            } else {
+                v.saturating_sub(d.unsigned_abs())
+            }
+        };
+        let s = RangeStats {
+            bytes: add(self.stats.bytes, db),
+            keys: add(self.stats.keys, dk),
+            applied_index: self.last_applied.map_or(0, |l| l.index()),
+        };
+        batch.insert(&self.engine.meta, stats_key(self.shared.range_id), encode_stats(&s)?);
+        Ok(s)
+    }
+
+    /// Recounts the counters from the data (after a snapshot install).
+    async fn recount_stats(&mut self) -> io::Result<()> {
+        let engine = self.engine.clone();
+        let d = self.shared.desc();
+        let (bytes, keys) = tokio::task::spawn_blocking(move || count_span(&engine, &d.start, &d.end))
+            .await
+            .map_err(io_err)??;
+        self.stats = RangeStats {
+            bytes,
+            keys,
+            applied_index: self.last_applied.map_or(0, |l| l.index()),
+        };
+        self.pending_bytes.store(0, Ordering::Relaxed);
+        self.pending_keys.store(0, Ordering::Relaxed);
+        self.shared.publish_stats(&self.stats);
+        Ok(())
     }
 
     /// Commits `batch` with the applied state (and the descriptor when it changed), then
     /// publishes the new state and answers the waiting clients.
     fn commit_applied(
         &mut self,
-        mut batch: fjall::OwnedWriteBatch,
+        batch: fjall::OwnedWriteBatch,
         new_desc: Option<RangeDescriptor>,
         replies: &mut Vec<(ApplyResponder<TypeConfig>, CmdResponse)>,
     ) -> io::Result<()> {
+        self.commit_applied_with(batch, new_desc, replies, (0, 0))
+    }
+
+    /// [`Self::commit_applied`], with `extra` (bytes, keys) added to the counters (a split
+    /// hands the right half's away, a merge takes the source's).
+    fn commit_applied_with(
+        &mut self,
+        mut batch: fjall::OwnedWriteBatch,
+        new_desc: Option<RangeDescriptor>,
+        replies: &mut Vec<(ApplyResponder<TypeConfig>, CmdResponse)>,
+        extra: (i64, i64),
+    ) -> io::Result<()> {
+        let stats = self.stats_into(&mut batch, extra)?;
         batch.insert(
             &self.engine.meta,
             applied_key(self.shared.range_id),
@@ -267,6 +368,8 @@ impl StateMachine {
             batch.insert(&self.engine.meta, desc_key(self.shared.range_id), d.encode_to_vec());
         }
         batch.commit().map_err(io_err)?;
+        self.stats = stats;
+        self.shared.publish_stats(&stats);
         if new_desc.is_some() {
             self.shared.publish(new_desc, *self.membership.log_id());
         }
@@ -290,7 +393,7 @@ impl StateMachine {
     fn apply_write(
         &self,
         batch: &mut fjall::OwnedWriteBatch,
-        overlay: &mut HashMap<Vec<u8>, (u64, bool)>,
+        overlay: &mut Overlay,
         key: Vec<u8>,
         op: WriteOp,
         condition: Option<u64>,
@@ -314,7 +417,7 @@ impl StateMachine {
     fn apply_batch(
         &self,
         batch: &mut fjall::OwnedWriteBatch,
-        overlay: &mut HashMap<Vec<u8>, (u64, bool)>,
+        overlay: &mut Overlay,
         ops: Vec<BatchOp>,
     ) -> io::Result<CmdResponse> {
         let desc = self.shared.desc();
@@ -332,16 +435,19 @@ impl StateMachine {
     fn write_one(
         &self,
         batch: &mut fjall::OwnedWriteBatch,
-        overlay: &mut HashMap<Vec<u8>, (u64, bool)>,
+        overlay: &mut Overlay,
         key: Vec<u8>,
         op: WriteOp,
         condition: Option<u64>,
     ) -> io::Result<WriteOutcome> {
-        let (stored_version, live) = match overlay.get(&key) {
+        let (stored_version, live, old_bytes) = match overlay.get(&key) {
             Some(v) => *v,
             None => match self.engine.get_record(&key)? {
-                Some(r) => (r.version(), r.is_live()),
-                None => (0, false),
+                Some(crate::engine::Record::Live { version, value }) => {
+                    (version, true, (key.len() + value.len()) as u64)
+                }
+                Some(r) => (r.version(), false, 0),
+                None => (0, false, 0),
             },
         };
         let live_version = if live { stored_version } else { 0 };
@@ -357,7 +463,13 @@ impl StateMachine {
         Ok(match op {
             WriteOp::Put(v) => {
                 let version = stored_version + 1;
-                overlay.insert(key.clone(), (version, true));
+                let new_bytes = (key.len() + v.len()) as u64;
+                self.pending_bytes
+                    .fetch_add(new_bytes as i64 - old_bytes as i64, Ordering::Relaxed);
+                if !live {
+                    self.pending_keys.fetch_add(1, Ordering::Relaxed);
+                }
+                overlay.insert(key.clone(), (version, true, new_bytes));
                 batch.insert(&self.engine.data, key, encode_value(version, &v));
                 WriteOutcome {
                     succeeded: true,
@@ -367,7 +479,9 @@ impl StateMachine {
             }
             WriteOp::Delete => {
                 if live {
-                    overlay.insert(key.clone(), (stored_version, false));
+                    self.pending_bytes.fetch_sub(old_bytes as i64, Ordering::Relaxed);
+                    self.pending_keys.fetch_sub(1, Ordering::Relaxed);
+                    overlay.insert(key.clone(), (stored_version, false, 0));
                     batch.insert(&self.engine.data, key, encode_tombstone(stored_version));
                 }
                 WriteOutcome {
@@ -511,7 +625,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         while let Some(items) = chunks.next().await {
             let started = Instant::now();
             let mut batch = self.engine.db.batch();
-            let mut overlay: HashMap<Vec<u8>, (u64, bool)> = HashMap::new();
+            let mut overlay: Overlay = HashMap::new();
             let mut replies: Vec<(ApplyResponder<TypeConfig>, CmdResponse)> = Vec::new();
             let mut dirty = false;
             for item in items {
@@ -550,6 +664,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                         }
                         let mut new_desc: Option<RangeDescriptor> = None;
                         let mut split: Option<SplitOutcome> = None;
+                        let mut extra = (0i64, 0i64);
+                        let mut removed_self = false;
                         let resp = match payload {
                             EntryPayload::Normal(Command::Split {
                                 split_key,
@@ -562,10 +678,43 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                                 if let CmdResponse::Split { left, .. } = &resp {
                                     new_desc = RangeDescriptor::decode(&left[..]).ok();
                                 }
+                                if let Some((right, seeded, _)) = &s {
+                                    // The right half's counters: one scan of its span (the
+                                    // data there is all applied: earlier entries committed).
+                                    let engine = self.engine.clone();
+                                    let (start, end) = (right.start.clone(), right.end.clone());
+                                    let (bytes, keys) =
+                                        tokio::task::spawn_blocking(move || count_span(&engine, &start, &end))
+                                            .await
+                                            .map_err(io_err)??;
+                                    extra = (-(bytes as i64), -(keys as i64));
+                                    if *seeded {
+                                        let rs = RangeStats {
+                                            bytes,
+                                            keys,
+                                            applied_index: super::SPLIT_INIT_INDEX,
+                                        };
+                                        batch.insert(
+                                            &self.engine.meta,
+                                            stats_key(RangeId(right.range_id)),
+                                            encode_stats(&rs)?,
+                                        );
+                                    }
+                                }
                                 split = s;
                                 resp
                             }
                             EntryPayload::Membership(m) => {
+                                // Only an entry that REMOVES this store counts: a replica
+                                // replaying the log from its start also applies memberships
+                                // from before it was added.
+                                if let Some(node) = self.node.upgrade() {
+                                    let me = node.store_id.0;
+                                    let member = |m: &Membership| {
+                                        m.voter_ids().any(|v| v == me) || m.learner_ids().any(|v| v == me)
+                                    };
+                                    removed_self = member(self.membership.membership()) && !member(&m);
+                                }
                                 new_desc = Some(self.membership_desc(&m));
                                 self.membership = StoredMembership::new(Some(log_id), m);
                                 CmdResponse::None
@@ -574,7 +723,17 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                         };
                         self.last_applied = Some(log_id);
                         let b = std::mem::replace(&mut batch, self.engine.db.batch());
-                        self.commit_applied(b, new_desc, &mut Vec::new())?;
+                        self.commit_applied_with(b, new_desc, &mut Vec::new(), extra)?;
+                        if removed_self && let Some(node) = self.node.upgrade() {
+                            // Committed and applied: this store is out of the range. Destroyed
+                            // from another task (stopping the group waits for this apply).
+                            let id = self.shared.range_id;
+                            tokio::spawn(async move {
+                                if let Err(e) = node.destroy_replica(id, true, "membership removed this store").await {
+                                    tracing::warn!(range_id = %id, error = %e, "cannot destroy removed replica");
+                                }
+                            });
+                        }
                         if let Some((right, seeded, guard)) = split
                             && let Some(node) = self.node.upgrade()
                         {
@@ -645,6 +804,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             self.shared.applied_index.store(l.index(), Ordering::Release);
         }
         self.shared.installing.store(false, Ordering::Release);
+        self.recount_stats().await?;
         let old = self.current.lock().replace((meta.clone(), path.clone()));
         if let Some((_, p)) = old
             && p != path
@@ -1131,6 +1291,80 @@ mod tests {
         assert!(c.recent.len() <= CONTACTS_KEPT);
         assert_eq!(c.fresh_as_of(199), Some(at(599)));
         assert_eq!(c.fresh_as_of(30), None);
+    }
+
+    #[test]
+    fn size_and_key_counters_follow_puts_and_deletes_and_are_persisted_with_the_applied_state() {
+        let (dir, e) = engine();
+        let desc = RangeDescriptor {
+            range_id: 1,
+            ..Default::default()
+        };
+        let open = || {
+            StateMachine::open(
+                e.clone(),
+                RangeShared::new(desc.clone(), true),
+                Weak::new(),
+                dir.path().join("snaps"),
+                Metrics::new(),
+            )
+            .unwrap()
+        };
+        let mut sm = open();
+        let apply = |sm: &mut StateMachine, ops: Vec<(&[u8], WriteOp)>| {
+            let mut batch = sm.engine.db.batch();
+            let mut overlay = HashMap::new();
+            for (k, op) in ops {
+                sm.apply_write(&mut batch, &mut overlay, k.to_vec(), op, None).unwrap();
+            }
+            sm.commit_applied(batch, None, &mut Vec::new()).unwrap();
+            sm.shared.approximate_size()
+        };
+        let put = |v: &[u8]| WriteOp::Put(v.to_vec());
+        assert_eq!(apply(&mut sm, vec![(b"k1", put(b"abc"))]), (5, 1));
+        assert_eq!(apply(&mut sm, vec![(b"k1", put(b"abcdef"))]), (8, 1));
+        assert_eq!(apply(&mut sm, vec![(b"k2", put(b"x"))]), (11, 2));
+        assert_eq!(apply(&mut sm, vec![(b"k1", WriteOp::Delete)]), (3, 1));
+        assert_eq!(apply(&mut sm, vec![(b"k1", WriteOp::Delete)]), (3, 1));
+        assert_eq!(apply(&mut sm, vec![(b"k1", put(b"z"))]), (6, 2));
+        // Within one batch the overlay carries sizes too.
+        assert_eq!(
+            apply(
+                &mut sm,
+                vec![
+                    (b"k3", put(b"12345")),
+                    (b"k3", put(b"1")),
+                    (b"k2", WriteOp::Delete),
+                    (b"k3", WriteOp::Delete)
+                ]
+            ),
+            (3, 1)
+        );
+        assert_eq!(crate::stats::count_span(&e, b"", b"").unwrap(), (3, 1));
+        // Persisted with the applied state: a reopen reads them back without a scan.
+        drop(sm);
+        let sm = open();
+        assert_eq!(sm.shared.approximate_size(), (3, 1));
+        // Counters that do not match the applied index are recounted at open.
+        e.meta
+            .insert(
+                stats_key(RangeId(1)),
+                encode_stats(&RangeStats {
+                    bytes: 999,
+                    keys: 9,
+                    applied_index: 7,
+                })
+                .unwrap(),
+            )
+            .unwrap();
+        e.meta
+            .insert(
+                applied_key(RangeId(1)),
+                encode_applied(Some(crate::raft::split_init_log_id()), StoredMembership::default()).unwrap(),
+            )
+            .unwrap();
+        drop(sm);
+        assert_eq!(open().shared.approximate_size(), (3, 1));
     }
 
     #[test]

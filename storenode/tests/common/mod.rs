@@ -56,6 +56,8 @@ pub struct Cluster {
     pub max_value_len: usize,
     /// Last known (leader, descriptor) per range, refreshed on routing errors.
     routes: Mutex<Vec<(u64, RangeDescriptor)>>,
+    /// Placement URL the nodes heartbeat to (a fake in tests), every 100 ms.
+    pub placement: Option<String>,
 }
 
 pub fn init_logs() {
@@ -64,6 +66,11 @@ pub fn init_logs() {
 
 impl Cluster {
     pub async fn start(n: u64, snapshot_logs: u64) -> Self {
+        Self::start_with_placement(n, snapshot_logs, None).await
+    }
+
+    /// [`Self::start`], with the nodes heartbeating to `placement` (a fake) when given.
+    pub async fn start_with_placement(n: u64, snapshot_logs: u64, placement: Option<String>) -> Self {
         init_logs();
         let mut c = Cluster {
             n,
@@ -74,6 +81,7 @@ impl Cluster {
             snapshot_logs,
             max_value_len: 64 * 1024,
             routes: Mutex::new(Vec::new()),
+            placement,
         };
         for _ in 0..n {
             c.dirs.push(tempfile::tempdir().expect("tempdir"));
@@ -92,6 +100,10 @@ impl Cluster {
         cfg.listen = self.addrs[i];
         cfg.raft_snapshot_logs = self.snapshot_logs;
         cfg.max_value_len = self.max_value_len;
+        if let Some(p) = &self.placement {
+            cfg.placement = vec![p.clone()];
+            cfg.heartbeat_interval_ms = 100;
+        }
         cfg
     }
 
