@@ -7,7 +7,9 @@
 //! - [`model`]: domain types (descriptors with typed IDs, roles, store states) the decisions
 //!   work on; protobuf messages are converted into them once.
 //! - [`rangemap`]: pure epoch rules for range map updates.
-//! - [`scheduler`]: pure scheduling decisions.
+//! - [`scheduler`]: pure scheduling decisions (placement, repair, drain, split, merge,
+//!   balance; docs/adr/0015-scheduler-rules.md).
+//! - [`stats`]: range load over a sliding window, from leader heartbeats (memory only).
 //! - [`election`]: leader election on leases.
 //! - [`cluster`]: typed metadata operations (bootstrap, CAS updates, allocator).
 //! - [`error`]: [`error::PlacementError`] and its stable codes (`PD-NotLeader`, ...).
@@ -44,6 +46,7 @@ pub mod model;
 pub mod rangemap;
 pub mod scheduler;
 pub mod server;
+pub mod stats;
 
 use skv_common::service::ServiceHandle;
 use skv_common::telemetry::LogFormat;
@@ -92,6 +95,28 @@ pub struct Config {
     /// Log format.
     #[arg(long, env = "SKV_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// Split a range larger than this many bytes (at its size median; 0 = never).
+    #[arg(long, env = "SKV_SPLIT_SIZE_BYTES", default_value_t = 128 << 20)]
+    pub split_size_bytes: u64,
+    /// Split a range serving more than this many reads+writes per second ... (0 = never)
+    #[arg(long, env = "SKV_SPLIT_QPS_THRESHOLD", default_value_t = 2500)]
+    pub split_qps_threshold: u64,
+    /// ... for this long, at the median of its sampled load (also the statistics window).
+    #[arg(long, env = "SKV_SPLIT_QPS_WINDOW_SECS", default_value_t = 10)]
+    pub split_qps_window_secs: u64,
+    /// Merge two adjacent ranges whose combined size is below this (and combined load below
+    /// half the split threshold; 0 = never).
+    #[arg(long, env = "SKV_MERGE_SIZE_BYTES", default_value_t = 32 << 20)]
+    pub merge_size_bytes: u64,
+    /// A range never merges within this long of its split.
+    #[arg(long, env = "SKV_MERGE_COOLDOWN_SECS", default_value_t = 600)]
+    pub merge_cooldown_secs: u64,
+    /// Rebuild the replicas of a store DOWN for this long on other stores (0 = never).
+    #[arg(long, env = "SKV_REPAIR_AFTER_SECS", default_value_t = 300)]
+    pub repair_after_secs: u64,
+    /// Learners (snapshots) being added to one store at a time, at most.
+    #[arg(long, env = "SKV_MAX_SNAPSHOTS_PER_STORE", default_value_t = 2)]
+    pub max_snapshots_per_store: usize,
 }
 
 impl Config {
@@ -110,6 +135,13 @@ impl Config {
             schedule_interval_ms: 500,
             lease_ttl_secs: 3,
             log_format: LogFormat::Text,
+            split_size_bytes: 128 << 20,
+            split_qps_threshold: 2500,
+            split_qps_window_secs: 10,
+            merge_size_bytes: 32 << 20,
+            merge_cooldown_secs: 600,
+            repair_after_secs: 300,
+            max_snapshots_per_store: 2,
         }
     }
 }
@@ -172,6 +204,40 @@ mod tests {
         assert_eq!(c.initial_wait_ms, 2000);
         assert_eq!(c.schedule_interval_ms, 500);
         assert_eq!(c.lease_ttl_secs, 3);
+        assert_eq!(
+            (c.split_size_bytes, c.split_qps_threshold, c.split_qps_window_secs),
+            (128 << 20, 2500, 10)
+        );
+        assert_eq!((c.merge_size_bytes, c.merge_cooldown_secs), (32 << 20, 600));
+        assert_eq!((c.repair_after_secs, c.max_snapshots_per_store), (300, 2));
+        let t = Config::try_parse_from([
+            "skv-placement",
+            "--split-size-bytes",
+            "1000",
+            "--split-qps-threshold",
+            "10",
+            "--split-qps-window-secs",
+            "2",
+            "--merge-size-bytes",
+            "500",
+            "--merge-cooldown-secs",
+            "5",
+            "--repair-after-secs",
+            "0",
+            "--max-snapshots-per-store",
+            "4",
+        ])
+        .unwrap();
+        let sc = server::scheduler_config(&t);
+        assert_eq!(
+            (sc.split_size_bytes, sc.split_qps_threshold, sc.split_qps_window_ms),
+            (1000, 10.0, 2000)
+        );
+        assert_eq!(
+            (sc.merge_size_bytes, sc.merge_cooldown_ms, sc.repair_after_ms),
+            (500, 5000, 0)
+        );
+        assert_eq!(sc.max_snapshots_per_store, 4);
         assert_eq!(c.listen.port(), 0);
         let d = Config::try_parse_from(["skv-placement"]).unwrap();
         assert!(d.etcd.is_empty());

@@ -13,7 +13,14 @@ pub struct Metrics {
     pub is_leader: Gauge,
     pub stores: Family<Labels, Gauge>,
     pub ranges: Gauge,
+    /// Operators finished, by kind and result (ok, failed, timeout, epoch_changed).
     pub operators: Family<Labels, Counter>,
+    /// Operators in flight, by kind.
+    pub operators_in_flight: Family<Labels, Gauge>,
+    /// Load splits not made, by reason (single_key).
+    pub split_skipped: Family<Labels, Counter>,
+    /// Stale replicas named in store heartbeat answers.
+    pub stale_replicas: Counter,
     pub heartbeats: Family<Labels, Counter>,
     pub meta_txn_failures: Counter,
     pub meta_errors: Counter,
@@ -37,7 +44,26 @@ impl Metrics {
             "Ranges in the map (as of the last scheduler tick)",
             m.ranges.clone(),
         );
-        r.register("operators", "Scheduler operators issued, by kind", m.operators.clone());
+        r.register(
+            "operators",
+            "Operators finished, by kind and result",
+            m.operators.clone(),
+        );
+        r.register(
+            "operators_in_flight",
+            "Operators in flight, by kind",
+            m.operators_in_flight.clone(),
+        );
+        r.register(
+            "split_skipped",
+            "Load splits not made, by reason",
+            m.split_skipped.clone(),
+        );
+        r.register(
+            "stale_replicas",
+            "Replicas named stale in store heartbeat answers",
+            m.stale_replicas.clone(),
+        );
         r.register(
             "heartbeats",
             "Heartbeats received, by kind (store, range)",
@@ -60,5 +86,9 @@ impl Metrics {
 
     pub fn label(k: &str, v: &str) -> Labels {
         vec![(k.to_string(), v.to_string())]
+    }
+
+    pub fn labels(kv: &[(&str, &str)]) -> Labels {
+        kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 }

@@ -245,6 +245,48 @@ pub fn plan_update(layout: &Layout, stored: &[StoredRange], guards: &[Guard], in
     UpdatePlan::Write(Txn::new().when(compares).and_then(ops))
 }
 
+/// The replicas a store reported (`reported`, its local descriptors) that the map shows
+/// removed, with the descriptor that shows it. Conservative: a replica is named only when
+/// the map's record is strictly newer than the store's and excludes the store:
+/// - the same range id at a higher conf_ver (and no lower version) without `store`;
+/// - or a range id absent from the map whose whole interval is covered by one other range
+///   at a higher version (a merge retired it: a range absent because placement has not
+///   heard of its split yet is covered by its parent at a LOWER version, so it is kept).
+///
+/// `map` must be sorted by start key (the range map's order is by end key, the same order).
+pub fn stale_replicas(
+    store: StoreId,
+    reported: &[RangeDescriptor],
+    map: &[RangeDescriptor],
+) -> Vec<(u64, RangeDescriptor)> {
+    let by_id: std::collections::HashMap<u64, &RangeDescriptor> = map.iter().map(|d| (d.range_id, d)).collect();
+    let mut out = Vec::new();
+    for r in reported {
+        let Some(re) = r.epoch else { continue };
+        if r.range_id == 0 {
+            continue;
+        }
+        if let Some(m) = by_id.get(&r.range_id) {
+            let Some(me) = m.epoch else { continue };
+            let removed = !m.replicas.iter().any(|x| StoreId(x.store_id) == store);
+            if removed && me.conf_ver > re.conf_ver && me.version >= re.version {
+                out.push((r.range_id, (*m).clone()));
+            }
+            continue;
+        }
+        // The record covering the reported start key.
+        let idx = map.partition_point(|d| !d.end.is_empty() && d.end.as_slice() <= r.start.as_slice());
+        let Some(m) = map.get(idx) else { continue };
+        let Some(me) = m.epoch else { continue };
+        let covers_start = m.start.as_slice() <= r.start.as_slice();
+        let covers_end = m.end.is_empty() || (!r.end.is_empty() && r.end.as_slice() <= m.end.as_slice());
+        if covers_start && covers_end && me.version > re.version {
+            out.push((r.range_id, m.clone()));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -557,5 +599,52 @@ mod tests {
         ));
         assert!(KeySpan::new(b"a", b"c").overlaps(&KeySpan::new(b"b", b"")));
         assert!(!KeySpan::new(b"a", b"b").overlaps(&KeySpan::new(b"b", b"c")));
+    }
+
+    fn ds(id: u64, start: &str, end: &str, conf_ver: u64, version: u64, stores: &[u64]) -> RangeDescriptor {
+        RangeDescriptor {
+            range_id: id,
+            start: start.as_bytes().to_vec(),
+            end: end.as_bytes().to_vec(),
+            epoch: Some(skv_proto::internal::RangeEpoch { conf_ver, version }),
+            replicas: stores
+                .iter()
+                .map(|s| skv_proto::internal::Replica { store_id: *s, role: 0 })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn stale_replicas_are_named_only_on_newer_information() {
+        let map = vec![ds(1, "", "m", 6, 3, &[1, 2, 4]), ds(2, "m", "", 3, 2, &[1, 2, 3])];
+        let me = StoreId(3);
+        // (reported, stale with the id of the current descriptor?)
+        let table = [
+            // Range 1 moved off store 3 at conf_ver 6 > 4.
+            (ds(1, "", "m", 4, 3, &[1, 2, 3]), Some(1)),
+            // Same conf_ver: placement is not newer, keep.
+            (ds(1, "", "m", 6, 3, &[1, 2, 3]), None),
+            // The store is newer than placement: keep.
+            (ds(1, "", "m", 7, 3, &[1, 2, 3]), None),
+            // Placement's version is older (a split placement has not heard of): keep.
+            (ds(1, "", "g", 4, 4, &[1, 2, 3]), None),
+            // Still a member per placement.
+            (ds(2, "m", "", 2, 2, &[1, 2, 3]), None),
+            // Range 9 was merged into 1 (covered, higher version): stale.
+            (ds(9, "c", "m", 6, 2, &[1, 2, 3]), Some(1)),
+            // Range 9 covered by an older version: a split not reported yet, keep.
+            (ds(9, "c", "m", 6, 3, &[1, 2, 3]), None),
+            // Not covered by one range: keep.
+            (ds(9, "c", "z", 6, 1, &[1, 2, 3]), None),
+            (ds(9, "c", "", 6, 1, &[1, 2, 3]), None),
+            (ds(9, "x", "", 1, 1, &[1, 2, 3]), Some(2)),
+        ];
+        for (rep, want) in table {
+            let got = stale_replicas(me, std::slice::from_ref(&rep), &map);
+            assert_eq!(got.first().map(|(_, c)| c.range_id), want, "{rep:?}");
+            if let Some((id, _)) = got.first() {
+                assert_eq!(*id, rep.range_id);
+            }
+        }
     }
 }

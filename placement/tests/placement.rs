@@ -666,16 +666,27 @@ async fn scheduler_up_replicates_and_admin_split_uses_leader_store() {
     assert_eq!(code(missing), Some(ErrorCode::RangeNotFound));
     assert_eq!(f1.calls.lock().unwrap().transfer_leader.len(), 1);
     assert_eq!(f1.calls.lock().unwrap().split_range.len(), splits);
-    // Next-milestone admin calls are explicit UNIMPLEMENTED.
-    let e = c
+    // A merge is queued for adjacent ranges given left first; anything else is refused.
+    let wrong_order = c
+        .merge_ranges(AdminMergeRequest {
+            left_range_id: rr.range_id,
+            right_range_id: 1,
+        })
+        .await;
+    assert_eq!(code(wrong_order), Some(ErrorCode::InvalidArgument));
+    let unknown = c
         .merge_ranges(AdminMergeRequest {
             left_range_id: 1,
-            right_range_id: rr.range_id,
+            right_range_id: 999_999,
         })
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), tonic::Code::Unimplemented);
-    assert_eq!(ErrorCode::of(&e), Some(ErrorCode::Unimplemented));
+        .await;
+    assert_eq!(code(unknown), Some(ErrorCode::RangeNotFound));
+    c.merge_ranges(AdminMergeRequest {
+        left_range_id: 1,
+        right_range_id: rr.range_id,
+    })
+    .await
+    .unwrap();
     c.set_scheduler_paused(SetSchedulerPausedRequest { paused: true })
         .await
         .unwrap();

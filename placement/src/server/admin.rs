@@ -1,14 +1,16 @@
-//! Admin operations: split, leader transfer, merge/move/drain (not yet), scheduler pause.
+//! Admin operations: split, leader transfer, merge, move, drain, scheduler pause.
 
 use super::{ADMIN_ATTEMPTS, Shared};
 use crate::error::{PlacementError, PlacementResult};
 use crate::meta::{Op, Txn};
 use crate::model::store_opt;
 use crate::rangemap::Incoming;
+use crate::scheduler::{Operator, Reason};
 use skv_common::ids::{RangeId, StoreId};
 use skv_common::keys::desc_contains;
 use skv_proto::internal::routing_error::Kind as RoutingKind;
 use skv_proto::internal::*;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tracing::Instrument;
@@ -172,16 +174,109 @@ pub(super) async fn transfer_leader(
     Err(exhausted(range_id, "transfer", last.as_ref()))
 }
 
-pub(super) fn merge_ranges() -> PlacementResult<AdminMergeResponse> {
-    Err(PlacementError::Unimplemented { what: "MergeRanges" })
+/// Queues a merge of two adjacent ranges: the scheduler colocates them, aligns their
+/// leaders and merges (thresholds and cooldown do not apply; it goes on while the scheduler
+/// is paused). Answers once queued; `skvctl operators` shows the steps.
+pub(super) async fn merge_ranges(s: &Shared, req: AdminMergeRequest) -> PlacementResult<AdminMergeResponse> {
+    let (l, r) = (RangeId(req.left_range_id), RangeId(req.right_range_id));
+    let (ranges, _) = s.meta.all_ranges().await?;
+    let find = |id: RangeId| {
+        ranges
+            .iter()
+            .find(|x| x.range_id() == id)
+            .map(|x| x.desc().clone())
+            .ok_or(PlacementError::RangeNotFound { range_id: id })
+    };
+    let (left, right) = (find(l)?, find(r)?);
+    if left.end.is_empty() || left.end != right.start {
+        return Err(PlacementError::invalid(format!(
+            "range {l} is not immediately left of range {r} (give the left one first)"
+        )));
+    }
+    s.mem.lock().forced_merges.insert((l, r), super::now_ms());
+    tracing::info!(range_id = l.get(), source_range_id = r.get(), "merge queued");
+    Ok(AdminMergeResponse { merged: None })
 }
 
-pub(super) fn move_replica() -> PlacementResult<AdminMoveReplicaResponse> {
-    Err(PlacementError::Unimplemented { what: "MoveReplica" })
+/// Starts a move operator: learner on `to`, promotion, leader transfer if `from` leads,
+/// removal of `from`. Answers once started; `skvctl operators` shows its progress.
+pub(super) async fn move_replica(
+    s: &Arc<Shared>,
+    req: AdminMoveReplicaRequest,
+) -> PlacementResult<AdminMoveReplicaResponse> {
+    let range_id = RangeId(req.range_id);
+    let (from, to) = (StoreId(req.from_store_id), StoreId(req.to_store_id));
+    if from == to {
+        return Err(PlacementError::invalid("from and to are the same store"));
+    }
+    let rec = s
+        .meta
+        .range_by_id(range_id)
+        .await?
+        .ok_or(PlacementError::RangeNotFound { range_id })?;
+    let desc = crate::model::Descriptor::try_from(rec.desc())?;
+    if !desc.has_replica_on(from) {
+        return Err(PlacementError::NotAReplica {
+            range_id,
+            store_id: from,
+        });
+    }
+    if desc.has_replica_on(to) {
+        return Err(PlacementError::invalid(format!(
+            "store {to} already holds range {range_id}"
+        )));
+    }
+    let stores = s.current_stores().await?;
+    let target = stores
+        .iter()
+        .find(|x| StoreId(x.store_id) == to)
+        .ok_or(PlacementError::StoreNotFound { store_id: to })?;
+    if target.state() != StoreState::Up {
+        return Err(PlacementError::StoreUnavailable {
+            store_id: to,
+            address: target.address.clone(),
+            reason: format!("it is {:?}, not UP", target.state()),
+        });
+    }
+    let leader = rec.leader().ok_or_else(|| PlacementError::RangeUnavailable {
+        range_id,
+        reason: "its leader is not known yet".into(),
+        retry_after: Duration::from_millis(500),
+    })?;
+    let op = Operator::MoveReplica {
+        desc,
+        leader,
+        from,
+        to,
+        reason: Reason::Admin,
+    };
+    super::operators::launch(s, op, "admin", stores, s.cancel.child_token())?;
+    Ok(AdminMoveReplicaResponse {})
 }
 
-pub(super) fn drain_store() -> PlacementResult<AdminDrainStoreResponse> {
-    Err(PlacementError::Unimplemented { what: "DrainStore" })
+/// Marks a store DRAINING in its stored record (so it survives a placement failover); the
+/// scheduler moves its leaders, then its replicas, away. `GetStores`/`skvctl stores` show
+/// it drained once it holds none.
+pub(super) async fn drain_store(s: &Shared, req: AdminDrainStoreRequest) -> PlacementResult<AdminDrainStoreResponse> {
+    let store_id = StoreId(req.store_id);
+    let mut info = s
+        .meta
+        .get_store(store_id)
+        .await?
+        .ok_or(PlacementError::StoreNotFound { store_id })?;
+    if info.state() == StoreState::Removed {
+        return Err(PlacementError::StoreRemoved { store_id });
+    }
+    if let Some(m) = s.mem.lock().stores.get(&store_id)
+        && m.last_heartbeat_ms >= info.last_heartbeat_ms
+    {
+        info = m.clone();
+    }
+    info.set_state(StoreState::Draining);
+    s.meta.put_store(&info).await?;
+    s.mem.lock().stores.insert(store_id, info);
+    tracing::info!(store_id = store_id.get(), "store draining");
+    Ok(AdminDrainStoreResponse {})
 }
 
 pub(super) async fn set_scheduler_paused(

@@ -3,7 +3,6 @@
 use super::Shared;
 use crate::election;
 use crate::error::{ErrorCode, PlacementError, PlacementResult};
-use skv_proto::internal::placement_client::PlacementClient;
 use skv_proto::internal::store_client::StoreClient;
 use skv_rpc::EndpointOptions;
 use std::future::Future;
@@ -14,6 +13,8 @@ use tonic::{Code, Request, Response, Status};
 
 /// Deadline of a call placement makes (to the leader, to a storenode) when it sets none.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+/// Deadline of membership changes and merges (the storenode bounds them at 60 s).
+const LONG_REQUEST_TIMEOUT: Duration = Duration::from_secs(75);
 
 /// Metadata key set on requests a follower forwards, so they are never forwarded twice.
 pub(super) const FORWARDED: &str = "skv-placement-forwarded";
@@ -39,7 +40,7 @@ pub(super) async fn to_leader<Req, Resp, F, Fut>(
 ) -> Result<Response<Resp>, Status>
 where
     Req: Clone,
-    F: Fn(PlacementClient<Channel>, Request<Req>) -> Fut,
+    F: Fn(Channel, Request<Req>) -> Fut,
     Fut: Future<Output = Result<Response<Resp>, Status>>,
 {
     if request.metadata().contains_key(FORWARDED) {
@@ -56,7 +57,7 @@ where
     let mut tried: Option<String> = None;
     let mut fresh = false;
     loop {
-        let (client, address) = match s.leader_client(fresh).await {
+        let (client, address) = match s.leader_channel(fresh).await {
             Ok(c) => c,
             Err(_) if !fresh => {
                 fresh = true;
@@ -100,7 +101,7 @@ impl Shared {
 
     /// A client to the leader. With `fresh`, the leader key is read from the metadata store
     /// instead of trusting this instance's (up to one campaign interval old) view.
-    pub(super) async fn leader_client(&self, fresh: bool) -> PlacementResult<(PlacementClient<Channel>, String)> {
+    pub(super) async fn leader_channel(&self, fresh: bool) -> PlacementResult<(Channel, String)> {
         let leader = if fresh {
             election::observe_leader(&self.meta.store, &self.meta.layout)
                 .await?
@@ -109,13 +110,33 @@ impl Shared {
             self.state.borrow().leader.clone()
         };
         match leader {
-            Some(l) if l.address != self.me.address => Ok((PlacementClient::new(self.channel(&l.address)?), l.address)),
+            Some(l) if l.address != self.me.address => Ok((self.channel(&l.address)?, l.address)),
             _ => Err(PlacementError::NotLeader { leader: None }),
         }
     }
 
     pub(super) fn store_client(&self, address: &str) -> PlacementResult<StoreClient<Channel>> {
         Ok(StoreClient::new(self.channel(address)?))
+    }
+
+    /// A client for calls that may take long on the storenode (a membership change waits
+    /// for a learner to catch up, up to a minute there): a separate channel whose deadline
+    /// is [`LONG_REQUEST_TIMEOUT`].
+    pub(super) fn long_store_client(&self, address: &str) -> PlacementResult<StoreClient<Channel>> {
+        let key = format!("long\u{0}{address}");
+        let mut g = self.channels.lock();
+        if let Some(c) = g.get(&key) {
+            return Ok(StoreClient::new(c.clone()));
+        }
+        let options = EndpointOptions {
+            request_timeout: Some(LONG_REQUEST_TIMEOUT),
+            ..Default::default()
+        };
+        let ch = skv_rpc::endpoint_with(address, &options)
+            .map_err(PlacementError::internal)?
+            .connect_lazy();
+        g.insert(key, ch.clone());
+        Ok(StoreClient::new(ch))
     }
 }
 

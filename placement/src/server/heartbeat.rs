@@ -1,4 +1,5 @@
-//! Store registration, store and range heartbeats, and split reports.
+//! Store registration, store and range heartbeats (load statistics, stale replicas), and
+//! split and merge reports.
 
 use super::{Shared, now_ms};
 use crate::cluster::ApplyOutcome;
@@ -81,6 +82,8 @@ pub(super) async fn store_heartbeat(s: &Shared, req: StoreHeartbeatRequest) -> P
     }
     info.capacity_bytes = hb.capacity_bytes;
     info.used_bytes = hb.used_bytes;
+    info.available_bytes = hb.available_bytes;
+    info.cpu_permille = hb.cpu_permille;
     info.range_count = hb.range_count;
     info.leader_count = hb.leader_count;
     info.last_heartbeat_ms = now;
@@ -106,9 +109,14 @@ pub(super) async fn store_heartbeat(s: &Shared, req: StoreHeartbeatRequest) -> P
             tracing::info!(store_id = id.get(), "store is up again");
         }
     }
+    let stale = if req.replicas.is_empty() {
+        Vec::new()
+    } else {
+        s.stale_replicas(id, &req.replicas).await
+    };
     Ok(StoreHeartbeatResponse {
         stores: s.current_stores().await?,
-        stale: Vec::new(),
+        stale,
     })
 }
 
@@ -122,6 +130,11 @@ pub(super) async fn range_heartbeat(s: &Shared, req: RangeHeartbeatRequest) -> P
             .inc();
         let Some(desc) = report.descriptor else { continue };
         let range_id = RangeId(desc.range_id);
+        if let Some(load) = &report.load {
+            let version = desc.epoch.map_or(0, |e| e.version);
+            let window = s.config.split_qps_window_secs.saturating_mul(1000).max(1000);
+            s.mem.lock().load.add(range_id, version, now, window, load);
+        }
         let reported_leader = store_opt(report.leader_store_id).unwrap_or(from_store);
         let leader = {
             let mut mem = s.mem.lock();
@@ -195,8 +208,156 @@ pub(super) async fn report_split(s: &Shared, req: ReportSplitRequest) -> Placeme
     Ok(ReportSplitResponse {})
 }
 
+pub(super) async fn report_merge(s: &Shared, req: ReportMergeRequest) -> PlacementResult<ReportMergeResponse> {
+    let (Some(merged), Some(source)) = (req.merged, req.source) else {
+        return Err(PlacementError::invalid("merged and source are required"));
+    };
+    let span = tracing::info_span!(
+        "report_merge",
+        range_id = merged.range_id,
+        source_range_id = source.range_id,
+        store_id = req.leader_store_id
+    );
+    s.record_merge(merged, &source, store_opt(req.leader_store_id))
+        .instrument(span)
+        .await?;
+    Ok(ReportMergeResponse {})
+}
+
+/// Whether `merged` is a valid result of merging `source` into another range: it covers the
+/// source's interval, has another id, and a higher version.
+fn merge_shape_ok(merged: &RangeDescriptor, source: &RangeDescriptor) -> Result<(), String> {
+    if merged.range_id == source.range_id || merged.range_id == 0 || source.range_id == 0 {
+        return Err("merged and source must be two different ranges".into());
+    }
+    let covers_start = merged.start <= source.start;
+    let covers_end = merged.end.is_empty() || (!source.end.is_empty() && source.end <= merged.end);
+    if !covers_start || !covers_end {
+        return Err(format!(
+            "range {} does not cover range {}",
+            merged.range_id, source.range_id
+        ));
+    }
+    let (mv, sv) = (
+        merged.epoch.map_or(0, |e| e.version),
+        source.epoch.map_or(0, |e| e.version),
+    );
+    if mv <= sv {
+        return Err(format!("merged version {mv} is not above the source's {sv}"));
+    }
+    Ok(())
+}
+
 impl Shared {
+    /// Replaces the target's and the source's records by the widened target (one guarded
+    /// transaction: the merged descriptor overlaps both and must be newer than both), and
+    /// forgets the source's statistics. The source's id is retired: its record is deleted,
+    /// and a replica of it reported later is named stale ([`crate::rangemap::stale_replicas`]).
+    pub(super) async fn record_merge(
+        &self,
+        merged: RangeDescriptor,
+        source: &RangeDescriptor,
+        leader: Option<StoreId>,
+    ) -> PlacementResult<()> {
+        merge_shape_ok(&merged, source).map_err(PlacementError::invalid)?;
+        let target = RangeId(merged.range_id);
+        let out = self
+            .apply(&[Incoming {
+                desc: merged,
+                leader,
+                leader_term: None,
+            }])
+            .await?;
+        match out {
+            ApplyOutcome::Stale(cur) => {
+                tracing::info!(current = cur.len(), "merge report older than the map; ignored");
+            }
+            _ => {
+                let mut mem = self.mem.lock();
+                let src = RangeId(source.range_id);
+                mem.load.remove(src);
+                mem.load.remove(target);
+                mem.last_split.remove(&src);
+                mem.siblings.remove(&src);
+                mem.siblings.remove(&target);
+                mem.forced_merges.retain(|(l, r), _| *l != src && *r != src);
+                tracing::info!(source_range_id = src.get(), "merge recorded");
+            }
+        }
+        Ok(())
+    }
+
+    /// The stale replicas among those a store reported ([`crate::rangemap::stale_replicas`]),
+    /// judged against the map as of the last scheduler tick (or read now right after a
+    /// failover). An old map only makes the answer more conservative.
+    async fn stale_replicas(&self, store: StoreId, reported: &[RangeDescriptor]) -> Vec<StaleReplica> {
+        let mut map = self.mem.lock().map_cache.clone();
+        if map.is_empty() {
+            match self.meta.all_ranges().await {
+                Ok((r, _)) => map = std::sync::Arc::new(r.iter().map(|x| x.desc().clone()).collect()),
+                Err(e) => {
+                    tracing::warn!(code = %e.code(), error = %e, "cannot read the range map for stale replicas");
+                    return Vec::new();
+                }
+            }
+        }
+        let out: Vec<StaleReplica> = crate::rangemap::stale_replicas(store, reported, &map)
+            .into_iter()
+            .map(|(range_id, current)| {
+                tracing::info!(
+                    range_id,
+                    store_id = store.get(),
+                    current_range_id = current.range_id,
+                    "replica named stale"
+                );
+                StaleReplica {
+                    range_id,
+                    current: Some(current),
+                }
+            })
+            .collect();
+        self.metrics.stale_replicas.inc_by(out.len() as u64);
+        out
+    }
+
     pub(super) fn persist_interval_ms(&self) -> u64 {
         (self.config.store_down_after_ms / 5).clamp(100, 5000)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn d(id: u64, start: &str, end: &str, version: u64) -> RangeDescriptor {
+        RangeDescriptor {
+            range_id: id,
+            start: start.into(),
+            end: end.into(),
+            epoch: Some(RangeEpoch { conf_ver: 1, version }),
+            replicas: vec![],
+        }
+    }
+
+    #[test]
+    fn merge_reports_are_checked() {
+        assert!(merge_shape_ok(&d(1, "", "z", 5), &d(2, "m", "z", 4)).is_ok());
+        assert!(merge_shape_ok(&d(1, "", "", 5), &d(2, "m", "", 4)).is_ok());
+        assert!(
+            merge_shape_ok(&d(1, "", "z", 4), &d(2, "m", "z", 4)).is_err(),
+            "not newer"
+        );
+        assert!(
+            merge_shape_ok(&d(1, "", "n", 5), &d(2, "m", "z", 4)).is_err(),
+            "not covered"
+        );
+        assert!(
+            merge_shape_ok(&d(1, "", "z", 5), &d(2, "m", "", 4)).is_err(),
+            "not covered"
+        );
+        assert!(
+            merge_shape_ok(&d(2, "", "z", 5), &d(2, "m", "z", 4)).is_err(),
+            "same id"
+        );
     }
 }

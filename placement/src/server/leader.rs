@@ -1,23 +1,19 @@
 //! The leader's loop: store liveness bookkeeping, the scheduler tick, operator execution
 //! and metadata compaction.
 
-use super::admin::{routing_refusal, store_call_failed};
+use super::operators::{self, SIBLINGS_KEEP_MS};
 use super::{COMPACT_EVERY_MS, COMPACT_KEEP_REVISIONS, LeaderMem, Shared, now_ms};
 use crate::Config;
-use crate::error::{PlacementError, PlacementResult};
 use crate::metrics::Metrics;
-use crate::model::{Descriptor, Range, Store, StoreState};
-use crate::rangemap::Incoming;
-use crate::scheduler::{self, Operator, SchedulerConfig};
-use skv_common::ids::StoreId;
-use skv_proto::internal::{
-    ChangeReplicasRequest, CreateReplicaRequest, ReplicaChange, RequestHeader, StoreInfo, replica_change,
-};
+use crate::model::{Range, Store, StoreState};
+use crate::scheduler::{self, SchedulerConfig};
+use skv_common::ids::{RangeId, StoreId};
+use skv_proto::internal::StoreInfo;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument;
 
 /// Runs the leader's duties whenever this instance leads.
 pub(super) async fn leader_loop(s: Arc<Shared>) {
@@ -61,12 +57,25 @@ pub(super) async fn leader_loop(s: Arc<Shared>) {
     }
 }
 
+/// How long a merge an operator asked for is pursued.
+const FORCED_MERGE_KEEP_MS: u64 = 10 * 60 * 1000;
+/// "Load on one key" is logged at most this often per range.
+const SKIP_LOG_EVERY_MS: u64 = 60_000;
+
 /// Scheduler tunables from the flags. A placed range whose leader stays silent for
 /// 20 ticks (10 s at the default 500 ms tick; at least 1 s) gets `CreateReplica` again.
 pub fn scheduler_config(config: &Config) -> SchedulerConfig {
     SchedulerConfig {
         initial_wait_ms: config.initial_wait_ms,
         leaderless_resend_ms: config.schedule_interval_ms.saturating_mul(20).max(1000),
+        split_size_bytes: config.split_size_bytes,
+        split_qps_threshold: config.split_qps_threshold as f64,
+        split_qps_window_ms: config.split_qps_window_secs.saturating_mul(1000),
+        merge_size_bytes: config.merge_size_bytes,
+        merge_cooldown_ms: config.merge_cooldown_secs.saturating_mul(1000),
+        repair_after_ms: config.repair_after_secs.saturating_mul(1000),
+        store_down_after_ms: config.store_down_after_ms,
+        max_snapshots_per_store: config.max_snapshots_per_store,
         ..Default::default()
     }
 }
@@ -120,21 +129,40 @@ async fn tick_once(s: &Arc<Shared>, term: &CancellationToken) {
     };
     s.metrics.ranges.set(ranges.len() as i64);
     let (domain_stores, domain_ranges) = domain_view(&stores, &ranges);
-    let up = domain_stores.iter().filter(|x| x.state == StoreState::Up).count();
-    s.metrics
-        .stores
-        .get_or_create(&Metrics::label("state", "up"))
-        .set(up as i64);
-    s.metrics
-        .stores
-        .get_or_create(&Metrics::label("state", "down"))
-        .set((stores.len() - up) as i64);
-    if s.paused.load(Ordering::Acquire) {
-        return;
+    for state in [
+        StoreState::Up,
+        StoreState::Down,
+        StoreState::Draining,
+        StoreState::Removed,
+    ] {
+        let n = domain_stores.iter().filter(|x| x.state == state).count();
+        let label = match state {
+            StoreState::Up => "up",
+            StoreState::Down => "down",
+            StoreState::Draining => "draining",
+            StoreState::Removed => "removed",
+        };
+        s.metrics
+            .stores
+            .get_or_create(&Metrics::label("state", label))
+            .set(n as i64);
     }
+    let cfg = scheduler_config(&s.config);
+    let window_ms = cfg.split_qps_window_ms.max(1000);
     let snap = {
         let mut mem = s.mem.lock();
+        mem.map_cache = Arc::new(ranges.iter().map(|r| r.desc().clone()).collect());
         mem.busy_until.retain(|_, until| *until > now);
+        let live: std::collections::HashSet<RangeId> = domain_ranges.iter().map(|r| r.desc.id).collect();
+        mem.load.retain(|id| live.contains(&id));
+        mem.last_split
+            .retain(|id, at| live.contains(id) && now.saturating_sub(*at) < 24 * 3_600_000);
+        mem.siblings
+            .retain(|r, (l, at)| live.contains(r) && live.contains(l) && now.saturating_sub(*at) < SIBLINGS_KEEP_MS);
+        mem.forced_merges.retain(|(l, r), at| {
+            live.contains(l) && live.contains(r) && now.saturating_sub(*at) < FORCED_MERGE_KEEP_MS
+        });
+        mem.failures.retain(|id, _| live.contains(id));
         for st in &domain_stores {
             if st.state == StoreState::Up {
                 mem.up_since.entry(st.id).or_insert(now);
@@ -142,52 +170,68 @@ async fn tick_once(s: &Arc<Shared>, term: &CancellationToken) {
                 mem.up_since.remove(&st.id);
             }
         }
+        let mut busy: std::collections::HashSet<RangeId> = mem.busy_until.keys().copied().collect();
+        let mut snapshots: HashMap<StoreId, usize> = HashMap::new();
+        for (id, f) in &mem.inflight {
+            busy.insert(*id);
+            busy.extend(f.also.iter().copied());
+            if let Some(t) = f.snapshot_target {
+                *snapshots.entry(t).or_default() += 1;
+            }
+        }
         scheduler::Snapshot {
             now_ms: now,
             stores: domain_stores,
             ranges: domain_ranges,
             store_up_since_ms: mem.up_since.clone(),
+            store_last_heartbeat_ms: stores
+                .iter()
+                .map(|x| (StoreId(x.store_id), x.last_heartbeat_ms))
+                .collect(),
             leader_seen_ms: mem.leader_seen.clone(),
             leader_since_ms: mem.leader_since_ms,
-            busy: mem.busy_until.keys().copied().collect(),
+            busy,
+            load: mem.load.view(now, window_ms),
+            last_split_ms: mem.last_split.clone(),
+            load_split_siblings: mem.siblings.iter().map(|(r, (l, _))| (*r, *l)).collect(),
+            snapshots_in_flight: snapshots,
+            forced_merges: mem.forced_merges.keys().copied().collect(),
         }
     };
-    let cfg = scheduler_config(&s.config);
-    for op in scheduler::schedule(&cfg, &snap) {
-        let range_id = op.range_id();
+    let mut plan = scheduler::plan(&cfg, &snap);
+    s.mem.lock().drained = plan.drained.clone();
+    if s.paused.load(Ordering::Acquire) {
+        // Paused: only what an operator asked for (merges) goes on.
+        plan.ops.retain(|op| {
+            matches!(op, scheduler::Operator::Merge { forced: true, .. })
+                || op
+                    .range_ids()
+                    .iter()
+                    .any(|id| snap.forced_merges.iter().any(|(l, r)| l == id || r == id))
+        });
+        plan.split_skipped.clear();
+    }
+    for (range_id, reason) in &plan.split_skipped {
         s.metrics
-            .operators
-            .get_or_create(&Metrics::label("kind", op.kind()))
+            .split_skipped
+            .get_or_create(&Metrics::label("reason", reason))
             .inc();
-        s.mem.lock().busy_until.insert(range_id, now + cfg.leaderless_resend_ms);
-        let s2 = s.clone();
-        let stores = stores.clone();
-        let term = term.clone();
-        let span = tracing::info_span!("operator", range_id = range_id.get(), kind = op.kind());
-        // After CreateReplica, give the group time to elect and heartbeat before any resend.
-        let creates = !matches!(op, Operator::AddVoter { .. });
-        let resend_ms = cfg.leaderless_resend_ms;
-        tokio::spawn(
-            async move {
-                let r = tokio::select! {
-                    _ = term.cancelled() => return,
-                    r = execute(&s2, op, &stores) => r,
-                };
-                // Handled here: the range cools down, then the scheduler decides again.
-                if let Err(e) = &r {
-                    tracing::warn!(code = %e.code(), error = %e, "operator failed");
-                }
-                let settle = match (&r, creates) {
-                    (_, true) => resend_ms,
-                    (Ok(()), false) => 1000,
-                    (Err(_), false) => 3000,
-                };
-                let mut mem = s2.mem.lock();
-                let until = mem.busy_until.entry(range_id).or_default();
-                *until = (*until).min(now_ms() + settle);
-            }
-            .instrument(span),
-        );
+        let mut mem = s.mem.lock();
+        let last = mem.skip_logged.get(range_id).copied().unwrap_or(0);
+        if now.saturating_sub(last) >= SKIP_LOG_EVERY_MS {
+            mem.skip_logged.insert(*range_id, now);
+            tracing::info!(
+                range_id = range_id.get(),
+                reason,
+                "hot range not split: its load is on one key"
+            );
+        }
+    }
+    for op in plan.ops {
+        let range_id = op.range_id();
+        if let Err(e) = operators::launch(s, op, "scheduler", stores.clone(), term.clone()) {
+            tracing::debug!(range_id = range_id.get(), code = %e.code(), error = %e, "operator not started");
+        }
     }
 }
 
@@ -209,115 +253,6 @@ async fn maybe_compact(s: &Shared, now: u64, revision: i64) {
         match s.meta.store.compact(target).await {
             Ok(()) => tracing::debug!(revision = target, "metadata history compacted"),
             Err(e) => tracing::warn!(error = %e, "metadata compaction failed"),
-        }
-    }
-}
-
-/// The address of `store_id` in the store list (the wire's address book).
-fn address_of(stores: &[StoreInfo], store_id: StoreId) -> PlacementResult<String> {
-    stores
-        .iter()
-        .find(|x| StoreId(x.store_id) == store_id && !x.address.is_empty())
-        .map(|x| x.address.clone())
-        .ok_or_else(|| PlacementError::StoreUnavailable {
-            store_id,
-            address: String::new(),
-            reason: "it has no known address".into(),
-        })
-}
-
-async fn create_replica(
-    s: &Shared,
-    stores: &[StoreInfo],
-    store_id: StoreId,
-    desc: &Descriptor,
-    bootstrap: bool,
-) -> PlacementResult<()> {
-    let address = address_of(stores, store_id)?;
-    s.store_client(&address)?
-        .create_replica(CreateReplicaRequest {
-            descriptor: Some(desc.to_proto()),
-            bootstrap,
-            stores: stores.to_vec(),
-        })
-        .await
-        .map_err(|e| store_call_failed(store_id, &address, e))?;
-    tracing::info!(
-        range_id = desc.id.get(),
-        store_id = store_id.get(),
-        bootstrap,
-        "replica created"
-    );
-    Ok(())
-}
-
-/// `CreateReplica` on every replica of `desc`; the first failure is returned, the others
-/// are logged.
-async fn create_all(s: &Shared, stores: &[StoreInfo], desc: &Descriptor, bootstrap_first: bool) -> PlacementResult<()> {
-    let mut first_err = None;
-    for (i, r) in desc.replicas.iter().enumerate() {
-        if let Err(e) = create_replica(s, stores, r.store, desc, bootstrap_first && i == 0).await {
-            if first_err.is_none() {
-                first_err = Some(e);
-            } else {
-                tracing::warn!(store_id = r.store.get(), code = %e.code(), error = %e, "CreateReplica failed");
-            }
-        }
-    }
-    first_err.map_or(Ok(()), Err)
-}
-
-/// Executes one operator.
-async fn execute(s: &Shared, op: Operator, stores: &[StoreInfo]) -> PlacementResult<()> {
-    match op {
-        Operator::InitialPlacement { desc } => {
-            if !s.meta.place_initial(&desc).await? {
-                tracing::info!(range_id = desc.id.get(), "range changed meanwhile; placement skipped");
-                return Ok(());
-            }
-            tracing::info!(range_id = desc.id.get(), replicas = ?desc.replicas.iter().map(|r| r.store.get()).collect::<Vec<_>>(), "initial placement");
-            create_all(s, stores, &desc, true).await
-        }
-        Operator::ResendCreate { desc, bootstrap_first } => create_all(s, stores, &desc, bootstrap_first).await,
-        Operator::AddVoter { desc, leader, target } => {
-            create_replica(s, stores, target, &desc, false).await?;
-            let address = address_of(stores, leader)?;
-            let wire = desc.to_proto();
-            let resp = s
-                .store_client(&address)?
-                .change_replicas(ChangeReplicasRequest {
-                    header: Some(RequestHeader {
-                        range_id: wire.range_id,
-                        epoch: wire.epoch,
-                    }),
-                    changes: vec![ReplicaChange {
-                        store_id: target.get(),
-                        kind: replica_change::Kind::AddVoter as i32,
-                    }],
-                    stores: stores
-                        .iter()
-                        .filter(|x| StoreId(x.store_id) == target)
-                        .cloned()
-                        .collect(),
-                })
-                .await
-                .map_err(|e| store_call_failed(leader, &address, e))?
-                .into_inner();
-            if let Some(re) = resp.routing_error {
-                s.absorb_routing_error(&wire, &re).await;
-                let reason = format!("ChangeReplicas refused: {}", re.message);
-                return Err(routing_refusal(desc.id, reason, Some(&re)));
-            }
-            if let Some(d) = resp.descriptor {
-                s.apply(&[Incoming {
-                    desc: d,
-                    leader: Some(leader),
-                    leader_term: None,
-                }])
-                .await?;
-            }
-            tracing::info!(range_id = desc.id.get(), target = target.get(), "voter added");
-            Ok(())
         }
     }
 }

@@ -6,9 +6,11 @@
 //!   here and in `watch`, for its stream);
 //! - `forward`: forwarding to the leader, clients to the leader and to storenodes;
 //! - `heartbeat`: store registration, store and range heartbeats, split reports;
-//! - `query`: GetRange, ScanRanges, GetStores, GetMembers, AllocIds;
+//! - `query`: GetRange, ScanRanges, GetStores, GetMembers, AllocIds, and the leader-memory
+//!   reads of `PlacementAdmin` (range stats, store status, operators);
 //! - `watch`: the WatchRanges stream;
 //! - `admin`: split, leader transfer, merge/move/drain, scheduler pause;
+//! - `operators`: operator execution (steps, progress, timeout, metrics);
 //! - `leader`: the leader loop, the scheduler tick and operator execution.
 //!
 //! IDs are typed ([`RangeId`], [`StoreId`]) inside; the proto's `u64`s are read and written
@@ -18,6 +20,7 @@ mod admin;
 mod forward;
 mod heartbeat;
 mod leader;
+mod operators;
 mod query;
 mod watch;
 
@@ -35,6 +38,9 @@ use crate::rangemap::Incoming;
 use skv_common::ids::{RangeId, StoreId};
 use skv_common::service::ServiceHandle;
 use skv_common::telemetry::{Readiness, serve_metrics};
+use skv_proto::internal::placement_admin_client::PlacementAdminClient;
+use skv_proto::internal::placement_admin_server::{PlacementAdmin, PlacementAdminServer};
+use skv_proto::internal::placement_client::PlacementClient;
 use skv_proto::internal::placement_server::{Placement, PlacementServer};
 use skv_proto::internal::*;
 use std::collections::HashMap;
@@ -82,6 +88,24 @@ struct LeaderMem {
     leader_since_ms: u64,
     /// Last etcd history compaction by this leader.
     last_compact_ms: u64,
+    /// Range load from leader heartbeats (sliding window).
+    load: crate::stats::LoadStats,
+    /// When each range last split (both halves), as seen by this leader.
+    last_split: HashMap<RangeId, u64>,
+    /// Recent load splits: right half -> (left half, when).
+    siblings: HashMap<RangeId, (RangeId, u64)>,
+    /// Operators in flight, by (first) range.
+    inflight: HashMap<RangeId, operators::InFlight>,
+    /// Consecutive operator failures per range (retry backoff).
+    failures: HashMap<RangeId, u32>,
+    /// Merges asked for by an operator: (left, right) -> when.
+    forced_merges: HashMap<(RangeId, RangeId), u64>,
+    /// Last "load on one key" log line per range.
+    skip_logged: HashMap<RangeId, u64>,
+    /// The range map as of the last tick (descriptors), for stale replica answers.
+    map_cache: Arc<Vec<RangeDescriptor>>,
+    /// DRAINING stores holding no replica, as of the last tick.
+    drained: Vec<StoreId>,
 }
 
 struct Shared {
@@ -155,6 +179,8 @@ pub async fn start_with_store(config: Config, store: DynMetaStore) -> anyhow::Re
         cancel.clone(),
     ));
     let leader_task = tokio::spawn(leader::leader_loop(shared.clone()));
+    let admin_svc = PlacementAdminServer::new(PlacementAdminService { s: shared.clone() })
+        .max_decoding_message_size(skv_common::limits::DEFAULT_MAX_MESSAGE_LEN);
     let svc = PlacementServer::new(PlacementService { s: shared })
         .max_decoding_message_size(skv_common::limits::DEFAULT_MAX_MESSAGE_LEN);
     let incoming = skv_rpc::incoming(listener);
@@ -164,6 +190,7 @@ pub async fn start_with_store(config: Config, store: DynMetaStore) -> anyhow::Re
     let task = tokio::spawn(async move {
         let r = tonic::transport::Server::builder()
             .add_service(svc)
+            .add_service(admin_svc)
             .serve_with_incoming_shutdown(incoming, c.clone().cancelled_owned())
             .await;
         c.cancel();
@@ -221,11 +248,24 @@ fn reply<T>(r: PlacementResult<T>) -> Result<Response<T>, Status> {
 
 /// Writes and admin calls run on the leader: a follower forwards them ([`forward::to_leader`]).
 macro_rules! on_leader {
+    ($self:ident, $request:ident, $method:ident, $concern:expr, admin) => {
+        if $self.s.is_leader() {
+            reply($concern(&$self.s, $request.into_inner()).await)
+        } else {
+            forward::to_leader(&$self.s, $request, |ch, r| async move {
+                PlacementAdminClient::new(ch).$method(r).await
+            })
+            .await
+        }
+    };
     ($self:ident, $request:ident, $method:ident, $concern:expr) => {
         if $self.s.is_leader() {
             reply($concern(&$self.s, $request.into_inner()).await)
         } else {
-            forward::to_leader(&$self.s, $request, |mut c, r| async move { c.$method(r).await }).await
+            forward::to_leader(&$self.s, $request, |ch, r| async move {
+                PlacementClient::new(ch).$method(r).await
+            })
+            .await
         }
     };
 }
@@ -262,9 +302,9 @@ impl Placement for PlacementService {
 
     async fn report_merge(
         &self,
-        _request: Request<ReportMergeRequest>,
+        request: Request<ReportMergeRequest>,
     ) -> Result<Response<ReportMergeResponse>, Status> {
-        Err(crate::error::PlacementError::Unimplemented { what: "ReportMerge" }.into())
+        on_leader!(self, request, report_merge, heartbeat::report_merge)
     }
 
     async fn get_range(&self, request: Request<GetRangeRequest>) -> Result<Response<GetRangeResponse>, Status> {
@@ -309,22 +349,22 @@ impl Placement for PlacementService {
         on_leader!(self, request, transfer_leader, admin::transfer_leader)
     }
 
-    async fn merge_ranges(&self, _request: Request<AdminMergeRequest>) -> Result<Response<AdminMergeResponse>, Status> {
-        reply(admin::merge_ranges())
+    async fn merge_ranges(&self, request: Request<AdminMergeRequest>) -> Result<Response<AdminMergeResponse>, Status> {
+        on_leader!(self, request, merge_ranges, admin::merge_ranges)
     }
 
     async fn move_replica(
         &self,
-        _request: Request<AdminMoveReplicaRequest>,
+        request: Request<AdminMoveReplicaRequest>,
     ) -> Result<Response<AdminMoveReplicaResponse>, Status> {
-        reply(admin::move_replica())
+        on_leader!(self, request, move_replica, admin::move_replica)
     }
 
     async fn drain_store(
         &self,
-        _request: Request<AdminDrainStoreRequest>,
+        request: Request<AdminDrainStoreRequest>,
     ) -> Result<Response<AdminDrainStoreResponse>, Status> {
-        reply(admin::drain_store())
+        on_leader!(self, request, drain_store, admin::drain_store)
     }
 
     async fn set_scheduler_paused(
@@ -332,5 +372,32 @@ impl Placement for PlacementService {
         request: Request<SetSchedulerPausedRequest>,
     ) -> Result<Response<SetSchedulerPausedResponse>, Status> {
         on_leader!(self, request, set_scheduler_paused, admin::set_scheduler_paused)
+    }
+}
+
+/// The `PlacementAdmin` gRPC service: what lives in the leader's memory.
+#[derive(Clone)]
+pub struct PlacementAdminService {
+    s: Arc<Shared>,
+}
+
+#[tonic::async_trait]
+impl PlacementAdmin for PlacementAdminService {
+    async fn range_stats(&self, request: Request<RangeStatsRequest>) -> Result<Response<RangeStatsResponse>, Status> {
+        on_leader!(self, request, range_stats, query::range_stats, admin)
+    }
+
+    async fn store_status(
+        &self,
+        request: Request<StoreStatusRequest>,
+    ) -> Result<Response<StoreStatusResponse>, Status> {
+        on_leader!(self, request, store_status, query::store_status, admin)
+    }
+
+    async fn list_operators(
+        &self,
+        request: Request<ListOperatorsRequest>,
+    ) -> Result<Response<ListOperatorsResponse>, Status> {
+        on_leader!(self, request, list_operators, query::list_operators, admin)
     }
 }
