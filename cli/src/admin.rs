@@ -6,8 +6,10 @@ use crate::output::{ago, internal_key, show_internal_key, table};
 use anyhow::{Context, Result, anyhow};
 use serde_json::{Value, json};
 use skv_proto::internal as pb;
+use skv_proto::internal::placement_admin_client::PlacementAdminClient;
 use skv_proto::internal::placement_client::PlacementClient;
 use skv_rpc::{EndpointOptions, PlacementMembers};
+use std::collections::HashMap;
 use std::time::Duration;
 use tonic::transport::Channel;
 
@@ -34,6 +36,67 @@ pub async fn connect(g: &Global) -> Result<PlacementClient<Channel>> {
         })?;
     let (_, client) = members.member(members.preferred());
     Ok(client)
+}
+
+/// A client of `PlacementAdmin` (what lives in the placement leader's memory: load,
+/// drained stores, operators) on the first placement member that answers.
+async fn connect_admin(g: &Global) -> Result<PlacementAdminClient<Channel>> {
+    let options = EndpointOptions {
+        connect_timeout: Duration::from_secs(3),
+        request_timeout: Some(g.timeout),
+        ..EndpointOptions::default()
+    };
+    let members = PlacementMembers::with_options(&g.placement, &options).map_err(|e| anyhow!("--placement: {e}"))?;
+    let deadline = tokio::time::Instant::now() + g.timeout;
+    members
+        .call(deadline, Duration::from_secs(3), |mut c| async move {
+            c.get_members(pb::GetMembersRequest {}).await
+        })
+        .await
+        .map_err(|s| anyhow!("no placement member reachable: {}", s.message()))?;
+    let (address, _) = members.member(members.preferred());
+    let channel = skv_rpc::endpoint_with(address, &options)
+        .map_err(|e| anyhow!("{address}: {e}"))?
+        .connect_lazy();
+    Ok(PlacementAdminClient::new(channel))
+}
+
+/// Range load by range id (empty if the leader has none or cannot be asked: the columns
+/// then show `-`).
+async fn range_stats(g: &Global) -> HashMap<u64, pb::RangeStats> {
+    let Ok(mut c) = connect_admin(g).await else {
+        return HashMap::new();
+    };
+    match c.range_stats(pb::RangeStatsRequest {}).await {
+        Ok(r) => r.into_inner().stats.into_iter().map(|s| (s.range_id, s)).collect(),
+        Err(_) => HashMap::new(),
+    }
+}
+
+async fn store_status(g: &Global) -> HashMap<u64, pb::StoreStatus> {
+    let Ok(mut c) = connect_admin(g).await else {
+        return HashMap::new();
+    };
+    match c.store_status(pb::StoreStatusRequest {}).await {
+        Ok(r) => r.into_inner().stores.into_iter().map(|s| (s.store_id, s)).collect(),
+        Err(_) => HashMap::new(),
+    }
+}
+
+/// `12.3 MiB`-style sizes for tables.
+fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
 }
 
 fn status_err(what: &str) -> impl FnOnce(tonic::Status) -> anyhow::Error + '_ {
@@ -88,6 +151,8 @@ async fn all_ranges(c: &mut PlacementClient<Channel>) -> Result<Vec<pb::RangeInf
 pub async fn ranges(g: &Global) -> Result<ExitCode> {
     let mut c = connect(g).await?;
     let ranges = all_ranges(&mut c).await?;
+    let stats = range_stats(g).await;
+    let stat_of = |r: &pb::RangeInfo| r.descriptor.as_ref().and_then(|d| stats.get(&d.range_id));
     match g.output {
         Output::Json => {
             let rows: Vec<Value> = ranges
@@ -95,6 +160,14 @@ pub async fn ranges(g: &Global) -> Result<ExitCode> {
                 .map(|r| {
                     let mut v = r.descriptor.as_ref().map(desc_json).unwrap_or_else(|| json!({}));
                     v["leader_store_id"] = r.leader_store_id.into();
+                    // null when the placement leader has no statistics for the range yet.
+                    let st = stat_of(r);
+                    v["size_bytes"] = st.map(|x| x.size_bytes).into();
+                    v["keys"] = st.map(|x| x.keys).into();
+                    v["read_qps"] = st.map(|x| x.read_qps).into();
+                    v["write_qps"] = st.map(|x| x.write_qps).into();
+                    v["read_bytes_per_sec"] = st.map(|x| x.read_bytes_per_sec).into();
+                    v["write_bytes_per_sec"] = st.map(|x| x.write_bytes_per_sec).into();
                     v
                 })
                 .collect();
@@ -106,6 +179,8 @@ pub async fn ranges(g: &Global) -> Result<ExitCode> {
                 .filter_map(|r| {
                     let d = r.descriptor.as_ref()?;
                     let (cv, v) = epoch(d);
+                    let st = stats.get(&d.range_id);
+                    let dash = || "-".to_string();
                     Some(vec![
                         format!("r{}", d.range_id),
                         show_internal_key(&d.start, false),
@@ -117,12 +192,30 @@ pub async fn ranges(g: &Global) -> Result<ExitCode> {
                         } else {
                             format!("s{}", r.leader_store_id)
                         },
+                        st.map_or_else(dash, |x| bytes(x.size_bytes)),
+                        st.map_or_else(dash, |x| x.keys.to_string()),
+                        st.map_or_else(dash, |x| format!("{:.0}", x.read_qps)),
+                        st.map_or_else(dash, |x| format!("{:.0}", x.write_qps)),
                     ])
                 })
                 .collect();
             print!(
                 "{}",
-                table(&["ID", "START", "END", "EPOCH(conf/ver)", "REPLICAS", "LEADER"], &rows)
+                table(
+                    &[
+                        "ID",
+                        "START",
+                        "END",
+                        "EPOCH(conf/ver)",
+                        "REPLICAS",
+                        "LEADER",
+                        "SIZE",
+                        "KEYS",
+                        "READ/S",
+                        "WRITE/S"
+                    ],
+                    &rows
+                )
             );
         }
     }
@@ -152,19 +245,35 @@ async fn all_stores(c: &mut PlacementClient<Channel>) -> Result<Vec<pb::StoreInf
 pub async fn stores(g: &Global) -> Result<ExitCode> {
     let mut c = connect(g).await?;
     let stores = all_stores(&mut c).await?;
+    let status = store_status(g).await;
+    // "draining" becomes "drained" once the store holds no replica.
+    let state = |s: &pb::StoreInfo| {
+        if status.get(&s.store_id).is_some_and(|x| x.drained) {
+            "drained"
+        } else {
+            state_name(s.state)
+        }
+    };
     match g.output {
         Output::Json => {
             let rows: Vec<Value> = stores
                 .iter()
                 .map(|s| {
+                    let st = status.get(&s.store_id);
                     json!({
                         "id": s.store_id,
                         "address": s.address,
-                        "state": state_name(s.state),
+                        "state": state(s),
+                        "drained": st.map(|x| x.drained),
                         "ranges": s.range_count,
                         "leaders": s.leader_count,
+                        "replicas_in_map": st.map(|x| x.replicas),
+                        "leaders_in_map": st.map(|x| x.leaders),
+                        "leader_qps": st.map(|x| x.leader_qps),
                         "capacity_bytes": s.capacity_bytes,
                         "used_bytes": s.used_bytes,
+                        "available_bytes": s.available_bytes,
+                        "cpu_permille": s.cpu_permille,
                         "last_heartbeat_ms": s.last_heartbeat_ms,
                         "metrics_address": s.metrics_address,
                     })
@@ -179,9 +288,13 @@ pub async fn stores(g: &Global) -> Result<ExitCode> {
                     vec![
                         format!("s{}", s.store_id),
                         s.address.clone(),
-                        state_name(s.state).into(),
+                        state(s).into(),
                         s.range_count.to_string(),
                         s.leader_count.to_string(),
+                        bytes(s.used_bytes),
+                        bytes(s.available_bytes),
+                        bytes(s.capacity_bytes),
+                        format!("{:.1}%", s.cpu_permille as f64 / 10.0),
                         ago(s.last_heartbeat_ms),
                     ]
                 })
@@ -189,7 +302,18 @@ pub async fn stores(g: &Global) -> Result<ExitCode> {
             print!(
                 "{}",
                 table(
-                    &["ID", "ADDRESS", "STATE", "RANGES", "LEADERS", "LAST HEARTBEAT"],
+                    &[
+                        "ID",
+                        "ADDRESS",
+                        "STATE",
+                        "RANGES",
+                        "LEADERS",
+                        "USED",
+                        "AVAILABLE",
+                        "CAPACITY",
+                        "CPU",
+                        "LAST HEARTBEAT"
+                    ],
                     &rows
                 )
             );
@@ -269,8 +393,64 @@ pub async fn merge(g: &Global, left: u64, right: u64) -> Result<ExitCode> {
         .map_err(status_err("merge"))?
         .into_inner();
     match g.output {
-        Output::Json => println!("{}", json!({ "merged": resp.merged.as_ref().map(desc_json) })),
-        Output::Table => println!("merged r{right} into r{left}"),
+        Output::Json => println!(
+            "{}",
+            json!({ "queued": resp.merged.is_none(), "merged": resp.merged.as_ref().map(desc_json) })
+        ),
+        Output::Table if resp.merged.is_some() => println!("merged r{right} into r{left}"),
+        Output::Table => println!(
+            "merge of r{right} into r{left} queued (colocation, leader alignment, merge); follow it with `skvctl operators`"
+        ),
+    }
+    Ok(0)
+}
+
+pub async fn operators(g: &Global) -> Result<ExitCode> {
+    let mut c = connect_admin(g).await?;
+    let ops = c
+        .list_operators(pb::ListOperatorsRequest {})
+        .await
+        .map_err(status_err("listing operators"))?
+        .into_inner()
+        .operators;
+    match g.output {
+        Output::Json => {
+            let rows: Vec<Value> = ops
+                .iter()
+                .map(|o| {
+                    json!({
+                        "range_id": o.range_id,
+                        "kind": o.kind,
+                        "description": o.description,
+                        "step": o.step,
+                        "steps": o.steps,
+                        "step_name": o.step_name,
+                        "started_ms": o.started_ms,
+                        "origin": o.origin,
+                    })
+                })
+                .collect();
+            println!("{}", Value::Array(rows));
+        }
+        Output::Table => {
+            let rows: Vec<Vec<String>> = ops
+                .iter()
+                .map(|o| {
+                    vec![
+                        format!("r{}", o.range_id),
+                        o.kind.clone(),
+                        format!("{}/{} {}", o.step, o.steps, o.step_name),
+                        o.description.clone(),
+                        o.origin.clone(),
+                        ago(o.started_ms),
+                    ]
+                })
+                .collect();
+            print!(
+                "{}",
+                table(&["RANGE", "KIND", "STEP", "WHAT", "ORIGIN", "STARTED"], &rows)
+            );
+        }
     }
     Ok(0)
 }
@@ -284,7 +464,10 @@ pub async fn move_replica(g: &Global, range: u64, from: u64, to: u64) -> Result<
     })
     .await
     .map_err(status_err("move"))?;
-    Ok(done(g, format!("moving r{range} from s{from} to s{to}")))
+    Ok(done(
+        g,
+        format!("moving r{range} from s{from} to s{to} (follow it with `skvctl operators`)"),
+    ))
 }
 
 pub async fn drain(g: &Global, store: u64) -> Result<ExitCode> {
@@ -292,7 +475,10 @@ pub async fn drain(g: &Global, store: u64) -> Result<ExitCode> {
     c.drain_store(pb::AdminDrainStoreRequest { store_id: store })
         .await
         .map_err(status_err("drain"))?;
-    Ok(done(g, format!("draining s{store}")))
+    Ok(done(
+        g,
+        format!("draining s{store}: `skvctl stores` shows it drained once it holds no replica"),
+    ))
 }
 
 pub async fn scheduler(g: &Global, action: SchedulerAction) -> Result<ExitCode> {

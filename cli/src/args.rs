@@ -113,16 +113,17 @@ pub enum Command {
         #[arg(long, env = "SKV_RAW_KEY")]
         raw: bool,
     },
-    /// Merge two adjacent ranges. NOT YET IMPLEMENTED: placement answers UNIMPLEMENTED
-    /// until range merges land (elasticity milestone).
+    /// Merge two adjacent ranges (left first): placement colocates their replicas, aligns
+    /// their leaders, then merges. Queued; follow it with `operators`. Storenodes that do not
+    /// implement MergeRanges yet make the last step fail and retry with backoff.
     Merge {
         #[arg(value_parser = parse_range_id)]
         left: u64,
         #[arg(value_parser = parse_range_id)]
         right: u64,
     },
-    /// Move a replica of a range from one store to another. NOT YET IMPLEMENTED:
-    /// placement answers UNIMPLEMENTED until replica moves land (elasticity milestone).
+    /// Move a replica of a range from one store to another (learner, promotion, leader
+    /// transfer if it leads, removal). Started; follow it with `operators`.
     Move {
         #[arg(value_parser = parse_range_id)]
         range: u64,
@@ -139,12 +140,14 @@ pub enum Command {
         #[arg(long, env = "SKV_TO_STORE", value_parser = parse_store_id)]
         to: u64,
     },
-    /// Move every replica off a store. NOT YET IMPLEMENTED: placement answers
-    /// UNIMPLEMENTED until drains land (elasticity milestone).
+    /// Move every replica off a store (leaders first); `stores` shows it drained once it
+    /// holds none. The scheduler does the moves: it must not be paused.
     Drain {
         #[arg(value_parser = parse_store_id)]
         store: u64,
     },
+    /// The operators the placement leader has in flight, with their progress.
+    Operators,
     /// Pause or resume the scheduler.
     Scheduler {
         #[arg(value_enum)]
@@ -338,6 +341,7 @@ mod tests {
         assert!(parse(&["transfer-leader", "x3", "--to", "2"]).is_err());
         assert!(matches!(parse(&["ranges"]).unwrap().command, Command::Ranges));
         assert!(matches!(parse(&["stores"]).unwrap().command, Command::Stores));
+        assert!(matches!(parse(&["operators"]).unwrap().command, Command::Operators));
         assert!(matches!(
             parse(&["status", "--placement", "http://p:1"]).unwrap().command,
             Command::Status

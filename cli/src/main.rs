@@ -91,6 +91,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::TransferLeader { range, to } => admin::transfer_leader(g, range, to).await,
         Command::Drain { store } => admin::drain(g, store).await,
         Command::Scheduler { action } => admin::scheduler(g, action).await,
+        Command::Operators => admin::operators(g).await,
         Command::Status => admin::status(g).await,
         Command::Token {
             command: TokenCommand::Mint(m),
