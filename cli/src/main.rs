@@ -15,6 +15,10 @@ mod playground;
 mod token;
 
 use args::{Cli, Command, TokenCommand};
+
+/// mimalloc instead of glibc malloc: ADR 0017 (allocation was ~20% of server CPU).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use clap::Parser;
 use data::ExitCode;
 

@@ -1,5 +1,9 @@
 //! `skv-placement`: the placement driver binary.
 
+/// mimalloc instead of glibc malloc: ADR 0017 (allocation was ~20% of server CPU).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::time::Duration;
 
 #[tokio::main]

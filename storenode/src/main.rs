@@ -1,5 +1,9 @@
 //! `skv-storenode`: parse flags, start, wait for a signal, shut down.
 
+/// mimalloc instead of glibc malloc: ADR 0017 (allocation was ~20% of server CPU).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config: skv_storenode::Config = skv_common::config::parse();
