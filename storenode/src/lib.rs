@@ -357,6 +357,9 @@ pub async fn start_with(config: Config, opts: StartOptions) -> anyhow::Result<Se
         ));
     }
 
+    tokio::spawn(merge::resolver_loop(node.clone(), cancel.clone()));
+    tokio::spawn(node.clone().reopen_deferred(cancel.clone()));
+    node.serving.store(true, std::sync::atomic::Ordering::Release);
     start_guard.disarm();
     ready.set(true);
     tracing::info!(store_id = %store_id, %addr, "storenode listening");

@@ -75,6 +75,11 @@ pub struct NodeInner {
     gc_ranges: parking_lot::Mutex<std::collections::HashSet<RangeId>>,
     /// Retired (merged) range → the range that absorbed it, for routing answers.
     pub retired: parking_lot::Mutex<HashMap<RangeId, RangeId>>,
+    /// Set once the server accepts requests (see [`Self::merge_wait_bound`]).
+    pub serving: std::sync::atomic::AtomicBool,
+    /// Ranges that failed to open at start (a CommitMerge replay whose source had not
+    /// caught up yet): reopened in the background.
+    deferred: parking_lot::Mutex<Vec<(RangeDescriptor, bool)>>,
 }
 
 impl NodeInner {
@@ -101,6 +106,8 @@ impl NodeInner {
             merge_reporter: RwLock::new(None),
             gc_ranges: parking_lot::Mutex::new(std::collections::HashSet::new()),
             retired: parking_lot::Mutex::new(HashMap::new()),
+            serving: std::sync::atomic::AtomicBool::new(false),
+            deferred: parking_lot::Mutex::new(Vec::new()),
         })
     }
 
@@ -203,9 +210,37 @@ impl NodeInner {
             }
             let initialized = self.engine.meta.get(applied_key(RangeId(d.range_id)))?.is_some();
             let _g = self.create_lock.lock().await;
-            self.open_locked(d, initialized).await?;
+            if let Err(e) = self.open_locked(d.clone(), initialized).await {
+                tracing::warn!(store_id = %self.store_id, range_id = d.range_id, error = %e, "range failed to open; retrying in the background");
+                self.deferred.lock().push((d, initialized));
+            }
         }
         Ok(())
+    }
+
+    /// Reopens the ranges that failed to open at start, until each opens (or is destroyed).
+    pub async fn reopen_deferred(self: Arc<Self>, cancel: tokio_util::sync::CancellationToken) {
+        loop {
+            let pending: Vec<_> = std::mem::take(&mut *self.deferred.lock());
+            if pending.is_empty() {
+                return;
+            }
+            for (d, initialized) in pending {
+                let id = RangeId(d.range_id);
+                if self.gc_pending(id) || self.replica(id).is_some() {
+                    continue;
+                }
+                let _g = self.create_lock.lock().await;
+                if let Err(e) = self.open_locked(d.clone(), initialized).await {
+                    tracing::warn!(store_id = %self.store_id, range_id = %id, error = %e, "range still fails to open; retrying");
+                    self.deferred.lock().push((d, initialized));
+                }
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+            }
+        }
     }
 
     async fn open_locked(&self, desc: RangeDescriptor, initialized: bool) -> anyhow::Result<Arc<Replica>> {

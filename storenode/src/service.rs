@@ -221,10 +221,11 @@ impl StoreService {
     fn route(&self, header: Option<&RequestHeader>) -> Result<(Arc<Replica>, RangeDescriptor), Fail> {
         let header = header.ok_or_else(|| Status::invalid_argument("missing header"))?;
         let id = RangeId(header.range_id);
-        let r = self.node.replica(id).ok_or(StoreError::RangeNotFound(id))?;
+        let r = self.replica_or_retired(id)?;
         if !r.shared.is_initialized() {
             return Err(StoreError::RangeNotFound(id).into());
         }
+        Self::check_not_frozen(&r)?;
         let desc = r.shared.desc();
         let want = header.epoch.unwrap_or_default().version;
         let have = desc.epoch.unwrap_or_default().version;
@@ -235,6 +236,34 @@ impl StoreService {
             .into());
         }
         Ok((r, desc))
+    }
+
+    /// The local replica of `id`; for a range retired by a merge, EpochNotMatch with the
+    /// range that absorbed it (so the caller re-routes); else RangeNotFound.
+    fn replica_or_retired(&self, id: RangeId) -> Result<Arc<Replica>, Fail> {
+        if let Some(r) = self.node.replica(id)
+            && !self.node.gc_pending(id)
+        {
+            return Ok(r);
+        }
+        let target = self.node.retired.lock().get(&id).copied();
+        if let Some(t) = target.and_then(|t| self.node.replica(t)) {
+            let d = t.shared.desc();
+            return Err(StoreError::EpochNotMatch {
+                current: self.node.current_descriptors(&d, 0),
+            }
+            .into());
+        }
+        Err(StoreError::RangeNotFound(id).into())
+    }
+
+    /// A range frozen by a merge admits no request until the merge commits (it is then
+    /// retired) or rolls back.
+    fn check_not_frozen(r: &Replica) -> Result<(), Fail> {
+        if r.shared.merging.lock().is_some() {
+            return Err(StoreError::ServerBusy { retry_after_ms: 50 }.into());
+        }
+        Ok(())
     }
 
     /// Whether a `stale_ok` read may be served here (ADR 0008, [`crate::raft::RaftGroup::stale_read_allowed`]).
@@ -550,10 +579,11 @@ impl StoreService {
     ) -> Result<(Arc<Replica>, RangeDescriptor, MembershipStamp), Fail> {
         let header = header.ok_or_else(|| Status::invalid_argument("missing header"))?;
         let id = RangeId(header.range_id);
-        let r = self.node.replica(id).ok_or(StoreError::RangeNotFound(id))?;
+        let r = self.replica_or_retired(id)?;
         if !r.shared.is_initialized() {
             return Err(StoreError::RangeNotFound(id).into());
         }
+        Self::check_not_frozen(&r)?;
         // Only the leader's descriptor is authoritative for membership (a follower's may lag).
         if !r.is_leader() {
             return Err(self.not_leader(id, r.leader_view().leader).into());
@@ -619,6 +649,138 @@ impl StoreService {
             .await
             .map_err(|e| Status::internal(e.to_string()))?;
         Ok(TransferLeaderResponse::default())
+    }
+
+    /// MergeRanges (ADR 0016): on the leader of both ranges; the target (left) absorbs the
+    /// source (right neighbour). Runs as its own task: a caller that goes away does not
+    /// stop it half-way.
+    async fn merge(&self, req: MergeRangesRequest) -> Result<MergeRangesResponse, Fail> {
+        let me = self.clone();
+        tokio::spawn(async move { me.merge_inner(req).await })
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+    }
+
+    async fn merge_inner(&self, req: MergeRangesRequest) -> Result<MergeRangesResponse, Fail> {
+        let want_src = req
+            .source
+            .ok_or_else(|| Status::invalid_argument("missing source descriptor"))?;
+        let (t, tdesc, _) = self.admin_route(req.header.as_ref())?;
+        if want_src.range_id == tdesc.range_id {
+            return Err(Status::invalid_argument("a range cannot merge with itself").into());
+        }
+        let te = tdesc.epoch.unwrap_or_default();
+        let src_id = RangeId(want_src.range_id);
+        // A merge into this target prepared earlier (its caller went away, or a leader
+        // changed) is driven on from its frozen state.
+        let resume = self.node.replica(src_id).and_then(|r| {
+            let m = r.shared.merging.lock().clone()?;
+            (m.target_id == tdesc.range_id && m.target_version == te.version && m.target_conf_ver == te.conf_ver)
+                .then_some((r, m))
+        });
+        let (s, sdesc, frozen, index) = if let Some((s, m)) = resume {
+            if !s.is_leader() {
+                return Err(self.not_leader(src_id, s.leader_view().leader).into());
+            }
+            let d = s.shared.desc();
+            let enc = d.encode_to_vec();
+            (s, d, enc, m.frozen_index)
+        } else {
+            let src_header = RequestHeader {
+                range_id: want_src.range_id,
+                epoch: want_src.epoch,
+            };
+            let (s, sdesc, _) = self.admin_route(Some(&src_header))?;
+            if tdesc.end.is_empty() || tdesc.end != sdesc.start {
+                return Err(Status::failed_precondition(format!(
+                    "range {} is not the right neighbour of range {}",
+                    sdesc.range_id, tdesc.range_id
+                ))
+                .into());
+            }
+            let (tv, tl) = t.raft.voters_and_learners();
+            let (sv, sl) = s.raft.voters_and_learners();
+            if tv != sv || !tl.is_empty() || !sl.is_empty() {
+                return Err(Status::failed_precondition(
+                    "both ranges must have the same voters and no learners (colocate them first)",
+                )
+                .into());
+            }
+            let se = sdesc.epoch.unwrap_or_default();
+            let prepare = Command::PrepareMerge {
+                target_id: tdesc.range_id,
+                epoch_version: se.version,
+                epoch_conf_ver: se.conf_ver,
+                target_version: te.version,
+                target_conf_ver: te.conf_ver,
+            };
+            match self.decode_resp(self.propose(&s, prepare).await?)? {
+                CmdResponse::Frozen { desc, index } => (s, sdesc, desc, index),
+                other => return Err(Status::internal(format!("unexpected apply result {other:?}")).into()),
+            }
+        };
+        let (tid, sid) = (tdesc.range_id, sdesc.range_id);
+        let rollback = |why: String| {
+            let s = s.clone();
+            async move {
+                if self.node.retired.lock().contains_key(&RangeId(sid)) {
+                    return why; // absorbed after all (by a concurrent call): nothing to undo
+                }
+                tracing::warn!(store_id = %self.node.store_id, range_id = tid, source = sid, why, "merge rolled back");
+                let cmd = Command::RollbackMerge { target_id: tid };
+                if let Ok(CmdResponse::None) = s.raft.propose(cmd, PROPOSAL_TIMEOUT).await {
+                    self.node.metrics.merge_rollbacks.inc();
+                }
+                why
+            }
+        };
+        // Every voter of the source holds the frozen entry (durably) before the target
+        // commits: each replica's CommitMerge then only waits for its local apply.
+        if !s.raft.wait_replicated(index, PROPOSAL_TIMEOUT).await {
+            let why = rollback("the source's replicas did not all receive the PrepareMerge".into()).await;
+            return Err(Status::unavailable(format!("merge not done: {why}")).into());
+        }
+        let commit = Command::CommitMerge {
+            source: frozen,
+            frozen_index: index,
+            epoch_version: te.version,
+            epoch_conf_ver: te.conf_ver,
+        };
+        match t.raft.propose(commit, PROPOSAL_TIMEOUT).await {
+            Ok(CmdResponse::Merged(m)) => Ok(MergeRangesResponse {
+                routing_error: None,
+                merged: RangeDescriptor::decode(&m[..]).ok(),
+            }),
+            Ok(CmdResponse::EpochNotMatch(_)) | Ok(CmdResponse::Rejected(_)) => {
+                // Refused by every replica (the same log). If the target moved because it
+                // absorbed the source already (a concurrent call for the same merge), that
+                // is the answer; otherwise the merge can never commit: undo it.
+                let now = t.shared.desc();
+                if crate::merge::covers(&now, &sdesc) || self.node.retired.lock().contains_key(&RangeId(sid)) {
+                    return Ok(MergeRangesResponse {
+                        routing_error: None,
+                        merged: Some(now),
+                    });
+                }
+                rollback("the target changed before the commit".into()).await;
+                let d = t.shared.desc();
+                Err(StoreError::EpochNotMatch {
+                    current: self.node.current_descriptors(&d, te.version),
+                }
+                .into())
+            }
+            Ok(other) => Err(Status::internal(format!("unexpected apply result {other:?}")).into()),
+            Err(RaftOpError::NotLeader { .. }) | Err(RaftOpError::Busy(_)) | Err(RaftOpError::Rejected(_)) => {
+                // Not proposed: undo.
+                let why = rollback("the target's CommitMerge could not be proposed".into()).await;
+                Err(Status::unavailable(format!("merge not done: {why}")).into())
+            }
+            Err(e) => {
+                // It may still commit: the source stays frozen; the resolver rolls it back
+                // if the target's epoch moves without absorbing it.
+                Err(self.op_error(&t, e))
+            }
+        }
     }
 
     async fn split(&self, mut req: SplitRangeRequest) -> Result<SplitRangeResponse, Fail> {
@@ -798,11 +960,13 @@ impl Store for StoreService {
 
     async fn merge_ranges(
         &self,
-        _request: Request<MergeRangesRequest>,
+        request: Request<MergeRangesRequest>,
     ) -> Result<Response<MergeRangesResponse>, Status> {
-        Err(Status::unimplemented(
-            "MergeRanges is not implemented yet on this storenode",
-        ))
+        let req = request.into_inner();
+        let span = self.span("merge_ranges", req.header.as_ref());
+        respond(self.run("merge_ranges", span, self.merge(req)).await, |t, e| {
+            t.routing_error = Some(e)
+        })
     }
 
     async fn list_replicas(

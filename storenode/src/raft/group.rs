@@ -435,6 +435,43 @@ impl RaftGroup {
             .await;
     }
 
+    /// Waits (up to `timeout`) until this node leads, has applied `index`, and every other
+    /// voter's log matches the leader's up to `index` (durable there: appends are
+    /// acknowledged after their fsync). Returns whether that happened. A merge proposes its
+    /// CommitMerge only then, so every replica of the source holds the frozen entry.
+    pub async fn wait_replicated(&self, index: u64, timeout: Duration) -> bool {
+        let me = self.id.0;
+        self.raft
+            .wait(Some(timeout))
+            .metrics(
+                |m| {
+                    let Some(repl) = &m.replication else {
+                        return false;
+                    };
+                    m.last_applied.as_ref().is_some_and(|l| l.index >= index)
+                        && m.membership_config.membership().voter_ids().all(|v| {
+                            v == me
+                                || repl
+                                    .get(&v)
+                                    .is_some_and(|matched| matched.as_ref().is_some_and(|l| l.index >= index))
+                        })
+                },
+                "replicated to every voter",
+            )
+            .await
+            .is_ok()
+    }
+
+    /// The voters and the learners of the effective membership.
+    pub fn voters_and_learners(&self) -> (BTreeSet<u64>, BTreeSet<u64>) {
+        let m = self.raft.metrics();
+        let m = m.borrow_watched();
+        let mem = m.membership_config.membership();
+        let voters: BTreeSet<u64> = mem.voter_ids().collect();
+        let learners: BTreeSet<u64> = mem.learner_ids().filter(|l| !voters.contains(l)).collect();
+        (voters, learners)
+    }
+
     /// Asks this leader to hand leadership to `to`.
     pub async fn transfer_leader(&self, to: StoreId) -> Result<(), RaftOpError> {
         self.raft

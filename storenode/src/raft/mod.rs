@@ -67,6 +67,28 @@ pub enum Command {
     /// Each op's condition is checked on its own. If any key is outside the range at apply
     /// (a split applied after the proposal), nothing is written.
     Batch { ops: Vec<BatchOp>, epoch_version: u64 },
+    /// Merge, on the source: freezes this range for a merge into `target_id` (no write
+    /// applies after it; version +1). `epoch_*` is the source epoch the proposer checked,
+    /// `target_*` the target's, recorded to decide a rollback later (ADR 0016).
+    PrepareMerge {
+        target_id: u64,
+        epoch_version: u64,
+        epoch_conf_ver: u64,
+        target_version: u64,
+        target_conf_ver: u64,
+    },
+    /// Merge, on the target: absorbs `source` (prost-encoded descriptor as frozen) once the
+    /// local source replica applied `frozen_index`; the target's epoch must still be
+    /// `epoch_*`.
+    CommitMerge {
+        #[serde(with = "serde_bytes")]
+        source: Vec<u8>,
+        frozen_index: u64,
+        epoch_version: u64,
+        epoch_conf_ver: u64,
+    },
+    /// Merge, on the source: unfreezes it (version +1) after a merge that cannot commit.
+    RollbackMerge { target_id: u64 },
 }
 
 impl std::fmt::Display for Command {
@@ -75,6 +97,9 @@ impl std::fmt::Display for Command {
             Command::Write { key, .. } => write!(f, "write({} bytes key)", key.len()),
             Command::Split { new_range_id, .. } => write!(f, "split(r{new_range_id})"),
             Command::Batch { ops, .. } => write!(f, "batch({} ops)", ops.len()),
+            Command::PrepareMerge { target_id, .. } => write!(f, "prepare_merge(into r{target_id})"),
+            Command::CommitMerge { frozen_index, .. } => write!(f, "commit_merge(frozen at {frozen_index})"),
+            Command::RollbackMerge { target_id } => write!(f, "rollback_merge(r{target_id})"),
         }
     }
 }
@@ -99,6 +124,10 @@ pub enum CmdResponse {
     Rejected(String),
     /// A batch applied: one outcome per op, in order.
     Batch(Vec<WriteOutcome>),
+    /// PrepareMerge applied: the frozen source descriptor and the entry's log index.
+    Frozen { desc: Vec<u8>, index: u64 },
+    /// CommitMerge applied: the widened target descriptor.
+    Merged(Vec<u8>),
 }
 
 /// The outcome of one write, as `StoreWriteResponse`'s fields of the same names.

@@ -56,6 +56,9 @@ pub struct RangeShared {
     /// ([`crate::stats`]).
     pub approx_bytes: AtomicU64,
     pub approx_keys: AtomicU64,
+    /// Set while this range is the frozen source of a merge (ADR 0016): no write applies,
+    /// no request is admitted.
+    pub merging: Mutex<Option<crate::merge::MergeState>>,
 }
 
 /// The AppendEntries a follower accepted recently from a leader: when each arrived and the
@@ -159,6 +162,7 @@ impl RangeShared {
             installing: AtomicBool::new(false),
             approx_bytes: AtomicU64::new(0),
             approx_keys: AtomicU64::new(0),
+            merging: Mutex::new(None),
         })
     }
     pub fn desc(&self) -> RangeDescriptor {
@@ -212,6 +216,17 @@ impl SnapFile {
 struct AppliedState {
     last_applied: Option<LogId>,
     membership: StoredMembership,
+}
+
+/// The applied log index stored for `range`, if any.
+pub fn stored_applied_index(engine: &Engine, range: RangeId) -> io::Result<Option<u64>> {
+    match engine.meta.get(applied_key(range)).map_err(io_err)? {
+        None => Ok(None),
+        Some(v) => {
+            let s: AppliedState = decode(&v).map_err(io_err)?;
+            Ok(s.last_applied.map(|l| l.index()))
+        }
+    }
 }
 
 pub fn encode_applied(last_applied: Option<LogId>, membership: StoredMembership) -> io::Result<Vec<u8>> {
@@ -284,6 +299,7 @@ impl StateMachine {
             _ => RangeStats::default(),
         };
         shared.publish_stats(&stats);
+        *shared.merging.lock() = crate::merge::load_state(&engine, shared.range_id)?;
         Ok(Self {
             engine,
             shared,
@@ -399,6 +415,10 @@ impl StateMachine {
         condition: Option<u64>,
     ) -> io::Result<CmdResponse> {
         let desc = self.shared.desc();
+        if self.shared.merging.lock().is_some() {
+            // Frozen by a merge (its version rose): the writer re-routes.
+            return Ok(CmdResponse::EpochNotMatch(desc.encode_to_vec()));
+        }
         if !desc_contains(&desc, &key) {
             return Ok(CmdResponse::KeyNotInRange(desc.encode_to_vec()));
         }
@@ -421,6 +441,9 @@ impl StateMachine {
         ops: Vec<BatchOp>,
     ) -> io::Result<CmdResponse> {
         let desc = self.shared.desc();
+        if self.shared.merging.lock().is_some() {
+            return Ok(CmdResponse::EpochNotMatch(desc.encode_to_vec()));
+        }
         if ops.iter().any(|o| !desc_contains(&desc, &o.key)) {
             return Ok(CmdResponse::KeyNotInRange(desc.encode_to_vec()));
         }
@@ -506,6 +529,9 @@ impl StateMachine {
         if epoch.version != epoch_version {
             return Ok((CmdResponse::EpochNotMatch(desc.encode_to_vec()), None));
         }
+        if self.shared.merging.lock().is_some() {
+            return Ok((CmdResponse::Rejected("the range is frozen by a merge".into()), None));
+        }
         if split_key.is_empty() || split_key <= desc.start || !desc_contains(&desc, &split_key) {
             return Ok((CmdResponse::Rejected("split key outside the range".into()), None));
         }
@@ -561,6 +587,88 @@ impl StateMachine {
             right: right.encode_to_vec(),
         };
         Ok((resp, Some((right, seed, guard))))
+    }
+
+    /// Applies a CommitMerge on the target: checks its epoch and adjacency (the same answer
+    /// on every replica: only the log decides), waits until the local source applied the
+    /// frozen index (its data is then final; a bounded wait, after which the apply fails
+    /// and is retried by a restart or a reopen — never skipped), then widens the target and
+    /// retires the source in this batch. Returns the response and, when merged, (source,
+    /// merged descriptor, source bytes, source keys).
+    async fn apply_commit_merge(
+        &mut self,
+        batch: &mut fjall::OwnedWriteBatch,
+        source: &[u8],
+        frozen_index: u64,
+        epoch_version: u64,
+        epoch_conf_ver: u64,
+    ) -> io::Result<(CmdResponse, Option<(RangeDescriptor, RangeDescriptor, u64, u64)>)> {
+        let desc = self.shared.desc();
+        let e = desc.epoch.unwrap_or_default();
+        if e.version != epoch_version || e.conf_ver != epoch_conf_ver {
+            return Ok((CmdResponse::EpochNotMatch(desc.encode_to_vec()), None));
+        }
+        let Some(src) = crate::merge::decode_desc(source) else {
+            return Ok((CmdResponse::Rejected("undecodable source descriptor".into()), None));
+        };
+        if self.shared.merging.lock().is_some()
+            || desc.end.is_empty()
+            || src.start != desc.end
+            || src.range_id == desc.range_id
+        {
+            return Ok((CmdResponse::Rejected("source is not the right neighbour".into()), None));
+        }
+        let src_id = RangeId(src.range_id);
+        if let Some(node) = self.node.upgrade() {
+            let deadline = Instant::now() + node.merge_wait_bound();
+            while !node.source_caught_up(src_id, self.shared.range_id, frozen_index)? {
+                if Instant::now() > deadline {
+                    return Err(io::Error::other(format!(
+                        "merge of {src_id} into {}: the local source has not applied the frozen index {frozen_index}",
+                        self.shared.range_id
+                    )));
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        }
+        let engine = self.engine.clone();
+        let (start, end) = (src.start.clone(), src.end.clone());
+        let (bytes, keys) = tokio::task::spawn_blocking(move || count_span(&engine, &start, &end))
+            .await
+            .map_err(io_err)??;
+        let se = src.epoch.unwrap_or_default();
+        let mut merged = desc.clone();
+        merged.end = src.end.clone();
+        merged.epoch = Some(RangeEpoch {
+            conf_ver: e.conf_ver,
+            version: e.version.max(se.version) + 1,
+        });
+        // The source is retired in this batch: a restart never reopens it, its GC (Raft
+        // state only: the keys are the target's now) resumes.
+        let marker = crate::gc::GcMarker {
+            start: src.start.clone(),
+            end: src.end.clone(),
+            delete_data: false,
+        };
+        batch.insert(
+            &self.engine.meta,
+            crate::gc::gc_key(src_id),
+            encode(&marker).map_err(io_err)?,
+        );
+        let tomb = crate::gc::Tombstone {
+            conf_ver: se.conf_ver,
+            version: se.version,
+        };
+        batch.insert(
+            &self.engine.meta,
+            crate::gc::tomb_key(src_id),
+            encode(&tomb).map_err(io_err)?,
+        );
+        batch.remove(&self.engine.meta, desc_key(src_id));
+        Ok((
+            CmdResponse::Merged(merged.encode_to_vec()),
+            Some((src, merged, bytes, keys)),
+        ))
     }
 
     /// The descriptor after membership `m` applies: replicas from `m`, `conf_ver` + 1.
@@ -666,6 +774,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                         let mut split: Option<SplitOutcome> = None;
                         let mut extra = (0i64, 0i64);
                         let mut removed_self = false;
+                        let mut merging_after: Option<Option<crate::merge::MergeState>> = None;
+                        let mut merge_done: Option<(RangeDescriptor, RangeDescriptor)> = None;
                         let resp = match payload {
                             EntryPayload::Normal(Command::Split {
                                 split_key,
@@ -704,6 +814,82 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                                 split = s;
                                 resp
                             }
+                            EntryPayload::Normal(Command::PrepareMerge {
+                                target_id,
+                                epoch_version,
+                                epoch_conf_ver,
+                                target_version,
+                                target_conf_ver,
+                            }) => {
+                                let desc = self.shared.desc();
+                                let e = desc.epoch.unwrap_or_default();
+                                if self.shared.merging.lock().is_some() {
+                                    CmdResponse::Rejected("the range is already frozen by a merge".into())
+                                } else if e.version != epoch_version || e.conf_ver != epoch_conf_ver {
+                                    CmdResponse::EpochNotMatch(desc.encode_to_vec())
+                                } else {
+                                    let mut frozen = desc.clone();
+                                    frozen.epoch = Some(RangeEpoch {
+                                        conf_ver: e.conf_ver,
+                                        version: e.version + 1,
+                                    });
+                                    let st = crate::merge::MergeState {
+                                        target_id,
+                                        frozen_index: log_id.index(),
+                                        target_version,
+                                        target_conf_ver,
+                                    };
+                                    batch.insert(
+                                        &self.engine.meta,
+                                        crate::merge::merge_key(self.shared.range_id),
+                                        crate::merge::encode_state(&st)?,
+                                    );
+                                    merging_after = Some(Some(st));
+                                    new_desc = Some(frozen.clone());
+                                    CmdResponse::Frozen {
+                                        desc: frozen.encode_to_vec(),
+                                        index: log_id.index(),
+                                    }
+                                }
+                            }
+                            EntryPayload::Normal(Command::RollbackMerge { target_id }) => {
+                                let frozen_for =
+                                    self.shared.merging.lock().as_ref().map(|m| m.target_id) == Some(target_id);
+                                if frozen_for {
+                                    let mut d = self.shared.desc();
+                                    let mut e = d.epoch.unwrap_or_default();
+                                    e.version += 1;
+                                    d.epoch = Some(e);
+                                    batch.remove(&self.engine.meta, crate::merge::merge_key(self.shared.range_id));
+                                    merging_after = Some(None);
+                                    new_desc = Some(d);
+                                    CmdResponse::None
+                                } else {
+                                    CmdResponse::Rejected("not frozen for a merge into that range".into())
+                                }
+                            }
+                            EntryPayload::Normal(Command::CommitMerge {
+                                source,
+                                frozen_index,
+                                epoch_version,
+                                epoch_conf_ver,
+                            }) => {
+                                let (resp, m) = self
+                                    .apply_commit_merge(
+                                        &mut batch,
+                                        &source,
+                                        frozen_index,
+                                        epoch_version,
+                                        epoch_conf_ver,
+                                    )
+                                    .await?;
+                                if let Some((src, merged, b, k)) = m {
+                                    new_desc = Some(merged.clone());
+                                    extra = (b as i64, k as i64);
+                                    merge_done = Some((src, merged));
+                                }
+                                resp
+                            }
                             EntryPayload::Membership(m) => {
                                 // Only an entry that REMOVES this store counts: a replica
                                 // replaying the log from its start also applies memberships
@@ -724,6 +910,14 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                         self.last_applied = Some(log_id);
                         let b = std::mem::replace(&mut batch, self.engine.db.batch());
                         self.commit_applied_with(b, new_desc, &mut Vec::new(), extra)?;
+                        if let Some(m) = merging_after {
+                            *self.shared.merging.lock() = m;
+                        }
+                        if let Some((src, merged)) = merge_done
+                            && let Some(node) = self.node.upgrade()
+                        {
+                            node.on_merge_applied(self.shared.range_id, src, merged);
+                        }
                         if removed_self && let Some(node) = self.node.upgrade() {
                             // Committed and applied: this store is out of the range. Destroyed
                             // from another task (stopping the group waits for this apply).
