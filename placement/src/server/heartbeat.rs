@@ -288,13 +288,17 @@ impl Shared {
     }
 
     /// The stale replicas among those a store reported ([`crate::rangemap::stale_replicas`]),
-    /// judged against the map as of the last scheduler tick (or read now right after a
-    /// failover). An old map only makes the answer more conservative.
+    /// judged against the map as of the last scheduler tick, or read now if this leader
+    /// changed the map since (or just took over). An old map only makes the answer more
+    /// conservative.
     async fn stale_replicas(&self, store: StoreId, reported: &[RangeDescriptor]) -> Vec<StaleReplica> {
         let mut map = self.mem.lock().map_cache.clone();
         if map.is_empty() {
             match self.meta.all_ranges().await {
-                Ok((r, _)) => map = std::sync::Arc::new(r.iter().map(|x| x.desc().clone()).collect()),
+                Ok((r, _)) => {
+                    map = std::sync::Arc::new(r.iter().map(|x| x.desc().clone()).collect());
+                    self.mem.lock().map_cache = map.clone();
+                }
                 Err(e) => {
                     tracing::warn!(code = %e.code(), error = %e, "cannot read the range map for stale replicas");
                     return Vec::new();

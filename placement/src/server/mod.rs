@@ -231,6 +231,9 @@ impl Shared {
         for inc in incoming {
             mem.last_applied.remove(&RangeId(inc.desc.range_id));
         }
+        if matches!(out, ApplyOutcome::Applied) {
+            mem.map_cache = Arc::new(Vec::new());
+        }
         Ok(out)
     }
 }

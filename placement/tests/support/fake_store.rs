@@ -15,6 +15,7 @@ pub struct Recorded {
     pub change_replicas: Vec<ChangeReplicasRequest>,
     pub split_range: Vec<SplitRangeRequest>,
     pub transfer_leader: Vec<TransferLeaderRequest>,
+    pub merge_ranges: Vec<MergeRangesRequest>,
     /// Local descriptors by range id.
     pub ranges: HashMap<u64, RangeDescriptor>,
 }
@@ -114,12 +115,30 @@ impl Store for FakeStore {
                 descriptor: None,
             }));
         };
+        if r.header.as_ref().and_then(|h| h.epoch) != d.epoch {
+            return Ok(Response::new(ChangeReplicasResponse {
+                routing_error: Some(epoch_mismatch(&d)),
+                descriptor: None,
+            }));
+        }
         for c in &r.changes {
-            if c.kind == replica_change::Kind::AddVoter as i32 && !d.replicas.iter().any(|x| x.store_id == c.store_id) {
-                d.replicas.push(Replica {
+            let kind = replica_change::Kind::try_from(c.kind).unwrap_or(replica_change::Kind::AddVoter);
+            let existing = d.replicas.iter().position(|x| x.store_id == c.store_id);
+            match (kind, existing) {
+                (replica_change::Kind::AddVoter, Some(i)) => d.replicas[i].role = ReplicaRole::Voter as i32,
+                (replica_change::Kind::AddVoter, None) => d.replicas.push(Replica {
                     store_id: c.store_id,
                     role: ReplicaRole::Voter as i32,
-                });
+                }),
+                (replica_change::Kind::AddLearner, None) => d.replicas.push(Replica {
+                    store_id: c.store_id,
+                    role: ReplicaRole::Learner as i32,
+                }),
+                (replica_change::Kind::AddLearner, Some(_)) => {}
+                (replica_change::Kind::Remove, Some(i)) => {
+                    d.replicas.remove(i);
+                }
+                (replica_change::Kind::Remove, None) => {}
             }
         }
         let e = d.epoch.get_or_insert_default();
@@ -177,7 +196,9 @@ impl Store for FakeStore {
     async fn list_replicas(&self, _r: Request<ListReplicasRequest>) -> Result<Response<ListReplicasResponse>, Status> {
         Ok(Response::new(ListReplicasResponse::default()))
     }
-    async fn merge_ranges(&self, _r: Request<MergeRangesRequest>) -> Result<Response<MergeRangesResponse>, Status> {
+    async fn merge_ranges(&self, r: Request<MergeRangesRequest>) -> Result<Response<MergeRangesResponse>, Status> {
+        // Recorded, then refused as a storenode without merges does.
+        self.calls.lock().unwrap().merge_ranges.push(r.into_inner());
         Err(Status::unimplemented("fake"))
     }
 }
