@@ -7,7 +7,7 @@
 //!  gRPC (tonic, one listener)
 //!  ├── Store service  (service.rs)  Get/Write/Scan(stream, scan.rs)/BatchGet/BatchWrite
 //!  │                                + admin (CreateReplica, ChangeReplicas,
-//!  │                                SplitRange, TransferLeader, ListReplicas)
+//!  │                                SplitRange, MergeRanges, TransferLeader, ListReplicas)
 //!  └── Raft service   (service.rs)  Send (postcard openraft RPC) / SendSnapshot (chunks)
 //!            │
 //!  NodeInner (node.rs): RangeId → Replica { RaftGroup, RangeShared{descriptor, ..} }
@@ -89,6 +89,17 @@
 //!   (`limited_get_log_entries`), and the stream continues after the last entry sent. Each
 //!   RPC's deadline fits its payload (a base plus the bytes at a conservative 2 MiB/s), so a
 //!   large message is never retried whole forever for want of time.
+//! - Statistics (stats.rs): each range's live bytes (key + value) and keys are kept by apply
+//!   (it reads the old record anyway) and stored in `meta: stats/<range>` in the apply batch,
+//!   tagged with the applied index; counters that do not match the applied index are
+//!   recounted by one scan at open; a split counts the right half by one scan of its span.
+//! - Replica GC (gc.rs): a replica removed by an applied membership entry, or named stale by
+//!   placement with a descriptor proving it, is stopped, then an fsynced marker + tombstone
+//!   replace its descriptor (never reopened), then its data in the parts of its span no live
+//!   local replica covers (claimed like an install) and its Raft state are deleted.
+//! - Merge (merge.rs, ADR 0016): PrepareMerge freezes the source (`meta: merge/<range>`),
+//!   CommitMerge widens the target once every source voter holds the frozen entry and, on each
+//!   replica, the local source applied it; the source is retired in the commit batch.
 //!
 //! ## Known limits
 //! - A removed replica is destroyed when it applies the membership entry removing its store,
