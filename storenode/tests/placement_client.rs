@@ -361,3 +361,84 @@ async fn stats_in_heartbeats_and_a_removed_replica_is_garbage_collected() {
     .await;
     c.shutdown().await;
 }
+
+/// After a split each half reports its own size and key count; a merge adds them back
+/// up and is reported to placement with the merged and the retired descriptors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn split_halves_and_merges_report_their_sizes() {
+    let (fake, url) = start_fake().await;
+    let c = Cluster::start_with_placement(3, 10_000, Some(url)).await;
+    c.bootstrap().await;
+    for i in 0..40u32 {
+        c.put(format!("s{i:02}").as_bytes(), &[b'v'; 97]).await; // 100 bytes per key
+    }
+    let (leader, d) = c.leader_of(1, Duration::from_secs(10)).await;
+    let r = c
+        .client(leader)
+        .await
+        .split_range(SplitRangeRequest {
+            header: Some(header(&d)),
+            split_key: b"s10".to_vec(),
+            new_range_id: 2,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.routing_error.is_none(), "{r:?}");
+    let sizes = |range: u64| {
+        let seen = fake.0.lock();
+        seen.range_heartbeats
+            .iter()
+            .rev()
+            .flat_map(|h| h.ranges.iter())
+            .find(|x| x.descriptor.as_ref().is_some_and(|d| d.range_id == range))
+            .and_then(|x| x.load.as_ref().map(|l| (l.approximate_size_bytes, l.approximate_keys)))
+    };
+    wait_until("both halves report their sizes", Duration::from_secs(10), || async {
+        sizes(1) == Some((1000, 10)) && sizes(2) == Some((3000, 30))
+    })
+    .await;
+
+    // Colocate the leaders, then merge.
+    let (leader, dt, ds) = loop {
+        let (lt, dt) = c.leader_of(1, Duration::from_secs(10)).await;
+        let (ls, ds) = c.leader_of(2, Duration::from_secs(10)).await;
+        if lt == ls {
+            break (lt, dt, ds);
+        }
+        let _ = c
+            .client(ls)
+            .await
+            .transfer_leader(TransferLeaderRequest {
+                header: Some(header(&ds)),
+                to_store_id: lt,
+            })
+            .await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    let r = c
+        .client(leader)
+        .await
+        .merge_ranges(MergeRangesRequest {
+            header: Some(header(&dt)),
+            source: Some(ds.clone()),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.routing_error.is_none(), "{r:?}");
+    let merged = r.merged.unwrap();
+    wait_until("report merge", Duration::from_secs(5), || async {
+        fake.0.lock().merges.iter().any(|m| {
+            m.merged.as_ref() == Some(&merged)
+                && m.source.as_ref().is_some_and(|s| s.range_id == 2 && s.start == b"s10")
+                && m.leader_store_id == leader
+        })
+    })
+    .await;
+    wait_until("the merged range reports the sum", Duration::from_secs(10), || async {
+        sizes(1) == Some((4000, 40))
+    })
+    .await;
+    c.shutdown().await;
+}
