@@ -21,10 +21,16 @@ fn cold_pair(t: &Tick, l: &Range, r: &Range) -> bool {
     let (Some(a), Some(b)) = (snap.load.get(&l.desc.id), snap.load.get(&r.desc.id)) else {
         return false;
     };
+    // A split this leader did not see (before it took over) may be recent: the cooldown
+    // counts from the later of the last known split and the start of this leadership.
     let cooled = |id: RangeId| {
-        snap.last_split_ms
+        let since = snap
+            .last_split_ms
             .get(&id)
-            .is_none_or(|at| snap.now_ms.saturating_sub(*at) >= cfg.merge_cooldown_ms)
+            .copied()
+            .unwrap_or(0)
+            .max(snap.leader_since_ms);
+        snap.now_ms.saturating_sub(since) >= cfg.merge_cooldown_ms
     };
     cfg.merge_size_bytes > 0
         && a.size_bytes.saturating_add(b.size_bytes) < cfg.merge_size_bytes

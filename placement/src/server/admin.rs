@@ -123,6 +123,7 @@ pub(super) async fn split_range(s: &Shared, req: AdminSplitRequest) -> Placement
                 },
             ])
             .await?;
+            s.record_split(&left, &right);
             tracing::info!(new_range_id = new_range_id.get(), "range split");
             return Ok(AdminSplitResponse {
                 left: Some(left),

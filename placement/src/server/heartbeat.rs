@@ -188,6 +188,7 @@ pub(super) async fn report_split(s: &Shared, req: ReportSplitRequest) -> Placeme
         return Err(PlacementError::invalid("left and right are required"));
     };
     let leader = store_opt(req.leader_store_id);
+    let (left_c, right_c) = (left.clone(), right.clone());
     let span = tracing::info_span!("report_split", range_id = left.range_id, new_range_id = right.range_id);
     let out = s
         .apply(&[
@@ -204,6 +205,9 @@ pub(super) async fn report_split(s: &Shared, req: ReportSplitRequest) -> Placeme
         ])
         .instrument(span)
         .await?;
+    if matches!(out, ApplyOutcome::Applied) {
+        s.record_split(&left_c, &right_c);
+    }
     tracing::debug!(?out, "split reported");
     Ok(ReportSplitResponse {})
 }
@@ -249,6 +253,15 @@ fn merge_shape_ok(merged: &RangeDescriptor, source: &RangeDescriptor) -> Result<
 }
 
 impl Shared {
+    /// Remembers when the halves of a split were made (merge cooldown, no re-split within
+    /// the window).
+    pub(super) fn record_split(&self, left: &RangeDescriptor, right: &RangeDescriptor) {
+        let now = now_ms();
+        let mut mem = self.mem.lock();
+        mem.last_split.insert(RangeId(left.range_id), now);
+        mem.last_split.insert(RangeId(right.range_id), now);
+    }
+
     /// Replaces the target's and the source's records by the widened target (one guarded
     /// transaction: the merged descriptor overlaps both and must be newer than both), and
     /// forgets the source's statistics. The source's id is retired: its record is deleted,
