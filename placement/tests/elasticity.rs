@@ -242,6 +242,17 @@ async fn drained_store_replicas_are_moved_learner_first() {
     let _ = tokio::time::timeout(Duration::from_secs(10), h.shutdown()).await;
 }
 
+async fn scrape(addr: std::net::SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
 fn desc(id: u64, start: &str, end: &str, conf_ver: u64, version: u64, stores: &[u64]) -> RangeDescriptor {
     RangeDescriptor {
         range_id: id,
@@ -356,7 +367,11 @@ async fn report_merge_updates_the_map_and_names_the_source_stale() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_merge_reaches_the_leader_and_an_unimplemented_merge_is_retried_later() {
     let etcd = Etcd::start().await;
-    let h = start(&etcd, |c| c.initial_wait_ms = 200).await;
+    let h = start(&etcd, |c| {
+        c.initial_wait_ms = 200;
+        c.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+    })
+    .await;
     let mut c = client(h.addr);
     let (fakes, ids, d) = cluster(&mut c, 3).await;
     let leader = d.replicas[0].store_id;
@@ -407,6 +422,15 @@ async fn admin_merge_reaches_the_leader_and_an_unimplemented_merge_is_retried_la
         .into_inner()
         .operators;
     assert!(ops.iter().all(|o| o.kind != "merge"), "{ops:?}");
+    let metrics = scrape(h.metrics_addr.unwrap()).await;
+    assert!(
+        metrics.contains(r#"skv_placement_operators_total{kind="merge",result="failed"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"skv_placement_operators_in_flight{kind="merge"} 0"#),
+        "{metrics}"
+    );
     stop.cancel();
     stop_r.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(10), h.shutdown()).await;
