@@ -328,6 +328,7 @@ pub async fn start_with(config: Config, opts: StartOptions) -> anyhow::Result<Se
         max_value_len: config.max_value_len,
         max_response_len: max_response,
     };
+    let resolver_svc = store_svc.clone();
     let raft_svc = service::RaftService { node: node.clone() };
     let server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
@@ -368,7 +369,7 @@ pub async fn start_with(config: Config, opts: StartOptions) -> anyhow::Result<Se
         ));
     }
 
-    tokio::spawn(merge::resolver_loop(node.clone(), cancel.clone()));
+    tokio::spawn(merge::resolver_loop(resolver_svc, cancel.clone()));
     tokio::spawn(node.clone().reopen_deferred(cancel.clone()));
     node.serving.store(true, std::sync::atomic::Ordering::Release);
     start_guard.disarm();

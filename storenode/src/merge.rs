@@ -17,7 +17,6 @@ use serde::{Deserialize, Serialize};
 use skv_common::RangeId;
 use skv_proto::internal::RangeDescriptor;
 use std::io;
-use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
@@ -112,22 +111,31 @@ impl NodeInner {
     }
 }
 
-/// Rolls back merges that can no longer commit: for each frozen source this node leads,
-/// if the local target's epoch moved away from the one recorded at PrepareMerge without
-/// the target covering the source (and the source was not retired here), proposes
-/// RollbackMerge. Every 2 s until `cancel`.
-pub async fn resolver_loop(node: Arc<NodeInner>, cancel: CancellationToken) {
+/// How long a source may stay frozen before the resolver drives its merge on.
+pub const REDRIVE_AFTER: Duration = Duration::from_secs(20);
+
+/// Finishes or undoes merges left half-way (their driver died, a leader changed): for each
+/// frozen source this node leads, if the local target's epoch moved away from the one
+/// recorded at PrepareMerge without the target covering the source (and the source was not
+/// retired here), proposes RollbackMerge; if the target is unchanged, led here too, and the
+/// source has been frozen for [`REDRIVE_AFTER`], drives the merge on (wait, CommitMerge).
+/// Every 2 s until `cancel`.
+pub async fn resolver_loop(svc: crate::service::StoreService, cancel: CancellationToken) {
+    let node = svc.node.clone();
     let mut tick = tokio::time::interval(Duration::from_secs(2));
+    let mut frozen_since: std::collections::HashMap<RangeId, std::time::Instant> = Default::default();
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tick.tick() => {}
         }
+        frozen_since.retain(|id, _| node.replica(*id).is_some_and(|r| r.shared.merging.lock().is_some()));
         for r in node.replicas() {
             let Some(st) = r.shared.merging.lock().clone() else {
                 continue;
             };
             let src = r.shared.range_id;
+            let since = *frozen_since.entry(src).or_insert_with(std::time::Instant::now);
             if !r.is_leader() || node.retired.lock().contains_key(&src) || node.gc_pending(src) {
                 continue;
             }
@@ -139,7 +147,16 @@ pub async fn resolver_loop(node: Arc<NodeInner>, cancel: CancellationToken) {
             }
             let td = t.shared.desc();
             let te = td.epoch.unwrap_or_default();
-            if covers(&td, &r.shared.desc()) || (te.version == st.target_version && te.conf_ver == st.target_conf_ver) {
+            if covers(&td, &r.shared.desc()) {
+                continue;
+            }
+            if te.version == st.target_version && te.conf_ver == st.target_conf_ver {
+                if since.elapsed() >= REDRIVE_AFTER && t.is_leader() {
+                    tracing::info!(store_id = %node.store_id, range_id = %src, target = st.target_id, "driving a pending merge on");
+                    if let Err(e) = svc.resume_merge(td, r.shared.desc()).await {
+                        tracing::info!(range_id = %src, error = %e, "pending merge not finished yet");
+                    }
+                }
                 continue;
             }
             tracing::warn!(store_id = %node.store_id, range_id = %src, target = st.target_id, "merge can no longer commit (target epoch moved); rolling back");

@@ -80,6 +80,9 @@ pub struct NodeInner {
     /// Ranges that failed to open at start (a CommitMerge replay whose source had not
     /// caught up yet): reopened in the background.
     deferred: parking_lot::Mutex<Vec<(RangeDescriptor, bool)>>,
+    /// Held by whoever drives a merge on this node (a MergeRanges call or the resolver), so
+    /// two drivers never interleave a rollback with a commit.
+    pub merge_lock: tokio::sync::Mutex<()>,
 }
 
 impl NodeInner {
@@ -108,6 +111,7 @@ impl NodeInner {
             retired: parking_lot::Mutex::new(HashMap::new()),
             serving: std::sync::atomic::AtomicBool::new(false),
             deferred: parking_lot::Mutex::new(Vec::new()),
+            merge_lock: tokio::sync::Mutex::new(()),
         })
     }
 

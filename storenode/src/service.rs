@@ -661,10 +661,29 @@ impl StoreService {
             .map_err(|e| Status::internal(e.to_string()))?
     }
 
+    /// Drives on a merge whose source is frozen for `target` (resolver): the same path as a
+    /// MergeRanges call that finds the source already frozen.
+    pub async fn resume_merge(&self, target: RangeDescriptor, source: RangeDescriptor) -> Result<(), String> {
+        let req = MergeRangesRequest {
+            header: Some(RequestHeader {
+                range_id: target.range_id,
+                epoch: target.epoch,
+            }),
+            source: Some(source),
+        };
+        match self.merge_inner(req).await {
+            Ok(r) if r.merged.is_some() => Ok(()),
+            Ok(_) => Err("no merged descriptor".into()),
+            Err(Fail::Route(e)) => Err(e.to_string()),
+            Err(Fail::Status(s)) => Err(s.to_string()),
+        }
+    }
+
     async fn merge_inner(&self, req: MergeRangesRequest) -> Result<MergeRangesResponse, Fail> {
         let want_src = req
             .source
             .ok_or_else(|| Status::invalid_argument("missing source descriptor"))?;
+        let _driver = self.node.merge_lock.lock().await;
         let (t, tdesc, _) = self.admin_route(req.header.as_ref())?;
         if want_src.range_id == tdesc.range_id {
             return Err(Status::invalid_argument("a range cannot merge with itself").into());
@@ -678,6 +697,10 @@ impl StoreService {
             (m.target_id == tdesc.range_id && m.target_version == te.version && m.target_conf_ver == te.conf_ver)
                 .then_some((r, m))
         });
+        // Rolling back is only safe when no CommitMerge for this freeze can still apply: a
+        // resumed merge may have proposed one before (outcome unknown), so it only rolls back
+        // when the target refused the commit (its epoch moved: no such commit can apply).
+        let resumed = resume.is_some();
         let (s, sdesc, frozen, index) = if let Some((s, m)) = resume {
             if !s.is_leader() {
                 return Err(self.not_leader(src_id, s.leader_view().leader).into());
@@ -737,6 +760,12 @@ impl StoreService {
         // Every voter of the source holds the frozen entry (durably) before the target
         // commits: each replica's CommitMerge then only waits for its local apply.
         if !s.raft.wait_replicated(index, PROPOSAL_TIMEOUT).await {
+            if resumed {
+                return Err(Status::unavailable(
+                    "merge pending: the source's replicas have not all received the PrepareMerge yet",
+                )
+                .into());
+            }
             let why = rollback("the source's replicas did not all receive the PrepareMerge".into()).await;
             return Err(Status::unavailable(format!("merge not done: {why}")).into());
         }
@@ -770,7 +799,9 @@ impl StoreService {
                 .into())
             }
             Ok(other) => Err(Status::internal(format!("unexpected apply result {other:?}")).into()),
-            Err(RaftOpError::NotLeader { .. }) | Err(RaftOpError::Busy(_)) | Err(RaftOpError::Rejected(_)) => {
+            Err(RaftOpError::NotLeader { .. }) | Err(RaftOpError::Busy(_)) | Err(RaftOpError::Rejected(_))
+                if !resumed =>
+            {
                 // Not proposed: undo.
                 let why = rollback("the target's CommitMerge could not be proposed".into()).await;
                 Err(Status::unavailable(format!("merge not done: {why}")).into())
