@@ -539,3 +539,52 @@ fn learner_leftovers_and_extra_voters_are_cleaned_up() {
             .any(|o| matches!(o, Operator::RemoveReplica { .. } if o.range_id() == RangeId(2)))
     );
 }
+
+#[test]
+fn large_cluster_with_a_dead_a_new_a_draining_store_and_a_hot_range_converges() {
+    // 300 stores, 3000 ranges; at once: store 7 dies, store 12 drains, store 301 joins, and
+    // range 1500 gets hot on many keys.
+    let mut sim = Sim::new(300, 3000, spread3(300));
+    sim.cfg.repair_after_ms = 1000;
+    sim.cfg.max_ops_per_tick = 200;
+    let (dead, draining, new) = (StoreId(7), StoreId(12), StoreId(301));
+    for s in sim.snap.stores.iter_mut() {
+        if s.id == dead {
+            s.state = StoreState::Down;
+        }
+        if s.id == draining {
+            s.state = StoreState::Draining;
+        }
+    }
+    for r in sim.snap.ranges.iter_mut() {
+        if r.leader == Some(dead) {
+            r.leader = r.desc.replicas.iter().map(|x| x.store).find(|s| *s != dead);
+        }
+    }
+    sim.snap.stores.push(store(301));
+    sim.snap.store_last_heartbeat_ms.insert(new, sim.snap.now_ms);
+    sim.snap.store_last_heartbeat_ms.insert(dead, sim.snap.now_ms - 60_000);
+    let hot = RangeId(1500);
+    let a = key_num(&sim.range(hot).unwrap().desc.start).unwrap();
+    // 4000 ops/s: one split makes two halves under the threshold.
+    sim.set_load(hot, 4000.0, 1 << 20, (0..100).map(|i| key(a + i)).collect());
+    let ticks = sim.run_until_quiet(600).expect("converges");
+    sim.check();
+    assert!(!sim.snap.ranges.iter().any(|r| r.desc.has_replica_on(dead)));
+    assert!(!sim.snap.ranges.iter().any(|r| r.desc.has_replica_on(draining)));
+    assert_eq!(plan(&sim.cfg, &sim.snap).drained, vec![draining]);
+    assert!(sim.snap.ranges.len() > 3000, "the hot range split");
+    let rc = sim.replica_counts();
+    let live = |s: StoreId| s != dead && s != draining;
+    let (lo, hi) = spread_of(&rc, live);
+    assert!(hi - lo <= 2, "replicas per store {lo}..{hi} after {ticks} ticks");
+    assert!(rc[&new] >= lo);
+    for i in 0..50 {
+        let ops = sim.tick().ops;
+        assert!(
+            ops.is_empty(),
+            "tick {i}: {:?}",
+            ops.iter().map(|o| (o.kind(), o.describe())).collect::<Vec<_>>()
+        );
+    }
+}
