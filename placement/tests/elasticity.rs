@@ -435,3 +435,107 @@ async fn admin_merge_reaches_the_leader_and_an_unimplemented_merge_is_retried_la
     stop_r.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(10), h.shutdown()).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_move_off_the_leader_transfers_leadership_before_removal() {
+    let etcd = Etcd::start().await;
+    let h = start(&etcd, |c| c.initial_wait_ms = 200).await;
+    let mut c = client(h.addr);
+    let (mut fakes, mut ids, d) = cluster(&mut c, 3).await;
+    let f4 = FakeStore::spawn().await;
+    ids.push(register(&mut c, f4.addr).await);
+    fakes.push(f4);
+    // The fakes follow each other's membership changes, as replicas of one group.
+    let all: Vec<_> = fakes.iter().map(|f| f.calls.clone()).collect();
+    for f in &fakes {
+        let mut g = f.calls.lock().unwrap();
+        g.peers = all
+            .iter()
+            .filter(|p| !std::sync::Arc::ptr_eq(p, &f.calls))
+            .cloned()
+            .collect();
+        g.ranges.insert(d.range_id, d.clone());
+    }
+    let leader = d.replicas[0].store_id;
+    let li = ids.iter().position(|i| *i == leader).unwrap();
+    let stop = heartbeats(c.clone(), fakes[li].calls.clone(), leader, d.range_id, None);
+    wait_until("leader known", Duration::from_secs(10), || {
+        let mut c = c.clone();
+        async move {
+            let r = c
+                .get_range(GetRangeRequest { key: b"a".to_vec() })
+                .await
+                .ok()?
+                .into_inner();
+            (r.range?.leader_store_id == leader).then_some(())
+        }
+    })
+    .await;
+    stop.cancel();
+    let s4 = ids[3];
+    // Refusals first: not a replica, already there, unknown range.
+    for (range_id, from, to, code) in [
+        (d.range_id, s4, leader, tonic::Code::FailedPrecondition),
+        (d.range_id, leader, d.replicas[1].store_id, tonic::Code::InvalidArgument),
+        (999_999, leader, s4, tonic::Code::NotFound),
+    ] {
+        let e = c
+            .move_replica(AdminMoveReplicaRequest {
+                range_id,
+                from_store_id: from,
+                to_store_id: to,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), code, "{e:?}");
+    }
+    c.move_replica(AdminMoveReplicaRequest {
+        range_id: d.range_id,
+        from_store_id: leader,
+        to_store_id: s4,
+    })
+    .await
+    .unwrap();
+    let remove = wait_until("REMOVE on the new leader", Duration::from_secs(20), || async {
+        fakes[3].calls.lock().unwrap().change_replicas.first().cloned()
+    })
+    .await;
+    assert_eq!(
+        (remove.changes[0].store_id, remove.changes[0].kind),
+        (leader, replica_change::Kind::Remove as i32)
+    );
+    let on_old: Vec<(u64, i32)> = fakes[li]
+        .calls
+        .lock()
+        .unwrap()
+        .change_replicas
+        .iter()
+        .map(|cr| (cr.changes[0].store_id, cr.changes[0].kind))
+        .collect();
+    assert_eq!(
+        on_old,
+        vec![
+            (s4, replica_change::Kind::AddLearner as i32),
+            (s4, replica_change::Kind::AddVoter as i32)
+        ]
+    );
+    let t = fakes[li].calls.lock().unwrap().transfer_leader.clone();
+    assert_eq!(t.len(), 1);
+    assert_eq!(t[0].to_store_id, s4);
+    // The map shows the new replica set.
+    let got = wait_until("map updated", Duration::from_secs(5), || {
+        let mut c = c.clone();
+        async move {
+            let r = c
+                .get_range(GetRangeRequest { key: b"a".to_vec() })
+                .await
+                .ok()?
+                .into_inner();
+            let d = r.range?.descriptor?;
+            (!d.replicas.iter().any(|x| x.store_id == leader)).then_some(d)
+        }
+    })
+    .await;
+    assert!(got.replicas.iter().any(|x| x.store_id == s4));
+    let _ = tokio::time::timeout(Duration::from_secs(10), h.shutdown()).await;
+}

@@ -18,6 +18,9 @@ pub struct Recorded {
     pub merge_ranges: Vec<MergeRangesRequest>,
     /// Local descriptors by range id.
     pub ranges: HashMap<u64, RangeDescriptor>,
+    /// Other fakes whose local descriptors follow this one's membership changes (as
+    /// replicas of one Raft group would), e.g. so a new leader knows the latest epoch.
+    pub peers: Vec<Arc<Mutex<Recorded>>>,
 }
 
 #[derive(Clone, Default)]
@@ -144,6 +147,11 @@ impl Store for FakeStore {
         let e = d.epoch.get_or_insert_default();
         e.conf_ver += 1;
         g.ranges.insert(id, d.clone());
+        let peers = g.peers.clone();
+        drop(g);
+        for p in peers {
+            p.lock().unwrap().ranges.insert(id, d.clone());
+        }
         Ok(Response::new(ChangeReplicasResponse {
             routing_error: None,
             descriptor: Some(d),
