@@ -583,7 +583,8 @@ impl StoreService {
         if !r.shared.is_initialized() {
             return Err(StoreError::RangeNotFound(id).into());
         }
-        Self::check_not_frozen(&r)?;
+        // (A range frozen by a merge may still move its leadership, so that a merge left
+        // half-way can be colocated and driven on; other admin calls check it.)
         // Only the leader's descriptor is authoritative for membership (a follower's may lag).
         if !r.is_leader() {
             return Err(self.not_leader(id, r.leader_view().leader).into());
@@ -612,6 +613,7 @@ impl StoreService {
             changes.push((StoreId(c.store_id), kind));
         }
         let (r, desc, stamp) = self.admin_route(req.header.as_ref())?;
+        Self::check_not_frozen(&r)?;
         self.node
             .record_addresses(&req.stores)
             .map_err(|e| Status::internal(e.to_string()))?;
@@ -685,6 +687,7 @@ impl StoreService {
             .ok_or_else(|| Status::invalid_argument("missing source descriptor"))?;
         let _driver = self.node.merge_lock.lock().await;
         let (t, tdesc, _) = self.admin_route(req.header.as_ref())?;
+        Self::check_not_frozen(&t)?;
         if want_src.range_id == tdesc.range_id {
             return Err(Status::invalid_argument("a range cannot merge with itself").into());
         }
