@@ -32,7 +32,10 @@
 //! - Range map writes go through [`rangemap::plan_update`] and a CAS transaction, so the map
 //!   never goes backwards, even with two leaders.
 //! - Only the leader keeps in-memory state (latest store heartbeats, range leader terms,
-//!   operator cooldowns); a new leader rebuilds it from heartbeats. Store records are
+//!   range load, split times, operators in flight and their cooldowns); a new leader
+//!   rebuilds it from heartbeats (so it splits by load only after one window of heartbeats,
+//!   and merges only after one merge cooldown). `PlacementAdmin` (RangeStats, StoreStatus,
+//!   ListOperators) reads it; followers forward those calls to the leader. Store records are
 //!   persisted on registration, on state/address change and at most every
 //!   `store_down_after / 5` (clamped to 0.1..5 s) otherwise, so followers judge liveness too.
 
