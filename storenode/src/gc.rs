@@ -309,6 +309,18 @@ impl NodeInner {
                 continue;
             }
             let local = r.shared.desc();
+            // Retired by a merge while the local target lags: the target's own CommitMerge (or
+            // its snapshot) retires this replica; destroying it first would drop keys the
+            // target has not absorbed here yet.
+            if current.range_id != local.range_id
+                && let Some(t) = self.replica(RangeId(current.range_id))
+                && t.shared.is_initialized()
+                && !crate::merge::covers(&t.shared.desc(), &local)
+            {
+                tracing::info!(store_id = %self.store_id, range_id = %id, target = current.range_id, "merged source kept until the local target absorbs it");
+                self.metrics.stale_refused.inc();
+                continue;
+            }
             match verify_stale(self.store_id, &local, &current) {
                 Ok(()) => {
                     if let Err(e) = self.destroy_replica(id, true, "placement: removed").await {

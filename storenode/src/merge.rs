@@ -136,7 +136,7 @@ pub async fn resolver_loop(svc: crate::service::StoreService, cancel: Cancellati
             };
             let src = r.shared.range_id;
             let since = *frozen_since.entry(src).or_insert_with(std::time::Instant::now);
-            if !r.is_leader() || node.retired.lock().contains_key(&src) || node.gc_pending(src) {
+            if node.retired.lock().contains_key(&src) || node.gc_pending(src) {
                 continue;
             }
             let Some(t) = node.replica(RangeId(st.target_id)) else {
@@ -148,6 +148,16 @@ pub async fn resolver_loop(svc: crate::service::StoreService, cancel: Cancellati
             let td = t.shared.desc();
             let te = td.epoch.unwrap_or_default();
             if covers(&td, &r.shared.desc()) {
+                // The local target absorbed it without applying the CommitMerge here (it
+                // installed a snapshot of the merged range): retire the source, keys kept.
+                if let Some(n) = node.arc()
+                    && let Err(e) = n.destroy_replica(src, false, "absorbed by the target's snapshot").await
+                {
+                    tracing::warn!(range_id = %src, error = %e, "cannot retire the merged source");
+                }
+                continue;
+            }
+            if !r.is_leader() {
                 continue;
             }
             if te.version == st.target_version && te.conf_ver == st.target_conf_ver {

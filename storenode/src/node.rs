@@ -460,6 +460,11 @@ impl NodeInner {
             if r.shared.range_id == id || !r.shared.is_initialized() {
                 continue;
             }
+            // A merge source frozen for `id`: its keys are `id`'s once the merge commits, and a
+            // snapshot of `id` that covers them comes from after the commit (ADR 0016).
+            if r.shared.merging.lock().as_ref().is_some_and(|m| m.target_id == id.0) {
+                continue;
+            }
             let d = r.shared.desc.read();
             if spans_overlap(&d.start, &d.end, start, end) {
                 return Some(r.shared.range_id);

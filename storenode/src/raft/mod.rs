@@ -278,6 +278,28 @@ mod tests {
         let bytes = encode(&b).unwrap();
         assert_eq!(bytes[0], 2, "Batch is variant 2, after Write and Split");
         assert_eq!(decode::<Command>(&bytes).unwrap(), b);
+        // The merge commands follow, in this order (append-only).
+        let merge_cmds = [
+            Command::PrepareMerge {
+                target_id: 1,
+                epoch_version: 2,
+                epoch_conf_ver: 3,
+                target_version: 4,
+                target_conf_ver: 5,
+            },
+            Command::CommitMerge {
+                source: vec![1, 2],
+                frozen_index: 9,
+                epoch_version: 2,
+                epoch_conf_ver: 3,
+            },
+            Command::RollbackMerge { target_id: 1 },
+        ];
+        for (i, c) in merge_cmds.into_iter().enumerate() {
+            let bytes = encode(&c).unwrap();
+            assert_eq!(bytes[0] as usize, 3 + i, "{c}");
+            assert_eq!(decode::<Command>(&bytes).unwrap(), c);
+        }
     }
 
     #[test]
