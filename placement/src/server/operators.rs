@@ -24,8 +24,10 @@ pub(super) const OPERATOR_TIMEOUT: Duration = Duration::from_secs(300);
 /// Retry backoff of a range whose operator failed: 3 s, doubling, at most 5 min.
 const FAIL_BACKOFF_MS: u64 = 3000;
 const FAIL_BACKOFF_MAX_MS: u64 = 300_000;
-/// How long a finished operator's range is left alone so heartbeats show its effect.
-const SETTLE_MS: u64 = 1000;
+/// How long a finished operator's range is left alone so heartbeats show its effect (and
+/// a late heartbeat of a deposed leader cannot trigger a second move): 2.5 storenode
+/// heartbeat intervals.
+const SETTLE_MS: u64 = 2500;
 /// Load-split siblings are kept apart for this long.
 pub(super) const SIBLINGS_KEEP_MS: u64 = 30 * 60 * 1000;
 
