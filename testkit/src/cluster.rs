@@ -48,6 +48,8 @@ pub struct ClusterOptions {
     /// Use a real etcd (true) or placement's embedded store (false).
     pub etcd: bool,
     pub placement_instances: usize,
+    /// Extra command-line flags for every placement instance (scheduler thresholds).
+    pub placement_args: Vec<String>,
 }
 
 impl Default for ClusterOptions {
@@ -57,6 +59,7 @@ impl Default for ClusterOptions {
             proxies: 1,
             etcd: false,
             placement_instances: 1,
+            placement_args: Vec::new(),
         }
     }
 }
@@ -69,6 +72,7 @@ pub struct Cluster {
     pub stores: Vec<Option<ServiceHandle>>,
     pub proxies: Vec<Option<ServiceHandle>>,
     secret_file: PathBuf,
+    placement_args: Vec<String>,
 }
 
 fn s(p: &Path) -> String {
@@ -90,6 +94,7 @@ impl Cluster {
             stores: Vec::new(),
             proxies: Vec::new(),
             secret_file,
+            placement_args: opts.placement_args.clone(),
         };
         for i in 0..opts.placement_instances.max(1) {
             let h = c.start_placement(i).await;
@@ -123,6 +128,7 @@ impl Cluster {
             args.push("--etcd".into());
             args.push(e.client_url.clone());
         }
+        args.extend(self.placement_args.iter().cloned());
         let cfg = skv_placement::Config::try_parse_from(args).unwrap_or_else(|e| panic!("placement config: {e}"));
         skv_placement::start(cfg)
             .await

@@ -7,6 +7,7 @@
 pub mod cluster;
 pub mod etcd;
 pub mod process;
+pub mod workload;
 
 pub use etcd::Etcd;
 pub use process::{ChildGuard, bin_path, free_port, wait_until};
