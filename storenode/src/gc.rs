@@ -414,6 +414,57 @@ mod tests {
         assert!(verify_stale(me, &open_end, &d(4, b"", b"", 4, 9, &[1, 2, 3])).is_ok());
     }
 
+    /// A GC interrupted by a crash (marker left) is resumed at start: the data of its span
+    /// goes, except where a live replica overlaps; its Raft state and marker go; other
+    /// ranges' state stays.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_interrupted_gc_resumes_and_spares_live_ranges() {
+        use crate::engine::{Engine, encode_value, log_key};
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Engine::open(dir.path(), crate::metrics::Metrics::new()).unwrap();
+        let node = NodeInner::new(
+            StoreId(1),
+            engine.clone(),
+            crate::raft::network::Transport::new(StoreId(1), None, 1 << 20),
+            crate::raft::raft_config(100).unwrap(),
+            dir.path().join("snaps"),
+            crate::metrics::Metrics::new(),
+        );
+        // A live single-voter range 7 over [k, m).
+        node.create_replica(d(7, b"k", b"m", 1, 1, &[1]), true).await.unwrap();
+        for k in [&b"b"[..], b"c", b"k1", b"l", b"n"] {
+            engine.data.insert(k, encode_value(1, b"v")).unwrap();
+        }
+        // Range 9 over [b, m) was being destroyed.
+        let marker = GcMarker {
+            start: b"b".to_vec(),
+            end: b"m".to_vec(),
+            delete_data: true,
+        };
+        engine
+            .meta
+            .insert(gc_key(RangeId(9)), postcard::to_allocvec(&marker).unwrap())
+            .unwrap();
+        engine.raft.insert(log_key(RangeId(9), 3), b"entry").unwrap();
+        engine.raft.insert(log_key(RangeId(7), 3), b"other").unwrap();
+        node.resume_gc().unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while engine.meta.get(gc_key(RangeId(9))).unwrap().is_some() {
+            assert!(std::time::Instant::now() < deadline, "GC did not finish");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(engine.get_data(b"b").unwrap(), None);
+        assert_eq!(engine.get_data(b"c").unwrap(), None);
+        // Inside live range 7, or outside the span: kept.
+        assert!(engine.get_data(b"k1").unwrap().is_some());
+        assert!(engine.get_data(b"l").unwrap().is_some());
+        assert!(engine.get_data(b"n").unwrap().is_some());
+        assert!(engine.raft.get(log_key(RangeId(9), 3)).unwrap().is_none());
+        assert!(engine.raft.get(log_key(RangeId(7), 3)).unwrap().is_some());
+        assert_eq!(node.metrics.gc_keys_deleted.get(), 2);
+        node.stop_all().await;
+    }
+
     #[test]
     fn only_uncovered_parts_are_cleared() {
         let s = |a: &[u8], b: &[u8]| (a.to_vec(), b.to_vec());

@@ -895,7 +895,10 @@ impl Store for StoreService {
         let span = self.span("scan", req.header.as_ref());
         let opened = async {
             let r = self.scan_prepare(&req).await?;
-            self.scan_open(&r, &req)
+            let cursor = self.scan_open(&r, &req)?;
+            // A scan counts as one read of its start key in the load sample.
+            r.shared.record_read(&req.start, 0);
+            Ok(cursor)
         };
         let r = self.run("scan", span, opened).await;
         match r {
