@@ -1,9 +1,13 @@
 //! Garbage collection of replicas this store no longer holds.
 //!
-//! A replica is destroyed when (a) it applies a membership entry that removes its own
-//! store (committed: certain), (b) placement names it stale in a store heartbeat AND the
-//! descriptor placement sends proves it ([`verify_stale`]), or (c) a merge retired it (the
+//! A replica is destroyed when (a) placement names it stale in a store heartbeat AND the
+//! descriptor placement sends proves it ([`verify_stale`]), or (b) a merge retired it (the
 //! source of a merge: its Raft state goes, its data stays, it belongs to the target).
+//! Applying a membership without this store is NOT enough: a store added back after a
+//! removal replays that old removal from the log while the leader counts it as a member
+//! again, and destroying it then would wipe a live member's log. Placement, for its part,
+//! names no replica of a range stale while an operator on that range is in flight or
+//! settling.
 //!
 //! Destroying is crash-safe and never races a live replica:
 //! 1. the range is put in the node's GC set (no Raft message or CreateReplica may reopen it

@@ -318,8 +318,21 @@ impl Shared {
                 }
             }
         }
+        // A range with an operator in flight, or one that finished moments ago, may be adding
+        // this very store back: the cached map can predate that, and destroying the replica
+        // then would wipe a live member. Those ranges are judged on a later heartbeat.
+        let now = now_ms();
+        let settling: std::collections::HashSet<u64> = {
+            let mem = self.mem.lock();
+            mem.inflight
+                .keys()
+                .map(|r| r.get())
+                .chain(mem.busy_until.iter().filter(|(_, t)| **t > now).map(|(r, _)| r.get()))
+                .collect()
+        };
         let out: Vec<StaleReplica> = crate::rangemap::stale_replicas(store, reported, &map)
             .into_iter()
+            .filter(|(range_id, current)| !settling.contains(range_id) && !settling.contains(&current.range_id))
             .map(|(range_id, current)| {
                 tracing::info!(
                     range_id,

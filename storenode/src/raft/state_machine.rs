@@ -918,15 +918,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                         {
                             node.on_merge_applied(self.shared.range_id, src, merged);
                         }
-                        if removed_self && let Some(node) = self.node.upgrade() {
-                            // Committed and applied: this store is out of the range. Destroyed
-                            // from another task (stopping the group waits for this apply).
-                            let id = self.shared.range_id;
-                            tokio::spawn(async move {
-                                if let Err(e) = node.destroy_replica(id, true, "membership removed this store").await {
-                                    tracing::warn!(range_id = %id, error = %e, "cannot destroy removed replica");
-                                }
-                            });
+                        if removed_self {
+                            // Not destroyed here. A replica that replays the log (a store
+                            // added back after it was removed) applies that old removal too,
+                            // while the leader counts it as a member again; destroying it
+                            // would wipe a live member's log. Placement names the replica
+                            // stale once its map proves the removal (gc::verify_stale).
+                            tracing::info!(range_id = %self.shared.range_id, "applied a membership without this store; waiting for placement to confirm before destroying");
                         }
                         if let Some((right, seeded, guard)) = split
                             && let Some(node) = self.node.upgrade()
@@ -1011,7 +1009,28 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     async fn get_current_snapshot(
         &mut self,
     ) -> Result<Option<openraft::alias::SnapshotOf<TypeConfig, SnapFile>>, io::Error> {
-        let cur = self.current.lock().clone();
+        let mut cur = self.current.lock().clone();
+        // A snapshot built before a split or a merge carries the old span. Sent to a store
+        // that holds the other half live, it would overlap it and be refused forever (the
+        // next periodic snapshot may be 10,000 entries away). So it is rebuilt here, from
+        // the engine as it is now: this runs on the state machine's worker, between
+        // applies, so the data, the applied state and the descriptor agree.
+        if let Some((_, path)) = &cur
+            && !snapshot_span_matches(path, &self.shared.desc())
+        {
+            let (engine, range, dir) = (self.engine.clone(), self.shared.range_id, self.snap_dir.clone());
+            let (meta, path) = tokio::task::spawn_blocking(move || build_to_file(&engine, range, &dir))
+                .await
+                .map_err(io_err)??;
+            tracing::info!(range_id = %range, index = ?meta.last_log_id.map(|l| l.index()), "snapshot rebuilt: the range's span changed since the last one");
+            let old = self.current.lock().replace((meta.clone(), path.clone()));
+            if let Some((_, p)) = old
+                && p != path
+            {
+                let _ = std::fs::remove_file(p);
+            }
+            cur = Some((meta, path));
+        }
         match cur {
             None => Ok(None),
             Some((meta, path)) => match SnapFile::open(path) {
@@ -1019,6 +1038,16 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 Err(_) => Ok(None),
             },
         }
+    }
+}
+
+/// Whether the snapshot file at `path` covers exactly the span of `desc` (an unreadable
+/// header counts as a mismatch, so the snapshot is rebuilt).
+fn snapshot_span_matches(path: &Path, desc: &RangeDescriptor) -> bool {
+    let header = std::fs::File::open(path).and_then(|f| SnapReader::open(BufReader::with_capacity(4096, f)));
+    match header {
+        Ok(r) => r.desc.start == desc.start && r.desc.end == desc.end,
+        Err(_) => false,
     }
 }
 
