@@ -109,10 +109,11 @@
 //! - An uninitialized peer (created by a Raft message) is not reopened after a restart; it
 //!   is recreated by the next message.
 //! - Hibernation and the foyer cache are not implemented yet: every idle range still
-//!   heartbeats 10 times a second to each follower (tests/idle_cpu.rs measures it: 100 idle
-//!   3-replica ranges on 3 in-process debug nodes took ~1.6 cores on a loaded 2-core machine). Load counters (reads, writes,
-//!   bytes, a reservoir sample of 64 keys) and approximate size/keys (stats.rs) are.
-//!   `--snapshot-url` is accepted and ignored.
+//!   heartbeats 10 times a second to each follower (docs/bench/idle-ranges.md: 655 idle
+//!   ranges in the playground take 1.88 cores). Load counters (reads, writes, bytes, a
+//!   reservoir sample of 64 keys) and approximate size/keys (stats.rs) are.
+//! - Object storage (`--object-store-url`, DESIGN §8) is not implemented yet; there is no
+//!   flag for it until it is.
 //! - `--advertise` defaults to the bound address; set it when listening on 0.0.0.0.
 
 pub mod engine;
@@ -157,9 +158,6 @@ pub struct Config {
     /// Store id; required without --placement.
     #[arg(long, env = "SKV_STORE_ID")]
     pub store_id: Option<u64>,
-    /// Object storage URL for snapshots (accepted, unused for now).
-    #[arg(long, env = "SKV_SNAPSHOT_URL")]
-    pub snapshot_url: Option<String>,
     /// Serve /metrics, /healthz, /readyz on this address.
     #[arg(long, env = "SKV_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
@@ -188,7 +186,6 @@ impl Config {
             placement: Vec::new(),
             data_dir,
             store_id: Some(store_id),
-            snapshot_url: None,
             metrics_listen: None,
             max_value_len: skv_common::limits::DEFAULT_MAX_VALUE_LEN,
             heartbeat_interval_ms: 1000,
