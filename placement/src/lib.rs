@@ -123,6 +123,12 @@ pub struct Config {
 }
 
 impl Config {
+    /// The load window in milliseconds (at least 1 s), one value for the statistics and the
+    /// scheduler alike.
+    pub fn split_qps_window_ms(&self) -> u64 {
+        self.split_qps_window_secs.saturating_mul(1000).max(1000)
+    }
+
     /// A config for tests: port 0 on 127.0.0.1, everything else default.
     pub fn for_test(data_dir: impl Into<PathBuf>, etcd: Vec<String>, prefix: &str) -> Self {
         Self {

@@ -22,7 +22,7 @@ const FIXED_VIEW_RETRY: Duration = Duration::from_millis(50);
 const ROUTING_RETRY: Duration = Duration::from_millis(300);
 
 /// How long to wait before retrying after a storenode's routing error.
-fn routing_retry_delay(re: &RoutingError) -> Duration {
+pub(super) fn routing_retry_delay(re: &RoutingError) -> Duration {
     match &re.kind {
         Some(RoutingKind::NotLeader(nl)) if nl.leader_store_id != 0 => FIXED_VIEW_RETRY,
         Some(RoutingKind::EpochNotMatch(_)) => FIXED_VIEW_RETRY,
@@ -39,10 +39,10 @@ pub(super) fn routing_refusal(range_id: RangeId, reason: String, last: Option<&R
         Some(RoutingKind::EpochNotMatch(_) | RoutingKind::KeyNotInRange(_)) => {
             PlacementError::EpochNotMatch { range_id, reason }
         }
-        Some(RoutingKind::ServerBusy(b)) => PlacementError::RangeUnavailable {
+        Some(RoutingKind::ServerBusy(_)) => PlacementError::RangeUnavailable {
             range_id,
             reason,
-            retry_after: Duration::from_millis(b.retry_after_ms.clamp(10, 2000)),
+            retry_after: last.map_or(ROUTING_RETRY, routing_retry_delay),
         },
         Some(RoutingKind::NotLeader(_) | RoutingKind::RangeNotFound(_)) | None => PlacementError::RangeUnavailable {
             range_id,

@@ -132,7 +132,7 @@ pub(super) async fn range_heartbeat(s: &Shared, req: RangeHeartbeatRequest) -> P
         let range_id = RangeId(desc.range_id);
         if let Some(load) = &report.load {
             let version = desc.epoch.map_or(0, |e| e.version);
-            let window = s.config.split_qps_window_secs.saturating_mul(1000).max(1000);
+            let window = s.config.split_qps_window_ms();
             s.mem.lock().load.add(range_id, version, now, window, load);
         }
         let reported_leader = store_opt(report.leader_store_id).unwrap_or(from_store);

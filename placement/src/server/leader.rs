@@ -70,7 +70,7 @@ pub fn scheduler_config(config: &Config) -> SchedulerConfig {
         leaderless_resend_ms: config.schedule_interval_ms.saturating_mul(20).max(1000),
         split_size_bytes: config.split_size_bytes,
         split_qps_threshold: config.split_qps_threshold as f64,
-        split_qps_window_ms: config.split_qps_window_secs.saturating_mul(1000),
+        split_qps_window_ms: config.split_qps_window_ms(),
         merge_size_bytes: config.merge_size_bytes,
         merge_cooldown_ms: config.merge_cooldown_secs.saturating_mul(1000),
         repair_after_ms: config.repair_after_secs.saturating_mul(1000),

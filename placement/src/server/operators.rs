@@ -4,8 +4,8 @@
 //! the descriptor the previous step returned; a routing error is folded into the range map
 //! and ends the operator (the scheduler decides again from the refreshed map).
 
-use super::admin::{routing_refusal, store_call_failed};
-use super::{LeaderMem, Shared, now_ms};
+use super::admin::{routing_refusal, routing_retry_delay, store_call_failed};
+use super::{ADMIN_ATTEMPTS, LeaderMem, Shared, now_ms};
 use crate::error::{ErrorCode, PlacementError, PlacementResult};
 use crate::metrics::Metrics;
 use crate::model::{Descriptor, store_opt};
@@ -330,14 +330,15 @@ async fn change(
             .into_inner();
         if let Some(re) = resp.routing_error {
             let hint = match &re.kind {
-                Some(RoutingKind::NotLeader(nl)) => store_opt(nl.leader_store_id),
+                // A hint naming the store that just refused is no hint.
+                Some(RoutingKind::NotLeader(nl)) => store_opt(nl.leader_store_id).filter(|l| *l != leader),
                 Some(RoutingKind::ServerBusy(_)) => Some(leader),
                 _ => None,
             };
-            if let Some(next) = hint.filter(|_| attempt < 8) {
+            if let Some(next) = hint.filter(|_| attempt < ADMIN_ATTEMPTS) {
                 s.absorb_routing_error(desc, &re).await;
                 leader = next;
-                tokio::time::sleep(Duration::from_millis(250)).await;
+                tokio::time::sleep(routing_retry_delay(&re)).await;
                 continue;
             }
             return Err(refused(s, desc, "ChangeReplicas", &re).await);
@@ -519,10 +520,11 @@ async fn execute(s: &Shared, op: Operator, stores: &[StoreInfo]) -> PlacementRes
             if let Some(re) = resp.routing_error {
                 return Err(refused(s, &lw, "MergeRanges", &re).await);
             }
+            let merged = resp.merged.ok_or_else(|| {
+                PlacementError::internal(format!("store {leader} answered MergeRanges without a descriptor"))
+            })?;
             s.progress(range_id, 2, "record the merged range", None);
-            if let Some(merged) = resp.merged {
-                s.record_merge(merged, &rw, Some(leader)).await?;
-            }
+            s.record_merge(merged, &rw, Some(leader)).await?;
             tracing::info!(source = right.id.get(), "ranges merged");
             Ok(())
         }

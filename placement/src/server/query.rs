@@ -64,7 +64,7 @@ pub(super) async fn alloc_ids(s: &Shared, req: AllocIdsRequest) -> PlacementResu
 }
 
 fn window_ms(s: &Shared) -> u64 {
-    s.config.split_qps_window_secs.saturating_mul(1000).max(1000)
+    s.config.split_qps_window_ms()
 }
 
 /// Load of every range the leader has statistics for.
