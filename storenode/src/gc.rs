@@ -175,14 +175,24 @@ impl NodeInner {
         if !self.begin_gc(id) {
             return Ok(());
         }
-        let desc = self.replica(id).map(|r| r.shared.desc()).or_else(|| {
-            self.engine
-                .meta
-                .get(desc_key(id))
-                .ok()
-                .flatten()
-                .and_then(|v| RangeDescriptor::decode(&v[..]).ok())
-        });
+        // A disk or decode error is an error: treating it as "no descriptor" would write no
+        // tombstone, and a stale message could then bring the replica back.
+        let desc = match self.replica(id).map(|r| r.shared.desc()) {
+            Some(d) => Some(d),
+            None => match self.engine.meta.get(desc_key(id)) {
+                Ok(v) => match v.map(|v| RangeDescriptor::decode(&v[..])).transpose() {
+                    Ok(d) => d,
+                    Err(e) => {
+                        self.end_gc(id);
+                        return Err(io::Error::new(io::ErrorKind::InvalidData, e));
+                    }
+                },
+                Err(e) => {
+                    self.end_gc(id);
+                    return Err(io_err(e));
+                }
+            },
+        };
         tracing::info!(store_id = %self.store_id, range_id = %id, delete_data, reason, "destroying replica");
         self.stop_replica(id).await;
         let r = async {
@@ -271,7 +281,13 @@ impl NodeInner {
         let Some(v) = self.engine.meta.get(gc_key(id)).map_err(io_err)? else {
             return Ok(true);
         };
-        let marker: Option<GcMarker> = postcard::from_bytes(&v).ok();
+        let marker: Option<GcMarker> = match postcard::from_bytes(&v) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                tracing::warn!(store_id = %self.store_id, range_id = %id, error = %e, "GC marker does not decode: the replica's data is left in place");
+                None
+            }
+        };
         if let Some(m) = marker.as_ref().filter(|m| m.delete_data) {
             let live = self.live_spans(id);
             for (start, end) in uncovered(&m.start, &m.end, &live) {

@@ -225,7 +225,6 @@ impl StoreService {
         if !r.shared.is_initialized() {
             return Err(StoreError::RangeNotFound(id).into());
         }
-        Self::check_not_frozen(&r)?;
         let desc = r.shared.desc();
         let want = header.epoch.unwrap_or_default().version;
         let have = desc.epoch.unwrap_or_default().version;
@@ -235,6 +234,9 @@ impl StoreService {
             }
             .into());
         }
+        // After the epoch: a caller with an old view gets the descriptors it needs, not a
+        // ServerBusy it would retry for the whole merge.
+        Self::check_not_frozen(&r)?;
         Ok((r, desc))
     }
 
@@ -781,7 +783,10 @@ impl StoreService {
         match t.raft.propose(commit, PROPOSAL_TIMEOUT).await {
             Ok(CmdResponse::Merged(m)) => Ok(MergeRangesResponse {
                 routing_error: None,
-                merged: RangeDescriptor::decode(&m[..]).ok(),
+                merged: Some(
+                    RangeDescriptor::decode(&m[..])
+                        .map_err(|e| Status::internal(format!("merged descriptor does not decode: {e}")))?,
+                ),
             }),
             Ok(CmdResponse::EpochNotMatch(_)) | Ok(CmdResponse::Rejected(_)) => {
                 // Refused by every replica (the same log). If the target moved because it
