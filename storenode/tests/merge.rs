@@ -194,7 +194,31 @@ async fn merge_racing_a_follower_restart() {
             _ = tokio::time::sleep(Duration::from_millis(1500)) => None,
         }
     };
-    assert!(first.is_none() || started.elapsed() >= Duration::from_millis(1));
+    // With a source replica down the merge cannot commit (every source replica must hold the
+    // frozen entry): it has not answered with a merge, and the leader still holds both ranges
+    // with the target's span unchanged.
+    if let Some(Ok(resp)) = &first {
+        assert!(
+            resp.merged.is_none() || resp.routing_error.is_some(),
+            "merged within {:?} with a source replica down: {resp:?}",
+            started.elapsed()
+        );
+    }
+    let on_leader: Vec<RangeDescriptor> = c
+        .list()
+        .await
+        .into_iter()
+        .filter(|(s, _)| *s == leader)
+        .filter_map(|(_, r)| r.descriptor)
+        .collect();
+    assert!(
+        on_leader.iter().any(|d| d.range_id == ds.range_id),
+        "the source is gone while a source replica is down: {on_leader:?}"
+    );
+    assert!(
+        on_leader.iter().any(|d| d.range_id == dt.range_id && d.end == dt.end),
+        "the target widened while a source replica is down: {on_leader:?}"
+    );
     c.start_node(follower).await;
     // Retry with fresh descriptors until it is merged.
     let deadline = std::time::Instant::now() + Duration::from_secs(60);

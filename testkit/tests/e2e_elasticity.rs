@@ -15,20 +15,39 @@ use tonic::transport::Channel;
 
 type Pd = PlacementClient<Channel>;
 
+/// The range map. A live cluster always has at least one range, so an error or an empty
+/// answer is retried (up to 30 s), never returned: an empty map would make every "no range
+/// still ..." check below pass by itself.
 async fn ranges(pd: &Pd) -> Vec<RangeInfo> {
-    let mut pd = pd.clone();
-    match pd.scan_ranges(ScanRangesRequest::default()).await {
-        Ok(r) => r.into_inner().ranges,
-        Err(_) => Vec::new(),
-    }
+    wait_until("placement to answer ScanRanges", Duration::from_secs(30), || {
+        let mut pd = pd.clone();
+        async move {
+            let rs = pd
+                .scan_ranges(ScanRangesRequest::default())
+                .await
+                .ok()?
+                .into_inner()
+                .ranges;
+            (!rs.is_empty()).then_some(rs)
+        }
+    })
+    .await
 }
 
+/// The stores (retried like [`ranges`]).
 async fn stores(pd: &Pd) -> Vec<StoreInfo> {
-    let mut pd = pd.clone();
-    match pd.get_stores(GetStoresRequest {}).await {
-        Ok(r) => r.into_inner().stores,
-        Err(_) => Vec::new(),
-    }
+    wait_until("placement to answer GetStores", Duration::from_secs(30), || {
+        let mut pd = pd.clone();
+        async move {
+            let st = pd.get_stores(GetStoresRequest {}).await.ok()?.into_inner().stores;
+            (!st.is_empty()).then_some(st)
+        }
+    })
+    .await
+}
+
+fn ns(name: &[u8]) -> Vec<u8> {
+    namespace_prefix(name).expect("a valid namespace")
 }
 
 /// Ranges whose span overlaps `[start, end)` (raw internal keys; empty end = +inf).
@@ -146,7 +165,7 @@ async fn a_hot_prefix_is_split_by_load_and_its_halves_spread() {
     .await;
     let client = cluster.client("hot", "write").await;
     let pd = cluster.placement_client().await;
-    let ns = namespace_prefix(b"hot").unwrap_or_default();
+    let ns = ns(b"hot");
     let mut ns_end = ns.clone();
     ns_end.push(0xff);
     let before = overlapping(&ranges(&pd).await, &ns, &ns_end).len();
@@ -210,7 +229,7 @@ async fn three_stores_grow_to_five_then_two_drain_and_stop() {
     let client = cluster.client("grow", "write").await;
     let mut pd = cluster.placement_client().await;
     // Several ranges, so that there is something to balance.
-    let ns = namespace_prefix(b"grow").unwrap_or_default();
+    let ns = ns(b"grow");
     let load = Workload::start(
         client.clone(),
         WorkloadOptions {
@@ -226,18 +245,23 @@ async fn three_stores_grow_to_five_then_two_drain_and_stop() {
     let n_ranges = ranges(&pd).await.len();
     assert!(n_ranges >= 5, "manual splits gave {n_ranges} ranges");
 
+    let old_ids: BTreeSet<u64> = stores(&pd).await.iter().map(|s| s.store_id).collect();
     let a = cluster.add_store().await;
     let b = cluster.add_store().await;
     let started = Instant::now();
     let new_ids = wait_until("the two new stores to register", Duration::from_secs(30), || {
-        let pd = pd.clone();
+        let (pd, old_ids) = (pd.clone(), old_ids.clone());
         async move {
-            let st = stores(&pd).await;
-            (st.len() == 5).then(|| st.iter().map(|s| s.store_id).max().unwrap_or(0))
+            let ids: Vec<u64> = stores(&pd)
+                .await
+                .iter()
+                .map(|s| s.store_id)
+                .filter(|id| !old_ids.contains(id))
+                .collect();
+            <[u64; 2]>::try_from(ids).ok()
         }
     })
     .await;
-    let new_ids = [new_ids - 1, new_ids];
     let balanced = wait_until(
         "the new stores to receive replicas and leaders",
         Duration::from_secs(180),
@@ -303,7 +327,6 @@ async fn three_stores_grow_to_five_then_two_drain_and_stop() {
          {} ops, 0 client errors",
         out.ops
     );
-    let _ = &mut pd;
 }
 
 /// Small, cold neighbours merge back once the load stops (the cooldown is short here).
@@ -316,7 +339,7 @@ async fn cold_small_ranges_merge_back() {
     })
     .await;
     let client = cluster.client("cold", "write").await;
-    let mut pd = cluster.placement_client().await;
+    let pd = cluster.placement_client().await;
     let mut acked = Vec::new();
     for i in 0..200u32 {
         let k = format!("c/{i:04}");
@@ -326,22 +349,26 @@ async fn cold_small_ranges_merge_back() {
             .unwrap_or_else(|e| panic!("put: {e}"));
         acked.push(k);
     }
-    let ns = namespace_prefix(b"cold").unwrap_or_default();
-    pd.split_range(skv_proto::internal::AdminSplitRequest {
-        range_id: overlapping(&ranges(&pd).await, &ns, &[])
-            .first()
-            .and_then(|r| r.descriptor.as_ref())
-            .map(|d| d.range_id)
-            .unwrap_or(1),
-        split_key: [ns.clone(), b"c/0100".to_vec()].concat(),
-    })
-    .await
-    .unwrap_or_else(|e| panic!("split: {e}"));
+    let ns = ns(b"cold");
+    let before = ranges(&pd).await.len();
+    let split_key = [ns.clone(), b"c/0100".to_vec()].concat();
+    split_at(&pd, &ns, &["c/0100".to_string()]).await;
+    let starts_at_split = |rs: &[RangeInfo]| {
+        rs.iter()
+            .any(|r| r.descriptor.as_ref().is_some_and(|d| d.start == split_key))
+    };
     let after_split = ranges(&pd).await.len();
+    assert!(
+        starts_at_split(&ranges(&pd).await) && after_split == before + 1,
+        "the split is in the map"
+    );
     let started = Instant::now();
-    wait_until("cold ranges to merge back", Duration::from_secs(120), || {
+    wait_until("the two cold halves to merge back", Duration::from_secs(120), || {
         let pd = pd.clone();
-        async move { (ranges(&pd).await.len() < after_split).then_some(()) }
+        async move {
+            let rs = ranges(&pd).await;
+            (!starts_at_split(&rs) && rs.len() == before).then_some(())
+        }
     })
     .await;
     let merged_after = started.elapsed();
@@ -388,8 +415,10 @@ async fn a_dead_stores_replicas_are_repaired_elsewhere() {
         },
     );
     // Four ranges over four stores, so the victim holds several replicas.
-    let ns = namespace_prefix(b"repair").unwrap_or_default();
+    let ns = ns(b"repair");
     split_at(&pd, &ns, &["r/000100".to_string(), "r/000200".to_string()]).await;
+    // One more split outside the namespace: [0, 7] sorts after every key of the 6-byte
+    // namespace "repair" (its prefix is [0, 6]), so the last range is cut there.
     split_at(&pd, &[], &["\u{0}\u{7}".to_string()]).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     // The store holding the most replicas dies.
