@@ -114,8 +114,7 @@ pub enum Command {
         raw: bool,
     },
     /// Merge two adjacent ranges (left first): placement colocates their replicas, aligns
-    /// their leaders, then merges. Queued; follow it with `operators`. Storenodes that do not
-    /// implement MergeRanges yet make the last step fail and retry with backoff.
+    /// their leaders, then merges. Queued; follow it with `operators`.
     Merge {
         #[arg(value_parser = parse_range_id)]
         left: u64,
