@@ -591,8 +591,10 @@ impl StateMachine {
 
     /// Applies a CommitMerge on the target: checks its epoch and adjacency (the same answer
     /// on every replica: only the log decides), waits until the local source applied the
-    /// frozen index (its data is then final; a bounded wait, after which the apply fails
-    /// and is retried by a restart or a reopen — never skipped), then widens the target and
+    /// frozen index (its data is then final; a bounded wait, after which the apply fails —
+    /// never skipped: during start-up the range is reopened in the background once the node
+    /// serves; while serving, the group stops and this replica stays down until the next
+    /// restart, a known gap), then widens the target and
     /// retires the source in this batch. Returns the response and, when merged, (source,
     /// merged descriptor, source bytes, source keys).
     async fn apply_commit_merge(
