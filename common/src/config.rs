@@ -4,6 +4,10 @@
 //! strings, numbers, booleans or arrays (joined with commas). Precedence, from
 //! strongest: command-line flags, `SKV_*` environment variables, the file, the
 //! built-in defaults. An unknown key fails like an unknown flag would.
+//!
+//! A binary may also own named tables of the file (the proxy's `[tenants.<ns>]`):
+//! [`parse_with_sections`] leaves them alone and returns the file's path, so the
+//! binary reads them itself. Any other table is an error.
 
 use anyhow::Context;
 use std::ffi::OsString;
@@ -11,8 +15,18 @@ use std::path::PathBuf;
 
 /// Parses `C` from the process arguments, honouring `--config FILE` (or `SKV_CONFIG`).
 pub fn parse<C: clap::Parser>() -> C {
-    match expand(std::env::args_os().collect(), |k| std::env::var_os(k).is_some()) {
-        Ok(args) => C::parse_from(args),
+    parse_with_sections(&[]).0
+}
+
+/// Like [`parse`], leaving the tables named in `sections` to the caller, with the
+/// config file's path (if any) to read them from.
+pub fn parse_with_sections<C: clap::Parser>(sections: &[&str]) -> (C, Option<PathBuf>) {
+    match expand_with_sections(
+        std::env::args_os().collect(),
+        |k| std::env::var_os(k).is_some(),
+        sections,
+    ) {
+        Ok((args, file)) => (C::parse_from(args), file),
         Err(e) => {
             eprintln!("error: {e:#}");
             std::process::exit(2);
@@ -24,6 +38,15 @@ pub fn parse<C: clap::Parser>() -> C {
 /// key of FILE that is neither on the command line nor set in the environment
 /// (`env_set("SKV_FLAG_NAME")`).
 pub fn expand(args: Vec<OsString>, env_set: impl Fn(&str) -> bool) -> anyhow::Result<Vec<OsString>> {
+    expand_with_sections(args, env_set, &[]).map(|(args, _)| args)
+}
+
+/// [`expand`], skipping the tables named in `sections`; also returns the file's path.
+pub fn expand_with_sections(
+    args: Vec<OsString>,
+    env_set: impl Fn(&str) -> bool,
+    sections: &[&str],
+) -> anyhow::Result<(Vec<OsString>, Option<PathBuf>)> {
     let mut out = Vec::with_capacity(args.len());
     let mut file: Option<PathBuf> = None;
     let mut it = args.into_iter();
@@ -41,7 +64,7 @@ pub fn expand(args: Vec<OsString>, env_set: impl Fn(&str) -> bool) -> anyhow::Re
     if file.is_none() && env_set("SKV_CONFIG") {
         file = std::env::var_os("SKV_CONFIG").map(PathBuf::from);
     }
-    let Some(path) = file else { return Ok(out) };
+    let Some(path) = file else { return Ok((out, None)) };
     let text = std::fs::read_to_string(&path).with_context(|| format!("reading config file {}", path.display()))?;
     let table: toml::Table = text
         .parse()
@@ -55,6 +78,9 @@ pub fn expand(args: Vec<OsString>, env_set: impl Fn(&str) -> bool) -> anyhow::Re
     };
     let mut extra: Vec<OsString> = Vec::new();
     for (key, value) in &table {
+        if value.is_table() && sections.contains(&key.as_str()) {
+            continue;
+        }
         let name = key.replace('_', "-");
         let flag = format!("--{name}");
         let env = format!("SKV_{}", name.replace('-', "_").to_uppercase());
@@ -88,7 +114,7 @@ pub fn expand(args: Vec<OsString>, env_set: impl Fn(&str) -> bool) -> anyhow::Re
     let tail = out.split_off(1.min(out.len()));
     out.extend(extra);
     out.extend(tail);
-    Ok(out)
+    Ok((out, Some(path)))
 }
 
 #[cfg(test)]
@@ -149,6 +175,19 @@ mod tests {
         std::fs::write(&f, "listen = [").unwrap();
         assert!(expand(args(&["bin", "--config", f.to_str().unwrap()]), |_| false).is_err());
         assert!(expand(args(&["bin", "--config"]), |_| false).is_err());
+    }
+
+    #[test]
+    fn named_sections_are_left_to_the_binary() {
+        let dir = tempfile_dir();
+        let f = dir.join("s.toml");
+        std::fs::write(&f, "listen = \"x\"\n[tenants.acme]\nrate-limit = 5\n").unwrap();
+        let a = args(&["bin", "--config", f.to_str().unwrap()]);
+        let (out, file) = expand_with_sections(a.clone(), |_| false, &["tenants"]).unwrap();
+        assert_eq!(file.as_deref(), Some(f.as_path()));
+        assert_eq!(strs(out), vec!["bin", "--listen", "x"]);
+        // Without the section named, a table is an error as before.
+        assert!(expand(a, |_| false).is_err());
     }
 
     fn tempfile_dir() -> PathBuf {

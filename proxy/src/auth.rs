@@ -1,22 +1,30 @@
 //! JWT authentication and authorization, following RFC 8725 (JWT best current practices).
 //!
-//! - The accepted algorithms are an explicit allow-list chosen by the key material
-//!   (HS256 from a secret file today). The header's `alg` is checked against that list
-//!   before any cryptography runs, so `alg=none` and algorithm-confusion tokens are refused.
+//! - The accepted algorithms are an explicit allow-list chosen by the key material:
+//!   HS256 from a secret file (at least [`MIN_HS256_SECRET_LEN`] bytes), RS256 or ES256
+//!   from a PEM public key, or per `kid` from a JWKS file. The header's `alg` is checked
+//!   against that list before any cryptography runs, so `alg=none` and algorithm-confusion
+//!   tokens (an RS256 public key used as an HS256 secret) are refused.
 //! - `exp`, `nbf`, `iss`, `aud` and `sub` are required; `exp`/`nbf` are checked with a
 //!   small leeway ([`DEFAULT_LEEWAY_SECS`]).
-//! - A `crit` header is refused (we understand no extensions), and header-supplied key
-//!   material (`jku`, `jwk`, `x5u`, `x5c`) is never used.
-//! - The key lookup is a [`KeySet`] so that RS256/ES256 from a PEM file, or a JWKS with
-//!   `kid`-based rotation, slot in without touching the validation path.
+//! - A `crit` header is refused (we understand no extensions), and so is a token whose
+//!   header names its own key material (`jku`, `jwk`, `x5u`, `x5c`): keys come only from
+//!   the proxy's configuration.
+//! - Key files are re-read by [`KeyReloader`] (ADR 0019): a JWKS can list the old and the
+//!   new `kid` during a rotation, and a key that leaves the file is refused from the next
+//!   reload on (the verified-token cache is cleared on every key change). A file that does
+//!   not load keeps the previous keys.
 //!
 //! Tokens are never logged: [`AuthError`] carries only a reason.
 
 use base64::Engine;
 use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, PublicKeyUse};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
-use std::path::Path;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tonic::metadata::MetadataMap;
 
@@ -111,24 +119,330 @@ fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
+/// Shortest HS256 secret accepted, in bytes: RFC 7518 §3.2 asks for a key at least as
+/// long as the hash output (256 bits).
+pub const MIN_HS256_SECRET_LEN: usize = 32;
+/// Smallest RSA modulus accepted, in bytes (2048 bits, RFC 7518 §3.3).
+pub const MIN_RSA_MODULUS_LEN: usize = 256;
+/// Largest key file read (secret, PEM or JWKS).
+pub const MAX_KEY_FILE_LEN: u64 = 1 << 20;
+
+/// Why a key file could not be used. Never carries key material.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} is larger than {MAX_KEY_FILE_LEN} bytes")]
+    TooLarge { path: PathBuf },
+    #[error("JWT secret file {path} is empty")]
+    EmptySecret { path: PathBuf },
+    #[error(
+        "the HS256 secret in {path} is {len} bytes; at least {MIN_HS256_SECRET_LEN} are required \
+         (RFC 7518 §3.2). Make one with: openssl rand -hex 32 > {path}"
+    )]
+    ShortSecret { path: PathBuf, len: usize },
+    #[error("{path}: {reason}")]
+    Invalid { path: PathBuf, reason: String },
+}
+
+fn invalid(path: &Path, reason: impl Into<String>) -> KeyError {
+    KeyError::Invalid {
+        path: path.to_path_buf(),
+        reason: reason.into(),
+    }
+}
+
+/// Reads a key file of at most [`MAX_KEY_FILE_LEN`] bytes.
+pub fn read_key_file(path: &Path) -> Result<Vec<u8>, KeyError> {
+    let read = |source| KeyError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let len = std::fs::metadata(path).map_err(read)?.len();
+    if len > MAX_KEY_FILE_LEN {
+        return Err(KeyError::TooLarge {
+            path: path.to_path_buf(),
+        });
+    }
+    std::fs::read(path).map_err(read)
+}
+
 /// Mints an HS256 token (used by `skvctl token mint` and tests).
 pub fn mint_hs256(secret: &[u8], claims: &Claims) -> Result<String, jsonwebtoken::errors::Error> {
-    let mut header = Header::new(Algorithm::HS256);
+    mint(&SigningKey::hs256(secret), None, claims)
+}
+
+/// Mints a token signed with `key`, naming `kid` in its header when given.
+pub fn mint(key: &SigningKey, kid: Option<&str>, claims: &Claims) -> Result<String, jsonwebtoken::errors::Error> {
+    let mut header = Header::new(key.alg);
     header.typ = Some("JWT".to_string());
-    jsonwebtoken::encode(&header, claims, &EncodingKey::from_secret(secret))
+    header.kid = kid.map(str::to_string);
+    jsonwebtoken::encode(&header, claims, &key.key)
+}
+
+/// A key that signs tokens: an HS256 secret, or an RSA (RS256) or P-256 (ES256) private key.
+/// Its `Debug` output names the algorithm only.
+pub struct SigningKey {
+    alg: Algorithm,
+    key: EncodingKey,
+}
+
+impl std::fmt::Debug for SigningKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SigningKey")
+            .field("alg", &self.alg)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SigningKey {
+    /// An HS256 secret (its length is checked where it is loaded, [`load_hs256_secret`]).
+    pub fn hs256(secret: &[u8]) -> Self {
+        SigningKey {
+            alg: Algorithm::HS256,
+            key: EncodingKey::from_secret(secret),
+        }
+    }
+
+    /// A PEM private key: RSA (PKCS#1 or PKCS#8) signs RS256, P-256 (PKCS#8) signs ES256.
+    pub fn from_pem(pem: &[u8]) -> Result<Self, String> {
+        if let Ok(key) = EncodingKey::from_rsa_pem(pem) {
+            let jwk = Jwk::from_encoding_key(&key, Algorithm::RS256).map_err(|e| format!("RSA key: {e}"))?;
+            check_jwk_strength(&jwk)?;
+            return Ok(SigningKey {
+                alg: Algorithm::RS256,
+                key,
+            });
+        }
+        if let Ok(key) = EncodingKey::from_ec_pem(pem) {
+            let jwk = Jwk::from_encoding_key(&key, Algorithm::ES256)
+                .map_err(|e| format!("EC key: {e} (only P-256 keys sign ES256)"))?;
+            check_jwk_strength(&jwk)?;
+            return Ok(SigningKey {
+                alg: Algorithm::ES256,
+                key,
+            });
+        }
+        Err("not an RSA or P-256 EC private key in PEM (PKCS#1 or PKCS#8)".into())
+    }
+
+    /// Reads a PEM private key file ([`SigningKey::from_pem`]).
+    pub fn load_pem(path: &Path) -> Result<Self, KeyError> {
+        let pem = read_key_file(path)?;
+        Self::from_pem(&pem).map_err(|r| invalid(path, r))
+    }
+
+    /// The algorithm this key signs with.
+    pub fn alg(&self) -> Algorithm {
+        self.alg
+    }
+
+    /// The public half as a JWK with `kid`, `alg` and `use: sig` (RS256 and ES256 only),
+    /// ready to be put in the proxy's JWKS file.
+    pub fn public_jwk(&self, kid: &str) -> Result<Jwk, String> {
+        if self.alg == Algorithm::HS256 {
+            return Err("an HS256 secret has no public key".into());
+        }
+        let mut jwk = Jwk::from_encoding_key(&self.key, self.alg).map_err(|e| e.to_string())?;
+        jwk.common.key_id = Some(kid.to_string());
+        jwk.common.public_key_use = Some(PublicKeyUse::Signature);
+        Ok(jwk)
+    }
 }
 
 /// Reads an HS256 secret file the way the proxy does: raw bytes with trailing
-/// whitespace (a final newline) removed. Refuses an empty secret.
-/// `skvctl token mint` should use this so both sides agree on the key.
-pub fn load_hs256_secret(path: &Path) -> anyhow::Result<Vec<u8>> {
-    let mut bytes =
-        std::fs::read(path).map_err(|e| anyhow::anyhow!("reading JWT secret file {}: {e}", path.display()))?;
+/// whitespace (a final newline) removed. Refuses an empty secret and one shorter than
+/// [`MIN_HS256_SECRET_LEN`] bytes. `skvctl token mint` uses this so both sides agree on the key.
+pub fn load_hs256_secret(path: &Path) -> Result<Vec<u8>, KeyError> {
+    let mut bytes = read_key_file(path)?;
+    trim_secret(&mut bytes);
+    check_secret(path, &bytes)?;
+    Ok(bytes)
+}
+
+fn trim_secret(bytes: &mut Vec<u8>) {
     while bytes.last().is_some_and(|b| b.is_ascii_whitespace()) {
         bytes.pop();
     }
-    anyhow::ensure!(!bytes.is_empty(), "JWT secret file {} is empty", path.display());
-    Ok(bytes)
+}
+
+fn check_secret(path: &Path, secret: &[u8]) -> Result<(), KeyError> {
+    if secret.is_empty() {
+        return Err(KeyError::EmptySecret {
+            path: path.to_path_buf(),
+        });
+    }
+    if secret.len() < MIN_HS256_SECRET_LEN {
+        return Err(KeyError::ShortSecret {
+            path: path.to_path_buf(),
+            len: secret.len(),
+        });
+    }
+    Ok(())
+}
+
+/// Checks the size of an RSA modulus (at least 2048 bits) or that an EC key is on P-256.
+fn check_jwk_strength(jwk: &Jwk) -> Result<(), String> {
+    match &jwk.algorithm {
+        AlgorithmParameters::RSA(p) => {
+            let n = base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(p.n.trim_end_matches('='))
+                .map_err(|_| "RSA modulus is not base64url".to_string())?;
+            let bits = n.iter().skip_while(|b| **b == 0).count() * 8;
+            if bits < MIN_RSA_MODULUS_LEN * 8 {
+                return Err(format!(
+                    "RSA key of about {bits} bits; at least {} are required (RFC 7518 §3.3)",
+                    MIN_RSA_MODULUS_LEN * 8
+                ));
+            }
+            Ok(())
+        }
+        AlgorithmParameters::EllipticCurve(p) if p.curve == EllipticCurve::P256 => Ok(()),
+        AlgorithmParameters::EllipticCurve(p) => Err(format!("EC curve {:?}: only P-256 (ES256) is accepted", p.curve)),
+        _ => Err("only RSA (RS256) and P-256 EC (ES256) keys are accepted".into()),
+    }
+}
+
+/// Where the proxy's verification keys come from (`--jwt-hs256-secret-file`,
+/// `--jwt-public-key-file` or `--jwt-jwks-file`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KeySource {
+    /// A shared secret: HS256 only.
+    Hs256Secret(PathBuf),
+    /// One PEM public key (`PUBLIC KEY` or `RSA PUBLIC KEY`): RS256 for RSA, ES256 for
+    /// P-256, whatever `kid` a token names.
+    PublicKey(PathBuf),
+    /// A JWKS (`{"keys":[...]}`): RSA and P-256 keys chosen by the token's `kid`.
+    Jwks(PathBuf),
+}
+
+impl KeySource {
+    pub fn path(&self) -> &Path {
+        match self {
+            KeySource::Hs256Secret(p) | KeySource::PublicKey(p) | KeySource::Jwks(p) => p,
+        }
+    }
+
+    /// The flag that names this source.
+    pub fn flag(&self) -> &'static str {
+        match self {
+            KeySource::Hs256Secret(_) => "--jwt-hs256-secret-file",
+            KeySource::PublicKey(_) => "--jwt-public-key-file",
+            KeySource::Jwks(_) => "--jwt-jwks-file",
+        }
+    }
+
+    /// Parses the file's contents into a key set.
+    fn parse(&self, bytes: &[u8]) -> Result<KeySet, KeyError> {
+        let path = self.path();
+        match self {
+            KeySource::Hs256Secret(_) => {
+                let mut secret = bytes.to_vec();
+                trim_secret(&mut secret);
+                check_secret(path, &secret)?;
+                Ok(KeySet::Hs256(DecodingKey::from_secret(&secret)))
+            }
+            KeySource::PublicKey(_) => parse_public_pem(bytes).map_err(|r| invalid(path, r)),
+            KeySource::Jwks(_) => parse_jwks(bytes).map_err(|r| invalid(path, r)),
+        }
+    }
+}
+
+fn parse_public_pem(pem: &[u8]) -> Result<KeySet, String> {
+    let text = std::str::from_utf8(pem).map_err(|_| "not a PEM text file".to_string())?;
+    if text.contains("PRIVATE KEY") {
+        return Err("holds a private key; give the proxy the public key only".into());
+    }
+    if let Ok(key) = DecodingKey::from_rsa_pem(pem) {
+        let jwk = Jwk::from_decoding_key(&key, Some(Algorithm::RS256)).map_err(|e| format!("RSA key: {e}"))?;
+        check_jwk_strength(&jwk)?;
+        return Ok(KeySet::Single(VerifyKey {
+            alg: Algorithm::RS256,
+            key,
+        }));
+    }
+    if let Ok(key) = DecodingKey::from_ec_pem(pem) {
+        let jwk = Jwk::from_decoding_key(&key, Some(Algorithm::ES256)).map_err(|e| format!("EC key: {e}"))?;
+        check_jwk_strength(&jwk)?;
+        return Ok(KeySet::Single(VerifyKey {
+            alg: Algorithm::ES256,
+            key,
+        }));
+    }
+    Err("not an RSA or P-256 EC public key in PEM".into())
+}
+
+/// What a JWK is good for: its algorithm, or why it is skipped.
+fn jwk_algorithm(jwk: &Jwk) -> Result<Algorithm, String> {
+    if let Some(u) = &jwk.common.public_key_use
+        && *u != PublicKeyUse::Signature
+    {
+        return Err(format!("\"use\" is {u:?}, not sig"));
+    }
+    let by_type = match &jwk.algorithm {
+        AlgorithmParameters::RSA(_) => Algorithm::RS256,
+        AlgorithmParameters::EllipticCurve(_) => Algorithm::ES256,
+        AlgorithmParameters::OctetKey(_) => return Err("symmetric (oct) keys are not accepted in a JWKS".into()),
+        _ => return Err("only RSA and EC keys are accepted".into()),
+    };
+    if let Some(a) = jwk.common.key_algorithm {
+        let named = format!("{a:?}");
+        if named != format!("{by_type:?}") {
+            return Err(format!(
+                "\"alg\" {named} is not accepted for this key type (RS256 for RSA, ES256 for EC)"
+            ));
+        }
+    }
+    check_jwk_strength(jwk)?;
+    Ok(by_type)
+}
+
+fn parse_jwks(bytes: &[u8]) -> Result<KeySet, String> {
+    // Each key is parsed on its own, so that one key of a kind we do not know (an
+    // OKP key, a future type) is skipped rather than failing the whole file.
+    #[derive(Deserialize)]
+    struct RawSet {
+        keys: Vec<serde_json::Value>,
+    }
+    let raw: RawSet = serde_json::from_slice(bytes).map_err(|e| format!("not a JWKS ({{\"keys\":[...]}}): {e}"))?;
+    let mut keys = HashMap::new();
+    let mut skipped = Vec::new();
+    for (i, v) in raw.keys.into_iter().enumerate() {
+        let kid = v.get("kid").and_then(|k| k.as_str()).map(str::to_string);
+        let Some(kid) = kid.filter(|k| !k.is_empty()) else {
+            skipped.push(format!("key {i}: no \"kid\""));
+            continue;
+        };
+        let jwk: Jwk = match serde_json::from_value(v) {
+            Ok(j) => j,
+            Err(e) => {
+                skipped.push(format!("kid {kid:?}: {e}"));
+                continue;
+            }
+        };
+        let alg = match jwk_algorithm(&jwk) {
+            Ok(a) => a,
+            Err(e) => {
+                skipped.push(format!("kid {kid:?}: {e}"));
+                continue;
+            }
+        };
+        let key = DecodingKey::from_jwk(&jwk).map_err(|e| format!("kid {kid:?}: {e}"))?;
+        if keys.insert(kid.clone(), VerifyKey { alg, key }).is_some() {
+            return Err(format!("kid {kid:?} appears twice"));
+        }
+    }
+    if !skipped.is_empty() {
+        tracing::warn!(skipped = ?skipped, "JWKS keys skipped");
+    }
+    if keys.is_empty() {
+        return Err("no usable key (RS256 RSA of 2048+ bits or ES256 P-256, each with a kid)".into());
+    }
+    Ok(KeySet::ByKid(keys))
 }
 
 /// Why a request was refused. [`AuthError::reason`] is the metric label.
@@ -156,6 +470,8 @@ pub enum AuthError {
     BadNamespace,
     #[error("token key id unknown")]
     UnknownKey,
+    #[error("token header names its own key (jku, jwk, x5u or x5c), which is never trusted")]
+    KeyInHeader,
     #[error("role does not allow this operation")]
     Forbidden,
 }
@@ -175,6 +491,7 @@ impl AuthError {
             AuthError::MissingClaim => "missing_claim",
             AuthError::BadNamespace => "bad_namespace",
             AuthError::UnknownKey => "unknown_key",
+            AuthError::KeyInHeader => "key_in_header",
             AuthError::Forbidden => "forbidden",
         }
     }
@@ -194,39 +511,84 @@ impl From<AuthError> for tonic::Status {
     }
 }
 
-/// Where verification keys come from. Each variant fixes its own algorithm allow-list.
+#[derive(Clone)]
+struct VerifyKey {
+    alg: Algorithm,
+    key: DecodingKey,
+}
+
+/// Verification keys. Each variant fixes its own algorithm allow-list.
 enum KeySet {
     /// One shared secret, HS256 only.
     Hs256(DecodingKey),
-    // Later: `Pem { alg: Algorithm, key: DecodingKey }` (RS256 or ES256) and
-    // `Jwks(HashMap<String /* kid */, (Algorithm, DecodingKey)>)`, reloaded on change.
+    /// One public key (PEM), its own algorithm only, whatever the token's `kid`.
+    Single(VerifyKey),
+    /// A JWKS: the token's `kid` picks the key, and the key fixes the algorithm (a token
+    /// naming another algorithm than its kid's key is refused).
+    ByKid(HashMap<String, VerifyKey>),
 }
 
 impl KeySet {
-    fn allowed(&self) -> &'static [Algorithm] {
+    fn allowed(&self) -> &[Algorithm] {
         match self {
             KeySet::Hs256(_) => &[Algorithm::HS256],
+            KeySet::Single(k) => std::slice::from_ref(&k.alg),
+            // What a JWKS may hold; each kid then allows only its own key's algorithm.
+            KeySet::ByKid(_) => &[Algorithm::RS256, Algorithm::ES256],
         }
     }
 
     /// The key for a token whose header names `alg` (already allow-listed) and `kid`.
-    fn key_for(&self, _alg: Algorithm, _kid: Option<&str>) -> Result<&DecodingKey, AuthError> {
+    fn key_for(&self, alg: Algorithm, kid: Option<&str>) -> Result<&DecodingKey, AuthError> {
         match self {
             KeySet::Hs256(k) => Ok(k),
+            KeySet::Single(k) => Ok(&k.key),
+            KeySet::ByKid(keys) => {
+                let k = keys
+                    .get(kid.ok_or(AuthError::UnknownKey)?)
+                    .ok_or(AuthError::UnknownKey)?;
+                // A kid of one algorithm is never used with another (no RSA key as an EC one).
+                if k.alg != alg {
+                    return Err(AuthError::BadAlgorithm);
+                }
+                Ok(&k.key)
+            }
+        }
+    }
+
+    /// What is loaded, for the log (no key material): `kid:alg` pairs, or the algorithm.
+    fn describe(&self) -> Vec<String> {
+        match self {
+            KeySet::Hs256(_) => vec!["HS256".into()],
+            KeySet::Single(k) => vec![format!("{:?}", k.alg)],
+            KeySet::ByKid(keys) => {
+                let mut v: Vec<String> = keys.iter().map(|(kid, k)| format!("{kid}:{:?}", k.alg)).collect();
+                v.sort();
+                v
+            }
         }
     }
 }
 
+/// Verified tokens with their claims. `generation` is the key set they were verified
+/// with: a verification that raced with a key change is not cached.
+#[derive(Default)]
+struct TokenCache {
+    generation: u64,
+    map: HashMap<Box<str>, Claims>,
+}
+
 /// Verifies tokens and checks roles. Cheap to share behind an `Arc`.
 pub struct Verifier {
-    keys: KeySet,
+    /// The current keys with their generation (read-mostly: replaced on a reload).
+    keys: parking_lot::RwLock<(u64, Arc<KeySet>)>,
     issuer: String,
     audience: String,
     leeway: u64,
     /// Tokens that verified, with their claims: a hit skips the signature and JSON work.
-    /// Only successes are cached, `exp` is re-checked on every hit, and the cache must be
-    /// cleared whenever the key set changes (JWKS rotation).
-    cache: parking_lot::RwLock<std::collections::HashMap<Box<str>, Claims>>,
+    /// Only successes are cached, `exp` is re-checked on every hit, and the cache is
+    /// cleared whenever the key set changes (a key removed from a JWKS is refused at once).
+    cache: parking_lot::RwLock<TokenCache>,
 }
 
 /// Most cached tokens (the cache is cleared when full).
@@ -236,8 +598,9 @@ const TOKEN_CACHE_MAX_LEN: usize = 4096;
 
 impl std::fmt::Debug for Verifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let keys = self.keys.read().1.clone();
         f.debug_struct("Verifier")
-            .field("algorithms", &self.keys.allowed())
+            .field("keys", &keys.describe())
             .field("issuer", &self.issuer)
             .field("audience", &self.audience)
             .finish_non_exhaustive()
@@ -249,18 +612,40 @@ struct RawHeader {
     alg: Option<serde_json::Value>,
     kid: Option<String>,
     crit: Option<serde_json::Value>,
+    jku: Option<serde_json::Value>,
+    jwk: Option<serde_json::Value>,
+    x5u: Option<serde_json::Value>,
+    x5c: Option<serde_json::Value>,
 }
 
 impl Verifier {
-    /// HS256 with a shared secret.
-    pub fn hs256(secret: &[u8], issuer: impl Into<String>, audience: impl Into<String>) -> Self {
+    fn with_keys(keys: KeySet, issuer: impl Into<String>, audience: impl Into<String>) -> Self {
         Verifier {
-            keys: KeySet::Hs256(DecodingKey::from_secret(secret)),
+            keys: parking_lot::RwLock::new((0, Arc::new(keys))),
             issuer: issuer.into(),
             audience: audience.into(),
             leeway: DEFAULT_LEEWAY_SECS,
             cache: Default::default(),
         }
+    }
+
+    /// HS256 with a shared secret (its length is checked by [`load_hs256_secret`] and
+    /// [`Verifier::load`], not here).
+    pub fn hs256(secret: &[u8], issuer: impl Into<String>, audience: impl Into<String>) -> Self {
+        Self::with_keys(KeySet::Hs256(DecodingKey::from_secret(secret)), issuer, audience)
+    }
+
+    /// Loads the keys of `source`, and returns the reloader that follows the file.
+    pub fn load(
+        source: KeySource,
+        issuer: impl Into<String>,
+        audience: impl Into<String>,
+    ) -> Result<(Self, KeyReloader), KeyError> {
+        let bytes = read_key_file(source.path())?;
+        let keys = source.parse(&bytes)?;
+        tracing::info!(source = source.flag(), path = %source.path().display(), keys = ?keys.describe(), "JWT keys loaded");
+        let verifier = Self::with_keys(keys, issuer, audience);
+        Ok((verifier, KeyReloader { source, last: bytes }))
     }
 
     /// Overrides the `exp`/`nbf` leeway (seconds).
@@ -269,27 +654,45 @@ impl Verifier {
         self
     }
 
+    /// Replaces the keys and forgets every verified token.
+    fn replace_keys(&self, keys: KeySet) {
+        let mut cache = self.cache.write();
+        let mut current = self.keys.write();
+        current.0 += 1;
+        current.1 = Arc::new(keys);
+        cache.generation = current.0;
+        cache.map.clear();
+    }
+
+    /// `kid:alg` of the keys in use (no key material), for logs and tests.
+    pub fn key_ids(&self) -> Vec<String> {
+        self.keys.read().1.describe()
+    }
+
     /// Verifies a compact JWS and returns its claims.
     pub fn verify(&self, token: &str) -> Result<Claims, AuthError> {
-        if let Some(c) = self.cache.read().get(token) {
+        if let Some(c) = self.cache.read().map.get(token) {
             // Verified before; only time can have changed its validity (nbf only passes).
             if unix_now() > c.exp.saturating_add(self.leeway) {
                 return Err(AuthError::Expired);
             }
             return Ok(c.clone());
         }
-        let claims = self.verify_uncached(token)?;
+        let (generation, keys) = self.keys.read().clone();
+        let claims = self.verify_uncached(&keys, token)?;
         if token.len() <= TOKEN_CACHE_MAX_LEN {
             let mut cache = self.cache.write();
-            if cache.len() >= TOKEN_CACHE_ENTRIES {
-                cache.clear();
+            if cache.generation == generation {
+                if cache.map.len() >= TOKEN_CACHE_ENTRIES {
+                    cache.map.clear();
+                }
+                cache.map.insert(token.into(), claims.clone());
             }
-            cache.insert(token.into(), claims.clone());
         }
         Ok(claims)
     }
 
-    fn verify_uncached(&self, token: &str) -> Result<Claims, AuthError> {
+    fn verify_uncached(&self, keys: &KeySet, token: &str) -> Result<Claims, AuthError> {
         if token.is_empty() || token.len() > MAX_TOKEN_LEN {
             return Err(AuthError::Malformed);
         }
@@ -306,8 +709,7 @@ impl Verifier {
             Some(serde_json::Value::String(s)) => s,
             _ => return Err(AuthError::BadAlgorithm),
         };
-        let alg = self
-            .keys
+        let alg = keys
             .allowed()
             .iter()
             .copied()
@@ -316,7 +718,10 @@ impl Verifier {
         if raw.crit.is_some() {
             return Err(AuthError::Malformed);
         }
-        let key = self.keys.key_for(alg, raw.kid.as_deref())?;
+        if raw.jku.is_some() || raw.jwk.is_some() || raw.x5u.is_some() || raw.x5c.is_some() {
+            return Err(AuthError::KeyInHeader);
+        }
+        let key = keys.key_for(alg, raw.kid.as_deref())?;
 
         let mut validation = Validation::new(alg);
         validation.leeway = self.leeway;
@@ -372,9 +777,83 @@ pub fn bearer_token(metadata: &MetadataMap) -> Result<&str, AuthError> {
     Ok(token)
 }
 
+/// Follows a key file: re-reads it every `interval` and, when its contents changed,
+/// loads the new keys (ADR 0019). A file that does not load is logged once and the
+/// previous keys stay in use, so a half-written or broken file never locks clients out.
+pub struct KeyReloader {
+    source: KeySource,
+    /// The contents last seen (loaded or refused), so an unchanged file costs one read.
+    last: Vec<u8>,
+}
+
+/// What one look at the key file found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Reload {
+    Unchanged,
+    Loaded,
+    /// The file changed but could not be used; the previous keys stay.
+    Refused,
+}
+
+impl KeyReloader {
+    /// Reads the file once and swaps the keys in `verifier` if it changed.
+    pub async fn check(&mut self, verifier: &Verifier) -> Reload {
+        let path = self.source.path().to_path_buf();
+        let bytes = match tokio::task::spawn_blocking(move || read_key_file(&path)).await {
+            Ok(Ok(b)) => b,
+            Ok(Err(e)) => {
+                // A rename-into-place can make the file missing for an instant: keep quiet
+                // about it until the contents really differ.
+                tracing::debug!(error = %e, "JWT key file not readable; keeping the current keys");
+                return Reload::Unchanged;
+            }
+            Err(_) => return Reload::Unchanged,
+        };
+        if bytes == self.last {
+            return Reload::Unchanged;
+        }
+        let parsed = self.source.parse(&bytes);
+        self.last = bytes;
+        match parsed {
+            Ok(keys) => {
+                let described = keys.describe();
+                verifier.replace_keys(keys);
+                tracing::info!(source = self.source.flag(), path = %self.source.path().display(), keys = ?described, "JWT keys reloaded");
+                Reload::Loaded
+            }
+            Err(e) => {
+                tracing::warn!(source = self.source.flag(), error = %e, "JWT key file changed but does not load; keeping the previous keys");
+                Reload::Refused
+            }
+        }
+    }
+
+    /// Checks the file every `interval` until `cancel`.
+    pub async fn run(
+        mut self,
+        verifier: Arc<Verifier>,
+        interval: std::time::Duration,
+        cancel: tokio_util::sync::CancellationToken,
+    ) {
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(interval) => {}
+            }
+            self.check(&verifier).await;
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "../tests/keys/mod.rs"]
+mod test_keys;
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use super::test_keys as keys;
 
     const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef";
 
@@ -544,23 +1023,208 @@ mod tests {
         let t = mint_hs256(SECRET, &c).unwrap();
         assert!(v.verify(&t).is_ok());
         assert!(v.verify(&t).is_ok(), "served from the cache");
-        assert_eq!(v.cache.read().len(), 1);
+        assert_eq!(v.cache.read().map.len(), 1);
         std::thread::sleep(Duration::from_millis(2100));
         assert_eq!(v.verify(&t), Err(AuthError::Expired));
         // Failures are not cached; a forged variant of a cached token still fails.
         let mut forged = t.clone();
         forged.push('x');
         assert!(v.verify(&forged).is_err());
-        assert_eq!(v.cache.read().len(), 1);
+        assert_eq!(v.cache.read().map.len(), 1);
     }
 
     #[test]
-    fn secret_file_is_trimmed() {
+    fn secret_file_is_trimmed_and_long_enough() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("s");
-        std::fs::write(&p, b"secret\n").unwrap();
-        assert_eq!(load_hs256_secret(&p).unwrap(), b"secret");
+        std::fs::write(&p, [SECRET, b"\n"].concat()).unwrap();
+        assert_eq!(load_hs256_secret(&p).unwrap(), SECRET);
         std::fs::write(&p, b"\n").unwrap();
-        assert!(load_hs256_secret(&p).is_err());
+        assert!(matches!(load_hs256_secret(&p), Err(KeyError::EmptySecret { .. })));
+        // 31 bytes (plus a newline that does not count) is refused, with one clear error.
+        std::fs::write(&p, [&SECRET[..31], b"\n"].concat()).unwrap();
+        let e = load_hs256_secret(&p).unwrap_err();
+        assert!(matches!(e, KeyError::ShortSecret { len: 31, .. }), "{e:?}");
+        assert!(e.to_string().contains("at least 32"), "{e}");
+        let e = Verifier::load(KeySource::Hs256Secret(p.clone()), "skv", "skv")
+            .err()
+            .unwrap();
+        assert!(matches!(e, KeyError::ShortSecret { len: 31, .. }), "{e:?}");
+    }
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    fn jwks(entries: &[(&SigningKey, &str)]) -> String {
+        let keys: Vec<Jwk> = entries.iter().map(|(k, kid)| k.public_jwk(kid).unwrap()).collect();
+        serde_json::to_string(&serde_json::json!({ "keys": keys })).unwrap()
+    }
+
+    #[test]
+    fn rs256_and_es256_from_pem() {
+        let dir = tempfile::tempdir().unwrap();
+        for (pair, alg) in [(keys::rsa(), Algorithm::RS256), (keys::ec(), Algorithm::ES256)] {
+            let signer = SigningKey::from_pem(pair.private_pem.as_bytes()).unwrap();
+            assert_eq!(signer.alg(), alg);
+            let public = write(dir.path(), "pub.pem", &pair.public_pem);
+            let (v, _) = Verifier::load(KeySource::PublicKey(public), "skv", "skv").unwrap();
+            let c = claims(Role::Write);
+            // Any kid, or none: a PEM key is the only key.
+            assert_eq!(v.verify(&mint(&signer, None, &c).unwrap()).unwrap(), c);
+            assert_eq!(v.verify(&mint(&signer, Some("whatever"), &c).unwrap()).unwrap(), c);
+            // Another key pair of the same kind does not verify.
+            let other = if alg == Algorithm::RS256 {
+                keys::rsa()
+            } else {
+                keys::ec()
+            };
+            let other = SigningKey::from_pem(other.private_pem.as_bytes()).unwrap();
+            assert_eq!(v.verify(&mint(&other, None, &c).unwrap()), Err(AuthError::BadSignature));
+            // HS256 (and the other asymmetric algorithm) are outside the allow-list.
+            assert_eq!(v.verify(&mint_hs256(SECRET, &c).unwrap()), Err(AuthError::BadAlgorithm));
+        }
+    }
+
+    #[test]
+    fn public_key_used_as_hs256_secret_is_refused() {
+        // The classic confusion: sign HS256 with the server's *public* key as the secret.
+        let dir = tempfile::tempdir().unwrap();
+        let pair = keys::rsa();
+        let signer = SigningKey::from_pem(pair.private_pem.as_bytes()).unwrap();
+        let public = write(dir.path(), "pub.pem", &pair.public_pem);
+        let (v, _) = Verifier::load(KeySource::PublicKey(public), "skv", "skv").unwrap();
+        let c = claims(Role::Admin);
+        let forged = mint_hs256(pair.public_pem.as_bytes(), &c).unwrap();
+        assert_eq!(v.verify(&forged), Err(AuthError::BadAlgorithm));
+        // Through a JWKS too, whatever kid it names, also with the JWK's own bytes.
+        let set = jwks(&[(&signer, "k1")]);
+        let file = write(dir.path(), "jwks.json", &set);
+        let (v, _) = Verifier::load(KeySource::Jwks(file), "skv", "skv").unwrap();
+        for secret in [pair.public_pem.as_bytes(), set.as_bytes()] {
+            let forged = mint(&SigningKey::hs256(secret), Some("k1"), &c).unwrap();
+            assert_eq!(v.verify(&forged), Err(AuthError::BadAlgorithm));
+        }
+        // An RS256 kid used with ES256 (an EC key signing under the RSA key's kid).
+        let ec = SigningKey::from_pem(keys::ec().private_pem.as_bytes()).unwrap();
+        let file = write(dir.path(), "jwks2.json", &jwks(&[(&signer, "k1"), (&ec, "k2")]));
+        let (v, _) = Verifier::load(KeySource::Jwks(file), "skv", "skv").unwrap();
+        assert_eq!(
+            v.verify(&mint(&ec, Some("k1"), &c).unwrap()),
+            Err(AuthError::BadAlgorithm)
+        );
+        assert!(v.verify(&mint(&ec, Some("k2"), &c).unwrap()).is_ok());
+    }
+
+    #[test]
+    fn jwks_picks_by_kid_and_refuses_header_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let rsa = SigningKey::from_pem(keys::rsa().private_pem.as_bytes()).unwrap();
+        let ec = SigningKey::from_pem(keys::ec().private_pem.as_bytes()).unwrap();
+        let file = write(dir.path(), "jwks.json", &jwks(&[(&rsa, "r1"), (&ec, "e1")]));
+        let (v, _) = Verifier::load(KeySource::Jwks(file), "skv", "skv").unwrap();
+        assert_eq!(v.key_ids(), vec!["e1:ES256", "r1:RS256"]);
+        let c = claims(Role::Read);
+        assert!(v.verify(&mint(&rsa, Some("r1"), &c).unwrap()).is_ok());
+        assert!(v.verify(&mint(&ec, Some("e1"), &c).unwrap()).is_ok());
+        assert_eq!(v.verify(&mint(&rsa, None, &c).unwrap()), Err(AuthError::UnknownKey));
+        assert_eq!(
+            v.verify(&mint(&rsa, Some("nope"), &c).unwrap()),
+            Err(AuthError::UnknownKey)
+        );
+        // The right kid, signed by another key.
+        let evil = SigningKey::from_pem(keys::rsa().private_pem.as_bytes()).unwrap();
+        assert_eq!(
+            v.verify(&mint(&evil, Some("r1"), &c).unwrap()),
+            Err(AuthError::BadSignature)
+        );
+        // A token that brings its own key (jwk, jku, x5u, x5c) is refused before any lookup.
+        for (name, value) in [
+            ("jwk", serde_json::to_value(evil.public_jwk("r1").unwrap()).unwrap()),
+            ("jku", "https://evil.example/jwks.json".into()),
+            ("x5u", "https://evil.example/cert.pem".into()),
+            ("x5c", serde_json::json!(["MIIB"])),
+        ] {
+            let header = serde_json::json!({"alg": "RS256", "kid": "r1", name: value});
+            let t = mint(&evil, Some("r1"), &c).unwrap();
+            let parts: Vec<&str> = t.split('.').collect();
+            let forged = format!("{}.{}.{}", b64(&header.to_string()), parts[1], parts[2]);
+            assert_eq!(v.verify(&forged), Err(AuthError::KeyInHeader), "{name}");
+        }
+    }
+
+    #[test]
+    fn bad_key_files_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let pair = keys::rsa();
+        let rsa = SigningKey::from_pem(pair.private_pem.as_bytes()).unwrap();
+        let load = |src: KeySource| Verifier::load(src, "skv", "skv").err().map(|e| e.to_string());
+        let p = write(dir.path(), "priv.pem", &pair.private_pem);
+        assert!(load(KeySource::PublicKey(p)).unwrap().contains("private key"));
+        let p = write(dir.path(), "p384.pem", &keys::ec_p384().public_pem);
+        assert!(load(KeySource::PublicKey(p)).unwrap().contains("P-256"));
+        assert!(SigningKey::from_pem(keys::ec_p384().private_pem.as_bytes()).is_err());
+        for (name, text, want) in [
+            ("empty.json", r#"{"keys":[]}"#.to_string(), "no usable key"),
+            ("junk.json", "{".to_string(), "not a JWKS"),
+            (
+                "oct.json",
+                r#"{"keys":[{"kty":"oct","kid":"h","k":"c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0"}]}"#.to_string(),
+                "no usable key",
+            ),
+            ("nokid.json", jwks(&[(&rsa, "")]), "no usable key"),
+            ("dup.json", jwks(&[(&rsa, "a"), (&rsa, "a")]), "appears twice"),
+        ] {
+            let p = write(dir.path(), name, &text);
+            let e = load(KeySource::Jwks(p)).unwrap();
+            assert!(e.contains(want), "{name}: {e}");
+        }
+        // A JWKS with one usable key and one we skip loads the usable one.
+        let mut jwk = serde_json::to_value(rsa.public_jwk("r").unwrap()).unwrap();
+        jwk["alg"] = "RS512".into();
+        let ok = serde_json::to_value(rsa.public_jwk("ok").unwrap()).unwrap();
+        let p = write(
+            dir.path(),
+            "mixed.json",
+            &serde_json::json!({"keys": [jwk, ok, {"kty":"OKP","crv":"Ed25519","kid":"ed","x":"AAAA"}]}).to_string(),
+        );
+        let (v, _) = Verifier::load(KeySource::Jwks(p), "skv", "skv").unwrap();
+        assert_eq!(v.key_ids(), vec!["ok:RS256"]);
+    }
+
+    #[tokio::test]
+    async fn reload_rotates_keys_and_keeps_them_on_a_bad_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = SigningKey::from_pem(keys::rsa().private_pem.as_bytes()).unwrap();
+        let new = SigningKey::from_pem(keys::ec().private_pem.as_bytes()).unwrap();
+        let file = write(dir.path(), "jwks.json", &jwks(&[(&old, "old")]));
+        let (v, mut reloader) = Verifier::load(KeySource::Jwks(file.clone()), "skv", "skv").unwrap();
+        let c = claims(Role::Write);
+        let t_old = mint(&old, Some("old"), &c).unwrap();
+        let t_new = mint(&new, Some("new"), &c).unwrap();
+        assert!(v.verify(&t_old).is_ok());
+        assert_eq!(v.verify(&t_new), Err(AuthError::UnknownKey));
+        assert_eq!(reloader.check(&v).await, Reload::Unchanged);
+        // Overlap: both.
+        write(dir.path(), "jwks.json", &jwks(&[(&old, "old"), (&new, "new")]));
+        assert_eq!(reloader.check(&v).await, Reload::Loaded);
+        assert!(v.verify(&t_old).is_ok());
+        assert!(v.verify(&t_new).is_ok());
+        // A broken file keeps both (logged once, not re-parsed while unchanged).
+        write(dir.path(), "jwks.json", "{\"keys\": [");
+        assert_eq!(reloader.check(&v).await, Reload::Refused);
+        assert_eq!(reloader.check(&v).await, Reload::Unchanged);
+        assert!(v.verify(&t_old).is_ok());
+        // The old key leaves: its tokens are refused at once, though they were cached.
+        write(dir.path(), "jwks.json", &jwks(&[(&new, "new")]));
+        assert_eq!(reloader.check(&v).await, Reload::Loaded);
+        assert_eq!(v.verify(&t_old), Err(AuthError::UnknownKey));
+        assert!(v.verify(&t_new).is_ok());
+        // A missing file (mid-rename) changes nothing.
+        std::fs::remove_file(&file).unwrap();
+        assert_eq!(reloader.check(&v).await, Reload::Unchanged);
+        assert!(v.verify(&t_new).is_ok());
     }
 }

@@ -15,6 +15,7 @@
 pub mod auth;
 pub mod metrics;
 pub mod namespace;
+pub mod quota;
 pub mod retry;
 pub mod router;
 pub mod routing;
@@ -24,6 +25,7 @@ use anyhow::Context as _;
 use skv_common::service::ServiceHandle;
 use skv_common::telemetry::{LogFormat, Readiness};
 use skv_proto::v1::kv_server::KvServer;
+use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -43,7 +45,7 @@ pub use router::{OUTCOME_METADATA_KEY, is_outcome_unknown};
     clap::ArgGroup::new("jwt_key")
         .required(true)
         .multiple(false)
-        .args(["jwt_hs256_secret_file", "jwt_public_key_file", "jwks_file"])
+        .args(["jwt_hs256_secret_file", "jwt_public_key_file", "jwt_jwks_file"])
 ))]
 pub struct Config {
     /// gRPC listen address (port 0 picks a free port).
@@ -52,15 +54,19 @@ pub struct Config {
     /// Placement URLs, comma separated (http://host:port,...).
     #[arg(long, env = "SKV_PLACEMENT", value_delimiter = ',', required = true)]
     pub placement: Vec<String>,
-    /// File holding the HS256 shared secret (trailing whitespace is ignored).
+    /// File holding the HS256 shared secret, at least 32 bytes (trailing whitespace is ignored).
     #[arg(long, env = "SKV_JWT_HS256_SECRET_FILE")]
     pub jwt_hs256_secret_file: Option<PathBuf>,
-    /// PEM public key for RS256/ES256 tokens (not yet supported).
+    /// PEM public key (RSA of 2048+ bits: RS256; P-256: ES256), reloaded when it changes.
     #[arg(long, env = "SKV_JWT_PUBLIC_KEY_FILE")]
     pub jwt_public_key_file: Option<PathBuf>,
-    /// JWKS file with `kid`-based key rotation (not yet supported).
-    #[arg(long, env = "SKV_JWKS_FILE")]
-    pub jwks_file: Option<PathBuf>,
+    /// JWKS file (RS256 and ES256 keys, chosen by the token's `kid`), reloaded when it
+    /// changes: list the old and the new key during a rotation.
+    #[arg(long, env = "SKV_JWT_JWKS_FILE")]
+    pub jwt_jwks_file: Option<PathBuf>,
+    /// How often the JWT key file is checked for changes, in milliseconds (0 = never).
+    #[arg(long, env = "SKV_JWT_KEY_RELOAD_MS", default_value_t = 1000)]
+    pub jwt_key_reload_ms: u64,
     /// Accepted `iss` claim.
     #[arg(long, env = "SKV_JWT_ISSUER", default_value = auth::DEFAULT_ISSUER)]
     pub jwt_issuer: String,
@@ -79,9 +85,21 @@ pub struct Config {
     /// Deadline of a request when the client sends no grpc-timeout, in milliseconds.
     #[arg(long, env = "SKV_REQUEST_TIMEOUT_MS", default_value_t = 5000)]
     pub request_timeout_ms: u64,
-    /// Concurrent requests allowed per namespace; more get RESOURCE_EXHAUSTED.
-    #[arg(long, env = "SKV_MAX_CONCURRENCY_PER_TENANT", default_value_t = 1024)]
-    pub max_concurrency_per_tenant: usize,
+    /// Requests per second allowed per namespace (0 = unlimited); more get
+    /// RESOURCE_EXHAUSTED with a `retry-after-ms` hint. Per proxy instance.
+    #[arg(long, env = "SKV_TENANT_RATE_LIMIT", default_value_t = 0)]
+    pub tenant_rate_limit: u32,
+    /// Requests a namespace may send at once after a quiet spell (token bucket size;
+    /// 0 = one second's worth, the rate limit).
+    #[arg(long, env = "SKV_TENANT_RATE_BURST", default_value_t = 0)]
+    pub tenant_rate_burst: u32,
+    /// Concurrent requests allowed per namespace (0 = unlimited); more get RESOURCE_EXHAUSTED.
+    #[arg(long, env = "SKV_TENANT_MAX_CONCURRENCY", default_value_t = 1024)]
+    pub tenant_max_concurrency: usize,
+    /// Per-namespace overrides of the three tenant limits: the `[tenants.<namespace>]`
+    /// tables of the `--config` file (`rate-limit`, `rate-burst`, `max-concurrency`).
+    #[arg(skip)]
+    pub tenants: BTreeMap<String, quota::TenantOverride>,
     /// Log format.
     #[arg(long, env = "SKV_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -95,37 +113,47 @@ impl Config {
             placement,
             jwt_hs256_secret_file: Some(jwt_hs256_secret_file),
             jwt_public_key_file: None,
-            jwks_file: None,
+            jwt_jwks_file: None,
+            jwt_key_reload_ms: 1000,
             jwt_issuer: auth::DEFAULT_ISSUER.to_string(),
             jwt_audience: auth::DEFAULT_AUDIENCE.to_string(),
             metrics_listen: None,
             max_value_len: skv_common::limits::DEFAULT_MAX_VALUE_LEN,
             max_message_len: skv_common::limits::DEFAULT_MAX_MESSAGE_LEN,
             request_timeout_ms: 5000,
-            max_concurrency_per_tenant: 1024,
+            tenant_rate_limit: 0,
+            tenant_rate_burst: 0,
+            tenant_max_concurrency: 1024,
+            tenants: BTreeMap::new(),
             log_format: LogFormat::Text,
         }
     }
 }
 
-fn build_verifier(config: &Config) -> anyhow::Result<auth::Verifier> {
-    match (
-        &config.jwt_hs256_secret_file,
-        &config.jwt_public_key_file,
-        &config.jwks_file,
-    ) {
-        (Some(p), None, None) => {
-            let secret = auth::load_hs256_secret(p)?;
-            if secret.len() < 32 {
-                tracing::warn!("the HS256 secret is shorter than 32 bytes (RFC 7518 §3.2 asks for at least 256 bits)");
-            }
-            Ok(auth::Verifier::hs256(&secret, &config.jwt_issuer, &config.jwt_audience))
+impl Config {
+    /// The one key source the flags name.
+    pub fn key_source(&self) -> anyhow::Result<auth::KeySource> {
+        match (
+            &self.jwt_hs256_secret_file,
+            &self.jwt_public_key_file,
+            &self.jwt_jwks_file,
+        ) {
+            (Some(p), None, None) => Ok(auth::KeySource::Hs256Secret(p.clone())),
+            (None, Some(p), None) => Ok(auth::KeySource::PublicKey(p.clone())),
+            (None, None, Some(p)) => Ok(auth::KeySource::Jwks(p.clone())),
+            _ => anyhow::bail!(
+                "exactly one of --jwt-hs256-secret-file, --jwt-public-key-file or --jwt-jwks-file is required"
+            ),
         }
-        (None, Some(_), None) => {
-            anyhow::bail!("--jwt-public-key-file (RS256/ES256) is not yet supported; use --jwt-hs256-secret-file")
+    }
+
+    /// The limits every namespace gets unless the config file overrides them.
+    pub fn tenant_limits(&self) -> quota::TenantLimits {
+        quota::TenantLimits {
+            rate: self.tenant_rate_limit,
+            burst: self.tenant_rate_burst,
+            max_concurrency: self.tenant_max_concurrency,
         }
-        (None, None, Some(_)) => anyhow::bail!("--jwks-file is not yet supported; use --jwt-hs256-secret-file"),
-        _ => anyhow::bail!("exactly one of --jwt-hs256-secret-file, --jwt-public-key-file or --jwks-file is required"),
     }
 }
 
@@ -133,7 +161,8 @@ fn build_verifier(config: &Config) -> anyhow::Result<auth::Verifier> {
 /// map from placement (best effort, it keeps following the watch), and serves until
 /// the returned handle is shut down.
 pub async fn start(config: Config) -> anyhow::Result<ServiceHandle> {
-    let verifier = Arc::new(build_verifier(&config)?);
+    let (verifier, reloader) = auth::Verifier::load(config.key_source()?, &config.jwt_issuer, &config.jwt_audience)?;
+    let verifier = Arc::new(verifier);
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(skv_proto::FILE_DESCRIPTOR_SET)
@@ -161,6 +190,14 @@ pub async fn start(config: Config) -> anyhow::Result<ServiceHandle> {
     let placement = skv_rpc::PlacementMembers::new(&config.placement)?;
     let router = Arc::new(router::Router::new(placement, metrics.clone()));
     let cancel = CancellationToken::new();
+    if config.jwt_key_reload_ms > 0 {
+        tokio::spawn(reloader.run(
+            verifier.clone(),
+            Duration::from_millis(config.jwt_key_reload_ms),
+            cancel.child_token(),
+        ));
+    }
+    let quotas = quota::Quotas::new(config.tenant_limits(), config.tenants.clone(), metrics.clone());
 
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -198,10 +235,10 @@ pub async fn start(config: Config) -> anyhow::Result<ServiceHandle> {
         router,
         verifier,
         metrics,
+        quotas,
         service::ServiceLimits {
             max_value_len: config.max_value_len,
             request_timeout: Duration::from_millis(config.request_timeout_ms),
-            max_concurrency_per_tenant: config.max_concurrency_per_tenant,
         },
     );
     let kv = KvServer::new(kv)

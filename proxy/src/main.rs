@@ -6,8 +6,11 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let config: skv_proxy::Config = skv_common::config::parse();
+    let (mut config, file): (skv_proxy::Config, _) = skv_common::config::parse_with_sections(&["tenants"]);
     skv_common::telemetry::init_logging(config.log_format);
+    if let Some(file) = file {
+        config.tenants = skv_proxy::quota::load_overrides(&file)?;
+    }
     let handle = skv_proxy::start(config).await?;
     skv_common::service::shutdown_signal().await;
     tracing::info!("shutting down");

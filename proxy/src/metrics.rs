@@ -24,6 +24,13 @@ pub struct Reason {
     pub reason: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TenantReason {
+    /// The namespace, or `_other` past the first labeled ones (`quota::MAX_LABELED_NAMESPACES`).
+    pub namespace: String,
+    pub reason: &'static str,
+}
+
 type HistogramCtor = fn() -> Histogram;
 
 /// Every proxy series. Cheap to clone (all handles are shared).
@@ -33,6 +40,7 @@ pub struct Metrics {
     pub latency: Family<Rpc, Histogram, HistogramCtor>,
     pub retries: Family<Reason, Counter>,
     pub auth_denials: Family<Reason, Counter>,
+    pub tenant_refusals: Family<TenantReason, Counter>,
     pub range_cache_size: Gauge,
     pub range_cache_misses: Counter,
     pub placement_errors: Counter,
@@ -51,6 +59,7 @@ impl Metrics {
             latency: Family::new_with_constructor(latency_histogram as HistogramCtor),
             retries: Family::default(),
             auth_denials: Family::default(),
+            tenant_refusals: Family::default(),
             range_cache_size: Gauge::default(),
             range_cache_misses: Counter::default(),
             placement_errors: Counter::default(),
@@ -74,6 +83,11 @@ impl Metrics {
             "skv_proxy_auth_denials",
             "Requests refused by authentication or authorization, by reason",
             m.auth_denials.clone(),
+        );
+        registry.register(
+            "skv_proxy_tenant_refusals",
+            "Requests refused by a tenant quota, by namespace and reason (rate, concurrency)",
+            m.tenant_refusals.clone(),
         );
         registry.register(
             "skv_proxy_range_cache_size",
@@ -114,6 +128,13 @@ impl Metrics {
 
     pub fn auth_denied(&self, reason: &'static str) {
         self.auth_denials.get_or_create(&Reason { reason }).inc();
+    }
+
+    /// The refusal counter of one namespace label and reason (kept by the tenant's state).
+    pub fn tenant_refusals(&self, namespace: String, reason: &'static str) -> Counter {
+        self.tenant_refusals
+            .get_or_create(&TenantReason { namespace, reason })
+            .clone()
     }
 }
 

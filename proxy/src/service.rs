@@ -3,10 +3,10 @@
 use crate::auth::{Claims, Role, Verifier};
 use crate::metrics::Metrics;
 use crate::namespace::Namespace;
+use crate::quota::{Permit, Quotas};
 use crate::retry::Kind;
 use crate::router::{OpenScan, Router};
 use futures::{StreamExt, TryStreamExt};
-use parking_lot::Mutex;
 use skv_common::limits::{MAX_KEY_LEN, check_key, check_value};
 use skv_proto::internal::{
     Condition, StoreBatchGetRequest, StoreBatchWriteRequest, StoreGetRequest, StoreScanRequest, StoreWriteOp,
@@ -18,11 +18,11 @@ use skv_proto::v1::{
     CompareAndSwapResponse, DeleteRequest, DeleteResponse, GetRequest, GetResponse, KeyValue, PutRequest, PutResponse,
     ScanRequest, ScanResponse, WriteResult, write_op,
 };
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tonic::metadata::MetadataMap;
@@ -48,35 +48,6 @@ const MAX_CLIENT_TIMEOUT: Duration = Duration::from_secs(300);
 pub struct ServiceLimits {
     pub max_value_len: usize,
     pub request_timeout: Duration,
-    pub max_concurrency_per_tenant: usize,
-}
-
-/// Per-tenant concurrency limit: one semaphore per namespace.
-struct Tenants {
-    max: usize,
-    map: Mutex<HashMap<Vec<u8>, Arc<Semaphore>>>,
-}
-
-impl Tenants {
-    fn acquire(&self, ns: &[u8]) -> Result<OwnedSemaphorePermit, Status> {
-        let sem = {
-            let mut map = self.map.lock();
-            if map.len() > 100_000 {
-                // Forget idle tenants so the map cannot grow without bound.
-                let max = self.max;
-                map.retain(|_, s| s.available_permits() < max);
-            }
-            map.entry(ns.to_vec())
-                .or_insert_with(|| Arc::new(Semaphore::new(self.max)))
-                .clone()
-        };
-        sem.try_acquire_owned().map_err(|_| {
-            Status::resource_exhausted(format!(
-                "too many concurrent requests for this namespace (limit {})",
-                self.max
-            ))
-        })
-    }
 }
 
 struct Inner {
@@ -84,7 +55,7 @@ struct Inner {
     verifier: Arc<Verifier>,
     metrics: Metrics,
     limits: ServiceLimits,
-    tenants: Tenants,
+    quotas: Quotas,
 }
 
 /// The `skv.v1.Kv` implementation.
@@ -133,18 +104,20 @@ fn precondition_failed(current: u64) -> Status {
 type ScanStream = Pin<Box<dyn futures::Stream<Item = Result<ScanResponse, Status>> + Send>>;
 
 impl KvService {
-    pub fn new(router: Arc<Router>, verifier: Arc<Verifier>, metrics: Metrics, limits: ServiceLimits) -> Self {
-        let tenants = Tenants {
-            max: limits.max_concurrency_per_tenant.max(1),
-            map: Mutex::new(HashMap::new()),
-        };
+    pub fn new(
+        router: Arc<Router>,
+        verifier: Arc<Verifier>,
+        metrics: Metrics,
+        quotas: Quotas,
+        limits: ServiceLimits,
+    ) -> Self {
         KvService {
             inner: Arc::new(Inner {
                 router,
                 verifier,
                 metrics,
                 limits,
-                tenants,
+                quotas,
             }),
         }
     }
@@ -189,10 +162,9 @@ impl KvService {
         Ok(Ctx { claims, ns })
     }
 
-    fn admit(&self, ctx: &Ctx) -> Result<OwnedSemaphorePermit, Status> {
-        self.inner.tenants.acquire(ctx.ns.name()).inspect_err(|_| {
-            tracing::debug!(tenant = %ctx.claims.ns, sub = %ctx.claims.sub, "tenant concurrency limit reached");
-        })
+    /// The tenant's quotas (rate, then concurrency); the permit holds its slot.
+    fn admit(&self, ctx: &Ctx) -> Result<Permit, Status> {
+        self.inner.quotas.admit(&ctx.claims.ns).map_err(|r| r.to_status())
     }
 
     fn finish<T>(&self, rpc: &'static str, started: Instant, r: Result<T, Status>) -> Result<T, Status> {

@@ -887,7 +887,7 @@ async fn batches_keep_request_order_across_ranges() {
 async fn tenant_concurrency_limit() {
     let cl = fake::start(Options {
         tweak: |c| {
-            c.max_concurrency_per_tenant = 1;
+            c.tenant_max_concurrency = 1;
             c.request_timeout_ms = 3000;
         },
         ..Default::default()
@@ -944,7 +944,7 @@ async fn tenant_concurrency_limit() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unsupported_key_sources_fail_clearly() {
+async fn bad_key_sources_fail_clearly() {
     let dir = tempfile::tempdir().unwrap();
     let pem = dir.path().join("k.pem");
     std::fs::write(&pem, "x").unwrap();
@@ -952,11 +952,11 @@ async fn unsupported_key_sources_fail_clearly() {
     config.jwt_hs256_secret_file = None;
     config.jwt_public_key_file = Some(pem.clone());
     let e = skv_proxy::start(config.clone()).await.err().unwrap();
-    assert!(e.to_string().contains("not yet supported"), "{e}");
+    assert!(e.to_string().contains("not an RSA or P-256 EC public key"), "{e}");
     config.jwt_public_key_file = None;
-    config.jwks_file = Some(pem);
+    config.jwt_jwks_file = Some(pem);
     let e = skv_proxy::start(config).await.err().unwrap();
-    assert!(e.to_string().contains("not yet supported"), "{e}");
+    assert!(e.to_string().contains("not a JWKS"), "{e}");
 
     use clap::Parser;
     assert!(skv_proxy::Config::try_parse_from(["skv-proxy", "--placement", "http://a:1"]).is_err());
@@ -967,7 +967,7 @@ async fn unsupported_key_sources_fail_clearly() {
             "http://a:1",
             "--jwt-hs256-secret-file",
             "s",
-            "--jwks-file",
+            "--jwt-jwks-file",
             "j"
         ])
         .is_err()
