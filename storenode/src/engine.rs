@@ -7,6 +7,7 @@
 //! - `meta`: `store_id`, `desc/<range BE>` (prost `RangeDescriptor`),
 //!   `applied/<range BE>` (postcard applied state), `addr/<store BE>` (address book).
 
+use crate::cache::{Cached, ValueCache};
 use crate::metrics::Metrics;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use prost::Message;
@@ -32,6 +33,8 @@ pub struct Engine {
     pub data: Keyspace,
     pub raft: Keyspace,
     pub meta: Keyspace,
+    /// Hot records of `data`; every change of `data` must go through it (cache.rs).
+    pub cache: ValueCache,
     syncer: parking_lot::Mutex<Option<mpsc::Sender<SyncCallback>>>,
     sync_thread: parking_lot::Mutex<Option<std::thread::JoinHandle<()>>>,
 }
@@ -41,9 +44,16 @@ pub fn io_err(e: impl std::fmt::Display) -> io::Error {
 }
 
 impl Engine {
-    /// Opens (or creates) the database at `dir` and starts the group-commit syncer thread.
+    /// Opens (or creates) the database at `dir` with the default value cache, and starts
+    /// the group-commit syncer thread.
     pub fn open(dir: &Path, metrics: Metrics) -> anyhow::Result<Arc<Self>> {
+        Self::open_with(dir, metrics, crate::cache::DEFAULT_VALUE_CACHE_BYTES)
+    }
+
+    /// [`Self::open`] with a value cache of `value_cache_bytes` (0: none).
+    pub fn open_with(dir: &Path, metrics: Metrics, value_cache_bytes: u64) -> anyhow::Result<Arc<Self>> {
         std::fs::create_dir_all(dir)?;
+        let cache = ValueCache::new(value_cache_bytes, metrics.clone());
         let db = Database::builder(dir.join("db")).open()?;
         let data = db.keyspace("data", KeyspaceCreateOptions::default)?;
         let raft = db.keyspace("raft", KeyspaceCreateOptions::default)?;
@@ -58,6 +68,7 @@ impl Engine {
             data,
             raft,
             meta,
+            cache,
             syncer: parking_lot::Mutex::new(Some(tx)),
             sync_thread: parking_lot::Mutex::new(Some(th)),
         }))
@@ -136,12 +147,22 @@ impl Engine {
 
     /// Live value of a user key: (version, value). A tombstone reads as absent.
     pub fn get_data(&self, key: &[u8]) -> io::Result<Option<(u64, Vec<u8>)>> {
-        Ok(self.data.get(key).map_err(io_err)?.and_then(|v| decode_value(&v)))
+        Ok(match self.get_record(key)? {
+            Some(Record::Live { version, value }) => Some((version, value)),
+            _ => None,
+        })
     }
 
-    /// Stored record of a user key, tombstones included.
+    /// Stored record of a user key, tombstones included; through the value cache.
     pub fn get_record(&self, key: &[u8]) -> io::Result<Option<Record>> {
-        Ok(self.data.get(key).map_err(io_err)?.and_then(|v| decode_record(&v)))
+        match self.cache.lookup(key) {
+            Ok(hit) => Ok(hit.into_record()),
+            Err(ticket) => {
+                let rec = self.data.get(key).map_err(io_err)?.and_then(|v| decode_record(&v));
+                self.cache.fill(key, ticket, Cached::from(rec.clone()));
+                Ok(rec)
+            }
+        }
     }
 }
 

@@ -361,18 +361,19 @@ fn delete_span(engine: &crate::engine::Engine, start: &[u8], end: &[u8]) -> io::
     let (mut keys, mut bytes) = (0u64, 0u64);
     loop {
         let mut batch = engine.db.batch();
-        let mut n = 0usize;
+        let mut touched: Vec<Vec<u8>> = Vec::new();
         for g in engine.data.range::<&[u8], _>(data_range(start, end)).take(GC_BATCH) {
             let (k, v) = g.into_inner().map_err(io_err)?;
             bytes += (k.len() + v.len()) as u64;
+            touched.push(k.to_vec());
             batch.remove(&engine.data, k);
-            n += 1;
         }
-        if n == 0 {
+        if touched.is_empty() {
             return Ok((keys, bytes));
         }
-        keys += n as u64;
+        keys += touched.len() as u64;
         batch.commit().map_err(io_err)?;
+        engine.cache.invalidate(touched.iter().map(|k| &k[..]));
     }
 }
 
@@ -455,6 +456,9 @@ mod tests {
         for k in [&b"b"[..], b"c", b"k1", b"l", b"n"] {
             engine.data.insert(k, encode_value(1, b"v")).unwrap();
         }
+        // Read (so cached): the value cache must not answer them once GC deleted them.
+        assert!(engine.get_data(b"b").unwrap().is_some());
+        assert!(engine.get_data(b"c").unwrap().is_some());
         // Range 9 over [b, m) was being destroyed.
         let marker = GcMarker {
             start: b"b".to_vec(),

@@ -116,6 +116,7 @@
 //!   flag for it until it is.
 //! - `--advertise` defaults to the bound address; set it when listening on 0.0.0.0.
 
+pub mod cache;
 pub mod engine;
 pub mod gc;
 pub mod merge;
@@ -170,6 +171,10 @@ pub struct Config {
     /// Log format.
     #[arg(long, env = "SKV_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// Bytes of the value cache, which keeps hot records in memory in front of the engine
+    /// (0 disables it).
+    #[arg(long, env = "SKV_VALUE_CACHE_BYTES", default_value_t = cache::DEFAULT_VALUE_CACHE_BYTES)]
+    pub value_cache_bytes: u64,
     /// Build a Raft snapshot (and purge the log) every this many entries.
     #[arg(long, env = "SKV_RAFT_SNAPSHOT_LOGS", default_value_t = 10_000, hide = true)]
     pub raft_snapshot_logs: u64,
@@ -190,6 +195,7 @@ impl Config {
             max_value_len: skv_common::limits::DEFAULT_MAX_VALUE_LEN,
             heartbeat_interval_ms: 1000,
             log_format: LogFormat::Text,
+            value_cache_bytes: cache::DEFAULT_VALUE_CACHE_BYTES,
             raft_snapshot_logs: 10_000,
         }
     }
@@ -225,7 +231,7 @@ pub async fn start_with(config: Config, opts: StartOptions) -> anyhow::Result<Se
     // Stops whatever was spawned if start fails half-way.
     let start_guard = cancel.clone().drop_guard();
     let metrics = metrics::Metrics::new();
-    let engine = engine::Engine::open(&config.data_dir, metrics.clone())
+    let engine = engine::Engine::open_with(&config.data_dir, metrics.clone(), config.value_cache_bytes)
         .with_context(|| format!("opening data dir {}", config.data_dir.display()))?;
 
     let listener = tokio::net::TcpListener::bind(config.listen)

@@ -76,6 +76,12 @@ pub struct Metrics {
     /// Merges applied on this node (as target), and merges rolled back (as source).
     pub merges: Counter,
     pub merge_rollbacks: Counter,
+    /// Value cache (storenode/src/cache.rs): lookups that hit and missed, bytes held (as
+    /// last sampled) and capacity.
+    pub value_cache_hits: Counter,
+    pub value_cache_misses: Counter,
+    pub value_cache_bytes: Gauge,
+    pub value_cache_capacity_bytes: Gauge,
 }
 
 impl Metrics {
@@ -100,6 +106,10 @@ impl Metrics {
             stale_refused: Counter::default(),
             merges: Counter::default(),
             merge_rollbacks: Counter::default(),
+            value_cache_hits: Counter::default(),
+            value_cache_misses: Counter::default(),
+            value_cache_bytes: Gauge::default(),
+            value_cache_capacity_bytes: Gauge::default(),
         }
     }
 
@@ -211,6 +221,26 @@ impl Metrics {
             "skv_storenode_merge_rollbacks",
             "Merges rolled back on this node as the source",
             self.merge_rollbacks.clone(),
+        );
+        reg.register(
+            "skv_storenode_value_cache_hits",
+            "Reads of a key's record answered by the value cache",
+            self.value_cache_hits.clone(),
+        );
+        reg.register(
+            "skv_storenode_value_cache_misses",
+            "Reads of a key's record that went to the engine",
+            self.value_cache_misses.clone(),
+        );
+        reg.register(
+            "skv_storenode_value_cache_bytes",
+            "Bytes held by the value cache (keys, values and per-entry overhead), as last sampled",
+            self.value_cache_bytes.clone(),
+        );
+        reg.register(
+            "skv_storenode_value_cache_capacity_bytes",
+            "Capacity of the value cache (--value-cache-bytes)",
+            self.value_cache_capacity_bytes.clone(),
         );
     }
 }

@@ -237,9 +237,9 @@ pub fn encode_applied(last_applied: Option<LogId>, membership: StoredMembership)
     .map_err(io_err)
 }
 
-/// Records written earlier in an uncommitted apply batch: key → (stored version, live,
-/// key + value bytes when live).
-type Overlay = HashMap<Vec<u8>, (u64, bool, u64)>;
+/// Records written earlier in an uncommitted apply batch: key → (the new record, key +
+/// value bytes when live). Published to the value cache once the batch commits.
+type Overlay = HashMap<Vec<u8>, (crate::engine::Record, u64)>;
 
 /// A split that applied: the right descriptor, whether its storage was seeded, and the
 /// node's creation lock (held until the right range is reopened).
@@ -359,18 +359,22 @@ impl StateMachine {
     fn commit_applied(
         &mut self,
         batch: fjall::OwnedWriteBatch,
-        new_desc: Option<RangeDescriptor>,
+        overlay: &mut Overlay,
         replies: &mut Vec<(ApplyResponder<TypeConfig>, CmdResponse)>,
     ) -> io::Result<()> {
-        self.commit_applied_with(batch, new_desc, replies, (0, 0))
+        self.commit_applied_with(batch, None, overlay, replies, (0, 0))
     }
 
-    /// [`Self::commit_applied`], with `extra` (bytes, keys) added to the counters (a split
-    /// hands the right half's away, a merge takes the source's).
+    /// [`Self::commit_applied`], with a new descriptor and `extra` (bytes, keys) added to
+    /// the counters (a split hands the right half's away, a merge takes the source's).
+    ///
+    /// The written records (`overlay`) go to the value cache after the commit and before
+    /// the applied index is published: a read that waited for that index must find them.
     fn commit_applied_with(
         &mut self,
         mut batch: fjall::OwnedWriteBatch,
         new_desc: Option<RangeDescriptor>,
+        overlay: &mut Overlay,
         replies: &mut Vec<(ApplyResponder<TypeConfig>, CmdResponse)>,
         extra: (i64, i64),
     ) -> io::Result<()> {
@@ -384,6 +388,9 @@ impl StateMachine {
             batch.insert(&self.engine.meta, desc_key(self.shared.range_id), d.encode_to_vec());
         }
         batch.commit().map_err(io_err)?;
+        for (key, (rec, _)) in overlay.drain() {
+            self.engine.cache.publish(key, crate::cache::Cached::Record(rec));
+        }
         self.stats = stats;
         self.shared.publish_stats(&stats);
         if new_desc.is_some() {
@@ -464,7 +471,7 @@ impl StateMachine {
         condition: Option<u64>,
     ) -> io::Result<WriteOutcome> {
         let (stored_version, live, old_bytes) = match overlay.get(&key) {
-            Some(v) => *v,
+            Some((rec, bytes)) => (rec.version(), rec.is_live(), *bytes),
             None => match self.engine.get_record(&key)? {
                 Some(crate::engine::Record::Live { version, value }) => {
                     (version, true, (key.len() + value.len()) as u64)
@@ -492,8 +499,8 @@ impl StateMachine {
                 if !live {
                     self.pending_keys.fetch_add(1, Ordering::Relaxed);
                 }
-                overlay.insert(key.clone(), (version, true, new_bytes));
-                batch.insert(&self.engine.data, key, encode_value(version, &v));
+                batch.insert(&self.engine.data, key.clone(), encode_value(version, &v));
+                overlay.insert(key, (crate::engine::Record::Live { version, value: v }, new_bytes));
                 WriteOutcome {
                     succeeded: true,
                     version,
@@ -504,8 +511,16 @@ impl StateMachine {
                 if live {
                     self.pending_bytes.fetch_sub(old_bytes as i64, Ordering::Relaxed);
                     self.pending_keys.fetch_sub(1, Ordering::Relaxed);
-                    overlay.insert(key.clone(), (stored_version, false, 0));
-                    batch.insert(&self.engine.data, key, encode_tombstone(stored_version));
+                    batch.insert(&self.engine.data, key.clone(), encode_tombstone(stored_version));
+                    overlay.insert(
+                        key,
+                        (
+                            crate::engine::Record::Tombstone {
+                                version: stored_version,
+                            },
+                            0,
+                        ),
+                    );
                 }
                 WriteOutcome {
                     succeeded: true,
@@ -768,8 +783,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     payload => {
                         if dirty {
                             let b = std::mem::replace(&mut batch, self.engine.db.batch());
-                            self.commit_applied(b, None, &mut replies)?;
-                            overlay.clear();
+                            self.commit_applied(b, &mut overlay, &mut replies)?;
                             dirty = false;
                         }
                         let mut new_desc: Option<RangeDescriptor> = None;
@@ -911,7 +925,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                         };
                         self.last_applied = Some(log_id);
                         let b = std::mem::replace(&mut batch, self.engine.db.batch());
-                        self.commit_applied_with(b, new_desc, &mut Vec::new(), extra)?;
+                        self.commit_applied_with(b, new_desc, &mut Overlay::new(), &mut Vec::new(), extra)?;
                         if let Some(m) = merging_after {
                             *self.shared.merging.lock() = m;
                         }
@@ -940,7 +954,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 }
             }
             if dirty {
-                self.commit_applied(batch, None, &mut replies)?;
+                self.commit_applied(batch, &mut overlay, &mut replies)?;
             }
             self.metrics.apply_seconds.observe(started.elapsed().as_secs_f64());
         }
@@ -1305,9 +1319,14 @@ fn install_from_file(
     };
     let mut batch = engine.db.batch();
     let mut bytes = 0usize;
-    let flush = |batch: &mut fjall::OwnedWriteBatch, bytes: &mut usize| -> io::Result<()> {
+    // Keys written or removed by the uncommitted batch: dropped from the value cache
+    // after each commit.
+    let mut touched: Vec<Vec<u8>> = Vec::new();
+    let flush = |batch: &mut fjall::OwnedWriteBatch, bytes: &mut usize, touched: &mut Vec<Vec<u8>>| -> io::Result<()> {
         if *bytes >= INSTALL_BATCH_BYTES {
             std::mem::replace(batch, engine.db.batch()).commit().map_err(io_err)?;
+            engine.cache.invalidate(touched.iter().map(|k| &k[..]));
+            touched.clear();
             *bytes = 0;
         }
         Ok(())
@@ -1319,7 +1338,8 @@ fn install_from_file(
             match lk.cmp(&k) {
                 std::cmp::Ordering::Less => {
                     bytes += lk.len();
-                    batch.remove(&engine.data, lk);
+                    batch.remove(&engine.data, lk.clone());
+                    touched.push(lk);
                     cur = next_local()?;
                 }
                 std::cmp::Ordering::Equal => {
@@ -1333,13 +1353,15 @@ fn install_from_file(
             }
         }
         bytes += k.len() + v.len();
-        batch.insert(&engine.data, k, v);
-        flush(&mut batch, &mut bytes)?;
+        batch.insert(&engine.data, k.clone(), v);
+        touched.push(k);
+        flush(&mut batch, &mut bytes, &mut touched)?;
     }
     while let Some(lk) = cur {
         bytes += lk.len();
-        batch.remove(&engine.data, lk);
-        flush(&mut batch, &mut bytes)?;
+        batch.remove(&engine.data, lk.clone());
+        touched.push(lk);
+        flush(&mut batch, &mut bytes, &mut touched)?;
         cur = next_local()?;
     }
     batch.insert(
@@ -1350,6 +1372,7 @@ fn install_from_file(
     batch.insert(&engine.meta, desc_key(range), desc.encode_to_vec());
     batch.remove(&engine.meta, installing_key(range));
     batch.commit().map_err(io_err)?;
+    engine.cache.invalidate(touched.iter().map(|k| &k[..]));
     Ok(desc)
 }
 
@@ -1432,17 +1455,18 @@ fn uninitialize_replica(engine: &Engine, range: RangeId, span: Option<(Vec<u8>, 
         None => None,
     };
     let mut batch = engine.db.batch();
-    let mut n = 0usize;
+    let mut touched: Vec<Vec<u8>> = Vec::new();
     if let Some((start, end)) = &span {
         for g in engine.data.range::<&[u8], _>(data_range(start, end)) {
             let k = g.key().map_err(io_err)?;
+            touched.push(k.to_vec());
             batch.remove(&engine.data, k);
-            n += 1;
-            if n >= 4096 {
+            if touched.len() >= 4096 {
                 std::mem::replace(&mut batch, engine.db.batch())
                     .commit()
                     .map_err(io_err)?;
-                n = 0;
+                engine.cache.invalidate(touched.iter().map(|k| &k[..]));
+                touched.clear();
             }
         }
     }
@@ -1456,6 +1480,7 @@ fn uninitialize_replica(engine: &Engine, range: RangeId, span: Option<(Vec<u8>, 
     batch.remove(&engine.meta, applied_key(range));
     batch.remove(&engine.meta, installing_key(range));
     batch.commit().map_err(io_err)?;
+    engine.cache.invalidate(touched.iter().map(|k| &k[..]));
     engine.db.persist(fjall::PersistMode::SyncAll).map_err(io_err)
 }
 
@@ -1477,6 +1502,9 @@ mod tests {
             .apply_write(&mut batch, &mut overlay, key.to_vec(), op, cond)
             .unwrap();
         batch.commit().unwrap();
+        for (k, (rec, _)) in overlay {
+            sm.engine.cache.publish(k, crate::cache::Cached::Record(rec));
+        }
         match r {
             CmdResponse::Write {
                 succeeded,
@@ -1542,7 +1570,7 @@ mod tests {
             for (k, op) in ops {
                 sm.apply_write(&mut batch, &mut overlay, k.to_vec(), op, None).unwrap();
             }
-            sm.commit_applied(batch, None, &mut Vec::new()).unwrap();
+            sm.commit_applied(batch, &mut overlay, &mut Vec::new()).unwrap();
             sm.shared.approximate_size()
         };
         let put = |v: &[u8]| WriteOp::Put(v.to_vec());
@@ -1664,8 +1692,12 @@ mod tests {
         let put = |v: &[u8]| WriteOp::Put(v.to_vec());
         let apply = |ops: Vec<BatchOp>| {
             let mut batch = e.db.batch();
-            let r = sm.apply_batch(&mut batch, &mut HashMap::new(), ops).unwrap();
+            let mut overlay = HashMap::new();
+            let r = sm.apply_batch(&mut batch, &mut overlay, ops).unwrap();
             batch.commit().unwrap();
+            for (k, (rec, _)) in overlay {
+                e.cache.publish(k, crate::cache::Cached::Record(rec));
+            }
             r
         };
         // A key outside the range: nothing at all is written.
@@ -1790,6 +1822,10 @@ mod tests {
         })
         .unwrap();
         b.meta.insert(installing_key(r), marker).unwrap();
+        // Read (so cached) before the install: the value cache must not answer them after.
+        assert_eq!(b.get_data(b"b").unwrap(), None);
+        assert_eq!(b.get_data(b"c").unwrap(), Some((9, b"old-c".to_vec())));
+        assert_eq!(b.get_data(b"d").unwrap(), Some((9, b"old-d".to_vec())));
         assert_eq!(recover_interrupted_installs(&b).unwrap(), vec![r]);
         assert_eq!(b.get_data(b"b").unwrap(), Some((1, b"new-b".to_vec())));
         assert_eq!(b.get_data(b"c").unwrap(), Some((2, b"new-c".to_vec())));
