@@ -138,7 +138,10 @@ impl Bucket {
 /// Why a request was refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
-    #[error("namespace over its rate limit ({limit} requests/s); retry in {retry_after:?}")]
+    #[error(
+        "namespace over its rate limit ({limit} requests/s); retry in {} ms",
+        retry_after.as_millis().max(1)
+    )]
     Rate { limit: u32, retry_after: Duration },
     #[error("too many concurrent requests for this namespace (limit {limit})")]
     Concurrency { limit: usize },

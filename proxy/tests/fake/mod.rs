@@ -590,6 +590,12 @@ impl Default for Options {
 }
 
 pub async fn start(opts: Options) -> Cluster {
+    start_with(opts, |_| {}).await
+}
+
+/// [`start`], then `configure` changes the proxy's config (after `opts.tweak`); it may
+/// capture (key files of the test, for example).
+pub async fn start_with(opts: Options, configure: impl FnOnce(&mut skv_proxy::Config)) -> Cluster {
     let shared = Arc::new(Shared::default());
     let mut store_cancels = HashMap::new();
     let mut stores = Vec::new();
@@ -631,6 +637,7 @@ pub async fn start(opts: Options) -> Cluster {
     let mut config = skv_proxy::Config::new(vec![format!("http://{placement_addr}")], secret);
     config.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
     (opts.tweak)(&mut config);
+    configure(&mut config);
     let proxy = skv_proxy::start(config).await.unwrap();
     Cluster {
         shared,
