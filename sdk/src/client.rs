@@ -1,6 +1,6 @@
 //! The client: connections to the proxies, failover, retries and the calls.
 
-use crate::error::{Error, Result, client_side_failure, from_status_at, should_retry};
+use crate::error::{Error, Result, client_side_failure, from_status_at, retry_after, should_retry};
 use futures::stream::{self, BoxStream, StreamExt};
 use rand::Rng;
 use skv_proto::v1 as pb;
@@ -496,6 +496,16 @@ impl Client {
                 return Err(from_status_at(status, write, &inner.names[idx]));
             }
             tracing::debug!(endpoint = %inner.names[idx], code = ?status.code(), msg = status.message(), attempt, "skv call failed; retrying");
+            if let Some(hint) = retry_after(&status) {
+                // A tenant quota said when to come back (every proxy applies it to us):
+                // wait that long, or give up now if the deadline comes first.
+                let remaining = deadline.saturating_duration_since(Instant::now());
+                if hint >= remaining {
+                    return Err(from_status_at(status, write, &inner.names[idx]));
+                }
+                tokio::time::sleep(hint).await;
+                continue;
+            }
             // Fail over to the next proxy at once; back off after a full round.
             if (attempt as usize).is_multiple_of(n) {
                 let pause = backoff.next_wait();
@@ -912,7 +922,8 @@ impl ScanState {
                         ))));
                     }
                     if should_retry(&status, false) && self.failures < self.client.inner.max_attempts {
-                        tokio::time::sleep(self.backoff.next_wait()).await;
+                        let wait = retry_after(&status).unwrap_or_else(|| self.backoff.next_wait());
+                        tokio::time::sleep(wait).await;
                         continue;
                     }
                     self.done = true;

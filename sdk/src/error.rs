@@ -1,6 +1,7 @@
 //! Typed errors of the skv client.
 
 use std::error::Error as StdError;
+use std::time::Duration;
 use tonic::{Code, Status};
 
 /// The metadata key with which the proxy marks an UNAVAILABLE answer whose
@@ -8,6 +9,28 @@ use tonic::{Code, Status};
 pub const OUTCOME_METADATA_KEY: &str = "skv-outcome";
 /// The value of [`OUTCOME_METADATA_KEY`] that means "outcome unknown".
 pub const OUTCOME_UNKNOWN: &str = "unknown";
+
+/// The metadata key with which the proxy says, on a RESOURCE_EXHAUSTED answer (a
+/// tenant quota), how many milliseconds to wait before trying again. The client waits
+/// that long before its retry.
+pub const RETRY_AFTER_METADATA_KEY: &str = "retry-after-ms";
+/// Longest `retry-after-ms` the client honours; a longer hint is cut to this.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(10);
+
+/// The server's retry hint of a RESOURCE_EXHAUSTED status, if any.
+pub(crate) fn retry_after(status: &Status) -> Option<Duration> {
+    if status.code() != Code::ResourceExhausted {
+        return None;
+    }
+    let ms: u64 = status
+        .metadata()
+        .get(RETRY_AFTER_METADATA_KEY)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()?;
+    Some(Duration::from_millis(ms).min(MAX_RETRY_AFTER))
+}
 
 /// Result alias of this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -249,6 +272,25 @@ mod tests {
         assert!(matches!(&e, Error::Other(s) if s.code() == Code::NotFound));
         assert_eq!(e.code(), Code::NotFound);
         assert_eq!(e.to_string(), "NotFound: admin thing");
+    }
+
+    #[test]
+    fn retry_after_hint() {
+        let mut s = Status::resource_exhausted("over quota");
+        assert_eq!(retry_after(&s), None);
+        s.metadata_mut()
+            .insert(RETRY_AFTER_METADATA_KEY, MetadataValue::from_static("250"));
+        assert_eq!(retry_after(&s), Some(Duration::from_millis(250)));
+        s.metadata_mut()
+            .insert(RETRY_AFTER_METADATA_KEY, MetadataValue::from_static("999999999"));
+        assert_eq!(retry_after(&s), Some(MAX_RETRY_AFTER));
+        s.metadata_mut()
+            .insert(RETRY_AFTER_METADATA_KEY, MetadataValue::from_static("soon"));
+        assert_eq!(retry_after(&s), None);
+        let mut u = Status::unavailable("x");
+        u.metadata_mut()
+            .insert(RETRY_AFTER_METADATA_KEY, MetadataValue::from_static("5"));
+        assert_eq!(retry_after(&u), None);
     }
 
     #[test]

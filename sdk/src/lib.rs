@@ -52,5 +52,5 @@ pub mod keycodec;
 mod map;
 
 pub use client::{CasOutcome, Client, ClientBuilder, Entry, KeyRange, KeyValue, ScanStream, WriteOp};
-pub use error::{Error, OUTCOME_METADATA_KEY, OUTCOME_UNKNOWN, Result};
+pub use error::{Error, OUTCOME_METADATA_KEY, OUTCOME_UNKNOWN, RETRY_AFTER_METADATA_KEY, Result};
 pub use map::TypedMap;

@@ -3,7 +3,7 @@
 
 use futures::{Stream, StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
-use skv::{CasOutcome, Client, Error, OUTCOME_METADATA_KEY};
+use skv::{CasOutcome, Client, Error, OUTCOME_METADATA_KEY, RETRY_AFTER_METADATA_KEY};
 use skv_proto::v1 as pb;
 use skv_proto::v1::kv_server::{Kv, KvServer};
 use std::collections::BTreeMap;
@@ -30,6 +30,9 @@ struct Fake {
     down: AtomicBool,
     /// Break the next scan stream after its first batch.
     break_scan_once: AtomicBool,
+    /// Refuse this many calls with RESOURCE_EXHAUSTED and `retry-after-ms: quota_hint_ms`.
+    quota_refusals: AtomicUsize,
+    quota_hint_ms: AtomicUsize,
 }
 
 type Shared = Arc<Fake>;
@@ -45,6 +48,17 @@ impl Svc {
         }
         if self.0.down.load(Ordering::SeqCst) {
             return Err(Status::unavailable("no leader for range r1"));
+        }
+        if self
+            .0
+            .quota_refusals
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            let mut s = Status::resource_exhausted("namespace over its rate limit");
+            let hint = self.0.quota_hint_ms.load(Ordering::SeqCst).to_string();
+            s.metadata_mut().insert(RETRY_AFTER_METADATA_KEY, hint.parse().unwrap());
+            return Err(s);
         }
         Ok(())
     }
@@ -301,6 +315,27 @@ async fn retries_a_server_unavailable_on_another_proxy() {
     assert!(matches!(e, Error::Unavailable(_)), "{e:?}");
     let after = sick.calls.load(Ordering::SeqCst) + healthy.calls.load(Ordering::SeqCst);
     assert!(after - before > 2, "should have retried: {} calls", after - before);
+}
+
+#[tokio::test]
+async fn quota_refusals_wait_the_servers_retry_hint() {
+    let state = Shared::default();
+    let c = client(vec![serve(state.clone()).await, serve(state.clone()).await]).await;
+    state.quota_hint_ms.store(150, Ordering::SeqCst);
+    state.quota_refusals.store(2, Ordering::SeqCst);
+    let before = state.calls.load(Ordering::SeqCst);
+    let t = std::time::Instant::now();
+    assert_eq!(c.put("k", "v").await.unwrap(), 1);
+    // Two refusals, each waited out (not failed over at once), then success.
+    assert!(t.elapsed() >= Duration::from_millis(300), "{:?}", t.elapsed());
+    assert_eq!(state.calls.load(Ordering::SeqCst) - before, 3);
+    // A hint past the deadline: the error at once, not a sleep into the deadline.
+    state.quota_hint_ms.store(60_000, Ordering::SeqCst);
+    state.quota_refusals.store(1, Ordering::SeqCst);
+    let t = std::time::Instant::now();
+    let e = c.get("k").await.unwrap_err();
+    assert!(matches!(e, Error::ResourceExhausted(_)), "{e:?}");
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
 }
 
 #[tokio::test]
