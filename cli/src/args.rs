@@ -187,15 +187,37 @@ pub struct ScanArgs {
 
 #[derive(Subcommand, Debug, Clone)]
 pub enum TokenCommand {
-    /// Mint an HS256 token and print it.
+    /// Mint a token and print it: HS256 from the proxy's secret file, or RS256/ES256
+    /// from a PEM private key (RSA or P-256), naming `--kid`.
     Mint(MintArgs),
+    /// Print a JWKS (public keys only) for the proxy's `--jwt-jwks-file`, from PEM private
+    /// keys given as KID=FILE (list the old and the new key during a rotation).
+    Jwks {
+        /// KID=PRIVATE_KEY_PEM, one per key.
+        #[arg(required = true, value_parser = parse_kid_file)]
+        keys: Vec<(String, PathBuf)>,
+    },
+}
+
+fn parse_kid_file(s: &str) -> Result<(String, PathBuf), String> {
+    match s.split_once('=') {
+        Some((kid, file)) if !kid.is_empty() && !file.is_empty() => Ok((kid.to_string(), PathBuf::from(file))),
+        _ => Err(format!("{s:?}: expected KID=FILE")),
+    }
 }
 
 #[derive(Args, Debug, Clone)]
+#[command(group(clap::ArgGroup::new("signing_key").required(true).args(["secret_file", "key_file"])))]
 pub struct MintArgs {
     /// The proxy's HS256 secret file.
     #[arg(long, env = "SKV_JWT_HS256_SECRET_FILE")]
-    pub secret_file: PathBuf,
+    pub secret_file: Option<PathBuf>,
+    /// A PEM private key (RSA: RS256, P-256: ES256) whose public half the proxy trusts.
+    #[arg(long, env = "SKV_JWT_PRIVATE_KEY_FILE", conflicts_with = "secret_file")]
+    pub key_file: Option<PathBuf>,
+    /// `kid` header: which key of the proxy's JWKS verifies the token.
+    #[arg(long, env = "SKV_JWT_KID")]
+    pub kid: Option<String>,
     /// The namespace the token grants.
     #[arg(long, env = "SKV_NS")]
     pub ns: String,
@@ -381,6 +403,56 @@ mod tests {
             ("skv", "skv", "skvctl")
         );
         assert!(parse(&["token", "mint", "--secret-file", "/s", "--ns", "t", "--role", "root"]).is_err());
+        // Exactly one signing key.
+        assert!(parse(&["token", "mint", "--ns", "t", "--role", "read"]).is_err());
+        assert!(
+            parse(&[
+                "token",
+                "mint",
+                "--secret-file",
+                "/s",
+                "--key-file",
+                "/k",
+                "--ns",
+                "t",
+                "--role",
+                "read"
+            ])
+            .is_err()
+        );
+        let c = parse(&[
+            "token",
+            "mint",
+            "--key-file",
+            "/k",
+            "--kid",
+            "k2",
+            "--ns",
+            "t",
+            "--role",
+            "read",
+        ])
+        .unwrap();
+        let Command::Token {
+            command: TokenCommand::Mint(m),
+        } = c.command
+        else {
+            panic!("not mint");
+        };
+        assert_eq!(
+            (m.key_file.unwrap(), m.kid.unwrap()),
+            (PathBuf::from("/k"), "k2".to_string())
+        );
+        let c = parse(&["token", "jwks", "old=/a.pem", "new=/b.pem"]).unwrap();
+        let Command::Token {
+            command: TokenCommand::Jwks { keys },
+        } = c.command
+        else {
+            panic!("not jwks");
+        };
+        assert_eq!(keys[1], ("new".to_string(), PathBuf::from("/b.pem")));
+        assert!(parse(&["token", "jwks", "/a.pem"]).is_err());
+        assert!(parse(&["token", "jwks"]).is_err());
 
         let c = parse(&["playground"]).unwrap();
         let Command::Playground(p) = c.command else { panic!() };

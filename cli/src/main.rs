@@ -100,18 +100,32 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Token {
             command: TokenCommand::Mint(m),
         } => mint(g, &m),
+        Command::Token {
+            command: TokenCommand::Jwks { keys },
+        } => jwks(&keys),
         Command::Playground(p) => playground(p).await,
     }
 }
 
 #[cfg(feature = "servers")]
 fn mint(g: &args::Global, m: &args::MintArgs) -> anyhow::Result<ExitCode> {
-    let (jwt, claims) = token::mint(m)?;
+    let (jwt, claims) = token::mint_token(m)?;
     match g.output {
         args::Output::Table => println!("{jwt}"),
         args::Output::Json => println!("{}", serde_json::json!({ "token": jwt, "claims": claims })),
     }
     Ok(0)
+}
+
+#[cfg(feature = "servers")]
+fn jwks(keys: &[(String, std::path::PathBuf)]) -> anyhow::Result<ExitCode> {
+    println!("{}", token::jwks(keys)?);
+    Ok(0)
+}
+
+#[cfg(not(feature = "servers"))]
+fn jwks(_keys: &[(String, std::path::PathBuf)]) -> anyhow::Result<ExitCode> {
+    anyhow::bail!("this skvctl was built without the `servers` feature: `token jwks` is not available")
 }
 
 #[cfg(not(feature = "servers"))]
