@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # skv's one test command (README "Run the tests"; .ci/run calls exactly this).
 # On a fresh Debian machine it installs what the tests need, then runs every check:
-#   1. system packages: etcd-server, etcd-client, prometheus (apt); no protoc (ADR 0011)
+#   1. system packages: etcd-server, etcd-client, prometheus, docker-compose (apt); no protoc (ADR 0011)
 #   2. Python grpcio-tools in a venv (a client in another language)
 #   3. cargo fmt --check, cargo clippy -D warnings
 #   4. every proto compiles with protoc (the one in Python's grpcio-tools)
@@ -18,6 +18,7 @@ command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
 command -v etcdctl >/dev/null 2>&1 || need+=(etcd-client)
 command -v python3 >/dev/null 2>&1 || need+=(python3 python3-venv)
 command -v prometheus >/dev/null 2>&1 || need+=(prometheus)  # deploy/ queries (testkit/tests/observability.rs)
+command -v docker-compose >/dev/null 2>&1 || need+=(docker-compose)  # deploy/compose (testkit/tests/deploy_compose.rs)
 if [ ${#need[@]} -gt 0 ]; then
   step "installing ${need[*]} (apt)"
   if [ "$(id -u)" -eq 0 ]; then
