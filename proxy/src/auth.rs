@@ -828,19 +828,28 @@ impl KeyReloader {
         }
     }
 
-    /// Checks the file every `interval` until `cancel`.
+    /// Checks the file every `interval` until `cancel`, counting reloads in `metrics`
+    /// (`skv_proxy_jwt_key_reloads_total{result}`, `skv_proxy_jwt_keys`).
     pub async fn run(
         mut self,
         verifier: Arc<Verifier>,
         interval: std::time::Duration,
         cancel: tokio_util::sync::CancellationToken,
+        metrics: crate::metrics::Metrics,
     ) {
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 _ = tokio::time::sleep(interval) => {}
             }
-            self.check(&verifier).await;
+            match self.check(&verifier).await {
+                Reload::Unchanged => {}
+                Reload::Loaded => {
+                    metrics.jwt_key_reload("loaded");
+                    metrics.jwt_keys.set(verifier.key_ids().len() as i64);
+                }
+                Reload::Refused => metrics.jwt_key_reload("refused"),
+            }
         }
     }
 }

@@ -187,6 +187,7 @@ pub async fn start(config: Config) -> anyhow::Result<ServiceHandle> {
 
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = metrics::Metrics::new(&mut registry);
+    metrics.jwt_keys.set(verifier.key_ids().len() as i64);
     let placement = skv_rpc::PlacementMembers::new(&config.placement)?;
     let router = Arc::new(router::Router::new(placement, metrics.clone()));
     let cancel = CancellationToken::new();
@@ -195,6 +196,7 @@ pub async fn start(config: Config) -> anyhow::Result<ServiceHandle> {
             verifier.clone(),
             Duration::from_millis(config.jwt_key_reload_ms),
             cancel.child_token(),
+            metrics.clone(),
         ));
     }
     let quotas = quota::Quotas::new(config.tenant_limits(), config.tenants.clone(), metrics.clone());

@@ -25,6 +25,12 @@ pub struct Reason {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Outcome {
+    /// `loaded` or `refused` (the file changed but did not load; the old keys stay).
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TenantReason {
     /// The namespace, or `_other` past the first labeled ones (`quota::MAX_LABELED_NAMESPACES`).
     pub namespace: String,
@@ -41,6 +47,8 @@ pub struct Metrics {
     pub retries: Family<Reason, Counter>,
     pub auth_denials: Family<Reason, Counter>,
     pub tenant_refusals: Family<TenantReason, Counter>,
+    pub jwt_key_reloads: Family<Outcome, Counter>,
+    pub jwt_keys: Gauge,
     pub range_cache_size: Gauge,
     pub range_cache_misses: Counter,
     pub placement_errors: Counter,
@@ -60,6 +68,8 @@ impl Metrics {
             retries: Family::default(),
             auth_denials: Family::default(),
             tenant_refusals: Family::default(),
+            jwt_key_reloads: Family::default(),
+            jwt_keys: Gauge::default(),
             range_cache_size: Gauge::default(),
             range_cache_misses: Counter::default(),
             placement_errors: Counter::default(),
@@ -88,6 +98,16 @@ impl Metrics {
             "skv_proxy_tenant_refusals",
             "Requests refused by a tenant quota, by namespace and reason (rate, concurrency)",
             m.tenant_refusals.clone(),
+        );
+        registry.register(
+            "skv_proxy_jwt_key_reloads",
+            "Changes of the JWT key file: loaded, or refused (the previous keys stay)",
+            m.jwt_key_reloads.clone(),
+        );
+        registry.register(
+            "skv_proxy_jwt_keys",
+            "JWT verification keys in use (kids of the JWKS, or 1)",
+            m.jwt_keys.clone(),
         );
         registry.register(
             "skv_proxy_range_cache_size",
@@ -128,6 +148,10 @@ impl Metrics {
 
     pub fn auth_denied(&self, reason: &'static str) {
         self.auth_denials.get_or_create(&Reason { reason }).inc();
+    }
+
+    pub fn jwt_key_reload(&self, result: &'static str) {
+        self.jwt_key_reloads.get_or_create(&Outcome { result }).inc();
     }
 
     /// The refusal counter of one namespace label and reason (kept by the tenant's state).

@@ -176,7 +176,7 @@ async fn jwks_rotation_without_downtime() {
     })
     .await;
     // A broken file in the middle keeps the current keys.
-    std::fs::write(&file, "{\"keys\": [").unwrap();
+    replace_file(&file, "{\"keys\": [");
     tokio::time::sleep(Duration::from_millis(700)).await;
     assert!(put(&mut c, &new_token, b"k").await.is_ok());
     assert!(put(&mut c, &old_token, b"k").await.is_ok());
@@ -202,6 +202,17 @@ async fn jwks_rotation_without_downtime() {
     assert!(e.message().contains("key id unknown"), "{}", e.message());
     println!("old kid after it left the JWKS: {:?}: {}", e.code(), e.message());
     assert!(put(&mut c, &new_token, b"k").await.is_ok());
+    // Three loads (overlap, the same again after the broken file, new only), one refusal.
+    let m = cl.metrics().await;
+    assert!(
+        m.contains(r#"skv_proxy_jwt_key_reloads_total{result="loaded"} 3"#),
+        "{m}"
+    );
+    assert!(
+        m.contains(r#"skv_proxy_jwt_key_reloads_total{result="refused"} 1"#),
+        "{m}"
+    );
+    assert!(m.contains("skv_proxy_jwt_keys 1"), "{m}");
 }
 
 /// A child process killed (by its PID) when dropped.
