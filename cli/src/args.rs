@@ -14,8 +14,8 @@ pub struct Cli {
     pub command: Command,
 }
 
-/// Flags every subcommand takes.
-#[derive(Args, Debug, Clone)]
+/// Flags every subcommand takes. Its `Debug` output never shows the token.
+#[derive(Args, Clone)]
 pub struct Global {
     /// Output format: human-readable tables, or JSON for scripts.
     #[arg(long, global = true, env = "SKV_OUTPUT", value_enum, default_value_t = Output::Table)]
@@ -47,6 +47,19 @@ pub struct Global {
     /// Keys and values on the command line and in the output are hex, not UTF-8.
     #[arg(long, global = true, env = "SKV_HEX")]
     pub hex: bool,
+}
+
+impl std::fmt::Debug for Global {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Global")
+            .field("output", &self.output)
+            .field("endpoint", &self.endpoint)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("placement", &self.placement)
+            .field("timeout", &self.timeout)
+            .field("hex", &self.hex)
+            .finish()
+    }
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -373,6 +386,14 @@ mod tests {
                 action: SchedulerAction::Pause
             }
         ));
+    }
+
+    #[test]
+    fn debug_never_shows_the_token() {
+        let c = parse(&["--token", "eyJsecret.payload.sig", "get", "k"]).unwrap();
+        let d = format!("{c:?}");
+        assert!(!d.contains("eyJsecret"), "{d}");
+        assert!(d.contains("<redacted>"), "{d}");
     }
 
     #[test]

@@ -206,8 +206,9 @@ impl Interceptor for Auth {
 
 type Stub = KvClient<InterceptedService<Channel, Auth>>;
 
-/// Builds a [`Client`]. Get one with [`Client::builder`].
-#[derive(Clone, Debug)]
+/// Builds a [`Client`]. Get one with [`Client::builder`]. Its `Debug` output never
+/// shows the token.
+#[derive(Clone)]
 pub struct ClientBuilder {
     endpoints: Vec<String>,
     token: Option<String>,
@@ -217,6 +218,21 @@ pub struct ClientBuilder {
     max_attempts: u32,
     backoff_base: Duration,
     backoff_max: Duration,
+}
+
+impl std::fmt::Debug for ClientBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientBuilder")
+            .field("endpoints", &self.endpoints)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("timeout", &self.timeout)
+            .field("attempt_timeout", &self.attempt_timeout)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("max_attempts", &self.max_attempts)
+            .field("backoff_base", &self.backoff_base)
+            .field("backoff_max", &self.backoff_max)
+            .finish()
+    }
 }
 
 impl Default for ClientBuilder {
@@ -977,6 +993,14 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(c.endpoints(), ["http://127.0.0.1:1", "http://127.0.0.1:2"]);
+    }
+
+    #[test]
+    fn debug_never_shows_the_token() {
+        let b = Client::builder().endpoint("http://x:1").token("eyJsecret.payload.sig");
+        let d = format!("{b:?}");
+        assert!(!d.contains("eyJsecret"), "{d}");
+        assert!(d.contains("<redacted>") && d.contains("http://x:1"), "{d}");
     }
 
     #[tokio::test]
