@@ -2,7 +2,7 @@
 # skv's one test command (README "Run the tests"; .ci/run calls exactly this).
 # On a fresh Debian machine it installs what the tests need, then runs every check:
 #   1. system packages: etcd-server, etcd-client, prometheus, docker-compose (apt); no protoc (ADR 0011)
-#   2. Python grpcio-tools in a venv (a client in another language)
+#   2. Python grpcio-tools (a client in another language) and kubernetes-validate in a venv
 #   3. cargo fmt --check, cargo clippy -D warnings
 #   4. every proto compiles with protoc (the one in Python's grpcio-tools)
 #   5. the build needs no protoc; cargo build --bins (tests start them); cargo nextest run
@@ -37,10 +37,12 @@ command -v cargo-nextest >/dev/null 2>&1 || { step "installing cargo-nextest"; c
 
 # --- 2. Python tooling (grpcio-tools) -----------------------------------------
 PYENV="$ROOT/target/pyenv"
-if [ ! -x "$PYENV/bin/python" ] || ! "$PYENV/bin/python" -c 'import grpc_tools' 2>/dev/null; then
-  step "installing grpcio-tools into $PYENV"
+if [ ! -x "$PYENV/bin/python" ] || ! "$PYENV/bin/python" -c 'import grpc_tools, kubernetes_validate' 2>/dev/null; then
+  step "installing grpcio-tools and kubernetes-validate into $PYENV"
   python3 -m venv "$PYENV"
-  "$PYENV/bin/pip" install -q --disable-pip-version-check 'grpcio-tools>=1.60' 'grpcio-health-checking>=1.60'
+  # kubernetes-validate: deploy/k8s against the Kubernetes schemas (testkit/tests/deploy_k8s.rs)
+  "$PYENV/bin/pip" install -q --disable-pip-version-check 'grpcio-tools>=1.60' 'grpcio-health-checking>=1.60' \
+    'kubernetes-validate==1.37.0'
 fi
 export SKV_PYTHON="$PYENV/bin/python"
 
