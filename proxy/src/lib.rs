@@ -157,15 +157,27 @@ impl Config {
     }
 }
 
+/// The descriptors of the public API (`skv.v1`) only: reflection at the proxy can neither
+/// list nor describe the internal services (Store, Raft, Placement).
+fn public_descriptor_set() -> anyhow::Result<prost_types::FileDescriptorSet> {
+    use prost::Message as _;
+    let mut set = prost_types::FileDescriptorSet::decode(skv_proto::FILE_DESCRIPTOR_SET)
+        .context("decoding the embedded descriptor set")?;
+    set.file.retain(|f| f.package() == "skv.v1");
+    anyhow::ensure!(!set.file.is_empty(), "the embedded descriptor set has no skv.v1 file");
+    Ok(set)
+}
+
 /// Starts the proxy: binds `config.listen` (and `--metrics-listen`), loads the range
 /// map from placement (best effort, it keeps following the watch), and serves until
 /// the returned handle is shut down.
 pub async fn start(config: Config) -> anyhow::Result<ServiceHandle> {
     let (verifier, reloader) = auth::Verifier::load(config.key_source()?, &config.jwt_issuer, &config.jwt_audience)?;
     let verifier = Arc::new(verifier);
+    let public = public_descriptor_set()?;
     let reflection = || {
         tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(skv_proto::FILE_DESCRIPTOR_SET)
+            .register_file_descriptor_set(public.clone())
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .with_service_name("skv.v1.Kv")
             .with_service_name("grpc.health.v1.Health")

@@ -422,6 +422,25 @@ async fn reflection_and_health() {
         msg.message_response,
         Some(MessageResponse::FileDescriptorResponse(_))
     ));
+    // The internal services cannot be described either.
+    for symbol in [
+        "skv.internal.v1.Store",
+        "skv.internal.v1.Raft",
+        "skv.internal.v1.Placement",
+    ] {
+        let reqs = futures::stream::iter([ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::FileContainingSymbol(symbol.into())),
+        }]);
+        let mut resp = r.server_reflection_info(reqs).await.unwrap().into_inner();
+        match resp.next().await.unwrap() {
+            Err(s) => assert_eq!(s.code(), tonic::Code::NotFound, "{symbol}: {s:?}"),
+            Ok(m) => assert!(
+                matches!(m.message_response, Some(MessageResponse::ErrorResponse(_))),
+                "{symbol}: {m:?}"
+            ),
+        }
+    }
 
     // v1alpha too.
     use tonic_reflection::pb::v1alpha as alpha;
