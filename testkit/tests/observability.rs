@@ -817,25 +817,27 @@ async fn every_dashboard_and_alert_query_returns_data_from_a_real_prometheus() {
     let deploy_prom = root.join("deploy/prometheus");
     let rules = deploy_prom.join("alerts.yml");
 
-    // The shipped config is valid (and its rule file with it), and names the jobs used here.
-    let out = Command::new(prometheus_bin("promtool"))
-        .args(["check", "config", "prometheus.yml"])
-        .current_dir(&deploy_prom)
-        .output()
-        .unwrap_or_else(|e| panic!("promtool: {e}"));
-    assert!(
-        out.status.success(),
-        "promtool check config deploy/prometheus/prometheus.yml:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let cfg_text = std::fs::read_to_string(deploy_prom.join("prometheus.yml")).unwrap_or_default();
-    let jobs = deploy_job_names(&cfg_text);
-    for j in JOBS {
+    // The shipped configs are valid (and their rule file with them), and name the jobs used here.
+    for cfg in ["prometheus.yml", "playground.yml"] {
+        let out = Command::new(prometheus_bin("promtool"))
+            .args(["check", "config", cfg])
+            .current_dir(&deploy_prom)
+            .output()
+            .unwrap_or_else(|e| panic!("promtool: {e}"));
         assert!(
-            jobs.contains(j),
-            "deploy/prometheus/prometheus.yml has no job {j:?} (has {jobs:?})"
+            out.status.success(),
+            "promtool check config deploy/prometheus/{cfg}:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
         );
+        let cfg_text = std::fs::read_to_string(deploy_prom.join(cfg)).unwrap_or_default();
+        let jobs = deploy_job_names(&cfg_text);
+        for j in JOBS.iter().filter(|j| cfg == "prometheus.yml" || j.starts_with("skv-")) {
+            assert!(
+                jobs.contains(*j),
+                "deploy/prometheus/{cfg} has no job {j:?} (has {jobs:?})"
+            );
+        }
     }
 
     let procs = Procs::start().await;
