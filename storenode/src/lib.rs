@@ -108,10 +108,13 @@
 //!   placement path is the one that normally fires.
 //! - An uninitialized peer (created by a Raft message) is not reopened after a restart; it
 //!   is recreated by the next message.
-//! - Hibernation and the foyer cache are not implemented yet: every idle range still
-//!   heartbeats 10 times a second to each follower (docs/bench/idle-ranges.md: 655 idle
-//!   ranges in the playground take 1.88 cores). Load counters (reads, writes, bytes, a
-//!   reservoir sample of 64 keys) and approximate size/keys (stats.rs) are.
+//! - Idle ranges hibernate (hibernate.rs, ADR 0018; `--raft-hibernate`, on by default): once
+//!   a leader idle for `--raft-hibernate-after-ms` has every live follower's consent, the
+//!   group's Raft tick stops on every replica (no heartbeats, no election timers); a request,
+//!   a proposal, a read, an admin call, a Raft message carrying work, a follower's WakeUp or
+//!   a store turning DOWN/UP wakes only the ranges concerned. A sleeping range whose leader
+//!   died without anyone asking for it gets a new leader only after placement reports that
+//!   store DOWN (`--store-down-after-ms`, 30 s by default).
 //! - Object storage (`--object-store-url`, DESIGN §8) is not implemented yet; there is no
 //!   flag for it until it is.
 //! - `--advertise` defaults to the bound address; set it when listening on 0.0.0.0.
@@ -119,6 +122,7 @@
 pub mod cache;
 pub mod engine;
 pub mod gc;
+pub mod hibernate;
 pub mod merge;
 pub mod metrics;
 pub mod node;
@@ -175,6 +179,14 @@ pub struct Config {
     /// (0 disables it).
     #[arg(long, env = "SKV_VALUE_CACHE_BYTES", default_value_t = cache::DEFAULT_VALUE_CACHE_BYTES)]
     pub value_cache_bytes: u64,
+    /// Hibernate idle ranges: stop their Raft timers once every live replica agrees, wake
+    /// them on traffic (ADR 0018).
+    #[arg(long, env = "SKV_RAFT_HIBERNATE", default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub raft_hibernate: bool,
+    /// How long a range must be idle (no request, proposal or read) before its leader asks
+    /// its followers to hibernate, in milliseconds.
+    #[arg(long, env = "SKV_RAFT_HIBERNATE_AFTER_MS", default_value_t = 3000)]
+    pub raft_hibernate_after_ms: u64,
     /// Build a Raft snapshot (and purge the log) every this many entries.
     #[arg(long, env = "SKV_RAFT_SNAPSHOT_LOGS", default_value_t = 10_000, hide = true)]
     pub raft_snapshot_logs: u64,
@@ -196,10 +208,15 @@ impl Config {
             heartbeat_interval_ms: 1000,
             log_format: LogFormat::Text,
             value_cache_bytes: cache::DEFAULT_VALUE_CACHE_BYTES,
+            raft_hibernate: true,
+            raft_hibernate_after_ms: 3000,
             raft_snapshot_logs: 10_000,
         }
     }
 }
+
+/// How often the hibernate loop visits the awake replicas (ADR 0018).
+const HIBERNATE_LOOP_EVERY: Duration = Duration::from_millis(500);
 
 /// What a test filter decides for one Raft message.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -297,7 +314,10 @@ pub async fn start_with(config: Config, opts: StartOptions) -> anyhow::Result<Se
     let raft_message = raft::log_store::APPEND_BYTES_BUDGET + 2 * max_message;
     let transport = raft::network::Transport::new(store_id, opts.raft_filter.clone(), raft_message);
     transport.set_address(store_id, &advertise);
-    let raft_config = raft::raft_config(config.raft_snapshot_logs)?;
+    let hibernate_after = config
+        .raft_hibernate
+        .then(|| Duration::from_millis(config.raft_hibernate_after_ms.max(1)));
+    let raft_config = raft::raft_config(config.raft_snapshot_logs)?.with_hibernation(hibernate_after)?;
     let node = node::NodeInner::new(
         store_id,
         engine.clone(),
@@ -375,6 +395,9 @@ pub async fn start_with(config: Config, opts: StartOptions) -> anyhow::Result<Se
     }
 
     tokio::spawn(merge::resolver_loop(resolver_svc, cancel.clone()));
+    if hibernate_after.is_some() {
+        tokio::spawn(node.clone().hibernate_loop(HIBERNATE_LOOP_EVERY, cancel.clone()));
+    }
     tokio::spawn(node.clone().reopen_deferred(cancel.clone()));
     node.serving.store(true, std::sync::atomic::Ordering::Release);
     start_guard.disarm();
@@ -412,6 +435,19 @@ mod tests {
         assert_eq!(c.store_id, Some(4));
         assert_eq!(c.max_value_len, skv_common::limits::DEFAULT_MAX_VALUE_LEN);
         assert_eq!(c.heartbeat_interval_ms, 1000);
+        assert!(c.raft_hibernate);
+        assert_eq!(c.raft_hibernate_after_ms, 3000);
+        let off = Config::try_parse_from([
+            "skv-storenode",
+            "--data-dir",
+            "/tmp/x",
+            "--raft-hibernate=false",
+            "--raft-hibernate-after-ms",
+            "500",
+        ])
+        .unwrap();
+        assert!(!off.raft_hibernate);
+        assert_eq!(off.raft_hibernate_after_ms, 500);
         let c = Config::try_parse_from([
             "skv-storenode",
             "--data-dir",

@@ -38,6 +38,16 @@ pub struct Rpc {
     pub rpc: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Reason {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PollOutcome {
+    pub result: &'static str,
+}
+
 type HistogramCtor = fn() -> Histogram;
 
 fn latency_histogram() -> Histogram {
@@ -82,6 +92,13 @@ pub struct Metrics {
     pub value_cache_misses: Counter,
     pub value_cache_bytes: Gauge,
     pub value_cache_capacity_bytes: Gauge,
+    /// Hibernation (ADR 0018): replicas sleeping and waking (as last sampled), wakes by
+    /// reason, leader polls by result, campaigns started after a wake.
+    pub ranges_hibernating: Gauge,
+    pub ranges_waking: Gauge,
+    pub range_wakes: Family<Reason, Counter>,
+    pub hibernate_polls: Family<PollOutcome, Counter>,
+    pub hibernate_campaigns: Counter,
 }
 
 impl Metrics {
@@ -110,7 +127,22 @@ impl Metrics {
             value_cache_misses: Counter::default(),
             value_cache_bytes: Gauge::default(),
             value_cache_capacity_bytes: Gauge::default(),
+            ranges_hibernating: Gauge::default(),
+            ranges_waking: Gauge::default(),
+            range_wakes: Family::default(),
+            hibernate_polls: Family::default(),
+            hibernate_campaigns: Counter::default(),
         }
+    }
+
+    pub fn range_wake(&self, reason: crate::hibernate::WakeReason) {
+        self.range_wakes.get_or_create(&Reason { reason: reason.label() }).inc();
+    }
+
+    pub fn hibernate_poll(&self, result: crate::hibernate::PollResult) {
+        self.hibernate_polls
+            .get_or_create(&PollOutcome { result: result.label() })
+            .inc();
     }
 
     /// Records one `Store` request.
@@ -241,6 +273,31 @@ impl Metrics {
             "skv_storenode_value_cache_capacity_bytes",
             "Capacity of the value cache (--value-cache-bytes)",
             self.value_cache_capacity_bytes.clone(),
+        );
+        reg.register(
+            "skv_storenode_ranges_hibernating",
+            "Replicas of this store whose Raft timers are off (hibernating), as last sampled",
+            self.ranges_hibernating.clone(),
+        );
+        reg.register(
+            "skv_storenode_ranges_waking",
+            "Follower replicas waking up (election timer off until the leader answers), as last sampled",
+            self.ranges_waking.clone(),
+        );
+        reg.register(
+            "skv_storenode_range_wakes",
+            "Hibernating replicas woken, by reason",
+            self.range_wakes.clone(),
+        );
+        reg.register(
+            "skv_storenode_hibernate_polls",
+            "Hibernation polls of idle leaders, by result (slept, refused, interrupted)",
+            self.hibernate_polls.clone(),
+        );
+        reg.register(
+            "skv_storenode_hibernate_campaigns",
+            "Elections started by a woken follower whose leader was down or unreachable",
+            self.hibernate_campaigns.clone(),
         );
     }
 }

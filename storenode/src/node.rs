@@ -77,6 +77,8 @@ pub struct NodeInner {
     pub retired: parking_lot::Mutex<HashMap<RangeId, RangeId>>,
     /// Set once the server accepts requests (see [`Self::merge_wait_bound`]).
     pub serving: std::sync::atomic::AtomicBool,
+    /// The store states placement last reported (hibernation's store events, ADR 0018).
+    store_states: parking_lot::Mutex<crate::hibernate::StoreStates>,
     /// Ranges that failed to open at start (a CommitMerge replay whose source had not
     /// caught up yet): reopened in the background.
     deferred: parking_lot::Mutex<Vec<(RangeDescriptor, bool)>>,
@@ -110,6 +112,7 @@ impl NodeInner {
             gc_ranges: parking_lot::Mutex::new(std::collections::HashSet::new()),
             retired: parking_lot::Mutex::new(HashMap::new()),
             serving: std::sync::atomic::AtomicBool::new(false),
+            store_states: parking_lot::Mutex::new(Default::default()),
             deferred: parking_lot::Mutex::new(Vec::new()),
             merge_lock: tokio::sync::Mutex::new(()),
         })
@@ -537,9 +540,83 @@ impl NodeInner {
         Ok(())
     }
 
+    /// Activity on a replica (a routed request, an admin call): wakes it if it sleeps.
+    pub fn touch(&self, r: &Replica, reason: crate::hibernate::WakeReason) {
+        r.raft.touch(reason);
+    }
+
+    /// Placement's store list (from a store heartbeat answer): records which stores are DOWN
+    /// and wakes only the replicas a change concerns (ADR 0018): a store turning DOWN wakes
+    /// the sleeping followers it leads, a store turning UP the sleeping leaders that left it
+    /// behind.
+    pub fn on_store_states(&self, stores: &[skv_proto::internal::StoreInfo]) {
+        use skv_proto::internal::StoreState;
+        let states = stores
+            .iter()
+            .filter(|s| s.store_id != 0)
+            .map(|s| (s.store_id, s.state == StoreState::Down as i32));
+        let (events, down) = {
+            let mut st = self.store_states.lock();
+            let events = st.update(states);
+            (events, st.down())
+        };
+        self.transport.set_down_stores(down);
+        if events.is_empty() {
+            return;
+        }
+        for r in self.replicas() {
+            if !r.raft.hibernation_enabled() {
+                return;
+            }
+            for e in &events {
+                r.raft.on_store_event(*e);
+            }
+        }
+    }
+
+    /// The node-wide hibernate loop (ADR 0018): every `every`, over the replicas that are not
+    /// hibernating, turns on the election timer of waking followers whose grace passed and
+    /// lets idle leaders poll their followers. Polls run concurrently, a bounded number at a
+    /// time.
+    pub async fn hibernate_loop(
+        self: Arc<Self>,
+        every: std::time::Duration,
+        cancel: tokio_util::sync::CancellationToken,
+    ) {
+        use futures::StreamExt;
+        let mut t = tokio::time::interval(every);
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = t.tick() => {}
+            }
+            let down = self.transport.down_stores();
+            let awake: Vec<_> = self
+                .replicas()
+                .into_iter()
+                .filter(|r| r.raft.hibernation_enabled() && !r.raft.is_hibernating())
+                .collect();
+            let down = &down;
+            futures::stream::iter(awake)
+                .for_each_concurrent(64, |r| async move {
+                    r.raft.hibernate_pass(down).await;
+                })
+                .await;
+        }
+    }
+
     pub fn refresh_gauges(&self) {
         let reps = self.replicas();
         self.metrics.ranges.set(reps.len() as i64);
+        let (mut sleeping, mut waking) = (0i64, 0i64);
+        for r in &reps {
+            let (h, w) = r.raft.hibernation_gauges();
+            sleeping += i64::from(h);
+            waking += i64::from(w);
+        }
+        self.metrics.ranges_hibernating.set(sleeping);
+        self.metrics.ranges_waking.set(waking);
         self.metrics
             .leaders
             .set(reps.iter().filter(|r| r.is_leader()).count() as i64);

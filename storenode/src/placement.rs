@@ -185,6 +185,7 @@ pub async fn heartbeat_loop(
                 if let Err(e) = node.record_addresses(&resp.stores) {
                     tracing::warn!(error = %e, "cannot persist address book");
                 }
+                node.on_store_states(&resp.stores);
                 if !resp.stale.is_empty() {
                     node.handle_stale(resp.stale).await;
                 }

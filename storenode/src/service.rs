@@ -1,5 +1,6 @@
 //! gRPC services: `Store` (data access and admin on ranges) and `Raft` (transport).
 
+use crate::hibernate::WakeReason;
 use crate::node::{NodeInner, Replica};
 use crate::raft::network::{RaftRpc, SnapshotHeader};
 use crate::raft::state_machine::{SnapFile, validate_snapshot_file};
@@ -225,6 +226,8 @@ impl StoreService {
         if !r.shared.is_initialized() {
             return Err(StoreError::RangeNotFound(id).into());
         }
+        // Any request may need the range: wake it if it sleeps (ADR 0018).
+        self.node.touch(&r, WakeReason::Request);
         let desc = r.shared.desc();
         let want = header.epoch.unwrap_or_default().version;
         let have = desc.epoch.unwrap_or_default().version;
@@ -341,11 +344,13 @@ impl StoreService {
         if !desc_contains(&desc, &req.key) {
             return Err(StoreError::KeyNotInRange { key: req.key, desc }.into());
         }
-        if req.stale_ok {
-            if !self.may_serve_stale(&r) {
+        // A stale read is served locally when ADR 0008 allows it; else a follower refuses
+        // it, and a leader whose quorum contact aged (it slept, ADR 0018) confirms it with a
+        // ReadIndex round rather than answering NotLeader naming itself.
+        if !(req.stale_ok && self.may_serve_stale(&r)) {
+            if req.stale_ok && !r.is_leader() {
                 return Err(self.not_leader(r.shared.range_id, r.leader_view().leader).into());
             }
-        } else {
             self.read_index(&r).await?;
             let desc = r.shared.desc();
             if !desc_contains(&desc, &req.key) {
@@ -461,11 +466,11 @@ impl StoreService {
         if let Some(key) = outside(&desc) {
             return Err(StoreError::KeyNotInRange { key, desc }.into());
         }
-        if req.stale_ok {
-            if !self.may_serve_stale(&r) {
+        // As `get`: stale locally when allowed, else a follower refuses, a leader confirms.
+        if !(req.stale_ok && self.may_serve_stale(&r)) {
+            if req.stale_ok && !r.is_leader() {
                 return Err(self.not_leader(r.shared.range_id, r.leader_view().leader).into());
             }
-        } else {
             self.read_index(&r).await?;
         }
         // One snapshot for all keys, then the range re-check (as a scan does).
@@ -585,6 +590,7 @@ impl StoreService {
         if !r.shared.is_initialized() {
             return Err(StoreError::RangeNotFound(id).into());
         }
+        self.node.touch(&r, WakeReason::Admin);
         // (A range frozen by a merge may still move its leadership, so that a merge left
         // half-way can be colocated and driven on; other admin calls check it.)
         // Only the leader's descriptor is authoritative for membership (a follower's may lag).
@@ -1072,9 +1078,17 @@ impl RaftSvc for RaftService {
             Ok(r) => r,
             Err(e) => return Ok(wire_err(format!("bad raft payload: {e}"))),
         };
-        let r = match self.peer(&msg).await {
-            Ok(r) => r,
-            Err(e) => return Ok(wire_err(e)),
+        // A hibernation control message is for an existing replica only.
+        let r = if rpc.is_control() {
+            match self.node.replica(RangeId(msg.range_id)) {
+                Some(r) if msg.to_store_id == self.node.store_id.0 => r,
+                _ => return Ok(wire_err(format!("range {} not found", msg.range_id))),
+            }
+        } else {
+            match self.peer(&msg).await {
+                Ok(r) => r,
+                Err(e) => return Ok(wire_err(e)),
+            }
         };
         Ok(Response::new(r.raft.handle_rpc(&r.shared, rpc).await))
     }

@@ -6,10 +6,11 @@
 //! touches this directory only.
 
 use super::log_store::LogStore;
-use super::network::{NetworkFactory, RaftRpc, SnapshotHeader, Transport, wire};
+use super::network::{HibernateRequest, HibernateResponse, NetworkFactory, RaftRpc, SnapshotHeader, Transport, wire};
 use super::state_machine::{RangeShared, SnapFile, StateMachine};
 use super::{CmdResponse, Command, LogId, Raft, TypeConfig};
 use crate::engine::Engine;
+use crate::hibernate::{self, Actions, Hibernation, LeaderFacts, MessageFacts, PollResult, Timers, WakeReason};
 use crate::metrics::Metrics;
 use crate::node::NodeInner;
 use openraft::async_runtime::watch::WatchReceiver;
@@ -28,6 +29,8 @@ use thiserror::Error;
 #[derive(Clone, Debug)]
 pub struct RaftConfig {
     inner: Arc<openraft::Config>,
+    /// Hibernate idle ranges after this long without activity (ADR 0018); None: never.
+    hibernate_after: Option<Duration>,
 }
 
 #[derive(Debug, Error)]
@@ -48,10 +51,40 @@ impl RaftConfig {
             max_in_snapshot_log_to_keep: (snapshot_logs / 2).min(1000),
             purge_batch_size: 256,
             replication_lag_threshold: snapshot_logs.max(1) * 2,
+            // A follower that cannot win (partitioned, restarted, woken from hibernation with
+            // an expired lease) asks first instead of bumping the term (ADR 0018).
+            enable_pre_vote: Some(true),
+            // Per-stage latency rings (6 x this many entries per group), kept by openraft even
+            // without its `runtime-stats` feature: 144 KiB per replica at the default 1024.
+            log_stage_capacity: Some(1),
             ..Default::default()
         };
         let inner = c.validate().map_err(|e| RaftConfigError(e.to_string()))?;
-        Ok(Self { inner: Arc::new(inner) })
+        Ok(Self {
+            inner: Arc::new(inner),
+            hibernate_after: None,
+        })
+    }
+
+    /// Enables hibernation of ranges idle for `after` (ADR 0018). Groups then start with their
+    /// election timer off: a follower turns it on once it heard from its leader, or after
+    /// `election_timeout_max` (so a restart never deposes a sleeping leader).
+    pub fn with_hibernation(mut self, after: Option<Duration>) -> Result<Self, RaftConfigError> {
+        let mut c = (*self.inner).clone();
+        c.enable_elect = after.is_none();
+        let inner = c.validate().map_err(|e| RaftConfigError(e.to_string()))?;
+        self.inner = Arc::new(inner);
+        self.hibernate_after = after;
+        Ok(self)
+    }
+
+    pub fn hibernate_after(&self) -> Option<Duration> {
+        self.hibernate_after
+    }
+
+    /// How long a waking follower waits for its leader before its election timer runs.
+    pub fn election_timeout_max(&self) -> Duration {
+        Duration::from_millis(self.inner.election_timeout_max)
     }
 
     /// How recently a replica must have heard from a quorum-backed leader (or, as leader,
@@ -151,7 +184,42 @@ pub struct RaftGroup {
     raft: Raft,
     id: StoreId,
     lag_threshold: u64,
+    hib: Arc<HibCell>,
 }
+
+/// A group's hibernation (ADR 0018): the pure state of `crate::hibernate` and what applying
+/// its actions needs.
+struct HibCell {
+    /// None: hibernation disabled, the timers are never touched.
+    after: Option<Duration>,
+    grace: Duration,
+    state: parking_lot::Mutex<Hibernation>,
+    /// Proposals, reads and admin calls in flight on this replica.
+    inflight: std::sync::atomic::AtomicU64,
+    transport: Arc<Transport>,
+    shared: Arc<RangeShared>,
+    metrics: Metrics,
+    node: Weak<NodeInner>,
+}
+
+/// Counts one operation in flight while alive.
+struct Inflight<'a>(&'a std::sync::atomic::AtomicU64);
+
+impl<'a> Inflight<'a> {
+    fn new(c: &'a std::sync::atomic::AtomicU64) -> Self {
+        c.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Self(c)
+    }
+}
+
+impl Drop for Inflight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+/// How long a control message (Hibernate, WakeUp) may take.
+const CONTROL_TIMEOUT: Duration = Duration::from_millis(1000);
 
 /// Plain values copied out of the metrics channel (whose borrow blocks the Raft core).
 struct Status {
@@ -166,21 +234,44 @@ impl RaftGroup {
     /// Opens the state machine and the log of `parts.shared`'s range and starts its group.
     pub async fn start(p: GroupParts) -> Result<Self, StartError> {
         let range = p.shared.range_id;
-        let sm = StateMachine::open(p.engine.clone(), p.shared.clone(), p.node, p.snap_dir, p.metrics)
-            .map_err(|e| StartError(format!("state machine of {range}: {e}")))?;
+        let sm = StateMachine::open(
+            p.engine.clone(),
+            p.shared.clone(),
+            p.node.clone(),
+            p.snap_dir,
+            p.metrics.clone(),
+        )
+        .map_err(|e| StartError(format!("state machine of {range}: {e}")))?;
         let net = NetworkFactory {
-            transport: p.transport,
-            shared: p.shared,
+            transport: p.transport.clone(),
+            shared: p.shared.clone(),
         };
+        let metrics = p.metrics;
         let log = LogStore::new(p.engine, range);
         let raft = Raft::new(p.store_id.0, p.config.inner.clone(), net, log, sm)
             .await
             .map_err(|e| StartError(format!("{range}: {e}")))?;
-        Ok(Self {
+        let (state, actions) = Hibernation::started(raft.is_leader(), std::time::Instant::now());
+        let g = Self {
             raft,
             id: p.store_id,
             lag_threshold: p.config.inner.replication_lag_threshold,
-        })
+            hib: Arc::new(HibCell {
+                after: p.config.hibernate_after,
+                grace: p.config.election_timeout_max(),
+                state: parking_lot::Mutex::new(state),
+                inflight: std::sync::atomic::AtomicU64::new(0),
+                transport: p.transport,
+                shared: p.shared,
+                metrics,
+                node: p.node,
+            }),
+        };
+        if g.hib.after.is_some() {
+            g.apply_timers(actions.timers);
+            g.after_actions(actions);
+        }
+        Ok(g)
     }
 
     fn status(&self) -> Status {
@@ -252,6 +343,8 @@ impl RaftGroup {
     /// ReadIndex: returns once this replica, as leader confirmed by a quorum, has applied
     /// everything committed when the read arrived.
     pub async fn read_index(&self, timeout: Duration) -> Result<(), RaftOpError> {
+        let _inflight = Inflight::new(&self.hib.inflight);
+        self.touch(WakeReason::Read);
         match tokio::time::timeout(timeout, self.raft.ensure_linearizable(ReadPolicy::ReadIndex)).await {
             Err(_) => Err(RaftOpError::Unavailable("read index timed out".into())),
             Ok(Ok(_)) => Ok(()),
@@ -271,6 +364,8 @@ impl RaftGroup {
         if !self.is_leader() {
             return Err(self.not_leader());
         }
+        let _inflight = Inflight::new(&self.hib.inflight);
+        self.touch(WakeReason::Write);
         match tokio::time::timeout(timeout, self.raft.client_write(cmd)).await {
             Err(_) => Err(RaftOpError::OutcomeUnknown("proposal timed out".into())),
             Ok(Ok(resp)) => Ok(resp.data),
@@ -293,6 +388,8 @@ impl RaftGroup {
         expected: MembershipStamp,
         timeout: Duration,
     ) -> Result<(), RaftOpError> {
+        let _inflight = Inflight::new(&self.hib.inflight);
+        self.touch(WakeReason::Admin);
         let work = async {
             let mut stamp = expected.0;
             let mut proposed = false;
@@ -474,6 +571,8 @@ impl RaftGroup {
 
     /// Asks this leader to hand leadership to `to`.
     pub async fn transfer_leader(&self, to: StoreId) -> Result<(), RaftOpError> {
+        let _inflight = Inflight::new(&self.hib.inflight);
+        self.touch(WakeReason::Admin);
         self.raft
             .trigger()
             .transfer_leader(to.0)
@@ -483,6 +582,7 @@ impl RaftGroup {
 
     /// Starts an election now (the old leader's node campaigns first after a split).
     pub async fn campaign(&self) {
+        self.mark_awake();
         let _ = self.raft.trigger().elect(false).await;
     }
 
@@ -490,7 +590,11 @@ impl RaftGroup {
     pub async fn initialize(&self, voters: BTreeSet<StoreId>) -> Result<(), InitError> {
         let ids: BTreeSet<u64> = voters.into_iter().map(|s| s.0).collect();
         match self.raft.initialize(ids).await {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                // The new group elects itself through its election timer.
+                self.mark_awake();
+                Ok(())
+            }
             Err(RaftError::APIError(InitializeError::NotAllowed(e))) => {
                 Err(InitError::AlreadyInitialized(e.to_string()))
             }
@@ -539,6 +643,8 @@ impl RaftGroup {
     }
 
     /// Handles one Raft message from a peer; records leader contacts for stale reads.
+    /// Hibernation (ADR 0018) is checked after openraft handled the message, so a wake that
+    /// turns the election timer on finds the lease the message renewed.
     pub async fn handle_rpc(&self, shared: &RangeShared, rpc: RaftRpc) -> RaftMessageResponse {
         match rpc {
             RaftRpc::Append(req) => {
@@ -551,15 +657,49 @@ impl RaftGroup {
                         .leader_commit
                         .is_some_and(|l| l.leader_id.term == req.vote.leader_id.term);
                 let leader_commit = req.leader_commit.map_or(0, |l| l.index);
+                let entries = req.entries.len();
+                let other_vote = self.hibernation_enabled() && {
+                    let m = self.raft.metrics();
+                    let v = m.borrow_watched().vote;
+                    v != req.vote
+                };
                 let res = self.raft.append_entries(req).await;
-                if from_leader && matches!(res, Ok(AppendEntriesResponse::Success)) {
+                let accepted = matches!(res, Ok(AppendEntriesResponse::Success));
+                if from_leader && accepted {
                     shared.leader_contacts.lock().record(received, leader_commit);
+                    if self.hibernation_enabled() {
+                        self.transition(|h| h.on_leader_contact());
+                    }
                 }
+                self.after_message(MessageFacts::Append {
+                    entries,
+                    other_vote,
+                    leader_commit,
+                    applied_index: shared.applied_index.load(std::sync::atomic::Ordering::Acquire),
+                    accepted,
+                });
                 wire(res)
             }
-            RaftRpc::Vote(req) => wire(self.raft.vote(req).await),
-            RaftRpc::PreVote(req) => wire(self.raft.pre_vote(req).await),
-            RaftRpc::TransferLeader(req) => wire(self.raft.handle_transfer_leader(req).await),
+            RaftRpc::Vote(req) => {
+                let r = wire(self.raft.vote(req).await);
+                self.after_message(MessageFacts::Vote);
+                r
+            }
+            RaftRpc::PreVote(req) => {
+                let r = wire(self.raft.pre_vote(req).await);
+                self.after_message(MessageFacts::PreVote);
+                r
+            }
+            RaftRpc::TransferLeader(req) => {
+                let r = wire(self.raft.handle_transfer_leader(req).await);
+                self.after_message(MessageFacts::TransferLeader);
+                r
+            }
+            RaftRpc::Hibernate(req) => wire::<_, String>(Ok(self.on_hibernate(req))),
+            RaftRpc::WakeUp { .. } => {
+                self.touch(WakeReason::PeerWakeup);
+                wire::<_, String>(Ok(()))
+            }
         }
     }
 
@@ -569,7 +709,346 @@ impl RaftGroup {
             meta: header.meta,
             snapshot: file,
         };
-        wire(self.raft.install_full_snapshot(header.vote, snap).await)
+        let r = wire(self.raft.install_full_snapshot(header.vote, snap).await);
+        self.after_message(MessageFacts::Snapshot);
+        r
+    }
+}
+
+fn log_pos(l: &LogId) -> hibernate::LogPos {
+    (l.leader_id.term, l.leader_id.node_id, l.index)
+}
+
+fn vote_pos(v: &super::Vote) -> hibernate::VotePos {
+    (v.leader_id.term, v.leader_id.node_id, v.committed)
+}
+
+/// Hibernation (ADR 0018): the pure decisions are in `crate::hibernate`; this applies them
+/// through openraft's runtime switches (`tick`, `heartbeat`, `elect`) and triggers. Raft
+/// safety is untouched: every message is still handled, only timers are switched.
+impl RaftGroup {
+    pub fn hibernation_enabled(&self) -> bool {
+        self.hib.after.is_some()
+    }
+
+    /// (hibernating, waking), for the gauges.
+    pub fn hibernation_gauges(&self) -> (bool, bool) {
+        let st = self.hib.state.lock();
+        (st.is_hibernating(), st.is_waking())
+    }
+
+    pub fn is_hibernating(&self) -> bool {
+        self.hib.state.lock().is_hibernating()
+    }
+
+    fn apply_timers(&self, t: Option<Timers>) {
+        let Some(t) = t else { return };
+        let rc = self.raft.runtime_config();
+        rc.heartbeat(t.heartbeat);
+        rc.elect(t.elect);
+        rc.tick(t.tick);
+    }
+
+    /// The asynchronous part of a transition's actions.
+    fn after_actions(&self, a: Actions) {
+        if let Some(r) = a.woke {
+            self.hib.metrics.range_wake(r);
+        }
+        if a.heartbeat_now {
+            let raft = self.raft.clone();
+            tokio::spawn(async move {
+                let _ = raft.trigger().heartbeat().await;
+            });
+        }
+        if a.send_wakeup {
+            let g = self.clone();
+            let start = a.woke == Some(WakeReason::Start);
+            let may_campaign = a.may_campaign;
+            tokio::spawn(async move { g.send_wakeups(start, may_campaign).await });
+        }
+    }
+
+    /// Runs one transition of the state; the timers are switched under the state lock, so
+    /// concurrent transitions reach openraft in their order.
+    fn transition(&self, f: impl FnOnce(&mut Hibernation) -> Actions) {
+        if self.hib.after.is_none() {
+            return;
+        }
+        let a = {
+            let mut st = self.hib.state.lock();
+            let a = f(&mut st);
+            self.apply_timers(a.timers);
+            a
+        };
+        self.after_actions(a);
+    }
+
+    /// Activity on this replica: wakes it if it sleeps (see `Hibernation::wake`).
+    pub fn touch(&self, reason: WakeReason) {
+        if self.hib.after.is_none() {
+            return;
+        }
+        let is_leader = self.is_leader();
+        self.transition(|h| h.wake(is_leader, reason, Instant::now()));
+    }
+
+    /// A store changed state (placement's view); wakes this replica if the pure rule says so.
+    pub fn on_store_event(&self, e: hibernate::StoreEvent) {
+        if self.hib.after.is_none() {
+            return;
+        }
+        let is_leader = self.is_leader();
+        let leader = self.leader_view().leader.map(|s| s.0);
+        let wakes = hibernate::store_event_wakes(e, is_leader, leader, self.hib.state.lock().state());
+        if wakes {
+            let reason = match e {
+                hibernate::StoreEvent::Down(_) => WakeReason::StoreDown,
+                hibernate::StoreEvent::Up(_) => WakeReason::StoreUp,
+            };
+            self.transition(|h| {
+                let mut a = h.wake(is_leader, reason, Instant::now());
+                // A waking follower whose leader went DOWN asks (and campaigns) again.
+                a.send_wakeup |= !is_leader;
+                a.may_campaign |= !is_leader;
+                a.woke = Some(reason);
+                a
+            });
+        }
+    }
+
+    /// Marks a freshly bootstrapped group awake (it must elect itself).
+    pub fn mark_awake(&self) {
+        self.transition(|h| h.on_leader_contact());
+    }
+
+    /// What a leader's decision to sleep is made of, copied out of the Raft metrics.
+    pub fn hibernation_facts(&self) -> LeaderFacts {
+        let merging = self.hib.shared.merging.lock().is_some();
+        let installing = self.hib.shared.installing.load(std::sync::atomic::Ordering::Acquire);
+        let inflight = self.hib.inflight.load(std::sync::atomic::Ordering::Acquire);
+        let idle_for = self.hib.state.lock().idle_for(Instant::now());
+        let m = self.raft.metrics();
+        let m = m.borrow_watched();
+        let mem = m.membership_config.membership();
+        let voters: BTreeSet<u64> = mem.voter_ids().collect();
+        let learners: BTreeSet<u64> = mem.learner_ids().filter(|l| !voters.contains(l)).collect();
+        let matched = m
+            .replication
+            .as_ref()
+            .map(|r| r.iter().map(|(id, l)| (*id, l.as_ref().map(|l| l.index))).collect())
+            .unwrap_or_default();
+        LeaderFacts {
+            me: self.id.0,
+            is_leader: m.state.is_leader(),
+            own_term_applied: m.last_applied.is_some_and(|l| l.leader_id.term == m.current_term),
+            last_log_index: m.last_log_index,
+            last_applied_index: m.last_applied.map(|l| l.index),
+            joint: mem.get_joint_config().len() > 1,
+            voters,
+            learners,
+            matched,
+            merging,
+            installing,
+            inflight,
+            idle_for,
+        }
+    }
+
+    /// One pass of the node's hibernate loop over this replica: a waking follower whose grace
+    /// passed turns its election timer on; an idle leader polls its followers and sleeps if
+    /// every live one agrees. Returns the poll's result, if one ran.
+    pub async fn hibernate_pass(&self, down: &BTreeSet<u64>) -> Option<PollResult> {
+        let after = self.hib.after?;
+        let grace = self.hib.grace;
+        self.transition(|h| h.on_loop(Instant::now(), grace));
+        if !self.is_leader() || !self.hib.state.lock().may_poll(Instant::now()) {
+            return None;
+        }
+        let facts = self.hibernation_facts();
+        if hibernate::decide(&facts, down, after).is_err() {
+            return None;
+        }
+        let (vote, last_log_id) = {
+            let m = self.raft.metrics();
+            let m = m.borrow_watched();
+            (m.vote, m.last_applied)
+        };
+        let round = {
+            let mut st = self.hib.state.lock();
+            if !st.may_poll(Instant::now()) {
+                return None;
+            }
+            st.start_poll()
+        };
+        let targets = hibernate::poll_targets(self.id.0, &facts.voters, down);
+        let range = self.hib.shared.range_id;
+        let asks = targets.iter().map(|&t| {
+            let rpc = RaftRpc::Hibernate(HibernateRequest {
+                round,
+                vote,
+                last_log_id,
+            });
+            async move {
+                let r = self
+                    .hib
+                    .transport
+                    .send_control::<HibernateResponse>(StoreId(t), range, &rpc, CONTROL_TIMEOUT)
+                    .await;
+                (t, r.is_ok_and(|r| r.accepted))
+            }
+        });
+        let acks: BTreeSet<u64> = futures::future::join_all(asks)
+            .await
+            .into_iter()
+            .filter_map(|(t, ok)| ok.then_some(t))
+            .collect();
+        let verdict = hibernate::sleep_verdict(self.id.0, &facts.voters, &acks, down);
+        let still_leader = {
+            let m = self.raft.metrics();
+            let m = m.borrow_watched();
+            m.state.is_leader() && m.vote == vote && m.last_log_index == facts.last_log_index
+        };
+        let mut result = PollResult::Interrupted;
+        self.transition(|h| {
+            let (r, a) = h.finish_poll(round, verdict, still_leader, Instant::now(), after);
+            result = r;
+            a
+        });
+        self.hib.metrics.hibernate_poll(result);
+        Some(result)
+    }
+
+    /// A leader's `Hibernate`: accepted (and the tick turned off) only if this follower is in
+    /// exactly the leader's state (`crate::hibernate::follower_accepts`).
+    fn on_hibernate(&self, req: HibernateRequest) -> HibernateResponse {
+        let Some(after) = self.hib.after else {
+            return HibernateResponse { accepted: false };
+        };
+        let merging = self.hib.shared.merging.lock().is_some();
+        let installing = self.hib.shared.installing.load(std::sync::atomic::Ordering::Acquire);
+        let applied_index = self.hib.shared.applied_index.load(std::sync::atomic::Ordering::Acquire);
+        let (is_leader, vote, last_log) = {
+            let m = self.raft.metrics();
+            let m = m.borrow_watched();
+            // The metrics carry the last log index only; the applied log id is the last log
+            // id exactly when both indexes agree (otherwise no match is possible).
+            let last_log = match (m.last_applied, m.last_log_index) {
+                (Some(a), Some(i)) if a.index == i => Some(log_pos(&a)),
+                (None, None) => None,
+                (_, i) => Some((u64::MAX, u64::MAX, i.unwrap_or(u64::MAX))),
+            };
+            (m.state.is_leader(), vote_pos(&m.vote), last_log)
+        };
+        let ask = hibernate::HibernateAsk {
+            vote: vote_pos(&req.vote),
+            last_log: req.last_log_id.as_ref().map(log_pos),
+        };
+        let mut accepted = false;
+        self.transition(|h| {
+            let facts = hibernate::FollowerFacts {
+                is_leader,
+                vote,
+                last_log,
+                applied_index,
+                installing,
+                merging,
+                recently_active: h.idle_for(Instant::now()) < after,
+            };
+            match hibernate::follower_accepts(&facts, &ask) {
+                Ok(()) => {
+                    accepted = true;
+                    h.follower_sleeps()
+                }
+                Err(why) => {
+                    tracing::trace!(range_id = %self.hib.shared.range_id, ?why, round = req.round, "hibernate refused");
+                    Actions::default()
+                }
+            }
+        });
+        HibernateResponse { accepted }
+    }
+
+    /// A woken follower asks its leader to wake (every other voter when the leader is not
+    /// known, and always at start). If the leader is DOWN or cannot be reached, the lowest
+    /// live voter other than it campaigns at once (with Pre-Vote); the others wait for their
+    /// grace. Start never campaigns: a restart must not depose a sleeping leader.
+    async fn send_wakeups(&self, start: bool, may_campaign: bool) {
+        let me = self.id.0;
+        if start {
+            // Right after `Raft::new` the metrics may not show the membership yet, and the
+            // leader's answer (a heartbeat) needs this node to serve: wait for both, then
+            // restart the grace.
+            let _ = self
+                .raft
+                .wait(Some(Duration::from_secs(5)))
+                .metrics(
+                    |m| m.membership_config.membership().voter_ids().next().is_some(),
+                    "membership known",
+                )
+                .await;
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !self
+                .hib
+                .node
+                .upgrade()
+                .is_some_and(|n| n.serving.load(std::sync::atomic::Ordering::Acquire))
+            {
+                if Instant::now() > deadline || self.hib.node.strong_count() == 0 {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            self.transition(|h| {
+                h.rearm(Instant::now());
+                Actions::default()
+            });
+        }
+        let down = self.hib.transport.down_stores();
+        let (voters, _) = self.voters_and_learners();
+        let leader = self.leader_view().leader.map(|s| s.0).filter(|l| *l != me);
+        let targets: Vec<u64> = match leader {
+            Some(l) if !start => vec![l],
+            _ => voters.iter().copied().filter(|v| *v != me).collect(),
+        };
+        let range = self.hib.shared.range_id;
+        let sends = targets.iter().filter(|t| !down.contains(t)).map(|&t| async move {
+            if !may_campaign {
+                self.hib.transport.pace_wakeup().await;
+            }
+            let rpc = RaftRpc::WakeUp { from: me };
+            let r = self
+                .hib
+                .transport
+                .send_control::<()>(StoreId(t), range, &rpc, CONTROL_TIMEOUT)
+                .await;
+            (t, r.is_ok())
+        });
+        let results = futures::future::join_all(sends).await;
+        if !may_campaign || !voters.contains(&me) {
+            return;
+        }
+        let reached_leader = leader.is_some_and(|l| results.iter().any(|(t, ok)| *t == l && *ok));
+        if reached_leader || self.is_leader() {
+            return;
+        }
+        if hibernate::campaigns_now(me, &voters, leader, &down) {
+            tracing::info!(store_id = %self.id, range_id = %range, ?leader, "leader unreachable after a wake: campaigning (pre-vote)");
+            self.hib.metrics.hibernate_campaigns.inc();
+            let _ = self.raft.trigger().elect(true).await;
+        }
+    }
+
+    /// What a handled Raft message means for hibernation.
+    fn after_message(&self, facts: MessageFacts) {
+        if self.hib.after.is_none() {
+            return;
+        }
+        let kind = hibernate::message_wake(facts);
+        if kind == hibernate::MessageWake::Stay {
+            return;
+        }
+        let is_leader = self.is_leader();
+        self.transition(|h| h.on_message(is_leader, kind, Instant::now()));
     }
 }
 

@@ -67,13 +67,44 @@ pub fn rpc_deadline(soft_ttl: Duration, payload_bytes: usize, carries_entries: b
     base + Duration::from_micros(micros)
 }
 
-/// An openraft RPC on the wire.
+/// An openraft RPC on the wire, or one of our hibernation control messages (ADR 0018).
+///
+/// postcard encodes the variant index first: variants are append-only. A node that does not
+/// know a newer variant answers "bad raft payload", which the sender takes as a refusal (a
+/// range simply stays awake during a rolling upgrade).
 #[derive(Serialize, Deserialize)]
 pub enum RaftRpc {
     Append(AppendEntriesRequest<TypeConfig>),
     Vote(VoteRequest<TypeConfig>),
     PreVote(VoteRequest<TypeConfig>),
     TransferLeader(TransferLeaderRequest<TypeConfig>),
+    /// Leader -> follower: sleep if you are exactly where I am. Answer: [`HibernateResponse`].
+    Hibernate(HibernateRequest),
+    /// Follower -> leader: wake up (turn your timers on and heartbeat). Answer: `()`.
+    WakeUp {
+        from: u64,
+    },
+}
+
+impl RaftRpc {
+    /// Whether this is a hibernation control message (never creates a peer).
+    pub fn is_control(&self) -> bool {
+        matches!(self, RaftRpc::Hibernate(_) | RaftRpc::WakeUp { .. })
+    }
+}
+
+/// Poll round `round` of a leader whose committed vote is `vote` and whose last (applied)
+/// log id is `last_log_id`.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct HibernateRequest {
+    pub round: u64,
+    pub vote: Vote,
+    pub last_log_id: Option<super::LogId>,
+}
+
+#[derive(Clone, Copy, Serialize, Deserialize)]
+pub struct HibernateResponse {
+    pub accepted: bool,
 }
 
 /// The first chunk of a snapshot stream.
@@ -122,7 +153,14 @@ pub struct Transport {
     channels: RwLock<HashMap<StoreId, (String, Channel)>>,
     filter: Option<Arc<dyn RaftFilter>>,
     max_message: usize,
+    /// Stores placement last reported DOWN (hibernation decisions, ADR 0018).
+    down: RwLock<std::collections::BTreeSet<u64>>,
+    /// When the next start-up WakeUp may be sent (a node-wide pace).
+    next_wakeup: parking_lot::Mutex<tokio::time::Instant>,
 }
+
+/// Start-up WakeUps a node sends per second at most (ADR 0018).
+pub const STARTUP_WAKEUPS_PER_SEC: u64 = 2000;
 
 impl Transport {
     pub fn new(local: StoreId, filter: Option<Arc<dyn RaftFilter>>, max_message: usize) -> Arc<Self> {
@@ -132,7 +170,60 @@ impl Transport {
             channels: RwLock::new(HashMap::new()),
             filter,
             max_message,
+            down: RwLock::new(Default::default()),
+            next_wakeup: parking_lot::Mutex::new(tokio::time::Instant::now()),
         })
+    }
+
+    pub fn set_down_stores(&self, down: std::collections::BTreeSet<u64>) {
+        *self.down.write() = down;
+    }
+
+    pub fn down_stores(&self) -> std::collections::BTreeSet<u64> {
+        self.down.read().clone()
+    }
+
+    /// Waits for this node's next start-up WakeUp slot ([`STARTUP_WAKEUPS_PER_SEC`]).
+    pub async fn pace_wakeup(&self) {
+        let slot = {
+            let mut next = self.next_wakeup.lock();
+            let now = tokio::time::Instant::now();
+            let slot = (*next).max(now);
+            *next = slot + Duration::from_micros(1_000_000 / STARTUP_WAKEUPS_PER_SEC);
+            slot
+        };
+        tokio::time::sleep_until(slot).await;
+    }
+
+    /// Sends a hibernation control message of `range` to store `to` (no descriptor: a control
+    /// message never creates a replica) and decodes the answer.
+    pub async fn send_control<T: serde::de::DeserializeOwned>(
+        &self,
+        to: StoreId,
+        range: RangeId,
+        rpc: &RaftRpc,
+        timeout: Duration,
+    ) -> Result<T, String> {
+        self.filter(to, range).await?;
+        let payload = encode(rpc).map_err(|e| e.to_string())?;
+        let mut client = self.client(to)?;
+        let msg = RaftMessage {
+            range_id: range.0,
+            from_store_id: self.local.0,
+            to_store_id: to.0,
+            descriptor: None,
+            payload,
+        };
+        let resp = match tokio::time::timeout(timeout, client.send(msg)).await {
+            Err(_) => return Err(format!("control message timed out after {timeout:?}")),
+            Ok(Err(status)) => return Err(status.message().to_string()),
+            Ok(Ok(r)) => r.into_inner(),
+        };
+        if !resp.error.is_empty() {
+            return Err(resp.error);
+        }
+        let r: WireResult<T> = decode(&resp.payload).map_err(|e| e.to_string())?;
+        r
     }
 
     /// Records a store address; returns true when it changed.

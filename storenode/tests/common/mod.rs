@@ -58,6 +58,25 @@ pub struct Cluster {
     routes: Mutex<Vec<(u64, RangeDescriptor)>>,
     /// Placement URL the nodes heartbeat to (a fake in tests), every 100 ms.
     pub placement: Option<String>,
+    pub opts: ClusterOpts,
+}
+
+/// Node options of a test cluster beyond the defaults of `Config::for_test`.
+#[derive(Clone, Debug)]
+pub struct ClusterOpts {
+    /// `--raft-hibernate-after-ms`; None: `--raft-hibernate=false`.
+    pub hibernate_after_ms: Option<u64>,
+    /// Serve /metrics on a loopback port (`ServiceHandle::metrics_addr`).
+    pub metrics: bool,
+}
+
+impl Default for ClusterOpts {
+    fn default() -> Self {
+        Self {
+            hibernate_after_ms: Some(3000),
+            metrics: false,
+        }
+    }
 }
 
 pub fn init_logs() {
@@ -71,6 +90,15 @@ impl Cluster {
 
     /// [`Self::start`], with the nodes heartbeating to `placement` (a fake) when given.
     pub async fn start_with_placement(n: u64, snapshot_logs: u64, placement: Option<String>) -> Self {
+        Self::start_full(n, snapshot_logs, placement, ClusterOpts::default()).await
+    }
+
+    /// [`Self::start`] with node options.
+    pub async fn start_opts(n: u64, snapshot_logs: u64, opts: ClusterOpts) -> Self {
+        Self::start_full(n, snapshot_logs, None, opts).await
+    }
+
+    async fn start_full(n: u64, snapshot_logs: u64, placement: Option<String>, opts: ClusterOpts) -> Self {
         init_logs();
         let mut c = Cluster {
             n,
@@ -82,6 +110,7 @@ impl Cluster {
             max_value_len: 64 * 1024,
             routes: Mutex::new(Vec::new()),
             placement,
+            opts,
         };
         for _ in 0..n {
             c.dirs.push(tempfile::tempdir().expect("tempdir"));
@@ -100,6 +129,13 @@ impl Cluster {
         cfg.listen = self.addrs[i];
         cfg.raft_snapshot_logs = self.snapshot_logs;
         cfg.max_value_len = self.max_value_len;
+        cfg.raft_hibernate = self.opts.hibernate_after_ms.is_some();
+        if let Some(ms) = self.opts.hibernate_after_ms {
+            cfg.raft_hibernate_after_ms = ms;
+        }
+        if self.opts.metrics {
+            cfg.metrics_listen = Some("127.0.0.1:0".parse().expect("addr"));
+        }
         if let Some(p) = &self.placement {
             cfg.placement = vec![p.clone()];
             cfg.heartbeat_interval_ms = 100;
