@@ -40,10 +40,7 @@ pub fn jwks(keys: &[(String, PathBuf)]) -> Result<String> {
     let mut out = Vec::with_capacity(keys.len());
     for (kid, file) in keys {
         let key = SigningKey::load_pem(file)?;
-        out.push(
-            key.public_jwk(kid)
-                .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?,
-        );
+        out.push(key.public_jwk(kid).with_context(|| file.display().to_string())?);
     }
     Ok(serde_json::to_string_pretty(&serde_json::json!({ "keys": out }))?)
 }

@@ -147,6 +147,9 @@ pub enum KeyError {
     ShortSecret { path: PathBuf, len: usize },
     #[error("{path}: {reason}")]
     Invalid { path: PathBuf, reason: String },
+    /// A key given in memory that cannot be used (no file to name).
+    #[error("{0}")]
+    Unusable(String),
 }
 
 fn invalid(path: &Path, reason: impl Into<String>) -> KeyError {
@@ -162,13 +165,16 @@ pub fn read_key_file(path: &Path) -> Result<Vec<u8>, KeyError> {
         path: path.to_path_buf(),
         source,
     };
-    let len = std::fs::metadata(path).map_err(read)?.len();
-    if len > MAX_KEY_FILE_LEN {
+    use std::io::Read as _;
+    let file = std::fs::File::open(path).map_err(read)?;
+    let mut bytes = Vec::new();
+    file.take(MAX_KEY_FILE_LEN + 1).read_to_end(&mut bytes).map_err(read)?;
+    if bytes.len() as u64 > MAX_KEY_FILE_LEN {
         return Err(KeyError::TooLarge {
             path: path.to_path_buf(),
         });
     }
-    std::fs::read(path).map_err(read)
+    Ok(bytes)
 }
 
 /// Mints an HS256 token (used by `skvctl token mint` and tests).
@@ -209,7 +215,11 @@ impl SigningKey {
     }
 
     /// A PEM private key: RSA (PKCS#1 or PKCS#8) signs RS256, P-256 (PKCS#8) signs ES256.
-    pub fn from_pem(pem: &[u8]) -> Result<Self, String> {
+    pub fn from_pem(pem: &[u8]) -> Result<Self, KeyError> {
+        Self::parse_pem(pem).map_err(KeyError::Unusable)
+    }
+
+    fn parse_pem(pem: &[u8]) -> Result<Self, String> {
         if let Ok(key) = EncodingKey::from_rsa_pem(pem) {
             let jwk = Jwk::from_encoding_key(&key, Algorithm::RS256).map_err(|e| format!("RSA key: {e}"))?;
             check_jwk_strength(&jwk)?;
@@ -233,7 +243,7 @@ impl SigningKey {
     /// Reads a PEM private key file ([`SigningKey::from_pem`]).
     pub fn load_pem(path: &Path) -> Result<Self, KeyError> {
         let pem = read_key_file(path)?;
-        Self::from_pem(&pem).map_err(|r| invalid(path, r))
+        Self::parse_pem(&pem).map_err(|r| invalid(path, r))
     }
 
     /// The algorithm this key signs with.
@@ -243,11 +253,11 @@ impl SigningKey {
 
     /// The public half as a JWK with `kid`, `alg` and `use: sig` (RS256 and ES256 only),
     /// ready to be put in the proxy's JWKS file.
-    pub fn public_jwk(&self, kid: &str) -> Result<Jwk, String> {
+    pub fn public_jwk(&self, kid: &str) -> Result<Jwk, KeyError> {
         if self.alg == Algorithm::HS256 {
-            return Err("an HS256 secret has no public key".into());
+            return Err(KeyError::Unusable("an HS256 secret has no public key".into()));
         }
-        let mut jwk = Jwk::from_encoding_key(&self.key, self.alg).map_err(|e| e.to_string())?;
+        let mut jwk = Jwk::from_encoding_key(&self.key, self.alg).map_err(|e| KeyError::Unusable(e.to_string()))?;
         jwk.common.key_id = Some(kid.to_string());
         jwk.common.public_key_use = Some(PublicKeyUse::Signature);
         Ok(jwk)
@@ -301,7 +311,17 @@ fn check_jwk_strength(jwk: &Jwk) -> Result<(), String> {
             }
             Ok(())
         }
-        AlgorithmParameters::EllipticCurve(p) if p.curve == EllipticCurve::P256 => Ok(()),
+        AlgorithmParameters::EllipticCurve(p) if p.curve == EllipticCurve::P256 => {
+            let coordinate = |c: &str| {
+                base64::engine::general_purpose::URL_SAFE_NO_PAD
+                    .decode(c.trim_end_matches('='))
+                    .is_ok_and(|b| b.len() == 32)
+            };
+            if !coordinate(&p.x) || !coordinate(&p.y) {
+                return Err("P-256 key coordinates must be 32 bytes each (base64url)".into());
+            }
+            Ok(())
+        }
         AlgorithmParameters::EllipticCurve(p) => Err(format!("EC curve {:?}: only P-256 (ES256) is accepted", p.curve)),
         _ => Err("only RSA (RS256) and P-256 EC (ES256) keys are accepted".into()),
     }
@@ -1185,6 +1205,11 @@ mod tests {
             ),
             ("nokid.json", jwks(&[(&rsa, "")]), "no usable key"),
             ("dup.json", jwks(&[(&rsa, "a"), (&rsa, "a")]), "appears twice"),
+            (
+                "short-ec.json",
+                r#"{"keys":[{"kty":"EC","crv":"P-256","kid":"e","x":"AAAA","y":"AAAA"}]}"#.to_string(),
+                "no usable key",
+            ),
         ] {
             let p = write(dir.path(), name, &text);
             let e = load(KeySource::Jwks(p)).unwrap();
