@@ -9,6 +9,8 @@
 //!   port) and reads it back through proxy-2 with `skvctl get`;
 //! - writes and reads with the `skvctl` image on the compose network (service names);
 //! - lists the stores through placement (SKV_PLACEMENT): 3 up;
+//! - gets 200 from /healthz and /readyz (the Kubernetes probes) of every skv container's
+//!   metrics port, at its address on the compose network;
 //! - waits until the compose Prometheus (deploy/prometheus/prometheus.yml, whose targets
 //!   are the compose service names) scrapes every target, and has loaded every alert rule.
 //!
@@ -137,18 +139,32 @@ fn poll<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Result<T, Strin
     }
 }
 
-/// GET http://ADDR/PATH with curl-free std networking (HTTP/1.0, body as text).
-fn http_get(addr: &str, path: &str) -> Result<String, String> {
+/// GET http://ADDR/PATH with std networking (HTTP/1.0): (status, body).
+fn http_get_status(addr: &str, path: &str) -> Result<(u16, String), String> {
     use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).map_err(|e| e.to_string())?;
+    let sock: std::net::SocketAddr = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
+    let mut s = std::net::TcpStream::connect_timeout(&sock, Duration::from_secs(5)).map_err(|e| e.to_string())?;
     s.set_read_timeout(Some(Duration::from_secs(5)))
         .map_err(|e| e.to_string())?;
     write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").map_err(|e| e.to_string())?;
     let mut buf = String::new();
     s.read_to_string(&mut buf).map_err(|e| e.to_string())?;
-    buf.split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .ok_or_else(|| format!("no HTTP body in {buf:?}"))
+    let (head, body) = buf
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| format!("no HTTP body in {buf:?}"))?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| format!("bad status line in {head:?}"))?;
+    Ok((status, body.to_string()))
+}
+
+fn http_get(addr: &str, path: &str) -> Result<String, String> {
+    match http_get_status(addr, path)? {
+        (200, body) => Ok(body),
+        (status, body) => Err(format!("HTTP {status}: {body}")),
+    }
 }
 
 #[test]
@@ -319,6 +335,37 @@ fn docker_images_and_compose_cluster_serve_skvctl_put_and_get() {
         (up == 3).then_some(v).ok_or_else(|| text(&o))
     });
     eprintln!("stores: {stores}");
+
+    // /healthz and /readyz (the Kubernetes probes) answer 200 on every skv container's
+    // metrics port, reached at the container's address on the compose network.
+    for (service, port) in [
+        ("placement-1", 7001),
+        ("placement-2", 7001),
+        ("placement-3", 7001),
+        ("storenode-1", 7101),
+        ("storenode-2", 7101),
+        ("storenode-3", 7101),
+        ("proxy-1", 7401),
+        ("proxy-2", 7401),
+    ] {
+        let o = run(compose.cmd().args(["ps", "-q", service]));
+        let id = String::from_utf8_lossy(&o.stdout).trim().to_string();
+        assert!(!id.is_empty(), "no container for {service}: {}", text(&o));
+        let o = run(Command::new("docker").args([
+            "inspect",
+            "-f",
+            "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+            &id,
+        ]));
+        let ip = String::from_utf8_lossy(&o.stdout).trim().to_string();
+        assert!(!ip.is_empty(), "no address for {service}: {}", text(&o));
+        let addr = format!("{ip}:{port}");
+        for path in ["/healthz", "/readyz"] {
+            poll(&format!("{service} {path}"), Duration::from_secs(30), || {
+                http_get(&addr, path).map(|_| ())
+            });
+        }
+    }
 
     // The compose Prometheus scrapes every service by its compose name, with every rule.
     let rules_declared = std::fs::read_to_string(root.join("deploy/prometheus/alerts.yml"))
