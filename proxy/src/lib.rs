@@ -1,7 +1,8 @@
 //! skv-proxy: the stateless client-facing gateway (DESIGN.md §7).
 //!
-//! It serves `skv.v1.Kv` (plus gRPC reflection and health), authenticates every call
-//! with a JWT ([`auth`]), confines each tenant to its namespace ([`namespace`]), routes
+//! It serves `skv.v1.Kv` (plus gRPC reflection of `skv.v1` only, and health),
+//! authenticates every call with a JWT ([`auth`]), holds each tenant to its quotas
+//! ([`quota`]), confines each tenant to its namespace ([`namespace`]), routes
 //! each key to its range through a cache of the range map ([`routing`], kept fresh from
 //! placement and from storenodes' routing errors), and retries what is safe to retry.
 //!
