@@ -7,7 +7,8 @@
 //! scraping them every second, with `deploy/prometheus/alerts.yml` loaded as its rules and
 //! the job names of `deploy/prometheus/prometheus.yml`. Traffic is driven through the proxy
 //! (writes, reads, scans, a failed conditional write, a refused token, a split and leader
-//! transfers, so that routing retries happen). Then every PromQL expression of every
+//! transfers, so that routing retries happen, then an idle spell until a range hibernates
+//! and a write that wakes it). Then every PromQL expression of every
 //! Grafana dashboard (`deploy/grafana/**/*.json`, every `expr`) and every alert rule (as
 //! Prometheus itself parsed them, from `/api/v1/rules`) is run with `/api/v1/query`.
 //!
@@ -574,6 +575,8 @@ impl Procs {
                     format!("127.0.0.1:{mport}"),
                     "--heartbeat-interval-ms".into(),
                     "300".into(),
+                    "--raft-hibernate-after-ms".into(),
+                    "500".into(),
                 ],
             );
             store_metrics.push(format!("127.0.0.1:{mport}"));
@@ -809,6 +812,32 @@ async fn drive_traffic(p: &Procs) {
         .await
         .unwrap_or_else(|e| panic!("scan: {e}"));
     assert_eq!(all.len(), 200, "scan saw {} keys", all.len());
+
+    // Idle ranges hibernate (ADR 0018; the storenodes run with a short
+    // --raft-hibernate-after-ms), and a request wakes them.
+    let stores = p.targets[1].1.clone();
+    let gauge = |text: &str, name: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse::<f64>().ok()))
+            .unwrap_or(0.0)
+    };
+    wait_until("an idle range to hibernate", Duration::from_secs(30), || {
+        let stores = stores.clone();
+        async move {
+            for s in &stores {
+                let (_, m) = http_get(s, "/metrics").await.unwrap_or_default();
+                if gauge(&m, "skv_storenode_ranges_hibernating ") > 0.0 {
+                    return Some(());
+                }
+            }
+            None
+        }
+    })
+    .await;
+    client
+        .put(b"key0001", b"wake up".to_vec())
+        .await
+        .unwrap_or_else(|e| panic!("put after hibernation: {e}"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
