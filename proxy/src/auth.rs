@@ -590,12 +590,29 @@ impl KeySet {
     }
 }
 
-/// Verified tokens with their claims. `generation` is the key set they were verified
-/// with: a verification that raced with a key change is not cached.
+/// One shard of the verified-token cache. `generation` is the key set its tokens were
+/// verified with: a verification that raced with a key change is not cached.
 #[derive(Default)]
-struct TokenCache {
+struct TokenCacheShard {
     generation: u64,
     map: HashMap<Box<str>, Claims>,
+}
+
+/// Shards of the verified-token cache, so that requests on many cores do not all take
+/// one lock.
+const TOKEN_CACHE_SHARDS: usize = 16;
+
+/// A token's shard, from four characters of its signature (not the very last one, which
+/// carries only a few bits of a base64url-encoded signature).
+fn cache_shard(token: &str) -> usize {
+    let h = token
+        .as_bytes()
+        .iter()
+        .rev()
+        .skip(1)
+        .take(4)
+        .fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(usize::from(*b)));
+    h % TOKEN_CACHE_SHARDS
 }
 
 /// Verifies tokens and checks roles. Cheap to share behind an `Arc`.
@@ -608,10 +625,10 @@ pub struct Verifier {
     /// Tokens that verified, with their claims: a hit skips the signature and JSON work.
     /// Only successes are cached, `exp` is re-checked on every hit, and the cache is
     /// cleared whenever the key set changes (a key removed from a JWKS is refused at once).
-    cache: parking_lot::RwLock<TokenCache>,
+    cache: [parking_lot::RwLock<TokenCacheShard>; TOKEN_CACHE_SHARDS],
 }
 
-/// Most cached tokens (the cache is cleared when full).
+/// Most cached tokens (a shard is cleared when it holds its part of this).
 const TOKEN_CACHE_ENTRIES: usize = 4096;
 /// Longest token worth caching.
 const TOKEN_CACHE_MAX_LEN: usize = 4096;
@@ -674,14 +691,23 @@ impl Verifier {
         self
     }
 
-    /// Replaces the keys and forgets every verified token.
+    /// Replaces the keys and forgets every verified token. Every shard is locked (in
+    /// order) before the generation moves, so no insert of the old generation lands after.
     fn replace_keys(&self, keys: KeySet) {
-        let mut cache = self.cache.write();
+        let mut shards: Vec<_> = self.cache.iter().map(|s| s.write()).collect();
         let mut current = self.keys.write();
         current.0 += 1;
         current.1 = Arc::new(keys);
-        cache.generation = current.0;
-        cache.map.clear();
+        for shard in &mut shards {
+            shard.generation = current.0;
+            shard.map.clear();
+        }
+    }
+
+    /// Tokens in the cache (tests).
+    #[cfg(test)]
+    fn cached(&self) -> usize {
+        self.cache.iter().map(|s| s.read().map.len()).sum()
     }
 
     /// `kid:alg` of the keys in use (no key material), for logs and tests.
@@ -691,7 +717,8 @@ impl Verifier {
 
     /// Verifies a compact JWS and returns its claims.
     pub fn verify(&self, token: &str) -> Result<Claims, AuthError> {
-        if let Some(c) = self.cache.read().map.get(token) {
+        let shard = &self.cache[cache_shard(token)];
+        if let Some(c) = shard.read().map.get(token) {
             // Verified before; only time can have changed its validity (nbf only passes).
             if unix_now() > c.exp.saturating_add(self.leeway) {
                 return Err(AuthError::Expired);
@@ -701,9 +728,9 @@ impl Verifier {
         let (generation, keys) = self.keys.read().clone();
         let claims = self.verify_uncached(&keys, token)?;
         if token.len() <= TOKEN_CACHE_MAX_LEN {
-            let mut cache = self.cache.write();
+            let mut cache = shard.write();
             if cache.generation == generation {
-                if cache.map.len() >= TOKEN_CACHE_ENTRIES {
+                if cache.map.len() >= TOKEN_CACHE_ENTRIES / TOKEN_CACHE_SHARDS {
                     cache.map.clear();
                 }
                 cache.map.insert(token.into(), claims.clone());
@@ -1052,14 +1079,14 @@ mod tests {
         let t = mint_hs256(SECRET, &c).unwrap();
         assert!(v.verify(&t).is_ok());
         assert!(v.verify(&t).is_ok(), "served from the cache");
-        assert_eq!(v.cache.read().map.len(), 1);
+        assert_eq!(v.cached(), 1);
         std::thread::sleep(Duration::from_millis(2100));
         assert_eq!(v.verify(&t), Err(AuthError::Expired));
         // Failures are not cached; a forged variant of a cached token still fails.
         let mut forged = t.clone();
         forged.push('x');
         assert!(v.verify(&forged).is_err());
-        assert_eq!(v.cache.read().map.len(), 1);
+        assert_eq!(v.cached(), 1);
     }
 
     #[test]
@@ -1226,6 +1253,37 @@ mod tests {
         );
         let (v, _) = Verifier::load(KeySource::Jwks(p), "skv", "skv").unwrap();
         assert_eq!(v.key_ids(), vec!["ok:RS256"]);
+    }
+
+    #[tokio::test]
+    async fn key_change_clears_every_cache_shard() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = SigningKey::from_pem(keys::ec().private_pem.as_bytes()).unwrap();
+        let new = SigningKey::from_pem(keys::ec().private_pem.as_bytes()).unwrap();
+        let file = write(dir.path(), "jwks.json", &jwks(&[(&old, "old")]));
+        let (v, mut reloader) = Verifier::load(KeySource::Jwks(file), "skv", "skv").unwrap();
+        let tokens: Vec<String> = (0..200)
+            .map(|i| {
+                mint(
+                    &old,
+                    Some("old"),
+                    &Claims::new(format!("u{i}"), "t", Role::Read, Duration::from_secs(60)),
+                )
+                .unwrap()
+            })
+            .collect();
+        for t in &tokens {
+            assert!(v.verify(t).is_ok());
+        }
+        let shards: std::collections::HashSet<usize> = tokens.iter().map(|t| cache_shard(t)).collect();
+        assert!(shards.len() > 8, "tokens spread over the shards: {shards:?}");
+        assert_eq!(v.cached(), 200);
+        write(dir.path(), "jwks.json", &jwks(&[(&new, "new")]));
+        assert_eq!(reloader.check(&v).await, Reload::Loaded);
+        assert_eq!(v.cached(), 0);
+        for t in &tokens {
+            assert_eq!(v.verify(t), Err(AuthError::UnknownKey));
+        }
     }
 
     #[tokio::test]
