@@ -169,6 +169,21 @@ impl Hibernation {
         now.saturating_duration_since(self.last_activity)
     }
 
+    /// The fast path of [`Self::wake`]: on an awake replica, only records the activity and
+    /// returns true (no need to know the role); false when a transition is needed.
+    pub fn note_if_awake(&mut self, reason: WakeReason, now: Instant) -> bool {
+        if self.state != State::Awake {
+            return false;
+        }
+        if !matches!(
+            reason,
+            WakeReason::StoreDown | WakeReason::StoreUp | WakeReason::PeerWakeup
+        ) {
+            self.last_activity = now;
+        }
+        true
+    }
+
     /// Activity on this replica (a request, a proposal, a read, an admin call). Wakes it:
     /// a sleeping leader turns its timers on and heartbeats at once; a poll in progress is
     /// dropped; a sleeping follower starts waking and asks its leader to wake.
@@ -249,8 +264,11 @@ impl Hibernation {
                     match self.state {
                         State::Hibernating { .. } => {
                             self.state = State::Waking { since: now };
+                            // Its leader (asleep, lease expired) would grant any Pre-Vote: wake
+                            // it, so a live leader reasserts itself. Never campaign from here.
                             Actions {
                                 timers: Some(Timers::WAKING),
+                                send_wakeup: true,
                                 woke: Some(WakeReason::RaftMessage),
                                 ..Actions::default()
                             }
@@ -580,7 +598,8 @@ pub enum MessageWake {
     /// From a committed leader, with work or news (entries, commit ahead, a new leader, a
     /// snapshot): the lease is renewed, wake fully.
     Renewed,
-    /// Vote, PreVote, TransferLeader: an election is going on.
+    /// Vote, PreVote, TransferLeader, a refused AppendEntries: an election (or a stale leader)
+    /// is around; the follower wakes its own leader, whose heartbeat settles it.
     Election,
 }
 
@@ -790,8 +809,13 @@ mod tests {
         let (mut h, a) = Hibernation::started(true, now);
         assert_eq!(a.timers, Some(Timers::AWAKE));
         assert!(h.may_poll(now));
+        assert!(h.note_if_awake(WakeReason::Request, now));
         let r = h.start_poll();
         assert!(!h.may_poll(now));
+        assert!(
+            !h.note_if_awake(WakeReason::Write, now),
+            "a poll must be interrupted by wake()"
+        );
         let a = h.wake(true, WakeReason::Write, now);
         assert_eq!(a, Actions::default(), "polling timers are the awake ones");
         assert_eq!(h.state(), &State::Awake);
@@ -917,7 +941,7 @@ mod tests {
         let mut h = asleep();
         let a = h.on_message(false, MessageWake::Election, now);
         assert_eq!(a.timers, Some(Timers::WAKING));
-        assert!(!a.send_wakeup);
+        assert!(a.send_wakeup && !a.may_campaign);
         assert!(h.is_waking());
         // A sleeping leader asked for a vote wakes fully and heartbeats.
         let (mut l, _) = Hibernation::started(true, now);

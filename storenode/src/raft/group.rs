@@ -785,7 +785,7 @@ impl RaftGroup {
 
     /// Activity on this replica: wakes it if it sleeps (see `Hibernation::wake`).
     pub fn touch(&self, reason: WakeReason) {
-        if self.hib.after.is_none() {
+        if self.hib.after.is_none() || self.hib.state.lock().note_if_awake(reason, Instant::now()) {
             return;
         }
         let is_leader = self.is_leader();
