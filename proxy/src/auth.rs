@@ -19,7 +19,7 @@
 
 use base64::Engine;
 use jsonwebtoken::errors::ErrorKind;
-use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, PublicKeyUse};
+use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, KeyOperations, PublicKeyUse};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -402,6 +402,11 @@ fn jwk_algorithm(jwk: &Jwk) -> Result<Algorithm, String> {
         && *u != PublicKeyUse::Signature
     {
         return Err(format!("\"use\" is {u:?}, not sig"));
+    }
+    if let Some(ops) = &jwk.common.key_operations
+        && !ops.contains(&KeyOperations::Verify)
+    {
+        return Err("\"key_ops\" does not include verify".into());
     }
     let by_type = match &jwk.algorithm {
         AlgorithmParameters::RSA(_) => Algorithm::RS256,
@@ -1242,14 +1247,20 @@ mod tests {
             let e = load(KeySource::Jwks(p)).unwrap();
             assert!(e.contains(want), "{name}: {e}");
         }
-        // A JWKS with one usable key and one we skip loads the usable one.
+        // A JWKS with one usable key and some we skip loads the usable one.
         let mut jwk = serde_json::to_value(rsa.public_jwk("r").unwrap()).unwrap();
         jwk["alg"] = "RS512".into();
+        let mut enc = serde_json::to_value(rsa.public_jwk("enc").unwrap()).unwrap();
+        enc["use"] = "enc".into();
+        let mut wrap = serde_json::to_value(rsa.public_jwk("wrap").unwrap()).unwrap();
+        wrap.as_object_mut().unwrap().remove("use");
+        wrap["key_ops"] = serde_json::json!(["wrapKey"]);
         let ok = serde_json::to_value(rsa.public_jwk("ok").unwrap()).unwrap();
         let p = write(
             dir.path(),
             "mixed.json",
-            &serde_json::json!({"keys": [jwk, ok, {"kty":"OKP","crv":"Ed25519","kid":"ed","x":"AAAA"}]}).to_string(),
+            &serde_json::json!({"keys": [jwk, enc, wrap, ok, {"kty":"OKP","crv":"Ed25519","kid":"ed","x":"AAAA"}]})
+                .to_string(),
         );
         let (v, _) = Verifier::load(KeySource::Jwks(p), "skv", "skv").unwrap();
         assert_eq!(v.key_ids(), vec!["ok:RS256"]);
