@@ -274,6 +274,14 @@ pub struct PlaygroundArgs {
     /// How long to wait for the cluster to serve a write and a read.
     #[arg(long, env = "SKV_PLAYGROUND_READY_TIMEOUT", default_value = "90s", value_parser = parse_duration)]
     pub ready_timeout: Duration,
+    /// A flag for every storenode, as `skv-storenode` takes it (repeatable), e.g.
+    /// `--storenode-arg=--value-cache-bytes=0`.
+    #[arg(long = "storenode-arg", value_name = "FLAG", allow_hyphen_values = true)]
+    pub storenode_args: Vec<String>,
+    /// A flag for placement, as `skv-placement` takes it (repeatable), e.g.
+    /// `--placement-arg=--split-qps-threshold=500`.
+    #[arg(long = "placement-arg", value_name = "FLAG", allow_hyphen_values = true)]
+    pub placement_args: Vec<String>,
 }
 
 /// Parses `250ms`, `10s`, `5m`, `24h`, `30d`, or plain seconds.

@@ -154,7 +154,14 @@ impl Services {
     }
 }
 
-async fn start_all(dir: &Path, ports: &Ports, secret_file: &Path, svc: &mut Services) -> Result<()> {
+/// Extra flags given with `--storenode-arg` and `--placement-arg`.
+#[derive(Clone, Debug, Default)]
+struct ExtraArgs {
+    storenode: Vec<String>,
+    placement: Vec<String>,
+}
+
+async fn start_all(dir: &Path, ports: &Ports, secret_file: &Path, extra: &ExtraArgs, svc: &mut Services) -> Result<()> {
     let placement_url = format!("http://{}", addr(ports.placement));
     let pcfg: skv_placement::Config = parse(
         "skv-placement",
@@ -165,7 +172,10 @@ async fn start_all(dir: &Path, ports: &Ports, secret_file: &Path, svc: &mut Serv
             s(dir.join("placement")),
             "--metrics-listen".into(),
             addr(ports.placement_metrics),
-        ],
+        ]
+        .into_iter()
+        .chain(extra.placement.iter().cloned())
+        .collect::<Vec<_>>(),
     )?;
     eprintln!("starting placement on {}", addr(ports.placement));
     svc.placement = Some(
@@ -186,7 +196,10 @@ async fn start_all(dir: &Path, ports: &Ports, secret_file: &Path, svc: &mut Serv
                 s(dir.join(format!("store-{n}"))),
                 "--metrics-listen".into(),
                 addr(*metrics),
-            ],
+            ]
+            .into_iter()
+            .chain(extra.storenode.iter().cloned())
+            .collect::<Vec<_>>(),
         )?;
         eprintln!("starting storenode {n} on {}", addr(*grpc));
         svc.stores.push(
@@ -302,8 +315,12 @@ pub async fn run(args: PlaygroundArgs) -> Result<ExitCode> {
     let signal = skv_common::service::shutdown_signal();
     tokio::pin!(signal);
 
+    let extra = ExtraArgs {
+        storenode: args.storenode_args.clone(),
+        placement: args.placement_args.clone(),
+    };
     let started = async {
-        start_all(&dir, &ports, &secret_file, &mut svc).await?;
+        start_all(&dir, &ports, &secret_file, &extra, &mut svc).await?;
         wait_ready(&endpoint, &token, args.ready_timeout).await
     };
     let interrupted = tokio::select! {
@@ -401,6 +418,29 @@ mod tests {
         assert_eq!((p.proxy, p.proxy_metrics), (7400, 7401));
         assert!(Ports::plan(65200, 3).is_err());
         assert!(Ports::plan(7000, 0).is_err());
+    }
+
+    #[test]
+    fn extra_flags_reach_the_servers_and_bad_ones_are_refused() {
+        use clap::Parser;
+        let cli = crate::args::Cli::try_parse_from([
+            "skvctl",
+            "playground",
+            "--storenode-arg=--value-cache-bytes=0",
+            "--placement-arg",
+            "--split-qps-threshold=500",
+        ])
+        .unwrap();
+        let crate::args::Command::Playground(p) = cli.command else {
+            panic!("not the playground command")
+        };
+        let mut args = vec!["--data-dir".to_string(), "/tmp/x".into()];
+        args.extend(p.storenode_args);
+        let cfg: skv_storenode::Config = parse("skv-storenode", &args).unwrap();
+        assert_eq!(cfg.value_cache_bytes, 0);
+        assert_eq!(p.placement_args, vec!["--split-qps-threshold=500".to_string()]);
+        let bad = parse::<skv_storenode::Config>("skv-storenode", &["--no-such-flag".to_string()]);
+        assert!(bad.is_err());
     }
 
     #[test]

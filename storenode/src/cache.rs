@@ -113,16 +113,19 @@ impl ValueCache {
 
     /// The cached record of `key`, or a ticket to fill it after reading the engine.
     pub fn lookup(&self, key: &[u8]) -> Result<Cached, FillTicket> {
-        let stripe = stripe_of(key);
-        if let Some(c) = &self.cache
-            && let Some(e) = c.get(key)
-        {
+        let Some(c) = &self.cache else {
+            // Disabled: nothing to fill, no stripe to look at.
+            return Err(FillTicket {
+                stripe: 0,
+                generation: 0,
+            });
+        };
+        if let Some(e) = c.get(key) {
             self.metrics.value_cache_hits.inc();
             return Ok(e.value().clone());
         }
-        if self.cache.is_some() {
-            self.metrics.value_cache_misses.inc();
-        }
+        self.metrics.value_cache_misses.inc();
+        let stripe = stripe_of(key);
         Err(FillTicket {
             stripe,
             generation: *self.stripes[stripe].lock(),
