@@ -26,6 +26,8 @@
 //!
 //! So a renamed metric, a typo in a label or a function, or a vector match that matches
 //! nothing fails the test, while an alert that does not fire does not.
+//! Last, one storenode is killed, and the store-down and under-replication alerts must
+//! become active.
 //! Grafana's `$__rate_interval`, `$__interval` and `$__range` are replaced by [`WINDOW`];
 //! any other `$variable` fails the test.
 
@@ -1025,5 +1027,33 @@ async fn every_dashboard_and_alert_query_returns_data_from_a_real_prometheus() {
         failures.len(),
         failures.join("\n"),
         prom.api("/api/v1/label/__name__/values").await["data"]
+    );
+
+    // A store goes down: the store-down and under-replication alerts become active
+    // (pending: their `for` has not run out yet), so they fire on a real failure.
+    let store_pid = procs.children[2].pid();
+    let mut procs = procs;
+    procs.children[2].kill();
+    let active = wait_until(
+        "SkvStorenodeDown and SkvRangeUnderReplicated to become active",
+        Duration::from_secs(30),
+        || async {
+            let v = prom.api("/api/v1/alerts").await;
+            let names: BTreeSet<String> = v["data"]["alerts"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .iter()
+                .filter(|a| a["state"] == "pending" || a["state"] == "firing")
+                .filter_map(|a| a["labels"]["alertname"].as_str().map(str::to_string))
+                .collect();
+            (names.contains("SkvStorenodeDown") && names.contains("SkvRangeUnderReplicated")).then_some(names)
+        },
+    )
+    .await;
+    eprintln!("after kill -9 of storenode pid {store_pid}, active alerts: {active:?}");
+    assert!(
+        !active.contains("SkvPlacementNoLeader") && !active.contains("SkvProxyDown"),
+        "unrelated alerts became active: {active:?}"
     );
 }
