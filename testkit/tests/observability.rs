@@ -967,6 +967,33 @@ async fn every_dashboard_and_alert_query_returns_data_from_a_real_prometheus() {
                 );
             }
         }
+        // Panels: unique ids, inside Grafana's 24-column grid, no two on the same cells.
+        let panels = v["panels"].as_array().cloned().unwrap_or_default();
+        let mut ids = BTreeSet::new();
+        let mut cells = BTreeSet::new();
+        for p in &panels {
+            let id = p["id"]
+                .as_u64()
+                .unwrap_or_else(|| panic!("{}: a panel without id", f.display()));
+            assert!(ids.insert(id), "{}: panel id {id} twice", f.display());
+            let g = &p["gridPos"];
+            let (x, y, w, h) = (
+                g["x"].as_u64().unwrap_or(99),
+                g["y"].as_u64().unwrap_or(0),
+                g["w"].as_u64().unwrap_or(0),
+                g["h"].as_u64().unwrap_or(0),
+            );
+            assert!(w > 0 && h > 0 && x + w <= 24, "{}: panel {id} gridPos {g}", f.display());
+            for cx in x..x + w {
+                for cy in y..y + h {
+                    assert!(
+                        cells.insert((cx, cy)),
+                        "{}: panel {id} overlaps another at ({cx},{cy})",
+                        f.display()
+                    );
+                }
+            }
+        }
         let before = panel_exprs.len();
         dashboard_exprs(&v, "", &mut panel_exprs);
         assert!(panel_exprs.len() > before, "{}: no PromQL expressions", f.display());
