@@ -11,6 +11,8 @@
 //! - lists the stores through placement (SKV_PLACEMENT): 3 up;
 //! - gets 200 from /healthz and /readyz (the Kubernetes probes) of every skv container's
 //!   metrics port, at its address on the compose network;
+//! - replaces the storenode-1 container by a new one on another address (as Kubernetes
+//!   replaces a pod): writes go on meanwhile, and the new one rejoins, catches up and leads;
 //! - waits until the compose Prometheus (deploy/prometheus/prometheus.yml, whose targets
 //!   are the compose service names) scrapes every target, and has loaded every alert rule.
 //!
@@ -25,6 +27,8 @@ use std::time::{Duration, Instant};
 
 const PROJECT: &str = "skv-deploy-test";
 const TAG: &str = "deploy-test";
+/// A container that takes a stopped storenode's address, so that its successor gets another.
+const IP_TAKER: &str = "skv-deploy-test-ip-taker";
 
 fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -93,6 +97,7 @@ impl Drop for Compose {
             let o = run(self.cmd().args(["logs", "--no-color", "--tail", "25"]));
             eprintln!("compose logs:\n{}", text(&o));
         }
+        let _ = run(Command::new("docker").args(["rm", "-f", IP_TAKER]));
         self.down();
         let images = [
             "skv-placement",
@@ -251,7 +256,9 @@ fn docker_images_and_compose_cluster_serve_skvctl_put_and_get() {
         secret: secret.clone(),
         _dir: dir,
     };
-    compose.down(); // a leftover of an interrupted run
+    // Leftovers of an interrupted run.
+    let _ = run(Command::new("docker").args(["rm", "-f", IP_TAKER]));
+    compose.down();
     let o = run(compose.cmd().args(["up", "-d"]));
     assert!(o.status.success(), "docker-compose up failed:\n{}", text(&o));
     let proxy1 = compose.port("proxy-1", 7400);
@@ -397,5 +404,81 @@ fn docker_images_and_compose_cluster_serve_skvctl_put_and_get() {
         .map(|g| g.iter().map(|g| g["rules"].as_array().map_or(0, Vec::len)).sum())
         .unwrap_or(0);
     assert_eq!(loaded, rules_declared, "the compose Prometheus loaded {loaded} rules");
+
+    // A storenode container is replaced by a new one on another address (as a Kubernetes
+    // pod is): writes go on without it, and the new container, on the same volume, rejoins
+    // under its name, catches up and can lead.
+    let ip_of = |service: &str| {
+        let o = run(compose.cmd().args(["ps", "-q", service]));
+        let id = String::from_utf8_lossy(&o.stdout).trim().to_string();
+        let o = run(Command::new("docker").args([
+            "inspect",
+            "-f",
+            "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+            &id,
+        ]));
+        String::from_utf8_lossy(&o.stdout).trim().to_string()
+    };
+    let old_ip = ip_of("storenode-1");
+    let o = run(compose.cmd().args(["rm", "-s", "-f", "storenode-1"]));
+    assert!(o.status.success(), "docker-compose rm storenode-1: {}", text(&o));
+    // Another container takes the freed address.
+    let o = run(Command::new("docker")
+        .args(["run", "-d", "--rm", "--name", IP_TAKER, "--network", &network])
+        .arg(format!("skv-etcd:{TAG}"))
+        .args(["--data-dir", "/tmp/etcd"]));
+    assert!(o.status.success(), "docker run {IP_TAKER}: {}", text(&o));
+    poll("a write with storenode-1 gone", Duration::from_secs(30), || {
+        let o = skvctl(
+            &[("SKV_ENDPOINT", &ep1), ("SKV_TOKEN", &tok)],
+            &["put", "while-away", "ok"],
+        );
+        o.status.success().then_some(()).ok_or_else(|| text(&o))
+    });
+    let o = run(compose.cmd().args(["up", "-d", "storenode-1"]));
+    assert!(o.status.success(), "docker-compose up storenode-1: {}", text(&o));
+    let new_ip = ip_of("storenode-1");
+    assert_ne!(old_ip, new_ip, "storenode-1 came back on its old address");
+    let store_id = poll("storenode-1 up again", Duration::from_secs(30), || {
+        let o = skvctl(&[("SKV_PLACEMENT", &pd)], &["--output", "json", "stores"]);
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).map_err(|e| format!("{e}: {}", text(&o)))?;
+        let stores = v.as_array().cloned().unwrap_or_default();
+        let up = stores.iter().filter(|s| s["state"] == "up").count();
+        let id = stores
+            .iter()
+            .find(|s| s["address"] == "storenode-1:7100")
+            .and_then(|s| s["id"].as_u64());
+        match id {
+            Some(id) if up == 3 && stores.len() == 3 => Ok(id),
+            _ => Err(text(&o)),
+        }
+    });
+    let o = skvctl(&[("SKV_PLACEMENT", &pd)], &["--output", "json", "ranges"]);
+    let ranges: serde_json::Value =
+        serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("ranges: {e}: {}", text(&o)));
+    for r in ranges.as_array().cloned().unwrap_or_default() {
+        let id = r["id"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("range without id: {r}"))
+            .to_string();
+        poll(
+            &format!("range {id} led by the new storenode-1"),
+            Duration::from_secs(30),
+            || {
+                let o = skvctl(
+                    &[("SKV_PLACEMENT", &pd)],
+                    &["transfer-leader", &id, "--to", &store_id.to_string()],
+                );
+                o.status.success().then_some(()).ok_or_else(|| text(&o))
+            },
+        );
+    }
+    for (k, v) in [("hello", "compose"), ("while-away", "ok")] {
+        let o = poll(&format!("get {k} after the move"), Duration::from_secs(20), || {
+            let o = skvctl(&[("SKV_ENDPOINT", &ep2), ("SKV_TOKEN", &tok)], &["get", k]);
+            o.status.success().then_some(o).ok_or_else(|| "get failed".to_string())
+        });
+        assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), v, "{}", text(&o));
+    }
     eprintln!("compose test done in {:?}", started.elapsed());
 }
