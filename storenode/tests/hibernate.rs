@@ -7,6 +7,7 @@ mod common;
 use common::*;
 use skv_proto::internal::*;
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -134,6 +135,28 @@ async fn get_on(c: &Cluster, node: u64, d: &RangeDescriptor, key: &[u8], stale_o
     }
 }
 
+/// A put on one node, no retries: Ok(version) or the routing error / status text.
+async fn put_on(c: &Cluster, node: u64, d: &RangeDescriptor, key: &[u8], value: &[u8]) -> Result<u64, String> {
+    let mut cl = c.client(node).await;
+    let req = StoreWriteRequest {
+        header: Some(header(d)),
+        key: key.to_vec(),
+        op: Some(store_write_request::Op::Put(value.to_vec())),
+        condition: None,
+    };
+    match tokio::time::timeout(Duration::from_secs(12), cl.write(req)).await {
+        Err(_) => Err("timed out".into()),
+        Ok(Err(s)) => Err(format!("status {s}")),
+        Ok(Ok(r)) => {
+            let r = r.into_inner();
+            match r.routing_error {
+                Some(e) => Err(format!("routing error {}", e.message)),
+                None => Ok(r.version),
+            }
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn many_ranges_sleep_and_traffic_wakes_only_its_range() {
     const RANGES: u64 = 50;
@@ -144,10 +167,14 @@ async fn many_ranges_sleep_and_traffic_wakes_only_its_range() {
     wait_all_asleep(&c, 3 * RANGES, Duration::from_secs(60)).await;
 
     // A write wakes its range only (the leader by the request, the two followers by the
-    // entry), and the range falls asleep again.
+    // entry), and the range falls asleep again. The sleeping leader's lease has expired: the
+    // write must still succeed at the first attempt (no NotLeader naming itself).
     let key = b"r/017/x";
     let before = wakes(&c).await;
-    c.put(key, b"v1").await;
+    let (leader, d) = c.route(key, Duration::from_secs(5)).await;
+    let t = Instant::now();
+    assert_eq!(put_on(&c, leader, &d, key, b"v1").await, Ok(1));
+    eprintln!("first write on a sleeping leader took {:?}", t.elapsed());
     let mut min = u64::MAX;
     let until = Instant::now() + Duration::from_millis(1500);
     while Instant::now() < until {
@@ -339,4 +366,173 @@ async fn awake_idle_ranges_exceed_the_bound() {
         cores > IDLE_CPU_BOUND,
         "{IDLE_RANGES} awake ranges used only {cores:.3} cores (bound {IDLE_CPU_BOUND})"
     );
+}
+
+/// A placement that answers store heartbeats with the store states a test sets (and
+/// nothing else): enough to drive the storenode's store events.
+#[derive(Clone, Default)]
+struct StatesPlacement(Arc<parking_lot::Mutex<BTreeMap<u64, bool>>>);
+
+type R<T> = Result<tonic::Response<T>, tonic::Status>;
+
+#[tonic::async_trait]
+impl skv_proto::internal::placement_server::Placement for StatesPlacement {
+    async fn register_store(&self, r: tonic::Request<RegisterStoreRequest>) -> R<RegisterStoreResponse> {
+        Ok(tonic::Response::new(RegisterStoreResponse {
+            store_id: r.into_inner().store_id,
+            cluster_id: "c".into(),
+        }))
+    }
+    async fn store_heartbeat(&self, _: tonic::Request<StoreHeartbeatRequest>) -> R<StoreHeartbeatResponse> {
+        let stores = self
+            .0
+            .lock()
+            .iter()
+            .map(|(id, down)| StoreInfo {
+                store_id: *id,
+                state: if *down { StoreState::Down } else { StoreState::Up } as i32,
+                ..Default::default()
+            })
+            .collect();
+        Ok(tonic::Response::new(StoreHeartbeatResponse {
+            stores,
+            stale: Vec::new(),
+        }))
+    }
+    async fn range_heartbeat(&self, _: tonic::Request<RangeHeartbeatRequest>) -> R<RangeHeartbeatResponse> {
+        Ok(tonic::Response::new(RangeHeartbeatResponse {}))
+    }
+    async fn report_split(&self, _: tonic::Request<ReportSplitRequest>) -> R<ReportSplitResponse> {
+        Ok(tonic::Response::new(ReportSplitResponse {}))
+    }
+    async fn report_merge(&self, _: tonic::Request<ReportMergeRequest>) -> R<ReportMergeResponse> {
+        Ok(tonic::Response::new(ReportMergeResponse {}))
+    }
+    async fn get_range(&self, _: tonic::Request<GetRangeRequest>) -> R<GetRangeResponse> {
+        Err(tonic::Status::unimplemented(""))
+    }
+    async fn scan_ranges(&self, _: tonic::Request<ScanRangesRequest>) -> R<ScanRangesResponse> {
+        Err(tonic::Status::unimplemented(""))
+    }
+    type WatchRangesStream = futures::stream::Empty<Result<WatchRangesResponse, tonic::Status>>;
+    async fn watch_ranges(&self, _: tonic::Request<WatchRangesRequest>) -> R<Self::WatchRangesStream> {
+        Err(tonic::Status::unimplemented(""))
+    }
+    async fn get_stores(&self, _: tonic::Request<GetStoresRequest>) -> R<GetStoresResponse> {
+        Err(tonic::Status::unimplemented(""))
+    }
+    async fn alloc_ids(&self, _: tonic::Request<AllocIdsRequest>) -> R<AllocIdsResponse> {
+        Err(tonic::Status::unimplemented(""))
+    }
+    async fn get_members(&self, _: tonic::Request<GetMembersRequest>) -> R<GetMembersResponse> {
+        Err(tonic::Status::unimplemented(""))
+    }
+    async fn split_range(&self, _: tonic::Request<AdminSplitRequest>) -> R<AdminSplitResponse> {
+        Err(tonic::Status::unimplemented(""))
+    }
+    async fn transfer_leader(&self, _: tonic::Request<AdminTransferLeaderRequest>) -> R<AdminTransferLeaderResponse> {
+        Err(tonic::Status::unimplemented(""))
+    }
+    async fn merge_ranges(&self, _: tonic::Request<AdminMergeRequest>) -> R<AdminMergeResponse> {
+        Err(tonic::Status::unimplemented(""))
+    }
+    async fn move_replica(&self, _: tonic::Request<AdminMoveReplicaRequest>) -> R<AdminMoveReplicaResponse> {
+        Err(tonic::Status::unimplemented(""))
+    }
+    async fn drain_store(&self, _: tonic::Request<AdminDrainStoreRequest>) -> R<AdminDrainStoreResponse> {
+        Err(tonic::Status::unimplemented(""))
+    }
+    async fn set_scheduler_paused(
+        &self,
+        _: tonic::Request<SetSchedulerPausedRequest>,
+    ) -> R<SetSchedulerPausedResponse> {
+        Err(tonic::Status::unimplemented(""))
+    }
+}
+
+/// Without any traffic, a sleeping range whose leader died keeps sleeping until placement
+/// reports that store DOWN; then only the ranges it led elect a new leader, and the others
+/// keep their terms.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dead_sleeping_leader_is_replaced_once_placement_reports_it_down() {
+    const RANGES: u64 = 6;
+    let fake = StatesPlacement::default();
+    for id in 1..=3 {
+        fake.0.lock().insert(id, false);
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let paddr = listener.local_addr().expect("addr");
+    let svc = skv_proto::internal::placement_server::PlacementServer::new(fake.clone());
+    tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(svc)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+            .await
+    });
+    let mut c = Cluster::start_full(3, 10_000, Some(format!("http://{paddr}")), opts(Some(AFTER_MS))).await;
+    c.bootstrap().await;
+    c.leader_of(1, Duration::from_secs(10)).await;
+    make_ranges(&c, RANGES).await;
+    // Spread leadership so the dead store leads some ranges and follows others.
+    for r in [2u64, 4, 6] {
+        let (leader, d) = c.leader_of(r, Duration::from_secs(10)).await;
+        let to = if leader == 3 { 2 } else { 3 };
+        let mut lc = c.client(leader).await;
+        let _ = lc
+            .transfer_leader(TransferLeaderRequest {
+                header: Some(header(&d)),
+                to_store_id: to,
+            })
+            .await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    wait_all_asleep(&c, 3 * RANGES, Duration::from_secs(60)).await;
+    let before = leaders(&c).await;
+    let dead = 3u64;
+    let led_by_dead: Vec<u64> = before
+        .iter()
+        .filter(|(_, (l, _))| *l == dead)
+        .map(|(r, _)| *r)
+        .collect();
+    assert!(
+        !led_by_dead.is_empty() && led_by_dead.len() < RANGES as usize,
+        "{before:?}"
+    );
+
+    c.stop_node(dead).await;
+    // Nothing happens without traffic or news.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let quiet = leaders(&c).await;
+    for r in &led_by_dead {
+        assert!(!quiet.contains_key(r), "r{r} elected without a reason: {quiet:?}");
+    }
+    // Placement reports the store DOWN: the sleeping followers of the ranges it led wake
+    // and elect; the other ranges stay asleep with their terms.
+    let campaigns = metric_sum(&c, "skv_storenode_hibernate_campaigns_total").await;
+    fake.0.lock().insert(dead, true);
+    let t = Instant::now();
+    let deadline = t + Duration::from_secs(5);
+    loop {
+        let now = leaders(&c).await;
+        if led_by_dead.iter().all(|r| now.contains_key(r)) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no new leaders within 5 s of DOWN: {now:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!("{} ranges re-elected {:?} after DOWN", led_by_dead.len(), t.elapsed());
+    assert!(metric_sum(&c, "skv_storenode_hibernate_campaigns_total").await > campaigns);
+    let after = leaders(&c).await;
+    for (r, lt) in &before {
+        if !led_by_dead.contains(r) {
+            assert_eq!(after.get(r), Some(lt), "r{r} changed although its leader lives");
+        }
+    }
+    // Everything serves, and falls asleep again with the DOWN store left behind.
+    for i in 1..RANGES {
+        let key = format!("r/{i:03}/k");
+        c.put(key.as_bytes(), b"v").await;
+    }
+    wait_all_asleep(&c, 2 * RANGES, Duration::from_secs(30)).await;
+    c.shutdown().await;
 }

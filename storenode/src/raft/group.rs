@@ -193,6 +193,8 @@ struct HibCell {
     /// None: hibernation disabled, the timers are never touched.
     after: Option<Duration>,
     grace: Duration,
+    /// openraft's leader lease (`election_timeout_max`), in ms.
+    lease_ms: u64,
     state: parking_lot::Mutex<Hibernation>,
     /// Proposals, reads and admin calls in flight on this replica.
     inflight: std::sync::atomic::AtomicU64,
@@ -259,6 +261,7 @@ impl RaftGroup {
             hib: Arc::new(HibCell {
                 after: p.config.hibernate_after,
                 grace: p.config.election_timeout_max(),
+                lease_ms: p.config.inner.election_timeout_max,
                 state: parking_lot::Mutex::new(state),
                 inflight: std::sync::atomic::AtomicU64::new(0),
                 transport: p.transport,
@@ -366,6 +369,7 @@ impl RaftGroup {
         }
         let _inflight = Inflight::new(&self.hib.inflight);
         self.touch(WakeReason::Write);
+        self.ensure_lease(timeout).await;
         match tokio::time::timeout(timeout, self.raft.client_write(cmd)).await {
             Err(_) => Err(RaftOpError::OutcomeUnknown("proposal timed out".into())),
             Ok(Ok(resp)) => Ok(resp.data),
@@ -390,6 +394,7 @@ impl RaftGroup {
     ) -> Result<(), RaftOpError> {
         let _inflight = Inflight::new(&self.hib.inflight);
         self.touch(WakeReason::Admin);
+        self.ensure_lease(timeout).await;
         let work = async {
             let mut stamp = expected.0;
             let mut proposed = false;
@@ -573,6 +578,10 @@ impl RaftGroup {
     pub async fn transfer_leader(&self, to: StoreId) -> Result<(), RaftOpError> {
         let _inflight = Inflight::new(&self.hib.inflight);
         self.touch(WakeReason::Admin);
+        // A leader that is handing over stops heartbeating and proposing; if the handover
+        // fails, only the followers' election timers end that state. Sleeping followers have
+        // them off: wake them (they start waking, and elect after the grace if need be).
+        self.wake_followers();
         self.raft
             .trigger()
             .transfer_leader(to.0)
@@ -812,6 +821,41 @@ impl RaftGroup {
                 a.may_campaign |= !is_leader;
                 a.woke = Some(reason);
                 a
+            });
+        }
+    }
+
+    /// openraft refuses proposals from a leader whose quorum acknowledgement is older than
+    /// its lease (`ensure_writable_leader_handler`: ForwardToLeader, reason LeaseExpired),
+    /// which is the state of a leader that slept. So before proposing, a leader whose last
+    /// quorum ack is older than half the lease runs one ReadIndex round (a heartbeat a quorum
+    /// answers), which renews it. An awake leader (heartbeats every 100 ms) skips this.
+    async fn ensure_lease(&self, timeout: Duration) {
+        let stale = self
+            .status()
+            .quorum_acked
+            .is_none_or(|age| age >= Duration::from_millis(self.hib.lease_ms / 2));
+        if stale && self.is_leader() {
+            let _ = tokio::time::timeout(timeout, self.raft.ensure_linearizable(ReadPolicy::ReadIndex)).await;
+        }
+    }
+
+    /// Sends `WakeUp` to every other voter (fire and forget): a sleeping follower starts
+    /// waking, so its election timer runs again after the grace.
+    fn wake_followers(&self) {
+        if self.hib.after.is_none() {
+            return;
+        }
+        let (voters, _) = self.voters_and_learners();
+        let me = self.id.0;
+        let range = self.hib.shared.range_id;
+        for v in voters.into_iter().filter(|v| *v != me) {
+            let transport = self.hib.transport.clone();
+            tokio::spawn(async move {
+                let rpc = RaftRpc::WakeUp { from: me };
+                let _ = transport
+                    .send_control::<()>(StoreId(v), range, &rpc, CONTROL_TIMEOUT)
+                    .await;
             });
         }
     }

@@ -98,7 +98,8 @@ impl Cluster {
         Self::start_full(n, snapshot_logs, None, opts).await
     }
 
-    async fn start_full(n: u64, snapshot_logs: u64, placement: Option<String>, opts: ClusterOpts) -> Self {
+    /// [`Self::start`] with a placement URL (see [`Self::start_with_placement`]) and node options.
+    pub async fn start_full(n: u64, snapshot_logs: u64, placement: Option<String>, opts: ClusterOpts) -> Self {
         init_logs();
         let mut c = Cluster {
             n,
