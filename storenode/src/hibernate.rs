@@ -112,7 +112,14 @@ pub struct Actions {
     pub may_campaign: bool,
     /// Count a wake with this reason.
     pub woke: Option<WakeReason>,
+    /// Waking follower whose grace ended: ask the leader whether it still leads; answer with
+    /// [`Hibernation::probe_result`].
+    pub probe_leader: bool,
 }
+
+/// How many times a waking follower restarts its grace because its leader answered that it
+/// still leads, before it turns its election timer on anyway.
+pub const MAX_PROBES: u32 = 5;
 
 /// One replica's hibernation bookkeeping.
 #[derive(Clone, Debug)]
@@ -124,6 +131,9 @@ pub struct Hibernation {
     next_poll: Option<Instant>,
     /// The last request, proposal or read on this replica.
     last_activity: Instant,
+    /// Leader probes of the current waking (see [`Self::on_loop`]), and whether one is out.
+    probes: u32,
+    probing: bool,
 }
 
 impl Hibernation {
@@ -135,6 +145,8 @@ impl Hibernation {
             round: 0,
             next_poll: None,
             last_activity: now,
+            probes: 0,
+            probing: false,
         };
         let actions = if is_leader {
             Actions {
@@ -212,6 +224,7 @@ impl Hibernation {
             }
             (State::Hibernating { .. }, false) => {
                 self.state = State::Waking { since: now };
+                self.probes = 0;
                 // A follower woken by the leader itself needs no WakeUp back.
                 let send_wakeup = reason != WakeReason::PeerWakeup;
                 Actions {
@@ -264,6 +277,7 @@ impl Hibernation {
                     match self.state {
                         State::Hibernating { .. } => {
                             self.state = State::Waking { since: now };
+                            self.probes = 0;
                             // Its leader (asleep, lease expired) would grant any Pre-Vote: wake
                             // it, so a live leader reasserts itself. Never campaign from here.
                             Actions {
@@ -300,9 +314,25 @@ impl Hibernation {
     /// grace passed, whatever happened meanwhile; before that, it asks its leader again (a
     /// lost WakeUp must not end in an election: a sleeping leader's lease has expired, so it
     /// would grant the Pre-Vote).
+    ///
+    /// When the grace ends without contact, the follower first asks its leader whether it
+    /// still leads ([`Actions::probe_leader`]): a live leader whose heartbeat was merely late
+    /// (a loaded machine) must not be deposed by an election its expired lease cannot refuse.
+    /// Only a leader that does not answer, or says it no longer leads, or [`MAX_PROBES`] graces
+    /// in a row, turn the election timer on.
     pub fn on_loop(&mut self, now: Instant, grace: Duration) -> Actions {
         if let State::Waking { since } = self.state {
             if now.saturating_duration_since(since) >= grace {
+                if self.probing {
+                    return Actions::default();
+                }
+                if self.probes < MAX_PROBES {
+                    self.probing = true;
+                    return Actions {
+                        probe_leader: true,
+                        ..Actions::default()
+                    };
+                }
                 self.state = State::Awake;
                 return Actions {
                     timers: Some(Timers::AWAKE),
@@ -315,6 +345,25 @@ impl Hibernation {
             };
         }
         Actions::default()
+    }
+
+    /// The answer to a leader probe: the leader still leads (the grace restarts) or not (or
+    /// no answer: the election timer turns on).
+    pub fn probe_result(&mut self, still_leading: bool, now: Instant) -> Actions {
+        self.probing = false;
+        if !self.is_waking() {
+            return Actions::default();
+        }
+        if still_leading {
+            self.probes += 1;
+            self.state = State::Waking { since: now };
+            return Actions::default();
+        }
+        self.state = State::Awake;
+        Actions {
+            timers: Some(Timers::AWAKE),
+            ..Actions::default()
+        }
     }
 
     /// Restarts a waking replica's grace (once its node serves, so the leader's answer can
@@ -964,7 +1013,7 @@ mod tests {
         let resend = h.on_loop(now + Duration::from_millis(999), grace);
         assert!(resend.send_wakeup && !resend.may_campaign && resend.timers.is_none());
         h.rearm(now + Duration::from_millis(999));
-        assert!(h.on_loop(now + grace, grace).timers.is_none(), "the grace restarted");
+        assert!(!h.on_loop(now + grace, grace).probe_leader, "the grace restarted");
         assert_eq!(h.on_leader_contact().timers, Some(Timers::AWAKE));
         assert_eq!(h.state(), &State::Awake);
         assert_eq!(h.on_leader_contact(), Actions::default());
@@ -974,7 +1023,26 @@ mod tests {
         assert_eq!(a.timers, Some(Timers::WAKING));
         assert!(a.send_wakeup && a.may_campaign && !a.heartbeat_now);
         assert_eq!(h.wake(false, WakeReason::Request, now), Actions::default());
-        assert_eq!(h.on_loop(now + grace, grace).timers, Some(Timers::AWAKE));
+        // The grace ends: first the leader is asked; it still leads, so the grace restarts,
+        // up to MAX_PROBES times; a leader that does not answer turns the timer on.
+        let mut t = now + grace;
+        for _ in 0..MAX_PROBES {
+            let a = h.on_loop(t, grace);
+            assert!(a.probe_leader && a.timers.is_none());
+            assert_eq!(h.on_loop(t, grace), Actions::default(), "one probe at a time");
+            assert_eq!(h.probe_result(true, t), Actions::default());
+            assert!(h.is_waking());
+            t += grace;
+        }
+        assert_eq!(
+            h.on_loop(t, grace).timers,
+            Some(Timers::AWAKE),
+            "at most MAX_PROBES graces"
+        );
+        h.follower_sleeps();
+        h.wake(false, WakeReason::Request, now);
+        assert!(h.on_loop(now + grace, grace).probe_leader);
+        assert_eq!(h.probe_result(false, now + grace).timers, Some(Timers::AWAKE));
         // Woken by the leader's WakeUp: no WakeUp back.
         h.follower_sleeps();
         assert!(!h.wake(false, WakeReason::PeerWakeup, now).send_wakeup);

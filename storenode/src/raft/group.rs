@@ -707,7 +707,8 @@ impl RaftGroup {
             RaftRpc::Hibernate(req) => wire::<_, String>(Ok(self.on_hibernate(req))),
             RaftRpc::WakeUp { .. } => {
                 self.touch(WakeReason::PeerWakeup);
-                wire::<_, String>(Ok(()))
+                // The answer says whether this replica leads (a waking follower's probe).
+                wire::<_, String>(Ok(self.is_leader()))
             }
         }
     }
@@ -767,6 +768,13 @@ impl RaftGroup {
             let raft = self.raft.clone();
             tokio::spawn(async move {
                 let _ = raft.trigger().heartbeat().await;
+            });
+        }
+        if a.probe_leader {
+            let g = self.clone();
+            tokio::spawn(async move {
+                let leading = g.probe_leader().await;
+                g.transition(|h| h.probe_result(leading, Instant::now()));
             });
         }
         if a.send_wakeup {
@@ -854,7 +862,7 @@ impl RaftGroup {
             tokio::spawn(async move {
                 let rpc = RaftRpc::WakeUp { from: me };
                 let _ = transport
-                    .send_control::<()>(StoreId(v), range, &rpc, CONTROL_TIMEOUT)
+                    .send_control::<bool>(StoreId(v), range, &rpc, CONTROL_TIMEOUT)
                     .await;
             });
         }
@@ -1063,7 +1071,7 @@ impl RaftGroup {
             let r = self
                 .hib
                 .transport
-                .send_control::<()>(StoreId(t), range, &rpc, CONTROL_TIMEOUT)
+                .send_control::<bool>(StoreId(t), range, &rpc, CONTROL_TIMEOUT)
                 .await;
             (t, r.is_ok())
         });
@@ -1080,6 +1088,23 @@ impl RaftGroup {
             self.hib.metrics.hibernate_campaigns.inc();
             let _ = self.raft.trigger().elect(true).await;
         }
+    }
+
+    /// Whether the leader this follower knows answers a WakeUp saying it still leads.
+    async fn probe_leader(&self) -> bool {
+        let me = self.id.0;
+        let Some(leader) = self.leader_view().leader.map(|s| s.0).filter(|l| *l != me) else {
+            return false;
+        };
+        if self.hib.transport.down_stores().contains(&leader) {
+            return false;
+        }
+        let rpc = RaftRpc::WakeUp { from: me };
+        self.hib
+            .transport
+            .send_control::<bool>(StoreId(leader), self.hib.shared.range_id, &rpc, CONTROL_TIMEOUT)
+            .await
+            .unwrap_or(false)
     }
 
     /// What a handled Raft message means for hibernation.
