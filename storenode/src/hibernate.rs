@@ -108,7 +108,7 @@ pub struct Actions {
     /// Follower: send `WakeUp` to the leader (or to every voter when it is unknown).
     pub send_wakeup: bool,
     /// ... and if the leader is DOWN or unreachable, the lowest live voter campaigns at once
-    /// (a wake by a request, an admin call or a store event; never at start or on a resend).
+    /// (a wake by a request, an admin call or a store event; never at start).
     pub may_campaign: bool,
     /// Count a wake with this reason.
     pub woke: Option<WakeReason>,
@@ -311,9 +311,7 @@ impl Hibernation {
     }
 
     /// Periodic check (the node's hibernate loop): a waking replica becomes awake once the
-    /// grace passed, whatever happened meanwhile; before that, it asks its leader again (a
-    /// lost WakeUp must not end in an election: a sleeping leader's lease has expired, so it
-    /// would grant the Pre-Vote).
+    /// grace passed without contact.
     ///
     /// When the grace ends without contact, the follower first asks its leader whether it
     /// still leads ([`Actions::probe_leader`]): a live leader whose heartbeat was merely late
@@ -321,30 +319,24 @@ impl Hibernation {
     /// Only a leader that does not answer, or says it no longer leads, or [`MAX_PROBES`] graces
     /// in a row, turn the election timer on.
     pub fn on_loop(&mut self, now: Instant, grace: Duration) -> Actions {
-        if let State::Waking { since } = self.state {
-            if now.saturating_duration_since(since) >= grace {
-                if self.probing {
-                    return Actions::default();
-                }
-                if self.probes < MAX_PROBES {
-                    self.probing = true;
-                    return Actions {
-                        probe_leader: true,
-                        ..Actions::default()
-                    };
-                }
-                self.state = State::Awake;
-                return Actions {
-                    timers: Some(Timers::AWAKE),
-                    ..Actions::default()
-                };
-            }
+        let State::Waking { since } = self.state else {
+            return Actions::default();
+        };
+        if now.saturating_duration_since(since) < grace || self.probing {
+            return Actions::default();
+        }
+        if self.probes < MAX_PROBES {
+            self.probing = true;
             return Actions {
-                send_wakeup: true,
+                probe_leader: true,
                 ..Actions::default()
             };
         }
-        Actions::default()
+        self.state = State::Awake;
+        Actions {
+            timers: Some(Timers::AWAKE),
+            ..Actions::default()
+        }
     }
 
     /// The answer to a leader probe: the leader still leads (the grace restarts) or not (or
@@ -1010,8 +1002,7 @@ mod tests {
         assert_eq!(a.timers, Some(Timers::WAKING));
         assert!(a.send_wakeup && !a.may_campaign, "a restart never campaigns at once");
         assert_eq!(a.woke, Some(WakeReason::Start));
-        let resend = h.on_loop(now + Duration::from_millis(999), grace);
-        assert!(resend.send_wakeup && !resend.may_campaign && resend.timers.is_none());
+        assert_eq!(h.on_loop(now + Duration::from_millis(999), grace), Actions::default());
         h.rearm(now + Duration::from_millis(999));
         assert!(!h.on_loop(now + grace, grace).probe_leader, "the grace restarted");
         assert_eq!(h.on_leader_contact().timers, Some(Timers::AWAKE));
