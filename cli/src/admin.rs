@@ -61,13 +61,29 @@ async fn connect_admin(g: &Global) -> Result<PlacementAdminClient<Channel>> {
     Ok(PlacementAdminClient::new(channel))
 }
 
+/// `msg` with `authorization: Bearer <--token>` when a token is given: placement checks it on
+/// admin calls (role admin) and status calls (any valid token), ADR 0021.
+fn authed<T>(g: &Global, msg: T) -> Result<tonic::Request<T>> {
+    let mut r = tonic::Request::new(msg);
+    if let Some(t) = g.token.as_deref().map(str::trim).filter(|t| !t.is_empty()) {
+        let v = format!("Bearer {t}")
+            .parse()
+            .map_err(|_| anyhow!("--token (SKV_TOKEN) is not a valid header value"))?;
+        r.metadata_mut().insert("authorization", v);
+    }
+    Ok(r)
+}
+
 /// Range load by range id (empty if the leader has none or cannot be asked: the columns
 /// then show `-`).
 async fn range_stats(g: &Global) -> HashMap<u64, pb::RangeStats> {
     let Ok(mut c) = connect_admin(g).await else {
         return HashMap::new();
     };
-    match c.range_stats(pb::RangeStatsRequest {}).await {
+    let Ok(req) = authed(g, pb::RangeStatsRequest {}) else {
+        return HashMap::new();
+    };
+    match c.range_stats(req).await {
         Ok(r) => r.into_inner().stats.into_iter().map(|s| (s.range_id, s)).collect(),
         Err(_) => HashMap::new(),
     }
@@ -77,7 +93,10 @@ async fn store_status(g: &Global) -> HashMap<u64, pb::StoreStatus> {
     let Ok(mut c) = connect_admin(g).await else {
         return HashMap::new();
     };
-    match c.store_status(pb::StoreStatusRequest {}).await {
+    let Ok(req) = authed(g, pb::StoreStatusRequest {}) else {
+        return HashMap::new();
+    };
+    match c.store_status(req).await {
         Ok(r) => r.into_inner().stores.into_iter().map(|s| (s.store_id, s)).collect(),
         Err(_) => HashMap::new(),
     }
@@ -327,10 +346,13 @@ pub async fn split(g: &Global, range: u64, at: &str, ns: &str, raw: bool) -> Res
     let split_key = if raw { key } else { internal_key(ns, &key)? };
     let mut c = connect(g).await?;
     let resp = c
-        .split_range(pb::AdminSplitRequest {
-            range_id: range,
-            split_key: split_key.clone(),
-        })
+        .split_range(authed(
+            g,
+            pb::AdminSplitRequest {
+                range_id: range,
+                split_key: split_key.clone(),
+            },
+        )?)
         .await
         .map_err(status_err("split"))?
         .into_inner();
@@ -373,10 +395,13 @@ fn done(g: &Global, what: String) -> ExitCode {
 
 pub async fn transfer_leader(g: &Global, range: u64, to: u64) -> Result<ExitCode> {
     let mut c = connect(g).await?;
-    c.transfer_leader(pb::AdminTransferLeaderRequest {
-        range_id: range,
-        to_store_id: to,
-    })
+    c.transfer_leader(authed(
+        g,
+        pb::AdminTransferLeaderRequest {
+            range_id: range,
+            to_store_id: to,
+        },
+    )?)
     .await
     .map_err(status_err("transfer-leader"))?;
     Ok(done(g, format!("leadership of r{range} transferred to s{to}")))
@@ -385,10 +410,13 @@ pub async fn transfer_leader(g: &Global, range: u64, to: u64) -> Result<ExitCode
 pub async fn merge(g: &Global, left: u64, right: u64) -> Result<ExitCode> {
     let mut c = connect(g).await?;
     let resp = c
-        .merge_ranges(pb::AdminMergeRequest {
-            left_range_id: left,
-            right_range_id: right,
-        })
+        .merge_ranges(authed(
+            g,
+            pb::AdminMergeRequest {
+                left_range_id: left,
+                right_range_id: right,
+            },
+        )?)
         .await
         .map_err(status_err("merge"))?
         .into_inner();
@@ -408,7 +436,7 @@ pub async fn merge(g: &Global, left: u64, right: u64) -> Result<ExitCode> {
 pub async fn operators(g: &Global) -> Result<ExitCode> {
     let mut c = connect_admin(g).await?;
     let ops = c
-        .list_operators(pb::ListOperatorsRequest {})
+        .list_operators(authed(g, pb::ListOperatorsRequest {})?)
         .await
         .map_err(status_err("listing operators"))?
         .into_inner()
@@ -457,11 +485,14 @@ pub async fn operators(g: &Global) -> Result<ExitCode> {
 
 pub async fn move_replica(g: &Global, range: u64, from: u64, to: u64) -> Result<ExitCode> {
     let mut c = connect(g).await?;
-    c.move_replica(pb::AdminMoveReplicaRequest {
-        range_id: range,
-        from_store_id: from,
-        to_store_id: to,
-    })
+    c.move_replica(authed(
+        g,
+        pb::AdminMoveReplicaRequest {
+            range_id: range,
+            from_store_id: from,
+            to_store_id: to,
+        },
+    )?)
     .await
     .map_err(status_err("move"))?;
     Ok(done(
@@ -472,7 +503,7 @@ pub async fn move_replica(g: &Global, range: u64, from: u64, to: u64) -> Result<
 
 pub async fn drain(g: &Global, store: u64) -> Result<ExitCode> {
     let mut c = connect(g).await?;
-    c.drain_store(pb::AdminDrainStoreRequest { store_id: store })
+    c.drain_store(authed(g, pb::AdminDrainStoreRequest { store_id: store })?)
         .await
         .map_err(status_err("drain"))?;
     Ok(done(
@@ -484,7 +515,7 @@ pub async fn drain(g: &Global, store: u64) -> Result<ExitCode> {
 pub async fn scheduler(g: &Global, action: SchedulerAction) -> Result<ExitCode> {
     let mut c = connect(g).await?;
     let paused = action == SchedulerAction::Pause;
-    c.set_scheduler_paused(pb::SetSchedulerPausedRequest { paused })
+    c.set_scheduler_paused(authed(g, pb::SetSchedulerPausedRequest { paused })?)
         .await
         .map_err(status_err("scheduler"))?;
     Ok(done(

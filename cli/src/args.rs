@@ -29,7 +29,8 @@ pub struct Global {
         value_delimiter = ','
     )]
     pub endpoint: Vec<String>,
-    /// The JWT sent to the proxy (data commands).
+    /// The JWT sent to the proxy (data commands) and to placement (admin commands need role
+    /// admin; `ranges`, `stores` and `operators` read load and operators with any valid token).
     #[arg(long, global = true, env = "SKV_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
     /// Placement endpoint(s), comma-separated (admin commands).

@@ -1,5 +1,6 @@
 //! `skvctl playground`: placement (embedded store), N storenodes and a proxy
-//! in this process, on 127.0.0.1, with a development secret.
+//! in this process, on 127.0.0.1, with a development secret (the proxy and placement both
+//! check tokens with it, so the admin token printed works for data and admin commands).
 //!
 //! Port plan for `--port-base P`:
 //!
@@ -172,6 +173,9 @@ async fn start_all(dir: &Path, ports: &Ports, secret_file: &Path, extra: &ExtraA
             s(dir.join("placement")),
             "--metrics-listen".into(),
             addr(ports.placement_metrics),
+            // The proxy's secret: the playground's admin token also works on admin calls.
+            "--jwt-hs256-secret-file".into(),
+            s(secret_file),
         ]
         .into_iter()
         .chain(extra.placement.iter().cloned())

@@ -46,7 +46,7 @@ pub fn jwks(keys: &[(String, PathBuf)]) -> Result<String> {
 }
 
 #[cfg(test)]
-#[path = "../../proxy/tests/keys/mod.rs"]
+#[path = "../../auth/tests/keys/mod.rs"]
 mod test_keys;
 
 #[cfg(test)]

@@ -46,10 +46,13 @@ pub enum ErrorCode {
     InvalidArgument,
     Unimplemented,
     Internal,
+    Unauthenticated,
+    PermissionDenied,
+    AdminAuthOff,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 15] = [
+    pub const ALL: [ErrorCode; 18] = [
         ErrorCode::NotLeader,
         ErrorCode::LeaderUnavailable,
         ErrorCode::MetaUnavailable,
@@ -65,6 +68,9 @@ impl ErrorCode {
         ErrorCode::InvalidArgument,
         ErrorCode::Unimplemented,
         ErrorCode::Internal,
+        ErrorCode::Unauthenticated,
+        ErrorCode::PermissionDenied,
+        ErrorCode::AdminAuthOff,
     ];
 
     /// The stable string, e.g. `PD-NotLeader`.
@@ -85,6 +91,9 @@ impl ErrorCode {
             ErrorCode::InvalidArgument => "PD-InvalidArgument",
             ErrorCode::Unimplemented => "PD-Unimplemented",
             ErrorCode::Internal => "PD-Internal",
+            ErrorCode::Unauthenticated => "PD-Unauthenticated",
+            ErrorCode::PermissionDenied => "PD-PermissionDenied",
+            ErrorCode::AdminAuthOff => "PD-AdminAuthOff",
         }
     }
 
@@ -103,6 +112,9 @@ impl ErrorCode {
             ErrorCode::InvalidArgument => Code::InvalidArgument,
             ErrorCode::Unimplemented => Code::Unimplemented,
             ErrorCode::Internal => Code::Internal,
+            ErrorCode::Unauthenticated => Code::Unauthenticated,
+            ErrorCode::PermissionDenied => Code::PermissionDenied,
+            ErrorCode::AdminAuthOff => Code::FailedPrecondition,
         }
     }
 
@@ -175,6 +187,26 @@ pub enum PlacementError {
     /// A bug or corrupt metadata: retrying does not help.
     #[error("{reason}")]
     Internal { reason: String },
+    /// An admin or status call without a valid token (missing, malformed, expired, bad
+    /// signature, unknown kid, ...). Carries the reason only, never the token.
+    #[error(
+        "{0}; placement's admin and status calls need `authorization: Bearer <jwt>` (skvctl: --token or SKV_TOKEN)"
+    )]
+    Unauthenticated(skv_auth::AuthError),
+    /// A valid token whose role does not allow the call (`needed`).
+    #[error("a {role} token cannot call {call}: it needs role {needed}")]
+    PermissionDenied {
+        call: &'static str,
+        role: &'static str,
+        needed: &'static str,
+    },
+    /// This instance was started without a JWT key, so it can authorize no admin call.
+    #[error(
+        "{call} refused: this placement has no JWT key to check admin tokens with; start it with \
+         --jwt-hs256-secret-file, --jwt-public-key-file or --jwt-jwks-file (or, for development \
+         only, --admin-auth=none)"
+    )]
+    AdminAuthOff { call: &'static str },
 }
 
 pub type PlacementResult<T> = Result<T, PlacementError>;
@@ -207,6 +239,9 @@ impl PlacementError {
             PlacementError::InvalidArgument { .. } => ErrorCode::InvalidArgument,
             PlacementError::Unimplemented { .. } => ErrorCode::Unimplemented,
             PlacementError::Internal { .. } => ErrorCode::Internal,
+            PlacementError::Unauthenticated(_) => ErrorCode::Unauthenticated,
+            PlacementError::PermissionDenied { .. } => ErrorCode::PermissionDenied,
+            PlacementError::AdminAuthOff { .. } => ErrorCode::AdminAuthOff,
         }
     }
 
@@ -229,7 +264,10 @@ impl PlacementError {
             | PlacementError::NotAReplica { .. }
             | PlacementError::InvalidArgument { .. }
             | PlacementError::Unimplemented { .. }
-            | PlacementError::Internal { .. } => None,
+            | PlacementError::Internal { .. }
+            | PlacementError::Unauthenticated(_)
+            | PlacementError::PermissionDenied { .. }
+            | PlacementError::AdminAuthOff { .. } => None,
         }
     }
 
@@ -407,6 +445,31 @@ mod tests {
                 PlacementError::internal("undecodable record"),
                 "PD-Internal",
                 Code::Internal,
+                None,
+                None,
+            ),
+            (
+                PlacementError::Unauthenticated(skv_auth::AuthError::Missing),
+                "PD-Unauthenticated",
+                Code::Unauthenticated,
+                None,
+                None,
+            ),
+            (
+                PlacementError::PermissionDenied {
+                    call: "SplitRange",
+                    role: "write",
+                    needed: "admin",
+                },
+                "PD-PermissionDenied",
+                Code::PermissionDenied,
+                None,
+                None,
+            ),
+            (
+                PlacementError::AdminAuthOff { call: "SplitRange" },
+                "PD-AdminAuthOff",
+                Code::FailedPrecondition,
                 None,
                 None,
             ),

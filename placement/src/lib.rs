@@ -120,6 +120,24 @@ pub struct Config {
     /// Learners (snapshots) being added to one store at a time, at most.
     #[arg(long, env = "SKV_MAX_SNAPSHOTS_PER_STORE", default_value_t = 2)]
     pub max_snapshots_per_store: usize,
+    /// JWT keys that admin tokens are checked with (the proxy's flags, same meaning). With
+    /// none, admin and status calls are refused (`PD-AdminAuthOff`) unless `--admin-auth=none`.
+    #[command(flatten)]
+    pub jwt: skv_auth::JwtArgs,
+    /// `jwt`: admin calls need a token of role admin, status calls any valid token (ADR 0021).
+    /// `none`: no check at all, for development on a trusted machine only; refused together
+    /// with a JWT key flag.
+    #[arg(long, env = "SKV_ADMIN_AUTH", value_enum, default_value_t = AdminAuth::Jwt)]
+    pub admin_auth: AdminAuth,
+}
+
+/// How placement authorizes admin and status calls (`--admin-auth`).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AdminAuth {
+    /// A JWT checked with the `--jwt-*` key: role admin for changes, any role for status.
+    Jwt,
+    /// No check (development only).
+    None,
 }
 
 impl Config {
@@ -129,7 +147,8 @@ impl Config {
         self.split_qps_window_secs.saturating_mul(1000).max(1000)
     }
 
-    /// A config for tests: port 0 on 127.0.0.1, everything else default.
+    /// A config for tests: port 0 on 127.0.0.1, everything else default, except that admin
+    /// calls are not authorized (`--admin-auth=none`): tests of authorization set a key.
     pub fn for_test(data_dir: impl Into<PathBuf>, etcd: Vec<String>, prefix: &str) -> Self {
         Self {
             listen: "127.0.0.1:0".parse().expect("valid address"),
@@ -151,6 +170,8 @@ impl Config {
             merge_cooldown_secs: 600,
             repair_after_secs: 300,
             max_snapshots_per_store: 2,
+            jwt: skv_auth::JwtArgs::default(),
+            admin_auth: AdminAuth::None,
         }
     }
 }
@@ -251,5 +272,23 @@ mod tests {
         let d = Config::try_parse_from(["skv-placement"]).unwrap();
         assert!(d.etcd.is_empty());
         assert_eq!(d.listen, "127.0.0.1:7000".parse().unwrap());
+        assert_eq!(d.admin_auth, AdminAuth::Jwt);
+        assert_eq!(d.jwt.key_source().unwrap(), None);
+        let j = Config::try_parse_from(["skv-placement", "--jwt-jwks-file", "/k.json", "--admin-auth", "jwt"]).unwrap();
+        assert_eq!(
+            j.jwt.key_source().unwrap(),
+            Some(skv_auth::KeySource::Jwks("/k.json".into()))
+        );
+        assert!(
+            Config::try_parse_from([
+                "skv-placement",
+                "--jwt-jwks-file",
+                "/k",
+                "--jwt-hs256-secret-file",
+                "/s"
+            ])
+            .is_err()
+        );
+        assert!(Config::try_parse_from(["skv-placement", "--admin-auth", "maybe"]).is_err());
     }
 }

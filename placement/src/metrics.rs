@@ -26,6 +26,8 @@ pub struct Metrics {
     pub meta_errors: Counter,
     pub forwarded: Counter,
     pub stale_updates: Counter,
+    /// Admin and status calls refused by authorization, by call and reason (ADR 0021).
+    pub auth_refusals: Family<Labels, Counter>,
 }
 
 impl Metrics {
@@ -80,6 +82,11 @@ impl Metrics {
             "stale_updates",
             "Range updates refused as stale",
             m.stale_updates.clone(),
+        );
+        r.register(
+            "auth_refusals",
+            "Admin and status calls refused by authorization, by call and reason",
+            m.auth_refusals.clone(),
         );
         (m, r)
     }

@@ -13,7 +13,8 @@
 //! make one storenode call per range (atomic within the range, not across ranges).
 //! What is retried is decided in [`retry`], purely.
 
-pub mod auth;
+/// JWT verification lives in `skv-auth` (shared with placement); re-exported under its old path.
+pub use skv_auth as auth;
 pub mod metrics;
 pub mod namespace;
 pub mod quota;
@@ -55,25 +56,9 @@ pub struct Config {
     /// Placement URLs, comma separated (http://host:port,...).
     #[arg(long, env = "SKV_PLACEMENT", value_delimiter = ',', required = true)]
     pub placement: Vec<String>,
-    /// File holding the HS256 shared secret, at least 32 bytes (trailing whitespace is ignored).
-    #[arg(long, env = "SKV_JWT_HS256_SECRET_FILE")]
-    pub jwt_hs256_secret_file: Option<PathBuf>,
-    /// PEM public key (RSA of 2048+ bits: RS256; P-256: ES256), reloaded when it changes.
-    #[arg(long, env = "SKV_JWT_PUBLIC_KEY_FILE")]
-    pub jwt_public_key_file: Option<PathBuf>,
-    /// JWKS file (RS256 and ES256 keys, chosen by the token's `kid`), reloaded when it
-    /// changes: list the old and the new key during a rotation.
-    #[arg(long, env = "SKV_JWT_JWKS_FILE")]
-    pub jwt_jwks_file: Option<PathBuf>,
-    /// How often the JWT key file is checked for changes, in milliseconds (0 = never).
-    #[arg(long, env = "SKV_JWT_KEY_RELOAD_MS", default_value_t = 1000)]
-    pub jwt_key_reload_ms: u64,
-    /// Accepted `iss` claim.
-    #[arg(long, env = "SKV_JWT_ISSUER", default_value = auth::DEFAULT_ISSUER)]
-    pub jwt_issuer: String,
-    /// Accepted `aud` claim.
-    #[arg(long, env = "SKV_JWT_AUDIENCE", default_value = auth::DEFAULT_AUDIENCE)]
-    pub jwt_audience: String,
+    /// JWT keys (exactly one source), reload interval, issuer and audience.
+    #[command(flatten)]
+    pub jwt: auth::JwtArgs,
     /// Serve /metrics, /healthz and /readyz on this address.
     #[arg(long, env = "SKV_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
@@ -112,12 +97,7 @@ impl Config {
         Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             placement,
-            jwt_hs256_secret_file: Some(jwt_hs256_secret_file),
-            jwt_public_key_file: None,
-            jwt_jwks_file: None,
-            jwt_key_reload_ms: 1000,
-            jwt_issuer: auth::DEFAULT_ISSUER.to_string(),
-            jwt_audience: auth::DEFAULT_AUDIENCE.to_string(),
+            jwt: auth::JwtArgs::hs256(jwt_hs256_secret_file),
             metrics_listen: None,
             max_value_len: skv_common::limits::DEFAULT_MAX_VALUE_LEN,
             max_message_len: skv_common::limits::DEFAULT_MAX_MESSAGE_LEN,
@@ -134,14 +114,8 @@ impl Config {
 impl Config {
     /// The one key source the flags name.
     pub fn key_source(&self) -> anyhow::Result<auth::KeySource> {
-        match (
-            &self.jwt_hs256_secret_file,
-            &self.jwt_public_key_file,
-            &self.jwt_jwks_file,
-        ) {
-            (Some(p), None, None) => Ok(auth::KeySource::Hs256Secret(p.clone())),
-            (None, Some(p), None) => Ok(auth::KeySource::PublicKey(p.clone())),
-            (None, None, Some(p)) => Ok(auth::KeySource::Jwks(p.clone())),
+        match self.jwt.key_source() {
+            Ok(Some(source)) => Ok(source),
             _ => anyhow::bail!(
                 "exactly one of --jwt-hs256-secret-file, --jwt-public-key-file or --jwt-jwks-file is required"
             ),
@@ -173,8 +147,22 @@ fn public_descriptor_set() -> anyhow::Result<prost_types::FileDescriptorSet> {
 /// map from placement (best effort, it keeps following the watch), and serves until
 /// the returned handle is shut down.
 pub async fn start(config: Config) -> anyhow::Result<ServiceHandle> {
-    let (verifier, reloader) = auth::Verifier::load(config.key_source()?, &config.jwt_issuer, &config.jwt_audience)?;
-    let verifier = Arc::new(verifier);
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = metrics::Metrics::new(&mut registry);
+    let cancel = CancellationToken::new();
+    let verifier = {
+        let metrics = metrics.clone();
+        config
+            .jwt
+            .load(config.key_source()?, cancel.child_token(), move |r, v| match r {
+                auth::Reload::Loaded => {
+                    metrics.jwt_key_reload("loaded");
+                    metrics.jwt_keys.set(v.key_ids().len() as i64);
+                }
+                auth::Reload::Refused => metrics.jwt_key_reload("refused"),
+                auth::Reload::Unchanged => {}
+            })?
+    };
     let public = public_descriptor_set()?;
     let reflection = || {
         tonic_reflection::server::Builder::configure()
@@ -198,20 +186,9 @@ pub async fn start(config: Config) -> anyhow::Result<ServiceHandle> {
     }
     anyhow::ensure!(config.request_timeout_ms > 0, "--request-timeout-ms must be positive");
 
-    let mut registry = prometheus_client::registry::Registry::default();
-    let metrics = metrics::Metrics::new(&mut registry);
     metrics.jwt_keys.set(verifier.key_ids().len() as i64);
     let placement = skv_rpc::PlacementMembers::new(&config.placement)?;
     let router = Arc::new(router::Router::new(placement, metrics.clone()));
-    let cancel = CancellationToken::new();
-    if config.jwt_key_reload_ms > 0 {
-        tokio::spawn(reloader.run(
-            verifier.clone(),
-            Duration::from_millis(config.jwt_key_reload_ms),
-            cancel.child_token(),
-            metrics.clone(),
-        ));
-    }
     let quotas = quota::Quotas::new(config.tenant_limits(), config.tenants.clone(), metrics.clone());
 
     let listener = tokio::net::TcpListener::bind(config.listen)

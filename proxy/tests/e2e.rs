@@ -968,12 +968,12 @@ async fn bad_key_sources_fail_clearly() {
     let pem = dir.path().join("k.pem");
     std::fs::write(&pem, "x").unwrap();
     let mut config = skv_proxy::Config::new(vec!["http://127.0.0.1:1".into()], pem.clone());
-    config.jwt_hs256_secret_file = None;
-    config.jwt_public_key_file = Some(pem.clone());
+    config.jwt.jwt_hs256_secret_file = None;
+    config.jwt.jwt_public_key_file = Some(pem.clone());
     let e = skv_proxy::start(config.clone()).await.err().unwrap();
     assert!(e.to_string().contains("not an RSA or P-256 EC public key"), "{e}");
-    config.jwt_public_key_file = None;
-    config.jwt_jwks_file = Some(pem);
+    config.jwt.jwt_public_key_file = None;
+    config.jwt.jwt_jwks_file = Some(pem);
     let e = skv_proxy::start(config).await.err().unwrap();
     assert!(e.to_string().contains("not a JWKS"), "{e}");
 

@@ -7,6 +7,7 @@
 //! so the latencies printed are the proxy's own, not a storenode's.
 
 mod fake;
+#[path = "../../auth/tests/keys/mod.rs"]
 mod keys;
 
 use fake::{Options, req};
@@ -75,8 +76,8 @@ async fn rs256_and_es256_tokens_accepted() {
         let public = dir.path().join("public.pem");
         std::fs::write(&public, &pair.public_pem).unwrap();
         let cl = fake::start_with(Options::default(), |c| {
-            c.jwt_hs256_secret_file = None;
-            c.jwt_public_key_file = Some(public.clone());
+            c.jwt.jwt_hs256_secret_file = None;
+            c.jwt.jwt_public_key_file = Some(public.clone());
         })
         .await;
         let mut c = cl.client().await;
@@ -99,8 +100,8 @@ async fn alg_confusion_refused() {
     let public = dir.path().join("public.pem");
     std::fs::write(&public, &pair.public_pem).unwrap();
     let cl = fake::start_with(Options::default(), |c| {
-        c.jwt_hs256_secret_file = None;
-        c.jwt_public_key_file = Some(public.clone());
+        c.jwt.jwt_hs256_secret_file = None;
+        c.jwt.jwt_public_key_file = Some(public.clone());
     })
     .await;
     let mut c = cl.client().await;
@@ -133,9 +134,9 @@ async fn jwks_rotation_without_downtime() {
     let new = signer(&keys::ec().private_pem);
     replace_file(&file, &jwks(&[(&old, "2026-11")]));
     let cl = fake::start_with(Options::default(), |c| {
-        c.jwt_hs256_secret_file = None;
-        c.jwt_jwks_file = Some(file.clone());
-        c.jwt_key_reload_ms = 200;
+        c.jwt.jwt_hs256_secret_file = None;
+        c.jwt.jwt_jwks_file = Some(file.clone());
+        c.jwt.jwt_key_reload_ms = 200;
     })
     .await;
     let old_token = mint(&old, Some("2026-11"), &claims("acme")).unwrap();

@@ -123,6 +123,9 @@ impl Cluster {
             "300".into(),
             "--schedule-interval-ms".into(),
             "200".into(),
+            // Admin calls need an admin token of the test secret (cluster::admin).
+            "--jwt-hs256-secret-file".into(),
+            s(&self.secret_file),
         ];
         if let Some(e) = &self.etcd {
             args.push("--etcd".into());
@@ -361,6 +364,8 @@ impl ProcCluster {
             .arg("300")
             .arg("--schedule-interval-ms")
             .arg("200")
+            .arg("--jwt-hs256-secret-file")
+            .arg(self.dir.path().join("secret"))
             .stdout(Stdio::null())
             .stderr(self.log("placement"));
         if let Some(e) = &self.etcd {
@@ -428,6 +433,11 @@ impl ProcCluster {
 }
 
 /// Wraps a message in a request carrying `authorization: Bearer <tok>` (or no token).
+/// `msg` with an admin token of the test secret: what placement's admin calls need (ADR 0021).
+pub fn admin<T>(msg: T) -> tonic::Request<T> {
+    with_token(msg, Some(&token("admin", "admin")))
+}
+
 pub fn with_token<T>(msg: T, tok: Option<&str>) -> tonic::Request<T> {
     let mut r = tonic::Request::new(msg);
     if let Some(t) = tok {

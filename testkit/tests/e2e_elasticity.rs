@@ -110,10 +110,10 @@ async fn split_at(pd: &Pd, ns: &[u8], keys: &[String]) {
                 }
                 let mut pd = pd.clone();
                 match pd
-                    .split_range(skv_proto::internal::AdminSplitRequest {
+                    .split_range(skv_testkit::cluster::admin(skv_proto::internal::AdminSplitRequest {
                         range_id: r.range_id,
                         split_key: key,
-                    })
+                    }))
                     .await
                 {
                     Ok(_) => Some(()),
@@ -283,7 +283,7 @@ async fn three_stores_grow_to_five_then_two_drain_and_stop() {
 
     let started = Instant::now();
     for id in new_ids {
-        pd.drain_store(AdminDrainStoreRequest { store_id: id })
+        pd.drain_store(skv_testkit::cluster::admin(AdminDrainStoreRequest { store_id: id }))
             .await
             .unwrap_or_else(|e| panic!("drain s{id}: {e}"));
     }

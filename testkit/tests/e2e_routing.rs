@@ -274,10 +274,10 @@ async fn split_during_scans_keeps_results_complete_and_ordered() {
             .map(|d| d.range_id)
             .expect("range for key");
         let r = pd
-            .split_range(AdminSplitRequest {
+            .split_range(skv_testkit::cluster::admin(AdminSplitRequest {
                 range_id,
                 split_key: split_key.clone(),
-            })
+            }))
             .await
             .unwrap()
             .into_inner();

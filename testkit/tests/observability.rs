@@ -553,6 +553,8 @@ impl Procs {
                     "300".into(),
                     "--schedule-interval-ms".into(),
                     "200".into(),
+                    "--jwt-hs256-secret-file".into(),
+                    s(&secret),
                 ],
             );
             p.placement_urls.push(format!("http://127.0.0.1:{port}"));
@@ -778,10 +780,10 @@ async fn drive_traffic(p: &Procs) {
     let mut split = Err(tonic::Status::unknown("not tried"));
     for _ in 0..5 {
         split = pd
-            .split_range(skv_proto::internal::AdminSplitRequest {
+            .split_range(skv_testkit::cluster::admin(skv_proto::internal::AdminSplitRequest {
                 range_id,
                 split_key: split_key.clone(),
-            })
+            }))
             .await;
         if split.is_ok() {
             break;
@@ -809,10 +811,12 @@ async fn drive_traffic(p: &Procs) {
             let d = r.descriptor.unwrap_or_default();
             if let Some(to) = d.replicas.iter().map(|x| x.store_id).find(|s| *s != r.leader_store_id) {
                 let _ = pd
-                    .transfer_leader(skv_proto::internal::AdminTransferLeaderRequest {
-                        range_id: d.range_id,
-                        to_store_id: to,
-                    })
+                    .transfer_leader(skv_testkit::cluster::admin(
+                        skv_proto::internal::AdminTransferLeaderRequest {
+                            range_id: d.range_id,
+                            to_store_id: to,
+                        },
+                    ))
                     .await;
             }
         }

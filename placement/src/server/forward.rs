@@ -53,6 +53,8 @@ where
             .filter(|a| *a != s.me.address);
         return Err(PlacementError::NotLeader { leader }.into());
     }
+    // The leader checks the caller's token again (auth.rs): it travels with the request.
+    let authorization = request.metadata().get("authorization").cloned();
     let inner = request.into_inner();
     let mut tried: Option<String> = None;
     let mut fresh = false;
@@ -71,6 +73,9 @@ where
         s.metrics.forwarded.inc();
         let mut fwd = Request::new(inner.clone());
         fwd.metadata_mut().insert(FORWARDED, MetadataValue::from_static("1"));
+        if let Some(a) = &authorization {
+            fwd.metadata_mut().insert("authorization", a.clone());
+        }
         match call(client, fwd).await {
             Err(st) if !fresh && leader_may_have_moved(&st) => {
                 tried = Some(address);

@@ -10,6 +10,8 @@
 //!   reads of `PlacementAdmin` (range stats, store status, operators);
 //! - `watch`: the WatchRanges stream;
 //! - `admin`: split, leader transfer, merge/move/drain, scheduler pause;
+//! - `auth`: which calls need which token (admin calls: role admin; status calls: any valid
+//!   token; internal calls: none), checked here before a call runs or is forwarded;
 //! - `operators`: operator execution (steps, progress, timeout, metrics);
 //! - `leader`: the leader loop, the scheduler tick and operator execution.
 //!
@@ -17,6 +19,7 @@
 //! where a request arrives or a call leaves.
 
 mod admin;
+mod auth;
 mod forward;
 mod heartbeat;
 mod leader;
@@ -35,6 +38,7 @@ use crate::meta::DynMetaStore;
 use crate::metrics::Metrics;
 use crate::model::effective;
 use crate::rangemap::Incoming;
+use skv_auth::Role;
 use skv_common::ids::{RangeId, StoreId};
 use skv_common::service::ServiceHandle;
 use skv_common::telemetry::{Readiness, serve_metrics};
@@ -120,10 +124,13 @@ struct Shared {
     ids: tokio::sync::Mutex<(u64, u64)>,
     channels: parking_lot::Mutex<HashMap<String, Channel>>,
     cancel: CancellationToken,
+    guard: auth::Guard,
 }
 
 /// Starts a placement instance on an already opened metadata store.
 pub async fn start_with_store(config: Config, store: DynMetaStore) -> anyhow::Result<ServiceHandle> {
+    let cancel = CancellationToken::new();
+    let guard = auth::Guard::from_config(&config, cancel.child_token())?;
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     let addr = listener.local_addr()?;
     if config.advertise.is_none() && addr.ip().is_unspecified() {
@@ -146,7 +153,6 @@ pub async fn start_with_store(config: Config, store: DynMetaStore) -> anyhow::Re
             Err(e) => return Err(anyhow::anyhow!("bootstrap failed: {e}")),
         }
     };
-    let cancel = CancellationToken::new();
     let ready = Readiness::default();
     let metrics_addr = match config.metrics_listen {
         Some(l) => Some(serve_metrics(l, Arc::new(registry), ready.clone(), cancel.clone()).await?),
@@ -169,6 +175,7 @@ pub async fn start_with_store(config: Config, store: DynMetaStore) -> anyhow::Re
         ids: tokio::sync::Mutex::new((0, 0)),
         channels: parking_lot::Mutex::new(HashMap::new()),
         cancel: cancel.clone(),
+        guard,
     });
     let election_task = tokio::spawn(election::run(
         store,
@@ -202,6 +209,13 @@ pub async fn start_with_store(config: Config, store: DynMetaStore) -> anyhow::Re
 }
 
 impl Shared {
+    /// Refuses `request` unless its token allows `needed` (ADR 0021; [`auth::Guard`]).
+    fn authorize<T>(&self, request: &Request<T>, call: &'static str, needed: Role) -> Result<(), Status> {
+        self.guard
+            .check(request.metadata(), call, needed, &self.metrics)
+            .map_err(Status::from)
+    }
+
     fn is_leader(&self) -> bool {
         self.state.borrow().is_leader
     }
@@ -342,6 +356,7 @@ impl Placement for PlacementService {
     }
 
     async fn split_range(&self, request: Request<AdminSplitRequest>) -> Result<Response<AdminSplitResponse>, Status> {
+        self.s.authorize(&request, "SplitRange", Role::Admin)?;
         on_leader!(self, request, split_range, admin::split_range)
     }
 
@@ -349,10 +364,12 @@ impl Placement for PlacementService {
         &self,
         request: Request<AdminTransferLeaderRequest>,
     ) -> Result<Response<AdminTransferLeaderResponse>, Status> {
+        self.s.authorize(&request, "TransferLeader", Role::Admin)?;
         on_leader!(self, request, transfer_leader, admin::transfer_leader)
     }
 
     async fn merge_ranges(&self, request: Request<AdminMergeRequest>) -> Result<Response<AdminMergeResponse>, Status> {
+        self.s.authorize(&request, "MergeRanges", Role::Admin)?;
         on_leader!(self, request, merge_ranges, admin::merge_ranges)
     }
 
@@ -360,6 +377,7 @@ impl Placement for PlacementService {
         &self,
         request: Request<AdminMoveReplicaRequest>,
     ) -> Result<Response<AdminMoveReplicaResponse>, Status> {
+        self.s.authorize(&request, "MoveReplica", Role::Admin)?;
         on_leader!(self, request, move_replica, admin::move_replica)
     }
 
@@ -367,6 +385,7 @@ impl Placement for PlacementService {
         &self,
         request: Request<AdminDrainStoreRequest>,
     ) -> Result<Response<AdminDrainStoreResponse>, Status> {
+        self.s.authorize(&request, "DrainStore", Role::Admin)?;
         on_leader!(self, request, drain_store, admin::drain_store)
     }
 
@@ -374,6 +393,7 @@ impl Placement for PlacementService {
         &self,
         request: Request<SetSchedulerPausedRequest>,
     ) -> Result<Response<SetSchedulerPausedResponse>, Status> {
+        self.s.authorize(&request, "SetSchedulerPaused", Role::Admin)?;
         on_leader!(self, request, set_scheduler_paused, admin::set_scheduler_paused)
     }
 }
@@ -387,6 +407,7 @@ pub struct PlacementAdminService {
 #[tonic::async_trait]
 impl PlacementAdmin for PlacementAdminService {
     async fn range_stats(&self, request: Request<RangeStatsRequest>) -> Result<Response<RangeStatsResponse>, Status> {
+        self.s.authorize(&request, "RangeStats", Role::Read)?;
         on_leader!(self, request, range_stats, query::range_stats, admin)
     }
 
@@ -394,6 +415,7 @@ impl PlacementAdmin for PlacementAdminService {
         &self,
         request: Request<StoreStatusRequest>,
     ) -> Result<Response<StoreStatusResponse>, Status> {
+        self.s.authorize(&request, "StoreStatus", Role::Read)?;
         on_leader!(self, request, store_status, query::store_status, admin)
     }
 
@@ -401,6 +423,7 @@ impl PlacementAdmin for PlacementAdminService {
         &self,
         request: Request<ListOperatorsRequest>,
     ) -> Result<Response<ListOperatorsResponse>, Status> {
+        self.s.authorize(&request, "ListOperators", Role::Read)?;
         on_leader!(self, request, list_operators, query::list_operators, admin)
     }
 }

@@ -1,5 +1,5 @@
 //! Test key pairs, generated with aws-lc-rs (already the crypto provider of
-//! jsonwebtoken here), as PEM. Shared by the proxy's unit and integration tests.
+//! jsonwebtoken here), as PEM. Shared by the tests of skv-auth, the proxy, skvctl and testkit.
 #![allow(dead_code)]
 
 use aws_lc_rs::encoding::{AsDer, Pkcs8V1Der, PublicKeyX509Der};

@@ -1,4 +1,7 @@
-//! JWT authentication and authorization, following RFC 8725 (JWT best current practices).
+//! skv-auth: JWT authentication and authorization, following RFC 8725 (JWT best current
+//! practices). One verifier for every server that takes tokens: the proxy (every `skv.v1`
+//! call) and placement (admin calls, ADR 0021). The key flags are [`JwtArgs`], flattened
+//! into each server's config, so both read keys the same way.
 //!
 //! - The accepted algorithms are an explicit allow-list chosen by the key material:
 //!   HS256 from a secret file (at least [`MIN_HS256_SECRET_LEN`] bytes), RS256 or ES256
@@ -9,7 +12,7 @@
 //!   small leeway ([`DEFAULT_LEEWAY_SECS`]).
 //! - A `crit` header is refused (we understand no extensions), and so is a token whose
 //!   header names its own key material (`jku`, `jwk`, `x5u`, `x5c`): keys come only from
-//!   the proxy's configuration.
+//!   the server's configuration.
 //! - Key files are re-read by [`KeyReloader`] (ADR 0019): a JWKS can list the old and the
 //!   new `kid` during a rotation, and a key that leaves the file is refused from the next
 //!   reload on (the verified-token cache is cleared on every key change). A file that does
@@ -327,7 +330,7 @@ fn check_jwk_strength(jwk: &Jwk) -> Result<(), String> {
     }
 }
 
-/// Where the proxy's verification keys come from (`--jwt-hs256-secret-file`,
+/// Where the verification keys come from (`--jwt-hs256-secret-file`,
 /// `--jwt-public-key-file` or `--jwt-jwks-file`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum KeySource {
@@ -375,7 +378,7 @@ impl KeySource {
 fn parse_public_pem(pem: &[u8]) -> Result<KeySet, String> {
     let text = std::str::from_utf8(pem).map_err(|_| "not a PEM text file".to_string())?;
     if text.contains("PRIVATE KEY") {
-        return Err("holds a private key; give the proxy the public key only".into());
+        return Err("holds a private key; give the server the public key only".into());
     }
     if let Ok(key) = DecodingKey::from_rsa_pem(pem) {
         let jwk = Jwk::from_decoding_key(&key, Some(Algorithm::RS256)).map_err(|e| format!("RSA key: {e}"))?;
@@ -880,14 +883,15 @@ impl KeyReloader {
         }
     }
 
-    /// Checks the file every `interval` until `cancel`, counting reloads in `metrics`
-    /// (`skv_proxy_jwt_key_reloads_total{result}`, `skv_proxy_jwt_keys`).
+    /// Checks the file every `interval` until `cancel`; `on_change` hears of every change
+    /// seen ([`Reload::Loaded`] or [`Reload::Refused`]), with the verifier (the proxy counts
+    /// them in `skv_proxy_jwt_key_reloads_total{result}` and `skv_proxy_jwt_keys`).
     pub async fn run(
         mut self,
         verifier: Arc<Verifier>,
         interval: std::time::Duration,
         cancel: tokio_util::sync::CancellationToken,
-        metrics: crate::metrics::Metrics,
+        mut on_change: impl FnMut(Reload, &Verifier) + Send,
     ) {
         loop {
             tokio::select! {
@@ -896,13 +900,103 @@ impl KeyReloader {
             }
             match self.check(&verifier).await {
                 Reload::Unchanged => {}
-                Reload::Loaded => {
-                    metrics.jwt_key_reload("loaded");
-                    metrics.jwt_keys.set(verifier.key_ids().len() as i64);
-                }
-                Reload::Refused => metrics.jwt_key_reload("refused"),
+                r => on_change(r, &verifier),
             }
         }
+    }
+}
+
+/// The JWT key flags of a server (flattened into the proxy's and placement's configs): at
+/// most one key source, the reload interval, the accepted issuer and audience.
+#[derive(clap::Args, Clone, Debug, PartialEq, Eq)]
+pub struct JwtArgs {
+    /// File holding the HS256 shared secret, at least 32 bytes (trailing whitespace is ignored).
+    #[arg(long, env = "SKV_JWT_HS256_SECRET_FILE", conflicts_with_all = ["jwt_public_key_file", "jwt_jwks_file"])]
+    pub jwt_hs256_secret_file: Option<PathBuf>,
+    /// PEM public key (RSA of 2048+ bits: RS256; P-256: ES256), reloaded when it changes.
+    #[arg(long, env = "SKV_JWT_PUBLIC_KEY_FILE", conflicts_with = "jwt_jwks_file")]
+    pub jwt_public_key_file: Option<PathBuf>,
+    /// JWKS file (RS256 and ES256 keys, chosen by the token's `kid`), reloaded when it
+    /// changes: list the old and the new key during a rotation.
+    #[arg(long, env = "SKV_JWT_JWKS_FILE")]
+    pub jwt_jwks_file: Option<PathBuf>,
+    /// How often the JWT key file is checked for changes, in milliseconds (0 = never).
+    #[arg(long, env = "SKV_JWT_KEY_RELOAD_MS", default_value_t = 1000)]
+    pub jwt_key_reload_ms: u64,
+    /// Accepted `iss` claim.
+    #[arg(long, env = "SKV_JWT_ISSUER", default_value = DEFAULT_ISSUER)]
+    pub jwt_issuer: String,
+    /// Accepted `aud` claim.
+    #[arg(long, env = "SKV_JWT_AUDIENCE", default_value = DEFAULT_AUDIENCE)]
+    pub jwt_audience: String,
+}
+
+/// More than one of `--jwt-hs256-secret-file`, `--jwt-public-key-file`, `--jwt-jwks-file`.
+#[derive(Debug, thiserror::Error)]
+#[error("give at most one of --jwt-hs256-secret-file, --jwt-public-key-file or --jwt-jwks-file")]
+pub struct TwoKeySources;
+
+/// No key, the flags' defaults otherwise.
+impl Default for JwtArgs {
+    fn default() -> Self {
+        JwtArgs {
+            jwt_hs256_secret_file: None,
+            jwt_public_key_file: None,
+            jwt_jwks_file: None,
+            jwt_key_reload_ms: 1000,
+            jwt_issuer: DEFAULT_ISSUER.to_string(),
+            jwt_audience: DEFAULT_AUDIENCE.to_string(),
+        }
+    }
+}
+
+impl JwtArgs {
+    /// HS256 with the secret in `secret_file`, default issuer and audience, 1 s reload.
+    pub fn hs256(secret_file: PathBuf) -> Self {
+        JwtArgs {
+            jwt_hs256_secret_file: Some(secret_file),
+            jwt_public_key_file: None,
+            jwt_jwks_file: None,
+            jwt_key_reload_ms: 1000,
+            jwt_issuer: DEFAULT_ISSUER.to_string(),
+            jwt_audience: DEFAULT_AUDIENCE.to_string(),
+        }
+    }
+
+    /// The key source the flags name, if any.
+    pub fn key_source(&self) -> Result<Option<KeySource>, TwoKeySources> {
+        match (
+            &self.jwt_hs256_secret_file,
+            &self.jwt_public_key_file,
+            &self.jwt_jwks_file,
+        ) {
+            (None, None, None) => Ok(None),
+            (Some(p), None, None) => Ok(Some(KeySource::Hs256Secret(p.clone()))),
+            (None, Some(p), None) => Ok(Some(KeySource::PublicKey(p.clone()))),
+            (None, None, Some(p)) => Ok(Some(KeySource::Jwks(p.clone()))),
+            _ => Err(TwoKeySources),
+        }
+    }
+
+    /// Loads the keys of `source` with these flags' issuer and audience, and starts the
+    /// task that reloads them (unless `--jwt-key-reload-ms 0`) until `cancel`.
+    pub fn load(
+        &self,
+        source: KeySource,
+        cancel: tokio_util::sync::CancellationToken,
+        on_change: impl FnMut(Reload, &Verifier) + Send + 'static,
+    ) -> Result<Arc<Verifier>, KeyError> {
+        let (verifier, reloader) = Verifier::load(source, &self.jwt_issuer, &self.jwt_audience)?;
+        let verifier = Arc::new(verifier);
+        if self.jwt_key_reload_ms > 0 {
+            tokio::spawn(reloader.run(
+                verifier.clone(),
+                std::time::Duration::from_millis(self.jwt_key_reload_ms),
+                cancel,
+                on_change,
+            ));
+        }
+        Ok(verifier)
     }
 }
 
