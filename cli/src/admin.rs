@@ -13,13 +13,23 @@ use std::collections::HashMap;
 use std::time::Duration;
 use tonic::transport::Channel;
 
-/// Connects to the first placement member that answers (skv-rpc's one placement client).
-pub async fn connect(g: &Global) -> Result<PlacementClient<Channel>> {
-    let options = EndpointOptions {
+/// How skvctl reaches placement: its deadline, and TLS when `--ca-file` is given.
+fn options(g: &Global) -> Result<EndpointOptions> {
+    let tls = match &g.ca_file {
+        Some(ca) => Some(skv_rpc::tls::ClientTls::load(ca, None).context("--ca-file")?),
+        None => None,
+    };
+    Ok(EndpointOptions {
         connect_timeout: Duration::from_secs(3),
         request_timeout: Some(g.timeout),
+        tls,
         ..EndpointOptions::default()
-    };
+    })
+}
+
+/// Connects to the first placement member that answers (skv-rpc's one placement client).
+pub async fn connect(g: &Global) -> Result<PlacementClient<Channel>> {
+    let options = options(g)?;
     let members = PlacementMembers::with_options(&g.placement, &options).map_err(|e| anyhow!("--placement: {e}"))?;
     let deadline = tokio::time::Instant::now() + g.timeout;
     members
@@ -41,11 +51,7 @@ pub async fn connect(g: &Global) -> Result<PlacementClient<Channel>> {
 /// A client of `PlacementAdmin` (what lives in the placement leader's memory: load,
 /// drained stores, operators) on the first placement member that answers.
 async fn connect_admin(g: &Global) -> Result<PlacementAdminClient<Channel>> {
-    let options = EndpointOptions {
-        connect_timeout: Duration::from_secs(3),
-        request_timeout: Some(g.timeout),
-        ..EndpointOptions::default()
-    };
+    let options = options(g)?;
     let members = PlacementMembers::with_options(&g.placement, &options).map_err(|e| anyhow!("--placement: {e}"))?;
     let deadline = tokio::time::Instant::now() + g.timeout;
     members

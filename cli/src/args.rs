@@ -48,6 +48,10 @@ pub struct Global {
     /// Keys and values on the command line and in the output are hex, not UTF-8.
     #[arg(long, global = true, env = "SKV_HEX")]
     pub hex: bool,
+    /// TLS: trust servers whose certificate chains to this CA (PEM). `host:port` endpoints
+    /// then mean `https://`; without it, `https://` endpoints are refused.
+    #[arg(long, global = true, env = "SKV_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for Global {
@@ -59,6 +63,7 @@ impl std::fmt::Debug for Global {
             .field("placement", &self.placement)
             .field("timeout", &self.timeout)
             .field("hex", &self.hex)
+            .field("ca_file", &self.ca_file)
             .finish()
     }
 }
@@ -173,8 +178,37 @@ pub enum Command {
         #[command(subcommand)]
         command: TokenCommand,
     },
+    /// Development certificates for TLS.
+    Certs {
+        #[command(subcommand)]
+        command: CertsCommand,
+    },
     /// Run a local cluster in this process: placement, storenodes and a proxy.
     Playground(PlaygroundArgs),
+}
+
+#[derive(Subcommand, Debug, Clone)]
+pub enum CertsCommand {
+    /// Make a development CA and one certificate per role (placement, storenode, proxy,
+    /// admin), each naming its role in a SAN URI spiffe://skv/role/<role>, in --dir:
+    /// ca.pem, ca-key.pem, <role>.pem, <role>-key.pem (keys mode 0600).
+    Create(CertsCreateArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct CertsCreateArgs {
+    /// Directory to write into (created if missing).
+    #[arg(long)]
+    pub dir: PathBuf,
+    /// Host names and IP addresses the servers are reached at, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "127.0.0.1,localhost")]
+    pub hosts: Vec<String>,
+    /// Validity of the certificates, in days.
+    #[arg(long, default_value_t = 365)]
+    pub days: u32,
+    /// Overwrite the files if the directory already holds a CA.
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]

@@ -11,12 +11,14 @@ use skv::{CasOutcome, Client, KeyRange};
 pub type ExitCode = i32;
 
 pub async fn client(g: &Global) -> Result<Client> {
-    Ok(Client::builder()
+    let mut b = Client::builder()
         .endpoints(g.endpoint.iter().cloned())
         .token(g.token.clone().unwrap_or_default())
-        .timeout(g.timeout)
-        .connect()
-        .await?)
+        .timeout(g.timeout);
+    if let Some(ca) = &g.ca_file {
+        b = b.ca_file(ca);
+    }
+    Ok(b.connect().await?)
 }
 
 pub async fn get(g: &Global, key: &str, stale_ok: bool) -> Result<ExitCode> {

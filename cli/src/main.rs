@@ -14,7 +14,7 @@ mod playground;
 #[cfg(feature = "servers")]
 mod token;
 
-use args::{Cli, Command, TokenCommand};
+use args::{CertsCommand, Cli, Command, TokenCommand};
 
 /// mimalloc instead of glibc malloc: ADR 0017 (allocation was ~20% of server CPU).
 #[global_allocator]
@@ -103,6 +103,23 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Token {
             command: TokenCommand::Jwks { keys },
         } => jwks(&keys),
+        Command::Certs {
+            command: CertsCommand::Create(a),
+        } => {
+            let written = skv_rpc::certs::create(&a.dir, &a.hosts, a.days, a.force)?;
+            match g.output {
+                args::Output::Table => {
+                    for p in &written {
+                        println!("{}", p.display());
+                    }
+                }
+                args::Output::Json => println!(
+                    "{}",
+                    serde_json::json!({ "files": written.iter().map(|p| p.display().to_string()).collect::<Vec<_>>() })
+                ),
+            }
+            Ok(0)
+        }
         Command::Playground(p) => playground(p).await,
     }
 }

@@ -89,6 +89,16 @@ pub struct Config {
     /// Log format.
     #[arg(long, env = "SKV_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// TLS on the client port: this certificate chain (PEM; with --client-tls-key-file).
+    #[arg(long, env = "SKV_CLIENT_TLS_CERT_FILE", requires = "client_tls_key_file")]
+    pub client_tls_cert_file: Option<PathBuf>,
+    /// The private key of --client-tls-cert-file (PEM).
+    #[arg(long, env = "SKV_CLIENT_TLS_KEY_FILE", requires = "client_tls_cert_file")]
+    pub client_tls_key_file: Option<PathBuf>,
+    /// Clients must also present a certificate chaining to this CA (PEM); without it any
+    /// client may connect (tokens still decide what it may do).
+    #[arg(long, env = "SKV_CLIENT_TLS_CA_FILE", requires = "client_tls_cert_file")]
+    pub client_tls_ca_file: Option<PathBuf>,
 }
 
 impl Config {
@@ -107,6 +117,9 @@ impl Config {
             tenant_max_concurrency: 1024,
             tenants: BTreeMap::new(),
             log_format: LogFormat::Text,
+            client_tls_cert_file: None,
+            client_tls_key_file: None,
+            client_tls_ca_file: None,
         }
     }
 }
@@ -119,6 +132,22 @@ impl Config {
             _ => anyhow::bail!(
                 "exactly one of --jwt-hs256-secret-file, --jwt-public-key-file or --jwt-jwks-file is required"
             ),
+        }
+    }
+
+    /// TLS of the client port, if its flags are given.
+    pub fn client_tls(&self) -> anyhow::Result<Option<skv_rpc::tls::ServerTls>> {
+        match (&self.client_tls_cert_file, &self.client_tls_key_file) {
+            (None, None) if self.client_tls_ca_file.is_some() => {
+                anyhow::bail!("--client-tls-ca-file needs --client-tls-cert-file and --client-tls-key-file")
+            }
+            (None, None) => Ok(None),
+            (Some(cert), Some(key)) => Ok(Some(skv_rpc::tls::ServerTls {
+                cert_file: cert.clone(),
+                key_file: key.clone(),
+                client_ca_file: self.client_tls_ca_file.clone(),
+            })),
+            _ => anyhow::bail!("--client-tls-cert-file and --client-tls-key-file go together"),
         }
     }
 
@@ -147,6 +176,9 @@ fn public_descriptor_set() -> anyhow::Result<prost_types::FileDescriptorSet> {
 /// map from placement (best effort, it keeps following the watch), and serves until
 /// the returned handle is shut down.
 pub async fn start(config: Config) -> anyhow::Result<ServiceHandle> {
+    let client_tls = config.client_tls()?;
+    // Read before anything starts: a bad file fails the start with its name.
+    let client_tls_config = client_tls.as_ref().map(|t| t.load()).transpose()?;
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = metrics::Metrics::new(&mut registry);
     let cancel = CancellationToken::new();
@@ -253,7 +285,11 @@ pub async fn start(config: Config) -> anyhow::Result<ServiceHandle> {
 
     let incoming = skv_rpc::incoming(listener);
     let shutdown = cancel.clone().cancelled_owned();
-    let server = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(t) = client_tls_config {
+        builder = builder.tls_config(t).context("TLS on the client port")?;
+    }
+    let server = builder
         // Notice dead clients (and release their tenant slots) on idle connections.
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
@@ -266,7 +302,7 @@ pub async fn start(config: Config) -> anyhow::Result<ServiceHandle> {
         server.await.context("proxy gRPC server")?;
         Ok(())
     });
-    tracing::info!(%addr, metrics = ?metrics_addr, "skv-proxy listening");
+    tracing::info!(%addr, metrics = ?metrics_addr, tls = client_tls.is_some(), client_certificates = client_tls.as_ref().is_some_and(|t| t.client_ca_file.is_some()), "skv-proxy listening");
     Ok(ServiceHandle::new(addr, metrics_addr, cancel, task))
 }
 

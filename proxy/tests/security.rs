@@ -523,3 +523,112 @@ async fn one_tenant_floods_the_other_keeps_its_latency() {
     );
     assert!(!m.contains("namespace=\"calm\",reason=\"rate\"} 1"), "{m}");
 }
+
+/// A channel to the proxy over TLS, trusting `ca` (and presenting `identity`, if any).
+async fn tls_client(
+    addr: std::net::SocketAddr,
+    ca: &Path,
+    identity: Option<(&Path, &Path)>,
+) -> Result<KvClient<Channel>, String> {
+    let tls = skv_rpc::tls::ClientTls::load(ca, identity).map_err(|e| e.to_string())?;
+    let options = skv_rpc::EndpointOptions {
+        tls: Some(tls),
+        ..Default::default()
+    };
+    let ch = skv_rpc::endpoint_with(&format!("https://{addr}"), &options)
+        .map_err(|e| e.to_string())?
+        .connect()
+        .await
+        .map_err(|e| format!("{e}: {:?}", std::error::Error::source(&e)))?;
+    Ok(KvClient::new(ch))
+}
+
+/// Issue 12, TLS at the proxy's client port (ADR 0022): a client that trusts the CA puts
+/// and gets over https; a plaintext client and one trusting another CA are refused at the
+/// handshake; with --client-tls-ca-file a client without a certificate is refused too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_port_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    let other = dir.path().join("other");
+    skv_rpc::certs::create(&certs, &["127.0.0.1".into()], 1, false).unwrap();
+    skv_rpc::certs::create(&other, &["127.0.0.1".into()], 1, false).unwrap();
+    let cl = fake::start_with(Options::default(), |c| {
+        c.client_tls_cert_file = Some(certs.join("proxy.pem"));
+        c.client_tls_key_file = Some(certs.join("proxy-key.pem"));
+    })
+    .await;
+    let token = fake::token("acme", Role::Write);
+    let mut c = tls_client(cl.proxy.addr, &certs.join("ca.pem"), None).await.unwrap();
+    assert_eq!(put(&mut c, &token, b"tls").await.unwrap(), 1);
+    let got = c
+        .get(req(
+            GetRequest {
+                key: b"tls".to_vec(),
+                ..Default::default()
+            },
+            &token,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.value, b"v");
+    println!("https with the CA: put and get ok");
+
+    // Plaintext to the TLS port.
+    let mut plain = cl.client().await;
+    let e = put(&mut plain, &token, b"x").await.unwrap_err();
+    println!("plaintext to the TLS port: {:?}: {}", e.code(), e.message());
+    // The TLS server answers the plaintext HTTP/2 preface with a TLS alert: no call goes through.
+    assert!(
+        matches!(e.code(), Code::Unavailable | Code::Internal | Code::Unknown),
+        "{e:?}"
+    );
+    // A client that trusts another CA does not accept the proxy's certificate.
+    let e = tls_client(cl.proxy.addr, &other.join("ca.pem"), None)
+        .await
+        .err()
+        .unwrap();
+    println!("https trusting another CA: {e}");
+    assert!(e.contains("InvalidCertificate"), "{e}");
+
+    // Client certificates required: none, or one from another CA, is refused.
+    let cl = fake::start_with(Options::default(), |c| {
+        c.client_tls_cert_file = Some(certs.join("proxy.pem"));
+        c.client_tls_key_file = Some(certs.join("proxy-key.pem"));
+        c.client_tls_ca_file = Some(certs.join("ca.pem"));
+    })
+    .await;
+    let refused = |r: Result<KvClient<Channel>, String>| async move {
+        match r {
+            Err(e) => e,
+            Ok(mut c) => put(&mut c, &fake::token("acme", Role::Write), b"x")
+                .await
+                .err()
+                .map(|e| format!("{:?}: {}", e.code(), e.message()))
+                .unwrap_or_else(|| "accepted".into()),
+        }
+    };
+    let e = refused(tls_client(cl.proxy.addr, &certs.join("ca.pem"), None).await).await;
+    println!("no client certificate: {e}");
+    assert_ne!(e, "accepted");
+    let e = refused(
+        tls_client(
+            cl.proxy.addr,
+            &certs.join("ca.pem"),
+            Some((&other.join("admin.pem"), &other.join("admin-key.pem"))),
+        )
+        .await,
+    )
+    .await;
+    println!("a client certificate of another CA: {e}");
+    assert_ne!(e, "accepted");
+    let mut c = tls_client(
+        cl.proxy.addr,
+        &certs.join("ca.pem"),
+        Some((&certs.join("admin.pem"), &certs.join("admin-key.pem"))),
+    )
+    .await
+    .unwrap();
+    assert!(put(&mut c, &token, b"mtls").await.is_ok());
+}

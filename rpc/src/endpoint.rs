@@ -1,4 +1,5 @@
 use crate::RpcError;
+use crate::tls::ClientTls;
 use std::time::Duration;
 use tonic::transport::{Channel, Endpoint};
 
@@ -11,6 +12,9 @@ pub struct EndpointOptions {
     pub keepalive_timeout: Duration,
     /// Deadline of every call on the channel, when the caller sets none of its own.
     pub request_timeout: Option<Duration>,
+    /// TLS to the server (and our certificate, for mTLS). With it, a bare `host:port` means
+    /// `https://host:port` and an `http://` URL is refused; without it, `https://` is refused.
+    pub tls: Option<ClientTls>,
 }
 
 impl Default for EndpointOptions {
@@ -20,15 +24,23 @@ impl Default for EndpointOptions {
             keepalive_interval: Duration::from_secs(10),
             keepalive_timeout: Duration::from_secs(5),
             request_timeout: None,
+            tls: None,
         }
     }
 }
 
 /// `host:port` → `http://host:port`; a URL is kept as it is.
 pub fn url(addr: &str) -> String {
+    url_with(addr, false)
+}
+
+/// `host:port` → `https://host:port` when `tls`, else `http://host:port`; a URL is kept.
+pub fn url_with(addr: &str, tls: bool) -> String {
     let addr = addr.trim();
     if addr.contains("://") {
         addr.to_string()
+    } else if tls {
+        format!("https://{addr}")
     } else {
         format!("http://{addr}")
     }
@@ -53,11 +65,22 @@ const REMEMBERED_RESETS: usize = 16 * 1024;
 /// messages are small request/response pairs, and Nagle plus delayed ACKs would add
 /// ~40 ms to them.
 pub fn endpoint_with(addr: &str, o: &EndpointOptions) -> Result<Endpoint, RpcError> {
-    let u = url(addr);
-    let ep = Endpoint::from_shared(u.clone()).map_err(|e| RpcError::BadAddress {
-        addr: u,
-        reason: e.to_string(),
-    })?;
+    let u = url_with(addr, o.tls.is_some());
+    let bad = |reason: String| RpcError::BadAddress {
+        addr: u.clone(),
+        reason,
+    };
+    let ep = Endpoint::from_shared(u.clone()).map_err(|e| bad(e.to_string()))?;
+    let ep = match (&o.tls, u.starts_with("https://")) {
+        (Some(tls), true) => ep.tls_config(tls.config()).map_err(|e| bad(e.to_string()))?,
+        (None, false) => ep,
+        (None, true) => {
+            return Err(bad(
+                "https:// needs the CA that signed the server's certificate (--ca-file, SKV_CA_FILE)".into(),
+            ));
+        }
+        (Some(_), false) => return Err(bad("TLS is configured: use https:// (or host:port)".into())),
+    };
     let ep = match o.request_timeout {
         Some(t) => ep.timeout(t),
         None => ep,
@@ -90,6 +113,14 @@ mod tests {
         ] {
             assert_eq!(url(input), want, "{input}");
         }
+    }
+
+    #[test]
+    fn tls_and_schemes_must_agree() {
+        assert_eq!(url_with("h:1", true), "https://h:1");
+        assert_eq!(url_with("http://h:1", true), "http://h:1");
+        let e = endpoint("https://127.0.0.1:1").unwrap_err().to_string();
+        assert!(e.contains("--ca-file"), "{e}");
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! How skv components and clients talk gRPC, in one place (issue 8: one shared client layer).
 //!
 //! - [`endpoint`] / [`lazy_channel`]: the only way skv builds a tonic channel (connect
-//!   timeout, `TCP_NODELAY`, HTTP/2 keepalive; TLS comes here with the security milestone).
+//!   timeout, `TCP_NODELAY`, HTTP/2 keepalive, TLS from [`EndpointOptions::tls`]).
+//! - [`tls`]: server and client TLS from PEM files (rustls, aws-lc-rs), the role a peer's
+//!   certificate names, and the interceptor that admits only some roles.
 //! - [`Backoff`]: bounded exponential backoff with full jitter; the jitter is passed in, so
 //!   the schedule is a pure function that tests can table.
 //! - [`incoming`]: how every skv server accepts connections (`TCP_NODELAY` on).
@@ -11,13 +13,16 @@
 //! This crate depends on no server crate, so the SDK can use it too.
 
 mod backoff;
+#[cfg(feature = "dev-certs")]
+pub mod certs;
 mod endpoint;
 mod placement;
 mod server;
 mod timeout;
+pub mod tls;
 
 pub use backoff::Backoff;
-pub use endpoint::{EndpointOptions, endpoint, endpoint_with, lazy_channel, url};
+pub use endpoint::{EndpointOptions, endpoint, endpoint_with, lazy_channel, url, url_with};
 pub use placement::PlacementMembers;
 pub use server::incoming;
 pub use timeout::parse_grpc_timeout;

@@ -218,6 +218,7 @@ pub struct ClientBuilder {
     max_attempts: u32,
     backoff_base: Duration,
     backoff_max: Duration,
+    ca_file: Option<std::path::PathBuf>,
 }
 
 impl std::fmt::Debug for ClientBuilder {
@@ -231,6 +232,7 @@ impl std::fmt::Debug for ClientBuilder {
             .field("max_attempts", &self.max_attempts)
             .field("backoff_base", &self.backoff_base)
             .field("backoff_max", &self.backoff_max)
+            .field("ca_file", &self.ca_file)
             .finish()
     }
 }
@@ -246,6 +248,7 @@ impl Default for ClientBuilder {
             max_attempts: 10,
             backoff_base: Duration::from_millis(20),
             backoff_max: Duration::from_secs(1),
+            ca_file: None,
         }
     }
 }
@@ -266,6 +269,13 @@ impl ClientBuilder {
     /// Adds one proxy endpoint.
     pub fn endpoint(mut self, endpoint: impl Into<String>) -> Self {
         self.endpoints.push(endpoint.into());
+        self
+    }
+
+    /// TLS to the proxies: trust servers whose certificate chains to this CA (PEM). With
+    /// it, `host:port` endpoints mean `https://`; without it, `https://` endpoints are refused.
+    pub fn ca_file(mut self, path: impl Into<std::path::PathBuf>) -> Self {
+        self.ca_file = Some(path.into());
         self
     }
 
@@ -328,16 +338,21 @@ impl ClientBuilder {
             None => None,
         };
         let auth = Auth { header };
+        let tls = match &self.ca_file {
+            Some(ca) => Some(skv_rpc::tls::ClientTls::load(ca, None).map_err(|e| Error::Config(e.to_string()))?),
+            None => None,
+        };
         let mut stubs = Vec::with_capacity(self.endpoints.len());
         let mut names = Vec::with_capacity(self.endpoints.len());
         for raw in &self.endpoints {
             for ep in raw.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-                let url = skv_rpc::url(ep);
+                let url = skv_rpc::url_with(ep, tls.is_some());
                 let options = EndpointOptions {
                     connect_timeout: self.connect_timeout,
                     keepalive_interval: Duration::from_secs(30),
                     keepalive_timeout: Duration::from_secs(10),
                     request_timeout: None,
+                    tls: tls.clone(),
                 };
                 let channel = skv_rpc::endpoint_with(ep, &options)
                     .map_err(|e| Error::Config(e.to_string()))?

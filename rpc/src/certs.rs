@@ -1,0 +1,210 @@
+//! Development certificates (feature `dev-certs`): what `skvctl certs create` writes, and
+//! what tests use. A CA and one certificate per role (ADR 0022).
+//!
+//! Keys are ECDSA P-256, made and signed by rcgen on aws-lc-rs (no ring). Each leaf
+//! certificate carries the hosts as SANs (DNS names and IP addresses), its role as a SAN
+//! URI `spiffe://skv/role/<role>` (what servers check: a proxy certificate cannot call
+//! Raft) and as the subject's OU, and both server and client authentication, since every
+//! component is both.
+
+use crate::tls::PeerRole;
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
+};
+use std::path::{Path, PathBuf};
+use time::{Duration, OffsetDateTime};
+
+/// Why the certificates could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum CertsError {
+    #[error("{0}")]
+    Usage(String),
+    #[error("{what} {}: {source}", path.display())]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{what}: {source}")]
+    Rcgen {
+        what: String,
+        #[source]
+        source: rcgen::Error,
+    },
+}
+
+type Result<T> = std::result::Result<T, CertsError>;
+
+fn rc(what: impl Into<String>) -> impl FnOnce(rcgen::Error) -> CertsError {
+    let what = what.into();
+    move |source| CertsError::Rcgen { what, source }
+}
+
+fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> CertsError + use<> {
+    let path = path.to_path_buf();
+    move |source| CertsError::Io { what, path, source }
+}
+
+/// The files one run writes, relative to the directory.
+pub fn file_names() -> Vec<String> {
+    let mut v = vec!["ca.pem".to_string(), "ca-key.pem".to_string()];
+    for r in PeerRole::ALL {
+        v.push(format!("{r}.pem"));
+        v.push(format!("{r}-key.pem"));
+    }
+    v
+}
+
+fn write(path: &Path, text: &str, secret: bool) -> Result<()> {
+    use std::io::Write as _;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    if secret {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        opts.mode(0o600);
+    }
+    #[cfg(not(unix))]
+    let _ = secret;
+    let mut f = opts.open(path).map_err(io("creating", path))?;
+    f.write_all(text.as_bytes()).map_err(io("writing", path))
+}
+
+fn validity(params: &mut CertificateParams, days: u32) {
+    let now = OffsetDateTime::now_utc();
+    // A little before now: clocks of the machines involved may differ.
+    params.not_before = now - Duration::hours(1);
+    params.not_after = now + Duration::days(i64::from(days));
+}
+
+/// Writes the CA and one certificate and key per role into `dir`; returns the paths written.
+pub fn create(dir: &Path, hosts: &[String], days: u32, force: bool) -> Result<Vec<PathBuf>> {
+    let hosts: Vec<String> = hosts
+        .iter()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .collect();
+    if hosts.is_empty() {
+        return Err(CertsError::Usage("--hosts names no host".into()));
+    }
+    if days == 0 {
+        return Err(CertsError::Usage("--days must be at least 1".into()));
+    }
+    std::fs::create_dir_all(dir).map_err(io("creating", dir))?;
+    if dir.join("ca.pem").exists() && !force {
+        return Err(CertsError::Usage(format!(
+            "{} already holds a CA (ca.pem); pass --force to replace every file",
+            dir.display()
+        )));
+    }
+
+    let ca_key = KeyPair::generate().map_err(rc("generating the CA key"))?;
+    let mut ca = CertificateParams::default();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    ca.distinguished_name = DistinguishedName::new();
+    ca.distinguished_name.push(DnType::CommonName, "skv development CA");
+    ca.distinguished_name.push(DnType::OrganizationName, "skv");
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    validity(&mut ca, days);
+    let ca_cert = ca.self_signed(&ca_key).map_err(rc("signing the CA"))?;
+    let mut written = Vec::new();
+    let mut out = |name: String, text: String, secret: bool| -> Result<()> {
+        let p = dir.join(name);
+        write(&p, &text, secret)?;
+        written.push(p);
+        Ok(())
+    };
+    out("ca.pem".into(), ca_cert.pem(), false)?;
+    out("ca-key.pem".into(), ca_key.serialize_pem(), true)?;
+    let issuer = Issuer::new(ca, ca_key);
+
+    for role in PeerRole::ALL {
+        let key = KeyPair::generate().map_err(rc(format!("generating the {role} key")))?;
+        let mut p = CertificateParams::new(hosts.clone()).map_err(rc("--hosts"))?;
+        p.subject_alt_names.push(SanType::URI(
+            role.uri().try_into().map_err(rc(format!("role URI {}", role.uri())))?,
+        ));
+        p.distinguished_name = DistinguishedName::new();
+        p.distinguished_name.push(DnType::CommonName, format!("skv {role}"));
+        p.distinguished_name.push(DnType::OrganizationName, "skv");
+        p.distinguished_name.push(DnType::OrganizationalUnitName, role.as_str());
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        p.use_authority_key_identifier_extension = true;
+        validity(&mut p, days);
+        let cert = p
+            .signed_by(&key, &issuer)
+            .map_err(rc(format!("signing the {role} certificate")))?;
+        out(format!("{role}.pem"), cert.pem(), false)?;
+        out(format!("{role}-key.pem"), key.serialize_pem(), true)?;
+    }
+    Ok(written)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_role_gets_a_certificate_naming_it() {
+        let dir = TempDir::new();
+        let written = create(dir.path(), &["127.0.0.1".into(), "localhost".into()], 30, false).unwrap();
+        assert_eq!(written.len(), file_names().len());
+        for role in PeerRole::ALL {
+            let pem = std::fs::read(dir.path().join(format!("{role}.pem"))).unwrap();
+            let (_, p) = x509_parser::pem::parse_x509_pem(&pem).unwrap();
+            assert_eq!(crate::tls::role_of_der(&p.contents), Some(role));
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt as _;
+                let mode = std::fs::metadata(dir.path().join(format!("{role}-key.pem")))
+                    .unwrap()
+                    .permissions()
+                    .mode();
+                assert_eq!(mode & 0o077, 0, "{role} key readable by others");
+            }
+            // The files load as TLS configuration.
+            crate::tls::ClientTls::load(
+                &dir.path().join("ca.pem"),
+                Some((
+                    &dir.path().join(format!("{role}.pem")),
+                    &dir.path().join(format!("{role}-key.pem")),
+                )),
+            )
+            .unwrap();
+        }
+        // A second run does not overwrite the CA unless told to.
+        let e = create(dir.path(), &["127.0.0.1".into()], 30, false).unwrap_err();
+        assert!(e.to_string().contains("--force"), "{e}");
+        create(dir.path(), &["127.0.0.1".into()], 30, true).unwrap();
+        assert!(create(dir.path(), &[" ".into()], 30, true).is_err());
+    }
+
+    /// A directory removed on drop.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new() -> Self {
+            let p = std::env::temp_dir().join(format!(
+                "skv-certs-{}-{}",
+                std::process::id(),
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos())
+            ));
+            TempDir(p)
+        }
+
+        fn path(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
