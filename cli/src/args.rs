@@ -48,8 +48,8 @@ pub struct Global {
     /// Keys and values on the command line and in the output are hex, not UTF-8.
     #[arg(long, global = true, env = "SKV_HEX")]
     pub hex: bool,
-    /// TLS: trust servers whose certificate chains to this CA (PEM). `host:port` endpoints
-    /// then mean `https://`; without it, `https://` endpoints are refused.
+    /// TLS: trust servers whose certificate chains to this CA (PEM), for `https://`
+    /// endpoints (a bare `host:port` then means https too; `http://` stays plaintext).
     #[arg(long, global = true, env = "SKV_CA_FILE")]
     pub ca_file: Option<PathBuf>,
 }
@@ -317,6 +317,12 @@ pub struct PlaygroundArgs {
     /// `--placement-arg=--split-qps-threshold=500`.
     #[arg(long = "placement-arg", value_name = "FLAG", allow_hyphen_values = true)]
     pub placement_args: Vec<String>,
+    /// TLS at the proxy: development certificates in DATA_DIR/certs (made on the first run,
+    /// `skvctl certs create`), an `https://` endpoint and SKV_CA_FILE in the export line.
+    /// Traffic between the in-process components stays on 127.0.0.1 in plaintext (mTLS
+    /// inside is not built yet).
+    #[arg(long, env = "SKV_PLAYGROUND_TLS")]
+    pub tls: bool,
 }
 
 /// Parses `250ms`, `10s`, `5m`, `24h`, `30d`, or plain seconds.

@@ -162,7 +162,25 @@ struct ExtraArgs {
     placement: Vec<String>,
 }
 
-async fn start_all(dir: &Path, ports: &Ports, secret_file: &Path, extra: &ExtraArgs, svc: &mut Services) -> Result<()> {
+/// The certificates of `--tls`: `DIR/certs`, made on the first run and reused (so a CA file
+/// handed to clients stays valid across restarts).
+fn playground_certs(dir: &Path) -> Result<PathBuf> {
+    let certs = dir.join("certs");
+    if !certs.join("ca.pem").exists() {
+        skv_rpc::certs::create(&certs, &["127.0.0.1".into(), "localhost".into()], 365, false)
+            .context("making the playground's certificates")?;
+    }
+    Ok(certs)
+}
+
+async fn start_all(
+    dir: &Path,
+    ports: &Ports,
+    secret_file: &Path,
+    certs: Option<&Path>,
+    extra: &ExtraArgs,
+    svc: &mut Services,
+) -> Result<()> {
     let placement_url = format!("http://{}", addr(ports.placement));
     let pcfg: skv_placement::Config = parse(
         "skv-placement",
@@ -223,7 +241,17 @@ async fn start_all(dir: &Path, ports: &Ports, secret_file: &Path, extra: &ExtraA
             s(secret_file),
             "--metrics-listen".into(),
             addr(ports.proxy_metrics),
-        ],
+        ]
+        .into_iter()
+        .chain(certs.into_iter().flat_map(|c| {
+            [
+                "--client-tls-cert-file".to_string(),
+                s(c.join("proxy.pem")),
+                "--client-tls-key-file".to_string(),
+                s(c.join("proxy-key.pem")),
+            ]
+        }))
+        .collect::<Vec<_>>(),
     )?;
     eprintln!("starting the proxy on {}", addr(ports.proxy));
     svc.proxy = Some(
@@ -235,14 +263,16 @@ async fn start_all(dir: &Path, ports: &Ports, secret_file: &Path, extra: &ExtraA
 }
 
 /// Polls a put, a get and a delete through the proxy until they work.
-async fn wait_ready(endpoint: &str, token: &str, timeout: Duration) -> Result<()> {
-    let client = skv::Client::builder()
+async fn wait_ready(endpoint: &str, token: &str, ca_file: Option<&Path>, timeout: Duration) -> Result<()> {
+    let mut b = skv::Client::builder()
         .endpoint(endpoint)
         .token(token)
         .timeout(Duration::from_secs(3))
-        .max_attempts(2)
-        .connect()
-        .await?;
+        .max_attempts(2);
+    if let Some(ca) = ca_file {
+        b = b.ca_file(ca);
+    }
+    let client = b.connect().await?;
     let start = Instant::now();
     let mut last_report = Instant::now();
     let key = b"__skv_playground_probe__";
@@ -312,7 +342,10 @@ pub async fn run(args: PlaygroundArgs) -> Result<ExitCode> {
     let (secret_file, secret) = dev_secret(&dir)?;
     let claims = Claims::new("playground", NAMESPACE, Role::Admin, TOKEN_TTL);
     let token = mint_hs256(&secret, &claims).context("minting the playground token")?;
-    let endpoint = format!("http://{}", addr(ports.proxy));
+    let certs = if args.tls { Some(playground_certs(&dir)?) } else { None };
+    let ca_file = certs.as_ref().map(|c| c.join("ca.pem"));
+    let scheme = if args.tls { "https" } else { "http" };
+    let endpoint = format!("{scheme}://{}", addr(ports.proxy));
     let placement = format!("http://{}", addr(ports.placement));
 
     let mut svc = Services::default();
@@ -324,8 +357,8 @@ pub async fn run(args: PlaygroundArgs) -> Result<ExitCode> {
         placement: args.placement_args.clone(),
     };
     let started = async {
-        start_all(&dir, &ports, &secret_file, &extra, &mut svc).await?;
-        wait_ready(&endpoint, &token, args.ready_timeout).await
+        start_all(&dir, &ports, &secret_file, certs.as_deref(), &extra, &mut svc).await?;
+        wait_ready(&endpoint, &token, ca_file.as_deref(), args.ready_timeout).await
     };
     let interrupted = tokio::select! {
         r = started => {
@@ -374,9 +407,21 @@ pub async fn run(args: PlaygroundArgs) -> Result<ExitCode> {
     );
     println!("  token        admin on namespace \"{NAMESPACE}\", valid 30 days");
     println!("  secret       {}", secret_file.display());
+    if let Some(ca) = &ca_file {
+        println!(
+            "  tls          the proxy serves https (CA {}); inside, plaintext on 127.0.0.1",
+            ca.display()
+        );
+    }
     println!();
     println!("In another shell, run this line, then e.g. `skvctl put hello world`:");
-    println!("export SKV_ENDPOINT={endpoint} SKV_TOKEN={token} SKV_PLACEMENT={placement}");
+    match &ca_file {
+        Some(ca) => println!(
+            "export SKV_ENDPOINT={endpoint} SKV_TOKEN={token} SKV_PLACEMENT={placement} SKV_CA_FILE={}",
+            ca.display()
+        ),
+        None => println!("export SKV_ENDPOINT={endpoint} SKV_TOKEN={token} SKV_PLACEMENT={placement}"),
+    }
     println!();
     println!("Press Ctrl-C to stop. The data stays in {}.", dir.display());
 

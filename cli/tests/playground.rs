@@ -19,10 +19,15 @@ struct Playground {
     endpoint: String,
     token: String,
     placement: String,
+    ca_file: Option<String>,
 }
 
 impl Playground {
     fn start(dir: &Path, base: u16) -> Self {
+        Self::start_with(dir, base, &[])
+    }
+
+    fn start_with(dir: &Path, base: u16, extra: &[&str]) -> Self {
         let mut cmd = Command::new(BIN);
         cmd.args([
             "playground",
@@ -33,6 +38,7 @@ impl Playground {
             "--data-dir",
         ])
         .arg(dir)
+        .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
@@ -44,6 +50,7 @@ impl Playground {
             endpoint: String::new(),
             token: String::new(),
             placement: String::new(),
+            ca_file: None,
         };
         // Read stdout on a thread (and keep draining it so the child never blocks).
         let (tx, rx) = mpsc::channel::<String>();
@@ -71,6 +78,7 @@ impl Playground {
                 "SKV_ENDPOINT" => pg.endpoint = v.to_string(),
                 "SKV_TOKEN" => pg.token = v.to_string(),
                 "SKV_PLACEMENT" => pg.placement = v.to_string(),
+                "SKV_CA_FILE" => pg.ca_file = Some(v.to_string()),
                 other => panic!("unexpected variable {other} in {export:?}"),
             }
         }
@@ -89,9 +97,11 @@ impl Playground {
         cmd.args(args)
             .env("SKV_ENDPOINT", &self.endpoint)
             .env("SKV_TOKEN", token)
-            .env("SKV_PLACEMENT", &self.placement)
-            .output()
-            .expect("running skvctl")
+            .env("SKV_PLACEMENT", &self.placement);
+        if let Some(ca) = &self.ca_file {
+            cmd.env("SKV_CA_FILE", ca);
+        }
+        cmd.output().expect("running skvctl")
     }
 
     /// SIGINT by PID, then waits for the exit.
@@ -230,4 +240,73 @@ fn playground_serves_stops_cleanly_and_keeps_data() {
     assert_eq!(v["version"], 2);
     let status = pg.interrupt();
     assert!(status.success(), "second run exited with {status}");
+}
+
+/// `playground --tls`: the export line gives an https endpoint and SKV_CA_FILE; put and get
+/// go through TLS with that CA; a plaintext client, or one without the CA, is refused; the
+/// admin commands (to placement, plaintext inside) still work as printed.
+#[test]
+fn playground_tls_serves_https_with_the_ca_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = free_port_base();
+    let pg = Playground::start_with(dir.path(), base, &["--tls"]);
+    assert!(pg.endpoint.starts_with("https://"), "{}", pg.endpoint);
+    let ca = pg.ca_file.clone().expect("SKV_CA_FILE in the export line");
+    assert!(Path::new(&ca).exists(), "{ca}");
+    ok(pg.ctl(&pg.token, &["put", "secure", "yes"]), "put over https");
+    assert_eq!(
+        ok(pg.ctl(&pg.token, &["get", "secure"]), "get over https").trim_end(),
+        "yes"
+    );
+    ok(pg.ctl(&pg.token, &["--output", "json", "ranges"]), "ranges");
+    ok(pg.ctl(&pg.token, &["scheduler", "pause"]), "admin command");
+    ok(pg.ctl(&pg.token, &["scheduler", "resume"]), "admin command");
+
+    // Without the CA file, https is refused before connecting.
+    let mut cmd = Command::new(BIN);
+    clear_skv_env(&mut cmd);
+    let out = cmd
+        .args(["get", "secure"])
+        .env("SKV_ENDPOINT", &pg.endpoint)
+        .env("SKV_TOKEN", &pg.token)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    println!("https without SKV_CA_FILE: {}", err.trim());
+    assert!(!out.status.success() && err.contains("--ca-file"), "{err}");
+    // Plaintext to the TLS port.
+    let mut cmd = Command::new(BIN);
+    clear_skv_env(&mut cmd);
+    let out = cmd
+        .args(["--timeout", "3s", "get", "secure"])
+        .env("SKV_ENDPOINT", pg.endpoint.replace("https://", "http://"))
+        .env("SKV_TOKEN", &pg.token)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    println!("plaintext to the https port: {}", err.trim());
+    assert!(!out.status.success(), "{err}");
+    // A CA file of another CA.
+    let other = dir.path().join("other-certs");
+    let made = Command::new(BIN)
+        .args(["certs", "create", "--dir"])
+        .arg(&other)
+        .args(["--hosts", "127.0.0.1"])
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let mut cmd = Command::new(BIN);
+    clear_skv_env(&mut cmd);
+    let out = cmd
+        .args(["--timeout", "3s", "get", "secure"])
+        .env("SKV_ENDPOINT", &pg.endpoint)
+        .env("SKV_TOKEN", &pg.token)
+        .env("SKV_CA_FILE", other.join("ca.pem"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    println!("https trusting another CA: {}", err.trim());
+    assert!(!out.status.success(), "{err}");
+    let status = pg.interrupt();
+    assert!(status.success(), "exited with {status}");
 }

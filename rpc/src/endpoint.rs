@@ -13,7 +13,8 @@ pub struct EndpointOptions {
     /// Deadline of every call on the channel, when the caller sets none of its own.
     pub request_timeout: Option<Duration>,
     /// TLS to the server (and our certificate, for mTLS). With it, a bare `host:port` means
-    /// `https://host:port` and an `http://` URL is refused; without it, `https://` is refused.
+    /// `https://host:port` (an explicit `http://` URL stays plaintext); without it,
+    /// `https://` is refused.
     pub tls: Option<ClientTls>,
 }
 
@@ -79,7 +80,8 @@ pub fn endpoint_with(addr: &str, o: &EndpointOptions) -> Result<Endpoint, RpcErr
                 "https:// needs the CA that signed the server's certificate (--ca-file, SKV_CA_FILE)".into(),
             ));
         }
-        (Some(_), false) => return Err(bad("TLS is configured: use https:// (or host:port)".into())),
+        // Spelled out by the caller: plaintext (a TLS server refuses it at the handshake).
+        (Some(_), false) => ep,
     };
     let ep = match o.request_timeout {
         Some(t) => ep.timeout(t),

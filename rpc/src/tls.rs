@@ -8,7 +8,7 @@
 //!   connect.
 //! - [`ClientTls`]: the CA that servers' certificates must chain to, and optionally our own
 //!   certificate and key (mTLS). [`crate::EndpointOptions::tls`] carries it; `https://`
-//!   endpoints and bare `host:port` addresses then use it.
+//!   endpoints and bare `host:port` addresses then use it (`http://` stays plaintext).
 //! - Roles: every certificate `skvctl certs create` makes names its role in a SAN URI
 //!   `spiffe://skv/role/<role>` ([`PeerRole`]). [`RequireRole`] is the interceptor a server
 //!   puts in front of a service to admit only some roles (a proxy certificate cannot call

@@ -273,7 +273,8 @@ impl ClientBuilder {
     }
 
     /// TLS to the proxies: trust servers whose certificate chains to this CA (PEM). With
-    /// it, `host:port` endpoints mean `https://`; without it, `https://` endpoints are refused.
+    /// it, `host:port` endpoints mean `https://` (`http://` stays plaintext); without it,
+    /// `https://` endpoints are refused.
     pub fn ca_file(mut self, path: impl Into<std::path::PathBuf>) -> Self {
         self.ca_file = Some(path.into());
         self
