@@ -13,12 +13,16 @@ use std::collections::HashMap;
 use std::time::Duration;
 use tonic::transport::Channel;
 
-/// How skvctl reaches placement: its deadline, and TLS when `--ca-file` is given.
+/// How skvctl reaches placement: its deadline, and TLS when `--ca-file` is given (with
+/// `--client-cert-file`/`--client-key-file`, mTLS: an admin certificate authorizes admin
+/// calls without a token, ADR 0022).
 fn options(g: &Global) -> Result<EndpointOptions> {
-    let tls = match &g.ca_file {
-        Some(ca) => Some(skv_rpc::tls::ClientTls::load(ca, None).context("--ca-file")?),
-        None => None,
-    };
+    let tls = skv_rpc::tls::ClientTls::from_flags(
+        g.ca_file.as_deref(),
+        g.client_cert_file.as_deref(),
+        g.client_key_file.as_deref(),
+        ["--ca-file", "--client-cert-file", "--client-key-file"],
+    )?;
     Ok(EndpointOptions {
         connect_timeout: Duration::from_secs(3),
         request_timeout: Some(g.timeout),

@@ -52,6 +52,14 @@ pub struct Global {
     /// endpoints (a bare `host:port` then means https too; `http://` stays plaintext).
     #[arg(long, global = true, env = "SKV_CA_FILE")]
     pub ca_file: Option<PathBuf>,
+    /// mTLS to placement: present this certificate (PEM; `skvctl certs create` makes
+    /// `admin.pem`, which placement accepts for admin calls without a token). Needs
+    /// --ca-file and --client-key-file.
+    #[arg(long, global = true, env = "SKV_CLIENT_CERT_FILE")]
+    pub client_cert_file: Option<PathBuf>,
+    /// The private key of --client-cert-file (PEM).
+    #[arg(long, global = true, env = "SKV_CLIENT_KEY_FILE")]
+    pub client_key_file: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for Global {
@@ -64,6 +72,8 @@ impl std::fmt::Debug for Global {
             .field("timeout", &self.timeout)
             .field("hex", &self.hex)
             .field("ca_file", &self.ca_file)
+            .field("client_cert_file", &self.client_cert_file)
+            .field("client_key_file", &self.client_key_file)
             .finish()
     }
 }

@@ -129,6 +129,17 @@ pub struct Config {
     /// with a JWT key flag.
     #[arg(long, env = "SKV_ADMIN_AUTH", value_enum, default_value_t = AdminAuth::Jwt)]
     pub admin_auth: AdminAuth,
+    /// mTLS (ADR 0022): this instance's certificate (PEM, role placement), served to its
+    /// callers and presented to the instances and storenodes it calls. With
+    /// --tls-key-file and --tls-ca-file; then every caller needs a certificate of the CA.
+    #[arg(long, env = "SKV_TLS_CERT_FILE")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// The private key of --tls-cert-file (PEM).
+    #[arg(long, env = "SKV_TLS_KEY_FILE")]
+    pub tls_key_file: Option<PathBuf>,
+    /// The cluster CA (PEM) that callers' and servers' certificates must chain to.
+    #[arg(long, env = "SKV_TLS_CA_FILE")]
+    pub tls_ca_file: Option<PathBuf>,
 }
 
 /// How placement authorizes admin and status calls (`--admin-auth`).
@@ -141,6 +152,16 @@ pub enum AdminAuth {
 }
 
 impl Config {
+    /// mTLS settings, if the three `--tls-*` flags are given (all or none).
+    pub fn tls(&self) -> Result<Option<skv_rpc::tls::ServerTls>, skv_rpc::tls::TlsError> {
+        skv_rpc::tls::ServerTls::from_flags(
+            self.tls_cert_file.as_deref(),
+            self.tls_key_file.as_deref(),
+            self.tls_ca_file.as_deref(),
+            ["--tls-cert-file", "--tls-key-file", "--tls-ca-file"],
+        )
+    }
+
     /// The load window in milliseconds (at least 1 s), one value for the statistics and the
     /// scheduler alike.
     pub fn split_qps_window_ms(&self) -> u64 {
@@ -172,6 +193,9 @@ impl Config {
             max_snapshots_per_store: 2,
             jwt: skv_auth::JwtArgs::default(),
             admin_auth: AdminAuth::None,
+            tls_cert_file: None,
+            tls_key_file: None,
+            tls_ca_file: None,
         }
     }
 }

@@ -316,3 +316,130 @@ async fn a_follower_checks_the_token_and_the_leader_checks_it_again() {
         h.shutdown().await.unwrap();
     }
 }
+
+/// A channel to `h` over TLS trusting `ca`, presenting `role`'s certificate from `certs`
+/// (None: no client certificate). Connects now, so a refused handshake is an error here.
+async fn tls_channel(h: &ServiceHandle, ca: &Path, certs: &Path, role: Option<&str>) -> Result<Channel, String> {
+    let cert = role.map(|r| (certs.join(format!("{r}.pem")), certs.join(format!("{r}-key.pem"))));
+    let tls = skv_rpc::tls::ClientTls::load(ca, cert.as_ref().map(|(c, k)| (c.as_path(), k.as_path())))
+        .map_err(|e| e.to_string())?;
+    let options = skv_rpc::EndpointOptions {
+        tls: Some(tls),
+        ..Default::default()
+    };
+    skv_rpc::endpoint_with(&h.addr.to_string(), &options)
+        .map_err(|e| e.to_string())?
+        .connect()
+        .await
+        .map_err(|e| format!("{e}: {:?}", std::error::Error::source(&e)))
+}
+
+/// mTLS at placement (ADR 0022): plaintext, no client certificate and another CA's
+/// certificate are refused at the handshake; a proxy certificate may read the range map
+/// but not register a store nor call an admin call (even with an admin token); an admin
+/// certificate is a credential of its own (no token needed); a storenode certificate may
+/// heartbeat.
+#[tokio::test]
+async fn mtls_admits_callers_by_the_role_in_their_certificate() {
+    skv_testkit::init_test_logging();
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    let other = dir.path().join("other");
+    skv_rpc::certs::create(&certs, &["127.0.0.1".into()], 1, false).unwrap();
+    skv_rpc::certs::create(&other, &["127.0.0.1".into()], 1, false).unwrap();
+    let mut c = config(dir.path(), vec![]);
+    c.tls_cert_file = Some(certs.join("placement.pem"));
+    c.tls_key_file = Some(certs.join("placement-key.pem"));
+    c.tls_ca_file = Some(certs.join("ca.pem"));
+    let pd = skv_placement::start(c).await.unwrap();
+    let ca = certs.join("ca.pem");
+
+    // Plaintext.
+    let e = PlacementClient::new(channel(&pd))
+        .get_members(GetMembersRequest {})
+        .await
+        .unwrap_err();
+    println!("plaintext to placement's TLS port: {:?}: {}", e.code(), e.message());
+    // No client certificate, then a certificate of another CA: the handshake fails (the
+    // server refuses; the client may only notice on its first call).
+    for (what, ch) in [
+        ("no client certificate", tls_channel(&pd, &ca, &certs, None).await),
+        (
+            "a client certificate of another CA",
+            tls_channel(&pd, &ca, &other, Some("admin")).await,
+        ),
+    ] {
+        let e = match ch {
+            Err(e) => e,
+            Ok(ch) => {
+                let st = PlacementClient::new(ch)
+                    .get_members(GetMembersRequest {})
+                    .await
+                    .expect_err("refused");
+                format!("{:?}: {}", st.code(), st.message())
+            }
+        };
+        println!("{what}: {e}");
+    }
+    // Trusting another CA: our client refuses placement's certificate.
+    let e = tls_channel(&pd, &other.join("ca.pem"), &other, Some("admin"))
+        .await
+        .expect_err("refused");
+    println!("client trusting another CA: {e}");
+    assert!(e.contains("InvalidCertificate"), "{e}");
+
+    // A proxy certificate: reads yes, registration and admin calls no.
+    let proxy = tls_channel(&pd, &ca, &certs, Some("proxy")).await.unwrap();
+    let mut pc = PlacementClient::new(proxy.clone());
+    wait_until("a placement leader", Duration::from_secs(10), || {
+        let mut pc = pc.clone();
+        async move { pc.get_members(GetMembersRequest {}).await.ok()?.into_inner().leader }
+    })
+    .await;
+    pc.get_stores(GetStoresRequest {}).await.unwrap();
+    let st = pc
+        .register_store(RegisterStoreRequest {
+            address: "127.0.0.1:1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(st.code(), Code::PermissionDenied, "{st:?}");
+    println!("proxy certificate, RegisterStore: {:?}: {}", st.code(), st.message());
+    let calls = admin_calls(proxy.clone(), Some(&token(Role::Admin))).await;
+    for (name, r) in &calls {
+        let st = r
+            .as_ref()
+            .err()
+            .unwrap_or_else(|| panic!("{name} accepted from a proxy"));
+        assert_eq!(st.code(), Code::PermissionDenied, "{name}: {st:?}");
+        assert!(st.message().contains("a proxy certificate cannot call"), "{st:?}");
+    }
+    println!(
+        "proxy certificate with an admin token, SplitRange: {}",
+        calls[0]
+            .1
+            .as_ref()
+            .err()
+            .map(|s| s.message().to_string())
+            .unwrap_or_default()
+    );
+    // An admin certificate: admin and status calls, no token needed.
+    let admin = tls_channel(&pd, &ca, &certs, Some("admin")).await.unwrap();
+    assert_authorized(&admin_calls(admin.clone(), None).await);
+    for (name, r) in status_calls(admin.clone(), None).await {
+        r.unwrap_or_else(|e| panic!("{name} with an admin certificate: {e:?}"));
+    }
+    // A storenode certificate may register (the answer is about the store, not the caller).
+    let store = tls_channel(&pd, &ca, &certs, Some("storenode")).await.unwrap();
+    let r = PlacementClient::new(store)
+        .register_store(RegisterStoreRequest {
+            address: "127.0.0.1:1".into(),
+            ..Default::default()
+        })
+        .await;
+    if let Err(st) = &r {
+        assert_ne!(st.code(), Code::PermissionDenied, "{st:?}");
+    }
+    pd.shutdown().await.unwrap();
+}

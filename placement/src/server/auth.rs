@@ -15,9 +15,25 @@ use crate::AdminAuth;
 use crate::error::{PlacementError, PlacementResult};
 use crate::metrics::Metrics;
 use skv_auth::{AuthError, Role, Verifier};
+use skv_rpc::tls::PeerRole;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 use tonic::metadata::MetadataMap;
+
+/// Under mTLS (ADR 0022), the certificate roles each kind of call admits. A placement peer
+/// is in every list: followers forward calls to the leader.
+/// Registration, heartbeats, split/merge reports and ID allocation: storenodes.
+pub(super) const STORE_CALLERS: &[PeerRole] = &[PeerRole::Storenode, PeerRole::Placement];
+/// Range map and member reads, the watch: every component and the operator's client.
+pub(super) const READERS: &[PeerRole] = &[
+    PeerRole::Storenode,
+    PeerRole::Proxy,
+    PeerRole::Placement,
+    PeerRole::Admin,
+];
+/// Admin and status calls: the operator's client (its certificate is a credential of its
+/// own), and placement peers forwarding them.
+pub(super) const ADMIN_CALLERS: &[PeerRole] = &[PeerRole::Admin, PeerRole::Placement];
 
 /// How this instance authorizes admin and status calls.
 pub(super) enum Guard {

@@ -95,6 +95,7 @@ impl Shared {
         }
         let options = EndpointOptions {
             request_timeout: Some(REQUEST_TIMEOUT),
+            tls: self.client_tls.clone(),
             ..Default::default()
         };
         let ch = skv_rpc::endpoint_with(address, &options)
@@ -135,6 +136,7 @@ impl Shared {
         }
         let options = EndpointOptions {
             request_timeout: Some(LONG_REQUEST_TIMEOUT),
+            tls: self.client_tls.clone(),
             ..Default::default()
         };
         let ch = skv_rpc::endpoint_with(address, &options)

@@ -47,6 +47,7 @@ use skv_proto::internal::placement_admin_server::{PlacementAdmin, PlacementAdmin
 use skv_proto::internal::placement_client::PlacementClient;
 use skv_proto::internal::placement_server::{Placement, PlacementServer};
 use skv_proto::internal::*;
+use skv_rpc::tls::PeerRole;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -125,10 +126,23 @@ struct Shared {
     channels: parking_lot::Mutex<HashMap<String, Channel>>,
     cancel: CancellationToken,
     guard: auth::Guard,
+    /// mTLS is on: callers are admitted by their certificate's role (ADR 0022).
+    tls: bool,
+    /// Our certificate and the cluster CA, for the calls this instance makes.
+    client_tls: Option<skv_rpc::tls::ClientTls>,
 }
 
 /// Starts a placement instance on an already opened metadata store.
 pub async fn start_with_store(config: Config, store: DynMetaStore) -> anyhow::Result<ServiceHandle> {
+    let server_tls = config.tls()?;
+    let tls_config = server_tls.as_ref().map(|t| t.load()).transpose()?;
+    let client_tls = match &server_tls {
+        Some(t) => Some(skv_rpc::tls::ClientTls::load(
+            t.client_ca_file.as_deref().unwrap_or(&t.cert_file),
+            Some((&t.cert_file, &t.key_file)),
+        )?),
+        None => None,
+    };
     let cancel = CancellationToken::new();
     let guard = auth::Guard::from_config(&config, cancel.child_token())?;
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
@@ -176,6 +190,8 @@ pub async fn start_with_store(config: Config, store: DynMetaStore) -> anyhow::Re
         channels: parking_lot::Mutex::new(HashMap::new()),
         cancel: cancel.clone(),
         guard,
+        tls: tls_config.is_some(),
+        client_tls,
     });
     let election_task = tokio::spawn(election::run(
         store,
@@ -195,7 +211,17 @@ pub async fn start_with_store(config: Config, store: DynMetaStore) -> anyhow::Re
     tracing::info!(%addr, name = %me.name, "placement serving");
     let c = cancel.clone();
     let task = tokio::spawn(async move {
-        let r = tonic::transport::Server::builder()
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(t) = tls_config {
+            builder = match builder.tls_config(t) {
+                Ok(b) => b,
+                Err(e) => {
+                    c.cancel();
+                    return Err(anyhow::anyhow!("placement TLS: {e}"));
+                }
+            };
+        }
+        let r = builder
             .add_service(svc)
             .add_service(admin_svc)
             .serve_with_incoming_shutdown(incoming, c.clone().cancelled_owned())
@@ -209,11 +235,33 @@ pub async fn start_with_store(config: Config, store: DynMetaStore) -> anyhow::Re
 }
 
 impl Shared {
-    /// Refuses `request` unless its token allows `needed` (ADR 0021; [`auth::Guard`]).
+    /// Refuses `request` unless its token allows `needed` (ADR 0021; [`auth::Guard`]). Under
+    /// mTLS (ADR 0022) only admin and placement certificates may call; an admin certificate
+    /// is a credential of its own, and a placement peer forwarding a call already checked it.
     fn authorize<T>(&self, request: &Request<T>, call: &'static str, needed: Role) -> Result<(), Status> {
+        self.admit(request, call, auth::ADMIN_CALLERS)?;
+        if self.tls {
+            match skv_rpc::tls::peer_role(request) {
+                Some(PeerRole::Admin) => return Ok(()),
+                Some(PeerRole::Placement) if request.metadata().contains_key(forward::FORWARDED) => return Ok(()),
+                _ => {}
+            }
+        }
         self.guard
             .check(request.metadata(), call, needed, &self.metrics)
             .map_err(Status::from)
+    }
+
+    /// Under mTLS, refuses a caller whose certificate names none of `roles` (ADR 0022).
+    fn admit<T>(&self, request: &Request<T>, call: &'static str, roles: &'static [PeerRole]) -> Result<(), Status> {
+        let r = skv_rpc::tls::RequireRole::new(self.tls, call, roles).admits(skv_rpc::tls::peer_role(request));
+        if r.is_err() {
+            self.metrics
+                .auth_refusals
+                .get_or_create(&Metrics::labels(&[("call", call), ("reason", "certificate_role")]))
+                .inc();
+        }
+        r
     }
 
     fn is_leader(&self) -> bool {
@@ -293,6 +341,7 @@ impl Placement for PlacementService {
         &self,
         request: Request<RegisterStoreRequest>,
     ) -> Result<Response<RegisterStoreResponse>, Status> {
+        self.s.admit(&request, "RegisterStore", auth::STORE_CALLERS)?;
         on_leader!(self, request, register_store, heartbeat::register_store)
     }
 
@@ -300,6 +349,7 @@ impl Placement for PlacementService {
         &self,
         request: Request<StoreHeartbeatRequest>,
     ) -> Result<Response<StoreHeartbeatResponse>, Status> {
+        self.s.admit(&request, "StoreHeartbeat", auth::STORE_CALLERS)?;
         on_leader!(self, request, store_heartbeat, heartbeat::store_heartbeat)
     }
 
@@ -307,6 +357,7 @@ impl Placement for PlacementService {
         &self,
         request: Request<RangeHeartbeatRequest>,
     ) -> Result<Response<RangeHeartbeatResponse>, Status> {
+        self.s.admit(&request, "RangeHeartbeat", auth::STORE_CALLERS)?;
         on_leader!(self, request, range_heartbeat, heartbeat::range_heartbeat)
     }
 
@@ -314,6 +365,7 @@ impl Placement for PlacementService {
         &self,
         request: Request<ReportSplitRequest>,
     ) -> Result<Response<ReportSplitResponse>, Status> {
+        self.s.admit(&request, "ReportSplit", auth::STORE_CALLERS)?;
         on_leader!(self, request, report_split, heartbeat::report_split)
     }
 
@@ -321,14 +373,17 @@ impl Placement for PlacementService {
         &self,
         request: Request<ReportMergeRequest>,
     ) -> Result<Response<ReportMergeResponse>, Status> {
+        self.s.admit(&request, "ReportMerge", auth::STORE_CALLERS)?;
         on_leader!(self, request, report_merge, heartbeat::report_merge)
     }
 
     async fn get_range(&self, request: Request<GetRangeRequest>) -> Result<Response<GetRangeResponse>, Status> {
+        self.s.admit(&request, "GetRange", auth::READERS)?;
         reply(query::get_range(&self.s, request.into_inner()).await)
     }
 
     async fn scan_ranges(&self, request: Request<ScanRangesRequest>) -> Result<Response<ScanRangesResponse>, Status> {
+        self.s.admit(&request, "ScanRanges", auth::READERS)?;
         reply(query::scan_ranges(&self.s, request.into_inner()).await)
     }
 
@@ -336,22 +391,26 @@ impl Placement for PlacementService {
 
     async fn watch_ranges(
         &self,
-        _request: Request<WatchRangesRequest>,
+        request: Request<WatchRangesRequest>,
     ) -> Result<Response<Self::WatchRangesStream>, Status> {
+        self.s.admit(&request, "WatchRanges", auth::READERS)?;
         let (tx, rx) = mpsc::channel(64);
         tokio::spawn(watch::watch_ranges_task(self.s.clone(), tx));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
-    async fn get_stores(&self, _request: Request<GetStoresRequest>) -> Result<Response<GetStoresResponse>, Status> {
+    async fn get_stores(&self, request: Request<GetStoresRequest>) -> Result<Response<GetStoresResponse>, Status> {
+        self.s.admit(&request, "GetStores", auth::READERS)?;
         reply(query::get_stores(&self.s).await)
     }
 
     async fn alloc_ids(&self, request: Request<AllocIdsRequest>) -> Result<Response<AllocIdsResponse>, Status> {
+        self.s.admit(&request, "AllocIds", auth::STORE_CALLERS)?;
         on_leader!(self, request, alloc_ids, query::alloc_ids)
     }
 
-    async fn get_members(&self, _request: Request<GetMembersRequest>) -> Result<Response<GetMembersResponse>, Status> {
+    async fn get_members(&self, request: Request<GetMembersRequest>) -> Result<Response<GetMembersResponse>, Status> {
+        self.s.admit(&request, "GetMembers", auth::READERS)?;
         reply(query::get_members(&self.s).await)
     }
 
