@@ -99,6 +99,16 @@ pub struct Config {
     /// client may connect (tokens still decide what it may do).
     #[arg(long, env = "SKV_CLIENT_TLS_CA_FILE", requires = "client_tls_cert_file")]
     pub client_tls_ca_file: Option<PathBuf>,
+    /// mTLS inside the cluster (ADR 0022): the proxy's certificate (PEM, role proxy),
+    /// presented to placement and storenodes. With --tls-key-file and --tls-ca-file.
+    #[arg(long, env = "SKV_TLS_CERT_FILE")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// The private key of --tls-cert-file (PEM).
+    #[arg(long, env = "SKV_TLS_KEY_FILE")]
+    pub tls_key_file: Option<PathBuf>,
+    /// The cluster CA (PEM) that placement's and storenodes' certificates must chain to.
+    #[arg(long, env = "SKV_TLS_CA_FILE")]
+    pub tls_ca_file: Option<PathBuf>,
 }
 
 impl Config {
@@ -120,6 +130,9 @@ impl Config {
             client_tls_cert_file: None,
             client_tls_key_file: None,
             client_tls_ca_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
+            tls_ca_file: None,
         }
     }
 }
@@ -133,6 +146,23 @@ impl Config {
                 "exactly one of --jwt-hs256-secret-file, --jwt-public-key-file or --jwt-jwks-file is required"
             ),
         }
+    }
+
+    /// The proxy's mTLS to placement and storenodes, if the three `--tls-*` flags are given.
+    pub fn internal_tls(&self) -> anyhow::Result<Option<skv_rpc::tls::ClientTls>> {
+        let flags = skv_rpc::tls::ServerTls::from_flags(
+            self.tls_cert_file.as_deref(),
+            self.tls_key_file.as_deref(),
+            self.tls_ca_file.as_deref(),
+            ["--tls-cert-file", "--tls-key-file", "--tls-ca-file"],
+        )?;
+        Ok(match flags {
+            Some(t) => Some(skv_rpc::tls::ClientTls::load(
+                t.client_ca_file.as_deref().unwrap_or(&t.cert_file),
+                Some((&t.cert_file, &t.key_file)),
+            )?),
+            None => None,
+        })
     }
 
     /// TLS of the client port, if its flags are given.
@@ -179,6 +209,7 @@ pub async fn start(config: Config) -> anyhow::Result<ServiceHandle> {
     let client_tls = config.client_tls()?;
     // Read before anything starts: a bad file fails the start with its name.
     let client_tls_config = client_tls.as_ref().map(|t| t.load()).transpose()?;
+    let internal_tls = config.internal_tls()?;
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = metrics::Metrics::new(&mut registry);
     let cancel = CancellationToken::new();
@@ -219,8 +250,12 @@ pub async fn start(config: Config) -> anyhow::Result<ServiceHandle> {
     anyhow::ensure!(config.request_timeout_ms > 0, "--request-timeout-ms must be positive");
 
     metrics.jwt_keys.set(verifier.key_ids().len() as i64);
-    let placement = skv_rpc::PlacementMembers::new(&config.placement)?;
-    let router = Arc::new(router::Router::new(placement, metrics.clone()));
+    let internal = skv_rpc::EndpointOptions {
+        tls: internal_tls,
+        ..Default::default()
+    };
+    let placement = skv_rpc::PlacementMembers::with_options(&config.placement, &internal)?;
+    let router = Arc::new(router::Router::with_store_options(placement, metrics.clone(), internal));
     let quotas = quota::Quotas::new(config.tenant_limits(), config.tenants.clone(), metrics.clone());
 
     let listener = tokio::net::TcpListener::bind(config.listen)

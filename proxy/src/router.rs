@@ -159,6 +159,8 @@ pub struct Router {
     table: RwLock<Table>,
     placement: PlacementMembers,
     channels: RwLock<HashMap<String, Channel>>,
+    /// How storenodes are reached (TLS with the proxy's certificate, when configured).
+    store_options: skv_rpc::EndpointOptions,
     metrics: Metrics,
     placement_quiet_until: Mutex<Option<Instant>>,
     /// One placement lookup at a time: concurrent misses wait and re-check the cache.
@@ -166,7 +168,17 @@ pub struct Router {
 }
 
 impl Router {
+    #[cfg(test)]
     pub(crate) fn new(placement: PlacementMembers, metrics: Metrics) -> Self {
+        Self::with_store_options(placement, metrics, skv_rpc::EndpointOptions::default())
+    }
+
+    /// As [`Router::new`], reaching storenodes with `store_options` (TLS).
+    pub(crate) fn with_store_options(
+        placement: PlacementMembers,
+        metrics: Metrics,
+        store_options: skv_rpc::EndpointOptions,
+    ) -> Self {
         Router {
             table: RwLock::new(Table {
                 ranges: RangeCache::new(),
@@ -174,6 +186,7 @@ impl Router {
             }),
             placement,
             channels: RwLock::new(HashMap::new()),
+            store_options,
             metrics,
             placement_quiet_until: Mutex::new(None),
             miss_lock: tokio::sync::Mutex::new(()),
@@ -247,8 +260,9 @@ impl Router {
                 match chans.get(addr) {
                     Some(c) => c.clone(),
                     None => {
-                        let c = skv_rpc::lazy_channel(addr)
-                            .map_err(|e| Status::internal(format!("bad store address: {e}")))?;
+                        let c = skv_rpc::endpoint_with(addr, &self.store_options)
+                            .map_err(|e| Status::internal(format!("bad store address: {e}")))?
+                            .connect_lazy();
                         chans.insert(addr.to_string(), c.clone());
                         c
                     }

@@ -632,3 +632,53 @@ async fn client_port_tls() {
     .unwrap();
     assert!(put(&mut c, &token, b"mtls").await.is_ok());
 }
+
+/// mTLS inside (ADR 0022) from the proxy's side: with `--tls-*`, the proxy reaches
+/// placement and storenodes (fakes serving TLS that admit only proxy certificates) with its
+/// certificate; with a storenode's certificate, or one of another CA, it reaches nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_presents_its_certificate_inside() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    let other = dir.path().join("other");
+    skv_rpc::certs::create(&certs, &["127.0.0.1".into()], 1, false).unwrap();
+    skv_rpc::certs::create(&other, &["127.0.0.1".into()], 1, false).unwrap();
+    let token = fake::token("acme", Role::Write);
+    let cl = fake::start(Options {
+        tls: Some(certs.clone()),
+        ..Default::default()
+    })
+    .await;
+    let mut c = cl.client().await;
+    let mut ok = false;
+    for _ in 0..50 {
+        if put(&mut c, &token, b"inside").await.is_ok() {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(ok, "put through an mTLS placement and storenode");
+    println!("proxy certificate inside: put ok");
+
+    for (what, cert_dir, role) in [
+        ("a storenode certificate", &certs, "storenode"),
+        ("a proxy certificate of another CA", &other, "proxy"),
+    ] {
+        let (cert_dir, role) = (cert_dir.clone(), role.to_string());
+        let cl = fake::start_with(
+            Options {
+                tls: Some(certs.clone()),
+                ..Default::default()
+            },
+            move |c| {
+                c.tls_cert_file = Some(cert_dir.join(format!("{role}.pem")));
+                c.tls_key_file = Some(cert_dir.join(format!("{role}-key.pem")));
+            },
+        )
+        .await;
+        let mut c = cl.client().await;
+        let e = put(&mut c, &token, b"inside").await.unwrap_err();
+        println!("proxy with {what}: {:?}: {}", e.code(), e.message());
+    }
+}

@@ -546,6 +546,27 @@ impl Placement for FakePlacement {
     }
 }
 
+/// A server builder, with TLS as `role` when `tls` names a certificate directory.
+fn builder(tls: Option<&std::path::Path>, role: &str) -> tonic::transport::Server {
+    let b = tonic::transport::Server::builder();
+    match tls {
+        None => b,
+        Some(dir) => {
+            let t = skv_rpc::tls::ServerTls {
+                cert_file: dir.join(format!("{role}.pem")),
+                key_file: dir.join(format!("{role}-key.pem")),
+                client_ca_file: Some(dir.join("ca.pem")),
+            };
+            b.tls_config(t.load().unwrap()).unwrap()
+        }
+    }
+}
+
+/// Only the proxy's certificate, when TLS is on.
+fn proxy_only(tls: bool, service: &'static str) -> skv_rpc::tls::RequireRole {
+    skv_rpc::tls::RequireRole::new(tls, service, &[skv_rpc::tls::PeerRole::Proxy])
+}
+
 async fn serve(router: tonic::transport::server::Router, cancel: CancellationToken) -> SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -576,6 +597,10 @@ pub struct Options {
     /// Extra store records (e.g. dead addresses) to advertise.
     pub extra_stores: Vec<StoreInfo>,
     pub tweak: fn(&mut skv_proxy::Config),
+    /// mTLS inside (ADR 0022): a directory made by `skv_rpc::certs::create`; the fake
+    /// storenodes and placement serve TLS with their role's certificate and admit only the
+    /// proxy's, and the proxy gets `--tls-*` with its own.
+    pub tls: Option<std::path::PathBuf>,
 }
 
 impl Default for Options {
@@ -585,6 +610,7 @@ impl Default for Options {
             ranges: vec![(desc(1, b"", b"", 1, &[1, 2, 3]), 1)],
             extra_stores: vec![],
             tweak: |_| {},
+            tls: None,
         }
     }
 }
@@ -601,10 +627,13 @@ pub async fn start_with(opts: Options, configure: impl FnOnce(&mut skv_proxy::Co
     let mut stores = Vec::new();
     for id in &opts.stores {
         let cancel = CancellationToken::new();
-        let router = tonic::transport::Server::builder().add_service(StoreServer::new(FakeStore {
-            id: *id,
-            shared: shared.clone(),
-        }));
+        let router = builder(opts.tls.as_deref(), "storenode").add_service(StoreServer::with_interceptor(
+            FakeStore {
+                id: *id,
+                shared: shared.clone(),
+            },
+            proxy_only(opts.tls.is_some(), "skv.internal.v1.Store"),
+        ));
         let addr = serve(router, cancel.clone()).await;
         store_cancels.insert(*id, cancel);
         shared.truth.lock().addrs.insert(*id, addr.to_string());
@@ -626,7 +655,10 @@ pub async fn start_with(opts: Options, configure: impl FnOnce(&mut skv_proxy::Co
     shared.sync_placement();
     let placement_cancel = CancellationToken::new();
     let placement_addr = serve(
-        tonic::transport::Server::builder().add_service(PlacementServer::new(FakePlacement { shared: shared.clone() })),
+        builder(opts.tls.as_deref(), "placement").add_service(PlacementServer::with_interceptor(
+            FakePlacement { shared: shared.clone() },
+            proxy_only(opts.tls.is_some(), "skv.internal.v1.Placement"),
+        )),
         placement_cancel.clone(),
     )
     .await;
@@ -634,7 +666,16 @@ pub async fn start_with(opts: Options, configure: impl FnOnce(&mut skv_proxy::Co
     let dir = tempfile::tempdir().unwrap();
     let secret = dir.path().join("secret");
     std::fs::write(&secret, [SECRET, b"\n"].concat()).unwrap();
-    let mut config = skv_proxy::Config::new(vec![format!("http://{placement_addr}")], secret);
+    let placement_url = match &opts.tls {
+        Some(_) => placement_addr.to_string(),
+        None => format!("http://{placement_addr}"),
+    };
+    let mut config = skv_proxy::Config::new(vec![placement_url], secret);
+    if let Some(dir) = &opts.tls {
+        config.tls_cert_file = Some(dir.join("proxy.pem"));
+        config.tls_key_file = Some(dir.join("proxy-key.pem"));
+        config.tls_ca_file = Some(dir.join("ca.pem"));
+    }
     config.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
     (opts.tweak)(&mut config);
     configure(&mut config);
