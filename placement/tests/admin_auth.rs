@@ -320,7 +320,13 @@ async fn a_follower_checks_the_token_and_the_leader_checks_it_again() {
 /// A channel to `h` over TLS trusting `ca`, presenting `role`'s certificate from `certs`
 /// (None: no client certificate). Connects now, so a refused handshake is an error here.
 async fn tls_channel(h: &ServiceHandle, ca: &Path, certs: &Path, role: Option<&str>) -> Result<Channel, String> {
-    let cert = role.map(|r| (certs.join(format!("{r}.pem")), certs.join(format!("{r}-key.pem"))));
+    // `admin-expired` is admin's key under an expired certificate.
+    let cert = role.map(|r| {
+        (
+            certs.join(format!("{r}.pem")),
+            certs.join(format!("{}-key.pem", r.trim_end_matches("-expired"))),
+        )
+    });
     let tls = skv_rpc::tls::ClientTls::load(ca, cert.as_ref().map(|(c, k)| (c.as_path(), k.as_path())))
         .map_err(|e| e.to_string())?;
     let options = skv_rpc::EndpointOptions {
@@ -345,7 +351,7 @@ async fn mtls_admits_callers_by_the_role_in_their_certificate() {
     let dir = tempfile::tempdir().unwrap();
     let certs = dir.path().join("certs");
     let other = dir.path().join("other");
-    skv_rpc::certs::create(&certs, &["127.0.0.1".into()], 1, false).unwrap();
+    skv_rpc::certs::create_expired(&certs, &["127.0.0.1".into()]).unwrap();
     skv_rpc::certs::create(&other, &["127.0.0.1".into()], 1, false).unwrap();
     let mut c = config(dir.path(), vec![]);
     c.tls_cert_file = Some(certs.join("placement.pem"));
@@ -364,6 +370,11 @@ async fn mtls_admits_callers_by_the_role_in_their_certificate() {
     // server refuses; the client may only notice on its first call).
     for (what, ch) in [
         ("no client certificate", tls_channel(&pd, &ca, &certs, None).await),
+        // Same key and CA as the admin certificate accepted below: only its validity differs.
+        (
+            "an expired admin certificate of the cluster CA",
+            tls_channel(&pd, &ca, &certs, Some("admin-expired")).await,
+        ),
         (
             "a client certificate of another CA",
             tls_channel(&pd, &ca, &other, Some("admin")).await,

@@ -81,6 +81,16 @@ fn validity(params: &mut CertificateParams, days: u32) {
 
 /// Writes the CA and one certificate and key per role into `dir`; returns the paths written.
 pub fn create(dir: &Path, hosts: &[String], days: u32, force: bool) -> Result<Vec<PathBuf>> {
+    create_inner(dir, hosts, days, force, false)
+}
+
+/// As [`create`], plus `<role>-expired.pem` for every role: the same key and CA, expired
+/// yesterday. For tests that an expired certificate is refused at the handshake.
+pub fn create_expired(dir: &Path, hosts: &[String]) -> Result<Vec<PathBuf>> {
+    create_inner(dir, hosts, 1, true, true)
+}
+
+fn create_inner(dir: &Path, hosts: &[String], days: u32, force: bool, expired: bool) -> Result<Vec<PathBuf>> {
     let hosts: Vec<String> = hosts
         .iter()
         .map(|h| h.trim().to_string())
@@ -139,6 +149,15 @@ pub fn create(dir: &Path, hosts: &[String], days: u32, force: bool) -> Result<Ve
             .map_err(rc(format!("signing the {role} certificate")))?;
         out(format!("{role}.pem"), cert.pem(), false)?;
         out(format!("{role}-key.pem"), key.serialize_pem(), true)?;
+        if expired {
+            let now = OffsetDateTime::now_utc();
+            p.not_before = now - Duration::days(2);
+            p.not_after = now - Duration::days(1);
+            let cert = p
+                .signed_by(&key, &issuer)
+                .map_err(rc(format!("signing the expired {role} certificate")))?;
+            out(format!("{role}-expired.pem"), cert.pem(), false)?;
+        }
     }
     Ok(written)
 }
