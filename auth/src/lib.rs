@@ -20,6 +20,8 @@
 //!
 //! Tokens are never logged: [`AuthError`] carries only a reason.
 
+mod jwks_url;
+
 use base64::Engine;
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, KeyOperations, PublicKeyUse};
@@ -153,6 +155,9 @@ pub enum KeyError {
     /// A key given in memory that cannot be used (no file to name).
     #[error("{0}")]
     Unusable(String),
+    /// The JWKS URL could not be fetched.
+    #[error("fetching {url}: {reason}")]
+    Fetch { url: String, reason: String },
 }
 
 fn invalid(path: &Path, reason: impl Into<String>) -> KeyError {
@@ -341,12 +346,16 @@ pub enum KeySource {
     PublicKey(PathBuf),
     /// A JWKS (`{"keys":[...]}`): RSA and P-256 keys chosen by the token's `kid`.
     Jwks(PathBuf),
+    /// A JWKS fetched over HTTPS, the server checked against `ca_file`.
+    JwksUrl { url: String, ca_file: PathBuf },
 }
 
 impl KeySource {
+    /// The file, or the URL (for messages).
     pub fn path(&self) -> &Path {
         match self {
             KeySource::Hs256Secret(p) | KeySource::PublicKey(p) | KeySource::Jwks(p) => p,
+            KeySource::JwksUrl { url, .. } => Path::new(url.as_str()),
         }
     }
 
@@ -356,6 +365,24 @@ impl KeySource {
             KeySource::Hs256Secret(_) => "--jwt-hs256-secret-file",
             KeySource::PublicKey(_) => "--jwt-public-key-file",
             KeySource::Jwks(_) => "--jwt-jwks-file",
+            KeySource::JwksUrl { .. } => "--jwt-jwks-url",
+        }
+    }
+
+    /// The source's current bytes: the file read (capped at [`MAX_KEY_FILE_LEN`]), or one
+    /// HTTPS GET of the URL.
+    pub async fn fetch(&self) -> Result<Vec<u8>, KeyError> {
+        match self {
+            KeySource::JwksUrl { url, ca_file } => {
+                let tls = jwks_url::tls_config(ca_file)?;
+                jwks_url::get(url, tls).await
+            }
+            _ => {
+                let path = self.path().to_path_buf();
+                tokio::task::spawn_blocking(move || read_key_file(&path))
+                    .await
+                    .map_err(|e| KeyError::Unusable(format!("reading the key file: {e}")))?
+            }
         }
     }
 
@@ -370,7 +397,7 @@ impl KeySource {
                 Ok(KeySet::Hs256(DecodingKey::from_secret(&secret)))
             }
             KeySource::PublicKey(_) => parse_public_pem(bytes).map_err(|r| invalid(path, r)),
-            KeySource::Jwks(_) => parse_jwks(bytes).map_err(|r| invalid(path, r)),
+            KeySource::Jwks(_) | KeySource::JwksUrl { .. } => parse_jwks(bytes).map_err(|r| invalid(path, r)),
         }
     }
 }
@@ -686,11 +713,42 @@ impl Verifier {
         issuer: impl Into<String>,
         audience: impl Into<String>,
     ) -> Result<(Self, KeyReloader), KeyError> {
+        if let KeySource::JwksUrl { url, .. } = &source {
+            return Err(KeyError::Unusable(format!(
+                "{url}: a JWKS URL is fetched asynchronously (Verifier::load_async)"
+            )));
+        }
         let bytes = read_key_file(source.path())?;
+        Self::from_bytes(source, bytes, issuer, audience)
+    }
+
+    /// Loads the keys of `source` (a file or a URL), and returns the reloader that follows it.
+    pub async fn load_async(
+        source: KeySource,
+        issuer: impl Into<String>,
+        audience: impl Into<String>,
+    ) -> Result<(Self, KeyReloader), KeyError> {
+        let bytes = source.fetch().await?;
+        Self::from_bytes(source, bytes, issuer, audience)
+    }
+
+    fn from_bytes(
+        source: KeySource,
+        bytes: Vec<u8>,
+        issuer: impl Into<String>,
+        audience: impl Into<String>,
+    ) -> Result<(Self, KeyReloader), KeyError> {
         let keys = source.parse(&bytes)?;
         tracing::info!(source = source.flag(), path = %source.path().display(), keys = ?keys.describe(), "JWT keys loaded");
         let verifier = Self::with_keys(keys, issuer, audience);
-        Ok((verifier, KeyReloader { source, last: bytes }))
+        Ok((
+            verifier,
+            KeyReloader {
+                source,
+                last: bytes,
+                last_fetch_error: None,
+            },
+        ))
     }
 
     /// Overrides the `exp`/`nbf` leeway (seconds).
@@ -839,6 +897,8 @@ pub struct KeyReloader {
     source: KeySource,
     /// The contents last seen (loaded or refused), so an unchanged file costs one read.
     last: Vec<u8>,
+    /// The last failure to fetch a JWKS URL (logged once).
+    last_fetch_error: Option<String>,
 }
 
 /// What one look at the key file found.
@@ -853,17 +913,26 @@ pub enum Reload {
 impl KeyReloader {
     /// Reads the file once and swaps the keys in `verifier` if it changed.
     pub async fn check(&mut self, verifier: &Verifier) -> Reload {
-        let path = self.source.path().to_path_buf();
-        let bytes = match tokio::task::spawn_blocking(move || read_key_file(&path)).await {
-            Ok(Ok(b)) => b,
-            Ok(Err(e)) => {
+        let bytes = match self.source.fetch().await {
+            Ok(b) => b,
+            Err(e @ KeyError::Fetch { .. }) => {
+                // An identity provider that does not answer: keep the keys, say so (once
+                // per distinct error, not every interval).
+                let text = e.to_string();
+                if self.last_fetch_error.as_deref() != Some(text.as_str()) {
+                    tracing::warn!(error = %text, "JWKS URL not fetched; keeping the current keys");
+                    self.last_fetch_error = Some(text);
+                }
+                return Reload::Unchanged;
+            }
+            Err(e) => {
                 // A rename-into-place can make the file missing for an instant: keep quiet
                 // about it until the contents really differ.
                 tracing::debug!(error = %e, "JWT key file not readable; keeping the current keys");
                 return Reload::Unchanged;
             }
-            Err(_) => return Reload::Unchanged,
         };
+        self.last_fetch_error = None;
         if bytes == self.last {
             return Reload::Unchanged;
         }
@@ -911,15 +980,23 @@ impl KeyReloader {
 #[derive(clap::Args, Clone, Debug, PartialEq, Eq)]
 pub struct JwtArgs {
     /// File holding the HS256 shared secret, at least 32 bytes (trailing whitespace is ignored).
-    #[arg(long, env = "SKV_JWT_HS256_SECRET_FILE", conflicts_with_all = ["jwt_public_key_file", "jwt_jwks_file"])]
+    #[arg(long, env = "SKV_JWT_HS256_SECRET_FILE", conflicts_with_all = ["jwt_public_key_file", "jwt_jwks_file", "jwt_jwks_url"])]
     pub jwt_hs256_secret_file: Option<PathBuf>,
     /// PEM public key (RSA of 2048+ bits: RS256; P-256: ES256), reloaded when it changes.
-    #[arg(long, env = "SKV_JWT_PUBLIC_KEY_FILE", conflicts_with = "jwt_jwks_file")]
+    #[arg(long, env = "SKV_JWT_PUBLIC_KEY_FILE", conflicts_with_all = ["jwt_jwks_file", "jwt_jwks_url"])]
     pub jwt_public_key_file: Option<PathBuf>,
     /// JWKS file (RS256 and ES256 keys, chosen by the token's `kid`), reloaded when it
     /// changes: list the old and the new key during a rotation.
-    #[arg(long, env = "SKV_JWT_JWKS_FILE")]
+    #[arg(long, env = "SKV_JWT_JWKS_FILE", conflicts_with = "jwt_jwks_url")]
     pub jwt_jwks_file: Option<PathBuf>,
+    /// JWKS URL (https only), fetched every --jwt-key-reload-ms (set it to a minute or so
+    /// for an identity provider); needs --jwt-jwks-ca-file.
+    #[arg(long, env = "SKV_JWT_JWKS_URL", requires = "jwt_jwks_ca_file")]
+    pub jwt_jwks_url: Option<String>,
+    /// The CA certificates (PEM bundle, e.g. /etc/ssl/certs/ca-certificates.crt) that the
+    /// --jwt-jwks-url server must chain to.
+    #[arg(long, env = "SKV_JWT_JWKS_CA_FILE", requires = "jwt_jwks_url")]
+    pub jwt_jwks_ca_file: Option<PathBuf>,
     /// How often the JWT key file is checked for changes, in milliseconds (0 = never).
     #[arg(long, env = "SKV_JWT_KEY_RELOAD_MS", default_value_t = 1000)]
     pub jwt_key_reload_ms: u64,
@@ -931,9 +1008,11 @@ pub struct JwtArgs {
     pub jwt_audience: String,
 }
 
-/// More than one of `--jwt-hs256-secret-file`, `--jwt-public-key-file`, `--jwt-jwks-file`.
+/// More than one key source, or a URL without its CA file.
 #[derive(Debug, thiserror::Error)]
-#[error("give at most one of --jwt-hs256-secret-file, --jwt-public-key-file or --jwt-jwks-file")]
+#[error(
+    "give at most one of --jwt-hs256-secret-file, --jwt-public-key-file, --jwt-jwks-file or --jwt-jwks-url (the URL with --jwt-jwks-ca-file)"
+)]
 pub struct TwoKeySources;
 
 /// No key, the flags' defaults otherwise.
@@ -943,6 +1022,8 @@ impl Default for JwtArgs {
             jwt_hs256_secret_file: None,
             jwt_public_key_file: None,
             jwt_jwks_file: None,
+            jwt_jwks_url: None,
+            jwt_jwks_ca_file: None,
             jwt_key_reload_ms: 1000,
             jwt_issuer: DEFAULT_ISSUER.to_string(),
             jwt_audience: DEFAULT_AUDIENCE.to_string(),
@@ -957,6 +1038,8 @@ impl JwtArgs {
             jwt_hs256_secret_file: Some(secret_file),
             jwt_public_key_file: None,
             jwt_jwks_file: None,
+            jwt_jwks_url: None,
+            jwt_jwks_ca_file: None,
             jwt_key_reload_ms: 1000,
             jwt_issuer: DEFAULT_ISSUER.to_string(),
             jwt_audience: DEFAULT_AUDIENCE.to_string(),
@@ -965,28 +1048,38 @@ impl JwtArgs {
 
     /// The key source the flags name, if any.
     pub fn key_source(&self) -> Result<Option<KeySource>, TwoKeySources> {
+        let url = match (&self.jwt_jwks_url, &self.jwt_jwks_ca_file) {
+            (Some(url), Some(ca)) => Some(KeySource::JwksUrl {
+                url: url.clone(),
+                ca_file: ca.clone(),
+            }),
+            (None, None) => None,
+            _ => return Err(TwoKeySources),
+        };
         match (
             &self.jwt_hs256_secret_file,
             &self.jwt_public_key_file,
             &self.jwt_jwks_file,
+            url,
         ) {
-            (None, None, None) => Ok(None),
-            (Some(p), None, None) => Ok(Some(KeySource::Hs256Secret(p.clone()))),
-            (None, Some(p), None) => Ok(Some(KeySource::PublicKey(p.clone()))),
-            (None, None, Some(p)) => Ok(Some(KeySource::Jwks(p.clone()))),
+            (None, None, None, None) => Ok(None),
+            (Some(p), None, None, None) => Ok(Some(KeySource::Hs256Secret(p.clone()))),
+            (None, Some(p), None, None) => Ok(Some(KeySource::PublicKey(p.clone()))),
+            (None, None, Some(p), None) => Ok(Some(KeySource::Jwks(p.clone()))),
+            (None, None, None, Some(u)) => Ok(Some(u)),
             _ => Err(TwoKeySources),
         }
     }
 
     /// Loads the keys of `source` with these flags' issuer and audience, and starts the
     /// task that reloads them (unless `--jwt-key-reload-ms 0`) until `cancel`.
-    pub fn load(
+    pub async fn load(
         &self,
         source: KeySource,
         cancel: tokio_util::sync::CancellationToken,
         on_change: impl FnMut(Reload, &Verifier) + Send + 'static,
     ) -> Result<Arc<Verifier>, KeyError> {
-        let (verifier, reloader) = Verifier::load(source, &self.jwt_issuer, &self.jwt_audience)?;
+        let (verifier, reloader) = Verifier::load_async(source, &self.jwt_issuer, &self.jwt_audience).await?;
         let verifier = Arc::new(verifier);
         if self.jwt_key_reload_ms > 0 {
             tokio::spawn(reloader.run(

@@ -47,7 +47,7 @@ pub use router::{OUTCOME_METADATA_KEY, is_outcome_unknown};
     clap::ArgGroup::new("jwt_key")
         .required(true)
         .multiple(false)
-        .args(["jwt_hs256_secret_file", "jwt_public_key_file", "jwt_jwks_file"])
+        .args(["jwt_hs256_secret_file", "jwt_public_key_file", "jwt_jwks_file", "jwt_jwks_url"])
 ))]
 pub struct Config {
     /// gRPC listen address (port 0 picks a free port).
@@ -143,7 +143,7 @@ impl Config {
         match self.jwt.key_source() {
             Ok(Some(source)) => Ok(source),
             _ => anyhow::bail!(
-                "exactly one of --jwt-hs256-secret-file, --jwt-public-key-file or --jwt-jwks-file is required"
+                "exactly one of --jwt-hs256-secret-file, --jwt-public-key-file, --jwt-jwks-file or --jwt-jwks-url is required"
             ),
         }
     }
@@ -224,7 +224,8 @@ pub async fn start(config: Config) -> anyhow::Result<ServiceHandle> {
                 }
                 auth::Reload::Refused => metrics.jwt_key_reload("refused"),
                 auth::Reload::Unchanged => {}
-            })?
+            })
+            .await?
     };
     let public = public_descriptor_set()?;
     let reflection = || {

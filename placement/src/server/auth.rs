@@ -47,7 +47,7 @@ pub(super) enum Guard {
 
 impl Guard {
     /// The guard the config asks for; loads the keys and starts their reload task.
-    pub(super) fn from_config(config: &crate::Config, cancel: CancellationToken) -> anyhow::Result<Guard> {
+    pub(super) async fn from_config(config: &crate::Config, cancel: CancellationToken) -> anyhow::Result<Guard> {
         let source = config.jwt.key_source()?;
         match (config.admin_auth, source) {
             (AdminAuth::None, Some(source)) => anyhow::bail!(
@@ -67,7 +67,7 @@ impl Guard {
                 Ok(Guard::Off)
             }
             (AdminAuth::Jwt, Some(source)) => {
-                let verifier = config.jwt.load(source, cancel, |_, _| {})?;
+                let verifier = config.jwt.load(source, cancel, |_, _| {}).await?;
                 Ok(Guard::Jwt(verifier))
             }
         }

@@ -144,7 +144,7 @@ pub async fn start_with_store(config: Config, store: DynMetaStore) -> anyhow::Re
         None => None,
     };
     let cancel = CancellationToken::new();
-    let guard = auth::Guard::from_config(&config, cancel.child_token())?;
+    let guard = auth::Guard::from_config(&config, cancel.child_token()).await?;
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     let addr = listener.local_addr()?;
     if config.advertise.is_none() && addr.ip().is_unspecified() {
