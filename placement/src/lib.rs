@@ -140,6 +140,16 @@ pub struct Config {
     /// The cluster CA (PEM) that callers' and servers' certificates must chain to.
     #[arg(long, env = "SKV_TLS_CA_FILE")]
     pub tls_ca_file: Option<PathBuf>,
+    /// TLS to etcd: the CA (PEM) etcd's certificate must chain to (https:// --etcd URLs).
+    #[arg(long, env = "SKV_ETCD_CA_FILE")]
+    pub etcd_ca_file: Option<PathBuf>,
+    /// The certificate placement presents to etcd, when etcd asks for one
+    /// (--client-cert-auth). With --etcd-key-file and --etcd-ca-file.
+    #[arg(long, env = "SKV_ETCD_CERT_FILE")]
+    pub etcd_cert_file: Option<PathBuf>,
+    /// The private key of --etcd-cert-file (PEM).
+    #[arg(long, env = "SKV_ETCD_KEY_FILE")]
+    pub etcd_key_file: Option<PathBuf>,
 }
 
 /// How placement authorizes admin and status calls (`--admin-auth`).
@@ -196,6 +206,9 @@ impl Config {
             tls_cert_file: None,
             tls_key_file: None,
             tls_ca_file: None,
+            etcd_ca_file: None,
+            etcd_cert_file: None,
+            etcd_key_file: None,
         }
     }
 }
@@ -210,13 +223,25 @@ pub async fn open_meta_store(config: &Config) -> anyhow::Result<meta::DynMetaSto
         .filter(|e| !e.is_empty())
         .collect();
     if endpoints.is_empty() {
+        if config.etcd_ca_file.is_some() || config.etcd_cert_file.is_some() || config.etcd_key_file.is_some() {
+            anyhow::bail!(
+                "--etcd-ca-file, --etcd-cert-file and --etcd-key-file need --etcd (the embedded store has no TLS)"
+            );
+        }
         let s = meta::embedded::EmbeddedStore::open(config.data_dir.join("meta"))?;
         Ok(Arc::new(s))
     } else {
+        let tls = skv_rpc::tls::ClientTls::from_flags(
+            config.etcd_ca_file.as_deref(),
+            config.etcd_cert_file.as_deref(),
+            config.etcd_key_file.as_deref(),
+            ["--etcd-ca-file", "--etcd-cert-file", "--etcd-key-file"],
+        )?
+        .map(|t| t.config());
         // etcd may still be starting (compose, k8s): retry for a while.
         let mut attempt = 0;
         loop {
-            match meta::etcd::EtcdStore::connect(&endpoints).await {
+            match meta::etcd::EtcdStore::connect_with_tls(&endpoints, tls.clone()).await {
                 Ok(s) => return Ok(Arc::new(s)),
                 Err(e) if attempt < 20 => {
                     attempt += 1;

@@ -238,7 +238,8 @@ impl ClientTls {
         }
     }
 
-    pub(crate) fn config(&self) -> ClientTlsConfig {
+    /// tonic's configuration (also what etcd-client takes as its `TlsOptions`).
+    pub fn config(&self) -> ClientTlsConfig {
         self.config.clone()
     }
 }

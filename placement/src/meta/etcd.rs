@@ -17,10 +17,19 @@ pub struct EtcdStore {
 impl EtcdStore {
     /// Connects to `endpoints` (`http://host:port` or `host:port`).
     pub async fn connect(endpoints: &[String]) -> MetaResult<Self> {
-        let opts = ec::ConnectOptions::new()
+        Self::connect_with_tls(endpoints, None).await
+    }
+
+    /// As [`EtcdStore::connect`], over TLS when `tls` is given (the etcd CA, and placement's
+    /// certificate when etcd asks for client certificates).
+    pub async fn connect_with_tls(endpoints: &[String], tls: Option<ec::TlsOptions>) -> MetaResult<Self> {
+        let mut opts = ec::ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(3))
             .with_timeout(Duration::from_secs(5))
             .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
+        if let Some(t) = tls {
+            opts = opts.with_tls(t);
+        }
         let client = ec::Client::connect(endpoints, Some(opts))
             .await
             .map_err(MetaError::other)?;
