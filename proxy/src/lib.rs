@@ -208,7 +208,9 @@ fn public_descriptor_set() -> anyhow::Result<prost_types::FileDescriptorSet> {
 pub async fn start(config: Config) -> anyhow::Result<ServiceHandle> {
     let client_tls = config.client_tls()?;
     // Read before anything starts: a bad file fails the start with its name.
-    let client_tls_config = client_tls.as_ref().map(|t| t.load()).transpose()?;
+    if let Some(t) = &client_tls {
+        t.load()?;
+    }
     let internal_tls = config.internal_tls()?;
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = metrics::Metrics::new(&mut registry);
@@ -319,23 +321,27 @@ pub async fn start(config: Config) -> anyhow::Result<ServiceHandle> {
         });
     }
 
-    let incoming = skv_rpc::incoming(listener);
+    // TLS through skv_rpc (certificates re-read every few seconds, ADR 0022), or plaintext.
+    let (tls_incoming, plain_incoming) = match &client_tls {
+        Some(t) => (Some(t.incoming(listener).context("TLS on the client port")?), None),
+        None => (None, Some(skv_rpc::incoming(listener))),
+    };
     let shutdown = cancel.clone().cancelled_owned();
-    let mut builder = tonic::transport::Server::builder();
-    if let Some(t) = client_tls_config {
-        builder = builder.tls_config(t).context("TLS on the client port")?;
-    }
-    let server = builder
+    let router = tonic::transport::Server::builder()
         // Notice dead clients (and release their tenant slots) on idle connections.
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .add_service(OversizeAsResourceExhausted(kv))
         .add_service(health)
         .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .serve_with_incoming_shutdown(incoming, shutdown);
+        .add_service(reflection_v1alpha);
     let task = tokio::spawn(async move {
-        server.await.context("proxy gRPC server")?;
+        match (tls_incoming, plain_incoming) {
+            (Some(tls), _) => router.serve_with_incoming_shutdown(tls, shutdown).await,
+            (None, Some(plain)) => router.serve_with_incoming_shutdown(plain, shutdown).await,
+            (None, None) => Ok(()),
+        }
+        .context("proxy gRPC server")?;
         Ok(())
     });
     tracing::info!(%addr, metrics = ?metrics_addr, tls = client_tls.is_some(), client_certificates = client_tls.as_ref().is_some_and(|t| t.client_ca_file.is_some()), "skv-proxy listening");

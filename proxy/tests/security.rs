@@ -682,3 +682,52 @@ async fn proxy_presents_its_certificate_inside() {
         println!("proxy with {what}: {:?}: {}", e.code(), e.message());
     }
 }
+
+/// Certificate rotation without a restart (ADR 0022): the proxy's client-port certificate
+/// files are replaced (by one of another CA); within a reload interval new connections get
+/// the new certificate, while a connection opened before keeps working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_port_certificate_reloads() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b, live) = (dir.path().join("a"), dir.path().join("b"), dir.path().join("live"));
+    skv_rpc::certs::create(&a, &["127.0.0.1".into()], 1, false).unwrap();
+    skv_rpc::certs::create(&b, &["127.0.0.1".into()], 1, false).unwrap();
+    std::fs::create_dir_all(&live).unwrap();
+    let install = |from: &Path| {
+        for f in ["proxy.pem", "proxy-key.pem"] {
+            let tmp = live.join(format!("{f}.tmp"));
+            std::fs::copy(from.join(f), &tmp).unwrap();
+            std::fs::rename(&tmp, live.join(f)).unwrap();
+        }
+    };
+    install(&a);
+    let (cert, key) = (live.join("proxy.pem"), live.join("proxy-key.pem"));
+    let cl = fake::start_with(Options::default(), move |c| {
+        c.client_tls_cert_file = Some(cert);
+        c.client_tls_key_file = Some(key);
+    })
+    .await;
+    let token = fake::token("acme", Role::Write);
+    let mut before = tls_client(cl.proxy.addr, &a.join("ca.pem"), None).await.unwrap();
+    assert!(put(&mut before, &token, b"k").await.is_ok());
+    assert!(tls_client(cl.proxy.addr, &b.join("ca.pem"), None).await.is_err());
+    install(&b);
+    let t0 = Instant::now();
+    loop {
+        if let Ok(mut c) = tls_client(cl.proxy.addr, &b.join("ca.pem"), None).await
+            && put(&mut c, &token, b"k").await.is_ok()
+        {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "the new certificate was not served"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    println!("new certificate served {:?} after the files changed", t0.elapsed());
+    let e = tls_client(cl.proxy.addr, &a.join("ca.pem"), None).await.err().unwrap();
+    assert!(e.contains("InvalidCertificate"), "{e}");
+    // The connection opened before the rotation still works.
+    assert!(put(&mut before, &token, b"k").await.is_ok());
+}

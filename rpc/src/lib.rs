@@ -20,6 +20,7 @@ mod placement;
 mod server;
 mod timeout;
 pub mod tls;
+mod tls_incoming;
 
 pub use backoff::Backoff;
 pub use endpoint::{EndpointOptions, endpoint, endpoint_with, lazy_channel, url, url_with};

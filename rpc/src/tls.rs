@@ -14,7 +14,8 @@
 //!   puts in front of a service to admit only some roles (a proxy certificate cannot call
 //!   Raft).
 //!
-//! Certificates are read once at start: rotating them needs a restart (reload is not built).
+//! A server's files are re-read every few seconds ([`ServerTls::incoming`]): its certificate
+//! rotates without a restart. A client's are read once, when its channels are built.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -115,11 +116,11 @@ fn read_pem(path: &Path, what: &str, labels: &[&str]) -> Result<Vec<u8>, TlsErro
     Ok(bytes)
 }
 
-fn read_cert(path: &Path) -> Result<Vec<u8>, TlsError> {
+pub(crate) fn read_cert(path: &Path) -> Result<Vec<u8>, TlsError> {
     read_pem(path, "certificate", &["CERTIFICATE"])
 }
 
-fn read_key(path: &Path) -> Result<Vec<u8>, TlsError> {
+pub(crate) fn read_key(path: &Path) -> Result<Vec<u8>, TlsError> {
     read_pem(
         path,
         "private key",

@@ -135,7 +135,10 @@ struct Shared {
 /// Starts a placement instance on an already opened metadata store.
 pub async fn start_with_store(config: Config, store: DynMetaStore) -> anyhow::Result<ServiceHandle> {
     let server_tls = config.tls()?;
-    let tls_config = server_tls.as_ref().map(|t| t.load()).transpose()?;
+    // Read now: a file that does not load fails the start with its name.
+    if let Some(t) = &server_tls {
+        t.load()?;
+    }
     let client_tls = match &server_tls {
         Some(t) => Some(skv_rpc::tls::ClientTls::load(
             t.client_ca_file.as_deref().unwrap_or(&t.cert_file),
@@ -190,7 +193,7 @@ pub async fn start_with_store(config: Config, store: DynMetaStore) -> anyhow::Re
         channels: parking_lot::Mutex::new(HashMap::new()),
         cancel: cancel.clone(),
         guard,
-        tls: tls_config.is_some(),
+        tls: server_tls.is_some(),
         client_tls,
     });
     let election_task = tokio::spawn(election::run(
@@ -206,26 +209,24 @@ pub async fn start_with_store(config: Config, store: DynMetaStore) -> anyhow::Re
         .max_decoding_message_size(skv_common::limits::DEFAULT_MAX_MESSAGE_LEN);
     let svc = PlacementServer::new(PlacementService { s: shared })
         .max_decoding_message_size(skv_common::limits::DEFAULT_MAX_MESSAGE_LEN);
-    let incoming = skv_rpc::incoming(listener);
+    // TLS through skv_rpc (certificates re-read every few seconds, ADR 0022), or plaintext.
+    let (tls_incoming, plain_incoming) = match &server_tls {
+        Some(t) => (Some(t.incoming(listener)?), None),
+        None => (None, Some(skv_rpc::incoming(listener))),
+    };
     ready.set(true);
     tracing::info!(%addr, name = %me.name, "placement serving");
     let c = cancel.clone();
     let task = tokio::spawn(async move {
-        let mut builder = tonic::transport::Server::builder();
-        if let Some(t) = tls_config {
-            builder = match builder.tls_config(t) {
-                Ok(b) => b,
-                Err(e) => {
-                    c.cancel();
-                    return Err(anyhow::anyhow!("placement TLS: {e}"));
-                }
-            };
-        }
-        let r = builder
+        let router = tonic::transport::Server::builder()
             .add_service(svc)
-            .add_service(admin_svc)
-            .serve_with_incoming_shutdown(incoming, c.clone().cancelled_owned())
-            .await;
+            .add_service(admin_svc);
+        let stop = c.clone().cancelled_owned();
+        let r = match (tls_incoming, plain_incoming) {
+            (Some(tls), _) => router.serve_with_incoming_shutdown(tls, stop).await,
+            (None, Some(plain)) => router.serve_with_incoming_shutdown(plain, stop).await,
+            (None, None) => Ok(()),
+        };
         c.cancel();
         let _ = leader_task.await;
         let _ = election_task.await;
