@@ -369,11 +369,8 @@ async fn hibernated_idle_ranges_use_little_cpu() {
     );
 }
 
-/// The same measurement without hibernation, to show the bound means something (ignored by
-/// default: it burns CPU on purpose). `cargo nextest run -p skv-storenode --test hibernate
-/// --run-ignored only`.
+/// The same measurement without hibernation, to show the bound means something.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore]
 async fn awake_idle_ranges_exceed_the_bound() {
     let n = idle_ranges();
     let cores = idle_cpu(n, false, Duration::from_secs(5)).await;

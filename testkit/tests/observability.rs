@@ -579,6 +579,7 @@ impl Procs {
                     format!("127.0.0.1:{mport}"),
                     "--heartbeat-interval-ms".into(),
                     "300".into(),
+                    "--raft-hibernate=true".into(),
                     "--raft-hibernate-after-ms".into(),
                     "500".into(),
                 ],
