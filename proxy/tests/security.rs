@@ -711,6 +711,52 @@ async fn client_port_certificate_reloads() {
     let mut before = tls_client(cl.proxy.addr, &a.join("ca.pem"), None).await.unwrap();
     assert!(put(&mut before, &token, b"k").await.is_ok());
     assert!(tls_client(cl.proxy.addr, &b.join("ca.pem"), None).await.is_err());
+    // Load across the rotation: a writer on a connection opened before, and one that opens
+    // a new connection per write trusting both CAs (what clients do during a CA rollover).
+    let both = dir.path().join("both-ca.pem");
+    std::fs::write(
+        &both,
+        [
+            std::fs::read(a.join("ca.pem")).unwrap(),
+            std::fs::read(b.join("ca.pem")).unwrap(),
+        ]
+        .concat(),
+    )
+    .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let mut writers = Vec::new();
+    for fresh in [false, true] {
+        let (stop, ok, failed, token, addr, both) = (
+            stop.clone(),
+            ok.clone(),
+            failed.clone(),
+            token.clone(),
+            cl.proxy.addr,
+            both.clone(),
+        );
+        let mut held = before.clone();
+        writers.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let r = if fresh {
+                    match tls_client(addr, &both, None).await {
+                        Ok(mut c) => put(&mut c, &token, b"load").await.map_err(|e| e.to_string()),
+                        Err(e) => Err(e),
+                    }
+                } else {
+                    put(&mut held, &token, b"load").await.map_err(|e| e.to_string())
+                };
+                match r {
+                    Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
+                    Err(e) => {
+                        eprintln!("write failed during the rotation: {e}");
+                        failed.fetch_add(1, Ordering::Relaxed)
+                    }
+                };
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }));
+    }
     install(&b);
     let t0 = Instant::now();
     loop {
@@ -730,4 +776,13 @@ async fn client_port_certificate_reloads() {
     assert!(e.contains("InvalidCertificate"), "{e}");
     // The connection opened before the rotation still works.
     assert!(put(&mut before, &token, b"k").await.is_ok());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    for w in writers {
+        w.await.unwrap();
+    }
+    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    println!("writes during the rotation: {ok} ok, {failed} failed");
+    assert!(ok > 50, "{ok}");
+    assert_eq!(failed, 0);
 }
