@@ -277,7 +277,8 @@ fn docker_images_and_compose_cluster_serve_skvctl_put_and_get() {
             "--ns",
             "default",
             "--role",
-            "write",
+            // admin: the test also moves a leader (placement's admin calls need it, ADR 0021)
+            "admin",
         ],
     );
     assert!(o.status.success(), "skvctl token mint: {}", text(&o));
@@ -466,7 +467,7 @@ fn docker_images_and_compose_cluster_serve_skvctl_put_and_get() {
             Duration::from_secs(30),
             || {
                 let o = skvctl(
-                    &[("SKV_PLACEMENT", &pd)],
+                    &[("SKV_PLACEMENT", &pd), ("SKV_TOKEN", &tok)],
                     &["transfer-leader", &id, "--to", &store_id.to_string()],
                 );
                 o.status.success().then_some(()).ok_or_else(|| text(&o))
