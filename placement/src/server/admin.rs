@@ -295,17 +295,31 @@ pub(super) async fn set_scheduler_paused(
     Ok(SetSchedulerPausedResponse {})
 }
 
+/// How long an admin call waits for a range's leader to be known before refusing.
+const LEADER_WAIT: Duration = Duration::from_secs(3);
+
 impl Shared {
-    /// The stored descriptor of a range, its leader and the leader's address.
+    /// The stored descriptor of a range, its leader and the leader's address (waiting up to
+    /// [`LEADER_WAIT`] for the leader to be known).
     pub(super) async fn range_and_leader(
         &self,
         range_id: RangeId,
     ) -> PlacementResult<(RangeDescriptor, StoreId, String)> {
-        let rec = self
-            .meta
-            .range_by_id(range_id)
-            .await?
-            .ok_or(PlacementError::RangeNotFound { range_id })?;
+        // A range just created (the first one of a new cluster, a split's right half) has
+        // no leader in the map until its first range heartbeat (about a second): wait for it
+        // a little rather than refusing the admin call at once.
+        let deadline = tokio::time::Instant::now() + LEADER_WAIT;
+        let rec = loop {
+            let rec = self
+                .meta
+                .range_by_id(range_id)
+                .await?
+                .ok_or(PlacementError::RangeNotFound { range_id })?;
+            if rec.leader().is_some() || tokio::time::Instant::now() >= deadline {
+                break rec;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
         let desc = rec.desc().clone();
         let leader = rec.leader().ok_or_else(|| PlacementError::RangeUnavailable {
             range_id,
