@@ -33,6 +33,30 @@ pub fn bin_path(name: &str) -> PathBuf {
     path
 }
 
+/// The workspace's root directory (deploy/, scripts/, target/ live there).
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(std::path::Path::to_path_buf)
+        .unwrap_or_else(|| panic!("no workspace root"))
+}
+
+/// Runs `cmd` to completion with no stdin, capturing its output (panics if it cannot start).
+pub fn run_captured(cmd: &mut std::process::Command) -> std::process::Output {
+    cmd.stdin(std::process::Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
+}
+
+/// stdout then stderr of a finished command, as text (for assertion messages).
+pub fn output_text(o: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
 /// A child process that is killed (SIGKILL) and reaped when dropped.
 pub struct ChildGuard {
     name: String,

@@ -30,26 +30,11 @@ const TAG: &str = "deploy-test";
 /// A container that takes a stopped storenode's address, so that its successor gets another.
 const IP_TAKER: &str = "skv-deploy-test-ip-taker";
 
-fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| panic!("no workspace root"))
-}
+use skv_testkit::repo_root;
 
-fn run(cmd: &mut Command) -> Output {
-    cmd.stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
-}
+use skv_testkit::run_captured as run;
 
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
+use skv_testkit::output_text as text;
 
 /// `docker-compose` with this test's project, file and environment.
 struct Compose {

@@ -18,15 +18,10 @@
 
 use serde_json::Value;
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::path::PathBuf;
+use std::process::{Command, Output};
 
-fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| panic!("no workspace root"))
-}
+use skv_testkit::repo_root;
 
 /// The Python of target/pyenv (or SKV_PYTHON), which scripts/test.sh sets up.
 fn python() -> PathBuf {
@@ -53,19 +48,9 @@ fn validator() -> PathBuf {
     bin
 }
 
-fn run(cmd: &mut Command) -> Output {
-    cmd.stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
-}
+use skv_testkit::run_captured as run;
 
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
+use skv_testkit::output_text as text;
 
 fn manifests() -> Vec<PathBuf> {
     let dir = repo_root().join("deploy/k8s");

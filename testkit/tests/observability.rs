@@ -47,12 +47,7 @@ const WINDOW: &str = "30s";
 /// deploy/prometheus/prometheus.yml, which the alert rules select on.
 const JOBS: [&str; 4] = ["skv-placement", "skv-storenode", "skv-proxy", "etcd"];
 
-fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| panic!("no workspace root"))
-}
+use skv_testkit::repo_root;
 
 fn which(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
