@@ -1090,7 +1090,9 @@ impl RaftSvc for RaftService {
                 Err(e) => return Ok(wire_err(e)),
             }
         };
-        Ok(Response::new(r.raft.handle_rpc(&r.shared, rpc).await))
+        Ok(Response::new(
+            r.raft.handle_rpc(&r.shared, rpc, msg.sender_applied_index).await,
+        ))
     }
 
     async fn send_snapshot(

@@ -87,6 +87,7 @@ async fn bad_input_gets_clean_errors() {
             to_store_id: leader,
             descriptor: None,
             payload: vec![0xff, 0x13, 0x37, 0x00, 0x42],
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -99,6 +100,7 @@ async fn bad_input_gets_clean_errors() {
             to_store_id: 77,
             descriptor: None,
             payload: vec![],
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -118,6 +120,7 @@ async fn bad_input_gets_clean_errors() {
             to_store_id: leader,
             descriptor: None,
             payload: vec![9; 10],
+            ..Default::default()
         }),
         data: vec![1, 2, 3],
         last: true,

@@ -654,7 +654,13 @@ impl RaftGroup {
     /// Handles one Raft message from a peer; records leader contacts for stale reads.
     /// Hibernation (ADR 0018) is checked after openraft handled the message, so a wake that
     /// turns the election timer on finds the lease the message renewed.
-    pub async fn handle_rpc(&self, shared: &RangeShared, rpc: RaftRpc) -> RaftMessageResponse {
+    ///
+    /// `sender_applied` is the sender's applied index when it sent the message (0: not
+    /// given). openraft can resend an old AppendEntries whose `leader_commit` lags far behind
+    /// the leader (seen: 56 against 153, to a follower that had just restarted); every write
+    /// the leader acknowledged before sending is at most its applied index, so a contact
+    /// counts the larger of the two (ADR 0008).
+    pub async fn handle_rpc(&self, shared: &RangeShared, rpc: RaftRpc, sender_applied: u64) -> RaftMessageResponse {
         match rpc {
             RaftRpc::Append(req) => {
                 let received = Instant::now();
@@ -666,6 +672,7 @@ impl RaftGroup {
                         .leader_commit
                         .is_some_and(|l| l.leader_id.term == req.vote.leader_id.term);
                 let leader_commit = req.leader_commit.map_or(0, |l| l.index);
+                let contact_commit = leader_commit.max(sender_applied);
                 let entries = req.entries.len();
                 let other_vote = self.hibernation_enabled() && {
                     let m = self.raft.metrics();
@@ -675,7 +682,7 @@ impl RaftGroup {
                 let res = self.raft.append_entries(req).await;
                 let accepted = matches!(res, Ok(AppendEntriesResponse::Success));
                 if from_leader && accepted {
-                    shared.leader_contacts.lock().record(received, leader_commit);
+                    shared.leader_contacts.lock().record(received, contact_commit);
                     if self.hibernation_enabled() {
                         self.transition(|h| h.on_leader_contact());
                     }

@@ -213,6 +213,7 @@ impl Transport {
             to_store_id: to.0,
             descriptor: None,
             payload,
+            sender_applied_index: 0,
         };
         let resp = match tokio::time::timeout(timeout, client.send(msg)).await {
             Err(_) => return Err(format!("control message timed out after {timeout:?}")),
@@ -313,6 +314,9 @@ impl Network {
             to_store_id: self.target.0,
             descriptor: Some(self.shared.desc()),
             payload,
+            // Read now, at every (re)send: openraft may resend an old payload whose
+            // `leader_commit` is far behind (ADR 0008).
+            sender_applied_index: self.shared.applied_index.load(std::sync::atomic::Ordering::Acquire),
         }
     }
 
