@@ -79,13 +79,8 @@ pub struct ValueCache {
 }
 
 fn stripe_of(key: &[u8]) -> usize {
-    // FNV-1a: keys are short, and this only spreads keys over the stripes.
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in key {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    (h as usize) % STRIPES
+    // FNV-1a (the snapshot checksum's): keys are short; this only spreads them over stripes.
+    (crate::raft::state_machine::fnv1a(crate::raft::state_machine::FNV_OFFSET, key) as usize) % STRIPES
 }
 
 impl ValueCache {
@@ -145,31 +140,30 @@ impl ValueCache {
     /// Records what apply just committed for `key` (call after the commit, before the
     /// applied index is published).
     pub fn publish(&self, key: Vec<u8>, value: Cached) {
-        let stripe = stripe_of(&key);
-        let mut g = self.stripes[stripe].lock();
+        let Some(c) = &self.cache else { return };
+        let mut g = self.stripes[stripe_of(&key)].lock();
         *g = g.wrapping_add(1);
-        if let Some(c) = &self.cache {
-            c.insert(key, value);
-        }
+        c.insert(key, value);
     }
 
     /// Drops `keys` after a bulk change of the engine committed.
     pub fn invalidate<'a>(&self, keys: impl IntoIterator<Item = &'a [u8]>) {
+        let Some(c) = &self.cache else { return };
         for key in keys {
-            let stripe = stripe_of(key);
-            let mut g = self.stripes[stripe].lock();
+            let mut g = self.stripes[stripe_of(key)].lock();
             *g = g.wrapping_add(1);
-            if let Some(c) = &self.cache {
-                c.remove(key);
-            }
+            c.remove(key);
         }
     }
 
-    /// Bytes held (as weighed); also sets the gauge (sampled, not kept per operation).
+    /// Bytes held (as weighed).
     pub fn usage(&self) -> usize {
-        let u = self.cache.as_ref().map(|c| c.usage()).unwrap_or(0);
-        self.metrics.value_cache_bytes.set(u as i64);
-        u
+        self.cache.as_ref().map(|c| c.usage()).unwrap_or(0)
+    }
+
+    /// Sets the bytes-held gauge (sampled once per store heartbeat, not per operation).
+    pub fn sample_usage(&self) {
+        self.metrics.value_cache_bytes.set(self.usage() as i64);
     }
 }
 

@@ -159,7 +159,9 @@ impl Engine {
             Ok(hit) => Ok(hit.into_record()),
             Err(ticket) => {
                 let rec = self.data.get(key).map_err(io_err)?.and_then(|v| decode_record(&v));
-                self.cache.fill(key, ticket, Cached::from(rec.clone()));
+                if self.cache.enabled() {
+                    self.cache.fill(key, ticket, Cached::from(rec.clone()));
+                }
                 Ok(rec)
             }
         }

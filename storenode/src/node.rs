@@ -564,10 +564,11 @@ impl NodeInner {
         if events.is_empty() {
             return;
         }
-        for r in self.replicas() {
-            if !r.raft.hibernation_enabled() {
-                return;
-            }
+        let reps = self.replicas();
+        if !reps.first().is_some_and(|r| r.raft.hibernation_enabled()) {
+            return; // a node-wide setting
+        }
+        for r in reps {
             for e in &events {
                 r.raft.on_store_event(*e);
             }
@@ -607,6 +608,7 @@ impl NodeInner {
     }
 
     pub fn refresh_gauges(&self) {
+        self.engine.cache.sample_usage();
         let reps = self.replicas();
         self.metrics.ranges.set(reps.len() as i64);
         let (mut sleeping, mut waking) = (0i64, 0i64);

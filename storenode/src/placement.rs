@@ -152,7 +152,6 @@ pub async fn heartbeat_loop(
             .available_bytes
             .set(disk.available_bytes.min(i64::MAX as u64) as i64);
         node.metrics.cpu_permille.set(cpu_permille.min(i64::MAX as u64) as i64);
-        node.engine.cache.usage();
         let info = StoreInfo {
             store_id: node.store_id.0,
             address: address.clone(),

@@ -674,7 +674,8 @@ impl RaftGroup {
                 let leader_commit = req.leader_commit.map_or(0, |l| l.index);
                 let contact_commit = leader_commit.max(sender_applied);
                 let entries = req.entries.len();
-                let other_vote = self.hibernation_enabled() && {
+                // Only an entry-less append needs it (one with entries wakes anyway).
+                let other_vote = self.hibernation_enabled() && req.entries.is_empty() && {
                     let m = self.raft.metrics();
                     let v = m.borrow_watched().vote;
                     v != req.vote
@@ -846,6 +847,9 @@ impl RaftGroup {
     /// quorum ack is older than half the lease runs one ReadIndex round (a heartbeat a quorum
     /// answers), which renews it. An awake leader (heartbeats every 100 ms) skips this.
     async fn ensure_lease(&self, timeout: Duration) {
+        if self.hib.after.is_none() {
+            return; // no hibernation: the leader's heartbeats keep its lease
+        }
         let stale = self
             .status()
             .quorum_acked

@@ -70,10 +70,7 @@ pub struct ClusterOpts {
     pub metrics: bool,
 }
 
-/// Hibernation off, as the storenode's default (ADR 0018): with it on, a restarted follower
-/// served a stale read in `replication::stale_reads_refused_while_a_follower_applies_behind_its_leader`
-/// (2026-12-02, reproduced twice; a known bug that keeps it off by default). The
-/// hibernation tests turn it on.
+/// Hibernation off, as the storenode's default (ADR 0018); the hibernation tests turn it on.
 impl Default for ClusterOpts {
     fn default() -> Self {
         Self {
