@@ -1036,13 +1036,7 @@ impl JwtArgs {
     pub fn hs256(secret_file: PathBuf) -> Self {
         JwtArgs {
             jwt_hs256_secret_file: Some(secret_file),
-            jwt_public_key_file: None,
-            jwt_jwks_file: None,
-            jwt_jwks_url: None,
-            jwt_jwks_ca_file: None,
-            jwt_key_reload_ms: 1000,
-            jwt_issuer: DEFAULT_ISSUER.to_string(),
-            jwt_audience: DEFAULT_AUDIENCE.to_string(),
+            ..Self::default()
         }
     }
 

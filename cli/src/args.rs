@@ -54,7 +54,8 @@ pub struct Global {
     pub ca_file: Option<PathBuf>,
     /// mTLS to placement: present this certificate (PEM; `skvctl certs create` makes
     /// `admin.pem`, which placement accepts for admin calls without a token). Needs
-    /// --ca-file and --client-key-file.
+    /// --ca-file and --client-key-file. Admin commands only: data commands refuse it (the
+    /// SDK cannot present a client certificate to the proxy yet).
     #[arg(long, global = true, env = "SKV_CLIENT_CERT_FILE")]
     pub client_cert_file: Option<PathBuf>,
     /// The private key of --client-cert-file (PEM).

@@ -11,6 +11,11 @@ use skv::{CasOutcome, Client, KeyRange};
 pub type ExitCode = i32;
 
 pub async fn client(g: &Global) -> Result<Client> {
+    if g.client_cert_file.is_some() || g.client_key_file.is_some() {
+        anyhow::bail!(
+            "--client-cert-file/--client-key-file are for placement (admin commands); data commands cannot present a client certificate to the proxy yet"
+        );
+    }
     let mut b = Client::builder()
         .endpoints(g.endpoint.iter().cloned())
         .token(g.token.clone().unwrap_or_default())

@@ -38,7 +38,10 @@ pub fn mint_token(a: &MintArgs) -> Result<(String, Claims)> {
 /// A JWKS (`{"keys":[...]}`, public halves only) of PEM private keys, one per kid.
 pub fn jwks(keys: &[(String, PathBuf)]) -> Result<String> {
     let mut out = Vec::with_capacity(keys.len());
+    let mut seen = std::collections::HashSet::new();
     for (kid, file) in keys {
+        // The servers refuse a JWKS naming one kid twice.
+        anyhow::ensure!(seen.insert(kid.as_str()), "kid {kid:?} is given twice");
         let key = SigningKey::load_pem(file)?;
         out.push(key.public_jwk(kid).with_context(|| file.display().to_string())?);
     }
@@ -124,5 +127,7 @@ mod tests {
         std::fs::write(&secret, "s3cret-s3cret-s3cret-s3cret-s3cret\n").unwrap();
         assert!(mint_token(&args(&secret, "x")).is_err());
         assert!(jwks(&[("x".into(), secret)]).is_err());
+        let twice = jwks(&[("k".into(), rsa.clone()), ("k".into(), ec.clone())]);
+        assert!(twice.is_err_and(|e| e.to_string().contains("twice")));
     }
 }

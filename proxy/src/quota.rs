@@ -280,18 +280,8 @@ impl Quotas {
     pub fn admit(&self, ns: &str) -> Result<Permit, Refusal> {
         let t = self.state(ns);
         let now = Instant::now();
-        if t.limits.rate > 0 {
-            let taken = t.bucket.lock().take(t.limits.rate, t.limits.burst(), now);
-            if let Err(retry_after) = taken {
-                let r = Refusal::Rate {
-                    limit: t.limits.rate,
-                    retry_after,
-                };
-                t.refused_rate.inc();
-                self.log(ns, &t, &r, now);
-                return Err(r);
-            }
-        }
+        // The concurrency slot first: a request refused for concurrency must not spend a
+        // rate token (a slot taken here is released if the rate then refuses).
         let slot = match &t.slots {
             None => None,
             Some(sem) => match sem.clone().try_acquire_owned() {
@@ -306,6 +296,18 @@ impl Quotas {
                 }
             },
         };
+        if t.limits.rate > 0 {
+            let taken = t.bucket.lock().take(t.limits.rate, t.limits.burst(), now);
+            if let Err(retry_after) = taken {
+                let r = Refusal::Rate {
+                    limit: t.limits.rate,
+                    retry_after,
+                };
+                t.refused_rate.inc();
+                self.log(ns, &t, &r, now);
+                return Err(r);
+            }
+        }
         Ok(Permit { _slot: slot })
     }
 
@@ -424,6 +426,23 @@ mod tests {
         );
         let held: Vec<Permit> = (0..10_000).map(|_| q.admit("x").unwrap()).collect();
         assert_eq!(held.len(), 10_000);
+    }
+
+    #[tokio::test]
+    async fn a_concurrency_refusal_spends_no_rate_token() {
+        // Burst 2, one slot: the second request in flight is refused for concurrency; once
+        // the slot is free, a rate token is still left for the next one.
+        let q = Quotas::new(
+            limits(1, 2, 1),
+            BTreeMap::new(),
+            crate::metrics::Metrics::unregistered(),
+        );
+        let p = q.admit("t").unwrap();
+        for _ in 0..5 {
+            assert_eq!(q.admit("t").err(), Some(Refusal::Concurrency { limit: 1 }));
+        }
+        drop(p);
+        assert!(q.admit("t").is_ok(), "the concurrency refusals spent the burst");
     }
 
     #[test]
