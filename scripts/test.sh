@@ -16,9 +16,11 @@ step() { printf '\n==> %s\n' "$*"; }
 need=()
 command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
 command -v etcdctl >/dev/null 2>&1 || need+=(etcd-client)
-command -v python3 >/dev/null 2>&1 || need+=(python3 python3-venv)
+command -v python3 >/dev/null 2>&1 || need+=(python3)
+python3 -c 'import ensurepip' >/dev/null 2>&1 || need+=(python3-venv)  # python3 without venv is common on Debian
 command -v prometheus >/dev/null 2>&1 || need+=(prometheus)  # deploy/ queries (testkit/tests/observability.rs)
 command -v docker-compose >/dev/null 2>&1 || need+=(docker-compose)  # deploy/compose (testkit/tests/deploy_compose.rs)
+command -v docker >/dev/null 2>&1 || need+=(docker.io)  # the engine the compose test builds and runs images with
 if [ ${#need[@]} -gt 0 ]; then
   step "installing ${need[*]} (apt)"
   if [ "$(id -u)" -eq 0 ]; then
@@ -91,6 +93,8 @@ cargo clean -p etcd-client --locked 2>/dev/null || true
 env PATH="${nopath%:}" cargo build -p etcd-client --locked
 step "cargo build --bins"
 cargo build --workspace --bins --locked
+step "the Docker engine answers (testkit/tests/deploy_compose.rs builds and runs images)"
+docker info >/dev/null 2>&1 || { echo "error: the docker daemon is not reachable: start it (e.g. dockerd &) or run as a user in the docker group" >&2; exit 1; }
 step "cargo nextest run"
 profile=default
 [ "${CI:-}" = "true" ] && profile=ci

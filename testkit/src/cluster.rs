@@ -432,12 +432,12 @@ impl ProcCluster {
     }
 }
 
-/// Wraps a message in a request carrying `authorization: Bearer <tok>` (or no token).
 /// `msg` with an admin token of the test secret: what placement's admin calls need (ADR 0021).
 pub fn admin<T>(msg: T) -> tonic::Request<T> {
     with_token(msg, Some(&token("admin", "admin")))
 }
 
+/// Wraps a message in a request carrying `authorization: Bearer <tok>` (or no token).
 pub fn with_token<T>(msg: T, tok: Option<&str>) -> tonic::Request<T> {
     let mut r = tonic::Request::new(msg);
     if let Some(t) = tok {

@@ -366,6 +366,10 @@ fn docker_images_and_compose_cluster_serve_skvctl_put_and_get() {
         .lines()
         .filter(|l| l.trim().starts_with("- alert:"))
         .count();
+    assert!(
+        rules_declared > 0,
+        "no alert rule found in deploy/prometheus/alerts.yml"
+    );
     poll(
         "the compose Prometheus to scrape all 10 targets",
         Duration::from_secs(60),
@@ -442,7 +446,9 @@ fn docker_images_and_compose_cluster_serve_skvctl_put_and_get() {
     let o = skvctl(&[("SKV_PLACEMENT", &pd)], &["--output", "json", "ranges"]);
     let ranges: serde_json::Value =
         serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("ranges: {e}: {}", text(&o)));
-    for r in ranges.as_array().cloned().unwrap_or_default() {
+    let ranges = ranges.as_array().cloned().unwrap_or_default();
+    assert!(!ranges.is_empty(), "skvctl ranges listed no range: {}", text(&o));
+    for r in ranges {
         let id = r["id"]
             .as_u64()
             .unwrap_or_else(|| panic!("range without id: {r}"))
