@@ -6,6 +6,7 @@ pub mod config;
 pub mod ids;
 pub mod keys;
 pub mod limits;
+pub mod process_metrics;
 pub mod service;
 pub mod telemetry;
 

@@ -51,8 +51,16 @@ struct MetricsState {
 }
 
 async fn metrics(State(s): State<MetricsState>) -> impl IntoResponse {
+    use prometheus_client::encoding::text::{encode_eof, encode_registry};
     let mut body = String::new();
-    match prometheus_client::encoding::text::encode(&mut body, &s.registry) {
+    // The process families and build info, read now (ADR 0024), then the component's own.
+    let mut process = Registry::default();
+    crate::process_metrics::register_process(&mut process);
+    crate::process_metrics::register_build_info(&mut process);
+    let encoded = encode_registry(&mut body, &process)
+        .and_then(|()| encode_registry(&mut body, &s.registry))
+        .and_then(|()| encode_eof(&mut body));
+    match encoded {
         Ok(()) => (
             StatusCode::OK,
             [(
@@ -134,7 +142,12 @@ mod tests {
             s.read_to_string(&mut out).await.unwrap();
             out
         };
-        assert!(get("/metrics").await.contains("skv_test_things_total 1"));
+        let m = get("/metrics").await;
+        assert!(m.contains("skv_test_things_total 1"), "{m}");
+        assert!(m.contains("process_resident_memory_bytes "), "{m}");
+        assert!(m.contains("skv_build_info{"), "{m}");
+        assert!(m.trim_end().ends_with("# EOF"), "{m}");
+        assert_eq!(m.matches("# EOF").count(), 1, "{m}");
         assert!(get("/healthz").await.starts_with("HTTP/1.1 200"));
         assert!(get("/readyz").await.starts_with("HTTP/1.1 503"));
         ready.set(true);
