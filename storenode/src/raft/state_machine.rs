@@ -210,6 +210,16 @@ impl SnapFile {
         let file = std::fs::File::open(&path)?;
         Ok(Self { path, file })
     }
+
+    /// The empty file that goes with a compaction's meta-only snapshot (openraft's
+    /// `build_snapshot` returns data with its meta; only the meta is used, and such a
+    /// snapshot is never sent: `get_current_snapshot` writes a real file first).
+    fn meta_only(dir: &Path) -> io::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let path = dir.join("compaction.empty");
+        std::fs::File::create(&path)?;
+        Self::open(path)
+    }
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -245,7 +255,25 @@ type Overlay = HashMap<Vec<u8>, (crate::engine::Record, u64)>;
 /// node's creation lock (held until the right range is reopened).
 type SplitOutcome = (RangeDescriptor, bool, Option<tokio::sync::OwnedMutexGuard<()>>);
 
-type CurrentSnapshot = Arc<Mutex<Option<(SnapshotMeta, PathBuf)>>>;
+/// The latest snapshot: its meta, and the file holding it once one was materialized.
+///
+/// Log compaction (openraft's `build_snapshot`, every `--raft-snapshot-logs` entries) records
+/// only the meta: the range's state is durable in the shared engine, so truncating the log
+/// needs no copy of it (TiKV and CockroachDB truncate the same way). The file is written
+/// when a follower needs a snapshot (`get_current_snapshot`), from the engine as it is then
+/// (ADR 0023). Before, every compaction wrote the whole range to a file on every replica.
+type CurrentSnapshot = Arc<Mutex<Option<(SnapshotMeta, Option<PathBuf>)>>>;
+
+/// Replaces the current snapshot; removes the file of the one it replaces (a send that
+/// opened it keeps reading it).
+fn replace_current(current: &CurrentSnapshot, meta: SnapshotMeta, path: Option<PathBuf>) {
+    let old = current.lock().replace((meta, path.clone()));
+    if let Some((_, Some(p))) = old
+        && Some(&p) != path.as_ref()
+    {
+        let _ = std::fs::remove_file(p);
+    }
+}
 
 pub struct StateMachine {
     engine: Arc<Engine>,
@@ -1013,47 +1041,46 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         }
         self.shared.installing.store(false, Ordering::Release);
         self.recount_stats().await?;
-        let old = self.current.lock().replace((meta.clone(), path.clone()));
-        if let Some((_, p)) = old
-            && p != path
-        {
-            let _ = std::fs::remove_file(p);
-        }
+        replace_current(&self.current, meta.clone(), Some(path));
         Ok(())
     }
 
     async fn get_current_snapshot(
         &mut self,
     ) -> Result<Option<openraft::alias::SnapshotOf<TypeConfig, SnapFile>>, io::Error> {
-        let mut cur = self.current.lock().clone();
-        // A snapshot built before a split or a merge carries the old span. Sent to a store
-        // that holds the other half live, it would overlap it and be refused forever (the
-        // next periodic snapshot may be 10,000 entries away). So it is rebuilt here, from
-        // the engine as it is now: this runs on the state machine's worker, between
-        // applies, so the data, the applied state and the descriptor agree.
-        if let Some((_, path)) = &cur
-            && !snapshot_span_matches(path, &self.shared.desc())
+        let cur = self.current.lock().clone();
+        let Some((meta, path)) = cur else {
+            return Ok(None);
+        };
+        // A file that exists and covers the range's span is sent as it is. Otherwise one is
+        // written now, from the engine as it is: after a compaction that recorded only a
+        // meta, or when the file was built before a split or a merge (it carries the old
+        // span; sent to a store that holds the other half live, it would overlap it and be
+        // refused forever). This runs on the state machine's worker, between applies, so
+        // the data, the applied state and the descriptor agree; the meta sent is the one of
+        // the file (at or after the recorded one), so the follower continues from there.
+        if let Some(path) = path
+            && snapshot_span_matches(&path, &self.shared.desc())
+            && let Ok(f) = SnapFile::open(path)
         {
-            let (engine, range, dir) = (self.engine.clone(), self.shared.range_id, self.snap_dir.clone());
-            let (meta, path) = tokio::task::spawn_blocking(move || build_to_file(&engine, range, &dir))
-                .await
-                .map_err(io_err)??;
-            tracing::info!(range_id = %range, index = ?meta.last_log_id.map(|l| l.index()), "snapshot rebuilt: the range's span changed since the last one");
-            let old = self.current.lock().replace((meta.clone(), path.clone()));
-            if let Some((_, p)) = old
-                && p != path
-            {
-                let _ = std::fs::remove_file(p);
-            }
-            cur = Some((meta, path));
+            return Ok(Some(openraft::storage::Snapshot { meta, snapshot: f }));
         }
-        match cur {
-            None => Ok(None),
-            Some((meta, path)) => match SnapFile::open(path) {
-                Ok(f) => Ok(Some(openraft::storage::Snapshot { meta, snapshot: f })),
-                Err(_) => Ok(None),
-            },
-        }
+        let (engine, range, dir) = (self.engine.clone(), self.shared.range_id, self.snap_dir.clone());
+        let started = Instant::now();
+        let (meta, path) = tokio::task::spawn_blocking(move || build_to_file(&engine, range, &dir))
+            .await
+            .map_err(io_err)??;
+        let bytes = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        tracing::info!(
+            range_id = %range,
+            index = ?meta.last_log_id.map(|l| l.index()),
+            bytes,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "snapshot file written for a follower"
+        );
+        replace_current(&self.current, meta.clone(), Some(path.clone()));
+        let f = SnapFile::open(path)?;
+        Ok(Some(openraft::storage::Snapshot { meta, snapshot: f }))
     }
 }
 
@@ -1077,21 +1104,20 @@ pub struct SnapBuilder {
 impl RaftSnapshotBuilder<TypeConfig> for SnapBuilder {
     type SnapshotData = SnapFile;
 
+    /// Log compaction: records the applied state as the snapshot's meta, without copying
+    /// the range (see [`CurrentSnapshot`]). The meta is read from a consistent engine view;
+    /// the applied state it names is in the engine's journal before openraft purges any log
+    /// entry it covers, so a purge that survives a crash implies the state it relies on does.
     async fn build_snapshot(&mut self) -> Result<openraft::alias::SnapshotOf<TypeConfig, SnapFile>, io::Error> {
-        let engine = self.engine.clone();
-        let range = self.range;
-        let dir = self.snap_dir.clone();
-        let (meta, path) = tokio::task::spawn_blocking(move || build_to_file(&engine, range, &dir))
-            .await
-            .map_err(io_err)??;
-        let old = self.current.lock().replace((meta.clone(), path.clone()));
-        if let Some((_, p)) = old
-            && p != path
-        {
-            let _ = std::fs::remove_file(p);
-        }
-        let f = SnapFile::open(path)?;
-        Ok(openraft::storage::Snapshot { meta, snapshot: f })
+        let (engine, range, dir) = (self.engine.clone(), self.range, self.snap_dir.clone());
+        let (meta, empty) = tokio::task::spawn_blocking(move || {
+            let meta = snapshot_meta(&engine, range)?;
+            Ok::<_, io::Error>((meta, SnapFile::meta_only(&dir)?))
+        })
+        .await
+        .map_err(io_err)??;
+        replace_current(&self.current, meta.clone(), None);
+        Ok(openraft::storage::Snapshot { meta, snapshot: empty })
     }
 }
 
@@ -1262,16 +1288,31 @@ pub fn validate_snapshot_file(path: &Path) -> io::Result<RangeDescriptor> {
     Ok(r.desc)
 }
 
-fn build_to_file(engine: &Engine, range: RangeId, dir: &Path) -> io::Result<(SnapshotMeta, PathBuf)> {
+/// The applied state of `range` in `snap`, as a snapshot meta.
+fn applied_in(engine: &Engine, snap: &fjall::Snapshot, range: RangeId) -> io::Result<AppliedState> {
     use fjall::Readable;
-    let snap = engine.db.snapshot();
-    let applied: AppliedState = match snap.get(&engine.meta, applied_key(range)).map_err(io_err)? {
+    Ok(match snap.get(&engine.meta, applied_key(range)).map_err(io_err)? {
         Some(v) => decode(&v).map_err(io_err)?,
         None => AppliedState {
             last_applied: None,
             membership: StoredMembership::default(),
         },
-    };
+    })
+}
+
+/// The meta of a snapshot of `range` taken now (no data copied).
+fn snapshot_meta(engine: &Engine, range: RangeId) -> io::Result<SnapshotMeta> {
+    let applied = applied_in(engine, &engine.db.snapshot(), range)?;
+    Ok(SnapshotMeta {
+        last_log_id: applied.last_applied,
+        last_membership: applied.membership,
+    })
+}
+
+fn build_to_file(engine: &Engine, range: RangeId, dir: &Path) -> io::Result<(SnapshotMeta, PathBuf)> {
+    use fjall::Readable;
+    let snap = engine.db.snapshot();
+    let applied = applied_in(engine, &snap, range)?;
     let desc = match snap.get(&engine.meta, desc_key(range)).map_err(io_err)? {
         Some(v) => RangeDescriptor::decode(&v[..]).map_err(io_err)?,
         None => return Err(io::Error::other("no descriptor for snapshot")),
@@ -1774,6 +1815,77 @@ mod tests {
         assert!(b.meta.get(installing_key(r)).unwrap().is_none());
         assert!(b.meta.get(applied_key(r)).unwrap().is_none());
         assert!(!shared.installing.load(Ordering::Acquire));
+    }
+
+    #[tokio::test]
+    async fn compaction_copies_nothing_and_a_send_writes_the_file_once() {
+        let r = RangeId(1);
+        let desc = RangeDescriptor {
+            range_id: 1,
+            start: b"a".to_vec(),
+            end: b"z".to_vec(),
+            epoch: Some(RangeEpoch {
+                conf_ver: 1,
+                version: 1,
+            }),
+            replicas: vec![],
+        };
+        let log_id = crate::raft::split_init_log_id();
+        let (dir, e) = engine();
+        e.meta.insert(desc_key(r), desc.encode_to_vec()).unwrap();
+        e.meta
+            .insert(
+                applied_key(r),
+                encode_applied(Some(log_id), StoredMembership::default()).unwrap(),
+            )
+            .unwrap();
+        for i in 0..100u32 {
+            e.data
+                .insert(format!("k{i:03}"), encode_value(u64::from(i) + 1, b"v"))
+                .unwrap();
+        }
+        let snaps = dir.path().join("snaps");
+        let mut sm = StateMachine::open(
+            e.clone(),
+            RangeShared::new(desc.clone(), true),
+            Weak::new(),
+            snaps.clone(),
+            Metrics::new(),
+        )
+        .unwrap();
+        let files = |d: &Path| -> Vec<PathBuf> {
+            std::fs::read_dir(d)
+                .map(|it| {
+                    it.filter_map(|x| x.ok().map(|x| x.path()))
+                        .filter(|p| p.extension().is_some_and(|x| x == "snap"))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+
+        // Compaction: the meta of the applied state, and no copy of the range.
+        let built = sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
+        assert_eq!(built.meta.last_log_id, Some(log_id));
+        assert!(
+            files(&snaps).is_empty(),
+            "compaction wrote a snapshot file: {:?}",
+            files(&snaps)
+        );
+
+        // A follower needs it: the file is written then, with every pair, and reused.
+        let sent = sm.get_current_snapshot().await.unwrap().unwrap();
+        assert_eq!(sent.meta.last_log_id, Some(log_id));
+        assert_eq!(validate_snapshot_file(&sent.snapshot.path).unwrap(), desc);
+        assert_eq!(files(&snaps), vec![sent.snapshot.path.clone()]);
+        let again = sm.get_current_snapshot().await.unwrap().unwrap();
+        assert_eq!(again.snapshot.path, sent.snapshot.path);
+
+        // The next compaction drops the file; the next send writes a new one.
+        sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
+        assert!(files(&snaps).is_empty());
+        let third = sm.get_current_snapshot().await.unwrap().unwrap();
+        assert_ne!(third.snapshot.path, sent.snapshot.path);
+        assert_eq!(files(&snaps), vec![third.snapshot.path.clone()]);
     }
 
     #[test]
