@@ -132,7 +132,6 @@ pub struct Config {
     /// mTLS (ADR 0022): this instance's certificate (PEM, role placement), served to its
     /// callers and presented to the instances and storenodes it calls. With
     /// --tls-key-file and --tls-ca-file; then every caller needs a certificate of the CA.
-    /// Not for a running cluster yet: storenodes do not speak TLS, so they cannot register.
     #[arg(long, env = "SKV_TLS_CERT_FILE")]
     pub tls_cert_file: Option<PathBuf>,
     /// The private key of --tls-cert-file (PEM).

@@ -100,8 +100,8 @@ pub struct Config {
     #[arg(long, env = "SKV_CLIENT_TLS_CA_FILE", requires = "client_tls_cert_file")]
     pub client_tls_ca_file: Option<PathBuf>,
     /// mTLS inside the cluster (ADR 0022): the proxy's certificate (PEM, role proxy),
-    /// presented to placement and storenodes. With --tls-key-file and --tls-ca-file.
-    /// Not for a running cluster yet: storenodes do not speak TLS.
+    /// presented to placement and storenodes, whose certificates must chain to
+    /// --tls-ca-file. With --tls-key-file and --tls-ca-file.
     #[arg(long, env = "SKV_TLS_CERT_FILE")]
     pub tls_cert_file: Option<PathBuf>,
     /// The private key of --tls-cert-file (PEM).

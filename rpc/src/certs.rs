@@ -111,13 +111,7 @@ fn create_inner(dir: &Path, hosts: &[String], days: u32, force: bool, expired: b
     }
 
     let ca_key = KeyPair::generate().map_err(rc("generating the CA key"))?;
-    let mut ca = CertificateParams::default();
-    ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    ca.distinguished_name = DistinguishedName::new();
-    ca.distinguished_name.push(DnType::CommonName, "skv development CA");
-    ca.distinguished_name.push(DnType::OrganizationName, "skv");
-    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    validity(&mut ca, days);
+    let ca = ca_params(days);
     let ca_cert = ca.self_signed(&ca_key).map_err(rc("signing the CA"))?;
     let mut written = Vec::new();
     let mut out = |name: String, text: String, secret: bool| -> Result<()> {
@@ -132,18 +126,7 @@ fn create_inner(dir: &Path, hosts: &[String], days: u32, force: bool, expired: b
 
     for role in PeerRole::ALL {
         let key = KeyPair::generate().map_err(rc(format!("generating the {role} key")))?;
-        let mut p = CertificateParams::new(hosts.clone()).map_err(rc("--hosts"))?;
-        p.subject_alt_names.push(SanType::URI(
-            role.uri().try_into().map_err(rc(format!("role URI {}", role.uri())))?,
-        ));
-        p.distinguished_name = DistinguishedName::new();
-        p.distinguished_name.push(DnType::CommonName, format!("skv {role}"));
-        p.distinguished_name.push(DnType::OrganizationName, "skv");
-        p.distinguished_name.push(DnType::OrganizationalUnitName, role.as_str());
-        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
-        p.use_authority_key_identifier_extension = true;
-        validity(&mut p, days);
+        let mut p = leaf_params(role, &hosts, days)?;
         let cert = p
             .signed_by(&key, &issuer)
             .map_err(rc(format!("signing the {role} certificate")))?;
@@ -160,6 +143,61 @@ fn create_inner(dir: &Path, hosts: &[String], days: u32, force: bool, expired: b
         }
     }
     Ok(written)
+}
+
+/// The development CA's parameters (its subject is the same every time, so a CA
+/// certificate and key on disk can sign again: [`reissue`]).
+fn ca_params(days: u32) -> CertificateParams {
+    let mut ca = CertificateParams::default();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    ca.distinguished_name = DistinguishedName::new();
+    ca.distinguished_name.push(DnType::CommonName, "skv development CA");
+    ca.distinguished_name.push(DnType::OrganizationName, "skv");
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    validity(&mut ca, days);
+    ca
+}
+
+fn leaf_params(role: PeerRole, hosts: &[String], days: u32) -> Result<CertificateParams> {
+    let mut p = CertificateParams::new(hosts.to_vec()).map_err(rc("--hosts"))?;
+    p.subject_alt_names.push(SanType::URI(
+        role.uri().try_into().map_err(rc(format!("role URI {}", role.uri())))?,
+    ));
+    p.distinguished_name = DistinguishedName::new();
+    p.distinguished_name.push(DnType::CommonName, format!("skv {role}"));
+    p.distinguished_name.push(DnType::OrganizationName, "skv");
+    p.distinguished_name.push(DnType::OrganizationalUnitName, role.as_str());
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+    p.use_authority_key_identifier_extension = true;
+    validity(&mut p, days);
+    Ok(p)
+}
+
+/// A new certificate and key for `role`, signed by the CA in `ca_dir` (its `ca.pem` and
+/// `ca-key.pem`, as [`create`] wrote them), valid `days`: written to `out_dir` as
+/// `<role>.pem` and `<role>-key.pem`. For rotation: the new files chain to the same CA
+/// but carry a new key, serial and expiry.
+pub fn reissue(ca_dir: &Path, out_dir: &Path, role: PeerRole, hosts: &[String], days: u32) -> Result<Vec<PathBuf>> {
+    if days == 0 {
+        return Err(CertsError::Usage("--days must be at least 1".into()));
+    }
+    let key_path = ca_dir.join("ca-key.pem");
+    let ca_key_pem = std::fs::read_to_string(&key_path).map_err(io("reading", &key_path))?;
+    let ca_key = KeyPair::from_pem(&ca_key_pem).map_err(rc(format!("{}", key_path.display())))?;
+    let issuer = Issuer::new(ca_params(days), ca_key);
+    std::fs::create_dir_all(out_dir).map_err(io("creating", out_dir))?;
+    let key = KeyPair::generate().map_err(rc(format!("generating the {role} key")))?;
+    let cert = leaf_params(role, hosts, days)?
+        .signed_by(&key, &issuer)
+        .map_err(rc(format!("signing the {role} certificate")))?;
+    let (c, k) = (
+        out_dir.join(format!("{role}.pem")),
+        out_dir.join(format!("{role}-key.pem")),
+    );
+    write(&c, &cert.pem(), false)?;
+    write(&k, &key.serialize_pem(), true)?;
+    Ok(vec![c, k])
 }
 
 #[cfg(test)]
@@ -199,6 +237,19 @@ mod tests {
         assert!(e.to_string().contains("--force"), "{e}");
         create(dir.path(), &["127.0.0.1".into()], 30, true).unwrap();
         assert!(create(dir.path(), &[" ".into()], 30, true).is_err());
+        // A reissued certificate chains to the same CA and names its role.
+        let out = dir.path().join("new");
+        reissue(dir.path(), &out, PeerRole::Storenode, &["127.0.0.1".into()], 2).unwrap();
+        let pem = std::fs::read(out.join("storenode.pem")).unwrap();
+        let (_, p) = x509_parser::pem::parse_x509_pem(&pem).unwrap();
+        assert_eq!(crate::tls::role_of_der(&p.contents), Some(PeerRole::Storenode));
+        crate::tls::ServerTls {
+            cert_file: out.join("storenode.pem"),
+            key_file: out.join("storenode-key.pem"),
+            client_ca_file: Some(dir.path().join("ca.pem")),
+        }
+        .load()
+        .unwrap();
     }
 
     /// A directory removed on drop.

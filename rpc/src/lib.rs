@@ -17,6 +17,7 @@ mod backoff;
 pub mod certs;
 mod endpoint;
 mod placement;
+mod role_gate;
 mod server;
 mod timeout;
 pub mod tls;

@@ -17,6 +17,7 @@
 //! A server's files are re-read every few seconds ([`ServerTls::incoming`]): its certificate
 //! rotates without a restart. A client's are read once, when its channels are built.
 
+pub use crate::role_gate::{RoleGate, RolePolicy};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};

@@ -120,6 +120,7 @@
 //!   flag for it until it is.
 //! - `--advertise` defaults to the bound address; set it when listening on 0.0.0.0.
 
+pub mod access;
 pub mod cache;
 pub mod engine;
 pub mod gc;
@@ -192,6 +193,18 @@ pub struct Config {
     /// Build a Raft snapshot (and purge the log) every this many entries.
     #[arg(long, env = "SKV_RAFT_SNAPSHOT_LOGS", default_value_t = 10_000, hide = true)]
     pub raft_snapshot_logs: u64,
+    /// mTLS inside the cluster (ADR 0022): this store's certificate (PEM, role storenode),
+    /// served on the gRPC port and presented to placement and other storenodes. With
+    /// --tls-key-file and --tls-ca-file; then every caller needs a certificate of the CA
+    /// (Raft: storenodes; data calls: proxies; admin calls: placement). Re-read every 5 s.
+    #[arg(long, env = "SKV_TLS_CERT_FILE")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// The private key of --tls-cert-file (PEM).
+    #[arg(long, env = "SKV_TLS_KEY_FILE")]
+    pub tls_key_file: Option<PathBuf>,
+    /// The cluster CA (PEM): peers' certificates must chain to it.
+    #[arg(long, env = "SKV_TLS_CA_FILE")]
+    pub tls_ca_file: Option<PathBuf>,
 }
 
 impl Config {
@@ -213,7 +226,20 @@ impl Config {
             raft_hibernate: false,
             raft_hibernate_after_ms: 3000,
             raft_snapshot_logs: 10_000,
+            tls_cert_file: None,
+            tls_key_file: None,
+            tls_ca_file: None,
         }
+    }
+
+    /// mTLS settings, if the three `--tls-*` flags are given (all or none).
+    pub fn tls(&self) -> Result<Option<skv_rpc::tls::ServerTls>, skv_rpc::tls::TlsError> {
+        skv_rpc::tls::ServerTls::from_flags(
+            self.tls_cert_file.as_deref(),
+            self.tls_key_file.as_deref(),
+            self.tls_ca_file.as_deref(),
+            ["--tls-cert-file", "--tls-key-file", "--tls-ca-file"],
+        )
     }
 }
 
@@ -246,6 +272,15 @@ pub async fn start(config: Config) -> anyhow::Result<ServiceHandle> {
 
 /// Starts a storenode with extra options (the Raft transport filter).
 pub async fn start_with(config: Config, opts: StartOptions) -> anyhow::Result<ServiceHandle> {
+    let server_tls = config.tls()?;
+    // mTLS (ADR 0022): what this store presents to placement and to other stores.
+    let client_tls = match &server_tls {
+        Some(t) => Some(skv_rpc::tls::ClientTls::load(
+            t.client_ca_file.as_deref().unwrap_or(&t.cert_file),
+            Some((&t.cert_file, &t.key_file)),
+        )?),
+        None => None,
+    };
     let cancel = CancellationToken::new();
     // Stops whatever was spawned if start fails half-way.
     let start_guard = cancel.clone().drop_guard();
@@ -279,7 +314,7 @@ pub async fn start_with(config: Config, opts: StartOptions) -> anyhow::Result<Se
     let placement = if placement_urls.is_empty() {
         None
     } else {
-        Some(placement::Placement::new(&placement_urls)?)
+        Some(placement::Placement::with_tls(&placement_urls, client_tls.clone())?)
     };
     let local_id = engine.load_store_id()?;
     let store_id = match (&placement, local_id, config.store_id) {
@@ -316,6 +351,7 @@ pub async fn start_with(config: Config, opts: StartOptions) -> anyhow::Result<Se
     let raft_message = raft::log_store::APPEND_BYTES_BUDGET + 2 * max_message;
     let transport = raft::network::Transport::new(store_id, opts.raft_filter.clone(), raft_message);
     transport.set_address(store_id, &advertise);
+    transport.set_tls(client_tls);
     let hibernate_after = config
         .raft_hibernate
         .then(|| Duration::from_millis(config.raft_hibernate_after_ms.max(1)));
@@ -357,18 +393,29 @@ pub async fn start_with(config: Config, opts: StartOptions) -> anyhow::Result<Se
     };
     let resolver_svc = store_svc.clone();
     let raft_svc = service::RaftService { node: node.clone() };
+    // Under mTLS each call admits only the roles that make it (ADR 0022).
+    let gated = server_tls.is_some();
     let server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
-        .add_service(
+        .add_service(skv_rpc::tls::RoleGate::new(
             StoreServer::new(store_svc)
                 .max_decoding_message_size(max_message)
                 .max_encoding_message_size(max_response),
-        )
-        .add_service(
+            gated,
+            access::store_callers,
+        ))
+        .add_service(skv_rpc::tls::RoleGate::new(
             RaftServer::new(raft_svc)
                 .max_decoding_message_size(raft_message)
                 .max_encoding_message_size(raft_message),
-        );
+            gated,
+            access::raft_callers,
+        ));
+    // TLS through skv_rpc (certificates re-read every few seconds, ADR 0022), or plaintext.
+    let (tls_incoming, plain_incoming) = match &server_tls {
+        Some(t) => (Some(t.incoming(listener)?), None),
+        None => (None, Some(skv_rpc::incoming(listener))),
+    };
 
     // Background: gauges and placement heartbeats.
     {
@@ -407,8 +454,12 @@ pub async fn start_with(config: Config, opts: StartOptions) -> anyhow::Result<Se
     tracing::info!(store_id = %store_id, %addr, "storenode listening");
     let c = cancel.clone();
     let task = tokio::spawn(async move {
-        let incoming = skv_rpc::incoming(listener);
-        let res = server.serve_with_incoming_shutdown(incoming, c.cancelled_owned()).await;
+        let stop = c.cancelled_owned();
+        let res = match (tls_incoming, plain_incoming) {
+            (Some(tls), _) => server.serve_with_incoming_shutdown(tls, stop).await,
+            (None, Some(plain)) => server.serve_with_incoming_shutdown(plain, stop).await,
+            (None, None) => Ok(()),
+        };
         node.stop_all().await;
         drop(node);
         // Wait for straggling tasks to drop their engine handles so the directory can be

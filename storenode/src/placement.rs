@@ -22,8 +22,18 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl Placement {
     pub fn new(urls: &[String]) -> anyhow::Result<Self> {
+        Self::with_tls(urls, None)
+    }
+
+    /// As [`Placement::new`], with mTLS to placement when `tls` is given (ADR 0022): a bare
+    /// `host:port` then means `https://`, and this store presents its certificate.
+    pub fn with_tls(urls: &[String], tls: Option<skv_rpc::tls::ClientTls>) -> anyhow::Result<Self> {
+        let options = skv_rpc::EndpointOptions {
+            tls,
+            ..skv_rpc::EndpointOptions::default()
+        };
         Ok(Self {
-            members: Arc::new(PlacementMembers::new(urls)?),
+            members: Arc::new(PlacementMembers::with_options(urls, &options)?),
         })
     }
 

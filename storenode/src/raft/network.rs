@@ -157,6 +157,8 @@ pub struct Transport {
     down: RwLock<std::collections::BTreeSet<u64>>,
     /// When the next start-up WakeUp may be sent (a node-wide pace).
     next_wakeup: parking_lot::Mutex<tokio::time::Instant>,
+    /// mTLS to other stores (ADR 0022): the cluster CA and this store's certificate.
+    tls: RwLock<Option<skv_rpc::tls::ClientTls>>,
 }
 
 /// Start-up WakeUps a node sends per second at most (ADR 0018).
@@ -172,7 +174,14 @@ impl Transport {
             max_message,
             down: RwLock::new(Default::default()),
             next_wakeup: parking_lot::Mutex::new(tokio::time::Instant::now()),
+            tls: RwLock::new(None),
         })
+    }
+
+    /// Talks mTLS to other stores from now on (set before any message is sent).
+    pub fn set_tls(&self, tls: Option<skv_rpc::tls::ClientTls>) {
+        *self.tls.write() = tls;
+        self.channels.write().clear();
     }
 
     pub fn set_down_stores(&self, down: std::collections::BTreeSet<u64>) {
@@ -250,6 +259,7 @@ impl Transport {
         }
         let options = skv_rpc::EndpointOptions {
             connect_timeout: Duration::from_millis(500),
+            tls: self.tls.read().clone(),
             ..skv_rpc::EndpointOptions::default()
         };
         let ch = skv_rpc::endpoint_with(&addr, &options)
