@@ -177,6 +177,7 @@ fn sync_loop(db: Database, rx: mpsc::Receiver<SyncCallback>, metrics: Metrics) {
         let started = Instant::now();
         let res = db.persist(PersistMode::SyncAll);
         metrics.fsync_seconds.observe(started.elapsed().as_secs_f64());
+        metrics.group_commit_batch.observe(pending.len() as f64);
         for cb in pending {
             cb(res.as_ref().map(|_| ()).map_err(|e| io::Error::other(e.to_string())));
         }

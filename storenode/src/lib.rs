@@ -303,7 +303,10 @@ pub async fn start_with(config: Config, opts: StartOptions) -> anyhow::Result<Se
         }
         None => None,
     };
-    let metrics_address = metrics_addr.map(|a| a.to_string()).unwrap_or_default();
+    // Registered with placement: a routable address, never 0.0.0.0 (issue 13).
+    let metrics_address = metrics_addr
+        .map(|a| metrics::advertised_address(a, &advertise))
+        .unwrap_or_default();
 
     let placement_urls: Vec<String> = config
         .placement

@@ -44,6 +44,12 @@ pub struct Reason {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Phase {
+    /// `send` (streamed to a peer) or `receive` (streamed from a peer, checked and installed).
+    pub phase: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PollOutcome {
     pub result: &'static str,
 }
@@ -53,6 +59,11 @@ type HistogramCtor = fn() -> Histogram;
 fn latency_histogram() -> Histogram {
     // 50 µs .. ~13 s
     Histogram::new(exponential_buckets(0.000_05, 2.0, 19))
+}
+
+fn snapshot_histogram() -> Histogram {
+    // 1 ms .. ~524 s
+    Histogram::new(exponential_buckets(0.001, 2.0, 20))
 }
 
 /// Every metric the node exports. Cheap to clone (shared handles).
@@ -99,11 +110,29 @@ pub struct Metrics {
     pub range_wakes: Family<Reason, Counter>,
     pub hibernate_polls: Family<PollOutcome, Counter>,
     pub hibernate_campaigns: Counter,
+    /// Raft (issue 13): entries applied by the state machines of this node (every replica,
+    /// leader or follower), time from a proposal to its apply on the leader, the apply lag
+    /// (committed − applied, summed and max over the replicas, as last sampled), leaders
+    /// seen to change and elections started by this node's replicas.
+    pub raft_applied_entries: Counter,
+    pub raft_commit_seconds: Histogram,
+    pub raft_apply_lag_entries: Gauge,
+    pub raft_apply_lag_max_entries: Gauge,
+    pub raft_leader_changes: Counter,
+    pub raft_elections: Counter,
+    /// Snapshots: bytes streamed to and from peers, duration by phase.
+    pub snapshot_sent_bytes: Counter,
+    pub snapshot_received_bytes: Counter,
+    pub snapshot_seconds: Family<Phase, Histogram, HistogramCtor>,
+    /// Engine: log appends made durable by one group-commit fsync, and the database's bytes
+    /// on disk (journal + tables, as last sampled).
+    pub group_commit_batch: Histogram,
+    pub engine_disk_bytes: Gauge,
 }
 
 impl Metrics {
     pub fn new() -> Self {
-        Self {
+        let m = Self {
             requests: Family::default(),
             request_seconds: Family::new_with_constructor(latency_histogram as HistogramCtor),
             proposals: Counter::default(),
@@ -132,7 +161,24 @@ impl Metrics {
             range_wakes: Family::default(),
             hibernate_polls: Family::default(),
             hibernate_campaigns: Counter::default(),
+            raft_applied_entries: Counter::default(),
+            raft_commit_seconds: latency_histogram(),
+            raft_apply_lag_entries: Gauge::default(),
+            raft_apply_lag_max_entries: Gauge::default(),
+            raft_leader_changes: Counter::default(),
+            raft_elections: Counter::default(),
+            snapshot_sent_bytes: Counter::default(),
+            snapshot_received_bytes: Counter::default(),
+            snapshot_seconds: Family::new_with_constructor(snapshot_histogram as HistogramCtor),
+            // 1 .. 4096 appends per fsync
+            group_commit_batch: Histogram::new(exponential_buckets(1.0, 2.0, 13)),
+            engine_disk_bytes: Gauge::default(),
+        };
+        // Both phases exist from the start (a family is exported once a series exists).
+        for phase in ["send", "receive"] {
+            let _ = m.snapshot_seconds.get_or_create(&Phase { phase });
         }
+        m
     }
 
     pub fn range_wake(&self, reason: crate::hibernate::WakeReason) {
@@ -155,6 +201,13 @@ impl Metrics {
             .inc();
         self.request_seconds
             .get_or_create(&Rpc { rpc })
+            .observe(took.as_secs_f64());
+    }
+
+    /// Records the duration of one snapshot phase (`send`, `receive`).
+    pub fn snapshot_phase(&self, phase: &'static str, took: std::time::Duration) {
+        self.snapshot_seconds
+            .get_or_create(&Phase { phase })
             .observe(took.as_secs_f64());
     }
 
@@ -299,11 +352,134 @@ impl Metrics {
             "Elections started by a woken follower whose leader was down or unreachable",
             self.hibernate_campaigns.clone(),
         );
+        reg.register(
+            "skv_storenode_raft_applied_entries",
+            "Raft log entries applied by the state machines of this node's replicas",
+            self.raft_applied_entries.clone(),
+        );
+        reg.register(
+            "skv_storenode_raft_commit_duration_seconds",
+            "Time from a proposal on a leader of this node to its apply there (commit latency)",
+            self.raft_commit_seconds.clone(),
+        );
+        reg.register(
+            "skv_storenode_raft_apply_lag_entries",
+            "Committed but not yet applied entries, summed over this node's replicas, as last sampled",
+            self.raft_apply_lag_entries.clone(),
+        );
+        reg.register(
+            "skv_storenode_raft_apply_lag_max_entries",
+            "The largest apply lag (committed - applied) of one replica of this node, as last sampled",
+            self.raft_apply_lag_max_entries.clone(),
+        );
+        reg.register(
+            "skv_storenode_raft_leader_changes",
+            "Replicas of this node that saw their range's leader move to another store",
+            self.raft_leader_changes.clone(),
+        );
+        reg.register(
+            "skv_storenode_raft_elections_started",
+            "Elections (distinct terms) in which a replica of this node became a candidate",
+            self.raft_elections.clone(),
+        );
+        reg.register(
+            "skv_storenode_raft_snapshot_sent_bytes",
+            "Snapshot bytes streamed to peer stores",
+            self.snapshot_sent_bytes.clone(),
+        );
+        reg.register(
+            "skv_storenode_raft_snapshot_received_bytes",
+            "Snapshot bytes received from peer stores",
+            self.snapshot_received_bytes.clone(),
+        );
+        reg.register(
+            "skv_storenode_raft_snapshot_duration_seconds",
+            "Snapshot transfer duration by phase (send; receive: streamed, checked and installed)",
+            self.snapshot_seconds.clone(),
+        );
+        reg.register(
+            "skv_storenode_group_commit_batch_appends",
+            "Raft log appends (of every range) made durable by one group-commit fsync",
+            self.group_commit_batch.clone(),
+        );
+        reg.register(
+            "skv_storenode_engine_disk_bytes",
+            "Bytes on disk of the engine (journal and tables), as last sampled",
+            self.engine_disk_bytes.clone(),
+        );
     }
+}
+
+/// The metrics address this store registers with placement (read by `skvctl top` and
+/// anything that discovers scrape targets from placement): the bound address, or, when it is
+/// bound to a wildcard (`0.0.0.0`, `[::]`, as in containers), its port on the host of
+/// `advertise` (`host:port` or `[v6]:port`, optionally with a scheme).
+pub fn advertised_address(bound: std::net::SocketAddr, advertise: &str) -> String {
+    if !bound.ip().is_unspecified() {
+        return bound.to_string();
+    }
+    let adv = advertise
+        .split_once("://")
+        .map_or(advertise, |(_, rest)| rest)
+        .trim_end_matches('/');
+    let host = match adv.rsplit_once(':') {
+        // `[::1]:7100` or `host:7100`; a bare v6 address without port has several colons.
+        Some((h, port)) if port.parse::<u16>().is_ok() && (h.starts_with('[') || !h.contains(':')) => h,
+        _ => adv,
+    };
+    if host.is_empty() {
+        return bound.to_string();
+    }
+    let host = if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]")
+    } else {
+        host.to_string()
+    };
+    format!("{host}:{}", bound.port())
 }
 
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_wildcard_metrics_address_takes_the_advertised_host() {
+        let any: std::net::SocketAddr = "0.0.0.0:7101".parse().unwrap();
+        assert_eq!(advertised_address(any, "storenode-1:7100"), "storenode-1:7101");
+        assert_eq!(advertised_address(any, "http://10.0.0.5:7100/"), "10.0.0.5:7101");
+        assert_eq!(advertised_address(any, "[fd00::5]:7100"), "[fd00::5]:7101");
+        assert_eq!(advertised_address(any, "fd00::5"), "[fd00::5]:7101");
+        assert_eq!(advertised_address(any, "storenode-1"), "storenode-1:7101");
+        // Nothing better known: the bound address.
+        assert_eq!(advertised_address(any, ""), "0.0.0.0:7101");
+        let v6any: std::net::SocketAddr = "[::]:9".parse().unwrap();
+        assert_eq!(advertised_address(v6any, "s2:1"), "s2:9");
+        // A concrete bound address is kept.
+        let lo: std::net::SocketAddr = "127.0.0.1:7101".parse().unwrap();
+        assert_eq!(advertised_address(lo, "storenode-1:7100"), "127.0.0.1:7101");
+    }
+
+    #[test]
+    fn snapshot_phases_exist_before_any_snapshot() {
+        let m = Metrics::new();
+        let mut reg = Registry::default();
+        m.register(&mut reg);
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &reg).unwrap();
+        assert!(
+            out.contains("skv_storenode_raft_snapshot_duration_seconds_count{phase=\"send\"} 0"),
+            "{out}"
+        );
+        assert!(
+            out.contains("skv_storenode_raft_snapshot_duration_seconds_count{phase=\"receive\"} 0"),
+            "{out}"
+        );
+        assert!(out.contains("skv_storenode_raft_applied_entries_total 0"), "{out}");
     }
 }

@@ -630,6 +630,21 @@ impl NodeInner {
         }
         self.metrics.replica_bytes.set(bytes.min(i64::MAX as u64) as i64);
         self.metrics.replica_keys.set(keys.min(i64::MAX as u64) as i64);
+        let (mut lag_sum, mut lag_max) = (0u64, 0u64);
+        for r in &reps {
+            let lag = r.raft.apply_lag();
+            lag_sum = lag_sum.saturating_add(lag);
+            lag_max = lag_max.max(lag);
+        }
+        self.metrics
+            .raft_apply_lag_entries
+            .set(lag_sum.min(i64::MAX as u64) as i64);
+        self.metrics
+            .raft_apply_lag_max_entries
+            .set(lag_max.min(i64::MAX as u64) as i64);
+        if let Ok(b) = self.engine.db.disk_space() {
+            self.metrics.engine_disk_bytes.set(b.min(i64::MAX as u64) as i64);
+        }
     }
 }
 

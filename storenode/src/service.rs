@@ -1117,6 +1117,7 @@ impl RaftSvc for RaftService {
             Err(e) => return Ok(wire_err(e)),
         };
         let id = r.shared.range_id;
+        let started = std::time::Instant::now();
         // Early refusal from the sender's descriptor, before streaming the data.
         if let Some(d) = msg.descriptor.as_ref()
             && let Some(other) = self.node.overlapping_live(id, &d.start, &d.end)
@@ -1135,11 +1136,16 @@ impl RaftSvc for RaftService {
             use tokio::io::AsyncWriteExt;
             let mut f = tokio::fs::File::create(&path).await.map_err(|e| e.to_string())?;
             f.write_all(&first.data).await.map_err(|e| e.to_string())?;
+            self.node
+                .metrics
+                .snapshot_received_bytes
+                .inc_by(first.data.len() as u64);
             let mut last = first.last;
             while !last {
                 match stream.next().await {
                     Some(Ok(c)) => {
                         f.write_all(&c.data).await.map_err(|e| e.to_string())?;
+                        self.node.metrics.snapshot_received_bytes.inc_by(c.data.len() as u64);
                         last = c.last;
                     }
                     Some(Err(s)) => return Err(s.to_string()),
@@ -1185,7 +1191,9 @@ impl RaftSvc for RaftService {
             Ok(f) => f,
             Err(e) => return Ok(wire_err(e.to_string())),
         };
-        Ok(Response::new(r.raft.install_snapshot(header, file).await))
+        let resp = r.raft.install_snapshot(header, file).await;
+        self.node.metrics.snapshot_phase("receive", started.elapsed());
+        Ok(Response::new(resp))
     }
 }
 

@@ -247,12 +247,14 @@ impl RaftGroup {
         let net = NetworkFactory {
             transport: p.transport.clone(),
             shared: p.shared.clone(),
+            metrics: p.metrics.clone(),
         };
         let metrics = p.metrics;
         let log = LogStore::new(p.engine, range);
         let raft = Raft::new(p.store_id.0, p.config.inner.clone(), net, log, sm)
             .await
             .map_err(|e| StartError(format!("{range}: {e}")))?;
+        tokio::spawn(watch_leadership(raft.server_metrics(), metrics.clone()));
         let (state, actions) = Hibernation::started(raft.is_leader(), std::time::Instant::now());
         let g = Self {
             raft,
@@ -291,6 +293,15 @@ impl RaftGroup {
 
     pub fn is_leader(&self) -> bool {
         self.raft.is_leader()
+    }
+
+    /// Entries this replica knows committed but has not applied yet.
+    pub fn apply_lag(&self) -> u64 {
+        let m = self.raft.metrics();
+        let m = m.borrow_watched();
+        let committed = m.local_committed.as_ref().map_or(0, |l| l.index);
+        let applied = m.last_applied.as_ref().map_or(0, |l| l.index);
+        committed.saturating_sub(applied)
     }
 
     pub fn leader_view(&self) -> LeaderView {
@@ -370,9 +381,17 @@ impl RaftGroup {
         let _inflight = Inflight::new(&self.hib.inflight);
         self.touch(WakeReason::Write);
         self.ensure_lease(timeout).await;
+        let started = Instant::now();
         match tokio::time::timeout(timeout, self.raft.client_write(cmd)).await {
             Err(_) => Err(RaftOpError::OutcomeUnknown("proposal timed out".into())),
-            Ok(Ok(resp)) => Ok(resp.data),
+            Ok(Ok(resp)) => {
+                // client_write returns once the entry is committed and applied here.
+                self.hib
+                    .metrics
+                    .raft_commit_seconds
+                    .observe(started.elapsed().as_secs_f64());
+                Ok(resp.data)
+            }
             Ok(Err(e)) => Err(write_error(e)),
         }
     }
@@ -730,6 +749,66 @@ impl RaftGroup {
         let r = wire(self.raft.install_full_snapshot(header.vote, snap).await);
         self.after_message(MessageFacts::Snapshot);
         r
+    }
+}
+
+/// Counts leader changes and elections of one group from openraft's server metrics, which
+/// change only on a vote, a state, a leader or a membership change (never per entry). Ends
+/// when the group shuts down (the sender is dropped).
+async fn watch_leadership(
+    mut rx: openraft::alias::WatchReceiverOf<TypeConfig, openraft::metrics::RaftServerMetrics<TypeConfig>>,
+    metrics: Metrics,
+) {
+    let mut tracker = LeadershipTracker::default();
+    loop {
+        let (leader, candidate_term) = {
+            let m = rx.borrow_watched();
+            let term = m.vote.leader_id.term;
+            (
+                m.current_leader,
+                (m.state == openraft::ServerState::Candidate).then_some(term),
+            )
+        };
+        let (changed, elected) = tracker.observe(leader, candidate_term);
+        if changed {
+            metrics.raft_leader_changes.inc();
+        }
+        if elected {
+            metrics.raft_elections.inc();
+        }
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// What [`watch_leadership`] remembers between two observations. Pure, so it is table-tested.
+#[derive(Default)]
+struct LeadershipTracker {
+    /// The last leader known (an unknown leader in between is not a change).
+    last_leader: Option<u64>,
+    /// The last term in which this replica was seen a candidate.
+    last_candidate_term: u64,
+}
+
+impl LeadershipTracker {
+    /// Returns (the leader moved to another store, a new election was started here).
+    fn observe(&mut self, leader: Option<u64>, candidate_term: Option<u64>) -> (bool, bool) {
+        let changed = match (self.last_leader, leader) {
+            (Some(a), Some(b)) => a != b,
+            _ => false,
+        };
+        if leader.is_some() {
+            self.last_leader = leader;
+        }
+        let elected = match candidate_term {
+            Some(t) if t > self.last_candidate_term => {
+                self.last_candidate_term = t;
+                true
+            }
+            _ => false,
+        };
+        (changed, elected)
     }
 }
 
@@ -1150,5 +1229,28 @@ fn write_error(e: RaftError<TypeConfig, ClientWriteError<TypeConfig>>) -> RaftOp
             other => RaftOpError::Rejected(other.to_string()),
         },
         other => RaftOpError::OutcomeUnknown(other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::LeadershipTracker;
+
+    #[test]
+    fn leader_changes_and_elections_are_counted_once_each() {
+        let mut t = LeadershipTracker::default();
+        // A new group learns its first leader: not a change.
+        assert_eq!(t.observe(None, None), (false, false));
+        assert_eq!(t.observe(Some(1), None), (false, false));
+        // The same leader seen again (a membership change): nothing.
+        assert_eq!(t.observe(Some(1), None), (false, false));
+        // This replica campaigns in term 2 (seen twice: one election), leader unknown meanwhile.
+        assert_eq!(t.observe(None, Some(2)), (false, true));
+        assert_eq!(t.observe(None, Some(2)), (false, false));
+        // It wins: the leader moved from store 1 to this one (store 3).
+        assert_eq!(t.observe(Some(3), None), (true, false));
+        // Another election in a higher term, won by store 1 again.
+        assert_eq!(t.observe(None, Some(4)), (false, true));
+        assert_eq!(t.observe(Some(1), None), (true, false));
     }
 }

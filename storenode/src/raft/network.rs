@@ -292,6 +292,7 @@ impl Transport {
 pub struct NetworkFactory {
     pub transport: Arc<Transport>,
     pub shared: Arc<RangeShared>,
+    pub metrics: crate::metrics::Metrics,
 }
 
 impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
@@ -302,6 +303,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             transport: self.transport.clone(),
             shared: self.shared.clone(),
             target: StoreId(target),
+            metrics: self.metrics.clone(),
         }
     }
 }
@@ -310,6 +312,7 @@ pub struct Network {
     transport: Arc<Transport>,
     shared: Arc<RangeShared>,
     target: StoreId,
+    metrics: crate::metrics::Metrics,
 }
 
 fn unreachable(e: impl std::fmt::Display) -> RPCError<TypeConfig> {
@@ -417,6 +420,8 @@ impl RaftNetworkV2<TypeConfig> for Network {
         };
         let (tx, rx) = tokio::sync::mpsc::channel::<SnapshotChunk>(2);
         let mut file = snapshot.snapshot.file;
+        let started = std::time::Instant::now();
+        let sent = self.metrics.snapshot_sent_bytes.clone();
         // Read the file on a blocking thread, one chunk at a time (bounded memory).
         let reader = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
             if tx.blocking_send(first).is_err() {
@@ -433,6 +438,7 @@ impl RaftNetworkV2<TypeConfig> for Network {
                     n += r;
                 }
                 buf.truncate(n);
+                sent.inc_by(n as u64);
                 let last = n < SNAPSHOT_CHUNK;
                 if tx
                     .blocking_send(SnapshotChunk {
@@ -461,6 +467,7 @@ impl RaftNetworkV2<TypeConfig> for Network {
             return Err(un(resp.error));
         }
         let r: WireResult<SnapshotResponse<TypeConfig>> = decode(&resp.payload).map_err(|e| un(e.to_string()))?;
+        self.metrics.snapshot_phase("send", started.elapsed());
         r.map_err(un)
     }
 }

@@ -777,6 +777,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let mut chunks = entries.ready_chunks(256);
         while let Some(items) = chunks.next().await {
             let started = Instant::now();
+            self.metrics.raft_applied_entries.inc_by(items.len() as u64);
             let mut batch = self.engine.db.batch();
             let mut overlay: Overlay = HashMap::new();
             let mut replies: Vec<(ApplyResponder<TypeConfig>, CmdResponse)> = Vec::new();
