@@ -3,12 +3,19 @@
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 type Labels = Vec<(String, String)>;
+type HistogramCtor = fn() -> Histogram;
+
+fn operator_histogram() -> Histogram {
+    // 10 ms .. ~1.5 h
+    Histogram::new(exponential_buckets(0.01, 2.0, 20))
+}
 
 /// All series of one placement instance (cheap to clone).
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Metrics {
     pub is_leader: Gauge,
     pub stores: Family<Labels, Gauge>,
@@ -28,6 +35,44 @@ pub struct Metrics {
     pub stale_updates: Counter,
     /// Admin and status calls refused by authorization, by call and reason (ADR 0021).
     pub auth_refusals: Family<Labels, Counter>,
+    /// Scheduler ticks run by the leader, and how long each took.
+    pub scheduler_ticks: Counter,
+    pub scheduler_tick_seconds: Histogram,
+    /// Operators started, by kind and origin (scheduler, admin).
+    pub operators_started: Family<Labels, Counter>,
+    /// Operator duration (start to finish, whatever the result), by kind.
+    pub operator_seconds: Family<Labels, Histogram, HistogramCtor>,
+    /// Ranges short of live voters, and ranges without a live leader, as of the last tick
+    /// (`scheduler::health`).
+    pub ranges_under_replicated: Gauge,
+    pub ranges_leaderless: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            is_leader: Gauge::default(),
+            stores: Family::default(),
+            ranges: Gauge::default(),
+            operators: Family::default(),
+            operators_in_flight: Family::default(),
+            split_skipped: Family::default(),
+            stale_replicas: Counter::default(),
+            heartbeats: Family::default(),
+            meta_txn_failures: Counter::default(),
+            meta_errors: Counter::default(),
+            forwarded: Counter::default(),
+            stale_updates: Counter::default(),
+            auth_refusals: Family::default(),
+            scheduler_ticks: Counter::default(),
+            // 100 µs .. ~6.5 s
+            scheduler_tick_seconds: Histogram::new(exponential_buckets(0.000_1, 2.0, 17)),
+            operators_started: Family::default(),
+            operator_seconds: Family::new_with_constructor(operator_histogram as HistogramCtor),
+            ranges_under_replicated: Gauge::default(),
+            ranges_leaderless: Gauge::default(),
+        }
+    }
 }
 
 impl Metrics {
@@ -87,6 +132,36 @@ impl Metrics {
             "auth_refusals",
             "Admin and status calls refused by authorization, by call and reason",
             m.auth_refusals.clone(),
+        );
+        r.register(
+            "scheduler_ticks",
+            "Scheduler ticks run by this instance as leader",
+            m.scheduler_ticks.clone(),
+        );
+        r.register(
+            "scheduler_tick_duration_seconds",
+            "Time of one scheduler tick (reading the map and stores, planning, launching)",
+            m.scheduler_tick_seconds.clone(),
+        );
+        r.register(
+            "operators_started",
+            "Operators started, by kind and origin (scheduler, admin)",
+            m.operators_started.clone(),
+        );
+        r.register(
+            "operator_duration_seconds",
+            "Operator duration from start to finish (any result), by kind",
+            m.operator_seconds.clone(),
+        );
+        r.register(
+            "ranges_under_replicated",
+            "Ranges with fewer voters on live stores than wanted, as of the last scheduler tick",
+            m.ranges_under_replicated.clone(),
+        );
+        r.register(
+            "ranges_leaderless",
+            "Ranges whose last known leader is unknown or not on a live store, as of the last scheduler tick",
+            m.ranges_leaderless.clone(),
         );
         (m, r)
     }

@@ -13,6 +13,7 @@
 //!    leader (count and load) and replica count balance.
 
 mod balance;
+pub mod health;
 mod merge;
 mod repair;
 #[cfg(test)]

@@ -109,6 +109,15 @@ fn domain_view(stores: &[StoreInfo], ranges: &[crate::rangemap::StoredRange]) ->
 
 /// One scheduler tick on the leader.
 async fn tick_once(s: &Arc<Shared>, term: &CancellationToken) {
+    let started = std::time::Instant::now();
+    s.metrics.scheduler_ticks.inc();
+    tick_inner(s, term).await;
+    s.metrics
+        .scheduler_tick_seconds
+        .observe(started.elapsed().as_secs_f64());
+}
+
+async fn tick_inner(s: &Arc<Shared>, term: &CancellationToken) {
     let now = now_ms();
     let ranges = match s.meta.all_ranges().await {
         Ok((r, rev)) => {
@@ -129,6 +138,9 @@ async fn tick_once(s: &Arc<Shared>, term: &CancellationToken) {
     };
     s.metrics.ranges.set(ranges.len() as i64);
     let (domain_stores, domain_ranges) = domain_view(&stores, &ranges);
+    let health = scheduler::health::range_health(&domain_stores, &domain_ranges);
+    s.metrics.ranges_under_replicated.set(health.under_replicated as i64);
+    s.metrics.ranges_leaderless.set(health.leaderless as i64);
     for state in [
         StoreState::Up,
         StoreState::Down,

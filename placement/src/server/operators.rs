@@ -132,6 +132,10 @@ pub(super) fn launch(
         .operators_in_flight
         .get_or_create(&Metrics::label("kind", kind))
         .inc();
+    s.metrics
+        .operators_started
+        .get_or_create(&Metrics::labels(&[("kind", kind), ("origin", origin)]))
+        .inc();
     let store_id = match &op {
         Operator::MoveReplica { to, .. } => to.get(),
         Operator::TransferLeader { to, .. } => to.get(),
@@ -202,7 +206,13 @@ fn finish(s: &Shared, range_id: RangeId, ids: &[RangeId], kind: &'static str, re
         .get_or_create(&Metrics::labels(&[("kind", kind), ("result", result)]))
         .inc();
     let mut mem = s.mem.lock();
-    mem.inflight.remove(&range_id);
+    if let Some(f) = mem.inflight.remove(&range_id) {
+        let ms = now_ms().saturating_sub(f.started_ms);
+        s.metrics
+            .operator_seconds
+            .get_or_create(&Metrics::label("kind", kind))
+            .observe(ms as f64 / 1000.0);
+    }
     let until = now_ms() + settle_ms;
     for id in ids {
         mem.busy_until.insert(*id, until);
