@@ -50,6 +50,7 @@ pub struct Metrics {
     pub jwt_key_reloads: Family<Outcome, Counter>,
     pub jwt_keys: Gauge,
     pub range_cache_size: Gauge,
+    pub range_cache_hits: Counter,
     pub range_cache_misses: Counter,
     pub placement_errors: Counter,
 }
@@ -71,6 +72,7 @@ impl Metrics {
             jwt_key_reloads: Family::default(),
             jwt_keys: Gauge::default(),
             range_cache_size: Gauge::default(),
+            range_cache_hits: Counter::default(),
             range_cache_misses: Counter::default(),
             placement_errors: Counter::default(),
         };
@@ -113,6 +115,11 @@ impl Metrics {
             "skv_proxy_range_cache_size",
             "Ranges in the routing cache",
             m.range_cache_size.clone(),
+        );
+        registry.register(
+            "skv_proxy_range_cache_hits",
+            "Route lookups answered by a fresh entry of the routing cache",
+            m.range_cache_hits.clone(),
         );
         registry.register(
             "skv_proxy_range_cache_misses",

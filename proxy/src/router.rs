@@ -291,6 +291,7 @@ impl Router {
         if let Some(r) = &cached
             && !r.stale
         {
+            self.metrics.range_cache_hits.inc();
             return cached;
         }
         self.metrics.range_cache_misses.inc();
