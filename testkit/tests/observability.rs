@@ -548,6 +548,10 @@ impl Procs {
                     "300".into(),
                     "--schedule-interval-ms".into(),
                     "200".into(),
+                    // A killed store is DOWN (and its ranges under-replicated) within the
+                    // test's wait for the alerts.
+                    "--store-down-after-ms".into(),
+                    "3000".into(),
                     "--jwt-hs256-secret-file".into(),
                     s(&secret),
                 ],
@@ -1081,6 +1085,40 @@ async fn every_dashboard_and_alert_query_returns_data_from_a_real_prometheus() {
         failures.join("\n"),
         prom.api("/api/v1/label/__name__/values").await["data"]
     );
+
+    // The families of issue 13 counted what the traffic did (a query returning a 0 series
+    // passes the check above; these must be above 0).
+    for expr in [
+        "sum(skv_storenode_raft_applied_entries_total)",
+        "sum(skv_storenode_raft_commit_duration_seconds_count)",
+        "sum(skv_storenode_raft_leader_changes_total)",
+        "sum(skv_storenode_raft_elections_started_total)",
+        "sum(skv_storenode_group_commit_batch_appends_count)",
+        "min(skv_storenode_engine_disk_bytes)",
+        "sum(skv_placement_scheduler_ticks_total)",
+        "sum(skv_placement_operators_started_total)",
+        "sum(skv_placement_operator_duration_seconds_count)",
+        "sum(skv_proxy_range_cache_hits_total)",
+        "min(process_resident_memory_bytes{job=~\"skv-.*\"})",
+        "min(process_open_fds{job=~\"skv-.*\"})",
+        "min(process_start_time_seconds{job=~\"skv-.*\"})",
+        "min(skv_build_info{job=~\"skv-.*\"})",
+    ] {
+        let v = prom.api(&format!("/api/v1/query?query={}", urlencode(expr))).await;
+        let value = v["data"]["result"][0]["value"][1]
+            .as_str()
+            .and_then(|x| x.parse::<f64>().ok())
+            .unwrap_or(0.0);
+        assert!(value > 0.0, "{expr} is {value}: {v}");
+    }
+    // Every skv process exports build info and process metrics (6 targets).
+    let v = prom
+        .api(&format!(
+            "/api/v1/query?query={}",
+            urlencode("count(process_cpu_seconds_total{job=~\"skv-.*\"})")
+        ))
+        .await;
+    assert_eq!(v["data"]["result"][0]["value"][1].as_str(), Some("6"), "{v}");
 
     // A store goes down: the store-down and under-replication alerts become active
     // (pending: their `for` has not run out yet), so they fire on a real failure.
