@@ -98,6 +98,10 @@ pub struct Config {
     /// Log format.
     #[arg(long, env = "SKV_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// Export tracing spans over OTLP/gRPC to this collector URL (e.g.
+    /// `http://127.0.0.1:4317`); off when unset (ADR 0024).
+    #[arg(long, env = "SKV_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
     /// Split a range larger than this many bytes (at its size median; 0 = never).
     #[arg(long, env = "SKV_SPLIT_SIZE_BYTES", default_value_t = 128 << 20)]
     pub split_size_bytes: u64,
@@ -194,6 +198,7 @@ impl Config {
             schedule_interval_ms: 500,
             lease_ttl_secs: 3,
             log_format: LogFormat::Text,
+            otlp_endpoint: None,
             split_size_bytes: 128 << 20,
             split_qps_threshold: 2500,
             split_qps_window_secs: 10,

@@ -9,7 +9,8 @@ use std::time::Duration;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config: skv_placement::Config = skv_common::config::parse();
-    skv_common::telemetry::init_logging(config.log_format);
+    // Logs, and spans over OTLP with --otlp-endpoint (flushed when `_otel` drops).
+    let _otel = skv_otel::init(config.log_format, config.otlp_endpoint.as_deref(), "skv-placement")?;
     let handle = skv_placement::start(config).await?;
     tracing::info!(addr = %handle.addr, "skv-placement listening");
     let signal = skv_common::service::shutdown_signal();

@@ -89,6 +89,10 @@ pub struct Config {
     /// Log format.
     #[arg(long, env = "SKV_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// Export tracing spans over OTLP/gRPC to this collector URL (e.g.
+    /// `http://127.0.0.1:4317`); off when unset (ADR 0024).
+    #[arg(long, env = "SKV_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
     /// TLS on the client port: this certificate chain (PEM; with --client-tls-key-file).
     #[arg(long, env = "SKV_CLIENT_TLS_CERT_FILE", requires = "client_tls_key_file")]
     pub client_tls_cert_file: Option<PathBuf>,
@@ -128,6 +132,7 @@ impl Config {
             tenant_max_concurrency: 1024,
             tenants: BTreeMap::new(),
             log_format: LogFormat::Text,
+            otlp_endpoint: None,
             client_tls_cert_file: None,
             client_tls_key_file: None,
             client_tls_ca_file: None,

@@ -7,7 +7,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let (mut config, file): (skv_proxy::Config, _) = skv_common::config::parse_with_sections(&["tenants"]);
-    skv_common::telemetry::init_logging(config.log_format);
+    // Logs, and spans over OTLP with --otlp-endpoint (flushed when `_otel` drops).
+    let _otel = skv_otel::init(config.log_format, config.otlp_endpoint.as_deref(), "skv-proxy")?;
     if let Some(file) = file {
         config.tenants = skv_proxy::quota::load_overrides(&file)?;
     }

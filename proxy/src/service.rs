@@ -158,7 +158,10 @@ impl KvService {
             self.inner.metrics.auth_denied("bad_namespace");
             Status::unauthenticated("token namespace invalid")
         })?;
-        Span::current().record("tenant", field::display(&claims.ns));
+        // The tenant is its namespace; both names, for log and trace queries (issue 13).
+        let span = Span::current();
+        span.record("tenant", field::display(&claims.ns));
+        span.record("namespace", field::display(&claims.ns));
         Ok(Ctx { claims, ns })
     }
 
@@ -802,7 +805,7 @@ impl KvService {
 
 macro_rules! rpc_span {
     ($rpc:literal) => {
-        tracing::info_span!("kv", rpc = $rpc, tenant = field::Empty)
+        tracing::info_span!("kv", rpc = $rpc, tenant = field::Empty, namespace = field::Empty)
     };
 }
 

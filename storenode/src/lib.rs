@@ -177,6 +177,10 @@ pub struct Config {
     /// Log format.
     #[arg(long, env = "SKV_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// Export tracing spans over OTLP/gRPC to this collector URL (e.g.
+    /// `http://127.0.0.1:4317`); off when unset (ADR 0024).
+    #[arg(long, env = "SKV_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
     /// Bytes of the value cache, which keeps hot records in memory in front of the engine
     /// (0 disables it).
     #[arg(long, env = "SKV_VALUE_CACHE_BYTES", default_value_t = cache::DEFAULT_VALUE_CACHE_BYTES)]
@@ -222,6 +226,7 @@ impl Config {
             max_value_len: skv_common::limits::DEFAULT_MAX_VALUE_LEN,
             heartbeat_interval_ms: 1000,
             log_format: LogFormat::Text,
+            otlp_endpoint: None,
             value_cache_bytes: cache::DEFAULT_VALUE_CACHE_BYTES,
             raft_hibernate: false,
             raft_hibernate_after_ms: 3000,

@@ -7,7 +7,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config: skv_storenode::Config = skv_common::config::parse();
-    skv_common::telemetry::init_logging(config.log_format);
+    // Logs, and spans over OTLP with --otlp-endpoint (flushed when `_otel` drops).
+    let _otel = skv_otel::init(config.log_format, config.otlp_endpoint.as_deref(), "skv-storenode")?;
     let handle = skv_storenode::start(config).await?;
     skv_common::service::shutdown_signal().await;
     handle.shutdown().await
