@@ -1,0 +1,490 @@
+//! A cluster of real processes on 127.0.0.1 for chaos runs: one etcd, placement instances
+//! (leader election on etcd), storenodes and proxies, each a built binary with its own port
+//! and data directory, each killed by PID when dropped (testkit's `ChildGuard`).
+
+use skv_proto::internal::placement_client::PlacementClient;
+use skv_proto::internal::{
+    AdminMergeRequest, AdminSplitRequest, AdminTransferLeaderRequest, GetMembersRequest, GetRangeRequest,
+    GetStoresRequest, RangeInfo, StoreInfo,
+};
+use skv_testkit::cluster::{TEST_SECRET, admin, token};
+use skv_testkit::{ChildGuard, Etcd, free_port};
+use std::fs::OpenOptions;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Errors of the cluster.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    /// A binary is missing.
+    #[error("{0} not found: run `cargo build --bins` first")]
+    MissingBinary(PathBuf),
+    /// A process could not be started or signalled.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// etcd did not start.
+    #[error("etcd did not start: {0}")]
+    Etcd(String),
+    /// The cluster did not become ready in time.
+    #[error("{0}")]
+    NotReady(String),
+    /// An admin call failed.
+    #[error("{0}")]
+    Admin(String),
+}
+
+/// Result alias.
+pub type Result<T, E = ClusterError> = std::result::Result<T, E>;
+
+/// Shape of a [`ChaosCluster`].
+#[derive(Clone, Debug)]
+pub struct ClusterSpec {
+    /// Placement instances (2 or more make leader loss survivable).
+    pub placements: usize,
+    /// Storenodes.
+    pub storenodes: usize,
+    /// Proxies (the SDK fails over between them).
+    pub proxies: usize,
+    /// Where `skv-placement`, `skv-storenode` and `skv-proxy` are.
+    pub bin_dir: PathBuf,
+}
+
+/// Which kind of process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Role {
+    /// `skv-placement`.
+    Placement,
+    /// `skv-storenode`.
+    Store,
+    /// `skv-proxy`.
+    Proxy,
+}
+
+/// One process slot: a fixed port and data directory, running or not.
+pub struct Proc {
+    /// `pd-0`, `store-1`, `proxy-0`.
+    pub name: String,
+    /// Its port on 127.0.0.1.
+    pub port: u16,
+    guard: Option<ChildGuard>,
+    paused: bool,
+}
+
+impl Proc {
+    /// Whether the process is running (paused counts as running).
+    pub fn is_up(&self) -> bool {
+        self.guard.is_some()
+    }
+    /// Whether it is stopped by SIGSTOP.
+    pub fn is_paused(&self) -> bool {
+        self.paused
+    }
+    /// `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+/// The running cluster.
+pub struct ChaosCluster {
+    dir: Option<tempfile::TempDir>,
+    path: PathBuf,
+    etcd: Etcd,
+    bin_dir: PathBuf,
+    /// Placement instances.
+    pub placements: Vec<Proc>,
+    /// Storenodes.
+    pub stores: Vec<Proc>,
+    /// Proxies.
+    pub proxies: Vec<Proc>,
+}
+
+/// The directory of the running executable's target profile (`target/debug`), where
+/// `cargo build --bins` puts the binaries; test binaries live one level down, in `deps/`.
+pub fn default_bin_dir() -> PathBuf {
+    let mut dir = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(Path::to_path_buf))
+        .unwrap_or_default();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir
+}
+
+impl ChaosCluster {
+    /// Starts etcd, placement, storenodes and proxies, and waits (up to 120 s) until a write
+    /// and a read go through a proxy.
+    pub async fn start(spec: &ClusterSpec) -> Result<ChaosCluster> {
+        for b in ["skv-placement", "skv-storenode", "skv-proxy"] {
+            let p = spec.bin_dir.join(b);
+            if !p.exists() {
+                return Err(ClusterError::MissingBinary(p));
+            }
+        }
+        let dir = tempfile::Builder::new()
+            .prefix("skv-chaos-")
+            .tempdir()
+            .map_err(|source| ClusterError::Io {
+                what: "temp dir".into(),
+                source,
+            })?;
+        let path = dir.path().to_path_buf();
+        std::fs::write(path.join("secret"), TEST_SECRET).map_err(|source| ClusterError::Io {
+            what: "write the JWT secret".into(),
+            source,
+        })?;
+        // testkit's Etcd panics when it cannot start; in a task, that is an error here.
+        let etcd = tokio::spawn(Etcd::start())
+            .await
+            .map_err(|e| ClusterError::Etcd(e.to_string()))?;
+        let slot = |name: String| Proc {
+            name,
+            port: free_port(),
+            guard: None,
+            paused: false,
+        };
+        let mut c = ChaosCluster {
+            dir: Some(dir),
+            path,
+            etcd,
+            bin_dir: spec.bin_dir.clone(),
+            placements: (0..spec.placements.max(1)).map(|i| slot(format!("pd-{i}"))).collect(),
+            stores: (0..spec.storenodes).map(|i| slot(format!("store-{i}"))).collect(),
+            proxies: (0..spec.proxies.max(1)).map(|i| slot(format!("proxy-{i}"))).collect(),
+        };
+        for i in 0..c.placements.len() {
+            c.start_proc(Role::Placement, i)?;
+        }
+        for i in 0..c.stores.len() {
+            c.start_proc(Role::Store, i)?;
+        }
+        for i in 0..c.proxies.len() {
+            c.start_proc(Role::Proxy, i)?;
+        }
+        c.wait_writable(Duration::from_secs(120)).await?;
+        Ok(c)
+    }
+
+    /// The directory with every process's data and log (`<name>.log`).
+    pub fn dir(&self) -> &Path {
+        &self.path
+    }
+
+    /// Keeps the directory after the cluster is dropped (for a failing run's logs).
+    pub fn keep_dir(&mut self) -> PathBuf {
+        if let Some(d) = self.dir.take() {
+            let _ = d.keep();
+        }
+        self.path.clone()
+    }
+
+    /// PID of etcd.
+    pub fn etcd_pid(&self) -> u32 {
+        self.etcd.pid()
+    }
+
+    fn procs(&self, role: Role) -> &Vec<Proc> {
+        match role {
+            Role::Placement => &self.placements,
+            Role::Store => &self.stores,
+            Role::Proxy => &self.proxies,
+        }
+    }
+
+    fn procs_mut(&mut self, role: Role) -> &mut Vec<Proc> {
+        match role {
+            Role::Placement => &mut self.placements,
+            Role::Store => &mut self.stores,
+            Role::Proxy => &mut self.proxies,
+        }
+    }
+
+    /// The process `i` of `role`.
+    pub fn proc(&self, role: Role, i: usize) -> Option<&Proc> {
+        self.procs(role).get(i)
+    }
+
+    /// Comma-separated placement URLs.
+    pub fn placement_urls(&self) -> String {
+        self.placements.iter().map(Proc::url).collect::<Vec<_>>().join(",")
+    }
+
+    /// The proxies' URLs.
+    pub fn proxy_urls(&self) -> Vec<String> {
+        self.proxies.iter().map(Proc::url).collect()
+    }
+
+    /// Starts process `i` of `role` (again) on its port and data directory. A no-op when it
+    /// runs.
+    pub fn start_proc(&mut self, role: Role, i: usize) -> Result<()> {
+        let Some(p) = self.procs(role).get(i) else {
+            return Err(ClusterError::NotReady(format!("no {role:?} {i}")));
+        };
+        if p.is_up() {
+            return Ok(());
+        }
+        let (name, port) = (p.name.clone(), p.port);
+        let listen = format!("127.0.0.1:{port}");
+        let secret = self.path.join("secret");
+        let mut cmd = match role {
+            Role::Placement => {
+                let mut cmd = Command::new(self.bin_dir.join("skv-placement"));
+                cmd.arg("--listen")
+                    .arg(&listen)
+                    .arg("--name")
+                    .arg(&name)
+                    .arg("--data-dir")
+                    .arg(self.path.join(&name))
+                    .arg("--etcd")
+                    .arg(&self.etcd.client_url)
+                    .arg("--initial-wait-ms")
+                    .arg("300")
+                    .arg("--schedule-interval-ms")
+                    .arg("300")
+                    .arg("--jwt-hs256-secret-file")
+                    .arg(&secret);
+                cmd
+            }
+            Role::Store => {
+                let mut cmd = Command::new(self.bin_dir.join("skv-storenode"));
+                cmd.arg("--listen")
+                    .arg(&listen)
+                    .arg("--placement")
+                    .arg(self.placement_urls())
+                    .arg("--data-dir")
+                    .arg(self.path.join(&name))
+                    .arg("--heartbeat-interval-ms")
+                    .arg("300");
+                cmd
+            }
+            Role::Proxy => {
+                let mut cmd = Command::new(self.bin_dir.join("skv-proxy"));
+                cmd.arg("--listen")
+                    .arg(&listen)
+                    .arg("--placement")
+                    .arg(self.placement_urls())
+                    .arg("--jwt-hs256-secret-file")
+                    .arg(&secret);
+                cmd
+            }
+        };
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.path.join(format!("{name}.log")))
+            .map(Stdio::from)
+            .unwrap_or_else(|_| Stdio::null());
+        cmd.stdout(Stdio::null()).stderr(log);
+        let guard = ChildGuard::spawn(name.clone(), &mut cmd).map_err(|source| ClusterError::Io {
+            what: format!("start {name}"),
+            source,
+        })?;
+        if let Some(p) = self.procs_mut(role).get_mut(i) {
+            p.guard = Some(guard);
+            p.paused = false;
+        }
+        Ok(())
+    }
+
+    /// `kill -9` process `i` of `role` (a paused one too). Returns whether it was running.
+    pub fn kill(&mut self, role: Role, i: usize) -> bool {
+        match self.procs_mut(role).get_mut(i) {
+            Some(p) => {
+                let was = p.guard.is_some();
+                if let Some(mut g) = p.guard.take() {
+                    g.kill();
+                }
+                p.paused = false;
+                was
+            }
+            None => false,
+        }
+    }
+
+    /// SIGSTOP (`stop` true) or SIGCONT process `i` of `role`.
+    pub fn pause(&mut self, role: Role, i: usize, stop: bool) -> Result<()> {
+        let Some(p) = self.procs_mut(role).get_mut(i) else {
+            return Err(ClusterError::NotReady(format!("no {role:?} {i}")));
+        };
+        let Some(g) = p.guard.as_ref() else {
+            return Err(ClusterError::NotReady(format!("{} is not running", p.name)));
+        };
+        g.signal(if stop { "STOP" } else { "CONT" })
+            .map_err(|source| ClusterError::Io {
+                what: format!("signal {}", p.name),
+                source,
+            })?;
+        p.paused = stop;
+        Ok(())
+    }
+
+    /// Resumes every paused process and starts every stopped one. Returns what it did.
+    pub fn heal(&mut self) -> Vec<String> {
+        let mut done = Vec::new();
+        for role in [Role::Placement, Role::Store, Role::Proxy] {
+            for i in 0..self.procs(role).len() {
+                let (paused, up, name) = {
+                    let p = &self.procs(role)[i];
+                    (p.paused, p.is_up(), p.name.clone())
+                };
+                if paused && self.pause(role, i, false).is_ok() {
+                    done.push(format!("resume {name}"));
+                }
+                if !up {
+                    match self.start_proc(role, i) {
+                        Ok(()) => done.push(format!("restart {name}")),
+                        Err(e) => done.push(format!("restart {name} failed: {e}")),
+                    }
+                }
+            }
+        }
+        done
+    }
+
+    /// An SDK client for namespace `ns` (role write) over every proxy.
+    pub async fn client(&self, ns: &str, timeout: Duration, attempt_timeout: Duration) -> Result<skv::Client> {
+        skv::Client::builder()
+            .endpoints(self.proxy_urls())
+            .token(token(ns, "write"))
+            .timeout(timeout)
+            .attempt_timeout(attempt_timeout)
+            .connect()
+            .await
+            .map_err(|e| ClusterError::NotReady(format!("sdk: {e}")))
+    }
+
+    /// Waits until a put and a get round-trip through the proxies.
+    pub async fn wait_writable(&self, within: Duration) -> Result<()> {
+        let client = self
+            .client("healthcheck", Duration::from_secs(5), Duration::from_secs(2))
+            .await?;
+        let deadline = Instant::now() + within;
+        let mut last = String::new();
+        while Instant::now() < deadline {
+            match client.put("ready", "1").await {
+                Ok(_) => match client.get("ready").await {
+                    Ok(Some(_)) => return Ok(()),
+                    Ok(None) => last = "read back nothing".into(),
+                    Err(e) => last = e.to_string(),
+                },
+                Err(e) => last = e.to_string(),
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        Err(ClusterError::NotReady(format!(
+            "the cluster did not accept writes within {within:?} (last error: {last}); logs in {}",
+            self.path.display()
+        )))
+    }
+
+    async fn pd(&self) -> Result<PlacementClient<tonic::transport::Channel>> {
+        let mut last = String::from("no placement instance is running");
+        for p in self.placements.iter().filter(|p| p.is_up() && !p.is_paused()) {
+            let ep = match tonic::transport::Endpoint::from_shared(p.url()) {
+                Ok(ep) => ep
+                    .connect_timeout(Duration::from_secs(2))
+                    .timeout(Duration::from_secs(10)),
+                Err(e) => {
+                    last = e.to_string();
+                    continue;
+                }
+            };
+            match ep.connect().await {
+                Ok(ch) => return Ok(PlacementClient::new(ch)),
+                Err(e) => last = format!("{}: {e}", p.name),
+            }
+        }
+        Err(ClusterError::Admin(last))
+    }
+
+    /// Index of the placement leader, as the instances report it.
+    pub async fn placement_leader(&self) -> Result<Option<usize>> {
+        let mut pd = self.pd().await?;
+        let r = pd
+            .get_members(admin(GetMembersRequest {}))
+            .await
+            .map_err(|e| ClusterError::Admin(format!("GetMembers: {}", e.message())))?
+            .into_inner();
+        let Some(leader) = r.leader else { return Ok(None) };
+        Ok(self
+            .placements
+            .iter()
+            .position(|p| p.name == leader.name || leader.address.ends_with(&format!(":{}", p.port))))
+    }
+
+    /// The range holding internal key `key`, and the stores.
+    pub async fn range_of(&self, key: &[u8]) -> Result<(RangeInfo, Vec<StoreInfo>)> {
+        let mut pd = self.pd().await?;
+        let r = pd
+            .get_range(admin(GetRangeRequest { key: key.to_vec() }))
+            .await
+            .map_err(|e| ClusterError::Admin(format!("GetRange: {}", e.message())))?
+            .into_inner();
+        let range = r
+            .range
+            .ok_or_else(|| ClusterError::Admin("GetRange: no range".into()))?;
+        let stores = pd
+            .get_stores(admin(GetStoresRequest {}))
+            .await
+            .map_err(|e| ClusterError::Admin(format!("GetStores: {}", e.message())))?
+            .into_inner()
+            .stores;
+        Ok((range, stores))
+    }
+
+    /// Splits range `range_id` at internal key `key`.
+    pub async fn split(&self, range_id: u64, key: &[u8]) -> Result<String> {
+        let mut pd = self.pd().await?;
+        let r = pd
+            .split_range(admin(AdminSplitRequest {
+                range_id,
+                split_key: key.to_vec(),
+            }))
+            .await
+            .map_err(|e| ClusterError::Admin(format!("split r{range_id}: {}", e.message())))?
+            .into_inner();
+        Ok(format!(
+            "r{range_id} -> r{} + r{}",
+            r.left.map(|d| d.range_id).unwrap_or(0),
+            r.right.map(|d| d.range_id).unwrap_or(0)
+        ))
+    }
+
+    /// Moves the leadership of `range_id` to store `to`.
+    pub async fn transfer_leader(&self, range_id: u64, to: u64) -> Result<()> {
+        let mut pd = self.pd().await?;
+        pd.transfer_leader(admin(AdminTransferLeaderRequest {
+            range_id,
+            to_store_id: to,
+        }))
+        .await
+        .map_err(|e| ClusterError::Admin(format!("transfer r{range_id} to s{to}: {}", e.message())))?;
+        Ok(())
+    }
+
+    /// Merges two adjacent ranges.
+    pub async fn merge(&self, left: u64, right: u64) -> Result<()> {
+        let mut pd = self.pd().await?;
+        pd.merge_ranges(admin(AdminMergeRequest {
+            left_range_id: left,
+            right_range_id: right,
+        }))
+        .await
+        .map_err(|e| ClusterError::Admin(format!("merge r{left} + r{right}: {}", e.message())))?;
+        Ok(())
+    }
+
+    /// Index (in `stores`) of the storenode with store id `id`, by its address.
+    pub fn store_index(&self, stores: &[StoreInfo], id: u64) -> Option<usize> {
+        let addr = &stores.iter().find(|s| s.store_id == id)?.address;
+        let port: u16 = addr.rsplit(':').next()?.parse().ok()?;
+        self.stores.iter().position(|p| p.port == port)
+    }
+}

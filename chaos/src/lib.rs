@@ -1,0 +1,17 @@
+//! skv-chaos: fault injection for skv (issue 14).
+//!
+//! - [`history`]: the recorded calls (plain data, JSON for replay);
+//! - [`model`] and [`checker`]: a per-key linearizability checker for get, put, delete, CAS
+//!   and conditional writes with versions, where unknown outcomes may take effect at any time
+//!   after their invocation, or never (pure, bounded);
+//! - [`recorder`]: an SDK client wrapper that records every call;
+//! - [`cluster`], [`nemesis`] and [`runner`]: a real process cluster on 127.0.0.1, faults,
+//!   and a run that heals, reads every key back and checks the whole history.
+
+pub mod checker;
+pub mod cluster;
+pub mod history;
+pub mod model;
+pub mod nemesis;
+pub mod recorder;
+pub mod runner;
