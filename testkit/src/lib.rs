@@ -7,6 +7,7 @@
 pub mod cluster;
 pub mod etcd;
 pub mod process;
+pub mod s3;
 pub mod workload;
 
 pub use etcd::Etcd;
