@@ -32,7 +32,7 @@ fn options(g: &Global) -> Result<EndpointOptions> {
 }
 
 /// Connects to the first placement member that answers (skv-rpc's one placement client).
-pub async fn connect(g: &Global) -> Result<PlacementClient<Channel>> {
+pub(crate) async fn connect(g: &Global) -> Result<PlacementClient<Channel>> {
     let options = options(g)?;
     let members = PlacementMembers::with_options(&g.placement, &options).map_err(|e| anyhow!("--placement: {e}"))?;
     let deadline = tokio::time::Instant::now() + g.timeout;
@@ -86,7 +86,7 @@ fn authed<T>(g: &Global, msg: T) -> Result<tonic::Request<T>> {
 
 /// Range load by range id (empty if the leader has none or cannot be asked: the columns
 /// then show `-`).
-async fn range_stats(g: &Global) -> HashMap<u64, pb::RangeStats> {
+pub(crate) async fn range_stats(g: &Global) -> HashMap<u64, pb::RangeStats> {
     let Ok(mut c) = connect_admin(g).await else {
         return HashMap::new();
     };
@@ -99,7 +99,7 @@ async fn range_stats(g: &Global) -> HashMap<u64, pb::RangeStats> {
     }
 }
 
-async fn store_status(g: &Global) -> HashMap<u64, pb::StoreStatus> {
+pub(crate) async fn store_status(g: &Global) -> HashMap<u64, pb::StoreStatus> {
     let Ok(mut c) = connect_admin(g).await else {
         return HashMap::new();
     };
@@ -169,7 +169,7 @@ fn desc_json(d: &pb::RangeDescriptor) -> Value {
     })
 }
 
-async fn all_ranges(c: &mut PlacementClient<Channel>) -> Result<Vec<pb::RangeInfo>> {
+pub(crate) async fn all_ranges(c: &mut PlacementClient<Channel>) -> Result<Vec<pb::RangeInfo>> {
     let resp = c
         .scan_ranges(pb::ScanRangesRequest::default())
         .await
@@ -251,7 +251,7 @@ pub async fn ranges(g: &Global) -> Result<ExitCode> {
     Ok(0)
 }
 
-fn state_name(s: i32) -> &'static str {
+pub(crate) fn state_name(s: i32) -> &'static str {
     match pb::StoreState::try_from(s) {
         Ok(pb::StoreState::Up) => "up",
         Ok(pb::StoreState::Down) => "down",
@@ -261,7 +261,7 @@ fn state_name(s: i32) -> &'static str {
     }
 }
 
-async fn all_stores(c: &mut PlacementClient<Channel>) -> Result<Vec<pb::StoreInfo>> {
+pub(crate) async fn all_stores(c: &mut PlacementClient<Channel>) -> Result<Vec<pb::StoreInfo>> {
     let resp = c
         .get_stores(pb::GetStoresRequest {})
         .await
@@ -443,14 +443,18 @@ pub async fn merge(g: &Global, left: u64, right: u64) -> Result<ExitCode> {
     Ok(0)
 }
 
-pub async fn operators(g: &Global) -> Result<ExitCode> {
+/// The operators the placement leader has in flight.
+pub(crate) async fn list_operators(g: &Global) -> Result<Vec<pb::OperatorInfo>> {
     let mut c = connect_admin(g).await?;
-    let ops = c
-        .list_operators(authed(g, pb::ListOperatorsRequest {})?)
+    Ok(c.list_operators(authed(g, pb::ListOperatorsRequest {})?)
         .await
         .map_err(status_err("listing operators"))?
         .into_inner()
-        .operators;
+        .operators)
+}
+
+pub async fn operators(g: &Global) -> Result<ExitCode> {
+    let ops = list_operators(g).await?;
     match g.output {
         Output::Json => {
             let rows: Vec<Value> = ops

@@ -79,6 +79,17 @@ impl std::fmt::Debug for Global {
     }
 }
 
+/// `skvctl top`.
+#[derive(Args, Debug, Clone)]
+pub struct TopArgs {
+    /// Print one frame (two scrapes --interval apart) and exit; with `--output json`, as JSON.
+    #[arg(long, env = "SKV_TOP_ONCE")]
+    pub once: bool,
+    /// Time between two frames (and between the two scrapes of --once), e.g. `1s`.
+    #[arg(long, env = "SKV_TOP_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    pub interval: Duration,
+}
+
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Output {
     /// Human-readable text and tables.
@@ -184,6 +195,9 @@ pub enum Command {
     },
     /// Placement members and leader, stores up, range count.
     Status,
+    /// A live view of the cluster, refreshed every --interval: store requests/s and p99
+    /// (from each store's /metrics), ranges, leaders per store, operators in flight.
+    Top(TopArgs),
     /// Tokens.
     Token {
         #[command(subcommand)]

@@ -13,6 +13,7 @@ mod output;
 mod playground;
 #[cfg(feature = "servers")]
 mod token;
+mod top;
 
 use args::{CertsCommand, Cli, Command, TokenCommand};
 
@@ -97,6 +98,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Scheduler { action } => admin::scheduler(g, action).await,
         Command::Operators => admin::operators(g).await,
         Command::Status => admin::status(g).await,
+        Command::Top(a) => top::run(g, &a).await,
         Command::Token {
             command: TokenCommand::Mint(m),
         } => mint(g, &m),
