@@ -52,10 +52,9 @@ pub struct Global {
     /// endpoints (a bare `host:port` then means https too; `http://` stays plaintext).
     #[arg(long, global = true, env = "SKV_CA_FILE")]
     pub ca_file: Option<PathBuf>,
-    /// mTLS to placement: present this certificate (PEM; `skvctl certs create` makes
-    /// `admin.pem`, which placement accepts for admin calls without a token). Needs
-    /// --ca-file and --client-key-file. Admin commands only: data commands refuse it (the
-    /// SDK cannot present a client certificate to the proxy yet).
+    /// mTLS: present this certificate (PEM) to placement (`skvctl certs create` makes
+    /// `admin.pem`, which placement accepts for admin calls without a token), and to a
+    /// proxy that asks for client certificates. Needs --ca-file and --client-key-file.
     #[arg(long, global = true, env = "SKV_CLIENT_CERT_FILE")]
     pub client_cert_file: Option<PathBuf>,
     /// The private key of --client-cert-file (PEM).

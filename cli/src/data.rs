@@ -11,17 +11,18 @@ use skv::{CasOutcome, Client, KeyRange};
 pub type ExitCode = i32;
 
 pub async fn client(g: &Global) -> Result<Client> {
-    if g.client_cert_file.is_some() || g.client_key_file.is_some() {
-        anyhow::bail!(
-            "--client-cert-file/--client-key-file are for placement (admin commands); data commands cannot present a client certificate to the proxy yet"
-        );
-    }
     let mut b = Client::builder()
         .endpoints(g.endpoint.iter().cloned())
         .token(g.token.clone().unwrap_or_default())
         .timeout(g.timeout);
     if let Some(ca) = &g.ca_file {
         b = b.ca_file(ca);
+    }
+    // Presented when the proxy asks for a client certificate (--client-tls-ca-file).
+    match (&g.client_cert_file, &g.client_key_file) {
+        (Some(c), Some(k)) => b = b.client_cert(c, k),
+        (None, None) => {}
+        _ => anyhow::bail!("--client-cert-file and --client-key-file go together"),
     }
     Ok(b.connect().await?)
 }

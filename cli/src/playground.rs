@@ -181,7 +181,24 @@ async fn start_all(
     extra: &ExtraArgs,
     svc: &mut Services,
 ) -> Result<()> {
-    let placement_url = format!("http://{}", addr(ports.placement));
+    // With --tls, every component serves mTLS with its role's certificate and presents it
+    // on the calls it makes (ADR 0022): placement, storenodes and the proxy inside.
+    let scheme = if certs.is_some() { "https" } else { "http" };
+    let placement_url = format!("{scheme}://{}", addr(ports.placement));
+    let mtls = |role: &str| -> Vec<String> {
+        certs
+            .map(|c| {
+                vec![
+                    "--tls-cert-file".to_string(),
+                    s(c.join(format!("{role}.pem"))),
+                    "--tls-key-file".to_string(),
+                    s(c.join(format!("{role}-key.pem"))),
+                    "--tls-ca-file".to_string(),
+                    s(c.join("ca.pem")),
+                ]
+            })
+            .unwrap_or_default()
+    };
     let pcfg: skv_placement::Config = parse(
         "skv-placement",
         &[
@@ -196,6 +213,7 @@ async fn start_all(
             s(secret_file),
         ]
         .into_iter()
+        .chain(mtls("placement"))
         .chain(extra.placement.iter().cloned())
         .collect::<Vec<_>>(),
     )?;
@@ -220,6 +238,7 @@ async fn start_all(
                 addr(*metrics),
             ]
             .into_iter()
+            .chain(mtls("storenode"))
             .chain(extra.storenode.iter().cloned())
             .collect::<Vec<_>>(),
         )?;
@@ -251,6 +270,7 @@ async fn start_all(
                 s(c.join("proxy-key.pem")),
             ]
         }))
+        .chain(mtls("proxy"))
         .collect::<Vec<_>>(),
     )?;
     eprintln!("starting the proxy on {}", addr(ports.proxy));
@@ -346,7 +366,7 @@ pub async fn run(args: PlaygroundArgs) -> Result<ExitCode> {
     let ca_file = certs.as_ref().map(|c| c.join("ca.pem"));
     let scheme = if args.tls { "https" } else { "http" };
     let endpoint = format!("{scheme}://{}", addr(ports.proxy));
-    let placement = format!("http://{}", addr(ports.placement));
+    let placement = format!("{scheme}://{}", addr(ports.placement));
 
     let mut svc = Services::default();
     let signal = skv_common::service::shutdown_signal();
@@ -395,7 +415,7 @@ pub async fn run(args: PlaygroundArgs) -> Result<ExitCode> {
     );
     for (i, (grpc, metrics)) in ports.stores.iter().enumerate() {
         println!(
-            "  storenode {:<2} http://{}  (metrics http://{}/metrics)",
+            "  storenode {:<2} {scheme}://{}  (metrics http://{}/metrics)",
             i + 1,
             addr(*grpc),
             addr(*metrics)
@@ -407,20 +427,25 @@ pub async fn run(args: PlaygroundArgs) -> Result<ExitCode> {
     );
     println!("  token        admin on namespace \"{NAMESPACE}\", valid 30 days");
     println!("  secret       {}", secret_file.display());
-    if let Some(ca) = &ca_file {
+    if let (Some(ca), Some(c)) = (&ca_file, &certs) {
         println!(
-            "  tls          the proxy serves https (CA {}); inside, plaintext on 127.0.0.1",
-            ca.display()
+            "  tls          https at the proxy, mTLS inside (CA {}; certificates per role in {})",
+            ca.display(),
+            c.display()
         );
     }
     println!();
     println!("In another shell, run this line, then e.g. `skvctl put hello world`:");
-    match &ca_file {
-        Some(ca) => println!(
-            "export SKV_ENDPOINT={endpoint} SKV_TOKEN={token} SKV_PLACEMENT={placement} SKV_CA_FILE={}",
-            ca.display()
+    match (&ca_file, &certs) {
+        // Placement asks every caller for a certificate of the cluster CA: skvctl's admin
+        // commands present the admin one (the proxy does not ask for one).
+        (Some(ca), Some(c)) => println!(
+            "export SKV_ENDPOINT={endpoint} SKV_TOKEN={token} SKV_PLACEMENT={placement} SKV_CA_FILE={} SKV_CLIENT_CERT_FILE={} SKV_CLIENT_KEY_FILE={}",
+            ca.display(),
+            c.join("admin.pem").display(),
+            c.join("admin-key.pem").display()
         ),
-        None => println!("export SKV_ENDPOINT={endpoint} SKV_TOKEN={token} SKV_PLACEMENT={placement}"),
+        _ => println!("export SKV_ENDPOINT={endpoint} SKV_TOKEN={token} SKV_PLACEMENT={placement}"),
     }
     println!();
     println!("Press Ctrl-C to stop. The data stays in {}.", dir.display());

@@ -20,6 +20,8 @@ struct Playground {
     token: String,
     placement: String,
     ca_file: Option<String>,
+    /// SKV_CLIENT_CERT_FILE and SKV_CLIENT_KEY_FILE (`--tls`: the admin certificate).
+    client_cert: Option<(String, String)>,
 }
 
 impl Playground {
@@ -51,6 +53,7 @@ impl Playground {
             token: String::new(),
             placement: String::new(),
             ca_file: None,
+            client_cert: None,
         };
         // Read stdout on a thread (and keep draining it so the child never blocks).
         let (tx, rx) = mpsc::channel::<String>();
@@ -72,6 +75,7 @@ impl Playground {
         };
         let exports: Vec<&str> = export.lines().filter(|l| l.starts_with("export ")).collect();
         assert_eq!(exports.len(), 1);
+        let (mut cert, mut key) = (None, None);
         for part in export.trim_start_matches("export ").split_whitespace() {
             let (k, v) = part.split_once('=').expect("NAME=value");
             match k {
@@ -79,10 +83,17 @@ impl Playground {
                 "SKV_TOKEN" => pg.token = v.to_string(),
                 "SKV_PLACEMENT" => pg.placement = v.to_string(),
                 "SKV_CA_FILE" => pg.ca_file = Some(v.to_string()),
+                "SKV_CLIENT_CERT_FILE" => cert = Some(v.to_string()),
+                "SKV_CLIENT_KEY_FILE" => key = Some(v.to_string()),
                 other => panic!("unexpected variable {other} in {export:?}"),
             }
         }
         assert!(!pg.endpoint.is_empty() && !pg.token.is_empty() && !pg.placement.is_empty());
+        pg.client_cert = match (cert, key) {
+            (Some(c), Some(k)) => Some((c, k)),
+            (None, None) => None,
+            other => panic!("a client certificate without its key (or the reverse): {other:?}"),
+        };
         pg
     }
 
@@ -100,6 +111,9 @@ impl Playground {
             .env("SKV_PLACEMENT", &self.placement);
         if let Some(ca) = &self.ca_file {
             cmd.env("SKV_CA_FILE", ca);
+        }
+        if let Some((c, k)) = &self.client_cert {
+            cmd.env("SKV_CLIENT_CERT_FILE", c).env("SKV_CLIENT_KEY_FILE", k);
         }
         cmd.output().expect("running skvctl")
     }
@@ -253,6 +267,11 @@ fn playground_tls_serves_https_with_the_ca_file() {
     assert!(pg.endpoint.starts_with("https://"), "{}", pg.endpoint);
     let ca = pg.ca_file.clone().expect("SKV_CA_FILE in the export line");
     assert!(Path::new(&ca).exists(), "{ca}");
+    // mTLS inside: placement is https and asks for a certificate; the export line hands
+    // skvctl the admin one.
+    assert!(pg.placement.starts_with("https://"), "{}", pg.placement);
+    let (cert, _) = pg.client_cert.clone().expect("SKV_CLIENT_CERT_FILE in the export line");
+    assert!(cert.ends_with("admin.pem"), "{cert}");
     ok(pg.ctl(&pg.token, &["put", "secure", "yes"]), "put over https");
     assert_eq!(
         ok(pg.ctl(&pg.token, &["get", "secure"]), "get over https").trim_end(),
@@ -306,6 +325,33 @@ fn playground_tls_serves_https_with_the_ca_file() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr).to_string();
     println!("https trusting another CA: {}", err.trim());
+    assert!(!out.status.success(), "{err}");
+    // Placement without a client certificate: refused at the handshake.
+    let mut cmd = Command::new(BIN);
+    clear_skv_env(&mut cmd);
+    let out = cmd
+        .args(["--timeout", "3s", "stores"])
+        .env("SKV_PLACEMENT", &pg.placement)
+        .env("SKV_TOKEN", &pg.token)
+        .env("SKV_CA_FILE", &ca)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    println!("placement without a client certificate: {}", err.trim());
+    assert!(!out.status.success(), "{err}");
+    // The storenodes serve TLS inside: a plaintext skvctl aimed at a storenode's port as if it
+    // were a proxy fails (it is the mTLS port, and a proxy role is needed for data calls).
+    let store_port = base + 11;
+    let mut cmd = Command::new(BIN);
+    clear_skv_env(&mut cmd);
+    let out = cmd
+        .args(["--timeout", "3s", "get", "secure"])
+        .env("SKV_ENDPOINT", format!("http://127.0.0.1:{store_port}"))
+        .env("SKV_TOKEN", &pg.token)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    println!("plaintext to a storenode's port: {}", err.trim());
     assert!(!out.status.success(), "{err}");
     let status = pg.interrupt();
     assert!(status.success(), "exited with {status}");

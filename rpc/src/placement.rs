@@ -15,6 +15,8 @@ const MAX_DECODE: usize = 256 * 1024 * 1024;
 pub struct PlacementMembers {
     members: Vec<(String, PlacementClient<Channel>)>,
     preferred: AtomicUsize,
+    /// The channels speak TLS (for the error messages).
+    tls: bool,
 }
 
 impl PlacementMembers {
@@ -43,6 +45,7 @@ impl PlacementMembers {
         Ok(PlacementMembers {
             members,
             preferred: AtomicUsize::new(0),
+            tls: options.tls.is_some(),
         })
     }
 
@@ -90,8 +93,10 @@ impl PlacementMembers {
                     return Ok(r.into_inner());
                 }
                 Ok(Err(s)) if is_transport(&s) => {
-                    tracing::debug!(member = %self.members[idx].0, error = %s.message(), "placement member unreachable");
-                    last = s;
+                    // Say what failed, TLS included: tonic alone says "transport error".
+                    let why = crate::tls::explain_transport(&s, self.tls);
+                    tracing::debug!(member = %self.members[idx].0, error = %why, "placement member unreachable");
+                    last = Status::new(s.code(), why);
                 }
                 Ok(Err(s)) => {
                     self.preferred.store(idx, Ordering::Relaxed);

@@ -246,6 +246,43 @@ impl ClientTls {
     }
 }
 
+/// A transport failure's message with its causes, and, when they point at TLS, what they
+/// most likely mean (tonic alone says "transport error" or "connection closed"). `tls`:
+/// whether the failed channel spoke TLS.
+pub fn explain_transport(status: &Status, tls: bool) -> String {
+    let mut chain = status.message().to_string();
+    let mut source = std::error::Error::source(status);
+    while let Some(e) = source {
+        let t = e.to_string();
+        if !chain.contains(&t) {
+            chain.push_str(": ");
+            chain.push_str(&t);
+        }
+        source = e.source();
+    }
+    let hint = if chain.contains("invalid peer certificate") {
+        Some(
+            "TLS handshake failed: the server's certificate does not chain to our CA file, names another host, or has expired",
+        )
+    } else if chain.contains("received fatal alert") {
+        Some(
+            "TLS handshake refused by the server: it wants a client certificate of its CA (none given, another CA's, or expired)",
+        )
+    } else if tls && (chain.contains("connection closed") || chain.contains("broken pipe")) {
+        Some(
+            "the server closed the TLS connection at the handshake: it may have refused our certificate (another CA's, expired, or none)",
+        )
+    } else if !tls && (chain.contains("frame with invalid size") || chain.contains("invalid HTTP")) {
+        Some("the server does not speak plaintext HTTP/2: it may serve TLS (use https:// and a CA file)")
+    } else {
+        None
+    };
+    match hint {
+        Some(h) => format!("{h} ({chain})"),
+        None => chain,
+    }
+}
+
 /// The role named by a certificate (DER): its first SAN URI under [`ROLE_URI_PREFIX`].
 pub fn role_of_der(der: &[u8]) -> Option<PeerRole> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
@@ -297,7 +334,8 @@ impl RequireRole {
         match role {
             Some(r) if self.allowed.contains(&r) => Ok(()),
             Some(r) => Err(Status::permission_denied(format!(
-                "a {r} certificate cannot call {} (allowed: {})",
+                "{} {r} certificate cannot call {} (allowed: {})",
+                if r == PeerRole::Admin { "an" } else { "a" },
                 self.service,
                 self.allowed.iter().map(|r| r.as_str()).collect::<Vec<_>>().join(", ")
             ))),
@@ -343,6 +381,18 @@ mod tests {
         assert!(raft.admits(None).is_err());
         // Without TLS there is nothing to check.
         assert!(RequireRole::new(false, "x", &[]).admits(None).is_ok());
+    }
+
+    #[test]
+    fn transport_failures_name_tls() {
+        let e = Status::unknown("transport error: received fatal alert: CertificateRequired");
+        assert!(explain_transport(&e, true).starts_with("TLS handshake refused by the server"));
+        let e = Status::cancelled("operation was canceled: connection closed");
+        assert!(explain_transport(&e, true).contains("closed the TLS connection"));
+        assert!(!explain_transport(&e, false).contains("TLS"));
+        let e = Status::internal("h2 protocol error: frame with invalid size");
+        assert!(explain_transport(&e, false).contains("may serve TLS"));
+        assert_eq!(explain_transport(&Status::unavailable("down"), true), "down");
     }
 
     #[test]

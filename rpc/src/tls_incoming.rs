@@ -138,12 +138,15 @@ impl ServerTls {
                 let acceptor = tokio_rustls::TlsAcceptor::from(current.get());
                 let tx = tx.clone();
                 tokio::spawn(async move {
+                    let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_default();
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                         Ok(Ok(tls)) => {
                             let _ = tx.send(Ok(tls)).await;
                         }
-                        Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake refused"),
-                        Err(_) => tracing::debug!("TLS handshake timed out"),
+                        // Named so that an operator sees why a peer cannot connect (plaintext,
+                        // another CA, an expired or missing certificate); one line per refusal.
+                        Ok(Err(e)) => tracing::info!(%peer, error = %e, "TLS handshake refused"),
+                        Err(_) => tracing::info!(%peer, "TLS handshake timed out"),
                     }
                 });
             }

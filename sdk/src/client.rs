@@ -219,6 +219,7 @@ pub struct ClientBuilder {
     backoff_base: Duration,
     backoff_max: Duration,
     ca_file: Option<std::path::PathBuf>,
+    client_cert: Option<(std::path::PathBuf, std::path::PathBuf)>,
 }
 
 impl std::fmt::Debug for ClientBuilder {
@@ -233,6 +234,7 @@ impl std::fmt::Debug for ClientBuilder {
             .field("backoff_base", &self.backoff_base)
             .field("backoff_max", &self.backoff_max)
             .field("ca_file", &self.ca_file)
+            .field("client_cert", &self.client_cert.as_ref().map(|(c, _)| c))
             .finish()
     }
 }
@@ -249,6 +251,7 @@ impl Default for ClientBuilder {
             backoff_base: Duration::from_millis(20),
             backoff_max: Duration::from_secs(1),
             ca_file: None,
+            client_cert: None,
         }
     }
 }
@@ -277,6 +280,18 @@ impl ClientBuilder {
     /// `https://` endpoints are refused.
     pub fn ca_file(mut self, path: impl Into<std::path::PathBuf>) -> Self {
         self.ca_file = Some(path.into());
+        self
+    }
+
+    /// With [`ClientBuilder::ca_file`]: present this certificate and key (PEM) when a proxy
+    /// asks for one (`--client-tls-ca-file` at the proxy). Tokens still decide what a
+    /// client may do.
+    pub fn client_cert(
+        mut self,
+        cert_file: impl Into<std::path::PathBuf>,
+        key_file: impl Into<std::path::PathBuf>,
+    ) -> Self {
+        self.client_cert = Some((cert_file.into(), key_file.into()));
         self
     }
 
@@ -339,9 +354,13 @@ impl ClientBuilder {
             None => None,
         };
         let auth = Auth { header };
-        let tls = match &self.ca_file {
-            Some(ca) => Some(skv_rpc::tls::ClientTls::load(ca, None).map_err(|e| Error::Config(e.to_string()))?),
-            None => None,
+        let identity = self.client_cert.as_ref().map(|(c, k)| (c.as_path(), k.as_path()));
+        let tls = match (&self.ca_file, identity) {
+            (Some(ca), identity) => {
+                Some(skv_rpc::tls::ClientTls::load(ca, identity).map_err(|e| Error::Config(e.to_string()))?)
+            }
+            (None, Some(_)) => return Err(Error::Config("a client certificate needs the CA file too".into())),
+            (None, None) => None,
         };
         let mut stubs = Vec::with_capacity(self.endpoints.len());
         let mut names = Vec::with_capacity(self.endpoints.len());
