@@ -220,9 +220,13 @@ async fn read_placement(g: &Global) -> Result<View> {
     let stores = admin::all_stores(&mut c).await?;
     let ranges = admin::all_ranges(&mut c).await?;
     Ok(View {
-        leader: members
-            .and_then(|m| m.leader)
-            .map(|l| format!("{} ({})", l.name, l.address)),
+        leader: members.and_then(|m| m.leader).map(|l| {
+            if l.name.is_empty() || l.name == l.address {
+                l.address
+            } else {
+                format!("{} ({})", l.name, l.address)
+            }
+        }),
         stores,
         ranges,
         status: admin::store_status(g).await,
