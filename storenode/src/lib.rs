@@ -116,12 +116,14 @@
 //!   a store turning DOWN/UP wakes only the ranges concerned. A sleeping range whose leader
 //!   died without anyone asking for it gets a new leader only after placement reports that
 //!   store DOWN (`--store-down-after-ms`, 30 s by default).
-//! - Object storage (`--object-store-url`, DESIGN §8) is not implemented yet; there is no
-//!   flag for it until it is.
+//! - Object storage (`--object-store-url`, DESIGN §8, checkpoint.rs, ADR 0025): range
+//!   leaders upload checkpoints and prune them; learner bootstrap from them, backup and
+//!   restore are not built yet.
 //! - `--advertise` defaults to the bound address; set it when listening on 0.0.0.0.
 
 pub mod access;
 pub mod cache;
+pub mod checkpoint;
 pub mod engine;
 pub mod gc;
 pub mod hibernate;
@@ -209,6 +211,19 @@ pub struct Config {
     /// The cluster CA (PEM): peers' certificates must chain to it.
     #[arg(long, env = "SKV_TLS_CA_FILE")]
     pub tls_ca_file: Option<PathBuf>,
+    /// Range checkpoints go here (ADR 0025): `s3://bucket/prefix` (with AWS_ENDPOINT,
+    /// AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION, AWS_ALLOW_HTTP) or
+    /// `file:///path` (an existing directory). Checked at start. Without it: no checkpoints.
+    #[arg(long, env = "SKV_OBJECT_STORE_URL")]
+    pub object_store_url: Option<String>,
+    /// A led range that applied entries is checkpointed again after this many seconds
+    /// (default 300). Needs --object-store-url.
+    #[arg(long, env = "SKV_CHECKPOINT_INTERVAL_SECS")]
+    pub checkpoint_interval_secs: Option<u64>,
+    /// ... or as soon as its live size moved by this many bytes (default 64 MiB). Needs
+    /// --object-store-url.
+    #[arg(long, env = "SKV_CHECKPOINT_CHANGE_BYTES")]
+    pub checkpoint_change_bytes: Option<u64>,
 }
 
 impl Config {
@@ -234,6 +249,9 @@ impl Config {
             tls_cert_file: None,
             tls_key_file: None,
             tls_ca_file: None,
+            object_store_url: None,
+            checkpoint_interval_secs: None,
+            checkpoint_change_bytes: None,
         }
     }
 
@@ -270,6 +288,32 @@ pub struct StartOptions {
     pub raft_filter: Option<Arc<dyn RaftFilter>>,
 }
 
+/// Opens the object store of `--object-store-url` (one check: a wrong URL, a missing
+/// bucket or bad credentials fails the start) and registers its metrics.
+async fn open_checkpoints(
+    config: &Config,
+    registry: &mut prometheus_client::registry::Registry,
+) -> anyhow::Result<Option<checkpoint::Checkpointer>> {
+    let Some(u) = &config.object_store_url else {
+        if config.checkpoint_interval_secs.is_some() || config.checkpoint_change_bytes.is_some() {
+            anyhow::bail!("--checkpoint-interval-secs and --checkpoint-change-bytes need --object-store-url");
+        }
+        return Ok(None);
+    };
+    let url: skv_objstore::ObjectStoreUrl = u.parse()?;
+    let objects = skv_objstore::Objects::open(&url, skv_objstore::ObjMetrics::new()).await?;
+    objects.metrics.register(registry);
+    let cm = checkpoint::CheckpointMetrics::default();
+    cm.register(registry);
+    let policy = checkpoint::CheckpointPolicy {
+        interval: Duration::from_secs(config.checkpoint_interval_secs.unwrap_or(300).max(1)),
+        change_bytes: config.checkpoint_change_bytes.unwrap_or(64 << 20).max(1),
+        keep: 1,
+    };
+    tracing::info!(url = %url, ?policy, "range checkpoints to object storage");
+    Ok(Some(checkpoint::Checkpointer::new(objects, policy, cm)))
+}
+
 /// Starts a storenode; returns once it listens.
 pub async fn start(config: Config) -> anyhow::Result<ServiceHandle> {
     start_with(config, StartOptions::default()).await
@@ -301,6 +345,7 @@ pub async fn start_with(config: Config, opts: StartOptions) -> anyhow::Result<Se
 
     let mut registry = prometheus_client::registry::Registry::default();
     metrics.register(&mut registry);
+    let checkpointer = open_checkpoints(&config, &mut registry).await?;
     let ready = Readiness::default();
     let metrics_addr = match config.metrics_listen {
         Some(l) => {
@@ -456,6 +501,9 @@ pub async fn start_with(config: Config, opts: StartOptions) -> anyhow::Result<Se
         tokio::spawn(node.clone().hibernate_loop(HIBERNATE_LOOP_EVERY, cancel.clone()));
     }
     tokio::spawn(node.clone().reopen_deferred(cancel.clone()));
+    if let Some(c) = checkpointer {
+        tokio::spawn(c.run(node.clone(), cancel.clone()));
+    }
     node.serving.store(true, std::sync::atomic::Ordering::Release);
     start_guard.disarm();
     ready.set(true);

@@ -310,11 +310,24 @@ pub struct ProcCluster {
     pub store_ports: Vec<u16>,
     pub proxy: Option<ChildGuard>,
     pub proxy_port: u16,
+    /// Extra flags and environment of every storenode (`--object-store-url` and `AWS_*`).
+    pub store_args: Vec<String>,
+    pub store_env: Vec<(String, String)>,
 }
 
 impl ProcCluster {
     /// Starts placement (embedded or etcd), `n` storenodes and one proxy as processes.
     pub async fn start(n: usize, use_etcd: bool) -> ProcCluster {
+        Self::start_with(n, use_etcd, Vec::new(), Vec::new()).await
+    }
+
+    /// [`Self::start`] with extra storenode flags and environment variables.
+    pub async fn start_with(
+        n: usize,
+        use_etcd: bool,
+        store_args: Vec<String>,
+        store_env: Vec<(String, String)>,
+    ) -> ProcCluster {
         crate::init_test_logging();
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
         std::fs::write(dir.path().join("secret"), TEST_SECRET).unwrap_or_else(|e| panic!("secret: {e}"));
@@ -328,6 +341,8 @@ impl ProcCluster {
             store_ports: Vec::new(),
             proxy: None,
             proxy_port: free_port(),
+            store_args,
+            store_env,
         };
         c.start_placement();
         for i in 0..n {
@@ -390,6 +405,8 @@ impl ProcCluster {
             .arg(self.dir.path().join(format!("store-{i}")))
             .arg("--heartbeat-interval-ms")
             .arg("300")
+            .args(&self.store_args)
+            .envs(self.store_env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::null())
             .stderr(self.log(&format!("store-{i}")));
         self.stores[i] = Some(ChildGuard::spawn(format!("store-{i}"), &mut cmd).unwrap_or_else(|e| panic!("{e}")));
