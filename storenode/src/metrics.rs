@@ -45,7 +45,8 @@ pub struct Reason {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Phase {
-    /// `send` (streamed to a peer) or `receive` (streamed from a peer, checked and installed).
+    /// `build` (the file written for a follower), `send` (streamed to a peer) or `receive`
+    /// (streamed from a peer, checked and installed).
     pub phase: &'static str,
 }
 
@@ -175,7 +176,7 @@ impl Metrics {
             engine_disk_bytes: Gauge::default(),
         };
         // Both phases exist from the start (a family is exported once a series exists).
-        for phase in ["send", "receive"] {
+        for phase in ["build", "send", "receive"] {
             let _ = m.snapshot_seconds.get_or_create(&Phase { phase });
         }
         m
@@ -204,7 +205,7 @@ impl Metrics {
             .observe(took.as_secs_f64());
     }
 
-    /// Records the duration of one snapshot phase (`send`, `receive`).
+    /// Records the duration of one snapshot phase (`build`, `send`, `receive`).
     pub fn snapshot_phase(&self, phase: &'static str, took: std::time::Duration) {
         self.snapshot_seconds
             .get_or_create(&Phase { phase })
@@ -394,7 +395,7 @@ impl Metrics {
         );
         reg.register(
             "skv_storenode_raft_snapshot_duration_seconds",
-            "Snapshot transfer duration by phase (send; receive: streamed, checked and installed)",
+            "Snapshot duration by phase (build: the file for a follower; send; receive: streamed, checked and installed)",
             self.snapshot_seconds.clone(),
         );
         reg.register(
@@ -472,6 +473,10 @@ mod tests {
         m.register(&mut reg);
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &reg).unwrap();
+        assert!(
+            out.contains("skv_storenode_raft_snapshot_duration_seconds_count{phase=\"build\"} 0"),
+            "{out}"
+        );
         assert!(
             out.contains("skv_storenode_raft_snapshot_duration_seconds_count{phase=\"send\"} 0"),
             "{out}"

@@ -1071,6 +1071,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let (meta, path) = tokio::task::spawn_blocking(move || build_to_file(&engine, range, &dir))
             .await
             .map_err(io_err)??;
+        self.metrics.snapshot_phase("build", started.elapsed());
         let bytes = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
         tracing::info!(
             range_id = %range,
