@@ -33,9 +33,9 @@ pub struct CheckOptions {
     pub max_steps_per_key: u64,
 }
 
-/// 20 M steps: a few seconds of CPU per key at worst, far above what a valid history of
-/// a chaos run needs (about 2 steps per call), and a memo of at most 20 M × 16 bytes.
-pub const DEFAULT_MAX_STEPS_PER_KEY: u64 = 20_000_000;
+/// 10 M steps: seconds of CPU per key at worst and a memo of at most about 200 MB, far above
+/// what a valid history of a chaos run needs (about 3 steps per call). ADR 0026.
+pub const DEFAULT_MAX_STEPS_PER_KEY: u64 = 10_000_000;
 
 impl Default for CheckOptions {
     fn default() -> Self {

@@ -5,7 +5,7 @@
 use skv_proto::internal::placement_client::PlacementClient;
 use skv_proto::internal::{
     AdminMergeRequest, AdminSplitRequest, AdminTransferLeaderRequest, GetMembersRequest, GetRangeRequest,
-    GetStoresRequest, RangeInfo, StoreInfo,
+    GetStoresRequest, RangeInfo, ScanRangesRequest, StoreInfo,
 };
 use skv_testkit::cluster::{TEST_SECRET, admin, token};
 use skv_testkit::{ChildGuard, Etcd, free_port};
@@ -437,6 +437,17 @@ impl ChaosCluster {
             .into_inner()
             .stores;
         Ok((range, stores))
+    }
+
+    /// Every range.
+    pub async fn ranges(&self) -> Result<Vec<RangeInfo>> {
+        let mut pd = self.pd().await?;
+        Ok(pd
+            .scan_ranges(admin(ScanRangesRequest::default()))
+            .await
+            .map_err(|e| ClusterError::Admin(format!("ScanRanges: {}", e.message())))?
+            .into_inner()
+            .ranges)
     }
 
     /// Splits range `range_id` at internal key `key`.

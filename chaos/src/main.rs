@@ -6,7 +6,7 @@ use skv_chaos::checker::{CheckOptions, DEFAULT_MAX_STEPS_PER_KEY, check, describ
 use skv_chaos::cluster::default_bin_dir;
 use skv_chaos::history::History;
 use skv_chaos::nemesis::NemesisKind;
-use skv_chaos::runner::{RunOptions, run};
+use skv_chaos::runner::{Plant, RunOptions, run};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -73,6 +73,10 @@ struct RunArgs {
     /// Search steps per key before a key is reported undecided.
     #[arg(long, default_value_t = DEFAULT_MAX_STEPS_PER_KEY)]
     check_steps: u64,
+    /// Plant a bug in the clients to see the checker catch it (`stale-reads`: half the reads
+    /// go to any replica without ReadIndex but are recorded as linearizable).
+    #[arg(long)]
+    plant: Option<Plant>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -108,6 +112,7 @@ async fn main() -> ExitCode {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
     match Cli::parse().cmd {
         Cmd::Check { file, check_steps } => {
@@ -181,6 +186,7 @@ async fn main() -> ExitCode {
             opts.out_dir = a.out_dir;
             opts.always_write_history = a.write_history;
             opts.trust_definite = !a.distrust_failures;
+            opts.plant = a.plant;
             opts.check = CheckOptions {
                 max_steps_per_key: a.check_steps,
             };

@@ -124,9 +124,15 @@ pub async fn run(
         }
         round += 1;
         let kinds = &ctx.opts.kinds;
-        let first = kinds[rng.random_range(0..kinds.len())];
+        // In turn first (every kind once, in order), then at random, sometimes two at once.
+        let in_turn = (round as usize) <= kinds.len();
+        let first = if in_turn {
+            kinds[round as usize - 1]
+        } else {
+            kinds[rng.random_range(0..kinds.len())]
+        };
         let mut picked = vec![first];
-        if kinds.len() > 1 && rng.random_bool(ctx.opts.together.clamp(0.0, 1.0)) {
+        if !in_turn && kinds.len() > 1 && rng.random_bool(ctx.opts.together.clamp(0.0, 1.0)) {
             let others: Vec<NemesisKind> = kinds.iter().copied().filter(|k| *k != first).collect();
             picked.push(others[rng.random_range(0..others.len())]);
         }
@@ -148,8 +154,19 @@ async fn fault(ctx: &Ctx, kind: NemesisKind, seed: u64, round: u64) {
         Duration::from_millis(rng.random_range(ctx.opts.fault_ms.0..=ctx.opts.fault_ms.1.max(ctx.opts.fault_ms.0)));
     match kind {
         NemesisKind::Kill | NemesisKind::Pause => {
+            // Half the time the leader of a workload key's range, else any storenode.
+            let leader = if rng.random_bool(0.5) && !ctx.opts.internal_keys.is_empty() {
+                let key = &ctx.opts.internal_keys[rng.random_range(0..ctx.opts.internal_keys.len())];
+                let c = ctx.cluster.lock().await;
+                match c.range_of(key).await {
+                    Ok((range, stores)) => c.store_index(&stores, range.leader_store_id),
+                    Err(_) => None,
+                }
+            } else {
+                None
+            };
             let n = ctx.cluster.lock().await.stores.len();
-            let Some(i) = pick_store(ctx, &mut rng, n) else {
+            let Some(i) = pick_store(ctx, &mut rng, n, leader) else {
                 ctx.event(kind.name(), "-", format!("round {round}: no free storenode"));
                 return;
             };
@@ -159,7 +176,10 @@ async fn fault(ctx: &Ctx, kind: NemesisKind, seed: u64, round: u64) {
                 ctx.event(
                     "kill",
                     &name,
-                    format!("round {round}: kill -9 (was running: {was}), down {hold:?}"),
+                    format!(
+                        "round {round}: kill -9{} (was running: {was}), down {hold:?}",
+                        leader_note(leader, i)
+                    ),
                 );
                 tokio::time::sleep(hold).await;
                 let r = ctx.cluster.lock().await.start_proc(Role::Store, i);
@@ -169,7 +189,7 @@ async fn fault(ctx: &Ctx, kind: NemesisKind, seed: u64, round: u64) {
                 ctx.event(
                     "pause",
                     &name,
-                    result_text(r.map(|()| format!("round {round}: SIGSTOP for {hold:?}"))),
+                    result_text(r.map(|()| format!("round {round}: SIGSTOP{} for {hold:?}", leader_note(leader, i)))),
                 );
                 tokio::time::sleep(hold).await;
                 let r = ctx.cluster.lock().await.pause(Role::Store, i, false);
@@ -254,21 +274,26 @@ async fn fault(ctx: &Ctx, kind: NemesisKind, seed: u64, round: u64) {
                         })
                     }
                 }
-                _ => {
-                    if desc.end.is_empty() {
-                        Ok("the last range has no right neighbour".to_string())
-                    } else {
-                        match c.range_of(&desc.end).await {
-                            Ok((right, _)) => {
-                                let rid = right.descriptor.map(|d| d.range_id).unwrap_or(0);
-                                c.merge(desc.range_id, rid)
-                                    .await
-                                    .map(|()| format!("r{} + r{rid}", desc.range_id))
-                            }
-                            Err(e) => Err(e),
+                _ => match c.ranges().await {
+                    // With the right neighbour, or the left one for the last range.
+                    Ok(all) => {
+                        let descs: Vec<_> = all.into_iter().filter_map(|r| r.descriptor).collect();
+                        let right = descs.iter().find(|d| !desc.end.is_empty() && d.start == desc.end);
+                        let left = descs.iter().find(|d| !desc.start.is_empty() && d.end == desc.start);
+                        match (right, left) {
+                            (Some(r), _) => c
+                                .merge(desc.range_id, r.range_id)
+                                .await
+                                .map(|()| format!("r{} + r{}", desc.range_id, r.range_id)),
+                            (None, Some(l)) => c
+                                .merge(l.range_id, desc.range_id)
+                                .await
+                                .map(|()| format!("r{} + r{}", l.range_id, desc.range_id)),
+                            (None, None) => Ok("the only range: nothing to merge with".to_string()),
                         }
                     }
-                }
+                    Err(e) => Err(e),
+                },
             };
             drop(c);
             ctx.event(name, &target, format!("round {round}: {}", result_text(r)));
@@ -276,8 +301,17 @@ async fn fault(ctx: &Ctx, kind: NemesisKind, seed: u64, round: u64) {
     }
 }
 
-fn pick_store(ctx: &Ctx, rng: &mut StdRng, n: usize) -> Option<usize> {
+fn leader_note(leader: Option<usize>, i: usize) -> &'static str {
+    if leader == Some(i) { " a range leader" } else { "" }
+}
+
+/// A storenode no other fault is using: `prefer` if it is free, else a random free one.
+fn pick_store(ctx: &Ctx, rng: &mut StdRng, n: usize, prefer: Option<usize>) -> Option<usize> {
     let mut busy = ctx.busy.lock();
+    if let Some(p) = prefer.filter(|p| *p < n && !busy.contains(p)) {
+        busy.insert(p);
+        return Some(p);
+    }
     let free: Vec<usize> = (0..n).filter(|i| !busy.contains(i)).collect();
     if free.is_empty() {
         return None;

@@ -138,9 +138,26 @@ impl RecordingClient {
 
     /// Runs `input` on `key` through the SDK and records it. Returns the recorded call.
     pub async fn invoke(&self, key: &str, input: Input) -> Op {
+        self.invoke_inner(key, input, false).await
+    }
+
+    /// **A planted bug, for showing that the checker catches it:** reads `key` with
+    /// `get_stale` (any replica, no ReadIndex: a follower answers from what it has applied)
+    /// but records it as a linearizable `get`. `skv-chaos run --plant stale-reads`.
+    pub async fn planted_stale_get(&self, key: &str) -> Op {
+        self.invoke_inner(key, Input::Get, true).await
+    }
+
+    async fn invoke_inner(&self, key: &str, input: Input, stale: bool) -> Op {
         let c = &self.client;
         let call = self.rec.now();
         let result: skv::Result<Output> = match &input {
+            Input::Get if stale => c.get_stale(key).await.map(|e| Output::Read {
+                found: e.map(|e| Observed {
+                    value: decode_value(&e.value),
+                    version: e.version,
+                }),
+            }),
             Input::Get => c.get(key).await.map(|e| Output::Read {
                 found: e.map(|e| Observed {
                     value: decode_value(&e.value),

@@ -67,6 +67,16 @@ pub struct RunOptions {
     pub client_timeout: Duration,
     /// The SDK's per-attempt timeout.
     pub attempt_timeout: Duration,
+    /// A deliberate bug in the clients, to show the checker catches it (None for real runs).
+    pub plant: Option<Plant>,
+}
+
+/// A planted bug.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Plant {
+    /// Half the reads are served by any replica without ReadIndex (`get_stale`) but recorded
+    /// as linearizable gets: a follower read without ReadIndex, as issue 14 names it.
+    StaleReads,
 }
 
 impl RunOptions {
@@ -93,6 +103,7 @@ impl RunOptions {
             together: 0.3,
             client_timeout: Duration::from_secs(8),
             attempt_timeout: Duration::from_secs(3),
+            plant: None,
         }
     }
 }
@@ -119,6 +130,8 @@ pub struct RunSummary {
     pub kept_dir: Option<PathBuf>,
     /// What the final heal did.
     pub healed: Vec<String>,
+    /// The planted bug, if any.
+    pub plant: Option<Plant>,
 }
 
 impl RunSummary {
@@ -156,8 +169,13 @@ impl std::fmt::Display for RunSummary {
         let h = &self.history;
         writeln!(
             f,
-            "== skv-chaos run, seed {}, workload {:.0?} ==",
-            self.seed, self.duration
+            "== skv-chaos run, seed {}, workload {:.0?}{} ==",
+            self.seed,
+            self.duration,
+            match self.plant {
+                Some(p) => format!(", PLANTED BUG {p:?}"),
+                None => String::new(),
+            }
         )?;
         writeln!(f, "operations: {} recorded", h.ops.len())?;
         let mut kinds: BTreeMap<&str, [u64; 3]> = BTreeMap::new();
@@ -174,13 +192,13 @@ impl std::fmt::Display for RunSummary {
             writeln!(f, "  {k:<18} {ok:>8} {fail:>8} {unknown:>8}")?;
         }
         let mut errors: BTreeMap<String, u64> = BTreeMap::new();
-        for o in &h.ops {
+        for o in h.ops.iter().filter(|o| !matches!(o.outcome, Outcome::Ok { .. })) {
             if let Some(e) = &o.error {
                 *errors.entry(error_kind(e)).or_default() += 1;
             }
         }
         if !errors.is_empty() {
-            writeln!(f, "errors by kind:")?;
+            writeln!(f, "errors of failed and unknown calls:")?;
             for (e, n) in &errors {
                 writeln!(f, "  {n:>8}  {e}")?;
             }
@@ -282,7 +300,10 @@ pub async fn run(opts: RunOptions) -> Result<RunSummary, RunError> {
     for c in clients {
         let (keys, stop) = (keys.clone(), stop.clone());
         let seed = opts.seed.wrapping_mul(0x9e37_79b9).wrapping_add(u64::from(c.id()));
-        workers.push(tokio::spawn(async move { client_loop(c, keys, seed, stop).await }));
+        let plant = opts.plant;
+        workers.push(tokio::spawn(
+            async move { client_loop(c, keys, seed, stop, plant).await },
+        ));
     }
     let nemesis = tokio::spawn(nemesis::run(
         cluster.clone(),
@@ -377,6 +398,7 @@ pub async fn run(opts: RunOptions) -> Result<RunSummary, RunError> {
         history_file: None,
         kept_dir: None,
         healed,
+        plant: opts.plant,
     };
     if !summary.is_clean() || opts.always_write_history {
         summary.history_file = Some(write_history(&opts.out_dir, opts.seed, &summary.history)?);
@@ -411,7 +433,7 @@ pub fn write_history(dir: &std::path::Path, seed: u64, history: &History) -> Res
 
 /// One client: random operations on random keys until told to stop. CAS and conditional
 /// writes mostly name the version this client last saw, so some succeed under contention.
-async fn client_loop(c: RecordingClient, keys: Vec<String>, seed: u64, stop: Arc<AtomicBool>) {
+async fn client_loop(c: RecordingClient, keys: Vec<String>, seed: u64, stop: Arc<AtomicBool>, plant: Option<Plant>) {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut seen: HashMap<usize, u64> = HashMap::new();
     while !stop.load(Ordering::Relaxed) {
@@ -431,7 +453,11 @@ async fn client_loop(c: RecordingClient, keys: Vec<String>, seed: u64, stop: Arc
             88..94 => Input::PutIfVersion { value, version: guess },
             _ => Input::DeleteIfVersion { version: guess },
         };
-        let op = c.invoke(&keys[k], input).await;
+        let op = if input == Input::Get && plant == Some(Plant::StaleReads) && rng.random_bool(0.5) {
+            c.planted_stale_get(&keys[k]).await
+        } else {
+            c.invoke(&keys[k], input).await
+        };
         match op.output() {
             Some(Output::Read { found }) => {
                 seen.insert(k, found.map(|f| f.version).unwrap_or(0));
