@@ -376,7 +376,9 @@ impl Objects {
             Ok(())
         }
         .await;
-        // The producer ends (its channel closes) once it finished or failed.
+        // Closing the channel stops a producer still pushing after an upload error (it
+        // would wait on a full channel forever otherwise); then it ends.
+        drop(rx);
         let produced = match producer.await {
             Ok(r) => r,
             Err(e) => Err(ObjError::Producer(format!("producer task: {e}"))),

@@ -283,3 +283,31 @@ async fn retention_deletes_covered_checkpoints_but_not_those_a_backup_names() {
     let listed: Vec<String> = o.list("snapshots").await.unwrap().into_iter().map(|x| x.0).collect();
     assert!(!listed.contains(&old.path));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_to_a_stopped_server_fails_and_the_next_one_succeeds() {
+    let mut server = S3Server::start(&["skv"]);
+    let o = s3(&server, "s3://skv/p").await;
+    server.stop();
+    // Large enough to go multipart: the failure comes while the producer still pushes.
+    let r = tokio::time::timeout(
+        std::time::Duration::from_secs(120),
+        o.upload_checkpoint(header(4, 1, 10), |sink| {
+            for i in 0..KEYS {
+                sink.push(&key(i), &value(i))?;
+            }
+            Ok(())
+        }),
+    )
+    .await
+    .expect("a failed upload must end, not hang");
+    assert!(r.is_err());
+    assert_eq!(o.metrics.uploads.get(), 0);
+    server.restart();
+    let e = upload(&o, 4, 1, 11, 1000).await;
+    o.commit_checkpoint(e.clone(), 1).await.unwrap();
+    assert_eq!(
+        o.read_manifest(4).await.unwrap().and_then(|m| m.latest().cloned()),
+        Some(e)
+    );
+}
