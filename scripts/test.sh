@@ -39,7 +39,7 @@ command -v cargo-nextest >/dev/null 2>&1 || { step "installing cargo-nextest"; c
 # s3s-fs: the real S3-compatible server of the object storage tests (issue 11, ADR 0025),
 # cached under target/ (testkit::s3 looks there). 0.14.1 is the newest that builds with
 # Rust 1.95 (0.15+ need 1.96). About 5.5 minutes to build on 2 busy cores; once per machine.
-S3S_FS="$ROOT/target/s3s-fs/bin/s3s-fs"
+S3S_FS="${SKV_S3S_FS:-$ROOT/target/s3s-fs/bin/s3s-fs}"  # a preset SKV_S3S_FS skips the build
 if [ ! -x "$S3S_FS" ]; then
   step "installing s3s-fs 0.14.1 into target/s3s-fs (cargo install)"
   cargo install s3s-fs --version 0.14.1 --locked --features binary --root "$ROOT/target/s3s-fs"
