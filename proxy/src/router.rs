@@ -260,9 +260,8 @@ impl Router {
                 match chans.get(addr) {
                     Some(c) => c.clone(),
                     None => {
-                        let c = skv_rpc::endpoint_with(addr, &self.store_options)
-                            .map_err(|e| Status::internal(format!("bad store address: {e}")))?
-                            .connect_lazy();
+                        let c = skv_rpc::channel_with(addr, &self.store_options)
+                            .map_err(|e| Status::internal(format!("bad store address: {e}")))?;
                         chans.insert(addr.to_string(), c.clone());
                         c
                     }

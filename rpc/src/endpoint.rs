@@ -96,6 +96,30 @@ pub fn endpoint_with(addr: &str, o: &EndpointOptions) -> Result<Endpoint, RpcErr
         .keep_alive_while_idle(true))
 }
 
+/// A channel to `addr` that connects on first use (and reconnects after failures). With
+/// [`EndpointOptions::tls`] and an https address, each new connection does its handshake
+/// with the client TLS files as they are then (re-read at most every 5 s, ADR 0022): a
+/// rotated certificate or CA is used without rebuilding the channel.
+pub fn channel_with(addr: &str, o: &EndpointOptions) -> Result<Channel, RpcError> {
+    let u = url_with(addr, o.tls.is_some());
+    match (&o.tls, u.strip_prefix("https://")) {
+        (Some(tls), Some(rest)) => {
+            // tonic's own TLS would fix the configuration now: connect through ours, on an
+            // http:// endpoint (so tonic adds no TLS of its own) with an https origin.
+            let plain = EndpointOptions { tls: None, ..o.clone() };
+            let origin: tonic::codegen::http::Uri =
+                u.parse()
+                    .map_err(|e: tonic::codegen::http::uri::InvalidUri| RpcError::BadAddress {
+                        addr: u.clone(),
+                        reason: e.to_string(),
+                    })?;
+            let ep = endpoint_with(&format!("http://{rest}"), &plain)?.origin(origin);
+            Ok(ep.connect_with_connector_lazy(tls.files.connector()))
+        }
+        _ => Ok(endpoint_with(addr, o)?.connect_lazy()),
+    }
+}
+
 /// A channel that connects on first use (and reconnects after failures).
 pub fn lazy_channel(addr: &str) -> Result<Channel, RpcError> {
     Ok(endpoint(addr)?.connect_lazy())

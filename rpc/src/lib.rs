@@ -21,10 +21,11 @@ mod role_gate;
 mod server;
 mod timeout;
 pub mod tls;
+pub(crate) mod tls_client;
 mod tls_incoming;
 
 pub use backoff::Backoff;
-pub use endpoint::{EndpointOptions, endpoint, endpoint_with, lazy_channel, url, url_with};
+pub use endpoint::{EndpointOptions, channel_with, endpoint, endpoint_with, lazy_channel, url, url_with};
 pub use placement::PlacementMembers;
 pub use server::incoming;
 pub use timeout::parse_grpc_timeout;

@@ -1,4 +1,4 @@
-use crate::{EndpointOptions, RpcError, endpoint_with};
+use crate::{EndpointOptions, RpcError, channel_with};
 use skv_proto::internal::placement_client::PlacementClient;
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -33,7 +33,7 @@ impl PlacementMembers {
             if u.is_empty() {
                 continue;
             }
-            let ch = endpoint_with(u, options)?.connect_lazy();
+            let ch = channel_with(u, options)?;
             members.push((
                 crate::url(u),
                 PlacementClient::new(ch).max_decoding_message_size(MAX_DECODE),

@@ -191,11 +191,16 @@ impl ServerTls {
 }
 
 /// A client's TLS: the CA that servers must chain to, and optionally our own certificate.
+///
+/// Channels built by [`crate::channel_with`] re-read the files when they open a new
+/// connection at most every [`crate::tls_client::RELOAD_EVERY`] (ADR 0022): a rotated
+/// certificate or CA is presented on the next connections without a restart.
 #[derive(Clone, Debug)]
 pub struct ClientTls {
     config: ClientTlsConfig,
     /// The role our certificate names, if we present one (for logs).
     pub identity_role: Option<PeerRole>,
+    pub(crate) files: crate::tls_client::Files,
 }
 
 impl ClientTls {
@@ -211,7 +216,12 @@ impl ClientTls {
             identity_role = role_of_pem(&cert);
             config = config.identity(Identity::from_pem(cert, read_key(key_file)?));
         }
-        Ok(ClientTls { config, identity_role })
+        let files = crate::tls_client::Files::load(ca_file, identity)?;
+        Ok(ClientTls {
+            config,
+            identity_role,
+            files,
+        })
     }
 
     /// From a client's flags: a CA file and an optional certificate and key (both or none).

@@ -374,9 +374,7 @@ impl ClientBuilder {
                     request_timeout: None,
                     tls: tls.clone(),
                 };
-                let channel = skv_rpc::endpoint_with(ep, &options)
-                    .map_err(|e| Error::Config(e.to_string()))?
-                    .connect_lazy();
+                let channel = skv_rpc::channel_with(ep, &options).map_err(|e| Error::Config(e.to_string()))?;
                 let stub = KvClient::with_interceptor(channel, auth.clone())
                     .max_decoding_message_size(MAX_DECODE)
                     .max_encoding_message_size(MAX_DECODE);

@@ -98,9 +98,7 @@ impl Shared {
             tls: self.client_tls.clone(),
             ..Default::default()
         };
-        let ch = skv_rpc::endpoint_with(address, &options)
-            .map_err(PlacementError::internal)?
-            .connect_lazy();
+        let ch = skv_rpc::channel_with(address, &options).map_err(PlacementError::internal)?;
         g.insert(address.to_string(), ch.clone());
         Ok(ch)
     }
@@ -139,9 +137,7 @@ impl Shared {
             tls: self.client_tls.clone(),
             ..Default::default()
         };
-        let ch = skv_rpc::endpoint_with(address, &options)
-            .map_err(PlacementError::internal)?
-            .connect_lazy();
+        let ch = skv_rpc::channel_with(address, &options).map_err(PlacementError::internal)?;
         g.insert(key, ch.clone());
         Ok(StoreClient::new(ch))
     }

@@ -262,9 +262,7 @@ impl Transport {
             tls: self.tls.read().clone(),
             ..skv_rpc::EndpointOptions::default()
         };
-        let ch = skv_rpc::endpoint_with(&addr, &options)
-            .map_err(|e| e.to_string())?
-            .connect_lazy();
+        let ch = skv_rpc::channel_with(&addr, &options).map_err(|e| e.to_string())?;
         self.channels.write().insert(to, (addr, ch.clone()));
         Ok(ch)
     }
