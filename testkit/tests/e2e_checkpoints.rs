@@ -84,6 +84,10 @@ async fn leaders_upload_checkpoints_and_resume_after_an_object_store_outage() {
     s3.stop();
     put_keys(&c, 3000, 4000).await;
     let client = c.client("ckpt", "write").await;
+    client
+        .delete(b"k000002".to_vec())
+        .await
+        .unwrap_or_else(|e| panic!("delete: {e}"));
     let v = client
         .get(b"k003999".to_vec())
         .await
@@ -114,6 +118,36 @@ async fn leaders_upload_checkpoints_and_resume_after_an_object_store_outage() {
     named_sorted.sort();
     let snaps_owned: Vec<String> = snaps.into_iter().cloned().collect();
     assert_eq!(snaps_owned, named_sorted, "objects besides the manifests' checkpoints");
+
+    // The checkpoint holds the engine's records: version + value, and the delete's tombstone.
+    let mut live = None;
+    let mut deleted = None;
+    for id in 1..=64u64 {
+        let Ok(Some(m)) = o.read_manifest(id).await else {
+            continue;
+        };
+        let Some(latest) = m.latest().cloned() else { continue };
+        o.read_checkpoint(&latest, |block| {
+            for e in block {
+                if e.key.ends_with(b"k000001") {
+                    live = Some(e.value.clone());
+                } else if e.key.ends_with(b"k000002") {
+                    deleted = Some(e.value.clone());
+                }
+            }
+            Ok(())
+        })
+        .await
+        .unwrap_or_else(|e| panic!("read checkpoint: {e}"));
+    }
+    let mut expect = 1u64.to_be_bytes().to_vec();
+    expect.extend_from_slice(&[b'v'; 100]);
+    assert_eq!(live, Some(expect), "k000001: version 1 and its value");
+    assert_eq!(
+        deleted,
+        Some((1u64 | 1 << 63).to_be_bytes().to_vec()),
+        "k000002: a tombstone of version 1"
+    );
 }
 
 #[tokio::test]
