@@ -40,15 +40,30 @@ fn valid_bucket(b: &str) -> bool {
     (3..=63).contains(&b.len()) && ok_chars && edges(b.bytes().next()) && edges(b.bytes().last()) && !b.contains("..")
 }
 
+/// `url` with any user-info (`user:secret@`) replaced, so that an error message never
+/// carries a credential pasted into the URL.
+fn redacted(url: &str) -> String {
+    let Some(start) = url.find("//").map(|i| i + 2) else {
+        return url.to_string();
+    };
+    let end = url[start..].find(['/', '?', '#']).map_or(url.len(), |i| start + i);
+    match url[start..end].rfind('@') {
+        Some(at) => format!("{}<redacted>{}", &url[..start], &url[start + at..]),
+        None => url.to_string(),
+    }
+}
+
 impl FromStr for ObjectStoreUrl {
     type Err = UrlError;
 
-    fn from_str(s: &str) -> Result<Self, UrlError> {
+    fn from_str(raw: &str) -> Result<Self, UrlError> {
+        let shown = redacted(raw);
+        let s = shown.as_str();
         // Checked on the raw text: URL parsing would resolve them silently.
-        if s.split(['/', '?', '#']).any(|p| p == "." || p == "..") {
+        if raw.split(['/', '?', '#']).any(|p| p == "." || p == "..") {
             return Err(invalid(s, "the path may not contain . or .."));
         }
-        let u = url::Url::parse(s).map_err(|e| UrlError::Syntax {
+        let u = url::Url::parse(raw).map_err(|e| UrlError::Syntax {
             url: s.to_string(),
             reason: e.to_string(),
         })?;
@@ -167,5 +182,21 @@ mod tests {
             "gs://bkt".parse::<ObjectStoreUrl>(),
             Err(UrlError::Scheme { .. })
         ));
+        // A credential pasted into the URL never reaches the message (logged at start).
+        for bad in [
+            "s3://key:hunter2secret@bkt/p",
+            "s3://key:hunter2secret@bkt/../p",
+            "s3://key:hunter2secret@Bad_Bucket/p",
+            "file://u:hunter2secret@host/x",
+        ] {
+            let e = bad
+                .parse::<ObjectStoreUrl>()
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(!e.is_empty(), "{bad:?} was accepted");
+            assert!(!e.contains("hunter2secret"), "secret in {e:?}");
+            assert!(e.contains("<redacted>"), "{e:?}");
+        }
     }
 }

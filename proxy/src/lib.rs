@@ -90,7 +90,7 @@ pub struct Config {
     #[arg(long, env = "SKV_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
     /// Export tracing spans over OTLP/gRPC to this collector URL (e.g.
-    /// `http://127.0.0.1:4317`); off when unset (ADR 0024).
+    /// `http://127.0.0.1:4317`; plaintext only, `https://` is refused); off when unset (ADR 0024).
     #[arg(long, env = "SKV_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
     /// TLS on the client port: this certificate chain (PEM; with --client-tls-key-file).

@@ -222,8 +222,8 @@ mod tests {
                     .mode();
                 assert_eq!(mode & 0o077, 0, "{role} key readable by others");
             }
-            // The files load as TLS configuration.
-            crate::tls::ClientTls::load(
+            // The files load as TLS configuration, and its Debug shows no key material.
+            let tls = crate::tls::ClientTls::load(
                 &dir.path().join("ca.pem"),
                 Some((
                     &dir.path().join(format!("{role}.pem")),
@@ -231,6 +231,12 @@ mod tests {
                 )),
             )
             .unwrap();
+            let shown = format!("{tls:?}");
+            let key = std::fs::read_to_string(dir.path().join(format!("{role}-key.pem"))).unwrap();
+            let key_line = key.lines().nth(1).unwrap();
+            assert!(!shown.contains(key_line) && !shown.contains("PRIVATE KEY"), "{shown}");
+            let key_bytes = format!("{:?}", &key.as_bytes()[..16]);
+            assert!(!shown.contains(key_bytes.trim_end_matches(']')), "{shown}");
         }
         // A second run does not overwrite the CA unless told to.
         let e = create(dir.path(), &["127.0.0.1".into()], 30, false).unwrap_err();

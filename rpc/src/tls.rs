@@ -195,12 +195,22 @@ impl ServerTls {
 /// Channels built by [`crate::channel_with`] re-read the files when they open a new
 /// connection at most every [`crate::tls_client::RELOAD_EVERY`] (ADR 0022): a rotated
 /// certificate or CA is presented on the next connections without a restart.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct ClientTls {
     config: ClientTlsConfig,
     /// The role our certificate names, if we present one (for logs).
     pub identity_role: Option<PeerRole>,
     pub(crate) files: crate::tls_client::Files,
+}
+
+/// By hand: tonic's `ClientTlsConfig` prints its identity, private key bytes included.
+impl std::fmt::Debug for ClientTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientTls")
+            .field("identity_role", &self.identity_role)
+            .field("files", &self.files)
+            .finish_non_exhaustive()
+    }
 }
 
 impl ClientTls {

@@ -180,7 +180,7 @@ pub struct Config {
     #[arg(long, env = "SKV_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
     /// Export tracing spans over OTLP/gRPC to this collector URL (e.g.
-    /// `http://127.0.0.1:4317`); off when unset (ADR 0024).
+    /// `http://127.0.0.1:4317`; plaintext only, `https://` is refused); off when unset (ADR 0024).
     #[arg(long, env = "SKV_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
     /// Bytes of the value cache, which keeps hot records in memory in front of the engine
@@ -300,14 +300,17 @@ async fn open_checkpoints(
         }
         return Ok(None);
     };
+    if config.checkpoint_interval_secs == Some(0) || config.checkpoint_change_bytes == Some(0) {
+        anyhow::bail!("--checkpoint-interval-secs and --checkpoint-change-bytes must be at least 1");
+    }
     let url: skv_objstore::ObjectStoreUrl = u.parse()?;
     let objects = skv_objstore::Objects::open(&url, skv_objstore::ObjMetrics::new()).await?;
     objects.metrics.register(registry);
     let cm = checkpoint::CheckpointMetrics::default();
     cm.register(registry);
     let policy = checkpoint::CheckpointPolicy {
-        interval: Duration::from_secs(config.checkpoint_interval_secs.unwrap_or(300).max(1)),
-        change_bytes: config.checkpoint_change_bytes.unwrap_or(64 << 20).max(1),
+        interval: Duration::from_secs(config.checkpoint_interval_secs.unwrap_or(300)),
+        change_bytes: config.checkpoint_change_bytes.unwrap_or(64 << 20),
         keep: 1,
     };
     tracing::info!(url = %url, ?policy, "range checkpoints to object storage");

@@ -549,9 +549,10 @@ impl Procs {
                     "--schedule-interval-ms".into(),
                     "200".into(),
                     // A killed store is DOWN (and its ranges under-replicated) within the
-                    // test's wait for the alerts.
+                    // test's 30 s wait for the alerts; 6 missed 1 s heartbeats, so a live
+                    // store on a loaded 2-core machine is not taken for a dead one.
                     "--store-down-after-ms".into(),
-                    "3000".into(),
+                    "6000".into(),
                     "--jwt-hs256-secret-file".into(),
                     s(&secret),
                 ],
