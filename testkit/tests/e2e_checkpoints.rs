@@ -73,7 +73,7 @@ async fn leaders_upload_checkpoints_and_resume_after_an_object_store_outage() {
 
     put_keys(&c, 0, 3000).await;
     // 3000 keys plus the harness's "ready" key.
-    let (keys, _) = wait_until("checkpoints covering 3,001 keys", Duration::from_secs(60), || async {
+    let (keys, named_before) = wait_until("checkpoints covering 3,001 keys", Duration::from_secs(60), || async {
         checkpointed_keys(&o).await.filter(|(k, _)| *k >= 3001)
     })
     .await;
@@ -93,12 +93,15 @@ async fn leaders_upload_checkpoints_and_resume_after_an_object_store_outage() {
         .await
         .unwrap_or_else(|e| panic!("get: {e}"));
     assert!(v.is_some(), "a write made during the outage reads back");
-    tokio::time::sleep(Duration::from_secs(4)).await;
-    let logs: String = (0..3).map(|i| c.read_log(&format!("store-{i}"))).collect();
-    assert!(
-        logs.contains("checkpoint failed"),
-        "no failed upload was logged during the outage"
-    );
+    wait_until(
+        "a failed upload logged during the outage",
+        Duration::from_secs(30),
+        || async {
+            let logs: String = (0..3).map(|i| c.read_log(&format!("store-{i}"))).collect();
+            logs.contains("checkpoint failed").then_some(())
+        },
+    )
+    .await;
 
     // It comes back: uploads resume and cover the writes made meanwhile.
     s3.restart();
@@ -107,17 +110,35 @@ async fn leaders_upload_checkpoints_and_resume_after_an_object_store_outage() {
     })
     .await;
     assert_eq!(keys, 4001);
-    // Retention: each range keeps exactly the checkpoints its manifest names.
+    // Retention: every checkpoint the manifests name is there, and one they named before the
+    // outage and no longer name is deleted. Objects no manifest ever named (an upload whose
+    // manifest write lost a race, e.g. across a leader change under load) are orphans,
+    // deleted by the orphan sweep after an hour (ADR 0025): allowed, but printed.
+    let superseded: Vec<String> = named_before.iter().filter(|p| !named.contains(p)).cloned().collect();
+    assert!(
+        !superseded.is_empty(),
+        "no checkpoint was superseded: {named_before:?} -> {named:?}"
+    );
+    // The prune follows the manifest write: give it a moment.
+    wait_until("superseded checkpoints deleted", Duration::from_secs(30), || async {
+        let listing = o.list("snapshots").await.ok()?;
+        (!listing.iter().any(|(p, _, _)| superseded.contains(p))).then_some(())
+    })
+    .await;
     let listing = print_listing(&o, "bucket after the outage and 4,001 keys").await;
-    let snaps: Vec<&String> = listing
+    let snaps: std::collections::BTreeSet<String> = listing
         .iter()
-        .map(|(p, _, _)| p)
+        .map(|(p, _, _)| p.clone())
         .filter(|p| p.ends_with(".snap"))
         .collect();
-    let mut named_sorted = named.clone();
-    named_sorted.sort();
-    let snaps_owned: Vec<String> = snaps.into_iter().cloned().collect();
-    assert_eq!(snaps_owned, named_sorted, "objects besides the manifests' checkpoints");
+    for p in &named {
+        assert!(snaps.contains(p), "named checkpoint {p} missing from {snaps:?}");
+    }
+    for p in &superseded {
+        assert!(!snaps.contains(p), "superseded checkpoint {p} not deleted: {snaps:?}");
+    }
+    let orphans: Vec<&String> = snaps.iter().filter(|p| !named.contains(p)).collect();
+    println!("orphans (no manifest names them; swept after an hour): {orphans:?}");
 
     // The checkpoint holds the engine's records: version + value, and the delete's tombstone.
     let mut live = None;
