@@ -156,13 +156,21 @@ async fn hot_range_is_split_at_the_median_of_its_sampled_load() {
             assert!(f.calls.lock().unwrap().split_range.is_empty());
         }
     }
-    // The halves are in the map, and the statistics show the load.
-    let ranges = c
-        .scan_ranges(ScanRangesRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .ranges;
+    // The halves are in the map (placement writes it after the split call returns: polled),
+    // and the statistics show the load.
+    let ranges = wait_until("both halves in the range map", Duration::from_secs(10), || {
+        let mut c = c.clone();
+        async move {
+            let r = c
+                .scan_ranges(ScanRangesRequest::default())
+                .await
+                .ok()?
+                .into_inner()
+                .ranges;
+            (r.len() >= 2).then_some(r)
+        }
+    })
+    .await;
     assert_eq!(ranges.len(), 2);
     let stats = admin(h.addr)
         .range_stats(RangeStatsRequest {})
