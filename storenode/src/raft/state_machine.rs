@@ -1538,6 +1538,28 @@ mod tests {
         (dir, e)
     }
 
+    /// An engine holding range 1 (`a`..`z`, epoch version `version`) with its descriptor and
+    /// an applied state at the split-init log id; no data.
+    fn seeded_range(version: u64) -> (tempfile::TempDir, Arc<Engine>, RangeDescriptor, LogId) {
+        let desc = RangeDescriptor {
+            range_id: 1,
+            start: b"a".to_vec(),
+            end: b"z".to_vec(),
+            epoch: Some(RangeEpoch { conf_ver: 1, version }),
+            replicas: vec![],
+        };
+        let log_id = crate::raft::split_init_log_id();
+        let (dir, e) = engine();
+        e.meta.insert(desc_key(RangeId(1)), desc.encode_to_vec()).unwrap();
+        e.meta
+            .insert(
+                applied_key(RangeId(1)),
+                encode_applied(Some(log_id), StoredMembership::default()).unwrap(),
+            )
+            .unwrap();
+        (dir, e, desc, log_id)
+    }
+
     fn write(sm: &StateMachine, key: &[u8], op: WriteOp, cond: Option<u64>) -> (bool, u64, bool) {
         let mut batch = sm.engine.db.batch();
         let mut overlay = HashMap::new();
@@ -1821,26 +1843,7 @@ mod tests {
 
     #[tokio::test]
     async fn compaction_copies_nothing_and_a_send_writes_the_file_once() {
-        let r = RangeId(1);
-        let desc = RangeDescriptor {
-            range_id: 1,
-            start: b"a".to_vec(),
-            end: b"z".to_vec(),
-            epoch: Some(RangeEpoch {
-                conf_ver: 1,
-                version: 1,
-            }),
-            replicas: vec![],
-        };
-        let log_id = crate::raft::split_init_log_id();
-        let (dir, e) = engine();
-        e.meta.insert(desc_key(r), desc.encode_to_vec()).unwrap();
-        e.meta
-            .insert(
-                applied_key(r),
-                encode_applied(Some(log_id), StoredMembership::default()).unwrap(),
-            )
-            .unwrap();
+        let (dir, e, desc, log_id) = seeded_range(1);
         for i in 0..100u32 {
             e.data
                 .insert(format!("k{i:03}"), encode_value(u64::from(i) + 1, b"v"))
@@ -1893,26 +1896,8 @@ mod tests {
     #[test]
     fn snapshot_round_trip_and_interrupted_install_is_redone() {
         let r = RangeId(1);
-        let desc = RangeDescriptor {
-            range_id: 1,
-            start: b"a".to_vec(),
-            end: b"z".to_vec(),
-            epoch: Some(RangeEpoch {
-                conf_ver: 1,
-                version: 3,
-            }),
-            replicas: vec![],
-        };
-        let log_id = crate::raft::split_init_log_id();
         // Source: two keys in range, one outside.
-        let (_da, a) = engine();
-        a.meta.insert(desc_key(r), desc.encode_to_vec()).unwrap();
-        a.meta
-            .insert(
-                applied_key(r),
-                encode_applied(Some(log_id), StoredMembership::default()).unwrap(),
-            )
-            .unwrap();
+        let (_da, a, desc, log_id) = seeded_range(3);
         a.data.insert(b"b", encode_value(1, b"new-b")).unwrap();
         a.data.insert(b"c", encode_value(2, b"new-c")).unwrap();
         a.data.insert(b"zz", encode_value(1, b"outside")).unwrap();
