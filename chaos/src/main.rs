@@ -41,13 +41,15 @@ struct RunArgs {
     /// Seed of the workload's and the nemesis's choices.
     #[arg(long, default_value_t = 1)]
     seed: u64,
-    /// Faults, comma-separated (`none` for a calm run).
+    /// Faults, comma-separated, of kill, pause, pd-leader, split, transfer-leader, merge
+    /// (`none` for a calm run).
     #[arg(
         long,
         value_delimiter = ',',
+        value_parser = parse_nemesis,
         default_value = "kill,pause,pd-leader,split,transfer-leader,merge"
     )]
-    nemesis: Vec<NemesisArg>,
+    nemesis: Vec<Option<NemesisKind>>,
     /// Concurrent clients.
     #[arg(long, default_value_t = 8)]
     clients: usize,
@@ -79,15 +81,12 @@ struct RunArgs {
     plant: Option<Plant>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-enum NemesisArg {
-    Kill,
-    Pause,
-    PdLeader,
-    Split,
-    TransferLeader,
-    Merge,
-    None,
+/// A `--nemesis` value: a fault kind, or `none` (no fault).
+fn parse_nemesis(s: &str) -> Result<Option<NemesisKind>, String> {
+    if s == "none" {
+        return Ok(None);
+    }
+    <NemesisKind as clap::ValueEnum>::from_str(s, false).map(Some)
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -165,19 +164,7 @@ async fn main() -> ExitCode {
             let mut opts = RunOptions::new(a.bin_dir.unwrap_or_else(default_bin_dir));
             opts.duration = a.duration;
             opts.seed = a.seed;
-            opts.nemeses = a
-                .nemesis
-                .iter()
-                .filter_map(|n| match n {
-                    NemesisArg::Kill => Some(NemesisKind::Kill),
-                    NemesisArg::Pause => Some(NemesisKind::Pause),
-                    NemesisArg::PdLeader => Some(NemesisKind::PdLeader),
-                    NemesisArg::Split => Some(NemesisKind::Split),
-                    NemesisArg::TransferLeader => Some(NemesisKind::TransferLeader),
-                    NemesisArg::Merge => Some(NemesisKind::Merge),
-                    NemesisArg::None => None,
-                })
-                .collect();
+            opts.nemeses = a.nemesis.iter().flatten().copied().collect();
             opts.nemeses.sort();
             opts.nemeses.dedup();
             opts.clients = a.clients;
