@@ -22,6 +22,11 @@ use tokio_stream::wrappers::ReceiverStream;
 pub const RELOAD_EVERY: Duration = Duration::from_secs(5);
 /// A handshake that takes longer is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Refused handshakes logged per [`REFUSAL_LOG_WINDOW`] and listener; past that they are
+/// counted and summed up in one line when the window ends (a port scan or a misconfigured
+/// client retrying in a loop must not flood the log).
+const REFUSAL_LOG_BURST: u32 = 10;
+const REFUSAL_LOG_WINDOW: Duration = Duration::from_secs(60);
 
 /// The files' bytes, to notice a change.
 type Snapshot = (Vec<u8>, Vec<u8>, Option<Vec<u8>>);
@@ -121,6 +126,10 @@ impl ServerTls {
                 }
             });
         }
+        let refusals = Arc::new(std::sync::Mutex::new(LogBudget::new(
+            REFUSAL_LOG_BURST,
+            REFUSAL_LOG_WINDOW,
+        )));
         tokio::spawn(async move {
             loop {
                 let conn = tokio::select! {
@@ -137,21 +146,91 @@ impl ServerTls {
                 };
                 let acceptor = tokio_rustls::TlsAcceptor::from(current.get());
                 let tx = tx.clone();
+                let refusals = refusals.clone();
                 tokio::spawn(async move {
                     let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_default();
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                    let refused = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                         Ok(Ok(tls)) => {
                             let _ = tx.send(Ok(tls)).await;
+                            return;
                         }
-                        // Named so that an operator sees why a peer cannot connect (plaintext,
-                        // another CA, an expired or missing certificate); one line per refusal.
-                        Ok(Err(e)) => tracing::info!(%peer, error = %e, "TLS handshake refused"),
-                        Err(_) => tracing::info!(%peer, "TLS handshake timed out"),
+                        Ok(Err(e)) => e.to_string(),
+                        Err(_) => "timed out".to_string(),
+                    };
+                    // Named so that an operator sees why a peer cannot connect (plaintext,
+                    // another CA, an expired or missing certificate); a few lines per window,
+                    // then a count.
+                    let verdict = match refusals.lock() {
+                        Ok(mut b) => b.admit(std::time::Instant::now()),
+                        Err(p) => p.into_inner().admit(std::time::Instant::now()),
+                    };
+                    match verdict {
+                        Admit::Log { suppressed_before: 0 } => {
+                            tracing::info!(%peer, error = %refused, "TLS handshake refused")
+                        }
+                        Admit::Log { suppressed_before } => tracing::info!(
+                            %peer,
+                            error = %refused,
+                            suppressed_before,
+                            "TLS handshake refused ({suppressed_before} more were refused and not logged in the previous minute)"
+                        ),
+                        Admit::Suppress => {}
                     }
                 });
             }
         });
         Ok(ReceiverStream::new(rx))
+    }
+}
+
+/// What [`LogBudget::admit`] decided for one event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Admit {
+    /// Log it, and say how many were suppressed in the windows before it.
+    Log { suppressed_before: u64 },
+    /// Count it, do not log it.
+    Suppress,
+}
+
+/// At most `burst` log lines per `window` (pure; the caller passes the clock). Suppressed
+/// events are counted and reported with the next line that is logged.
+#[derive(Debug)]
+pub struct LogBudget {
+    burst: u32,
+    window: Duration,
+    window_start: Option<std::time::Instant>,
+    logged: u32,
+    suppressed: u64,
+}
+
+impl LogBudget {
+    pub fn new(burst: u32, window: Duration) -> Self {
+        LogBudget {
+            burst,
+            window,
+            window_start: None,
+            logged: 0,
+            suppressed: 0,
+        }
+    }
+
+    pub fn admit(&mut self, now: std::time::Instant) -> Admit {
+        let fresh = match self.window_start {
+            None => true,
+            Some(start) => now.saturating_duration_since(start) >= self.window,
+        };
+        if fresh {
+            self.window_start = Some(now);
+            self.logged = 0;
+        }
+        if self.logged < self.burst {
+            self.logged += 1;
+            let suppressed_before = std::mem::take(&mut self.suppressed);
+            Admit::Log { suppressed_before }
+        } else {
+            self.suppressed = self.suppressed.saturating_add(1);
+            Admit::Suppress
+        }
     }
 }
 
@@ -178,6 +257,43 @@ mod parking_lot_free {
                 Ok(mut g) => *g = v,
                 Err(p) => *p.into_inner() = v,
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Admit, LogBudget};
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn a_flood_of_refusals_logs_a_burst_then_a_count() {
+        let t0 = Instant::now();
+        let mut b = LogBudget::new(3, Duration::from_secs(60));
+        let first: Vec<Admit> = (0..1000).map(|i| b.admit(t0 + Duration::from_millis(i))).collect();
+        assert_eq!(first.iter().filter(|a| matches!(a, Admit::Log { .. })).count(), 3);
+        assert!(first[..3].iter().all(|a| *a == Admit::Log { suppressed_before: 0 }));
+        // The next window logs again and reports the 997 it dropped.
+        assert_eq!(
+            b.admit(t0 + Duration::from_secs(61)),
+            Admit::Log { suppressed_before: 997 }
+        );
+        assert_eq!(
+            b.admit(t0 + Duration::from_secs(62)),
+            Admit::Log { suppressed_before: 0 }
+        );
+    }
+
+    #[test]
+    fn a_quiet_server_logs_every_refusal() {
+        let t0 = Instant::now();
+        let mut b = LogBudget::new(3, Duration::from_secs(60));
+        for i in 0..20u64 {
+            assert_eq!(
+                b.admit(t0 + Duration::from_secs(i * 30)),
+                Admit::Log { suppressed_before: 0 },
+                "refusal {i}"
+            );
         }
     }
 }
