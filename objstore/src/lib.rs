@@ -15,6 +15,7 @@
 //! `snapshots/<range>/<generation>/<index>.snap` (zero-padded to 20 digits),
 //! `manifests/ranges/<range>.json`, `backups/<id>/manifest.json`.
 
+pub mod backup;
 pub mod format;
 pub mod manifest;
 pub mod metrics;

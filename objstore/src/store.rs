@@ -244,7 +244,7 @@ impl Objects {
         self
     }
 
-    fn full(&self, rel: &str) -> Path {
+    pub(crate) fn full(&self, rel: &str) -> Path {
         if self.prefix.is_empty() {
             Path::from(rel)
         } else {
@@ -318,7 +318,7 @@ impl Objects {
         res
     }
 
-    async fn upload_inner<F>(
+    pub(crate) async fn upload_inner<F>(
         &self,
         header: CheckpointHeader,
         rel: &str,
@@ -440,7 +440,7 @@ impl Objects {
         Ok(Some(m))
     }
 
-    async fn get_small(&self, rel: &str) -> Result<Option<Vec<u8>>, ObjError> {
+    pub(crate) async fn get_small(&self, rel: &str) -> Result<Option<Vec<u8>>, ObjError> {
         let p = self.full(rel);
         let res = match self.store.get(&p).await {
             Ok(r) => r,
@@ -461,7 +461,7 @@ impl Objects {
         Ok(Some(b.to_vec()))
     }
 
-    async fn put_json<T: serde::Serialize>(&self, rel: &str, v: &T) -> Result<(), ObjError> {
+    pub(crate) async fn put_json<T: serde::Serialize>(&self, rel: &str, v: &T) -> Result<(), ObjError> {
         let p = self.full(rel);
         let body = serde_json::to_vec_pretty(v).map_err(|e| ObjError::BadManifest {
             path: rel.to_string(),

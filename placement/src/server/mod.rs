@@ -20,6 +20,7 @@
 
 mod admin;
 mod auth;
+mod backup;
 mod forward;
 mod heartbeat;
 mod leader;
@@ -485,5 +486,45 @@ impl PlacementAdmin for PlacementAdminService {
     ) -> Result<Response<ListOperatorsResponse>, Status> {
         self.s.authorize(&request, "ListOperators", Role::Read)?;
         on_leader!(self, request, list_operators, query::list_operators, admin)
+    }
+
+    async fn create_backup(
+        &self,
+        request: Request<CreateBackupRequest>,
+    ) -> Result<Response<CreateBackupResponse>, Status> {
+        self.s.authorize(&request, "CreateBackup", Role::Admin)?;
+        on_leader!(self, request, create_backup, backup::create_backup, admin)
+    }
+
+    async fn list_backups(
+        &self,
+        request: Request<ListBackupsRequest>,
+    ) -> Result<Response<ListBackupsResponse>, Status> {
+        self.s.authorize(&request, "ListBackups", Role::Admin)?;
+        on_leader!(self, request, list_backups, backup::list_backups, admin)
+    }
+
+    async fn delete_backup(
+        &self,
+        request: Request<DeleteBackupRequest>,
+    ) -> Result<Response<DeleteBackupResponse>, Status> {
+        self.s.authorize(&request, "DeleteBackup", Role::Admin)?;
+        on_leader!(self, request, delete_backup, backup::delete_backup, admin)
+    }
+
+    async fn restore_backup(
+        &self,
+        request: Request<RestoreBackupRequest>,
+    ) -> Result<Response<RestoreBackupResponse>, Status> {
+        self.s.authorize(&request, "RestoreBackup", Role::Admin)?;
+        on_leader!(self, request, restore_backup, backup::restore_backup, admin)
+    }
+
+    async fn restore_status(
+        &self,
+        request: Request<RestoreStatusRequest>,
+    ) -> Result<Response<RestoreStatusResponse>, Status> {
+        self.s.authorize(&request, "RestoreStatus", Role::Admin)?;
+        on_leader!(self, request, restore_status, backup::restore_status, admin)
     }
 }
