@@ -204,7 +204,7 @@ impl tonic::codegen::Service<Uri> for Connector {
 }
 
 impl Connector {
-    #[cfg(test)]
+    #[cfg(all(test, feature = "dev-certs"))]
     pub(crate) fn with_reload_every(mut self, every: Duration) -> Self {
         self.every = every;
         self
