@@ -93,13 +93,26 @@ pub async fn serve_metrics(
     ready: Readiness,
     cancel: CancellationToken,
 ) -> anyhow::Result<SocketAddr> {
+    serve_metrics_with(listen, registry, ready, cancel, Router::new()).await
+}
+
+/// [`serve_metrics`] plus the routes of `extra` (the storenode's `/failpoints` in builds
+/// with failpoints, ADR 0029).
+pub async fn serve_metrics_with(
+    listen: SocketAddr,
+    registry: Arc<Registry>,
+    ready: Readiness,
+    cancel: CancellationToken,
+    extra: Router,
+) -> anyhow::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
     let app = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .with_state(MetricsState { registry, ready });
+        .with_state(MetricsState { registry, ready })
+        .merge(extra);
     tokio::spawn(async move {
         let r = axum::serve(listener, app)
             .with_graceful_shutdown(cancel.cancelled_owned())

@@ -43,6 +43,31 @@ pub fn io_err(e: impl std::fmt::Display) -> io::Error {
     io::Error::other(e.to_string())
 }
 
+/// Exit status of a storenode that stopped on a storage error (fail-stop, ADR 0029):
+/// EX_IOERR of sysexits.h.
+pub const EXIT_STORAGE_ERROR: i32 = 74;
+
+/// Stops the process after a storage error it must not survive (fail-stop, ADR 0029): an
+/// fsync or write error of the Raft log or the engine leaves the node not knowing what is
+/// durable, and retrying an fsync after an error can report success for pages the kernel
+/// dropped (PostgreSQL's "fsyncgate"), so the node stops as etcd and PostgreSQL do. Logs
+/// the cause at error level and exits with [`EXIT_STORAGE_ERROR`]; a restart recovers from
+/// what the journal holds, and the other replicas carry on meanwhile.
+pub fn fail_stop(what: &str, err: &dyn std::fmt::Display) -> ! {
+    tracing::error!(error = %err, "fatal storage error in {what}: stopping the storenode (fail-stop)");
+    eprintln!("skv-storenode: fatal storage error in {what}: {err}; stopping (fail-stop)");
+    std::process::exit(EXIT_STORAGE_ERROR)
+}
+
+/// The group-commit fsync of every keyspace (Raft log and engine), with its failpoints.
+fn persist_all(db: &Database) -> io::Result<()> {
+    fail::fail_point!(crate::failpoints::SKIP_FSYNC, |_| Ok(()));
+    fail::fail_point!(crate::failpoints::FSYNC_ERROR, |_| Err(io::Error::other(
+        "injected fsync error (failpoint storenode::log::fsync_error)"
+    )));
+    db.persist(PersistMode::SyncAll).map_err(io_err)
+}
+
 impl Engine {
     /// Opens (or creates) the database at `dir` with the default value cache, and starts
     /// the group-commit syncer thread.
@@ -119,7 +144,13 @@ impl Engine {
 
     pub fn save_store_id(&self, id: StoreId) -> io::Result<()> {
         self.meta.insert(b"store_id", id.0.to_be_bytes()).map_err(io_err)?;
-        self.db.persist(PersistMode::SyncAll).map_err(io_err)
+        self.persist()
+    }
+
+    /// fsyncs every keyspace now (outside the group commit: snapshot installs, the store
+    /// id); honours the fsync failpoints as the group commit does.
+    pub fn persist(&self) -> io::Result<()> {
+        persist_all(&self.db)
     }
 
     pub fn load_descriptors(&self) -> io::Result<Vec<RangeDescriptor>> {
@@ -175,11 +206,15 @@ fn sync_loop(db: Database, rx: mpsc::Receiver<SyncCallback>, metrics: Metrics) {
             pending.push(more);
         }
         let started = Instant::now();
-        let res = db.persist(PersistMode::SyncAll);
+        let res = persist_all(&db);
         metrics.fsync_seconds.observe(started.elapsed().as_secs_f64());
         metrics.group_commit_batch.observe(pending.len() as f64);
+        if let Err(e) = res {
+            // Nobody is told "durable" after a failed fsync, and nothing retries it.
+            fail_stop("the group-commit fsync (Raft log and engine)", &e);
+        }
         for cb in pending {
-            cb(res.as_ref().map(|_| ()).map_err(|e| io::Error::other(e.to_string())));
+            cb(Ok(()));
         }
     }
 }

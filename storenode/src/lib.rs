@@ -125,6 +125,7 @@ pub mod access;
 pub mod cache;
 pub mod checkpoint;
 pub mod engine;
+pub mod failpoints;
 pub mod gc;
 pub mod hibernate;
 pub mod merge;
@@ -349,11 +350,10 @@ pub async fn start_with(config: Config, opts: StartOptions) -> anyhow::Result<Se
     let mut registry = prometheus_client::registry::Registry::default();
     metrics.register(&mut registry);
     let checkpointer = open_checkpoints(&config, &mut registry).await?;
+    let backup_objects = checkpointer.as_ref().map(|c| c.objects.clone());
     let ready = Readiness::default();
     let metrics_addr = match config.metrics_listen {
-        Some(l) => {
-            Some(skv_common::telemetry::serve_metrics(l, Arc::new(registry), ready.clone(), cancel.clone()).await?)
-        }
+        Some(l) => Some(failpoints::serve_metrics(l, Arc::new(registry), ready.clone(), cancel.clone()).await?),
         None => None,
     };
     // Registered with placement: a routable address, never 0.0.0.0 (issue 13).

@@ -9,6 +9,8 @@ async fn main() -> anyhow::Result<()> {
     let config: skv_storenode::Config = skv_common::config::parse();
     // Logs, and spans over OTLP with --otlp-endpoint (flushed when `_otel` drops).
     let _otel = skv_otel::init(config.log_format, config.otlp_endpoint.as_deref(), "skv-storenode")?;
+    // FAILPOINTS (ADR 0029): applied with the `failpoints` feature, refused without it.
+    skv_storenode::failpoints::setup_from_env()?;
     let handle = skv_storenode::start(config).await?;
     skv_common::service::shutdown_signal().await;
     handle.shutdown().await

@@ -86,6 +86,14 @@ impl LogStore {
     }
 }
 
+/// Commits a log append's batch (a write error stops the node: fail-stop, ADR 0029).
+fn commit_append(batch: fjall::OwnedWriteBatch) -> io::Result<()> {
+    fail::fail_point!(crate::failpoints::APPEND_ERROR, |_| Err(io::Error::other(
+        "injected write error (failpoint storenode::log::append_error)"
+    )));
+    batch.commit().map_err(io_err)
+}
+
 /// Entries deleted per batch by [`LogStore::remove_logs`].
 const REMOVE_CHUNK: usize = 1024;
 
@@ -244,10 +252,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote) -> Result<(), io::Error> {
-        self.engine
+        if let Err(e) = self
+            .engine
             .raft
             .insert(raft_key(self.range, TAG_VOTE), encode(vote).map_err(io_err)?)
-            .map_err(io_err)?;
+        {
+            crate::engine::fail_stop("a Raft vote write", &e);
+        }
         self.engine.sync().await
     }
 
@@ -275,7 +286,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 encode(&e).map_err(io_err)?,
             );
         }
-        batch.commit().map_err(io_err)?;
+        if let Err(e) = commit_append(batch) {
+            crate::engine::fail_stop("a Raft log append", &e);
+        }
+        crate::crash_point!(crate::failpoints::AFTER_APPEND_BEFORE_FSYNC);
         self.engine.after_sync(Box::new(move |r| callback.io_completed(r)));
         Ok(())
     }

@@ -1475,7 +1475,7 @@ pub fn recover_interrupted_installs(engine: &Engine) -> io::Result<Vec<RangeId>>
         }
     }
     if !done.is_empty() {
-        engine.db.persist(fjall::PersistMode::SyncAll).map_err(io_err)?;
+        engine.persist()?;
     }
     Ok(done)
 }
@@ -1524,7 +1524,7 @@ fn uninitialize_replica(engine: &Engine, range: RangeId, span: Option<(Vec<u8>, 
     batch.remove(&engine.meta, installing_key(range));
     batch.commit().map_err(io_err)?;
     engine.cache.invalidate(touched.iter().map(|k| &k[..]));
-    engine.db.persist(fjall::PersistMode::SyncAll).map_err(io_err)
+    engine.persist()
 }
 
 #[cfg(test)]
