@@ -32,6 +32,33 @@ pub const DEFAULT_BLOCK_BYTES: usize = 1 << 20;
 pub const MAX_BLOCK_RAW: usize = 32 << 20;
 /// Largest header a reader accepts.
 pub const MAX_HEADER: usize = 1 << 20;
+/// Largest entry (`8 + key + stored record`) the encoder takes: half a block, so that a
+/// block of [`MAX_BLOCK_RAW`] always holds the entry that closes it.
+pub const MAX_ENTRY_BYTES: usize = MAX_BLOCK_RAW / 2;
+/// What the engine adds to a value in its stored record (version, flags), with room to spare.
+pub const RECORD_OVERHEAD: usize = 64;
+
+/// Whether every value a store accepts (`--max-value-len`) fits in a checkpoint entry under
+/// the longest internal key. A value that did not would make its range's checkpoints fail
+/// forever, so a storenode with object storage refuses such a limit at start (ADR 0025).
+pub fn check_max_value_len(max_value_len: usize) -> Result<(), FormatError> {
+    let entry = max_value_len
+        .saturating_add(skv_common::limits::MAX_INTERNAL_KEY_LEN)
+        .saturating_add(RECORD_OVERHEAD + 8);
+    if entry > MAX_ENTRY_BYTES {
+        return Err(FormatError::BadEntry(format!(
+            "a value of {max_value_len} bytes does not fit a checkpoint block: with object storage the largest \
+             value is {} bytes",
+            max_value_limit()
+        )));
+    }
+    Ok(())
+}
+
+/// The largest `--max-value-len` that [`check_max_value_len`] accepts.
+pub fn max_value_limit() -> usize {
+    MAX_ENTRY_BYTES - skv_common::limits::MAX_INTERNAL_KEY_LEN - RECORD_OVERHEAD - 8
+}
 
 const TAG_BLOCK: u8 = b'B';
 const TAG_TRAILER: u8 = b'T';
@@ -240,7 +267,7 @@ impl CheckpointEncoder {
             return Err(FormatError::BadEntry("key outside the checkpoint's span".into()));
         }
         let entry_len = 8 + key.len() + value.len();
-        if entry_len > MAX_BLOCK_RAW / 2 || key.len() > u32::MAX as usize || value.len() > u32::MAX as usize {
+        if entry_len > MAX_ENTRY_BYTES || key.len() > u32::MAX as usize || value.len() > u32::MAX as usize {
             return Err(FormatError::BadEntry(format!("entry of {entry_len} bytes")));
         }
         self.raw.extend_from_slice(&(key.len() as u32).to_le_bytes());
@@ -421,7 +448,9 @@ impl<R: AsyncRead + Unpin> CheckpointReader<R> {
             return Err(corrupt("block decompressed to a different length"));
         }
         let mut c = Cursor { b: &raw, at: 0 };
-        let mut out = Vec::with_capacity(count as usize);
+        // The count comes from the object: an entry takes at least 8 bytes of the payload, so
+        // a lying count cannot make the reservation exceed the (bounded) raw length.
+        let mut out = Vec::with_capacity((count as usize).min(raw_len / 8));
         while !c.done() {
             let key = c.bytes()?;
             let value = c.bytes()?;
@@ -598,6 +627,46 @@ mod tests {
             other => panic!("expected UnsupportedVersion(2), got {other:?}"),
         }
         assert!(matches!(read_all(&bytes[..5]).await, Err(FormatError::Truncated(_))));
+    }
+
+    #[test]
+    fn max_value_len_is_checked_against_the_block_limit() {
+        assert!(check_max_value_len(skv_common::limits::DEFAULT_MAX_VALUE_LEN).is_ok());
+        assert!(check_max_value_len(max_value_limit()).is_ok());
+        assert!(matches!(
+            check_max_value_len(max_value_limit() + 1),
+            Err(FormatError::BadEntry(_))
+        ));
+        // The largest accepted value under the longest key is taken by the encoder.
+        let h = CheckpointHeader {
+            start: Vec::new(),
+            end: Vec::new(),
+            ..header()
+        };
+        let (mut enc, _) = CheckpointEncoder::new(&h, 4096).unwrap();
+        let key = vec![1u8; skv_common::limits::MAX_INTERNAL_KEY_LEN];
+        let value = vec![0u8; max_value_limit() + RECORD_OVERHEAD];
+        assert!(enc.push(&key, &value).is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_lying_entry_count_does_not_size_the_block_vector() {
+        // A block whose count says u32::MAX but whose checksum is right (a writer bug or a
+        // crafted object): refused by the count check, after a reservation of at most
+        // raw_len / 8 entries (the test would abort on allocation failure otherwise).
+        let (bytes, _) = build(3, 4096);
+        let hlen = 14 + u32::from_le_bytes([bytes[10], bytes[11], bytes[12], bytes[13]]) as usize + 8;
+        let mut b = bytes.clone();
+        assert_eq!(b[hlen], TAG_BLOCK);
+        b[hlen + 9..hlen + 13].copy_from_slice(&u32::MAX.to_le_bytes());
+        let comp_len = u32::from_le_bytes([b[hlen + 5], b[hlen + 6], b[hlen + 7], b[hlen + 8]]) as usize;
+        let sum_at = hlen + 13 + comp_len;
+        let h = xxh3_64(&b[hlen..sum_at]);
+        b[sum_at..sum_at + 8].copy_from_slice(&h.to_le_bytes());
+        match read_all(&b).await {
+            Err(FormatError::Corrupt(m)) => assert!(m.contains("entry count"), "{m}"),
+            other => panic!("expected a count mismatch, got {other:?}"),
+        }
     }
 
     #[test]

@@ -346,12 +346,14 @@ impl Objects {
         });
 
         let mut pending: Vec<u8> = Vec::new();
-        let mut multipart: Option<WriteMultipart> = None;
+        // Aborts the multipart upload if this future is dropped before it completes (a
+        // cancelled checkpoint pass, a shutdown): S3 would otherwise keep the parts.
+        let mut multipart = AbortOnDrop(None);
         let mut sent: u64 = 0;
         let outcome: Result<(), ObjError> = async {
             while let Some(frame) = rx.recv().await {
                 sent += frame.len() as u64;
-                match multipart.as_mut() {
+                match multipart.0.as_mut() {
                     Some(w) => {
                         w.wait_for_capacity(PARTS_IN_FLIGHT)
                             .await
@@ -368,7 +370,7 @@ impl Objects {
                                 .map_err(store_err("start multipart", &path))?;
                             let mut w = WriteMultipart::new_with_chunk_size(up, PART_BYTES);
                             w.write(&std::mem::take(&mut pending));
-                            multipart = Some(w);
+                            multipart.0 = Some(w);
                         }
                     }
                 }
@@ -386,13 +388,14 @@ impl Objects {
         let summary = match (outcome, produced) {
             (Ok(()), Ok(s)) => s,
             (Err(e), _) | (Ok(()), Err(e)) => {
-                if let Some(w) = multipart {
+                if let Some(w) = multipart.0.take() {
                     let _ = w.abort().await;
                 }
                 return Err(e);
             }
         };
-        match multipart {
+        // `finish` aborts the upload itself when completing it fails.
+        match multipart.0.take() {
             Some(w) => {
                 w.finish().await.map_err(store_err("complete multipart", &path))?;
             }
@@ -624,6 +627,25 @@ impl Objects {
             Err(_) => self.metrics.failed("download"),
         }
         res
+    }
+}
+
+/// A multipart upload in progress; aborted in the background if dropped unfinished.
+struct AbortOnDrop(Option<WriteMultipart>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        let Some(w) = self.0.take() else { return };
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) => {
+                h.spawn(async move {
+                    if let Err(e) = w.abort().await {
+                        tracing::warn!(error = %e, "aborting a dropped multipart upload failed");
+                    }
+                });
+            }
+            Err(_) => tracing::warn!("a multipart upload was dropped outside a runtime; its parts stay"),
+        }
     }
 }
 

@@ -137,6 +137,8 @@ impl Checkpointer {
         let led_ids: Vec<RangeId> = led.iter().map(|r| r.shared.range_id).collect();
         self.last.retain(|id, _| led_ids.contains(id));
         self.seeded.retain(|id, _| led_ids.contains(id));
+        // A range led again later starts without the old failure's wait.
+        self.failed_at.retain(|id, _| led_ids.contains(id));
         for r in led {
             let range = r.shared.range_id;
             if !self.seeded.contains_key(&range) {

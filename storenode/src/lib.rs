@@ -304,6 +304,9 @@ async fn open_checkpoints(
     if config.checkpoint_interval_secs == Some(0) || config.checkpoint_change_bytes == Some(0) {
         anyhow::bail!("--checkpoint-interval-secs and --checkpoint-change-bytes must be at least 1");
     }
+    // A value that cannot fit a checkpoint block would fail its range's checkpoints forever.
+    skv_objstore::format::check_max_value_len(config.max_value_len)
+        .map_err(|e| anyhow::anyhow!("--max-value-len {} with --object-store-url: {e}", config.max_value_len))?;
     let url: skv_objstore::ObjectStoreUrl = u.parse()?;
     let objects = skv_objstore::Objects::open(&url, skv_objstore::ObjMetrics::new()).await?;
     objects.metrics.register(registry);
@@ -577,6 +580,21 @@ mod tests {
         assert_eq!(c.placement, vec!["http://a:1".to_string(), "http://b:2".to_string()]);
         assert_eq!(c.log_format, LogFormat::Json);
         assert!(Config::try_parse_from(["skv-storenode"]).is_err());
+    }
+
+    #[tokio::test]
+    async fn a_max_value_len_over_the_checkpoint_block_limit_is_refused_with_object_storage() {
+        let dir = tempfile::tempdir().unwrap();
+        let objects = tempfile::tempdir().unwrap();
+        let mut c = Config::for_test(dir.path().to_path_buf(), 1);
+        c.object_store_url = Some(format!("file://{}", objects.path().display()));
+        c.max_value_len = skv_objstore::format::max_value_limit() + 1;
+        let err = start(c.clone()).await.err().map(|e| format!("{e:#}")).unwrap_or_default();
+        assert!(err.contains("--max-value-len"), "{err}");
+        // The largest value that fits starts.
+        c.max_value_len = skv_objstore::format::max_value_limit();
+        let h = start(c).await.unwrap();
+        h.shutdown().await.unwrap();
     }
 
     #[tokio::test]
