@@ -116,21 +116,11 @@ pub enum TilingError {
     Overlap { at_hex: String },
 }
 
-/// Compares two span ends, empty meaning +infinity.
-fn cmp_end(a: &[u8], b: &[u8]) -> Ordering {
-    match (a.is_empty(), b.is_empty()) {
-        (true, true) => Ordering::Equal,
-        (true, false) => Ordering::Greater,
-        (false, true) => Ordering::Less,
-        (false, false) => a.cmp(b),
-    }
-}
-
 /// Whether spans `[start, end)` (empty end = +infinity) tile the whole key space exactly:
 /// sorted by start, the first starts at "", each starts where the previous ends, the last
 /// ends at +infinity.
-pub fn check_tiling(spans: &[(Vec<u8>, Vec<u8>)]) -> Result<(), TilingError> {
-    let mut s: Vec<&(Vec<u8>, Vec<u8>)> = spans.iter().collect();
+pub fn check_tiling(spans: &[Span]) -> Result<(), TilingError> {
+    let mut s: Vec<&Span> = spans.iter().collect();
     s.sort_by(|a, b| a.0.cmp(&b.0));
     let Some(first) = s.first() else {
         return Err(TilingError::Empty);
@@ -166,15 +156,19 @@ pub fn check_tiling(spans: &[(Vec<u8>, Vec<u8>)]) -> Result<(), TilingError> {
     Ok(())
 }
 
-fn overlaps(a: &(Vec<u8>, Vec<u8>), b: &(Vec<u8>, Vec<u8>)) -> bool {
-    // a.start < b.end && b.start < a.end
-    cmp_end(&a.0, &b.1) == Ordering::Less && cmp_end(&b.0, &a.1) == Ordering::Less
+/// A key span `[start, end)`, empty end = +infinity.
+pub type Span = (Vec<u8>, Vec<u8>);
+
+fn overlaps(a: &Span, b: &Span) -> bool {
+    // a.start < b.end && b.start < a.end (a start is a key, never +infinity)
+    let before = |start: &[u8], end: &[u8]| end.is_empty() || start < end;
+    before(&a.0, &b.1) && before(&b.0, &a.1)
 }
 
 /// Adds a newly backed-up span to `done` (pure): every earlier result it overlaps is
 /// dropped (the range split or merged meanwhile; the new one is as recent and covers its
 /// own span), and the new one is kept. Returns the paths of the dropped results.
-pub fn add_result<T>(done: &mut Vec<((Vec<u8>, Vec<u8>), T)>, span: (Vec<u8>, Vec<u8>), item: T) -> Vec<T> {
+pub fn add_result<T>(done: &mut Vec<(Span, T)>, span: Span, item: T) -> Vec<T> {
     let mut dropped = Vec::new();
     let mut kept = Vec::with_capacity(done.len() + 1);
     for (s, t) in done.drain(..) {
@@ -191,7 +185,7 @@ pub fn add_result<T>(done: &mut Vec<((Vec<u8>, Vec<u8>), T)>, span: (Vec<u8>, Ve
 
 /// Which spans of the current range map still need a backup (pure): those without a result
 /// of exactly that span.
-pub fn still_to_back_up<'a>(map: &'a [(Vec<u8>, Vec<u8>)], done: &[(Vec<u8>, Vec<u8>)]) -> Vec<&'a (Vec<u8>, Vec<u8>)> {
+pub fn still_to_back_up<'a>(map: &'a [Span], done: &[Span]) -> Vec<&'a Span> {
     map.iter().filter(|m| !done.contains(m)).collect()
 }
 
@@ -372,7 +366,7 @@ mod tests {
     #[test]
     fn a_range_that_split_or_merged_during_the_backup_is_backed_up_again() {
         // Backed up [,m) and [m,); then [m,) split at t: the map shows [m,t) and [t,).
-        let mut done: Vec<((Vec<u8>, Vec<u8>), &str)> = Vec::new();
+        let mut done: Vec<(Span, &str)> = Vec::new();
         assert!(add_result(&mut done, sp("", "m"), "a").is_empty());
         assert!(add_result(&mut done, sp("m", ""), "b").is_empty());
         let map = vec![sp("", "m"), sp("m", "t"), sp("t", "")];

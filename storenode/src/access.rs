@@ -9,6 +9,7 @@
 //!   `TransferLeader`, `MergeRanges`): placement only (the storenode never decides them
 //!   alone, and an operator goes through placement, which checks the admin token).
 //! - `ListReplicas` (read-only: what this store holds): placement and admin (diagnostics).
+//! - `StoreBackup` (`BackupRange`, `IngestRange`): placement only (backups and restores).
 //!
 //! A method this table does not know (a newer caller) is refused to every role.
 
@@ -26,6 +27,16 @@ pub fn store_callers(method: &str) -> &'static [PeerRole] {
         "Get" | "Write" | "Scan" | "BatchGet" | "BatchWrite" => PROXY,
         "CreateReplica" | "ChangeReplicas" | "SplitRange" | "TransferLeader" | "MergeRanges" => PLACEMENT,
         "ListReplicas" => PLACEMENT_OR_ADMIN,
+        _ => NOBODY,
+    }
+}
+
+/// The roles allowed to call a method of `skv.internal.v1.StoreBackup` (ADR 0028):
+/// placement only (it runs backups and restores; a restore writes user data, so no other
+/// role may).
+pub fn backup_callers(method: &str) -> &'static [PeerRole] {
+    match method {
+        "BackupRange" | "IngestRange" => PLACEMENT,
         _ => NOBODY,
     }
 }
@@ -62,6 +73,9 @@ mod tests {
             assert!(!store_callers(m).contains(&PeerRole::Storenode), "{m}");
         }
         assert!(store_callers("Nope").is_empty());
+        assert_eq!(backup_callers("BackupRange"), &[PeerRole::Placement]);
+        assert_eq!(backup_callers("IngestRange"), &[PeerRole::Placement]);
+        assert!(backup_callers("Get").is_empty());
         assert_eq!(raft_callers("Send"), &[PeerRole::Storenode]);
         assert!(raft_callers("Nope").is_empty());
     }

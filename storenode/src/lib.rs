@@ -451,6 +451,10 @@ pub async fn start_with(config: Config, opts: StartOptions) -> anyhow::Result<Se
         max_response_len: max_response,
     };
     let resolver_svc = store_svc.clone();
+    let backup_svc = service::backup::BackupService {
+        store: store_svc.clone(),
+        objects: backup_objects,
+    };
     let raft_svc = service::RaftService { node: node.clone() };
     // Under mTLS each call admits only the roles that make it (ADR 0022).
     let gated = server_tls.is_some();
@@ -462,6 +466,13 @@ pub async fn start_with(config: Config, opts: StartOptions) -> anyhow::Result<Se
                 .max_encoding_message_size(max_response),
             gated,
             access::store_callers,
+        ))
+        .add_service(skv_rpc::tls::RoleGate::new(
+            skv_proto::internal::store_backup_server::StoreBackupServer::new(backup_svc)
+                .max_decoding_message_size(service::backup::MAX_INGEST_MESSAGE)
+                .max_encoding_message_size(max_response),
+            gated,
+            access::backup_callers,
         ))
         .add_service(skv_rpc::tls::RoleGate::new(
             RaftServer::new(raft_svc)

@@ -1,5 +1,7 @@
 //! gRPC services: `Store` (data access and admin on ranges) and `Raft` (transport).
 
+pub mod backup;
+
 use crate::hibernate::WakeReason;
 use crate::node::{NodeInner, Replica};
 use crate::raft::network::{RaftRpc, SnapshotHeader};

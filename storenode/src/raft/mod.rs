@@ -90,6 +90,19 @@ pub enum Command {
     },
     /// Merge, on the source: unfreezes it (version +1) after a merge that cannot commit.
     RollbackMerge { target_id: u64 },
+    /// Restore (ADR 0028): writes stored records (version and value, or tombstone) as
+    /// given, each unless the key already holds a newer version; every key must be in the
+    /// range at apply (else nothing is written). Applied like a batch.
+    Ingest { records: Vec<IngestOp>, epoch_version: u64 },
+}
+
+/// One record of a [`Command::Ingest`]: the engine's stored record bytes of `key`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct IngestOp {
+    #[serde(with = "serde_bytes")]
+    pub key: Vec<u8>,
+    #[serde(with = "serde_bytes")]
+    pub record: Vec<u8>,
 }
 
 impl std::fmt::Display for Command {
@@ -101,6 +114,7 @@ impl std::fmt::Display for Command {
             Command::PrepareMerge { target_id, .. } => write!(f, "prepare_merge(into r{target_id})"),
             Command::CommitMerge { frozen_index, .. } => write!(f, "commit_merge(frozen at {frozen_index})"),
             Command::RollbackMerge { target_id } => write!(f, "rollback_merge(r{target_id})"),
+            Command::Ingest { records, .. } => write!(f, "ingest({} records)", records.len()),
         }
     }
 }
@@ -129,6 +143,8 @@ pub enum CmdResponse {
     Frozen { desc: Vec<u8>, index: u64 },
     /// CommitMerge applied: the widened target descriptor.
     Merged(Vec<u8>),
+    /// Ingest applied: records written and records skipped (the key held a newer version).
+    Ingested { written: u64, skipped: u64 },
 }
 
 /// The outcome of one write, as `StoreWriteResponse`'s fields of the same names.

@@ -489,6 +489,61 @@ impl StateMachine {
         Ok(CmdResponse::Batch(out))
     }
 
+    /// Restore (ADR 0028): writes each record as given unless the key already holds a
+    /// newer version ([`crate::service::backup::ingest_wins`]), so ingesting the same records twice
+    /// changes nothing. All keys are checked against the range first, as a batch's.
+    fn apply_ingest(
+        &self,
+        batch: &mut fjall::OwnedWriteBatch,
+        overlay: &mut Overlay,
+        records: Vec<super::IngestOp>,
+    ) -> io::Result<CmdResponse> {
+        let desc = self.shared.desc();
+        if self.shared.merging.lock().is_some() {
+            return Ok(CmdResponse::EpochNotMatch(desc.encode_to_vec()));
+        }
+        if records.iter().any(|o| !desc_contains(&desc, &o.key)) {
+            return Ok(CmdResponse::KeyNotInRange(desc.encode_to_vec()));
+        }
+        // Every record decodes before anything is written (the proposer checked too).
+        let Some(decoded) = records
+            .iter()
+            .map(|o| crate::engine::decode_record(&o.record))
+            .collect::<Option<Vec<_>>>()
+        else {
+            return Ok(CmdResponse::Rejected("ingest: a record does not decode".into()));
+        };
+        let (mut written, mut skipped) = (0u64, 0u64);
+        for (o, rec) in records.into_iter().zip(decoded) {
+            let (current, live, old_bytes) = match overlay.get(&o.key) {
+                Some((r, bytes)) => (Some(r.version()), r.is_live(), *bytes),
+                None => match self.engine.get_record(&o.key)? {
+                    Some(crate::engine::Record::Live { version, value }) => {
+                        (Some(version), true, (o.key.len() + value.len()) as u64)
+                    }
+                    Some(r) => (Some(r.version()), false, 0),
+                    None => (None, false, 0),
+                },
+            };
+            if !crate::service::backup::ingest_wins(current, rec.version()) {
+                skipped += 1;
+                continue;
+            }
+            let new_bytes = match &rec {
+                crate::engine::Record::Live { value, .. } => (o.key.len() + value.len()) as u64,
+                crate::engine::Record::Tombstone { .. } => 0,
+            };
+            self.pending_bytes
+                .fetch_add(new_bytes as i64 - old_bytes as i64, Ordering::Relaxed);
+            self.pending_keys
+                .fetch_add(i64::from(rec.is_live()) - i64::from(live), Ordering::Relaxed);
+            batch.insert(&self.engine.data, o.key.clone(), o.record);
+            overlay.insert(o.key, (rec, new_bytes));
+            written += 1;
+        }
+        Ok(CmdResponse::Ingested { written, skipped })
+    }
+
     /// One write of a key already checked against the range (see [`Self::apply_write`]).
     fn write_one(
         &self,
@@ -803,6 +858,14 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     }
                     EntryPayload::Normal(Command::Batch { ops, .. }) => {
                         let resp = self.apply_batch(&mut batch, &mut overlay, ops)?;
+                        self.last_applied = Some(log_id);
+                        dirty = true;
+                        if let Some(r) = responder {
+                            replies.push((r, resp));
+                        }
+                    }
+                    EntryPayload::Normal(Command::Ingest { records, .. }) => {
+                        let resp = self.apply_ingest(&mut batch, &mut overlay, records)?;
                         self.last_applied = Some(log_id);
                         dirty = true;
                         if let Some(r) = responder {
