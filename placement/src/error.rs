@@ -49,10 +49,13 @@ pub enum ErrorCode {
     Unauthenticated,
     PermissionDenied,
     AdminAuthOff,
+    BackupNotFound,
+    FailedPrecondition,
+    ObjectStore,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 18] = [
+    pub const ALL: [ErrorCode; 21] = [
         ErrorCode::NotLeader,
         ErrorCode::LeaderUnavailable,
         ErrorCode::MetaUnavailable,
@@ -71,6 +74,9 @@ impl ErrorCode {
         ErrorCode::Unauthenticated,
         ErrorCode::PermissionDenied,
         ErrorCode::AdminAuthOff,
+        ErrorCode::BackupNotFound,
+        ErrorCode::FailedPrecondition,
+        ErrorCode::ObjectStore,
     ];
 
     /// The stable string, e.g. `PD-NotLeader`.
@@ -94,6 +100,9 @@ impl ErrorCode {
             ErrorCode::Unauthenticated => "PD-Unauthenticated",
             ErrorCode::PermissionDenied => "PD-PermissionDenied",
             ErrorCode::AdminAuthOff => "PD-AdminAuthOff",
+            ErrorCode::BackupNotFound => "PD-BackupNotFound",
+            ErrorCode::FailedPrecondition => "PD-FailedPrecondition",
+            ErrorCode::ObjectStore => "PD-ObjectStore",
         }
     }
 
@@ -115,6 +124,9 @@ impl ErrorCode {
             ErrorCode::Unauthenticated => Code::Unauthenticated,
             ErrorCode::PermissionDenied => Code::PermissionDenied,
             ErrorCode::AdminAuthOff => Code::FailedPrecondition,
+            ErrorCode::BackupNotFound => Code::NotFound,
+            ErrorCode::FailedPrecondition => Code::FailedPrecondition,
+            ErrorCode::ObjectStore => Code::Unavailable,
         }
     }
 
@@ -207,6 +219,16 @@ pub enum PlacementError {
          only, --admin-auth=none)"
     )]
     AdminAuthOff { call: &'static str },
+    /// No backup of this id has a manifest (ADR 0028).
+    #[error("no backup {id} (no manifest in the object store)")]
+    BackupNotFound { id: String },
+    /// The cluster is not in a state the call needs (a restore into a cluster with data,
+    /// a backup call without object storage, ...).
+    #[error("{reason}")]
+    FailedPrecondition { reason: String },
+    /// The object store failed (unreachable, refused, a bad manifest).
+    #[error("object store: {reason}")]
+    ObjectStore { reason: String },
 }
 
 pub type PlacementResult<T> = Result<T, PlacementError>;
@@ -242,6 +264,9 @@ impl PlacementError {
             PlacementError::Unauthenticated(_) => ErrorCode::Unauthenticated,
             PlacementError::PermissionDenied { .. } => ErrorCode::PermissionDenied,
             PlacementError::AdminAuthOff { .. } => ErrorCode::AdminAuthOff,
+            PlacementError::BackupNotFound { .. } => ErrorCode::BackupNotFound,
+            PlacementError::FailedPrecondition { .. } => ErrorCode::FailedPrecondition,
+            PlacementError::ObjectStore { .. } => ErrorCode::ObjectStore,
         }
     }
 
@@ -252,7 +277,8 @@ impl PlacementError {
             PlacementError::NotLeader { leader: None } => Some(NO_LEADER_RETRY),
             PlacementError::LeaderUnavailable { .. }
             | PlacementError::MetaUnavailable(_)
-            | PlacementError::StoreUnavailable { .. } => Some(TRANSIENT_RETRY),
+            | PlacementError::StoreUnavailable { .. }
+            | PlacementError::ObjectStore { .. } => Some(TRANSIENT_RETRY),
             PlacementError::KeyNotCovered => Some(NO_LEADER_RETRY),
             PlacementError::Conflict { .. } => Some(CONFLICT_RETRY),
             PlacementError::RangeUnavailable { retry_after, .. } => Some(*retry_after),
@@ -267,7 +293,9 @@ impl PlacementError {
             | PlacementError::Internal { .. }
             | PlacementError::Unauthenticated(_)
             | PlacementError::PermissionDenied { .. }
-            | PlacementError::AdminAuthOff { .. } => None,
+            | PlacementError::AdminAuthOff { .. }
+            | PlacementError::BackupNotFound { .. }
+            | PlacementError::FailedPrecondition { .. } => None,
         }
     }
 
@@ -471,6 +499,31 @@ mod tests {
                 "PD-AdminAuthOff",
                 Code::FailedPrecondition,
                 None,
+                None,
+            ),
+            (
+                PlacementError::BackupNotFound { id: "b1".into() },
+                "PD-BackupNotFound",
+                Code::NotFound,
+                None,
+                None,
+            ),
+            (
+                PlacementError::FailedPrecondition {
+                    reason: "cluster holds data".into(),
+                },
+                "PD-FailedPrecondition",
+                Code::FailedPrecondition,
+                None,
+                None,
+            ),
+            (
+                PlacementError::ObjectStore {
+                    reason: "unreachable".into(),
+                },
+                "PD-ObjectStore",
+                Code::Unavailable,
+                ms(500),
                 None,
             ),
         ];

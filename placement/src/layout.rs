@@ -12,6 +12,8 @@
 //! | `<p>/leader` | `PlacementMember` (protobuf) of the current leader, attached to its lease |
 //! | `<p>/members/<name>` | `PlacementMember` of each live instance, attached to its lease |
 //! | `<p>/scheduler_paused` | `1` or `0`: SetSchedulerPaused, so that it survives a leader change |
+//! | `<p>/backups/<id>` | `BackupInfo` (protobuf) of a backup not complete yet (running, or failed); a complete one is its manifest in object storage (ADR 0028) |
+//! | `<p>/restore` | `RestoreInfo` (protobuf): the one restore this cluster took or is taking (ADR 0028) |
 //!
 //! Ranges are keyed by their end so that "which range holds key K" is ONE range read:
 //! the first record with end > K, i.e. from `ranges/1` + K + `\x00` (the smallest key above
@@ -66,6 +68,17 @@ impl Layout {
         let mut k = self.members_prefix();
         k.extend_from_slice(name.as_bytes());
         k
+    }
+    pub fn backups_prefix(&self) -> Vec<u8> {
+        self.key(b"backups/")
+    }
+    pub fn backup(&self, id: &str) -> Vec<u8> {
+        let mut k = self.backups_prefix();
+        k.extend_from_slice(id.as_bytes());
+        k
+    }
+    pub fn restore(&self) -> Vec<u8> {
+        self.key(b"restore")
     }
     pub fn stores_prefix(&self) -> Vec<u8> {
         self.key(b"stores/")

@@ -154,6 +154,12 @@ pub struct Config {
     /// The private key of --etcd-cert-file (PEM).
     #[arg(long, env = "SKV_ETCD_KEY_FILE")]
     pub etcd_key_file: Option<PathBuf>,
+    /// Object storage of the cluster's backups (issue 11, ADR 0028): the storenodes'
+    /// `--object-store-url` (`s3://bucket/prefix` with the `AWS_*` variables, or
+    /// `file:///path`, an existing directory). Checked at start. Without it, backup and
+    /// restore calls are refused.
+    #[arg(long, env = "SKV_OBJECT_STORE_URL")]
+    pub object_store_url: Option<String>,
 }
 
 /// How placement authorizes admin and status calls (`--admin-auth`).
@@ -214,6 +220,7 @@ impl Config {
             etcd_ca_file: None,
             etcd_cert_file: None,
             etcd_key_file: None,
+            object_store_url: None,
         }
     }
 }

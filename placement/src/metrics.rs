@@ -79,7 +79,8 @@ impl Metrics {
     /// Registers every series into a new registry.
     pub fn new_registry() -> (Self, Registry) {
         let m = Self::default();
-        let mut r = Registry::with_prefix("skv_placement");
+        let mut root = Registry::default();
+        let r = root.sub_registry_with_prefix("skv_placement");
         r.register(
             "is_leader",
             "1 when this instance is the placement leader",
@@ -163,7 +164,7 @@ impl Metrics {
             "Ranges whose last known leader is unknown or not on a live store, as of the last scheduler tick",
             m.ranges_leaderless.clone(),
         );
-        (m, r)
+        (m, root)
     }
 
     pub fn label(k: &str, v: &str) -> Labels {

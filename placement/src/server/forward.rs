@@ -127,10 +127,15 @@ impl Shared {
     /// for a learner to catch up, up to a minute there): a separate channel whose deadline
     /// is [`LONG_REQUEST_TIMEOUT`].
     pub(super) fn long_store_client(&self, address: &str) -> PlacementResult<StoreClient<Channel>> {
+        Ok(StoreClient::new(self.long_channel(address)?))
+    }
+
+    /// The channel of [`Self::long_store_client`] (backup and ingest calls use it too).
+    pub(super) fn long_channel(&self, address: &str) -> PlacementResult<Channel> {
         let key = format!("long\u{0}{address}");
         let mut g = self.channels.lock();
         if let Some(c) = g.get(&key) {
-            return Ok(StoreClient::new(c.clone()));
+            return Ok(c.clone());
         }
         let options = EndpointOptions {
             request_timeout: Some(LONG_REQUEST_TIMEOUT),
@@ -139,7 +144,7 @@ impl Shared {
         };
         let ch = skv_rpc::channel_with(address, &options).map_err(PlacementError::internal)?;
         g.insert(key, ch.clone());
-        Ok(StoreClient::new(ch))
+        Ok(ch)
     }
 }
 

@@ -36,6 +36,21 @@ pub(super) async fn leader_loop(s: Arc<Shared>) {
             Err(e) => tracing::warn!(error = %e, "cannot read the scheduler pause flag"),
         }
         s.metrics.is_leader.set(1);
+        // Backups and a restore left by a gone leader (ADR 0028), swept while this term lasts.
+        if s.objects.is_some() {
+            let (s2, t2) = (s.clone(), term.clone());
+            tokio::spawn(async move {
+                loop {
+                    if let Err(e) = super::backup::sweep(&s2).await {
+                        tracing::warn!(error = %e, "backup sweep failed");
+                    }
+                    tokio::select! {
+                        _ = t2.cancelled() => return,
+                        _ = tokio::time::sleep(super::backup::SWEEP_EVERY) => {}
+                    }
+                }
+            });
+        }
         let mut tick = tokio::time::interval(Duration::from_millis(s.config.schedule_interval_ms.max(10)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {

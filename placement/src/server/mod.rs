@@ -131,6 +131,11 @@ struct Shared {
     tls: bool,
     /// Our certificate and the cluster CA, for the calls this instance makes.
     client_tls: Option<skv_rpc::tls::ClientTls>,
+    /// `--object-store-url`: backups and restores (ADR 0028).
+    objects: Option<skv_objstore::Objects>,
+    backup_metrics: backup::BackupMetrics,
+    /// Backups (by id) and the restore running on this instance.
+    jobs: parking_lot::Mutex<std::collections::HashSet<String>>,
 }
 
 /// Starts a placement instance on an already opened metadata store.
@@ -156,7 +161,19 @@ pub async fn start_with_store(config: Config, store: DynMetaStore) -> anyhow::Re
     }
     let advertise = config.advertise.clone().unwrap_or_else(|| addr.to_string());
     let name = config.name.clone().unwrap_or_else(|| advertise.clone());
-    let (metrics, registry) = Metrics::new_registry();
+    let (metrics, mut registry) = Metrics::new_registry();
+    let objects = match &config.object_store_url {
+        None => None,
+        Some(u) => {
+            let url: skv_objstore::ObjectStoreUrl = u.parse()?;
+            let o = skv_objstore::Objects::open(&url, skv_objstore::ObjMetrics::new()).await?;
+            o.metrics.register(&mut registry);
+            tracing::info!(url = %url, "backups to object storage");
+            Some(o)
+        }
+    };
+    let backup_metrics = backup::BackupMetrics::default();
+    backup_metrics.register(&mut registry);
     let layout = Layout::new(&config.etcd_prefix);
     let meta = Meta::new(store.clone(), layout.clone(), metrics.clone());
     let mut attempt = 0;
@@ -196,6 +213,9 @@ pub async fn start_with_store(config: Config, store: DynMetaStore) -> anyhow::Re
         guard,
         tls: server_tls.is_some(),
         client_tls,
+        objects,
+        backup_metrics,
+        jobs: parking_lot::Mutex::new(std::collections::HashSet::new()),
     });
     let election_task = tokio::spawn(election::run(
         store,
