@@ -583,3 +583,190 @@ pub async fn status(g: &Global) -> Result<ExitCode> {
     }
     Ok(0)
 }
+
+fn backup_json(b: &pb::BackupInfo) -> Value {
+    json!({
+        "id": b.id,
+        "state": b.state,
+        "created_unix_ms": b.created_unix_ms,
+        "finished_unix_ms": b.finished_unix_ms,
+        "bytes": b.bytes,
+        "keys": b.keys,
+        "ranges": b.ranges,
+        "error": b.error,
+    })
+}
+
+fn restore_json(r: &pb::RestoreInfo) -> Value {
+    json!({
+        "backup_id": r.backup_id,
+        "state": r.state,
+        "started_unix_ms": r.started_unix_ms,
+        "finished_unix_ms": r.finished_unix_ms,
+        "keys": r.keys,
+        "bytes": r.bytes,
+        "ranges_done": r.ranges_done,
+        "ranges": r.ranges,
+        "error": r.error,
+    })
+}
+
+fn backup_rows(bs: &[pb::BackupInfo]) -> String {
+    let rows: Vec<Vec<String>> = bs
+        .iter()
+        .map(|b| {
+            vec![
+                b.id.clone(),
+                b.state.clone(),
+                ago(b.created_unix_ms),
+                bytes(b.bytes),
+                b.keys.to_string(),
+                b.ranges.to_string(),
+                b.error.clone(),
+            ]
+        })
+        .collect();
+    table(&["ID", "STATE", "CREATED", "SIZE", "KEYS", "RANGES", "ERROR"], &rows)
+}
+
+async fn list_backups(g: &Global) -> Result<Vec<pb::BackupInfo>> {
+    let mut c = connect_admin(g).await?;
+    Ok(c.list_backups(authed(g, pb::ListBackupsRequest {})?)
+        .await
+        .map_err(status_err("listing backups"))?
+        .into_inner()
+        .backups)
+}
+
+async fn restore_status(g: &Global) -> Result<Option<pb::RestoreInfo>> {
+    let mut c = connect_admin(g).await?;
+    Ok(c.restore_status(authed(g, pb::RestoreStatusRequest {})?)
+        .await
+        .map_err(status_err("restore status"))?
+        .into_inner()
+        .restore)
+}
+
+/// Polls `poll` every half second until it answers something that is not running; calls
+/// that fail (a placement failover) are retried until `wait` runs out.
+async fn wait_for<T, F, Fut>(wait: &crate::args::BackupWait, what: &str, mut poll: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Option<T>>>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(wait.wait_secs);
+    let mut last_err: Option<anyhow::Error> = None;
+    loop {
+        match poll().await {
+            Ok(Some(t)) => return Ok(t),
+            Ok(None) => {}
+            Err(e) => last_err = Some(e),
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(match last_err {
+                Some(e) => e.context(format!("{what}: gave up waiting")),
+                None => anyhow!("{what}: still running after {} s (it goes on)", wait.wait_secs),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+pub async fn backup(g: &Global, command: crate::args::BackupCommand) -> Result<ExitCode> {
+    use crate::args::BackupCommand;
+    match command {
+        BackupCommand::Create(wait) => {
+            let mut c = connect_admin(g).await?;
+            let b = c
+                .create_backup(authed(g, pb::CreateBackupRequest {})?)
+                .await
+                .map_err(status_err("backup create"))?
+                .into_inner()
+                .backup
+                .ok_or_else(|| anyhow!("placement answered without the backup"))?;
+            let b = if wait.no_wait {
+                b
+            } else {
+                let id = b.id.clone();
+                wait_for(&wait, &format!("backup {id}"), || async {
+                    let all = list_backups(g).await?;
+                    match all.into_iter().find(|x| x.id == id) {
+                        Some(x) if x.state == "running" => Ok(None),
+                        Some(x) => Ok(Some(x)),
+                        None => Err(anyhow!("backup {id} is no longer listed")),
+                    }
+                })
+                .await?
+            };
+            match g.output {
+                Output::Json => println!("{}", backup_json(&b)),
+                Output::Table => print!("{}", backup_rows(std::slice::from_ref(&b))),
+            }
+            if b.state == "failed" {
+                return Err(anyhow!("backup {} failed: {}", b.id, b.error));
+            }
+            Ok(0)
+        }
+        BackupCommand::List => {
+            let bs = list_backups(g).await?;
+            match g.output {
+                Output::Json => println!("{}", Value::Array(bs.iter().map(backup_json).collect())),
+                Output::Table => print!("{}", backup_rows(&bs)),
+            }
+            Ok(0)
+        }
+        BackupCommand::Delete { id } => {
+            let mut c = connect_admin(g).await?;
+            let existed = c
+                .delete_backup(authed(g, pb::DeleteBackupRequest { id: id.clone() })?)
+                .await
+                .map_err(status_err("backup delete"))?
+                .into_inner()
+                .existed;
+            match g.output {
+                Output::Json => println!("{}", json!({ "id": id, "existed": existed })),
+                Output::Table if existed => println!("backup {id} deleted"),
+                Output::Table => println!("backup {id} was not there"),
+            }
+            Ok(0)
+        }
+        BackupCommand::Restore { id, wait } => {
+            let mut c = connect_admin(g).await?;
+            let r = c
+                .restore_backup(authed(g, pb::RestoreBackupRequest { id: id.clone() })?)
+                .await
+                .map_err(status_err("backup restore"))?
+                .into_inner()
+                .restore
+                .ok_or_else(|| anyhow!("placement answered without the restore"))?;
+            let r = if wait.no_wait || r.state != "running" {
+                r
+            } else {
+                wait_for(&wait, &format!("restore of {id}"), || async {
+                    match restore_status(g).await? {
+                        Some(x) if x.state == "running" => Ok(None),
+                        Some(x) => Ok(Some(x)),
+                        None => Err(anyhow!("no restore recorded")),
+                    }
+                })
+                .await?
+            };
+            match g.output {
+                Output::Json => println!("{}", restore_json(&r)),
+                Output::Table => println!(
+                    "restore of {}: {} ({}/{} range objects, {} keys, {})",
+                    r.backup_id,
+                    r.state,
+                    r.ranges_done,
+                    r.ranges,
+                    r.keys,
+                    bytes(r.bytes)
+                ),
+            }
+            if r.state == "failed" {
+                return Err(anyhow!("restore of {} failed: {}", r.backup_id, r.error));
+            }
+            Ok(0)
+        }
+    }
+}

@@ -209,6 +209,40 @@ pub enum Command {
     },
     /// Run a local cluster in this process: placement, storenodes and a proxy.
     Playground(PlaygroundArgs),
+    /// Backups of the whole cluster in object storage (placement's --object-store-url,
+    /// ADR 0028): create, list, delete, restore into a fresh cluster.
+    Backup {
+        #[command(subcommand)]
+        command: BackupCommand,
+    },
+}
+
+#[derive(Subcommand, Debug, Clone)]
+pub enum BackupCommand {
+    /// Back up every range (each at a Raft index at or past the moment the backup began)
+    /// and write the manifest; waits until it is complete unless --no-wait.
+    Create(BackupWait),
+    /// The backups: id, state (running, complete, failed), time, size, keys, ranges.
+    List,
+    /// Delete a backup (its manifest first, then its objects); an absent one is no error.
+    Delete { id: String },
+    /// Restore a backup into this cluster, which must be fresh and empty (new data
+    /// directories, new etcd prefix); running it again resumes or is a no-op once done.
+    Restore {
+        id: String,
+        #[command(flatten)]
+        wait: BackupWait,
+    },
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct BackupWait {
+    /// Return once started instead of waiting for the end.
+    #[arg(long)]
+    pub no_wait: bool,
+    /// Give up waiting after this many seconds (the operation goes on in placement).
+    #[arg(long, default_value_t = 3600)]
+    pub wait_secs: u64,
 }
 
 #[derive(Subcommand, Debug, Clone)]
@@ -449,6 +483,19 @@ mod tests {
         assert!(matches!(parse(&["ranges"]).unwrap().command, Command::Ranges));
         assert!(matches!(parse(&["stores"]).unwrap().command, Command::Stores));
         assert!(matches!(parse(&["operators"]).unwrap().command, Command::Operators));
+        assert!(matches!(
+            parse(&["backup", "create", "--no-wait"]).unwrap().command,
+            Command::Backup {
+                command: BackupCommand::Create(BackupWait { no_wait: true, .. })
+            }
+        ));
+        assert!(matches!(
+            parse(&["backup", "restore", "20261202-093800-ab12"]).unwrap().command,
+            Command::Backup {
+                command: BackupCommand::Restore { .. }
+            }
+        ));
+        assert!(parse(&["backup", "delete"]).is_err());
         assert!(matches!(
             parse(&["status", "--placement", "http://p:1"]).unwrap().command,
             Command::Status

@@ -123,6 +123,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(0)
         }
         Command::Playground(p) => playground(p).await,
+        Command::Backup { command } => admin::backup(g, command).await,
     }
 }
 

@@ -173,6 +173,18 @@ fn playground_certs(dir: &Path) -> Result<PathBuf> {
     Ok(certs)
 }
 
+/// `--object-store-url file://DIR/objects` (the directory made) for placement and the
+/// storenodes, so checkpoints and `skvctl backup` work out of the box; nothing when `extra`
+/// already names an object store.
+fn object_store_args(dir: &Path, extra: &[String]) -> Result<Vec<String>> {
+    if extra.iter().any(|a| a.starts_with("--object-store-url")) {
+        return Ok(Vec::new());
+    }
+    let objects = dir.join("objects");
+    std::fs::create_dir_all(&objects).with_context(|| format!("creating {}", objects.display()))?;
+    Ok(vec!["--object-store-url".into(), format!("file://{}", s(objects))])
+}
+
 async fn start_all(
     dir: &Path,
     ports: &Ports,
@@ -214,6 +226,7 @@ async fn start_all(
         ]
         .into_iter()
         .chain(mtls("placement"))
+        .chain(object_store_args(dir, &extra.placement)?)
         .chain(extra.placement.iter().cloned())
         .collect::<Vec<_>>(),
     )?;
@@ -239,6 +252,7 @@ async fn start_all(
             ]
             .into_iter()
             .chain(mtls("storenode"))
+            .chain(object_store_args(dir, &extra.storenode)?)
             .chain(extra.storenode.iter().cloned())
             .collect::<Vec<_>>(),
         )?;
@@ -515,6 +529,19 @@ mod tests {
         assert_eq!(p.placement_args, vec!["--split-qps-threshold=500".to_string()]);
         let bad = parse::<skv_storenode::Config>("skv-storenode", &["--no-such-flag".to_string()]);
         assert!(bad.is_err());
+    }
+
+    #[test]
+    fn object_storage_defaults_to_the_data_dir_unless_a_flag_names_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let args = object_store_args(dir.path(), &[]).unwrap();
+        assert_eq!(args[0], "--object-store-url");
+        assert_eq!(args[1], format!("file://{}", dir.path().join("objects").display()));
+        assert!(dir.path().join("objects").is_dir());
+        let cfg: skv_placement::Config = parse("skv-placement", &args).unwrap();
+        assert_eq!(cfg.object_store_url.as_deref(), Some(args[1].as_str()));
+        let own = vec!["--object-store-url=s3://b/p".to_string()];
+        assert!(object_store_args(dir.path(), &own).unwrap().is_empty());
     }
 
     #[test]
