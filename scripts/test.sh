@@ -21,6 +21,7 @@ python3 -c 'import ensurepip' >/dev/null 2>&1 || need+=(python3-venv)  # python3
 command -v prometheus >/dev/null 2>&1 || need+=(prometheus)  # deploy/ queries (testkit/tests/observability.rs)
 command -v docker-compose >/dev/null 2>&1 || need+=(docker-compose)  # deploy/compose (testkit/tests/deploy_compose.rs)
 command -v docker >/dev/null 2>&1 || need+=(docker.io)  # the engine the compose test builds and runs images with
+command -v fusermount3 >/dev/null 2>&1 || need+=(fuse3)  # skv-lazyfs mounts without root through it (power-loss test, ADR 0030; as root it mounts with mount(2))
 if [ ${#need[@]} -gt 0 ]; then
   step "installing ${need[*]} (apt)"
   if [ "$(id -u)" -eq 0 ]; then

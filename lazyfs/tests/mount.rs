@@ -141,3 +141,40 @@ fn fjall_keeps_what_it_persisted_and_loses_the_rest() {
     }
     m.unmount().unwrap();
 }
+
+/// The storenode's pattern: many small batches, each followed by a group-commit fsync.
+#[test]
+fn fjall_keeps_every_batch_synced_one_by_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (backing, mnt) = (tmp.path().join("backing"), tmp.path().join("mnt"));
+    std::fs::create_dir_all(&mnt).unwrap();
+    let m = skv_lazyfs::mount(&backing, &mnt).unwrap();
+    {
+        let db = Database::builder(mnt.join("db")).open().unwrap();
+        let data = db.keyspace("data", KeyspaceCreateOptions::default).unwrap();
+        let raft = db.keyspace("raft", KeyspaceCreateOptions::default).unwrap();
+        let meta = db.keyspace("meta", KeyspaceCreateOptions::default).unwrap();
+        meta.insert("store_id", [0u8, 0, 0, 0, 0, 0, 0, 3]).unwrap();
+        db.persist(PersistMode::SyncAll).unwrap();
+        for i in 0..200u32 {
+            raft.insert(format!("log-{i:04}"), vec![3u8; 200]).unwrap();
+            data.insert(format!("k-{i:04}"), vec![4u8; 50]).unwrap();
+            db.persist(PersistMode::SyncAll).unwrap();
+        }
+        m.switch().power_loss();
+    }
+    m.unmount().unwrap();
+    let m = skv_lazyfs::mount(&backing, &mnt).unwrap();
+    {
+        let db = Database::builder(mnt.join("db")).open().unwrap();
+        let data = db.keyspace("data", KeyspaceCreateOptions::default).unwrap();
+        let raft = db.keyspace("raft", KeyspaceCreateOptions::default).unwrap();
+        let meta = db.keyspace("meta", KeyspaceCreateOptions::default).unwrap();
+        assert!(meta.get("store_id").unwrap().is_some(), "store id lost");
+        for i in 0..200u32 {
+            assert!(raft.get(format!("log-{i:04}")).unwrap().is_some(), "log-{i:04} lost");
+            assert!(data.get(format!("k-{i:04}")).unwrap().is_some(), "k-{i:04} lost");
+        }
+    }
+    m.unmount().unwrap();
+}
