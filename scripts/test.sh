@@ -63,6 +63,8 @@ step "cargo fmt --check"
 cargo fmt --all -- --check
 step "cargo clippy --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+# The storenode's failpoint code too (compiled only with the feature, ADR 0029).
+cargo clippy -p skv-storenode --all-targets --locked --features failpoints -- -D warnings
 
 step "one crypto provider: aws-lc-rs (no ring in the dependency graph)"
 # Judged by what cargo tree prints, not its exit code: rustls-webpki names ring behind a weak
@@ -101,13 +103,18 @@ step "building needs no protoc (README's first command on a fresh machine; ADR 0
 nopath=$(printf '%s' "$PATH" | tr ':' '\n' | while read -r d; do [ -x "$d/protoc" ] || printf '%s:' "$d"; done)
 cargo clean -p etcd-client --locked 2>/dev/null || true
 env PATH="${nopath%:}" cargo build -p etcd-client --locked
-step "cargo build --bins"
-cargo build --workspace --bins --locked
+# Failpoints compiled in (ADR 0029): the process tests set them with FAILPOINTS or over
+# /failpoints. The same feature set for the bins, the tests and the doc tests, so nothing
+# is built twice and the tests' build does not replace the bins with ones without it.
+# Release builds, the playground and the images never enable it.
+features=(--features skv-storenode/failpoints)
+step "cargo build --bins ${features[*]}"
+cargo build --workspace --bins --locked "${features[@]}"
 step "the Docker engine answers (testkit/tests/deploy_compose.rs builds and runs images)"
 docker info >/dev/null 2>&1 || { echo "error: the docker daemon is not reachable: start it (e.g. dockerd &) or run as a user in the docker group" >&2; exit 1; }
 step "cargo nextest run"
 profile=default
 [ "${CI:-}" = "true" ] && profile=ci
-cargo nextest run --workspace --locked --profile "$profile" --no-fail-fast
+cargo nextest run --workspace --locked --profile "$profile" --no-fail-fast "${features[@]}"
 step "doc tests"
-cargo test --workspace --doc --locked
+cargo test --workspace --doc --locked "${features[@]}"

@@ -53,6 +53,9 @@ pub struct ClusterSpec {
     pub proxies: usize,
     /// Where `skv-placement`, `skv-storenode` and `skv-proxy` are.
     pub bin_dir: PathBuf,
+    /// `FAILPOINTS` of every storenode (`name=action;...`, ADR 0029): needs binaries built
+    /// with `--features skv-storenode/failpoints`. Empty: none.
+    pub store_failpoints: String,
 }
 
 /// Which kind of process.
@@ -97,6 +100,7 @@ pub struct ChaosCluster {
     path: PathBuf,
     etcd: Etcd,
     bin_dir: PathBuf,
+    store_failpoints: String,
     /// Placement instances.
     pub placements: Vec<Proc>,
     /// Storenodes.
@@ -155,6 +159,7 @@ impl ChaosCluster {
             path,
             etcd,
             bin_dir: spec.bin_dir.clone(),
+            store_failpoints: spec.store_failpoints.clone(),
             placements: (0..spec.placements.max(1)).map(|i| slot(format!("pd-{i}"))).collect(),
             stores: (0..spec.storenodes).map(|i| slot(format!("store-{i}"))).collect(),
             proxies: (0..spec.proxies.max(1)).map(|i| slot(format!("proxy-{i}"))).collect(),
@@ -164,6 +169,27 @@ impl ChaosCluster {
         }
         for i in 0..c.stores.len() {
             c.start_proc(Role::Store, i)?;
+        }
+        if !c.store_failpoints.is_empty() {
+            // A binary built without the feature refuses FAILPOINTS and exits at once.
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            for p in &mut c.stores {
+                let exited = p
+                    .guard
+                    .as_mut()
+                    .and_then(|g| g.child_mut())
+                    .and_then(|c| c.try_wait().ok().flatten());
+                if let Some(status) = exited {
+                    p.guard = None;
+                    let log = std::fs::read_to_string(c.path.join(format!("{}.log", p.name))).unwrap_or_default();
+                    let tail: String = log.lines().rev().take(5).collect::<Vec<_>>().join(" | ");
+                    return Err(ClusterError::NotReady(format!(
+                        "{} exited ({status}) with FAILPOINTS={:?}: {tail} (build the binaries with \
+                         `cargo build --bins --features skv-storenode/failpoints`)",
+                        p.name, c.store_failpoints
+                    )));
+                }
+            }
         }
         for i in 0..c.proxies.len() {
             c.start_proc(Role::Proxy, i)?;
@@ -262,6 +288,9 @@ impl ChaosCluster {
                     .arg(self.path.join(&name))
                     .arg("--heartbeat-interval-ms")
                     .arg("300");
+                if !self.store_failpoints.is_empty() {
+                    cmd.env("FAILPOINTS", &self.store_failpoints);
+                }
                 cmd
             }
             Role::Proxy => {

@@ -5,11 +5,13 @@
 //!   and conditional writes with versions, where unknown outcomes may take effect at any time
 //!   after their invocation, or never (pure, bounded);
 //! - [`recorder`]: an SDK client wrapper that records every call;
+//! - [`direct`]: reads sent straight to followers (the vehicle of `--plant skip-read-index`);
 //! - [`cluster`], [`nemesis`] and [`runner`]: a real process cluster on 127.0.0.1, faults,
 //!   and a run that heals, reads every key back and checks the whole history.
 
 pub mod checker;
 pub mod cluster;
+pub mod direct;
 pub mod history;
 pub mod model;
 pub mod nemesis;

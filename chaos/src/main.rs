@@ -75,10 +75,18 @@ struct RunArgs {
     /// Search steps per key before a key is reported undecided.
     #[arg(long, default_value_t = DEFAULT_MAX_STEPS_PER_KEY)]
     check_steps: u64,
-    /// Plant a bug in the clients to see the checker catch it (`stale-reads`: half the reads
-    /// go to any replica without ReadIndex but are recorded as linearizable).
+    /// Plant a bug to see the checker catch it. `skip-read-index`: every storenode runs with
+    /// the failpoint storenode::read::skip_read_index and half the gets go straight to a
+    /// follower (binaries built with `--features skv-storenode/failpoints`). `stale-reads`:
+    /// in the clients, half the reads go to any replica through `get_stale` but are recorded
+    /// as linearizable.
     #[arg(long)]
     plant: Option<Plant>,
+    /// FAILPOINTS for every storenode (`name=action;...`, ADR 0029; needs binaries built with
+    /// `--features skv-storenode/failpoints`). Replaces the plant's failpoints: with
+    /// `--plant skip-read-index`, `storenode::read::skip_read_index=off` is the control run.
+    #[arg(long, default_value = "")]
+    store_failpoints: String,
 }
 
 /// A `--nemesis` value: a fault kind, or `none` (no fault).
@@ -174,6 +182,7 @@ async fn main() -> ExitCode {
             opts.always_write_history = a.write_history;
             opts.trust_definite = !a.distrust_failures;
             opts.plant = a.plant;
+            opts.cluster.store_failpoints = a.store_failpoints;
             opts.check = CheckOptions {
                 max_steps_per_key: a.check_steps,
             };

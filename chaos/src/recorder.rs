@@ -148,6 +148,38 @@ impl RecordingClient {
         self.invoke_inner(key, Input::Get, true).await
     }
 
+    /// Records a linearizable `get` of `key` made by `read` (not through the SDK: the
+    /// follower reads of [`crate::direct`]); an error is a failed read (observed nothing).
+    pub async fn record_read<F>(&self, key: &str, read: F) -> Op
+    where
+        F: std::future::Future<Output = Result<Option<Observed>, String>>,
+    {
+        let call = self.rec.now();
+        let result = read.await;
+        let ret = self.rec.now();
+        let (outcome, error) = match result {
+            Ok(found) => (
+                Outcome::Ok {
+                    output: Output::Read { found },
+                },
+                None,
+            ),
+            Err(e) => (Outcome::Fail, Some(e)),
+        };
+        let mut op = Op {
+            id: 0,
+            client: self.id,
+            key: key.to_string(),
+            input: Input::Get,
+            outcome,
+            call,
+            ret,
+            error,
+        };
+        op.id = self.rec.push(op.clone());
+        op
+    }
+
     async fn invoke_inner(&self, key: &str, input: Input, stale: bool) -> Op {
         let c = &self.client;
         let call = self.rec.now();

@@ -3,6 +3,7 @@
 
 use crate::checker::{CheckOptions, Report, check, describe};
 use crate::cluster::{ChaosCluster, ClusterError, ClusterSpec};
+use crate::direct::DirectReader;
 use crate::history::{History, Input, NemesisEvent, Op, Outcome, Output};
 use crate::nemesis::{self, Events, NemesisKind, NemesisOptions};
 use crate::recorder::{Recorder, RecordingClient};
@@ -77,6 +78,22 @@ pub enum Plant {
     /// Half the reads are served by any replica without ReadIndex (`get_stale`) but recorded
     /// as linearizable gets: a follower read without ReadIndex, as issue 14 names it.
     StaleReads,
+    /// Every storenode runs with the failpoint `storenode::read::skip_read_index` (ADR 0029):
+    /// linearizable gets, routed as usual, are served from local state without the ReadIndex
+    /// barrier, by a leader that may have been deposed and by a follower the proxy still
+    /// takes for the leader. The clients are correct; the bug is in the servers. Needs
+    /// binaries built with `--features skv-storenode/failpoints`.
+    SkipReadIndex,
+}
+
+impl Plant {
+    /// The storenodes' `FAILPOINTS` for this plant.
+    pub fn store_failpoints(self) -> &'static str {
+        match self {
+            Plant::StaleReads => "",
+            Plant::SkipReadIndex => "storenode::read::skip_read_index=return",
+        }
+    }
 }
 
 impl RunOptions {
@@ -93,6 +110,7 @@ impl RunOptions {
                 storenodes: 3,
                 proxies: 2,
                 bin_dir,
+                store_failpoints: String::new(),
             },
             out_dir: PathBuf::from("target/chaos"),
             always_write_history: false,
@@ -269,7 +287,15 @@ fn error_kind(e: &str) -> String {
 /// One run.
 pub async fn run(opts: RunOptions) -> Result<RunSummary, RunError> {
     let rec = Recorder::new(opts.trust_definite);
-    let cluster = ChaosCluster::start(&opts.cluster).await?;
+    let mut spec = opts.cluster.clone();
+    // The plant's failpoints, unless the caller set FAILPOINTS itself (a control run sets
+    // `storenode::read::skip_read_index=off`: the same follower reads against correct servers).
+    if let Some(p) = opts.plant
+        && spec.store_failpoints.is_empty()
+    {
+        spec.store_failpoints = p.store_failpoints().to_string();
+    }
+    let cluster = ChaosCluster::start(&spec).await?;
     tracing::info!(dir = %cluster.dir().display(), "cluster up");
     // A fresh namespace per run: every key starts absent at version 0.
     let nonce: u32 = rand::random();
@@ -290,6 +316,7 @@ pub async fn run(opts: RunOptions) -> Result<RunSummary, RunError> {
         cluster.client(&ns, opts.client_timeout, opts.attempt_timeout).await?,
         opts.clients.max(1) as u32,
     );
+    let pd_urls: Vec<String> = cluster.placement_urls().split(',').map(String::from).collect();
     let cluster = Arc::new(tokio::sync::Mutex::new(cluster));
     let events: Events = Arc::new(Mutex::new(Vec::new()));
 
@@ -297,13 +324,17 @@ pub async fn run(opts: RunOptions) -> Result<RunSummary, RunError> {
     let until = started + opts.duration;
     let stop = Arc::new(AtomicBool::new(false));
     let mut workers = Vec::new();
+    // --plant skip-read-index: half the gets go straight to a follower (crate::direct).
+    let direct = (opts.plant == Some(Plant::SkipReadIndex))
+        .then(|| (Arc::new(DirectReader::new(pd_urls.clone())), internal_keys.clone()));
     for c in clients {
         let (keys, stop) = (keys.clone(), stop.clone());
         let seed = opts.seed.wrapping_mul(0x9e37_79b9).wrapping_add(u64::from(c.id()));
         let plant = opts.plant;
-        workers.push(tokio::spawn(
-            async move { client_loop(c, keys, seed, stop, plant).await },
-        ));
+        let direct = direct.clone();
+        workers.push(tokio::spawn(async move {
+            client_loop(c, keys, seed, stop, plant, direct).await
+        }));
     }
     let nemesis = tokio::spawn(nemesis::run(
         cluster.clone(),
@@ -433,7 +464,14 @@ pub fn write_history(dir: &std::path::Path, seed: u64, history: &History) -> Res
 
 /// One client: random operations on random keys until told to stop. CAS and conditional
 /// writes mostly name the version this client last saw, so some succeed under contention.
-async fn client_loop(c: RecordingClient, keys: Vec<String>, seed: u64, stop: Arc<AtomicBool>, plant: Option<Plant>) {
+async fn client_loop(
+    c: RecordingClient,
+    keys: Vec<String>,
+    seed: u64,
+    stop: Arc<AtomicBool>,
+    plant: Option<Plant>,
+    direct: Option<(Arc<DirectReader>, Vec<Vec<u8>>)>,
+) {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut seen: HashMap<usize, u64> = HashMap::new();
     while !stop.load(Ordering::Relaxed) {
@@ -455,6 +493,10 @@ async fn client_loop(c: RecordingClient, keys: Vec<String>, seed: u64, stop: Arc
         };
         let op = if input == Input::Get && plant == Some(Plant::StaleReads) && rng.random_bool(0.5) {
             c.planted_stale_get(&keys[k]).await
+        } else if let Some((reader, internal)) = direct.as_ref().filter(|_| input == Input::Get && rng.random_bool(0.5))
+        {
+            let pick = rng.random_range(0..2usize);
+            c.record_read(&keys[k], reader.follower_get(&internal[k], pick)).await
         } else {
             c.invoke(&keys[k], input).await
         };

@@ -50,3 +50,67 @@ async fn follower_reads_without_read_index_are_caught() {
         let _ = std::fs::remove_file(file);
     }
 }
+
+/// The planted bug as a server failpoint (ADR 0029): every storenode runs with
+/// `storenode::read::skip_read_index`, and half the clients' gets go straight to a follower
+/// over the internal Store API (`skv_chaos::direct`). The servers serve them from local
+/// state without ReadIndex; the checker must find stale reads. The control run sends the
+/// same follower reads with the failpoint off: the followers refuse them (NotLeader), and
+/// the run is clean. Needs binaries built with `--features skv-storenode/failpoints`
+/// (scripts/test.sh builds them so).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_failpoint_skipping_read_index_is_caught_and_the_control_run_is_clean() {
+    let bin_dir = std::env::var_os("SKV_FAILPOINT_BIN_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(default_bin_dir);
+    let opts = |control: bool| {
+        let mut o = RunOptions::new(bin_dir.clone());
+        o.duration = Duration::from_secs(12);
+        o.seed = 5;
+        o.nemeses = Vec::new();
+        o.plant = Some(Plant::SkipReadIndex);
+        if control {
+            o.cluster.store_failpoints = "storenode::read::skip_read_index=off".into();
+        }
+        o.out_dir = std::env::temp_dir().join("skv-chaos-planted");
+        o
+    };
+    let planted = run(opts(false))
+        .await
+        .unwrap_or_else(|e| panic!("the planted run could not run: {e}"));
+    let text = planted.to_string();
+    eprintln!("{text}");
+    let by_id: std::collections::HashMap<usize, &skv_chaos::history::Op> =
+        planted.history.ops.iter().map(|o| (o.id, o)).collect();
+    assert!(
+        planted
+            .report
+            .violations
+            .iter()
+            .any(|v| by_id[&v.stuck].input == Input::Get),
+        "reads without ReadIndex at followers were not caught:\n{text}"
+    );
+    assert!(planted.lost_writes.is_empty(), "{text}");
+    for p in [&planted.kept_dir, &planted.history_file].into_iter().flatten() {
+        let _ = std::fs::remove_dir_all(p);
+        let _ = std::fs::remove_file(p);
+    }
+
+    let control = run(opts(true))
+        .await
+        .unwrap_or_else(|e| panic!("the control run could not run: {e}"));
+    let text = control.to_string();
+    eprintln!("{text}");
+    let refused = control
+        .history
+        .ops
+        .iter()
+        .filter(|o| {
+            o.error
+                .as_deref()
+                .is_some_and(|e| e.starts_with("follower read refused"))
+        })
+        .count();
+    assert!(refused > 0, "no follower read was refused in the control run:\n{text}");
+    assert!(control.is_clean(), "the control run is not clean:\n{text}");
+}

@@ -45,6 +45,13 @@ pub const MID_SNAPSHOT_INSTALL: &str = "storenode::snapshot::mid_install";
 /// Inside a checkpoint upload, after the object is written, before the manifest names it.
 pub const MID_CHECKPOINT_UPLOAD: &str = "storenode::checkpoint::mid_upload";
 
+/// Whether [`SKIP_READ_INDEX`] is on: the read path then serves from local state without
+/// ReadIndex, on any replica (a planted linearizability bug; `false` without the feature).
+pub fn skip_read_index() -> bool {
+    fail::fail_point!(SKIP_READ_INDEX, |_| true);
+    false
+}
+
 /// Exit status of a process stopped by a crash point.
 pub const EXIT_CRASH_POINT: i32 = 86;
 
