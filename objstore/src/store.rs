@@ -592,6 +592,18 @@ impl Objects {
     pub async fn read_checkpoint(
         &self,
         entry: &CheckpointEntry,
+        each: impl FnMut(Vec<crate::format::Entry>) -> Result<(), String>,
+    ) -> Result<Summary, ObjError> {
+        self.read_checkpoint_with_header(entry, |_| Ok(()), each).await
+    }
+
+    /// [`Self::read_checkpoint`], handing the checked header to `on_header` before the first
+    /// block (a bootstrap checks the descriptor and applied state it carries, and refuses the
+    /// checkpoint before writing anything when they do not fit).
+    pub async fn read_checkpoint_with_header(
+        &self,
+        entry: &CheckpointEntry,
+        on_header: impl FnOnce(&CheckpointHeader) -> Result<(), String>,
         mut each: impl FnMut(Vec<crate::format::Entry>) -> Result<(), String>,
     ) -> Result<Summary, ObjError> {
         let res: Result<Summary, ObjError> = async {
@@ -603,6 +615,10 @@ impl Objects {
                     reason: "header names another checkpoint".into(),
                 });
             }
+            on_header(h).map_err(|reason| ObjError::Mismatch {
+                path: entry.path.clone(),
+                reason,
+            })?;
             while let Some(block) = r.next_block().await? {
                 each(block).map_err(ObjError::Producer)?;
             }

@@ -17,7 +17,6 @@ use crate::node::NodeInner;
 use crate::raft::checkpoint_read::checkpoint_point;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use prost::Message;
 use skv_common::RangeId;
 use skv_objstore::{CheckpointHeader, Objects};
 use std::collections::HashMap;
@@ -94,6 +93,8 @@ pub struct Checkpointer {
     /// Ranges whose manifest was read once (a new leader learns the last checkpoint there).
     seeded: HashMap<RangeId, ()>,
     failed_at: HashMap<RangeId, Instant>,
+    /// New replicas of this store start from checkpoints (ADR 0027); set at start.
+    pub bootstrapper: Option<Arc<crate::raft::bootstrap::Bootstrapper>>,
 }
 
 impl Checkpointer {
@@ -105,6 +106,7 @@ impl Checkpointer {
             last: HashMap::new(),
             seeded: HashMap::new(),
             failed_at: HashMap::new(),
+            bootstrapper: None,
         }
     }
 
@@ -216,7 +218,8 @@ impl Checkpointer {
             created_unix_ms: skv_objstore::store::now_ms(),
             start: point.desc.start.clone(),
             end: point.desc.end.clone(),
-            descriptor: point.desc.encode_to_vec(),
+            // The descriptor with the exact applied state appended (a learner bootstraps from it).
+            descriptor: crate::raft::bootstrap::descriptor_with_applied(&point.desc, &point.applied_raw),
         };
         let at = header.created_unix_ms;
         let engine = node.engine.clone();
@@ -235,6 +238,7 @@ impl Checkpointer {
             .await
             .map_err(|e| e.to_string())?;
         let (index, size, keys) = (entry.applied_index, entry.size, entry.key_count);
+        crate::crash_point!(crate::failpoints::MID_CHECKPOINT_UPLOAD);
         let (_, deleted) = self
             .objects
             .commit_checkpoint(entry, self.policy.keep)

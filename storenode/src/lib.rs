@@ -225,6 +225,11 @@ pub struct Config {
     /// --object-store-url.
     #[arg(long, env = "SKV_CHECKPOINT_CHANGE_BYTES")]
     pub checkpoint_change_bytes: Option<u64>,
+    /// A new replica of this store (a move, a repair, an up-replication) installs the range's
+    /// latest checkpoint from object storage and catches up from the leader's log, instead of
+    /// receiving the leader's snapshot (ADR 0027). Default true; needs --object-store-url.
+    #[arg(long, env = "SKV_BOOTSTRAP_FROM_CHECKPOINTS", num_args = 0..=1, default_missing_value = "true")]
+    pub bootstrap_from_checkpoints: Option<bool>,
 }
 
 impl Config {
@@ -253,6 +258,7 @@ impl Config {
             object_store_url: None,
             checkpoint_interval_secs: None,
             checkpoint_change_bytes: None,
+            bootstrap_from_checkpoints: None,
         }
     }
 
@@ -299,6 +305,9 @@ async fn open_checkpoints(
         if config.checkpoint_interval_secs.is_some() || config.checkpoint_change_bytes.is_some() {
             anyhow::bail!("--checkpoint-interval-secs and --checkpoint-change-bytes need --object-store-url");
         }
+        if config.bootstrap_from_checkpoints.is_some() {
+            anyhow::bail!("--bootstrap-from-checkpoints needs --object-store-url");
+        }
         return Ok(None);
     };
     if config.checkpoint_interval_secs == Some(0) || config.checkpoint_change_bytes == Some(0) {
@@ -317,8 +326,13 @@ async fn open_checkpoints(
         change_bytes: config.checkpoint_change_bytes.unwrap_or(64 << 20),
         keep: 1,
     };
-    tracing::info!(url = %url, ?policy, "range checkpoints to object storage");
-    Ok(Some(checkpoint::Checkpointer::new(objects, policy, cm)))
+    let bm = raft::bootstrap::BootstrapMetrics::default();
+    bm.register(registry);
+    let enabled = config.bootstrap_from_checkpoints.unwrap_or(true);
+    tracing::info!(url = %url, ?policy, bootstrap = enabled, "range checkpoints to object storage");
+    let mut c = checkpoint::Checkpointer::new(objects.clone(), policy, cm);
+    c.bootstrapper = Some(raft::bootstrap::Bootstrapper::new(objects, enabled, bm));
+    Ok(Some(c))
 }
 
 /// Starts a storenode; returns once it listens.
@@ -423,6 +437,9 @@ pub async fn start_with(config: Config, opts: StartOptions) -> anyhow::Result<Se
         config.data_dir.join("snapshots"),
         metrics.clone(),
     );
+    if let Some(c) = &checkpointer {
+        *node.bootstrapper.write() = c.bootstrapper.clone();
+    }
     if let Some(p) = &placement {
         let p = p.clone();
         let reporter: node::SplitReporter = Arc::new(move |l, r| {

@@ -85,6 +85,9 @@ pub struct NodeInner {
     /// Held by whoever drives a merge on this node (a MergeRanges call or the resolver), so
     /// two drivers never interleave a rollback with a commit.
     pub merge_lock: tokio::sync::Mutex<()>,
+    /// With `--object-store-url`: new replicas start from the range's latest checkpoint
+    /// (ADR 0027).
+    pub bootstrapper: RwLock<Option<Arc<crate::raft::bootstrap::Bootstrapper>>>,
 }
 
 impl NodeInner {
@@ -115,6 +118,7 @@ impl NodeInner {
             store_states: parking_lot::Mutex::new(Default::default()),
             deferred: parking_lot::Mutex::new(Vec::new()),
             merge_lock: tokio::sync::Mutex::new(()),
+            bootstrapper: RwLock::new(None),
         })
     }
 
@@ -323,6 +327,10 @@ impl NodeInner {
                     self.may_create(id, conf_ver).map_err(CreateReplicaError::Storage)?;
                     // Added back after it was destroyed: the tombstone has done its job.
                     self.engine.meta.remove(crate::gc::tomb_key(id)).map_err(storage)?;
+                    // A replica this store does not hold yet starts from the range's latest
+                    // checkpoint in object storage when one fits (ADR 0027); otherwise, or if
+                    // it fails, it opens uninitialized and gets the leader's snapshot.
+                    self.try_bootstrap(&desc, bootstrap).await.map_err(storage)?;
                     if self.engine.meta.get(desc_key(id)).map_err(storage)?.is_none() {
                         self.engine
                             .meta
@@ -364,6 +372,29 @@ impl NodeInner {
                 Ok(())
             }
             Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Installs the latest checkpoint of `desc`'s range before its replica first opens, when
+    /// [`crate::raft::bootstrap::attempt`] says so. Called under the creation lock.
+    async fn try_bootstrap(&self, desc: &RangeDescriptor, initialize: bool) -> Result<(), fjall::Error> {
+        use crate::raft::bootstrap::{Attempt, attempt};
+        let b = self.bootstrapper.read().clone();
+        let has_applied = self.engine.meta.get(applied_key(RangeId(desc.range_id)))?.is_some();
+        let Some(b) = b else { return Ok(()) };
+        match attempt(true, b.enabled, initialize, has_applied) {
+            Attempt::NotApplicable => {}
+            Attempt::Refused(_) | Attempt::Try => {
+                b.bootstrap(self, desc).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// A snapshot was installed on `range` (the state machine's hook).
+    pub fn on_snapshot_installed(&self, range: RangeId) {
+        if let Some(b) = self.bootstrapper.read().clone() {
+            b.on_snapshot_installed(range);
         }
     }
 

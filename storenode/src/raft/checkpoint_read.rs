@@ -14,10 +14,9 @@ use std::io;
 /// Mirrors the state machine's applied state (postcard, field order is the format; the
 /// test below decodes what `state_machine::encode_applied` writes).
 #[derive(serde::Deserialize)]
-struct AppliedView {
-    last_applied: Option<LogId>,
-    #[allow(dead_code)]
-    membership: StoredMembership,
+pub(crate) struct AppliedView {
+    pub last_applied: Option<LogId>,
+    pub membership: StoredMembership,
 }
 
 /// A range at one applied index, read from one engine snapshot.
@@ -26,6 +25,9 @@ pub struct CheckpointPoint {
     pub applied_index: u64,
     pub applied_term: u64,
     pub desc: RangeDescriptor,
+    /// The applied state as the engine stores it (applied log id and membership): carried in
+    /// the checkpoint so a learner bootstrapped from it starts at exactly this state (ADR 0027).
+    pub applied_raw: Vec<u8>,
 }
 
 /// Takes an engine snapshot and reads `range`'s point in it. `None` when the range has no
@@ -53,6 +55,7 @@ pub fn checkpoint_point(engine: &Engine, range: RangeId) -> io::Result<Option<Ch
         applied_index: last.index,
         applied_term: last.leader_id.term,
         desc,
+        applied_raw: a.to_vec(),
     }))
 }
 

@@ -3,6 +3,7 @@
 //! an openraft type lives under this module, so an openraft upgrade touches only here
 //! (ADR 0001; `tests/raft_confined.rs` keeps it so).
 
+pub mod bootstrap;
 pub mod checkpoint_read;
 pub mod group;
 pub mod log_store;

@@ -1106,6 +1106,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         self.shared.installing.store(false, Ordering::Release);
         self.recount_stats().await?;
         replace_current(&self.current, meta.clone(), Some(path));
+        // A replica bootstrapped from a checkpoint that still needed the leader's snapshot
+        // (the leader's log no longer reached the checkpoint): counted as a fallback.
+        if let Some(node) = self.node.upgrade() {
+            node.on_snapshot_installed(range);
+        }
         Ok(())
     }
 
@@ -1489,6 +1494,33 @@ struct InstallMarker {
     /// The key span the install writes (the snapshot's descriptor).
     start: Vec<u8>,
     end: Vec<u8>,
+}
+
+/// Starts an install that does not come from a local snapshot file (a bootstrap from an
+/// object-storage checkpoint, ADR 0027): writes the redo marker for `[start, end)` with no
+/// file, so a crash before [`finish_external_install`] makes the next start undo it
+/// ([`recover_interrupted_installs`] cannot redo it and uninitializes the replica).
+pub(crate) fn begin_external_install(engine: &Engine, range: RangeId, start: &[u8], end: &[u8]) -> io::Result<()> {
+    let marker = encode(&InstallMarker {
+        path: String::new(),
+        meta: SnapshotMeta::default(),
+        start: start.to_vec(),
+        end: end.to_vec(),
+    })
+    .map_err(io_err)?;
+    engine.meta.insert(installing_key(range), marker).map_err(io_err)
+}
+
+/// Ends an external install in `batch` (with its applied state and descriptor): removes
+/// the marker, so the commit of that batch makes the install visible at once.
+pub(crate) fn finish_external_install(engine: &Engine, batch: &mut fjall::OwnedWriteBatch, range: RangeId) {
+    batch.remove(&engine.meta, installing_key(range));
+}
+
+/// Undoes a failed external install: deletes what it wrote in `[start, end)`, the applied
+/// state and the Raft log of `range`, and the marker (see [`uninitialize_replica`]).
+pub(crate) fn abort_external_install(engine: &Engine, range: RangeId, start: &[u8], end: &[u8]) -> io::Result<()> {
+    uninitialize_replica(engine, range, Some((start.to_vec(), end.to_vec())))
 }
 
 fn installing_key(range: RangeId) -> Vec<u8> {

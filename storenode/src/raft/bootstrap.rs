@@ -1,0 +1,668 @@
+//! Replica bootstrap from object-storage checkpoints (issue 11, ADR 0027).
+//!
+//! A store asked to create a replica it does not hold (`CreateReplica` without `bootstrap`:
+//! a move, a repair, an up-replication) first installs the range's latest checkpoint from
+//! object storage, with the checkpoint's exact applied state (applied log id and membership,
+//! carried in the checkpoint's descriptor bytes, see [`descriptor_with_applied`]), and only
+//! then starts the Raft group. openraft then starts with `last_applied = committed = L` and
+//! purges its (empty) log up to `L`, so the leader's probe finds the follower's log at `L`
+//! and sends entries after it. If the leader has purged past `L`, openraft sends its
+//! snapshot as before (counted as the fallback `stale`). Nothing is installed when the
+//! checkpoint is missing, unreadable, corrupt, of another epoch or without an applied
+//! state: the replica stays uninitialized and gets the leader's snapshot.
+//!
+//! Safety: a checkpoint is taken by a leader at an index it applied, hence committed; a
+//! learner installing it holds a prefix of the committed log. The installed membership
+//! predates this store's addition, so the replica is neither voter nor learner in it and
+//! never campaigns; it becomes a learner only by applying the leader's AddLearner entry.
+//!
+//! Crash safety: the install writes an install marker with no file first (fsynced); a crash
+//! before the final batch (data, applied state, descriptor, marker removal in one commit)
+//! leaves the marker, and the next start uninitializes the replica (the redo of a marker
+//! without a file fails), so no half-installed state is ever opened.
+
+use super::checkpoint_read::AppliedView;
+use super::decode;
+use super::state_machine::{abort_external_install, begin_external_install, finish_external_install};
+use crate::engine::{Engine, TAG_VOTE, applied_key, data_range, desc_key, raft_key};
+use crate::node::NodeInner;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use prost::Message;
+use skv_common::RangeId;
+use skv_objstore::store::hex;
+use skv_objstore::{CheckpointEntry, CheckpointHeader, ObjError, Objects, RangeManifest};
+use skv_proto::internal::RangeDescriptor;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tracing::Instrument;
+
+/// Protobuf field number of the applied-state extension appended to a checkpoint's
+/// descriptor bytes (outside `RangeDescriptor`'s own numbers; its decoder skips it).
+const APPLIED_STATE_FIELD: u64 = 100;
+/// Data written per engine batch during an install.
+const INSTALL_BATCH_BYTES: usize = 4 << 20;
+/// A snapshot installed this soon after a bootstrap counts as its fallback (`stale`).
+const STALE_WINDOW: Duration = Duration::from_secs(600);
+
+/// The descriptor bytes of a checkpoint: the protobuf `RangeDescriptor`, then field 100
+/// (length-delimited) holding the engine's applied state at the checkpoint's index
+/// (postcard: applied log id and membership). `RangeDescriptor::decode` skips the field, so
+/// readers that only want the descriptor (restore) are unaffected.
+pub fn descriptor_with_applied(desc: &RangeDescriptor, applied_raw: &[u8]) -> Vec<u8> {
+    let mut b = desc.encode_to_vec();
+    prost::encoding::encode_varint((APPLIED_STATE_FIELD << 3) | 2, &mut b);
+    prost::encoding::encode_varint(applied_raw.len() as u64, &mut b);
+    b.extend_from_slice(applied_raw);
+    b
+}
+
+/// What a checkpoint's descriptor bytes carry.
+#[derive(Debug)]
+pub struct CheckpointState {
+    pub desc: RangeDescriptor,
+    /// The applied state exactly as the engine stores it.
+    pub applied_raw: Vec<u8>,
+    pub applied_index: u64,
+    pub applied_term: u64,
+    /// The voters of the checkpoint's membership.
+    pub voters: Vec<u64>,
+}
+
+/// Splits a checkpoint's descriptor bytes ([`descriptor_with_applied`]); never panics on
+/// garbage. `Ok(None)`-like results are errors here: a bootstrap needs both parts.
+pub fn parse_checkpoint_descriptor(bytes: &[u8]) -> Result<CheckpointState, Fallback> {
+    let desc = RangeDescriptor::decode(bytes).map_err(|_| Fallback::Corrupt)?;
+    let mut buf = bytes;
+    let mut applied = None;
+    while !buf.is_empty() {
+        let key = prost::encoding::decode_varint(&mut buf).map_err(|_| Fallback::Corrupt)?;
+        let (field, wire) = (key >> 3, key & 7);
+        match wire {
+            0 => {
+                prost::encoding::decode_varint(&mut buf).map_err(|_| Fallback::Corrupt)?;
+            }
+            1 | 5 => {
+                let n = if wire == 1 { 8 } else { 4 };
+                buf = buf.get(n..).ok_or(Fallback::Corrupt)?;
+            }
+            2 => {
+                let n = prost::encoding::decode_varint(&mut buf).map_err(|_| Fallback::Corrupt)?;
+                let n = usize::try_from(n).map_err(|_| Fallback::Corrupt)?;
+                let v = buf.get(..n).ok_or(Fallback::Corrupt)?;
+                if field == APPLIED_STATE_FIELD {
+                    applied = Some(v.to_vec());
+                }
+                buf = &buf[n..];
+            }
+            _ => return Err(Fallback::Corrupt),
+        }
+    }
+    let applied_raw = applied.ok_or(Fallback::NoAppliedState)?;
+    let view: AppliedView = decode(&applied_raw).map_err(|_| Fallback::Corrupt)?;
+    let last = view.last_applied.ok_or(Fallback::NoAppliedState)?;
+    Ok(CheckpointState {
+        desc,
+        applied_raw,
+        applied_index: last.index,
+        applied_term: last.leader_id.term,
+        voters: view.membership.membership().voter_ids().collect(),
+    })
+}
+
+/// Why a new replica was not bootstrapped from object storage (it gets the leader's snapshot).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Fallback {
+    /// `--bootstrap-from-checkpoints=false`.
+    Disabled,
+    /// The range has no manifest or no checkpoint in it.
+    NoCheckpoint,
+    /// The latest checkpoint is of another range version (a split or merge since) or span.
+    OtherEpoch,
+    /// The manifest or the object could not be read (store unreachable, bad manifest).
+    Unreadable,
+    /// The object was refused by its checksums or does not match its manifest entry.
+    Corrupt,
+    /// The checkpoint carries no applied state (written before ADR 0027).
+    NoAppliedState,
+    /// A live local range or another install overlaps the span.
+    Overlap,
+    /// The checkpoint's membership names this store a voter: installing it could make a
+    /// replica that lost its state vote again (only learners-to-be are bootstrapped).
+    Member,
+    /// Installed, but the leader had purged its log past the checkpoint and sent its
+    /// snapshot anyway.
+    Stale,
+}
+
+impl Fallback {
+    pub const ALL: [Fallback; 9] = [
+        Fallback::Disabled,
+        Fallback::NoCheckpoint,
+        Fallback::OtherEpoch,
+        Fallback::Unreadable,
+        Fallback::Corrupt,
+        Fallback::NoAppliedState,
+        Fallback::Overlap,
+        Fallback::Member,
+        Fallback::Stale,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Fallback::Disabled => "disabled",
+            Fallback::NoCheckpoint => "no_checkpoint",
+            Fallback::OtherEpoch => "other_epoch",
+            Fallback::Unreadable => "unreadable",
+            Fallback::Corrupt => "corrupt",
+            Fallback::NoAppliedState => "no_applied_state",
+            Fallback::Overlap => "overlap",
+            Fallback::Member => "member",
+            Fallback::Stale => "stale",
+        }
+    }
+}
+
+/// Whether a `CreateReplica` tries a bootstrap (pure).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attempt {
+    /// Not a case for it: no object storage, the first replica of a brand-new range
+    /// (`initialize`), or a replica this store already holds (it has an applied state).
+    NotApplicable,
+    /// A case for it, refused (counted as a fallback).
+    Refused(Fallback),
+    Try,
+}
+
+pub fn attempt(configured: bool, enabled: bool, initialize: bool, has_applied_state: bool) -> Attempt {
+    if !configured || initialize || has_applied_state {
+        Attempt::NotApplicable
+    } else if !enabled {
+        Attempt::Refused(Fallback::Disabled)
+    } else {
+        Attempt::Try
+    }
+}
+
+/// Picks the checkpoint to install for `desc` (pure): the manifest's latest, if it is of
+/// this range, at the descriptor's range version and span, and at a real index.
+pub fn choose<'a>(
+    desc: &RangeDescriptor,
+    manifest: Option<&'a RangeManifest>,
+) -> Result<&'a CheckpointEntry, Fallback> {
+    let latest = manifest.and_then(|m| m.latest()).ok_or(Fallback::NoCheckpoint)?;
+    let version = desc.epoch.unwrap_or_default().version;
+    if latest.range_id != desc.range_id || latest.applied_index == 0 {
+        return Err(Fallback::NoCheckpoint);
+    }
+    if latest.epoch_version != version || latest.start_hex != hex(&desc.start) || latest.end_hex != hex(&desc.end) {
+        return Err(Fallback::OtherEpoch);
+    }
+    Ok(latest)
+}
+
+/// Checks a downloaded checkpoint's header against its manifest entry and the descriptor
+/// asked for (pure), before anything is written.
+pub fn check_header(
+    h: &CheckpointHeader,
+    entry: &CheckpointEntry,
+    desc: &RangeDescriptor,
+    store: u64,
+) -> Result<CheckpointState, Fallback> {
+    let st = parse_checkpoint_descriptor(&h.descriptor)?;
+    if st.desc.range_id != desc.range_id || h.range_id != desc.range_id {
+        return Err(Fallback::Corrupt);
+    }
+    if (st.applied_index, st.applied_term) != (h.applied_index, h.applied_term)
+        || (h.applied_index, h.applied_term) != (entry.applied_index, entry.applied_term)
+    {
+        return Err(Fallback::Corrupt);
+    }
+    let v = st.desc.epoch.unwrap_or_default().version;
+    if v != desc.epoch.unwrap_or_default().version || st.desc.start != desc.start || st.desc.end != desc.end {
+        return Err(Fallback::OtherEpoch);
+    }
+    if st.desc.start != h.start || st.desc.end != h.end {
+        return Err(Fallback::Corrupt);
+    }
+    if st.voters.contains(&store) {
+        return Err(Fallback::Member);
+    }
+    Ok(st)
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: &'static str,
+}
+
+/// `skv_bootstrap_*` (docs/metrics.md).
+#[derive(Clone)]
+pub struct BootstrapMetrics {
+    pub installs: Counter,
+    pub bytes: Counter,
+    pub keys: Counter,
+    pub seconds: Histogram,
+    pub fallbacks: Family<ReasonLabel, Counter>,
+}
+
+impl Default for BootstrapMetrics {
+    fn default() -> Self {
+        let m = Self {
+            installs: Counter::default(),
+            bytes: Counter::default(),
+            keys: Counter::default(),
+            seconds: Histogram::new(exponential_buckets(0.01, 2.0, 16)),
+            fallbacks: Family::default(),
+        };
+        for f in Fallback::ALL {
+            let _ = m.fallbacks.get_or_create(&ReasonLabel { reason: f.label() });
+        }
+        m
+    }
+}
+
+impl BootstrapMetrics {
+    pub fn register(&self, r: &mut Registry) {
+        r.register(
+            "skv_bootstrap_installs",
+            "New replicas installed from an object-storage checkpoint",
+            self.installs.clone(),
+        );
+        r.register(
+            "skv_bootstrap_bytes",
+            "Checkpoint object bytes installed by bootstraps",
+            self.bytes.clone(),
+        );
+        r.register("skv_bootstrap_keys", "Keys installed by bootstraps", self.keys.clone());
+        r.register(
+            "skv_bootstrap_duration_seconds",
+            "Time to download, check and install one checkpoint",
+            self.seconds.clone(),
+        );
+        r.register(
+            "skv_bootstrap_fallbacks",
+            "New replicas left to the leader's snapshot, by reason",
+            self.fallbacks.clone(),
+        );
+    }
+
+    fn fallback(&self, f: Fallback) {
+        self.fallbacks.get_or_create(&ReasonLabel { reason: f.label() }).inc();
+    }
+}
+
+/// What a bootstrap did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Installed { index: u64, keys: u64, bytes: u64 },
+    Fallback(Fallback),
+}
+
+/// Bootstraps new replicas of this store from object storage.
+pub struct Bootstrapper {
+    pub objects: Objects,
+    pub enabled: bool,
+    pub metrics: BootstrapMetrics,
+    /// Ranges bootstrapped recently (a snapshot install soon after is a `stale` fallback).
+    recent: parking_lot::Mutex<HashMap<RangeId, Instant>>,
+}
+
+impl Bootstrapper {
+    pub fn new(objects: Objects, enabled: bool, metrics: BootstrapMetrics) -> Arc<Self> {
+        Arc::new(Self {
+            objects,
+            enabled,
+            metrics,
+            recent: parking_lot::Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// A snapshot was installed on `range`: a fallback if it was bootstrapped recently.
+    pub fn on_snapshot_installed(&self, range: RangeId) {
+        let mut recent = self.recent.lock();
+        recent.retain(|_, t| t.elapsed() < STALE_WINDOW);
+        if recent.remove(&range).is_some() {
+            self.metrics.fallback(Fallback::Stale);
+            tracing::info!(range_id = %range, "bootstrapped replica still got the leader's snapshot (its log was purged past the checkpoint)");
+        }
+    }
+
+    /// Installs the latest checkpoint of `desc`'s range into the engine, if one fits; the
+    /// caller holds the node's creation lock and opens the replica afterwards (initialized
+    /// when this returns `Installed`).
+    pub async fn bootstrap(&self, node: &NodeInner, desc: &RangeDescriptor) -> Outcome {
+        let range = RangeId(desc.range_id);
+        let span = tracing::info_span!("bootstrap", range_id = %range, store_id = %node.store_id);
+        let started = Instant::now();
+        let out = if self.enabled {
+            self.bootstrap_inner(node, desc).instrument(span.clone()).await
+        } else {
+            Outcome::Fallback(Fallback::Disabled)
+        };
+        let _e = span.enter();
+        match out {
+            Outcome::Installed { index, keys, bytes } => {
+                self.metrics.installs.inc();
+                self.metrics.bytes.inc_by(bytes);
+                self.metrics.keys.inc_by(keys);
+                self.metrics.seconds.observe(started.elapsed().as_secs_f64());
+                self.recent.lock().insert(range, Instant::now());
+                tracing::info!(
+                    index,
+                    keys,
+                    bytes,
+                    ms = started.elapsed().as_millis() as u64,
+                    "replica bootstrapped from a checkpoint"
+                );
+            }
+            Outcome::Fallback(f) => {
+                self.metrics.fallback(f);
+                tracing::info!(
+                    reason = f.label(),
+                    "no bootstrap from object storage: the leader's snapshot is used"
+                );
+            }
+        }
+        out
+    }
+
+    async fn bootstrap_inner(&self, node: &NodeInner, desc: &RangeDescriptor) -> Outcome {
+        let range = RangeId(desc.range_id);
+        let manifest = match self.objects.read_manifest(range.0).await {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(error = %e, "range manifest not readable");
+                return Outcome::Fallback(Fallback::Unreadable);
+            }
+        };
+        let entry = match choose(desc, manifest.as_ref()) {
+            Ok(e) => e.clone(),
+            Err(f) => return Outcome::Fallback(f),
+        };
+        let Ok(_claim) = node.claim_install(range, &desc.start, &desc.end) else {
+            return Outcome::Fallback(Fallback::Overlap);
+        };
+        let engine = node.engine.clone();
+        match install(&engine, &self.objects, &entry, desc, node.store_id.0).await {
+            Ok((keys, bytes)) => Outcome::Installed {
+                index: entry.applied_index,
+                keys,
+                bytes,
+            },
+            Err(f) => {
+                if let Err(e) = abort_external_install(&engine, range, &desc.start, &desc.end) {
+                    tracing::error!(error = %e, "undoing a failed bootstrap failed; the next start undoes it");
+                }
+                Outcome::Fallback(f)
+            }
+        }
+    }
+}
+
+/// Downloads, checks and installs `entry` under the install marker; returns (keys, bytes).
+async fn install(
+    engine: &Arc<Engine>,
+    objects: &Objects,
+    entry: &CheckpointEntry,
+    desc: &RangeDescriptor,
+    store: u64,
+) -> Result<(u64, u64), Fallback> {
+    let range = RangeId(desc.range_id);
+    let io = |e: std::io::Error| {
+        tracing::warn!(error = %e, "bootstrap install failed");
+        Fallback::Unreadable
+    };
+    begin_external_install(engine, range, &desc.start, &desc.end).map_err(io)?;
+    engine.sync().await.map_err(io)?;
+    // Leftovers in the span (none expected: no live range overlaps it) are removed first.
+    {
+        let mut batch = engine.db.batch();
+        let mut touched = Vec::new();
+        for g in engine.data.range::<&[u8], _>(data_range(&desc.start, &desc.end)) {
+            let k = g.key().map_err(|e| io(crate::engine::io_err(e)))?;
+            batch.remove(&engine.data, k.to_vec());
+            touched.push(k.to_vec());
+        }
+        batch.commit().map_err(|e| io(crate::engine::io_err(e)))?;
+        engine.cache.invalidate(touched.iter().map(|k| &k[..]));
+    }
+    let mut state: Option<CheckpointState> = None;
+    let mut header_refusal: Option<Fallback> = None;
+    let mut batch = engine.db.batch();
+    let mut pending = 0usize;
+    let mut touched: Vec<Vec<u8>> = Vec::new();
+    let read = objects
+        .read_checkpoint_with_header(
+            entry,
+            |h| match check_header(h, entry, desc, store) {
+                Ok(s) => {
+                    state = Some(s);
+                    Ok(())
+                }
+                Err(f) => {
+                    header_refusal = Some(f);
+                    Err(format!("refused for bootstrap: {}", f.label()))
+                }
+            },
+            |block| {
+                for e in block {
+                    pending += e.key.len() + e.value.len();
+                    batch.insert(&engine.data, e.key.clone(), e.value);
+                    touched.push(e.key);
+                }
+                if pending >= INSTALL_BATCH_BYTES {
+                    std::mem::replace(&mut batch, engine.db.batch())
+                        .commit()
+                        .map_err(|e| e.to_string())?;
+                    engine.cache.invalidate(touched.iter().map(|k| &k[..]));
+                    touched.clear();
+                    pending = 0;
+                }
+                Ok(())
+            },
+        )
+        .await;
+    let summary = match read {
+        Ok(s) => s,
+        Err(e) => {
+            drop(batch);
+            tracing::warn!(path = %entry.path, error = %e, "checkpoint refused for bootstrap");
+            return Err(header_refusal.unwrap_or(match e {
+                ObjError::Store { .. } => Fallback::Unreadable,
+                _ => Fallback::Corrupt,
+            }));
+        }
+    };
+    let st = state.ok_or(Fallback::Corrupt)?;
+    // Everything in one last batch: the rest of the data, the applied state and descriptor
+    // of the checkpoint, no stale counters or Raft log of an older incarnation (the vote is
+    // kept: a replica never votes twice in a term), and the marker's removal.
+    let vote = raft_key(range, TAG_VOTE);
+    for g in engine.raft.prefix(range.0.to_be_bytes()) {
+        let k = g.key().map_err(|e| io(crate::engine::io_err(e)))?;
+        if k[..] != vote[..] {
+            batch.remove(&engine.raft, k);
+        }
+    }
+    batch.remove(&engine.meta, crate::stats::stats_key(range));
+    batch.insert(&engine.meta, applied_key(range), st.applied_raw.clone());
+    batch.insert(&engine.meta, desc_key(range), st.desc.encode_to_vec());
+    finish_external_install(engine, &mut batch, range);
+    batch.commit().map_err(|e| io(crate::engine::io_err(e)))?;
+    engine.cache.invalidate(touched.iter().map(|k| &k[..]));
+    engine.sync().await.map_err(io)?;
+    Ok((summary.entries, summary.size))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use skv_proto::internal::RangeEpoch;
+
+    fn desc(version: u64) -> RangeDescriptor {
+        RangeDescriptor {
+            range_id: 9,
+            start: b"a".to_vec(),
+            end: b"m".to_vec(),
+            epoch: Some(RangeEpoch { conf_ver: 3, version }),
+            replicas: Vec::new(),
+        }
+    }
+
+    fn applied_raw(index: u64, term: u64) -> Vec<u8> {
+        let l = openraft::LogId::new(openraft::impls::leader_id_adv::LeaderId { term, node_id: 2 }, index);
+        let voters: std::collections::BTreeSet<u64> = [2, 3].into_iter().collect();
+        let m =
+            super::super::StoredMembership::new(Some(l), super::super::Membership::new_with_defaults(vec![voters], []));
+        super::super::state_machine::encode_applied(Some(l), m).unwrap()
+    }
+
+    fn entry(index: u64, version: u64) -> CheckpointEntry {
+        CheckpointEntry {
+            path: "p".into(),
+            range_id: 9,
+            generation: 4,
+            conf_ver: 3,
+            epoch_version: version,
+            applied_index: index,
+            applied_term: 4,
+            start_hex: hex(b"a"),
+            end_hex: hex(b"m"),
+            size: 1,
+            key_count: 1,
+            checksum: "0".into(),
+            created_unix_ms: 1,
+        }
+    }
+
+    fn manifest(entries: Vec<CheckpointEntry>) -> RangeManifest {
+        let mut m = RangeManifest::new(9);
+        for e in entries {
+            m.add(e).unwrap();
+        }
+        m
+    }
+
+    #[test]
+    fn the_applied_state_round_trips_through_the_descriptor_bytes_and_restore_still_decodes_them() {
+        let raw = applied_raw(1234, 4);
+        let b = descriptor_with_applied(&desc(2), &raw);
+        // A reader that only wants the descriptor (restore) decodes it unchanged.
+        assert_eq!(RangeDescriptor::decode(&b[..]).unwrap(), desc(2));
+        let st = parse_checkpoint_descriptor(&b).unwrap();
+        assert_eq!((st.applied_index, st.applied_term), (1234, 4));
+        assert_eq!(st.applied_raw, raw);
+        assert_eq!(st.desc, desc(2));
+        // Without the extension (an older checkpoint): no bootstrap.
+        assert_eq!(
+            parse_checkpoint_descriptor(&desc(2).encode_to_vec()).err(),
+            Some(Fallback::NoAppliedState)
+        );
+        // Garbage never panics.
+        for cut in 0..b.len() {
+            let _ = parse_checkpoint_descriptor(&b[..cut]);
+        }
+        assert!(parse_checkpoint_descriptor(&[0xff, 0xff, 0xff]).is_err());
+    }
+
+    #[test]
+    fn bootstrap_is_tried_only_for_a_new_replica_with_object_storage() {
+        assert_eq!(
+            attempt(false, true, false, false),
+            Attempt::NotApplicable,
+            "no object store"
+        );
+        assert_eq!(
+            attempt(true, true, true, false),
+            Attempt::NotApplicable,
+            "a new range initializes"
+        );
+        assert_eq!(
+            attempt(true, true, false, true),
+            Attempt::NotApplicable,
+            "already holds the range"
+        );
+        assert_eq!(attempt(true, false, false, false), Attempt::Refused(Fallback::Disabled));
+        assert_eq!(attempt(true, true, false, false), Attempt::Try);
+    }
+
+    #[test]
+    fn the_latest_checkpoint_is_chosen_only_at_the_same_range_version_and_span() {
+        assert_eq!(choose(&desc(2), None).err(), Some(Fallback::NoCheckpoint));
+        assert_eq!(
+            choose(&desc(2), Some(&manifest(vec![]))).err(),
+            Some(Fallback::NoCheckpoint)
+        );
+        let m = manifest(vec![entry(100, 2), entry(200, 2)]);
+        assert_eq!(choose(&desc(2), Some(&m)).unwrap().applied_index, 200);
+        // A split or merge since the checkpoint: its span is not the range's any more.
+        assert_eq!(choose(&desc(3), Some(&m)).err(), Some(Fallback::OtherEpoch));
+        let mut other_span = desc(2);
+        other_span.end = b"z".to_vec();
+        assert_eq!(choose(&other_span, Some(&m)).err(), Some(Fallback::OtherEpoch));
+        // A membership change since (conf_ver) does not matter: the log replays it.
+        let mut newer_conf = desc(2);
+        newer_conf.epoch = Some(RangeEpoch {
+            conf_ver: 7,
+            version: 2,
+        });
+        assert!(choose(&newer_conf, Some(&m)).is_ok());
+    }
+
+    #[test]
+    fn a_header_must_match_its_entry_and_the_descriptor_asked_for() {
+        let e = entry(200, 2);
+        let h = |index: u64, raw_index: u64, version: u64| CheckpointHeader {
+            range_id: 9,
+            generation: 4,
+            conf_ver: 3,
+            epoch_version: version,
+            applied_index: index,
+            applied_term: 4,
+            created_unix_ms: 1,
+            start: b"a".to_vec(),
+            end: b"m".to_vec(),
+            descriptor: descriptor_with_applied(&desc(version), &applied_raw(raw_index, 4)),
+        };
+        assert_eq!(
+            check_header(&h(200, 200, 2), &e, &desc(2), 1).unwrap().applied_index,
+            200
+        );
+        assert_eq!(
+            check_header(&h(200, 199, 2), &e, &desc(2), 1).err(),
+            Some(Fallback::Corrupt)
+        );
+        assert_eq!(
+            check_header(&h(201, 201, 2), &e, &desc(2), 1).err(),
+            Some(Fallback::Corrupt)
+        );
+        assert_eq!(
+            check_header(&h(200, 200, 3), &e, &desc(2), 1).err(),
+            Some(Fallback::OtherEpoch)
+        );
+        // A checkpoint whose membership makes this store (2) a voter is not installed.
+        assert_eq!(
+            check_header(&h(200, 200, 2), &e, &desc(2), 2).err(),
+            Some(Fallback::Member)
+        );
+        let mut no_state = h(200, 200, 2);
+        no_state.descriptor = desc(2).encode_to_vec();
+        assert_eq!(
+            check_header(&no_state, &e, &desc(2), 1).err(),
+            Some(Fallback::NoAppliedState)
+        );
+    }
+
+    #[test]
+    fn every_fallback_has_a_distinct_label() {
+        let mut labels: Vec<_> = Fallback::ALL.iter().map(|f| f.label()).collect();
+        labels.sort();
+        labels.dedup();
+        assert_eq!(labels.len(), Fallback::ALL.len());
+    }
+}

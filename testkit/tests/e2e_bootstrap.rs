@@ -1,0 +1,461 @@
+//! Replicas that bootstrap from object storage (issue 11, ADR 0027), with real processes:
+//! etcd, placement, storenodes with `--object-store-url` on a real S3 server (s3s-fs), a
+//! proxy. A replica moved to a new store installs the range's latest checkpoint and catches
+//! up from the leader's log; the leader's outbound snapshot bytes
+//! (`skv_storenode_raft_snapshot_sent_bytes_total`, summed over every store) are compared
+//! with the same move to a store started with `--bootstrap-from-checkpoints=false`, and with
+//! moves whose checkpoint is corrupt or missing (the leader's snapshot is the fallback).
+//! Run with `--no-capture` to see the figures.
+
+use futures::StreamExt;
+use skv_objstore::{ObjMetrics, Objects};
+use skv_proto::internal::placement_client::PlacementClient;
+use skv_proto::internal::{
+    AdminMoveReplicaRequest, AdminTransferLeaderRequest, GetStoresRequest, RangeInfo, ReplicaRole, ScanRangesRequest,
+    SetSchedulerPausedRequest,
+};
+use skv_testkit::cluster::{ProcCluster, admin};
+use skv_testkit::s3::S3Server;
+use skv_testkit::{free_port, wait_until};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic::transport::Channel;
+
+const URL: &str = "s3://skv/cluster";
+
+async fn http_get(addr: &str, path: &str) -> Option<String> {
+    let mut s = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr))
+        .await
+        .ok()?
+        .ok()?;
+    let req = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.ok()?;
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf))
+        .await
+        .ok()?
+        .ok()?;
+    let text = String::from_utf8_lossy(&buf).to_string();
+    text.split_once("\r\n\r\n").map(|(_, b)| b.to_string())
+}
+
+/// The value of one series (`name` with exactly these labels, e.g. `{reason="corrupt"}`).
+fn series(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
+        .filter_map(|v| v.trim().parse::<f64>().ok())
+        .sum()
+}
+
+struct Env {
+    c: ProcCluster,
+    s3: S3Server,
+    o: Objects,
+    pd: PlacementClient<Channel>,
+}
+
+impl Env {
+    async fn start(keys: usize) -> Env {
+        let s3 = S3Server::start(&["skv"]);
+        let args = [
+            "--object-store-url",
+            URL,
+            "--checkpoint-interval-secs",
+            "2",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ]
+        .map(String::from)
+        .to_vec();
+        let c = ProcCluster::start_with(3, true, args, s3.env()).await;
+        let o = Objects::open_with_vars(&URL.parse().unwrap(), s3.env(), ObjMetrics::new())
+            .await
+            .unwrap_or_else(|e| panic!("open: {e}"));
+        let mut pd = PlacementClient::connect(c.placement_url())
+            .await
+            .unwrap_or_else(|e| panic!("placement: {e}"));
+        // No split, merge or balance move while the test moves replicas itself.
+        pd.set_scheduler_paused(admin(SetSchedulerPausedRequest { paused: true }))
+            .await
+            .unwrap_or_else(|e| panic!("pause: {e}"));
+        let mut env = Env { c, s3, o, pd };
+        env.write(keys).await;
+        env
+    }
+
+    /// `keys` keys of 100 bytes in batches, four writers.
+    async fn write(&mut self, keys: usize) {
+        let client = self.c.client("boot", "write").await;
+        let started = Instant::now();
+        let mut tasks = Vec::new();
+        for w in 0..4 {
+            let client = client.clone();
+            tasks.push(tokio::spawn(async move {
+                for chunk in (0..keys).filter(|i| i / 1000 % 4 == w).collect::<Vec<_>>().chunks(1000) {
+                    let pairs: Vec<(Vec<u8>, Vec<u8>)> = chunk.iter().map(|i| (key(*i), value(*i))).collect();
+                    let res = client
+                        .batch_put(pairs)
+                        .await
+                        .unwrap_or_else(|e| panic!("batch put: {e}"));
+                    assert!(res.iter().all(|r| r.is_ok()), "a put of the batch failed");
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap_or_else(|e| panic!("writer: {e}"));
+        }
+        println!("wrote {keys} keys in {:.1} s", started.elapsed().as_secs_f64());
+    }
+
+    /// The range holding the test's keys (the only one with that many keys checkpointed)
+    /// once its latest checkpoint covers `keys` keys and did not change for 3 s (no entry
+    /// applied since: the leader's log holds everything after it). Returns (range, path, index).
+    async fn settled_checkpoint(&self, keys: u64, newer_than: u64) -> (u64, String, u64) {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        let mut last: Option<(u64, String, u64)> = None;
+        let mut since = Instant::now();
+        loop {
+            assert!(
+                Instant::now() < deadline,
+                "no settled checkpoint of {keys} keys after index {newer_than}"
+            );
+            let cur = self.latest_checkpoint(keys).await.filter(|c| c.2 > newer_than);
+            if cur.is_some() && cur == last {
+                if since.elapsed() >= Duration::from_secs(3) {
+                    return cur.unwrap_or_default();
+                }
+            } else {
+                last = cur;
+                since = Instant::now();
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// (range, path, index) of the latest checkpoint with the most keys, at least `keys`.
+    async fn latest_checkpoint(&self, keys: u64) -> Option<(u64, String, u64)> {
+        let mut best: Option<(u64, String, u64, u64)> = None;
+        for (rel, _, _) in self.o.list("manifests/ranges").await.ok()? {
+            let Ok(id) = rel
+                .trim_start_matches("manifests/ranges/")
+                .trim_end_matches(".json")
+                .parse::<u64>()
+            else {
+                continue;
+            };
+            let Ok(Some(m)) = self.o.read_manifest(id).await else {
+                continue;
+            };
+            let Some(l) = m.latest() else { continue };
+            if l.key_count >= keys && best.as_ref().is_none_or(|b| l.key_count > b.3) {
+                best = Some((id, l.path.clone(), l.applied_index, l.key_count));
+            }
+        }
+        best.map(|(id, path, index, _)| (id, path, index))
+    }
+
+    async fn range(&mut self, id: u64) -> RangeInfo {
+        let r = self
+            .pd
+            .scan_ranges(ScanRangesRequest {
+                start: Vec::new(),
+                end: Vec::new(),
+                limit: 0,
+            })
+            .await
+            .unwrap_or_else(|e| panic!("scan ranges: {e}"))
+            .into_inner();
+        r.ranges
+            .into_iter()
+            .find(|r| r.descriptor.as_ref().is_some_and(|d| d.range_id == id))
+            .unwrap_or_else(|| panic!("range {id} not in the range map"))
+    }
+
+    /// (store id, metrics address) of every store placement knows.
+    async fn stores(&mut self) -> Vec<(u64, String)> {
+        self.pd
+            .get_stores(GetStoresRequest::default())
+            .await
+            .map(|r| {
+                r.into_inner()
+                    .stores
+                    .into_iter()
+                    .map(|s| (s.store_id, s.metrics_address))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    async fn metrics_of(&mut self, store: u64) -> String {
+        let addr = self
+            .stores()
+            .await
+            .into_iter()
+            .find(|(id, _)| *id == store)
+            .map(|(_, a)| a)
+            .unwrap_or_default();
+        http_get(&addr, "/metrics").await.unwrap_or_default()
+    }
+
+    /// Snapshot bytes sent by every store so far.
+    async fn snapshot_bytes_sent(&mut self) -> f64 {
+        let mut total = 0.0;
+        for (_, addr) in self.stores().await {
+            let m = http_get(&addr, "/metrics")
+                .await
+                .unwrap_or_else(|| panic!("metrics of {addr} not readable"));
+            total += series(&m, "skv_storenode_raft_snapshot_sent_bytes_total");
+        }
+        total
+    }
+
+    /// Snapshot bytes sent since `before`, once settled: a placement move can finish (the
+    /// range map shows the new voter) before the leader's snapshot stream ends, so the total
+    /// is read until it stopped moving for 2 s (and, when a snapshot is expected, moved).
+    async fn sent_since(&mut self, before: f64, expect_snapshot: bool) -> f64 {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut last = -1.0;
+        let mut since = Instant::now();
+        loop {
+            let v = self.snapshot_bytes_sent().await - before;
+            if v != last {
+                last = v;
+                since = Instant::now();
+            } else if since.elapsed() >= Duration::from_secs(2) && (!expect_snapshot || v > 0.0) {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "snapshot bytes did not settle ({v} B sent)");
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// Starts one more storenode with `extra` flags; returns its store id once registered.
+    async fn add_store(&mut self, extra: &[&str]) -> u64 {
+        let before: Vec<u64> = self.stores().await.into_iter().map(|(id, _)| id).collect();
+        let i = self.c.stores.len();
+        self.c.store_ports.push(free_port());
+        self.c.stores.push(None);
+        let n = self.c.store_args.len();
+        self.c.store_args.extend(extra.iter().map(|s| s.to_string()));
+        self.c.start_store(i);
+        self.c.store_args.truncate(n);
+        let pd = self.pd.clone();
+        wait_until("the new store to register", Duration::from_secs(30), || {
+            let mut pd = pd.clone();
+            let before = before.clone();
+            async move {
+                let stores = pd
+                    .get_stores(GetStoresRequest::default())
+                    .await
+                    .ok()?
+                    .into_inner()
+                    .stores;
+                stores
+                    .into_iter()
+                    .find(|s| !before.contains(&s.store_id) && !s.metrics_address.is_empty())
+                    .map(|s| s.store_id)
+            }
+        })
+        .await
+    }
+
+    /// Moves `range`'s replica from `from` to `to` and waits until the range map shows it;
+    /// returns the seconds it took.
+    async fn move_replica(&mut self, range: u64, from: u64, to: u64) -> f64 {
+        let started = Instant::now();
+        self.pd
+            .move_replica(admin(AdminMoveReplicaRequest {
+                range_id: range,
+                from_store_id: from,
+                to_store_id: to,
+            }))
+            .await
+            .unwrap_or_else(|e| panic!("move {range} {from}->{to}: {e}"));
+        let pd = self.pd.clone();
+        wait_until("the move to finish", Duration::from_secs(60), || {
+            let mut pd = pd.clone();
+            async move {
+                let r = pd
+                    .scan_ranges(ScanRangesRequest::default())
+                    .await
+                    .ok()?
+                    .into_inner()
+                    .ranges
+                    .into_iter()
+                    .find(|r| r.descriptor.as_ref().is_some_and(|d| d.range_id == range))?;
+                let d = r.descriptor?;
+                let voter = d
+                    .replicas
+                    .iter()
+                    .any(|x| x.store_id == to && x.role == ReplicaRole::Voter as i32);
+                let gone = !d.replicas.iter().any(|x| x.store_id == from);
+                (voter && gone && d.replicas.len() == 3).then_some(())
+            }
+        })
+        .await;
+        started.elapsed().as_secs_f64()
+    }
+
+    /// A voter of `range` that does not lead it, among `prefer` if possible.
+    async fn follower(&mut self, range: u64, avoid: &[u64]) -> u64 {
+        let r = self.range(range).await;
+        let d = r.descriptor.unwrap_or_default();
+        d.replicas
+            .iter()
+            .map(|x| x.store_id)
+            .find(|s| *s != r.leader_store_id && !avoid.contains(s))
+            .unwrap_or_else(|| panic!("no follower of range {range} outside {avoid:?}: {d:?}"))
+    }
+
+    /// Makes `store` the range's leader, then reads every key through the proxy (a scan is
+    /// served by the leader after ReadIndex).
+    async fn serves_every_key_from(&mut self, range: u64, store: u64, keys: usize) {
+        let pd = self.pd.clone();
+        wait_until("leadership on the new replica", Duration::from_secs(30), || {
+            let mut pd = pd.clone();
+            async move {
+                let _ = pd
+                    .transfer_leader(admin(AdminTransferLeaderRequest {
+                        range_id: range,
+                        to_store_id: store,
+                    }))
+                    .await;
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                let r = pd
+                    .scan_ranges(ScanRangesRequest::default())
+                    .await
+                    .ok()?
+                    .into_inner()
+                    .ranges
+                    .into_iter()
+                    .find(|r| r.descriptor.as_ref().is_some_and(|d| d.range_id == range))?;
+                (r.leader_store_id == store).then_some(())
+            }
+        })
+        .await;
+        let client = self.c.client("boot", "read").await;
+        let mut s = client.scan(..);
+        let mut n = 0usize;
+        while let Some(kv) = s.next().await {
+            let kv = kv.unwrap_or_else(|e| panic!("scan: {e}"));
+            assert_eq!(kv.key, key(n), "key {n}");
+            assert_eq!(kv.value, value(n), "value of key {n}");
+            assert_eq!(kv.version, 1);
+            n += 1;
+        }
+        assert_eq!(n, keys, "every key is served with the new replica leading");
+    }
+}
+
+fn key(i: usize) -> Vec<u8> {
+    format!("key{i:07}").into_bytes()
+}
+
+fn value(i: usize) -> Vec<u8> {
+    let mut v = format!("{i:07}-").into_bytes();
+    v.resize(100, b'v');
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_moved_replica_bootstraps_from_the_checkpoint_and_the_leader_sends_only_the_tail() {
+    const KEYS: usize = 100_000;
+    let started = Instant::now();
+    let mut env = Env::start(KEYS).await;
+    let (range, path, index) = env.settled_checkpoint(KEYS as u64, 0).await;
+    println!("range {range}: checkpoint {path} at index {index}");
+
+    // 1. The checkpoint object is corrupt: refused by its checksum, the leader's snapshot
+    //    is sent instead.
+    let file = env.s3.dir.path().join("skv/cluster").join(&path);
+    let mut bytes = std::fs::read(&file).unwrap_or_else(|e| panic!("read {}: {e}", file.display()));
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x55;
+    std::fs::write(&file, &bytes).unwrap_or_else(|e| panic!("write: {e}"));
+    let corrupt_store = env.add_store(&[]).await;
+    let from = env.follower(range, &[]).await;
+    let before = env.snapshot_bytes_sent().await;
+    let secs_corrupt = env.move_replica(range, from, corrupt_store).await;
+    let sent_corrupt = env.sent_since(before, true).await;
+    let m = env.metrics_of(corrupt_store).await;
+    assert_eq!(
+        series(&m, "skv_bootstrap_fallbacks_total{reason=\"corrupt\"}"),
+        1.0,
+        "{m}"
+    );
+    assert_eq!(series(&m, "skv_bootstrap_installs_total"), 0.0);
+
+    // The move applied entries: a new, good checkpoint follows.
+    let (_, path2, index2) = env.settled_checkpoint(KEYS as u64, index).await;
+    println!("range {range}: checkpoint {path2} at index {index2}");
+
+    // 2. Bootstrap: the new replica installs the checkpoint; the leader sends no snapshot.
+    let boot_store = env.add_store(&[]).await;
+    let from = env.follower(range, &[corrupt_store]).await;
+    let before = env.snapshot_bytes_sent().await;
+    let secs_boot = env.move_replica(range, from, boot_store).await;
+    let sent_boot = env.sent_since(before, false).await;
+    let m = env.metrics_of(boot_store).await;
+    assert_eq!(series(&m, "skv_bootstrap_installs_total"), 1.0, "{m}");
+    assert!(series(&m, "skv_bootstrap_keys_total") >= KEYS as f64, "{m}");
+    let downloaded = series(&m, "skv_bootstrap_bytes_total");
+    assert_eq!(series(&m, "skv_bootstrap_fallbacks_total{reason=\"stale\"}"), 0.0);
+
+    // 3. The same move to a store with bootstrap disabled: the leader's snapshot.
+    let off_store = env.add_store(&["--bootstrap-from-checkpoints=false"]).await;
+    let before = env.snapshot_bytes_sent().await;
+    let secs_off = env.move_replica(range, corrupt_store, off_store).await;
+    let sent_off = env.sent_since(before, true).await;
+    let m = env.metrics_of(off_store).await;
+    assert_eq!(
+        series(&m, "skv_bootstrap_fallbacks_total{reason=\"disabled\"}"),
+        1.0,
+        "{m}"
+    );
+
+    println!(
+        "leader's outbound snapshot bytes for a {KEYS}-key range: bootstrapped {sent_boot:.0} B \
+         (move {secs_boot:.1} s; {downloaded:.0} B read from object storage), bootstrap disabled \
+         {sent_off:.0} B (move {secs_off:.1} s), corrupt checkpoint {sent_corrupt:.0} B (move {secs_corrupt:.1} s)"
+    );
+    assert!(sent_off > 5_000_000.0, "the fallback sends the range ({sent_off} B)");
+    assert!(
+        sent_corrupt > 5_000_000.0,
+        "a corrupt checkpoint falls back ({sent_corrupt} B)"
+    );
+    assert!(
+        sent_boot < sent_off / 10.0,
+        "bootstrap must send far less: {sent_boot} vs {sent_off}"
+    );
+
+    // The bootstrapped replica holds every key: it leads and serves them all.
+    env.serves_every_key_from(range, boot_store, KEYS).await;
+    println!("total {:.1} s", started.elapsed().as_secs_f64());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn without_a_checkpoint_the_new_replica_gets_the_leaders_snapshot() {
+    const KEYS: usize = 3_000;
+    let mut env = Env::start(KEYS).await;
+    let (range, _, _) = env.settled_checkpoint(KEYS as u64, 0).await;
+    // The manifest goes away (a bucket emptied by hand, a lifecycle rule): no checkpoint.
+    env.o
+        .delete(&skv_objstore::manifest_path(range))
+        .await
+        .unwrap_or_else(|e| panic!("delete manifest: {e}"));
+    let to = env.add_store(&[]).await;
+    let from = env.follower(range, &[]).await;
+    let before = env.snapshot_bytes_sent().await;
+    env.move_replica(range, from, to).await;
+    let sent = env.sent_since(before, true).await;
+    let m = env.metrics_of(to).await;
+    assert_eq!(
+        series(&m, "skv_bootstrap_fallbacks_total{reason=\"no_checkpoint\"}"),
+        1.0,
+        "{m}"
+    );
+    assert_eq!(series(&m, "skv_bootstrap_installs_total"), 0.0);
+    assert!(sent > 100_000.0, "the leader sent its snapshot ({sent} B)");
+    println!("no checkpoint: the leader sent {sent:.0} snapshot bytes");
+    env.serves_every_key_from(range, to, KEYS).await;
+}
