@@ -2,19 +2,28 @@
 //! mount, which holds what was not fsynced in memory. Clients write; then the plug is
 //! pulled on the whole cluster at once (every storenode frozen with SIGSTOP, every lazyfs
 //! drops its unsynced writes, the storenodes are killed), the filesystems are mounted again
-//! on what survived, the storenodes restart, and every acknowledged write is read back.
+//! on what survived, the storenodes restart, and everything is read back. Two workloads run
+//! side by side: writers of unique keys (each acknowledged put must read back), and
+//! recording clients on a few contended keys (get, put, CAS, delete, conditional writes)
+//! whose whole history, final reads included, goes through the linearizability checker.
 //!
-//! - fsync working: no acknowledged write is lost.
+//! - fsync working: no acknowledged write is lost, and the history is linearizable.
 //! - fsync skipped (`FAILPOINTS=storenode::log::skip_fsync=return`, binaries built with
-//!   `--features skv-storenode/failpoints`): acknowledged writes are lost, which shows the
-//!   filesystem really drops what was not synced (kill -9 alone keeps the page cache, so
-//!   the other kill tests would pass with every fsync removed).
+//!   `--features skv-storenode/failpoints`): acknowledged writes are lost and the checker
+//!   says so, which shows the filesystem really drops what was not synced (kill -9 alone
+//!   keeps the page cache, so the other kill tests would pass with every fsync removed).
 //!
 //! Needs /dev/fuse and root (or fusermount3), etcd, and `cargo build --bins`.
 
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use skv_chaos::checker::{CheckOptions, Report, check, describe};
+use skv_chaos::history::{History, Input, Op, Output};
+use skv_chaos::recorder::{Recorder, RecordingClient};
+use skv_chaos::runner::lost_writes;
 use skv_testkit::cluster::{ProcCluster, TEST_SECRET};
 use skv_testkit::{ChildGuard, Etcd, bin_path, free_port, wait_until};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -148,6 +157,51 @@ struct Outcome {
     /// Could not be read within the time allowed.
     unreadable: usize,
     dropped_bytes: u64,
+    /// The contended keys' history (final reads included) and its check.
+    history: History,
+    report: Report,
+    /// Acknowledged writes of the contended keys that the final reads contradict.
+    contended_lost: Vec<String>,
+}
+
+/// Contended keys of the recorded workload.
+const KEYS: [&str; 4] = ["c0", "c1", "c2", "c3"];
+
+/// One recording client: random operations on the contended keys until told to stop;
+/// conditions mostly name the version it saw last, so some succeed.
+async fn contended_loop(c: RecordingClient, seed: u64, stop: Arc<AtomicBool>) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut seen: HashMap<usize, u64> = HashMap::new();
+    while !stop.load(Ordering::Relaxed) {
+        let k = rng.random_range(0..KEYS.len());
+        let guess = seen.get(&k).copied().unwrap_or(0);
+        let value = c.recorder().fresh_value();
+        let input = match rng.random_range(0..100) {
+            0..35 => Input::Get,
+            35..60 => Input::Put { value },
+            60..80 => Input::Cas { expected: guess, value },
+            80..88 => Input::Delete,
+            88..94 => Input::PutIfVersion { value, version: guess },
+            _ => Input::DeleteIfVersion { version: guess },
+        };
+        let op = c.invoke(KEYS[k], input).await;
+        match op.output() {
+            Some(Output::Read { found }) => {
+                seen.insert(k, found.map_or(0, |f| f.version));
+            }
+            Some(Output::Written { version }) => {
+                seen.insert(k, *version);
+            }
+            Some(Output::Deleted { .. }) => {
+                seen.insert(k, 0);
+            }
+            Some(Output::ConditionFailed { current: Some(v) }) => {
+                seen.insert(k, *v);
+            }
+            Some(Output::ConditionFailed { current: None }) => {}
+            None => tokio::time::sleep(Duration::from_millis(rng.random_range(20..100))).await,
+        }
+    }
 }
 
 /// Starts storenode `i` on its (mounted) data directory, with `env`.
@@ -279,6 +333,14 @@ async fn run(skip_fsync: bool) -> Outcome {
             }
         }));
     }
+    // Recording clients on the contended keys. A write the SDK calls a definite failure is
+    // recorded as unknown: this test is about durability, not about error classes.
+    let rec = Recorder::new(false);
+    let mut contended = Vec::new();
+    for id in 0..4u32 {
+        let rc = rec.client(c.client("power", "write").await, id);
+        contended.push(tokio::spawn(contended_loop(rc, 30 + u64::from(id), stop.clone())));
+    }
     // Writes flow for a while; the plug is pulled while they still do.
     wait_until("1000 acknowledged writes", Duration::from_secs(40), || {
         let acked = acked.clone();
@@ -359,6 +421,46 @@ async fn run(skip_fsync: bool) -> Outcome {
         out.lost.len(),
         out.unreadable
     );
+    // The contended clients end their last calls (those in flight at the power loss end
+    // as failures or complete on the rebooted cluster), then each key is read until a
+    // read succeeds, and the whole history is checked.
+    for t in contended {
+        let _ = tokio::time::timeout(Duration::from_secs(30), t).await;
+    }
+    let reader = rec.client(c.client("power", "read").await, 99);
+    let mut final_reads: HashMap<String, Op> = HashMap::new();
+    let final_deadline = Instant::now() + Duration::from_secs(if skip_fsync { 15 } else { 40 });
+    for k in KEYS {
+        while Instant::now() < final_deadline {
+            let op = reader.invoke(k, Input::Get).await;
+            if op.output().is_some() {
+                final_reads.insert(k.to_string(), op);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    out.history = History {
+        ops: rec.ops(),
+        nemesis: Vec::new(),
+    };
+    out.report = check(&out.history, &CheckOptions::default());
+    out.contended_lost = lost_writes(&out.history.ops, &final_reads);
+    let answered = out
+        .history
+        .ops
+        .iter()
+        .filter(|o| o.input.is_write() && o.output().is_some())
+        .count();
+    eprintln!(
+        "contended keys: {} calls ({answered} writes answered), {} of {} keys read back, {} violations, {} undecided, {} acknowledged writes lost",
+        out.history.ops.len(),
+        final_reads.len(),
+        KEYS.len(),
+        out.report.violations.len(),
+        out.report.undecided.len(),
+        out.contended_lost.len()
+    );
     for i in 0..3 {
         c.kill_store(i);
     }
@@ -385,9 +487,32 @@ async fn power_loss_loses_no_acknowledged_write() {
         out.unreadable
     );
     assert_eq!(out.intact, out.acked);
+    assert!(
+        out.history.ops.len() > 100,
+        "the contended workload made only {} calls",
+        out.history.ops.len()
+    );
+    let described: Vec<String> = out
+        .report
+        .violations
+        .iter()
+        .map(|v| describe(v, &out.history))
+        .collect();
+    assert!(
+        out.report.is_linearizable(),
+        "the history across the power loss is not linearizable:\n{}\nundecided: {:?}",
+        described.join("\n"),
+        out.report.undecided
+    );
+    assert!(
+        out.contended_lost.is_empty(),
+        "acknowledged writes of contended keys lost: {:?}",
+        out.contended_lost
+    );
     eprintln!(
-        "fsync on: 0 of {} acknowledged writes lost, {:?}",
+        "fsync on: 0 of {} acknowledged writes lost, {} contended calls linearizable, {:?}",
         out.acked,
+        out.history.ops.len(),
         started.elapsed()
     );
 }
@@ -411,6 +536,21 @@ async fn power_loss_with_fsync_skipped_loses_acknowledged_writes() {
         out.intact, 0,
         "{} acknowledged writes survived although none was fsynced",
         out.intact
+    );
+    // The checker sees it too: the final reads contradict acknowledged writes.
+    assert!(
+        !out.report.is_linearizable(),
+        "the checker found the history linearizable although writes were lost"
+    );
+    assert!(
+        !out.contended_lost.is_empty(),
+        "no acknowledged write of the contended keys was lost with fsync skipped"
+    );
+    eprintln!(
+        "contended keys: {} violations, {} lost writes, e.g. {:?}",
+        out.report.violations.len(),
+        out.contended_lost.len(),
+        out.contended_lost.first()
     );
     eprintln!(
         "fsync skipped: {} of {} acknowledged writes lost ({} unreadable), {:?}",
