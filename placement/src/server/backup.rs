@@ -104,6 +104,17 @@ impl Default for BackupMetrics {
 
 impl BackupMetrics {
     pub fn register(&self, r: &mut Registry) {
+        // Every series exists from the start (dashboards and alerts see zeros, not nothing).
+        for op in ["backup", "restore"] {
+            for outcome in ["ok", "failed"] {
+                let _ = self.runs.get_or_create(&OpOutcome { op, outcome });
+            }
+            let _ = self.seconds.get_or_create(&OpLabel { op });
+            let _ = self.bytes.get_or_create(&OpLabel { op });
+            let _ = self.keys.get_or_create(&OpLabel { op });
+            let _ = self.ranges.get_or_create(&OpLabel { op });
+            let _ = self.running.get_or_create(&OpLabel { op });
+        }
         r.register(
             "skv_backup_runs",
             "Backups and restores finished, by op (backup, restore) and outcome",
@@ -1003,6 +1014,24 @@ mod tests {
         assert_eq!(new_backup_id(1_709_251_199_000, 0), "20240229-235959-0000");
         assert!(new_backup_id(1_000_000_000_000, 0xffff) < new_backup_id(1_000_000_001_000, 0));
         assert!(valid_backup_id(&new_backup_id(now_ms(), rand::random())));
+    }
+
+    #[test]
+    fn backup_series_exist_from_the_start_beside_the_placement_ones() {
+        let (_, mut registry) = crate::metrics::Metrics::new_registry();
+        BackupMetrics::default().register(&mut registry);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        for want in [
+            "skv_placement_is_leader 0",
+            "skv_backup_runs_total{op=\"backup\",outcome=\"ok\"} 0",
+            "skv_backup_runs_total{op=\"restore\",outcome=\"failed\"} 0",
+            "skv_backup_duration_seconds_bucket{le=\"0.1\",op=\"restore\"} 0",
+            "skv_backup_running{op=\"backup\"} 0",
+            "skv_backup_keys_total{op=\"restore\"} 0",
+        ] {
+            assert!(text.contains(want), "{want} missing from:\n{text}");
+        }
     }
 
     #[test]
