@@ -277,6 +277,31 @@ mod tests {
     use super::*;
     use clap::Parser;
 
+    #[tokio::test]
+    async fn a_bad_object_store_url_fails_the_start_with_one_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = Config::for_test(dir.path().join("pd"), vec![], "/t");
+        c.object_store_url = Some(format!("file://{}/missing", dir.path().display()));
+        let err = start(c.clone())
+            .await
+            .err()
+            .map(|e| format!("{e:#}"))
+            .unwrap_or_default();
+        assert!(err.contains("does not exist"), "{err}");
+        c.object_store_url = Some("ftp://host/x".into());
+        let err = start(c.clone())
+            .await
+            .err()
+            .map(|e| format!("{e:#}"))
+            .unwrap_or_default();
+        assert!(err.contains("is not supported"), "{err}");
+        // An existing directory starts.
+        let objects = tempfile::tempdir().unwrap();
+        c.object_store_url = Some(format!("file://{}", objects.path().display()));
+        let h = start(c).await.unwrap();
+        h.shutdown().await.unwrap();
+    }
+
     #[test]
     fn flags_and_defaults() {
         let c = Config::try_parse_from([
