@@ -34,15 +34,18 @@ pub const APPEND_ERROR: &str = "storenode::log::append_error";
 pub const SKIP_READ_INDEX: &str = "storenode::read::skip_read_index";
 /// After a log append is written (readable), before the fsync that makes it durable.
 pub const AFTER_APPEND_BEFORE_FSYNC: &str = "storenode::log::after_append_before_fsync";
-/// Inside apply: after the entries' changes are built, before their batch commits.
+/// Inside apply: after a run of writes is built into a batch, before it commits.
 pub const MID_APPLY: &str = "storenode::apply::before_commit";
-/// Inside a split's apply, before its batch commits.
+/// Inside a split's apply: the batch holds both halves' descriptors and the right half's
+/// seeded Raft state, not committed yet.
 pub const MID_SPLIT: &str = "storenode::split::before_commit";
-/// Inside a merge's commit on the target, before its batch commits.
+/// Inside a merge's commit on the target: the source's data and the widened descriptor
+/// are in the batch, not committed yet.
 pub const MID_MERGE: &str = "storenode::merge::before_commit";
-/// Inside a snapshot install, after the file is received, before the engine is changed.
+/// Inside a snapshot install: the file is received and checked and the redo marker is
+/// durable; the engine is not changed yet.
 pub const MID_SNAPSHOT_INSTALL: &str = "storenode::snapshot::mid_install";
-/// Inside a checkpoint upload, after the object is written, before the manifest names it.
+/// Inside a checkpoint upload: the object is written, the manifest does not name it yet.
 pub const MID_CHECKPOINT_UPLOAD: &str = "storenode::checkpoint::mid_upload";
 
 /// Whether [`SKIP_READ_INDEX`] is on: the read path then serves from local state without

@@ -15,14 +15,18 @@ pub fn free_port() -> u16 {
 }
 
 /// Path of a workspace binary (`skv-storenode`, `skvctl`, ...) in the same
-/// target directory as the running test. `cargo build --bins` must have run
-/// (the README's test command does it).
+/// target directory as the running test, or in `SKV_BIN_DIR` when set. `cargo build --bins`
+/// must have run (the README's test command does it).
 pub fn bin_path(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap_or_else(|e| panic!("current_exe: {e}"));
     // target/<profile>/deps/<test-binary> -> target/<profile>/<name>
     let mut dir = exe.parent().map(PathBuf::from).unwrap_or_default();
     if dir.ends_with("deps") {
         dir.pop();
+    }
+    // SKV_BIN_DIR: binaries built elsewhere (e.g. with --features skv-storenode/failpoints).
+    if let Some(d) = std::env::var_os("SKV_BIN_DIR") {
+        dir = PathBuf::from(d);
     }
     let path = dir.join(name);
     assert!(

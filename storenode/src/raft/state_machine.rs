@@ -390,6 +390,7 @@ impl StateMachine {
         overlay: &mut Overlay,
         replies: &mut Vec<(ApplyResponder<TypeConfig>, CmdResponse)>,
     ) -> io::Result<()> {
+        crate::crash_point!(crate::failpoints::MID_APPLY);
         self.commit_applied_with(batch, None, overlay, replies, (0, 0))
     }
 
@@ -893,6 +894,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                                 let (resp, s) = self
                                     .apply_split(&mut batch, split_key, new_range_id, epoch_version)
                                     .await?;
+                                crate::crash_point!(crate::failpoints::MID_SPLIT);
                                 if let CmdResponse::Split { left, .. } = &resp {
                                     new_desc = RangeDescriptor::decode(&left[..]).ok();
                                 }
@@ -991,6 +993,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                                         epoch_conf_ver,
                                     )
                                     .await?;
+                                crate::crash_point!(crate::failpoints::MID_MERGE);
                                 if let Some((src, merged, b, k)) = m {
                                     new_desc = Some(merged.clone());
                                     extra = (b as i64, k as i64);
@@ -1091,6 +1094,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         self.engine.sync().await?;
         // On failure the marker stays: the data may be half-replaced. openraft stops the
         // group on this storage error; the next start finishes or undoes the install.
+        crate::crash_point!(crate::failpoints::MID_SNAPSHOT_INSTALL);
         let desc = tokio::task::spawn_blocking(move || install_from_file(&engine, range, &meta2, snapshot))
             .await
             .map_err(io_err)??;

@@ -1,0 +1,434 @@
+//! Crash points and fail-stop on real processes (issue 14, ADR 0029): 3 storenodes, placement
+//! and a proxy; store 0 is restarted with a failpoint (FAILPOINTS, or PUT /failpoints on its
+//! metrics port), the cluster is driven until store 0 reaches it and exits, then store 0 is
+//! restarted without it. Every test then checks that every acknowledged write reads back
+//! through the proxy, and that store 0 itself converges to exactly those values (its own
+//! replicas, read locally over the internal Store API), so the restarted store's range state
+//! is consistent with the cluster's.
+//!
+//! Needs binaries built with `--features skv-storenode/failpoints` (scripts/test.sh builds
+//! them so); a binary without the feature refuses FAILPOINTS and the test says so.
+
+use skv_common::keys::namespace_prefix;
+use skv_proto::internal::placement_client::PlacementClient;
+use skv_proto::internal::store_client::StoreClient;
+use skv_proto::internal::{
+    AdminMergeRequest, AdminSplitRequest, GetRangeRequest, GetStoresRequest, RequestHeader, StoreGetRequest,
+};
+use skv_testkit::cluster::ProcCluster;
+use skv_testkit::cluster::admin;
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+/// Exit status of a crash point (skv_storenode::failpoints::EXIT_CRASH_POINT).
+const EXIT_CRASH_POINT: i32 = 86;
+/// Exit status of fail-stop (skv_storenode::engine::EXIT_STORAGE_ERROR).
+const EXIT_STORAGE_ERROR: i32 = 74;
+const NS: &str = "fp";
+
+struct Harness {
+    c: ProcCluster,
+    client: skv::Client,
+    acked: BTreeMap<String, Vec<u8>>,
+    next: u64,
+}
+
+impl Harness {
+    async fn start() -> Harness {
+        let c = ProcCluster::start(3, false).await;
+        let client = c.client(NS, "write").await;
+        let mut h = Harness {
+            c,
+            client,
+            acked: BTreeMap::new(),
+            next: 0,
+        };
+        // Acknowledged before any fault.
+        for _ in 0..20 {
+            assert!(h.write_one().await, "a write before the fault failed");
+        }
+        h
+    }
+
+    /// One put of a fresh value on one of 40 keys; remembers it when acknowledged.
+    async fn write_one(&mut self) -> bool {
+        self.next += 1;
+        let key = format!("k{:02}", self.next % 40);
+        let value = format!("v{}", self.next).into_bytes();
+        match tokio::time::timeout(Duration::from_secs(10), self.client.put(key.clone(), value.clone())).await {
+            Ok(Ok(_)) => {
+                self.acked.insert(key, value);
+                true
+            }
+            // Failed or unknown: the key's last acknowledged value may or may not be replaced.
+            // A later acknowledged write of the key settles it; one without is dropped from
+            // the check (its outcome is unknown).
+            _ => {
+                self.acked.remove(&key);
+                false
+            }
+        }
+    }
+
+    /// Restarts store 0 (kill -9, then start) with `env` and `args` added.
+    fn restart_store0(&mut self, env: &[(&str, &str)], args: &[String]) {
+        let (saved_env, saved_args) = (self.c.store_env.clone(), self.c.store_args.clone());
+        self.c.kill_store(0);
+        self.c
+            .store_env
+            .extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        self.c.store_args.extend(args.iter().cloned());
+        self.c.start_store(0);
+        self.c.store_env = saved_env;
+        self.c.store_args = saved_args;
+    }
+
+    /// The exit status of store 0 if it has exited.
+    fn store0_exit(&mut self) -> Option<i32> {
+        let g = self.c.stores[0].as_mut()?;
+        let status = g.child_mut()?.try_wait().ok()??;
+        self.c.stores[0] = None;
+        Some(status.code().unwrap_or(-1))
+    }
+
+    /// Drives writes until store 0 exits (up to `within`); returns its exit code.
+    async fn write_until_store0_exits(&mut self, within: Duration) -> i32 {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Some(code) = self.store0_exit() {
+                return code;
+            }
+            self.write_one().await;
+        }
+        panic!(
+            "store 0 did not stop within {within:?}; its log:\n{}",
+            tail(&self.c.read_log("store-0"))
+        );
+    }
+
+    async fn wait_store0_exit(&mut self, within: Duration) -> i32 {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Some(code) = self.store0_exit() {
+                return code;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!(
+            "store 0 did not stop within {within:?}; its log:\n{}",
+            tail(&self.c.read_log("store-0"))
+        );
+    }
+
+    /// Restarts store 0 without failpoints, writes more, and checks every acknowledged
+    /// write through the proxy and on store 0's own replicas.
+    async fn recover_and_check(&mut self) {
+        self.c.start_store(0);
+        let mut ok = 0;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while ok < 20 && Instant::now() < deadline {
+            if self.write_one().await {
+                ok += 1;
+            }
+        }
+        assert!(ok >= 20, "the cluster did not take writes again after the restart");
+        let reader = self.c.client(NS, "read").await;
+        for (k, v) in &self.acked {
+            let got = reader
+                .get(k.clone())
+                .await
+                .unwrap_or_else(|e| panic!("read {k} after the restart: {e}"));
+            assert_eq!(
+                got.map(|e| e.value),
+                Some(v.clone()),
+                "acknowledged write of {k} lost or replaced"
+            );
+        }
+        self.store0_converges().await;
+        assert!(
+            self.store0_exit().is_none(),
+            "store 0 stopped again after the restart:\n{}",
+            tail(&self.c.read_log("store-0"))
+        );
+    }
+
+    /// Store 0's own replicas serve every acknowledged value (local reads, polled until
+    /// it has caught up).
+    async fn store0_converges(&self) {
+        let prefix = namespace_prefix(NS.as_bytes()).unwrap_or_else(|| panic!("bad namespace"));
+        let store0 = format!("127.0.0.1:{}", self.c.store_ports[0]);
+        let mut pd = PlacementClient::connect(self.c.placement_url())
+            .await
+            .unwrap_or_else(|e| panic!("placement: {e}"));
+        let deadline = Instant::now() + Duration::from_secs(45);
+        let mut store = StoreClient::connect(format!("http://{store0}"))
+            .await
+            .unwrap_or_else(|e| panic!("store 0: {e}"));
+        for (k, v) in &self.acked {
+            let key = [prefix.as_slice(), k.as_bytes()].concat();
+            let mut last = String::new();
+            loop {
+                assert!(
+                    Instant::now() < deadline,
+                    "store 0 never served {k} = {:?} (last: {last})",
+                    String::from_utf8_lossy(v)
+                );
+                let range = pd
+                    .get_range(admin(GetRangeRequest { key: key.clone() }))
+                    .await
+                    .ok()
+                    .and_then(|r| r.into_inner().range)
+                    .and_then(|r| r.descriptor);
+                if let Some(d) = range {
+                    let r = store
+                        .get(StoreGetRequest {
+                            header: Some(RequestHeader {
+                                range_id: d.range_id,
+                                epoch: d.epoch,
+                            }),
+                            key: key.clone(),
+                            stale_ok: true,
+                        })
+                        .await;
+                    match r.map(|r| r.into_inner()) {
+                        Ok(g) if g.routing_error.is_none() && g.found && g.value == *v => break,
+                        Ok(g) => last = format!("found {} value {:?} {:?}", g.found, g.value, g.routing_error),
+                        Err(e) => last = e.to_string(),
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+
+    /// The range holding `key` of the namespace: (range id, its store ids).
+    async fn range_of(&self, key: &str) -> (u64, Vec<u64>) {
+        let prefix = namespace_prefix(NS.as_bytes()).unwrap_or_else(|| panic!("bad namespace"));
+        let mut pd = PlacementClient::connect(self.c.placement_url())
+            .await
+            .unwrap_or_else(|e| panic!("placement: {e}"));
+        let d = pd
+            .get_range(admin(GetRangeRequest {
+                key: [prefix.as_slice(), key.as_bytes()].concat(),
+            }))
+            .await
+            .unwrap_or_else(|e| panic!("GetRange: {e}"))
+            .into_inner()
+            .range
+            .and_then(|r| r.descriptor)
+            .unwrap_or_else(|| panic!("no range for {key}"));
+        (d.range_id, d.replicas.iter().map(|r| r.store_id).collect())
+    }
+
+    async fn split_at(&self, key: &str) -> Result<(), tonic::Status> {
+        let prefix = namespace_prefix(NS.as_bytes()).unwrap_or_else(|| panic!("bad namespace"));
+        let (range_id, _) = self.range_of(key).await;
+        let mut pd = PlacementClient::connect(self.c.placement_url())
+            .await
+            .unwrap_or_else(|e| panic!("placement: {e}"));
+        pd.split_range(admin(AdminSplitRequest {
+            range_id,
+            split_key: [prefix.as_slice(), key.as_bytes()].concat(),
+        }))
+        .await
+        .map(|_| ())
+    }
+
+    /// Whether store 0 holds a replica of the range of `key`.
+    async fn store0_has(&self, key: &str) -> bool {
+        let mut pd = PlacementClient::connect(self.c.placement_url())
+            .await
+            .unwrap_or_else(|e| panic!("placement: {e}"));
+        let stores = pd
+            .get_stores(admin(GetStoresRequest {}))
+            .await
+            .unwrap_or_else(|e| panic!("GetStores: {e}"))
+            .into_inner()
+            .stores;
+        let me = format!("127.0.0.1:{}", self.c.store_ports[0]);
+        let Some(id) = stores.iter().find(|s| s.address == me).map(|s| s.store_id) else {
+            return false;
+        };
+        self.range_of(key).await.1.contains(&id)
+    }
+
+    fn assert_log(&self, needle: &str) {
+        let log = self.c.read_log("store-0");
+        assert!(
+            log.contains(needle),
+            "store 0's log does not say {needle:?}:\n{}",
+            tail(&log)
+        );
+    }
+}
+
+fn tail(log: &str) -> String {
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(15)..].join("\n")
+}
+
+/// The failpoint refusal of a binary built without the feature, as a clear failure.
+fn assert_failpoints_compiled_in(h: &Harness) {
+    let log = h.c.read_log("store-0");
+    assert!(
+        !log.contains("built without the `failpoints` feature"),
+        "the storenode binary has no failpoints: build with `cargo build --bins --features skv-storenode/failpoints`"
+    );
+}
+
+/// A minimal HTTP/1.1 request to 127.0.0.1:`port`; returns the status line and body.
+fn http(port: u16, method: &str, path: &str, body: &str) -> String {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap_or_else(|e| panic!("connect :{port}: {e}"));
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).unwrap_or_else(|e| panic!("write: {e}"));
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
+/// Runs a write-path crash point on store 0 and checks recovery.
+async fn crash_on_writes(point: &str) {
+    let mut h = Harness::start().await;
+    let spec = format!("{point}=return");
+    h.restart_store0(&[("FAILPOINTS", spec.as_str())], &[]);
+    let code = h.write_until_store0_exits(Duration::from_secs(60)).await;
+    assert_failpoints_compiled_in(&h);
+    assert_eq!(code, EXIT_CRASH_POINT, "store 0 exit code");
+    h.assert_log(&format!("crash point {point} reached"));
+    h.recover_and_check().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_between_log_append_and_fsync_loses_no_acknowledged_write() {
+    crash_on_writes("storenode::log::after_append_before_fsync").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_mid_apply_loses_no_acknowledged_write() {
+    crash_on_writes("storenode::apply::before_commit").await;
+}
+
+/// Fail-stop (ADR 0029): an fsync error, injected over HTTP at run time, stops the store
+/// with status 74 and the cause in its log; restarted, it serves every acknowledged write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_fsync_error_stops_the_storenode_and_a_restart_serves_every_acknowledged_write() {
+    let mut h = Harness::start().await;
+    let port = skv_testkit::free_port();
+    h.restart_store0(&[], &["--metrics-listen".into(), format!("127.0.0.1:{port}")]);
+    // Store 0 back in service (it holds a replica of every range: 3 stores, 3 replicas).
+    let mut ok = 0;
+    while ok < 10 {
+        if h.write_one().await {
+            ok += 1;
+        }
+    }
+    let bad = http(port, "PUT", "/failpoints/storenode::log::fsync_error", "notanaction(");
+    assert!(bad.starts_with("HTTP/1.1 400"), "a bad action must be refused: {bad}");
+    let set = http(port, "PUT", "/failpoints/storenode::log::fsync_error", "return");
+    assert!(
+        set.starts_with("HTTP/1.1 200"),
+        "PUT /failpoints (binaries built with --features skv-storenode/failpoints?): {set}"
+    );
+    let code = h.write_until_store0_exits(Duration::from_secs(30)).await;
+    assert_eq!(code, EXIT_STORAGE_ERROR, "store 0 exit code");
+    h.assert_log("fatal storage error in the group-commit fsync");
+    h.assert_log("injected fsync error");
+    h.recover_and_check().await;
+}
+
+/// Fail-stop on a write error of the Raft log (FAILPOINTS at start).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_write_error_stops_the_storenode() {
+    let mut h = Harness::start().await;
+    h.restart_store0(&[("FAILPOINTS", "storenode::log::append_error=return")], &[]);
+    let code = h.write_until_store0_exits(Duration::from_secs(60)).await;
+    assert_failpoints_compiled_in(&h);
+    assert_eq!(code, EXIT_STORAGE_ERROR, "store 0 exit code");
+    h.assert_log("fatal storage error in a Raft log append");
+    h.recover_and_check().await;
+}
+
+/// A crash while applying a split (the batch with both halves built, not committed): the
+/// restarted store replays the split and serves both halves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_mid_split_recovers_both_halves() {
+    let mut h = Harness::start().await;
+    assert!(h.store0_has("k20").await, "store 0 must hold the range");
+    h.restart_store0(&[("FAILPOINTS", "storenode::split::before_commit=return")], &[]);
+    for _ in 0..10 {
+        h.write_one().await;
+    }
+    // The split commits on the other two replicas (a quorum) and store 0 dies applying it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while h.split_at("k20").await.is_err() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let code = h.wait_store0_exit(Duration::from_secs(30)).await;
+    assert_failpoints_compiled_in(&h);
+    assert_eq!(code, EXIT_CRASH_POINT, "store 0 exit code");
+    h.assert_log("crash point storenode::split::before_commit reached");
+    h.recover_and_check().await;
+    let (left, _) = h.range_of("k00").await;
+    let (right, _) = h.range_of("k20").await;
+    assert_ne!(left, right, "the split did not happen");
+}
+
+/// A crash while committing a merge on the target: the restarted store replays it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_mid_merge_recovers_the_merged_range() {
+    let mut h = Harness::start().await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while h.split_at("k20").await.is_err() {
+        assert!(Instant::now() < deadline, "the split before the merge did not happen");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let (left, _) = h.range_of("k00").await;
+    let (right, _) = h.range_of("k20").await;
+    assert_ne!(left, right);
+    h.restart_store0(&[("FAILPOINTS", "storenode::merge::before_commit=return")], &[]);
+    for _ in 0..10 {
+        h.write_one().await;
+    }
+    let mut pd = PlacementClient::connect(h.c.placement_url())
+        .await
+        .unwrap_or_else(|e| panic!("placement: {e}"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = pd
+            .merge_ranges(admin(AdminMergeRequest {
+                left_range_id: left,
+                right_range_id: right,
+            }))
+            .await;
+        if r.is_ok() || h.store0_exit_peek() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the merge was refused: {r:?}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let code = h.wait_store0_exit(Duration::from_secs(30)).await;
+    assert_failpoints_compiled_in(&h);
+    assert_eq!(code, EXIT_CRASH_POINT, "store 0 exit code");
+    h.assert_log("crash point storenode::merge::before_commit reached");
+    h.recover_and_check().await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while h.range_of("k00").await.0 != h.range_of("k20").await.0 {
+        assert!(Instant::now() < deadline, "the merge never completed in the range map");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+impl Harness {
+    /// Whether store 0 has exited, without reaping it.
+    fn store0_exit_peek(&mut self) -> bool {
+        self.c.stores[0]
+            .as_mut()
+            .and_then(|g| g.child_mut())
+            .is_some_and(|c| c.try_wait().ok().flatten().is_some())
+    }
+}
