@@ -141,6 +141,18 @@ impl Checkpointer {
         self.seeded.retain(|id, _| led_ids.contains(id));
         // A range led again later starts without the old failure's wait.
         self.failed_at.retain(|id, _| led_ids.contains(id));
+        // The purge floor (ADR 0027): a leader keeps its log from the range's latest
+        // checkpoint; a replica that does not lead keeps none.
+        for r in node.replicas() {
+            let floor = if led_ids.contains(&r.shared.range_id) {
+                self.last.get(&r.shared.range_id).map_or(0, |l| l.applied_index)
+            } else {
+                0
+            };
+            r.shared
+                .checkpoint_floor
+                .store(floor, std::sync::atomic::Ordering::Release);
+        }
         for r in led {
             let range = r.shared.range_id;
             if !self.seeded.contains_key(&range) {

@@ -56,17 +56,15 @@ struct Env {
 
 impl Env {
     async fn start(keys: usize) -> Env {
+        Self::start_with(keys, &["--checkpoint-interval-secs", "2"]).await
+    }
+
+    async fn start_with(keys: usize, flags: &[&str]) -> Env {
         let s3 = S3Server::start(&["skv"]);
-        let args = [
-            "--object-store-url",
-            URL,
-            "--checkpoint-interval-secs",
-            "2",
-            "--metrics-listen",
-            "127.0.0.1:0",
-        ]
-        .map(String::from)
-        .to_vec();
+        let mut args: Vec<String> = ["--object-store-url", URL, "--metrics-listen", "127.0.0.1:0"]
+            .map(String::from)
+            .to_vec();
+        args.extend(flags.iter().map(|s| s.to_string()));
         let c = ProcCluster::start_with(3, true, args, s3.env()).await;
         let o = Objects::open_with_vars(&URL.parse().unwrap(), s3.env(), ObjMetrics::new())
             .await
@@ -338,8 +336,12 @@ impl Env {
         let mut n = 0usize;
         while let Some(kv) = s.next().await {
             let kv = kv.unwrap_or_else(|e| panic!("scan: {e}"));
-            assert_eq!(kv.key, key(n), "key {n}");
-            assert_eq!(kv.value, value(n), "value of key {n}");
+            if kv.key.starts_with(b"tail") {
+                assert_eq!(kv.value, b"t", "value of {:?}", String::from_utf8_lossy(&kv.key));
+            } else {
+                assert_eq!(kv.key, key(n), "key {n}");
+                assert_eq!(kv.value, value(n), "value of key {n}");
+            }
             assert_eq!(kv.version, 1);
             n += 1;
         }
@@ -458,4 +460,54 @@ async fn without_a_checkpoint_the_new_replica_gets_the_leaders_snapshot() {
     assert!(sent > 100_000.0, "the leader sent its snapshot ({sent} B)");
     println!("no checkpoint: the leader sent {sent:.0} snapshot bytes");
     env.serves_every_key_from(range, to, KEYS).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_leader_keeps_its_log_from_the_checkpoint_so_a_learner_still_bootstraps_after_compactions() {
+    const KEYS: usize = 20_000;
+    // Checkpoints only by size of change (every ~1 MB of live bytes), and a log compaction
+    // every 100 entries keeping 50: the 400 single writes below compact the leader's log
+    // four times past the latest checkpoint. Without the purge floor, the learner's probe
+    // would find the log purged past its checkpoint and get the leader's snapshot.
+    let mut env = Env::start_with(
+        KEYS,
+        &[
+            "--checkpoint-interval-secs",
+            "3600",
+            "--checkpoint-change-bytes",
+            "1000000",
+            "--raft-snapshot-logs",
+            "100",
+        ],
+    )
+    .await;
+    let (range, path, index) = env.settled_checkpoint(5_000, 0).await;
+    let client = env.c.client("boot", "write").await;
+    for i in 0..400 {
+        client
+            .put(format!("tail{i:04}").into_bytes(), b"t".to_vec())
+            .await
+            .unwrap_or_else(|e| panic!("put: {e}"));
+    }
+    let (_, path2, index2) = env.settled_checkpoint(5_000, 0).await;
+    assert_eq!(
+        (path2, index2),
+        (path.clone(), index),
+        "no new checkpoint after the tail writes"
+    );
+    let to = env.add_store(&[]).await;
+    let from = env.follower(range, &[]).await;
+    let before = env.snapshot_bytes_sent().await;
+    env.move_replica(range, from, to).await;
+    let sent = env.sent_since(before, false).await;
+    let m = env.metrics_of(to).await;
+    println!("checkpoint at index {index}, 400 entries and 4 compactions later: {sent:.0} snapshot bytes sent");
+    assert_eq!(series(&m, "skv_bootstrap_installs_total"), 1.0, "{m}");
+    assert_eq!(
+        series(&m, "skv_bootstrap_fallbacks_total{reason=\"stale\"}"),
+        0.0,
+        "{m}"
+    );
+    assert_eq!(sent, 0.0, "the learner caught up from the log");
+    env.serves_every_key_from(range, to, KEYS + 400).await;
 }

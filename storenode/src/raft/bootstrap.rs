@@ -235,6 +235,35 @@ pub fn check_header(
     Ok(st)
 }
 
+/// How far past the latest checkpoint a leader's log may grow before compaction purges past
+/// the checkpoint anyway (a learner then gets the leader's snapshot, the `stale` fallback).
+pub const FLOOR_MAX_ENTRIES: u64 = 50_000;
+
+/// The purge floor (pure): where a leader's log compaction records its snapshot meta so that
+/// the log after the range's latest checkpoint (`floor`, its applied index; 0: none known)
+/// is kept for learners that bootstrap from it. `None`: compact at `applied` as usual — no
+/// checkpoint, nothing applied past it, the log past it is over `max_entries` long, or the
+/// membership changed after it (the meta at `floor` must carry the membership in force there).
+pub fn compaction_point(applied: u64, floor: u64, membership_index: u64, max_entries: u64) -> Option<u64> {
+    (floor > 0 && floor < applied && applied - floor <= max_entries && membership_index <= floor).then_some(floor)
+}
+
+/// The log id of entry `index` of `range`, if it is still in the log.
+pub(crate) fn log_id_at(engine: &Engine, range: RangeId, index: u64) -> std::io::Result<Option<super::LogId>> {
+    use openraft::entry::RaftEntry;
+    match engine
+        .raft
+        .get(crate::engine::log_key(range, index))
+        .map_err(crate::engine::io_err)?
+    {
+        None => Ok(None),
+        Some(v) => {
+            let e: super::Entry = decode(&v).map_err(crate::engine::io_err)?;
+            Ok(Some(e.log_id()))
+        }
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabel {
     pub reason: &'static str,
@@ -656,6 +685,22 @@ mod tests {
             check_header(&no_state, &e, &desc(2), 1).err(),
             Some(Fallback::NoAppliedState)
         );
+    }
+
+    #[test]
+    fn a_leader_keeps_its_log_from_the_checkpoint_within_the_cap() {
+        let cap = 1000;
+        assert_eq!(compaction_point(500, 0, 1, cap), None, "no checkpoint known");
+        assert_eq!(compaction_point(500, 400, 1, cap), Some(400));
+        assert_eq!(compaction_point(400, 400, 1, cap), None, "nothing applied past it");
+        assert_eq!(compaction_point(1400, 400, 1, cap), Some(400), "at the cap");
+        assert_eq!(compaction_point(1401, 400, 1, cap), None, "past the cap: purge anyway");
+        assert_eq!(
+            compaction_point(500, 400, 450, cap),
+            None,
+            "membership changed after it"
+        );
+        assert_eq!(compaction_point(500, 400, 400, cap), Some(400));
     }
 
     #[test]

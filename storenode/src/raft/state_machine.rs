@@ -59,6 +59,10 @@ pub struct RangeShared {
     /// Set while this range is the frozen source of a merge (ADR 0016): no write applies,
     /// no request is admitted.
     pub merging: Mutex<Option<crate::merge::MergeState>>,
+    /// Applied index of the range's latest object-storage checkpoint, set by the checkpointer
+    /// while this store leads the range (0: none, or not leading): log compaction keeps the
+    /// log from there, so new learners bootstrap from it (ADR 0027).
+    pub checkpoint_floor: AtomicU64,
 }
 
 /// The AppendEntries a follower accepted recently from a leader: when each arrived and the
@@ -160,6 +164,7 @@ impl RangeShared {
             leader_contacts: Mutex::new(LeaderContacts::default()),
             membership_log_id: Mutex::new(None),
             installing: AtomicBool::new(false),
+            checkpoint_floor: AtomicU64::new(0),
             approx_bytes: AtomicU64::new(0),
             approx_keys: AtomicU64::new(0),
             merging: Mutex::new(None),
@@ -1062,6 +1067,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             range: self.shared.range_id,
             snap_dir: self.snap_dir.clone(),
             current: self.current.clone(),
+            shared: self.shared.clone(),
         }
     }
 
@@ -1173,6 +1179,7 @@ pub struct SnapBuilder {
     range: RangeId,
     snap_dir: PathBuf,
     current: CurrentSnapshot,
+    shared: Arc<RangeShared>,
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapBuilder {
@@ -1184,8 +1191,19 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapBuilder {
     /// entry it covers, so a purge that survives a crash implies the state it relies on does.
     async fn build_snapshot(&mut self) -> Result<openraft::alias::SnapshotOf<TypeConfig, SnapFile>, io::Error> {
         let (engine, range, dir) = (self.engine.clone(), self.range, self.snap_dir.clone());
+        let floor = self.shared.checkpoint_floor.load(Ordering::Acquire);
         let (meta, empty) = tokio::task::spawn_blocking(move || {
-            let meta = snapshot_meta(&engine, range)?;
+            let mut meta = snapshot_meta(&engine, range)?;
+            // A leader keeps its log from the range's latest checkpoint (ADR 0027): the meta
+            // is recorded there, so openraft purges only up to it (minus the kept entries).
+            let applied = meta.last_log_id.map_or(0, |l| l.index());
+            let membership = meta.last_membership.log_id().map_or(0, |l| l.index());
+            let floor_max = super::bootstrap::FLOOR_MAX_ENTRIES;
+            if let Some(at) = super::bootstrap::compaction_point(applied, floor, membership, floor_max)
+                && let Some(log_id) = super::bootstrap::log_id_at(&engine, range, at)?
+            {
+                meta.last_log_id = Some(log_id);
+            }
             Ok::<_, io::Error>((meta, SnapFile::meta_only(&dir)?))
         })
         .await
