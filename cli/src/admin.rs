@@ -730,6 +730,29 @@ pub async fn backup(g: &Global, command: crate::args::BackupCommand) -> Result<E
             }
             Ok(0)
         }
+        BackupCommand::RestoreStatus => {
+            let r = restore_status(g).await?;
+            match (g.output, &r) {
+                (Output::Json, Some(r)) => println!("{}", restore_json(r)),
+                (Output::Json, None) => println!("null"),
+                (Output::Table, Some(r)) => println!(
+                    "restore of {}: {} ({}/{} range objects, {} keys, {}){}",
+                    r.backup_id,
+                    r.state,
+                    r.ranges_done,
+                    r.ranges,
+                    r.keys,
+                    bytes(r.bytes),
+                    if r.error.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {}", r.error)
+                    }
+                ),
+                (Output::Table, None) => println!("this cluster was never restored"),
+            }
+            Ok(0)
+        }
         BackupCommand::Restore { id, wait } => {
             let mut c = connect_admin(g).await?;
             let r = c

@@ -233,6 +233,8 @@ pub enum BackupCommand {
         #[command(flatten)]
         wait: BackupWait,
     },
+    /// The restore this cluster took or is taking (backup id, state, progress, error).
+    RestoreStatus,
 }
 
 #[derive(Args, Debug, Clone)]

@@ -78,7 +78,7 @@ impl BkCluster {
 
     /// A cluster that never took a write (restore's precondition): waits until the first
     /// range has a leader instead of writing a probe.
-    async fn start_empty(prefix: &str, url: &str, env: Vec<(String, String)>) -> BkCluster {
+    async fn start_empty(prefix: &str, url: &str, env: Vec<(String, String)>, placements: usize) -> BkCluster {
         skv_testkit::init_test_logging();
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
         std::fs::write(dir.path().join("secret"), TEST_SECRET).unwrap_or_else(|e| panic!("secret: {e}"));
@@ -89,14 +89,16 @@ impl BkCluster {
             url: url.to_string(),
             env,
             placement_args: Vec::new(),
-            placements: vec![None],
-            placement_ports: vec![free_port()],
+            placements: (0..placements).map(|_| None).collect(),
+            placement_ports: (0..placements).map(|_| free_port()).collect(),
             stores: vec![None, None, None],
             store_ports: (0..3).map(|_| free_port()).collect(),
             proxy: None,
             proxy_port: free_port(),
         };
-        c.start_placement(0);
+        for i in 0..placements {
+            c.start_placement(i);
+        }
         for i in 0..3 {
             c.start_store(i);
         }
@@ -252,6 +254,17 @@ impl BkCluster {
         drop(self.dir);
         assert!(!path.exists(), "data directories wiped");
     }
+}
+
+/// The index of the placement instance that leads.
+async fn placement_leader(c: &BkCluster) -> usize {
+    wait_until("a placement leader", Duration::from_secs(30), || async {
+        let (_, out, _) = c.skvctl(&["status"]).await;
+        let v: Value = serde_json::from_str(out.trim()).ok()?;
+        let l = v["placement_leader"]["address"].as_str()?.to_string();
+        c.placement_ports.iter().position(|p| l.ends_with(&format!(":{p}")))
+    })
+    .await
 }
 
 fn key(i: usize) -> Vec<u8> {
@@ -456,7 +469,7 @@ async fn backup_wipe_restore_100k_keys_on_s3() {
     println!("cluster A stopped; its data directories and its etcd deleted");
 
     // A new cluster: new etcd, new prefix, new data directories, the same object store.
-    let b = BkCluster::start_empty("/skv/b", url, s3.env()).await;
+    let b = BkCluster::start_empty("/skv/b", url, s3.env(), 1).await;
     let listed = b.backup_ok(&["list"]).await;
     assert!(
         listed
@@ -568,13 +581,7 @@ async fn corrupt_objects_are_refused_and_failovers_leave_no_half_backup_on_file(
     .await;
 
     // Placement leader killed right after the backup started.
-    let leader = wait_until("a placement leader", Duration::from_secs(30), || async {
-        let (_, out, _) = a.skvctl(&["status"]).await;
-        let v: Value = serde_json::from_str(out.trim()).ok()?;
-        let l = v["placement_leader"]["address"].as_str()?.to_string();
-        a.placement_ports.iter().position(|p| l.ends_with(&format!(":{p}")))
-    })
-    .await;
+    let leader = placement_leader(&a).await;
     let started = a.backup_ok(&["create", "--no-wait"]).await;
     let killed_id = started["id"].as_str().unwrap_or_default().to_string();
     a.placements[leader].take();
@@ -674,7 +681,7 @@ async fn corrupt_objects_are_refused_and_failovers_leave_no_half_backup_on_file(
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0x40;
     std::fs::write(&path, &bytes).unwrap_or_else(|e| panic!("{e}"));
-    let c = BkCluster::start_empty("/skv/c", &url, vec![]).await;
+    let c = BkCluster::start_empty("/skv/c", &url, vec![], 2).await;
     let err = restore(&c, &good_id).await.expect_err("a corrupt object");
     assert!(err.contains(&victim.path) && err.contains("refused"), "{err}");
     println!("corrupt object refused: {}", err.trim());
@@ -687,13 +694,39 @@ async fn corrupt_objects_are_refused_and_failovers_leave_no_half_backup_on_file(
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     assert!(got.iter().all(|g| g.is_none()), "nothing partial was restored");
-    // Repaired, the same restore runs again and completes.
+    // Repaired, the same restore runs again; its placement leader is killed right after it
+    // started: the new leader marks it interrupted (or it had finished), and running it
+    // again completes it.
     bytes[mid] ^= 0x40;
     std::fs::write(&path, &bytes).unwrap_or_else(|e| panic!("{e}"));
+    let mut c = c;
+    let leader = placement_leader(&c).await;
+    let (ok, out, err) = c.skvctl(&["backup", "restore", &good_id, "--no-wait"]).await;
+    assert!(ok, "{err}{out}");
+    c.placements[leader].take();
+    let interrupted = wait_until("the interrupted restore decided", Duration::from_secs(60), || async {
+        let (_, out, _) = c.skvctl(&["backup", "restore-status"]).await;
+        let v: Value = serde_json::from_str(out.trim()).ok()?;
+        (v["state"] != "running").then_some(v)
+    })
+    .await;
+    println!(
+        "restore with its placement leader killed: {} {}",
+        interrupted["state"], interrupted["error"]
+    );
+    assert!(
+        interrupted["state"] == "complete"
+            || interrupted["error"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("interrupted"),
+        "{interrupted}"
+    );
     let r = restore(&c, &good_id)
         .await
-        .unwrap_or_else(|e| panic!("restore after repair: {e}"));
-    assert_eq!(r["state"], "complete");
+        .unwrap_or_else(|e| panic!("restore run again: {e}"));
+    assert_eq!(r["state"], "complete", "{r}");
+    assert_eq!(r["keys"].as_u64(), Some(20_001), "{r}");
     let (live, _) = check_keys(&c, &expected).await;
     assert_eq!(live, 20_000);
     print_listing(&o, "object directory after the run").await;
