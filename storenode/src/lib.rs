@@ -197,6 +197,15 @@ pub struct Config {
     /// its followers to hibernate, in milliseconds.
     #[arg(long, env = "SKV_RAFT_HIBERNATE_AFTER_MS", default_value_t = 3000)]
     pub raft_hibernate_after_ms: u64,
+    /// Largest Raft snapshot this store receives from a peer, in bytes (ADR 0029); a larger
+    /// stream is refused with RESOURCE_EXHAUSTED and its partial file deleted. Default 2 GiB,
+    /// 16 times placement's default --split-size-bytes.
+    #[arg(long, env = "SKV_SNAPSHOT_MAX_RECEIVE_BYTES", default_value_t = raft::network::DEFAULT_SNAPSHOT_MAX_RECEIVE_BYTES)]
+    pub snapshot_max_receive_bytes: u64,
+    /// A snapshot stream from a peer must be received within this many seconds, or it is
+    /// refused with DEADLINE_EXCEEDED and its partial file deleted (ADR 0029).
+    #[arg(long, env = "SKV_SNAPSHOT_RECEIVE_TIMEOUT_SECS", default_value_t = raft::network::DEFAULT_SNAPSHOT_RECEIVE_TIMEOUT_SECS)]
+    pub snapshot_receive_timeout_secs: u64,
     /// Build a Raft snapshot (and purge the log) every this many entries.
     #[arg(long, env = "SKV_RAFT_SNAPSHOT_LOGS", default_value_t = 10_000, hide = true)]
     pub raft_snapshot_logs: u64,
@@ -252,6 +261,8 @@ impl Config {
             raft_hibernate: false,
             raft_hibernate_after_ms: 3000,
             raft_snapshot_logs: 10_000,
+            snapshot_max_receive_bytes: raft::network::DEFAULT_SNAPSHOT_MAX_RECEIVE_BYTES,
+            snapshot_receive_timeout_secs: raft::network::DEFAULT_SNAPSHOT_RECEIVE_TIMEOUT_SECS,
             tls_cert_file: None,
             tls_key_file: None,
             tls_ca_file: None,
@@ -260,6 +271,17 @@ impl Config {
             checkpoint_change_bytes: None,
             bootstrap_from_checkpoints: None,
         }
+    }
+
+    /// The snapshot receive bounds; 0 is refused (it would refuse every snapshot).
+    pub fn snapshot_receive_limits(&self) -> anyhow::Result<raft::network::ReceiveLimits> {
+        if self.snapshot_max_receive_bytes == 0 || self.snapshot_receive_timeout_secs == 0 {
+            anyhow::bail!("--snapshot-max-receive-bytes and --snapshot-receive-timeout-secs must be at least 1");
+        }
+        Ok(raft::network::ReceiveLimits {
+            max_bytes: self.snapshot_max_receive_bytes,
+            timeout: Duration::from_secs(self.snapshot_receive_timeout_secs),
+        })
     }
 
     /// mTLS settings, if the three `--tls-*` flags are given (all or none).
@@ -343,6 +365,7 @@ pub async fn start(config: Config) -> anyhow::Result<ServiceHandle> {
 /// Starts a storenode with extra options (the Raft transport filter).
 pub async fn start_with(config: Config, opts: StartOptions) -> anyhow::Result<ServiceHandle> {
     let server_tls = config.tls()?;
+    let receive_limits = config.snapshot_receive_limits()?;
     // mTLS (ADR 0022): what this store presents to placement and to other stores.
     let client_tls = match &server_tls {
         Some(t) => Some(skv_rpc::tls::ClientTls::load(
@@ -472,7 +495,10 @@ pub async fn start_with(config: Config, opts: StartOptions) -> anyhow::Result<Se
         store: store_svc.clone(),
         objects: backup_objects,
     };
-    let raft_svc = service::RaftService { node: node.clone() };
+    let raft_svc = service::RaftService {
+        node: node.clone(),
+        receive_limits,
+    };
     // Under mTLS each call admits only the roles that make it (ADR 0022).
     let gated = server_tls.is_some();
     let server = tonic::transport::Server::builder()

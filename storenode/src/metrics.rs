@@ -125,6 +125,8 @@ pub struct Metrics {
     pub snapshot_sent_bytes: Counter,
     pub snapshot_received_bytes: Counter,
     pub snapshot_seconds: Family<Phase, Histogram, HistogramCtor>,
+    /// Snapshot receives refused (ADR 0029): `too_large`, `deadline`, `stream`, `invalid`.
+    pub snapshot_receives_refused: Family<Reason, Counter>,
     /// Engine: log appends made durable by one group-commit fsync, and the database's bytes
     /// on disk (journal + tables, as last sampled).
     pub group_commit_batch: Histogram,
@@ -171,6 +173,7 @@ impl Metrics {
             snapshot_sent_bytes: Counter::default(),
             snapshot_received_bytes: Counter::default(),
             snapshot_seconds: Family::new_with_constructor(snapshot_histogram as HistogramCtor),
+            snapshot_receives_refused: Family::default(),
             // 1 .. 4096 appends per fsync
             group_commit_batch: Histogram::new(exponential_buckets(1.0, 2.0, 13)),
             engine_disk_bytes: Gauge::default(),
@@ -178,6 +181,9 @@ impl Metrics {
         // Both phases exist from the start (a family is exported once a series exists).
         for phase in ["build", "send", "receive"] {
             let _ = m.snapshot_seconds.get_or_create(&Phase { phase });
+        }
+        for reason in crate::raft::network::ReceiveRefusal::REASONS {
+            let _ = m.snapshot_receives_refused.get_or_create(&Reason { reason });
         }
         m
     }
@@ -392,6 +398,11 @@ impl Metrics {
             "skv_storenode_raft_snapshot_received_bytes",
             "Snapshot bytes received from peer stores",
             self.snapshot_received_bytes.clone(),
+        );
+        reg.register(
+            "skv_storenode_raft_snapshot_receives_refused",
+            "Snapshot receives refused and their partial files deleted, by reason (too_large: past --snapshot-max-receive-bytes; deadline: not received within --snapshot-receive-timeout-secs; stream: the sender's stream failed or ended early; invalid: the file failed its checks)",
+            self.snapshot_receives_refused.clone(),
         );
         reg.register(
             "skv_storenode_raft_snapshot_duration_seconds",

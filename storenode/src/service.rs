@@ -4,7 +4,7 @@ pub mod backup;
 
 use crate::hibernate::WakeReason;
 use crate::node::{NodeInner, Replica};
-use crate::raft::network::{RaftRpc, SnapshotHeader};
+use crate::raft::network::{RaftRpc, ReceiveRefusal, SnapshotHeader};
 use crate::raft::state_machine::{SnapFile, validate_snapshot_file};
 use crate::raft::{BatchOp, ChangeKind, CmdResponse, Command, MembershipStamp, RaftOpError, WriteOp, WriteOutcome};
 use crate::scan::{ScanCursor, ScanStream};
@@ -1047,6 +1047,8 @@ impl Store for StoreService {
 #[derive(Clone)]
 pub struct RaftService {
     pub node: Arc<NodeInner>,
+    /// Bounds of a snapshot receive (size cap, deadline; ADR 0029).
+    pub receive_limits: crate::raft::network::ReceiveLimits,
 }
 
 fn wire_err(e: impl Into<String>) -> Response<RaftMessageResponse> {
@@ -1134,10 +1136,13 @@ impl RaftSvc for RaftService {
             .node
             .snap_dir
             .join(format!("{}-recv-{}.snap", id.0, rand::random::<u64>()));
-        let result: Result<(), String> = async {
+        let limits = self.receive_limits;
+        let receive = async {
             use tokio::io::AsyncWriteExt;
-            let mut f = tokio::fs::File::create(&path).await.map_err(|e| e.to_string())?;
-            f.write_all(&first.data).await.map_err(|e| e.to_string())?;
+            let stream_err = |e: std::io::Error| ReceiveRefusal::Stream(e.to_string());
+            let mut f = tokio::fs::File::create(&path).await.map_err(stream_err)?;
+            let mut received = limits.admit(0, first.data.len())?;
+            f.write_all(&first.data).await.map_err(stream_err)?;
             self.node
                 .metrics
                 .snapshot_received_bytes
@@ -1146,21 +1151,32 @@ impl RaftSvc for RaftService {
             while !last {
                 match stream.next().await {
                     Some(Ok(c)) => {
-                        f.write_all(&c.data).await.map_err(|e| e.to_string())?;
+                        received = limits.admit(received, c.data.len())?;
+                        f.write_all(&c.data).await.map_err(stream_err)?;
                         self.node.metrics.snapshot_received_bytes.inc_by(c.data.len() as u64);
                         last = c.last;
                     }
-                    Some(Err(s)) => return Err(s.to_string()),
-                    None => return Err("snapshot stream ended early".into()),
+                    Some(Err(s)) => return Err(ReceiveRefusal::Stream(s.to_string())),
+                    None => return Err(ReceiveRefusal::Stream("snapshot stream ended early".into())),
                 }
             }
-            f.sync_all().await.map_err(|e| e.to_string())?;
+            f.sync_all().await.map_err(stream_err)?;
             Ok(())
-        }
-        .await;
+        };
+        let result = match tokio::time::timeout(limits.timeout, receive).await {
+            Ok(r) => r,
+            Err(_) => Err(ReceiveRefusal::Deadline(limits.timeout)),
+        };
         if let Err(e) = result {
+            // No partial file is left behind, whatever ended the receive.
             let _ = tokio::fs::remove_file(&path).await;
-            return Ok(wire_err(e));
+            self.node
+                .metrics
+                .snapshot_receives_refused
+                .get_or_create(&crate::metrics::Reason { reason: e.reason() })
+                .inc();
+            tracing::warn!(store_id = %self.node.store_id, range_id = %id, error = %e, "snapshot receive refused");
+            return Err(e.status());
         }
         let p2 = path.clone();
         // The whole file is checked (checksum, order, span) before anything is installed.
@@ -1168,7 +1184,13 @@ impl RaftSvc for RaftService {
             Ok(Ok(d)) => d,
             Ok(Err(e)) => {
                 let _ = tokio::fs::remove_file(&path).await;
-                return Ok(wire_err(format!("bad snapshot: {e}")));
+                let e = ReceiveRefusal::Invalid(e.to_string());
+                self.node
+                    .metrics
+                    .snapshot_receives_refused
+                    .get_or_create(&crate::metrics::Reason { reason: e.reason() })
+                    .inc();
+                return Ok(wire_err(e.to_string()));
             }
             Err(e) => return Ok(wire_err(e.to_string())),
         };

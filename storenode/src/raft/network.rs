@@ -107,6 +107,83 @@ pub struct HibernateResponse {
     pub accepted: bool,
 }
 
+/// Bounds of one snapshot receive (ADR 0029): `--snapshot-max-receive-bytes` and
+/// `--snapshot-receive-timeout-secs`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReceiveLimits {
+    pub max_bytes: u64,
+    pub timeout: Duration,
+}
+
+/// 2 GiB: 16 times placement's default split size (128 MiB), so a range that grew well
+/// past its split point still moves, while a runaway or hostile stream cannot fill the disk.
+pub const DEFAULT_SNAPSHOT_MAX_RECEIVE_BYTES: u64 = 2 << 30;
+/// 10 minutes: 2 GiB at under 4 MB/s.
+pub const DEFAULT_SNAPSHOT_RECEIVE_TIMEOUT_SECS: u64 = 600;
+
+impl Default for ReceiveLimits {
+    fn default() -> Self {
+        Self {
+            max_bytes: DEFAULT_SNAPSHOT_MAX_RECEIVE_BYTES,
+            timeout: Duration::from_secs(DEFAULT_SNAPSHOT_RECEIVE_TIMEOUT_SECS),
+        }
+    }
+}
+
+/// Why a snapshot receive was refused (its partial file is deleted).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ReceiveRefusal {
+    #[error(
+        "snapshot larger than the receive cap: {received} bytes received, cap {cap} (--snapshot-max-receive-bytes)"
+    )]
+    TooLarge { received: u64, cap: u64 },
+    #[error("snapshot not received within {0:?} (--snapshot-receive-timeout-secs)")]
+    Deadline(Duration),
+    #[error("snapshot stream failed: {0}")]
+    Stream(String),
+    #[error("bad snapshot: {0}")]
+    Invalid(String),
+}
+
+impl ReceiveRefusal {
+    /// The metric labels, in order.
+    pub const REASONS: [&'static str; 4] = ["too_large", "deadline", "stream", "invalid"];
+
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::TooLarge { .. } => "too_large",
+            Self::Deadline(_) => "deadline",
+            Self::Stream(_) => "stream",
+            Self::Invalid(_) => "invalid",
+        }
+    }
+
+    /// The status the sender gets.
+    pub fn status(&self) -> tonic::Status {
+        match self {
+            Self::TooLarge { .. } => tonic::Status::resource_exhausted(self.to_string()),
+            Self::Deadline(_) => tonic::Status::deadline_exceeded(self.to_string()),
+            Self::Stream(_) => tonic::Status::aborted(self.to_string()),
+            Self::Invalid(_) => tonic::Status::invalid_argument(self.to_string()),
+        }
+    }
+}
+
+impl ReceiveLimits {
+    /// Admits a chunk of `len` bytes after `received` bytes: the new total, or the refusal
+    /// when it would pass the cap (checked before the chunk is written). Pure.
+    pub fn admit(&self, received: u64, len: usize) -> Result<u64, ReceiveRefusal> {
+        let total = received.saturating_add(len as u64);
+        if total > self.max_bytes {
+            return Err(ReceiveRefusal::TooLarge {
+                received: total,
+                cap: self.max_bytes,
+            });
+        }
+        Ok(total)
+    }
+}
+
 /// The first chunk of a snapshot stream.
 #[derive(Serialize, Deserialize)]
 pub struct SnapshotHeader {
@@ -475,6 +552,35 @@ mod tests {
     use super::*;
 
     #[test]
+    fn snapshot_receives_are_capped_before_the_chunk_is_written() {
+        let l = ReceiveLimits {
+            max_bytes: 10,
+            timeout: Duration::from_secs(1),
+        };
+        assert_eq!(l.admit(0, 4), Ok(4));
+        assert_eq!(l.admit(4, 6), Ok(10));
+        assert_eq!(l.admit(10, 1), Err(ReceiveRefusal::TooLarge { received: 11, cap: 10 }));
+        assert_eq!(
+            l.admit(u64::MAX, usize::MAX),
+            Err(ReceiveRefusal::TooLarge {
+                received: u64::MAX,
+                cap: 10
+            })
+        );
+        assert_eq!(
+            l.admit(0, 11).unwrap_err().status().code(),
+            tonic::Code::ResourceExhausted
+        );
+        assert_eq!(
+            ReceiveRefusal::Deadline(l.timeout).status().code(),
+            tonic::Code::DeadlineExceeded
+        );
+        assert!(ReceiveRefusal::REASONS.contains(&ReceiveRefusal::Stream("x".into()).reason()));
+        assert!(ReceiveRefusal::REASONS.contains(&ReceiveRefusal::Invalid("x".into()).reason()));
+        assert_eq!(ReceiveLimits::default().max_bytes, 2 << 30);
+    }
+
+    #[test]
     fn deadlines_fit_the_payload() {
         let ttl = Duration::from_millis(75);
         // Heartbeats and votes keep openraft's budget.
@@ -487,5 +593,152 @@ mod tests {
         assert!(rpc_deadline(ttl, 1 << 20, true) >= Duration::from_millis(999));
         // A larger openraft budget is kept.
         assert_eq!(rpc_deadline(Duration::from_secs(3), 0, true), Duration::from_secs(3));
+    }
+}
+
+/// Snapshot receive bounds on a real storenode over gRPC on 127.0.0.1 (ADR 0029).
+#[cfg(test)]
+mod receive_tests {
+    use super::*;
+    use skv_proto::internal::raft_client::RaftClient;
+    use skv_proto::internal::{RaftMessage, RangeDescriptor, RangeEpoch, Replica, ReplicaRole, SnapshotChunk};
+
+    fn header_chunk(store: u64) -> SnapshotChunk {
+        let header = SnapshotHeader {
+            vote: openraft::Vote::new(3, 2),
+            meta: openraft::SnapshotMeta::default(),
+        };
+        SnapshotChunk {
+            header: Some(RaftMessage {
+                range_id: 77,
+                from_store_id: 2,
+                to_store_id: store,
+                descriptor: Some(RangeDescriptor {
+                    range_id: 77,
+                    start: b"zz".to_vec(),
+                    end: Vec::new(),
+                    epoch: Some(RangeEpoch {
+                        conf_ver: 1,
+                        version: 1,
+                    }),
+                    replicas: [store, 2]
+                        .map(|store_id| Replica {
+                            store_id,
+                            role: ReplicaRole::Voter as i32,
+                        })
+                        .to_vec(),
+                }),
+                payload: encode(&header).unwrap_or_default(),
+                sender_applied_index: 0,
+            }),
+            data: Vec::new(),
+            last: false,
+        }
+    }
+
+    fn receive_files(dir: &std::path::Path) -> Vec<String> {
+        std::fs::read_dir(dir.join("snapshots"))
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.contains("-recv-"))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn refused(text: &str, reason: &str) -> u64 {
+        let prefix = format!("skv_storenode_raft_snapshot_receives_refused_total{{reason=\"{reason}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(prefix.as_str()))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    async fn metrics_text(addr: std::net::SocketAddr) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn oversized_and_slow_snapshot_streams_are_refused_and_leave_no_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = crate::Config::for_test(dir.path().to_path_buf(), 1);
+        config.snapshot_max_receive_bytes = 1000;
+        config.snapshot_receive_timeout_secs = 1;
+        config.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+        let h = crate::start(config).await.unwrap();
+        let metrics = h.metrics_addr.unwrap();
+        let mut client = RaftClient::connect(format!("http://{}", h.addr)).await.unwrap();
+
+        // Oversized: 3 chunks of 600 bytes against a 1000-byte cap.
+        let chunks = vec![
+            header_chunk(1),
+            SnapshotChunk {
+                header: None,
+                data: vec![1; 600],
+                last: false,
+            },
+            SnapshotChunk {
+                header: None,
+                data: vec![2; 600],
+                last: false,
+            },
+            SnapshotChunk {
+                header: None,
+                data: vec![3; 600],
+                last: true,
+            },
+        ];
+        let err = client
+            .send_snapshot(tokio_stream::iter(chunks))
+            .await
+            .expect_err("an oversized snapshot must be refused");
+        assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+        assert!(err.message().contains("--snapshot-max-receive-bytes"), "{err:?}");
+        assert!(receive_files(dir.path()).is_empty(), "{:?}", receive_files(dir.path()));
+
+        // Slow: the header and one chunk, then nothing (the stream stays open).
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tx.send(header_chunk(1)).await.unwrap();
+        tx.send(SnapshotChunk {
+            header: None,
+            data: vec![1; 100],
+            last: false,
+        })
+        .await
+        .unwrap();
+        let started = std::time::Instant::now();
+        let err = client
+            .send_snapshot(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .expect_err("a stalled snapshot must be refused");
+        assert_eq!(err.code(), tonic::Code::DeadlineExceeded, "{err:?}");
+        assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+        drop(tx);
+        assert!(receive_files(dir.path()).is_empty(), "{:?}", receive_files(dir.path()));
+
+        let text = metrics_text(metrics).await;
+        assert_eq!(refused(&text, "too_large"), 1, "{text}");
+        assert_eq!(refused(&text, "deadline"), 1, "{text}");
+        h.shutdown().await.unwrap();
+    }
+
+    #[test]
+    fn zero_receive_bounds_are_refused() {
+        let mut c = crate::Config::for_test(std::path::PathBuf::from("/nonexistent"), 1);
+        c.snapshot_max_receive_bytes = 0;
+        assert!(c.snapshot_receive_limits().is_err());
+        c.snapshot_max_receive_bytes = 1;
+        c.snapshot_receive_timeout_secs = 0;
+        assert!(c.snapshot_receive_limits().is_err());
+        c.snapshot_receive_timeout_secs = 1;
+        assert!(c.snapshot_receive_limits().is_ok());
     }
 }
