@@ -836,10 +836,12 @@ async fn restore_all(
         let mut chunk_bytes = 0usize;
         let (mut keys, mut written) = (0u64, 0u64);
         while let Some((key, record)) = next_record(&mut rd)? {
-            // A chunk goes to one range: flush when full or when the key leaves the range
-            // of the chunk's first key.
+            // A chunk goes to one range: flush when this record would make it larger than
+            // ~1 MiB (a chunk is that or one record; the storenode bounds an ingest by it)
+            // or when the key leaves the range of the chunk's first key.
             if let Some(first) = chunk.first()
-                && (chunk_bytes >= INGEST_CHUNK_BYTES || !map.same_range(&first.key, &key))
+                && (chunk_bytes + key.len() + record.len() + 8 > INGEST_CHUNK_BYTES
+                    || !map.same_range(&first.key, &key))
             {
                 written += ingest_chunk(s, &mut map, std::mem::take(&mut chunk)).await?;
                 chunk_bytes = 0;

@@ -32,8 +32,18 @@ pub fn ingest_wins(current: Option<u64>, incoming: u64) -> bool {
     current.is_none_or(|c| c <= incoming)
 }
 
+/// Whether an ingest of `n` records of `total` bytes fits one Raft entry (pure): at most
+/// [`MAX_INGEST_BYTES`], or one record (its value bounded by --max-value-len on its own).
+pub fn ingest_size_ok(total: usize, n: usize, max_value_len: usize) -> bool {
+    n <= 1 || total <= MAX_INGEST_BYTES.max(max_value_len + limits::MAX_INTERNAL_KEY_LEN + 16)
+}
+
 /// Largest IngestRange request (placement sends chunks of about 1 MiB).
 pub const MAX_INGEST_MESSAGE: usize = 16 << 20;
+/// Largest sum of record bytes in one IngestRange (one Raft entry), unless one record alone
+/// is larger (a value up to --max-value-len): entries must fit the Raft transport's
+/// message limit, which allows a few MiB plus two maximal values.
+pub const MAX_INGEST_BYTES: usize = 4 << 20;
 
 /// The `StoreBackup` gRPC service: the store's handlers plus its object storage.
 #[derive(Clone)]
@@ -167,8 +177,24 @@ impl BackupService {
         if req.records.is_empty() {
             return Err(Status::invalid_argument("no records").into());
         }
+        let total: usize = req.records.iter().map(|r| r.key.len() + r.record.len()).sum();
+        if !ingest_size_ok(total, req.records.len(), self.store.max_value_len) {
+            return Err(Status::invalid_argument(format!(
+                "{} records of {total} bytes: at most {MAX_INGEST_BYTES} bytes per call",
+                req.records.len()
+            ))
+            .into());
+        }
         let mut records = Vec::with_capacity(req.records.len());
         for rec in req.records {
+            if rec.record.len() > self.store.max_value_len + 8 {
+                return Err(Status::invalid_argument(format!(
+                    "a record of {} bytes is over --max-value-len {}",
+                    rec.record.len(),
+                    self.store.max_value_len
+                ))
+                .into());
+            }
             limits::check_internal_key(&rec.key)?;
             if crate::engine::decode_record(&rec.record).is_none() {
                 return Err(Status::invalid_argument(
@@ -236,6 +262,17 @@ impl StoreBackup for BackupService {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_ingest_fits_one_raft_entry() {
+        let mib = 1 << 20;
+        assert!(ingest_size_ok(mib, 5000, mib));
+        assert!(ingest_size_ok(MAX_INGEST_BYTES, 2, mib));
+        assert!(!ingest_size_ok(MAX_INGEST_BYTES + 1, 2, mib));
+        assert!(ingest_size_ok(9 * mib, 1, 8 * mib), "one record alone");
+        assert!(ingest_size_ok(5 * mib, 2, 8 * mib), "up to one maximal value");
+        assert!(!ingest_size_ok(9 * mib, 2, 8 * mib));
+    }
 
     #[test]
     fn an_ingested_record_never_replaces_a_newer_version() {
