@@ -311,3 +311,59 @@ async fn an_upload_to_a_stopped_server_fails_and_the_next_one_succeeds() {
         Some(e)
     );
 }
+
+/// In-progress multipart uploads s3s-fs keeps (`.upload-<id>.json` at its root).
+fn open_uploads(server: &S3Server) -> usize {
+    std::fs::read_dir(server.dir.path())
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .filter(|e| e.file_name().to_string_lossy().starts_with(".upload-"))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_multipart_upload_is_aborted() {
+    let server = S3Server::start(&["skv"]);
+    let o = s3(&server, "s3://skv/p").await;
+    // Incompressible values, more than one part, pushed until the upload is dropped.
+    let task = tokio::spawn({
+        let o = o.clone();
+        async move {
+            o.upload_checkpoint(header(1, 1, 1), move |sink| {
+                let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+                for i in 0..1_000_000usize {
+                    let v: Vec<u8> = (0..4096)
+                        .map(|_| {
+                            x ^= x << 13;
+                            x ^= x >> 7;
+                            x ^= x << 17;
+                            x as u8
+                        })
+                        .collect();
+                    sink.push(&key(i), &v)?;
+                }
+                Ok(())
+            })
+            .await
+        }
+    });
+    let started = Instant::now();
+    while open_uploads(&server) == 0 {
+        assert!(started.elapsed().as_secs() < 30, "no multipart upload started");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    task.abort();
+    let _ = task.await;
+    let started = Instant::now();
+    while open_uploads(&server) > 0 {
+        assert!(
+            started.elapsed().as_secs() < 15,
+            "the dropped upload was not aborted: {} open",
+            open_uploads(&server)
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(o.list("snapshots").await.unwrap().is_empty(), "no object was completed");
+}

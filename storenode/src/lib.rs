@@ -323,6 +323,9 @@ async fn open_checkpoints(
     config: &Config,
     registry: &mut prometheus_client::registry::Registry,
 ) -> anyhow::Result<Option<checkpoint::Checkpointer>> {
+    // Registered with or without object storage, so dashboards find the series everywhere.
+    let bm = raft::bootstrap::BootstrapMetrics::default();
+    bm.register(registry);
     let Some(u) = &config.object_store_url else {
         if config.checkpoint_interval_secs.is_some() || config.checkpoint_change_bytes.is_some() {
             anyhow::bail!("--checkpoint-interval-secs and --checkpoint-change-bytes need --object-store-url");
@@ -348,8 +351,6 @@ async fn open_checkpoints(
         change_bytes: config.checkpoint_change_bytes.unwrap_or(64 << 20),
         keep: 1,
     };
-    let bm = raft::bootstrap::BootstrapMetrics::default();
-    bm.register(registry);
     let enabled = config.bootstrap_from_checkpoints.unwrap_or(true);
     tracing::info!(url = %url, ?policy, bootstrap = enabled, "range checkpoints to object storage");
     let mut c = checkpoint::Checkpointer::new(objects.clone(), policy, cm);
@@ -643,7 +644,11 @@ mod tests {
         let mut c = Config::for_test(dir.path().to_path_buf(), 1);
         c.object_store_url = Some(format!("file://{}", objects.path().display()));
         c.max_value_len = skv_objstore::format::max_value_limit() + 1;
-        let err = start(c.clone()).await.err().map(|e| format!("{e:#}")).unwrap_or_default();
+        let err = start(c.clone())
+            .await
+            .err()
+            .map(|e| format!("{e:#}"))
+            .unwrap_or_default();
         assert!(err.contains("--max-value-len"), "{err}");
         // The largest value that fits starts.
         c.max_value_len = skv_objstore::format::max_value_limit();

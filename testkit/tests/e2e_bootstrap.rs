@@ -294,15 +294,28 @@ impl Env {
         started.elapsed().as_secs_f64()
     }
 
-    /// A voter of `range` that does not lead it, among `prefer` if possible.
+    /// A voter of `range` that does not lead it, outside `avoid` (the range map may show the
+    /// range before its leader's first report: polled).
     async fn follower(&mut self, range: u64, avoid: &[u64]) -> u64 {
-        let r = self.range(range).await;
-        let d = r.descriptor.unwrap_or_default();
-        d.replicas
-            .iter()
-            .map(|x| x.store_id)
-            .find(|s| *s != r.leader_store_id && !avoid.contains(s))
-            .unwrap_or_else(|| panic!("no follower of range {range} outside {avoid:?}: {d:?}"))
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let r = self.range(range).await;
+            let d = r.descriptor.clone().unwrap_or_default();
+            let found = d
+                .replicas
+                .iter()
+                .filter(|x| x.role == ReplicaRole::Voter as i32)
+                .map(|x| x.store_id)
+                .find(|s| r.leader_store_id != 0 && *s != r.leader_store_id && !avoid.contains(s));
+            if let Some(s) = found {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no follower of range {range} outside {avoid:?}: {r:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 
     /// Makes `store` the range's leader, then reads every key through the proxy (a scan is
