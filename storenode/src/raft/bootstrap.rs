@@ -703,6 +703,154 @@ mod tests {
         assert_eq!(compaction_point(500, 400, 400, cap), Some(400));
     }
 
+    fn test_node(dir: &std::path::Path) -> Arc<NodeInner> {
+        let engine = Engine::open(dir, crate::metrics::Metrics::new()).unwrap();
+        NodeInner::new(
+            skv_common::StoreId(1),
+            engine,
+            crate::raft::network::Transport::new(skv_common::StoreId(1), None, 1 << 20),
+            crate::raft::raft_config(100).unwrap(),
+            dir.join("snaps"),
+            crate::metrics::Metrics::new(),
+        )
+    }
+
+    /// Uploads and commits a checkpoint of range 9 (`[a, m)`, version 2) with `n` keys.
+    async fn checkpoint(o: &Objects, n: usize) -> CheckpointEntry {
+        let h = CheckpointHeader {
+            range_id: 9,
+            generation: 4,
+            conf_ver: 3,
+            epoch_version: 2,
+            applied_index: 200,
+            applied_term: 4,
+            created_unix_ms: 1,
+            start: b"a".to_vec(),
+            end: b"m".to_vec(),
+            descriptor: descriptor_with_applied(&desc(2), &applied_raw(200, 4)),
+        };
+        let e = o
+            .upload_checkpoint(h, move |sink| {
+                for i in 0..n {
+                    sink.push(format!("b{i:05}").as_bytes(), &crate::engine::encode_value(1, b"v"))?;
+                }
+                Ok(())
+            })
+            .await
+            .unwrap();
+        o.commit_checkpoint(e.clone(), 1).await.unwrap();
+        e
+    }
+
+    #[tokio::test]
+    async fn a_checkpoint_is_installed_with_its_applied_state_and_a_corrupt_one_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let objdir = tempfile::tempdir().unwrap();
+        let url: skv_objstore::ObjectStoreUrl = format!("file://{}", objdir.path().display()).parse().unwrap();
+        let o = Objects::open(&url, skv_objstore::ObjMetrics::new()).await.unwrap();
+        let node = test_node(dir.path());
+        let b = Bootstrapper::new(o.clone(), true, BootstrapMetrics::default());
+        let e = checkpoint(&o, 5000).await;
+
+        // Installed: every key, the applied state and the descriptor, no marker.
+        let out = b.bootstrap(&node, &desc(2)).await;
+        assert_eq!(
+            out,
+            Outcome::Installed {
+                index: 200,
+                keys: 5000,
+                bytes: e.size
+            }
+        );
+        let engine = &node.engine;
+        assert!(engine.data.get(b"b04999").unwrap().is_some());
+        assert_eq!(
+            engine.meta.get(applied_key(RangeId(9))).unwrap().map(|v| v.to_vec()),
+            Some(applied_raw(200, 4))
+        );
+        assert!(engine.meta.get(desc_key(RangeId(9))).unwrap().is_some());
+        assert!(
+            super::super::state_machine::recover_interrupted_installs(engine)
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(b.metrics.installs.get(), 1);
+
+        // A corrupt object on another store: refused, and the span is left empty.
+        let dir2 = tempfile::tempdir().unwrap();
+        let node2 = test_node(dir2.path());
+        let path = objdir.path().join(&e.path);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let last_block = bytes.len() - 100;
+        bytes[last_block] ^= 1;
+        std::fs::write(&path, &bytes).unwrap();
+        let out = b.bootstrap(&node2, &desc(2)).await;
+        assert_eq!(out, Outcome::Fallback(Fallback::Corrupt));
+        let e2 = &node2.engine;
+        assert_eq!(e2.data.iter().count(), 0, "nothing of the refused checkpoint stays");
+        assert!(e2.meta.get(applied_key(RangeId(9))).unwrap().is_none());
+        assert!(
+            super::super::state_machine::recover_interrupted_installs(e2)
+                .unwrap()
+                .is_empty()
+        );
+
+        // Another range version (a split since): not even downloaded.
+        let dir3 = tempfile::tempdir().unwrap();
+        let node3 = test_node(dir3.path());
+        assert_eq!(
+            b.bootstrap(&node3, &desc(3)).await,
+            Outcome::Fallback(Fallback::OtherEpoch)
+        );
+        node.stop_all().await;
+    }
+
+    #[test]
+    fn a_bootstrap_interrupted_before_its_last_batch_is_undone_at_the_next_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Engine::open(dir.path(), crate::metrics::Metrics::new()).unwrap();
+        let r = RangeId(9);
+        engine.data.insert(b"zz-other-range", b"x").unwrap();
+        begin_external_install(&engine, r, b"a", b"m").unwrap();
+        // Blocks written by the download, then the process dies before the last batch.
+        engine
+            .data
+            .insert(b"b00001", crate::engine::encode_value(1, b"v"))
+            .unwrap();
+        engine
+            .data
+            .insert(b"c00002", crate::engine::encode_value(1, b"v"))
+            .unwrap();
+        engine.persist().unwrap();
+        drop(engine);
+        let engine = Engine::open(dir.path(), crate::metrics::Metrics::new()).unwrap();
+        assert!(
+            engine.data.get(b"b00001").unwrap().is_some(),
+            "the half install survived the crash"
+        );
+        assert!(
+            engine.meta.prefix(b"installing/").next().is_some(),
+            "and so did its marker"
+        );
+        // The next start cannot redo it (no file) and uninitializes the replica.
+        let redone = super::super::state_machine::recover_interrupted_installs(&engine).unwrap();
+        assert!(redone.is_empty());
+        assert!(engine.data.get(b"b00001").unwrap().is_none());
+        assert!(engine.data.get(b"c00002").unwrap().is_none());
+        assert!(
+            engine.data.get(b"zz-other-range").unwrap().is_some(),
+            "outside the span"
+        );
+        assert!(engine.meta.get(applied_key(r)).unwrap().is_none());
+        // The marker is gone: a second start has nothing to do.
+        assert!(
+            super::super::state_machine::recover_interrupted_installs(&engine)
+                .unwrap()
+                .is_empty()
+        );
+        assert!(engine.meta.prefix(b"installing/").next().is_none());
+    }
+
     #[test]
     fn every_fallback_has_a_distinct_label() {
         let mut labels: Vec<_> = Fallback::ALL.iter().map(|f| f.label()).collect();
