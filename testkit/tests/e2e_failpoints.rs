@@ -36,7 +36,12 @@ struct Harness {
 
 impl Harness {
     async fn start() -> Harness {
-        let c = ProcCluster::start(3, false).await;
+        Self::start_with(Vec::new()).await
+    }
+
+    /// [`Self::start`] with extra flags for every storenode.
+    async fn start_with(store_args: Vec<String>) -> Harness {
+        let c = ProcCluster::start_with(3, false, store_args, Vec::new()).await;
         let client = c.client(NS, "write").await;
         let mut h = Harness {
             c,
@@ -421,6 +426,30 @@ async fn crash_mid_merge_recovers_the_merged_range() {
         assert!(Instant::now() < deadline, "the merge never completed in the range map");
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
+}
+
+/// A crash while installing a snapshot (file received and checked, redo marker durable,
+/// engine untouched): store 0 is down while the others write past a log compaction, so it
+/// needs the leader's snapshot; it dies installing it and, restarted, finishes or redoes the
+/// install and serves every acknowledged write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_mid_snapshot_install_recovers() {
+    // A log compaction every 20 entries (purged in batches of 256): a store that missed 600
+    // writes needs a snapshot.
+    let mut h = Harness::start_with(vec!["--raft-snapshot-logs".into(), "20".into()]).await;
+    h.c.kill_store(0);
+    let mut ok = 0;
+    while ok < 600 {
+        if h.write_one().await {
+            ok += 1;
+        }
+    }
+    h.restart_store0(&[("FAILPOINTS", "storenode::snapshot::mid_install=return")], &[]);
+    let code = h.write_until_store0_exits(Duration::from_secs(60)).await;
+    assert_failpoints_compiled_in(&h);
+    assert_eq!(code, EXIT_CRASH_POINT, "store 0 exit code");
+    h.assert_log("crash point storenode::snapshot::mid_install reached");
+    h.recover_and_check().await;
 }
 
 impl Harness {
