@@ -59,6 +59,35 @@ pub fn fail_stop(what: &str, err: &dyn std::fmt::Display) -> ! {
     std::process::exit(EXIT_STORAGE_ERROR)
 }
 
+/// fsyncs the directory `dir`, so that the names it holds (files created, renamed into or
+/// removed from it) are durable: an fsync of a file does not, under POSIX, make its entry
+/// in the parent durable.
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// `create_dir_all` whose new directories survive a power loss: fsyncs the parent of each
+/// directory it created (an existing tree is left alone).
+pub fn create_dir_all_durable(dir: &Path) -> io::Result<()> {
+    let mut missing = Vec::new();
+    let mut cur = Some(dir);
+    while let Some(d) = cur {
+        if d.as_os_str().is_empty() || d.exists() {
+            break;
+        }
+        missing.push(d);
+        cur = d.parent();
+    }
+    std::fs::create_dir_all(dir)?;
+    for d in missing.iter().rev() {
+        match d.parent() {
+            Some(p) if !p.as_os_str().is_empty() => sync_dir(p)?,
+            _ => sync_dir(Path::new("."))?,
+        }
+    }
+    Ok(())
+}
+
 /// The group-commit fsync of every keyspace (Raft log and engine), with its failpoints.
 fn persist_all(db: &Database) -> io::Result<()> {
     fail::fail_point!(crate::failpoints::SKIP_FSYNC, |_| Ok(()));
@@ -77,9 +106,12 @@ impl Engine {
 
     /// [`Self::open`] with a value cache of `value_cache_bytes` (0: none).
     pub fn open_with(dir: &Path, metrics: Metrics, value_cache_bytes: u64) -> anyhow::Result<Arc<Self>> {
-        std::fs::create_dir_all(dir)?;
+        create_dir_all_durable(dir)?;
         let cache = ValueCache::new(value_cache_bytes, metrics.clone());
         let db = Database::builder(dir.join("db")).open()?;
+        // fjall fsyncs inside `db/` but not the directory that holds it: without this, a
+        // power loss right after the first start could drop the `db` entry (strict POSIX).
+        sync_dir(dir)?;
         let data = db.keyspace("data", KeyspaceCreateOptions::default)?;
         let raft = db.keyspace("raft", KeyspaceCreateOptions::default)?;
         let meta = db.keyspace("meta", KeyspaceCreateOptions::default)?;
@@ -328,6 +360,20 @@ pub fn data_range<'a>(start: &'a [u8], end: &'a [u8]) -> (std::ops::Bound<&'a [u
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_new_data_dir_tree_is_created_and_its_directories_synced() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("a/b/data");
+        create_dir_all_durable(&dir).unwrap();
+        assert!(dir.is_dir());
+        // Existing trees are fine, and the engine opens (and syncs) a fresh nested dir.
+        create_dir_all_durable(&dir).unwrap();
+        let e = Engine::open(&root.path().join("x/y"), Metrics::new()).unwrap();
+        assert!(root.path().join("x/y/db").is_dir());
+        drop(e);
+        assert!(sync_dir(&root.path().join("missing")).is_err());
+    }
 
     #[test]
     fn key_layouts_sort_by_range_then_index() {

@@ -207,6 +207,10 @@ impl NodeInner {
             std::fs::remove_dir_all(&self.snap_dir)?;
         }
         std::fs::create_dir_all(&self.snap_dir)?;
+        // The directory's entry must be durable: an install's redo marker names a file in it.
+        if let Some(parent) = self.snap_dir.parent() {
+            crate::engine::sync_dir(parent)?;
+        }
         for (id, addr) in self.engine.load_addresses()? {
             self.transport.set_address(id, &addr);
         }

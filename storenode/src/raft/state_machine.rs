@@ -1088,6 +1088,14 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         // Redo marker: the install writes several batches; if the node dies (or the install
         // fails) half-way, the next start re-runs the install from the (fsynced) file before
         // opening the range, or, if it cannot, makes the replica uninitialized.
+        // The file's data was fsynced; its name must be durable too before a marker names
+        // it (an fsync of a file does not make its directory entry durable under POSIX).
+        if let Some(dir) = path.parent() {
+            let dir = dir.to_path_buf();
+            tokio::task::spawn_blocking(move || crate::engine::sync_dir(&dir))
+                .await
+                .map_err(io_err)??;
+        }
         let marker = encode(&InstallMarker {
             path: path.to_string_lossy().into_owned(),
             meta: meta.clone(),
@@ -1423,6 +1431,7 @@ fn build_to_file(engine: &Engine, range: RangeId, dir: &Path) -> io::Result<(Sna
     let f = w.into_inner().map_err(|e| e.into_error())?;
     f.sync_all()?;
     std::fs::rename(&tmp, &path)?;
+    crate::engine::sync_dir(dir)?;
     let meta = SnapshotMeta {
         last_log_id: applied.last_applied,
         last_membership: applied.membership,
