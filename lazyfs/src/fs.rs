@@ -15,7 +15,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 /// Unsynced data is kept in pages of this size.
@@ -78,6 +78,7 @@ struct State {
 pub struct LazyFs {
     state: Arc<Mutex<State>>,
     dead: Arc<AtomicBool>,
+    delay_ms: Arc<AtomicU64>,
 }
 
 /// Pulls the plug on a [`LazyFs`] from outside: afterwards every request fails with EIO and
@@ -86,6 +87,7 @@ pub struct LazyFs {
 pub struct PowerSwitch {
     state: Arc<Mutex<State>>,
     dead: Arc<AtomicBool>,
+    delay_ms: Arc<AtomicU64>,
 }
 
 impl PowerSwitch {
@@ -103,6 +105,18 @@ impl PowerSwitch {
     /// The counters now.
     pub fn stats(&self) -> Stats {
         self.state.lock().stats_now()
+    }
+
+    /// A slow disk (ADR 0030): every later `write`, `fsync` and `fsyncdir` waits `delay`
+    /// before it runs (zero: full speed again). Takes effect at once, mounted or not.
+    pub fn set_delay(&self, delay: Duration) {
+        self.delay_ms
+            .store(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX), Ordering::SeqCst);
+    }
+
+    /// The delay set by [`Self::set_delay`].
+    pub fn delay(&self) -> Duration {
+        Duration::from_millis(self.delay_ms.load(Ordering::SeqCst))
     }
 }
 
@@ -128,13 +142,24 @@ impl LazyFs {
         st.load(backing, ROOT)?;
         let state = Arc::new(Mutex::new(st));
         let dead = Arc::new(AtomicBool::new(false));
+        let delay_ms = Arc::new(AtomicU64::new(0));
         Ok((
             LazyFs {
                 state: state.clone(),
                 dead: dead.clone(),
+                delay_ms: delay_ms.clone(),
             },
-            PowerSwitch { state, dead },
+            PowerSwitch { state, dead, delay_ms },
         ))
+    }
+
+    /// The slow-disk delay, taken before the lock (other requests go on meanwhile, as
+    /// on a disk with a deep queue).
+    fn slow(&self) {
+        let ms = self.delay_ms.load(Ordering::Relaxed);
+        if ms > 0 {
+            std::thread::sleep(Duration::from_millis(ms));
+        }
     }
 
     fn live(&self) -> Option<parking_lot::MutexGuard<'_, State>> {
@@ -722,6 +747,7 @@ impl Filesystem for LazyFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        self.slow();
         let Some(mut st) = self.live() else {
             return reply.error(Errno::EIO);
         };
@@ -759,6 +785,7 @@ impl Filesystem for LazyFs {
     }
 
     fn fsync(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        self.slow();
         let Some(mut st) = self.live() else {
             return reply.error(Errno::EIO);
         };
@@ -813,6 +840,7 @@ impl Filesystem for LazyFs {
     }
 
     fn fsyncdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        self.slow();
         let Some(mut st) = self.live() else {
             return reply.error(Errno::EIO);
         };

@@ -178,3 +178,37 @@ fn fjall_keeps_every_batch_synced_one_by_one() {
     }
     m.unmount().unwrap();
 }
+
+#[test]
+fn a_slow_disk_delays_writes_and_fsyncs_until_switched_off() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (backing, mnt) = (tmp.path().join("backing"), tmp.path().join("mnt"));
+    std::fs::create_dir_all(&mnt).unwrap();
+    let m = skv_lazyfs::mount(&backing, &mnt).unwrap();
+    let timed = |tag: u8| {
+        let t = std::time::Instant::now();
+        let mut f = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(mnt.join("f"))
+            .unwrap();
+        f.write_all(&[tag; 100]).unwrap();
+        f.sync_data().unwrap();
+        t.elapsed()
+    };
+    let fast = timed(1);
+    m.switch().set_delay(std::time::Duration::from_millis(300));
+    // One write and one fsync: at least two delays.
+    let slow = timed(2);
+    m.switch().set_delay(std::time::Duration::ZERO);
+    let fast_again = timed(3);
+    assert!(slow >= std::time::Duration::from_millis(600), "slow: {slow:?}");
+    assert!(fast < std::time::Duration::from_millis(300), "fast: {fast:?}");
+    assert!(
+        fast_again < std::time::Duration::from_millis(300),
+        "after: {fast_again:?}"
+    );
+    // Slow, not lossy: everything was written and synced.
+    assert_eq!(read(&backing.join("f")).unwrap().len(), 300);
+    m.unmount().unwrap();
+}
