@@ -64,7 +64,7 @@ cargo fmt --all -- --check
 step "cargo clippy --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 # The storenode's failpoint code too (compiled only with the feature, ADR 0029).
-cargo clippy -p skv-storenode --all-targets --locked --features failpoints -- -D warnings
+cargo clippy -p skv-storenode -p skv-placement --all-targets --locked --features skv-storenode/failpoints,skv-placement/failpoints -- -D warnings
 
 step "one crypto provider: aws-lc-rs (no ring in the dependency graph)"
 # Judged by what cargo tree prints, not its exit code: rustls-webpki names ring behind a weak
@@ -107,7 +107,7 @@ env PATH="${nopath%:}" cargo build -p etcd-client --locked
 # /failpoints. The same feature set for the bins, the tests and the doc tests, so nothing
 # is built twice and the tests' build does not replace the bins with ones without it.
 # Release builds, the playground and the images never enable it.
-features=(--features skv-storenode/failpoints)
+features=(--features skv-storenode/failpoints,skv-placement/failpoints)
 step "cargo build --bins ${features[*]}"
 cargo build --workspace --bins --locked "${features[@]}"
 step "the Docker engine answers (testkit/tests/deploy_compose.rs builds and runs images)"

@@ -254,7 +254,14 @@ impl Meta {
                 }
                 UpdatePlan::Invalid(m) => return Err(PlacementError::invalid(format!("invalid range update: {m}"))),
                 UpdatePlan::Write(t) => {
+                    let split = incoming.len() > 1;
+                    if split {
+                        crate::crash_point!(crate::failpoints::BEFORE_SPLIT_TXN);
+                    }
                     if self.txn(t).await? {
+                        if split {
+                            crate::crash_point!(crate::failpoints::AFTER_SPLIT_TXN);
+                        }
                         return Ok(ApplyOutcome::Applied);
                     }
                 }

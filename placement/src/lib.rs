@@ -42,6 +42,7 @@
 pub mod cluster;
 pub mod election;
 pub mod error;
+pub mod failpoints;
 pub mod layout;
 pub mod meta;
 pub mod metrics;

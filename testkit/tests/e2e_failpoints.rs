@@ -130,6 +130,11 @@ impl Harness {
     /// write through the proxy and on store 0's own replicas.
     async fn recover_and_check(&mut self) {
         self.c.start_store(0);
+        self.recover_and_check_without_restart().await;
+    }
+
+    /// [`Self::recover_and_check`] with store 0 already running.
+    async fn recover_and_check_without_restart(&mut self) {
         let mut ok = 0;
         let deadline = Instant::now() + Duration::from_secs(60);
         while ok < 20 && Instant::now() < deadline {
@@ -209,35 +214,44 @@ impl Harness {
 
     /// The range holding `key` of the namespace: (range id, its store ids).
     async fn range_of(&self, key: &str) -> (u64, Vec<u64>) {
+        match self.try_range_of(key).await {
+            Ok(r) => r,
+            Err(e) => panic!("range of {key}: {e}"),
+        }
+    }
+
+    /// [`Self::range_of`], or why placement did not answer.
+    async fn try_range_of(&self, key: &str) -> Result<(u64, Vec<u64>), String> {
         let prefix = namespace_prefix(NS.as_bytes()).unwrap_or_else(|| panic!("bad namespace"));
         let mut pd = PlacementClient::connect(self.c.placement_url())
             .await
-            .unwrap_or_else(|e| panic!("placement: {e}"));
+            .map_err(|e| e.to_string())?;
         let d = pd
             .get_range(admin(GetRangeRequest {
                 key: [prefix.as_slice(), key.as_bytes()].concat(),
             }))
             .await
-            .unwrap_or_else(|e| panic!("GetRange: {e}"))
+            .map_err(|e| e.to_string())?
             .into_inner()
             .range
             .and_then(|r| r.descriptor)
-            .unwrap_or_else(|| panic!("no range for {key}"));
-        (d.range_id, d.replicas.iter().map(|r| r.store_id).collect())
+            .ok_or_else(|| format!("no range for {key}"))?;
+        Ok((d.range_id, d.replicas.iter().map(|r| r.store_id).collect()))
     }
 
-    async fn split_at(&self, key: &str) -> Result<(), tonic::Status> {
+    async fn split_at(&self, key: &str) -> Result<(), String> {
         let prefix = namespace_prefix(NS.as_bytes()).unwrap_or_else(|| panic!("bad namespace"));
-        let (range_id, _) = self.range_of(key).await;
+        let (range_id, _) = self.try_range_of(key).await?;
         let mut pd = PlacementClient::connect(self.c.placement_url())
             .await
-            .unwrap_or_else(|e| panic!("placement: {e}"));
+            .map_err(|e| e.to_string())?;
         pd.split_range(admin(AdminSplitRequest {
             range_id,
             split_key: [prefix.as_slice(), key.as_bytes()].concat(),
         }))
         .await
         .map(|_| ())
+        .map_err(|e| e.to_string())
     }
 
     /// Whether store 0 holds a replica of the range of `key`.
@@ -450,6 +464,146 @@ async fn crash_mid_snapshot_install_recovers() {
     assert_eq!(code, EXIT_CRASH_POINT, "store 0 exit code");
     h.assert_log("crash point storenode::snapshot::mid_install reached");
     h.recover_and_check().await;
+}
+
+impl Harness {
+    /// Restarts placement (kill -9, then start on its data dir) with `FAILPOINTS`.
+    fn restart_placement_with_failpoints(&mut self, spec: &str) {
+        if let Some(mut g) = self.c.placement.take() {
+            g.kill();
+        }
+        let log = std::fs::File::create(self.c.dir.path().join("placement-fp.log"))
+            .map(std::process::Stdio::from)
+            .unwrap_or_else(|_| std::process::Stdio::null());
+        let mut cmd = std::process::Command::new(skv_testkit::bin_path("skv-placement"));
+        cmd.arg("--listen")
+            .arg(format!("127.0.0.1:{}", self.c.placement_port))
+            .arg("--data-dir")
+            .arg(self.c.dir.path().join("pd"))
+            .arg("--initial-wait-ms")
+            .arg("300")
+            .arg("--schedule-interval-ms")
+            .arg("200")
+            .arg("--jwt-hs256-secret-file")
+            .arg(self.c.dir.path().join("secret"))
+            .env("FAILPOINTS", spec)
+            .stdout(std::process::Stdio::null())
+            .stderr(log);
+        self.c.placement =
+            Some(skv_testkit::ChildGuard::spawn("placement", &mut cmd).unwrap_or_else(|e| panic!("{e}")));
+    }
+
+    /// Waits for placement to exit; its exit code.
+    async fn wait_placement_exit(&mut self, within: Duration) -> i32 {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            let status = self
+                .c
+                .placement
+                .as_mut()
+                .and_then(|g| g.child_mut())
+                .and_then(|c| c.try_wait().ok().flatten());
+            if let Some(st) = status {
+                self.c.placement = None;
+                return st.code().unwrap_or(-1);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!(
+            "placement did not stop within {within:?}: {}",
+            tail(&self.c.read_log("placement-fp"))
+        );
+    }
+
+    /// Every range of the map, in key order: they tile the key space (no gap, no overlap).
+    async fn assert_range_map_tiles(&self) {
+        let mut pd = PlacementClient::connect(self.c.placement_url())
+            .await
+            .unwrap_or_else(|e| panic!("placement: {e}"));
+        let ranges = pd
+            .scan_ranges(admin(skv_proto::internal::ScanRangesRequest::default()))
+            .await
+            .unwrap_or_else(|e| panic!("ScanRanges: {e}"))
+            .into_inner()
+            .ranges;
+        let descs: Vec<_> = ranges.into_iter().filter_map(|r| r.descriptor).collect();
+        assert!(!descs.is_empty());
+        assert!(descs[0].start.is_empty(), "the map does not start at the empty key");
+        for w in descs.windows(2) {
+            assert_eq!(
+                w[0].end, w[1].start,
+                "gap or overlap between r{} and r{}",
+                w[0].range_id, w[1].range_id
+            );
+        }
+        assert!(
+            descs.last().is_some_and(|d| d.end.is_empty()),
+            "the map does not end at +inf"
+        );
+    }
+}
+
+/// Placement dies just before (or just after) writing a split into the range map; restarted,
+/// it learns the split from the storenodes (the source of truth), the map tiles the key
+/// space with both halves, and every acknowledged write reads back.
+async fn placement_crash_around_range_map_txn(point: &str) {
+    let mut h = Harness::start().await;
+    h.restart_placement_with_failpoints(&format!("{point}=return"));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // The split is applied by the storenodes; placement crashes recording it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let done = h.split_at("k20").await.is_ok();
+        let exited =
+            h.c.placement
+                .as_mut()
+                .and_then(|g| g.child_mut())
+                .is_some_and(|c| c.try_wait().ok().flatten().is_some());
+        if done || exited {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the split was never accepted");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let code = h.wait_placement_exit(Duration::from_secs(30)).await;
+    let log = h.c.read_log("placement-fp");
+    assert!(
+        !log.contains("built without the `failpoints` feature"),
+        "the placement binary has no failpoints: build with --features skv-placement/failpoints"
+    );
+    assert_eq!(code, EXIT_CRASH_POINT, "placement exit code: {}", tail(&log));
+    assert!(log.contains(&format!("crash point {point} reached")), "{}", tail(&log));
+    h.c.start_placement();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let ok = match (h.try_range_of("k00").await, h.try_range_of("k20").await) {
+            (Ok(a), Ok(b)) => a.0 != b.0,
+            _ => false,
+        };
+        if ok {
+            break;
+        }
+        assert!(Instant::now() < deadline, "placement never learned the split");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    h.assert_range_map_tiles().await;
+    let mut ok = 0;
+    while ok < 10 {
+        if h.write_one().await {
+            ok += 1;
+        }
+    }
+    h.recover_and_check_without_restart().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn placement_crash_before_the_range_map_txn_of_a_split_recovers() {
+    placement_crash_around_range_map_txn("placement::range_map::before_split_txn").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn placement_crash_after_the_range_map_txn_of_a_split_recovers() {
+    placement_crash_around_range_map_txn("placement::range_map::after_split_txn").await;
 }
 
 impl Harness {
