@@ -56,6 +56,9 @@ pub struct ClusterSpec {
     /// `FAILPOINTS` of every storenode (`name=action;...`, ADR 0029): needs binaries built
     /// with `--features skv-storenode/failpoints`. Empty: none.
     pub store_failpoints: String,
+    /// Storenode data directories on skv-lazyfs mounts (the `slow-disk` nemesis; needs
+    /// `skv-lazyfs` in `bin_dir` and FUSE).
+    pub lazyfs_disks: bool,
 }
 
 /// Which kind of process.
@@ -107,6 +110,8 @@ pub struct ChaosCluster {
     pub stores: Vec<Proc>,
     /// Proxies.
     pub proxies: Vec<Proc>,
+    /// The storenodes' lazyfs disks, if any (last: dropped after every process).
+    disks: Option<crate::disk::Disks>,
 }
 
 /// The directory of the running executable's target profile (`target/debug`), where
@@ -163,7 +168,11 @@ impl ChaosCluster {
             placements: (0..spec.placements.max(1)).map(|i| slot(format!("pd-{i}"))).collect(),
             stores: (0..spec.storenodes).map(|i| slot(format!("store-{i}"))).collect(),
             proxies: (0..spec.proxies.max(1)).map(|i| slot(format!("proxy-{i}"))).collect(),
+            disks: None,
         };
+        if spec.lazyfs_disks {
+            c.disks = Some(crate::disk::Disks::start(&c.bin_dir, c.stores.len(), &c.path)?);
+        }
         for i in 0..c.placements.len() {
             c.start_proc(Role::Placement, i)?;
         }
@@ -285,7 +294,10 @@ impl ChaosCluster {
                     .arg("--placement")
                     .arg(self.placement_urls())
                     .arg("--data-dir")
-                    .arg(self.path.join(&name))
+                    .arg(match self.disks.as_ref().and_then(|d| d.data_dir(i)) {
+                        Some(mnt) => mnt.to_path_buf(),
+                        None => self.path.join(&name),
+                    })
                     .arg("--heartbeat-interval-ms")
                     .arg("300");
                 if !self.store_failpoints.is_empty() {
@@ -354,9 +366,14 @@ impl ChaosCluster {
         Ok(())
     }
 
+    /// The storenodes' lazyfs disks (runs with `slow-disk`).
+    pub fn disks(&self) -> Option<&crate::disk::Disks> {
+        self.disks.as_ref()
+    }
+
     /// Resumes every paused process and starts every stopped one. Returns what it did.
     pub fn heal(&mut self) -> Vec<String> {
-        let mut done = Vec::new();
+        let mut done = self.disks.as_ref().map(|d| d.heal()).unwrap_or_default();
         for role in [Role::Placement, Role::Store, Role::Proxy] {
             for i in 0..self.procs(role).len() {
                 let (paused, up, name) = {

@@ -7,11 +7,14 @@
 //! - [`recorder`]: an SDK client wrapper that records every call;
 //! - [`direct`]: reads sent straight to followers (the vehicle of `--plant skip-read-index`);
 //! - [`cluster`], [`nemesis`] and [`runner`]: a real process cluster on 127.0.0.1, faults,
-//!   and a run that heals, reads every key back and checks the whole history.
+//!   and a run that heals, reads every key back and checks the whole history;
+//! - [`disk`]: storenode data directories on skv-lazyfs mounts, for the `slow-disk` nemesis.
 
 pub mod checker;
 pub mod cluster;
 pub mod direct;
+pub mod disk;
+mod faults;
 pub mod history;
 pub mod model;
 pub mod nemesis;

@@ -41,8 +41,8 @@ struct RunArgs {
     /// Seed of the workload's and the nemesis's choices.
     #[arg(long, default_value_t = 1)]
     seed: u64,
-    /// Faults, comma-separated, of kill, pause, pd-leader, split, transfer-leader, merge
-    /// (`none` for a calm run).
+    /// Faults, comma-separated, of kill, pause, pd-leader, split, transfer-leader, merge,
+    /// slow-disk (storenodes on skv-lazyfs mounts: FUSE), proxy-kill (`none` for a calm run).
     #[arg(
         long,
         value_delimiter = ',',

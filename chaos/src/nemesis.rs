@@ -26,11 +26,30 @@ pub enum NemesisKind {
     TransferLeader,
     /// Merge a workload key's range with its right neighbour (admin API).
     Merge,
+    /// Make one storenode's disk slow (every write and fsync delayed) for a few seconds; the
+    /// storenodes then run on skv-lazyfs mounts (crate::disk).
+    SlowDisk,
+    /// `kill -9` one of the proxies, restart it a few seconds later.
+    ProxyKill,
 }
 
 impl NemesisKind {
     /// Every kind.
-    pub const ALL: [NemesisKind; 6] = [
+    pub const ALL: [NemesisKind; 8] = [
+        NemesisKind::Kill,
+        NemesisKind::Pause,
+        NemesisKind::PdLeader,
+        NemesisKind::Split,
+        NemesisKind::TransferLeader,
+        NemesisKind::Merge,
+        NemesisKind::SlowDisk,
+        NemesisKind::ProxyKill,
+    ];
+
+    /// The faults of a run that names none (`skv-chaos run` without `--nemesis`, and
+    /// `RunOptions::new`): the first six. `slow-disk` (FUSE mounts) and `proxy-kill` are
+    /// chosen by name, so the measured CI short run keeps its plan.
+    pub const DEFAULT: [NemesisKind; 6] = [
         NemesisKind::Kill,
         NemesisKind::Pause,
         NemesisKind::PdLeader,
@@ -48,6 +67,8 @@ impl NemesisKind {
             NemesisKind::Split => "split",
             NemesisKind::TransferLeader => "transfer-leader",
             NemesisKind::Merge => "merge",
+            NemesisKind::SlowDisk => "slow-disk",
+            NemesisKind::ProxyKill => "proxy-kill",
         }
     }
 }
@@ -72,17 +93,17 @@ pub struct NemesisOptions {
 /// Everything the nemesis did, shared with the runner.
 pub type Events = Arc<Mutex<Vec<NemesisEvent>>>;
 
-struct Ctx {
-    cluster: Arc<tokio::sync::Mutex<ChaosCluster>>,
+pub(crate) struct Ctx {
+    pub(crate) cluster: Arc<tokio::sync::Mutex<ChaosCluster>>,
     rec: Arc<Recorder>,
     events: Events,
     /// Storenodes a fault is using right now (two faults at once pick different ones).
-    busy: Mutex<HashSet<usize>>,
+    pub(crate) busy: Mutex<HashSet<usize>>,
     opts: NemesisOptions,
 }
 
 impl Ctx {
-    fn event(&self, kind: &str, target: &str, detail: impl Into<String>) {
+    pub(crate) fn event(&self, kind: &str, target: &str, detail: impl Into<String>) {
         let e = NemesisEvent {
             at: self.rec.now(),
             kind: kind.to_string(),
@@ -225,6 +246,7 @@ async fn fault(ctx: &Ctx, kind: NemesisKind, seed: u64, round: u64) {
             let r = ctx.cluster.lock().await.start_proc(Role::Placement, i);
             ctx.event("restart", &name, result_text(r.map(|()| "restarted".to_string())));
         }
+        NemesisKind::SlowDisk | NemesisKind::ProxyKill => crate::faults::fault(ctx, kind, &mut rng, hold, round).await,
         NemesisKind::Split | NemesisKind::TransferLeader | NemesisKind::Merge => {
             let keys = &ctx.opts.internal_keys;
             if keys.is_empty() {
@@ -306,7 +328,7 @@ fn leader_note(leader: Option<usize>, i: usize) -> &'static str {
 }
 
 /// A storenode no other fault is using: `prefer` if it is free, else a random free one.
-fn pick_store(ctx: &Ctx, rng: &mut StdRng, n: usize, prefer: Option<usize>) -> Option<usize> {
+pub(crate) fn pick_store(ctx: &Ctx, rng: &mut StdRng, n: usize, prefer: Option<usize>) -> Option<usize> {
     let mut busy = ctx.busy.lock();
     if let Some(p) = prefer.filter(|p| *p < n && !busy.contains(p)) {
         busy.insert(p);
@@ -321,7 +343,7 @@ fn pick_store(ctx: &Ctx, rng: &mut StdRng, n: usize, prefer: Option<usize>) -> O
     Some(i)
 }
 
-fn result_text<E: std::fmt::Display>(r: Result<String, E>) -> String {
+pub(crate) fn result_text<E: std::fmt::Display>(r: Result<String, E>) -> String {
     match r {
         Ok(s) => s,
         Err(e) => format!("FAILED: {e}"),

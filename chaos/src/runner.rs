@@ -97,12 +97,12 @@ impl Plant {
 }
 
 impl RunOptions {
-    /// Defaults for a cluster from `bin_dir`: 60 s, every fault, 8 clients on 6 keys.
+    /// Defaults for a cluster from `bin_dir`: 60 s, the default faults, 8 clients on 6 keys.
     pub fn new(bin_dir: PathBuf) -> Self {
         Self {
             duration: Duration::from_secs(60),
             seed: 1,
-            nemeses: NemesisKind::ALL.to_vec(),
+            nemeses: NemesisKind::DEFAULT.to_vec(),
             clients: 8,
             keys: 6,
             cluster: ClusterSpec {
@@ -111,6 +111,7 @@ impl RunOptions {
                 proxies: 2,
                 bin_dir,
                 store_failpoints: String::new(),
+                lazyfs_disks: false,
             },
             out_dir: PathBuf::from("target/chaos"),
             always_write_history: false,
@@ -295,6 +296,8 @@ pub async fn run(opts: RunOptions) -> Result<RunSummary, RunError> {
     {
         spec.store_failpoints = p.store_failpoints().to_string();
     }
+    // The slow-disk nemesis needs the storenodes on lazyfs mounts.
+    spec.lazyfs_disks |= opts.nemeses.contains(&NemesisKind::SlowDisk);
     let cluster = ChaosCluster::start(&spec).await?;
     tracing::info!(dir = %cluster.dir().display(), "cluster up");
     // A fresh namespace per run: every key starts absent at version 0.
