@@ -8,7 +8,7 @@ use skv_proto::internal::{
     GetStoresRequest, RangeInfo, ScanRangesRequest, StoreInfo,
 };
 use skv_testkit::cluster::{TEST_SECRET, admin, token};
-use skv_testkit::{ChildGuard, Etcd, free_port};
+use skv_testkit::{ChildGuard, free_port};
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -59,6 +59,8 @@ pub struct ClusterSpec {
     /// Storenode data directories on skv-lazyfs mounts (the `slow-disk` nemesis; needs
     /// `skv-lazyfs` in `bin_dir` and FUSE).
     pub lazyfs_disks: bool,
+    /// etcd members: 1, or 3 for the `etcd-member` nemesis (crate::etcd3).
+    pub etcd_members: usize,
 }
 
 /// Which kind of process.
@@ -101,7 +103,7 @@ impl Proc {
 pub struct ChaosCluster {
     dir: Option<tempfile::TempDir>,
     path: PathBuf,
-    etcd: Etcd,
+    etcd: crate::etcd3::EtcdRun,
     bin_dir: PathBuf,
     store_failpoints: String,
     /// Placement instances.
@@ -149,10 +151,7 @@ impl ChaosCluster {
             what: "write the JWT secret".into(),
             source,
         })?;
-        // testkit's Etcd panics when it cannot start; in a task, that is an error here.
-        let etcd = tokio::spawn(Etcd::start())
-            .await
-            .map_err(|e| ClusterError::Etcd(e.to_string()))?;
+        let etcd = crate::etcd3::EtcdRun::start(spec.etcd_members, &path).await?;
         let slot = |name: String| Proc {
             name,
             port: free_port(),
@@ -278,7 +277,7 @@ impl ChaosCluster {
                     .arg("--data-dir")
                     .arg(self.path.join(&name))
                     .arg("--etcd")
-                    .arg(&self.etcd.client_url)
+                    .arg(self.etcd.client_urls())
                     .arg("--initial-wait-ms")
                     .arg("300")
                     .arg("--schedule-interval-ms")
@@ -366,6 +365,11 @@ impl ChaosCluster {
         Ok(())
     }
 
+    /// The etcd (its members, for the `etcd-member` nemesis).
+    pub fn etcd_mut(&mut self) -> &mut crate::etcd3::EtcdRun {
+        &mut self.etcd
+    }
+
     /// The storenodes' lazyfs disks (runs with `slow-disk`).
     pub fn disks(&self) -> Option<&crate::disk::Disks> {
         self.disks.as_ref()
@@ -374,6 +378,7 @@ impl ChaosCluster {
     /// Resumes every paused process and starts every stopped one. Returns what it did.
     pub fn heal(&mut self) -> Vec<String> {
         let mut done = self.disks.as_ref().map(|d| d.heal()).unwrap_or_default();
+        done.extend(self.etcd.heal());
         for role in [Role::Placement, Role::Store, Role::Proxy] {
             for i in 0..self.procs(role).len() {
                 let (paused, up, name) = {

@@ -1,5 +1,5 @@
-//! The faults added for issue 14's second round (ADR 0026): a slow disk on one storenode
-//! and the loss of a proxy. The loop that schedules them is nemesis.rs's.
+//! The faults added for issue 14's second round (ADR 0026): a slow disk on one storenode,
+//! the loss of a proxy and the loss of an etcd member. The loop that schedules them is nemesis.rs's.
 
 use crate::cluster::{ClusterError, Role};
 use crate::nemesis::{Ctx, NemesisKind, pick_store, result_text};
@@ -48,6 +48,43 @@ pub(crate) async fn fault(ctx: &Ctx, kind: NemesisKind, rng: &mut StdRng, hold: 
             tokio::time::sleep(hold).await;
             let r = ctx.cluster.lock().await.start_proc(Role::Proxy, i);
             ctx.event("restart", &name, result_text(r.map(|()| "restarted".to_string())));
+        }
+        NemesisKind::EtcdMember => {
+            let i = {
+                let mut c = ctx.cluster.lock().await;
+                match c.etcd_mut().members() {
+                    Some(m) if !m.is_empty() => rng.random_range(0..m.len()),
+                    _ => {
+                        drop(c);
+                        ctx.event(
+                            "etcd-member-kill",
+                            "-",
+                            format!("round {round}: FAILED: etcd has one member"),
+                        );
+                        return;
+                    }
+                }
+            };
+            let name = format!("etcd-{i}");
+            let r = match ctx.cluster.lock().await.etcd_mut().members() {
+                Some(m) => m.kill(i),
+                None => Err(ClusterError::NotReady("no etcd members".into())),
+            };
+            ctx.event(
+                "etcd-member-kill",
+                &name,
+                result_text(r.map(|was| format!("round {round}: kill -9 (was running: {was}), down {hold:?}"))),
+            );
+            tokio::time::sleep(hold).await;
+            let r = match ctx.cluster.lock().await.etcd_mut().members() {
+                Some(m) => m.start_member(i),
+                None => Err(ClusterError::NotReady("no etcd members".into())),
+            };
+            ctx.event(
+                "restart",
+                &name,
+                result_text(r.map(|()| "restarted on its data dir".to_string())),
+            );
         }
         _ => ctx.event(kind.name(), "-", format!("round {round}: not a fault of faults.rs")),
     }

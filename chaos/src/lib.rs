@@ -8,12 +8,14 @@
 //! - [`direct`]: reads sent straight to followers (the vehicle of `--plant skip-read-index`);
 //! - [`cluster`], [`nemesis`] and [`runner`]: a real process cluster on 127.0.0.1, faults,
 //!   and a run that heals, reads every key back and checks the whole history;
-//! - [`disk`]: storenode data directories on skv-lazyfs mounts, for the `slow-disk` nemesis.
+//! - [`disk`]: storenode data directories on skv-lazyfs mounts, for the `slow-disk` nemesis;
+//! - [`etcd3`]: a 3-member etcd, for the `etcd-member` nemesis.
 
 pub mod checker;
 pub mod cluster;
 pub mod direct;
 pub mod disk;
+pub mod etcd3;
 mod faults;
 pub mod history;
 pub mod model;

@@ -42,7 +42,8 @@ struct RunArgs {
     #[arg(long, default_value_t = 1)]
     seed: u64,
     /// Faults, comma-separated, of kill, pause, pd-leader, split, transfer-leader, merge,
-    /// slow-disk (storenodes on skv-lazyfs mounts: FUSE), proxy-kill (`none` for a calm run).
+    /// slow-disk (storenodes on skv-lazyfs mounts: FUSE), proxy-kill, etcd-member (a
+    /// 3-member etcd) (`none` for a calm run).
     #[arg(
         long,
         value_delimiter = ',',

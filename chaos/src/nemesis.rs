@@ -31,11 +31,14 @@ pub enum NemesisKind {
     SlowDisk,
     /// `kill -9` one of the proxies, restart it a few seconds later.
     ProxyKill,
+    /// `kill -9` one member of a 3-member etcd (never two: the majority stays), restart it
+    /// on its data directory a few seconds later.
+    EtcdMember,
 }
 
 impl NemesisKind {
     /// Every kind.
-    pub const ALL: [NemesisKind; 8] = [
+    pub const ALL: [NemesisKind; 9] = [
         NemesisKind::Kill,
         NemesisKind::Pause,
         NemesisKind::PdLeader,
@@ -44,11 +47,12 @@ impl NemesisKind {
         NemesisKind::Merge,
         NemesisKind::SlowDisk,
         NemesisKind::ProxyKill,
+        NemesisKind::EtcdMember,
     ];
 
     /// The faults of a run that names none (`skv-chaos run` without `--nemesis`, and
-    /// `RunOptions::new`): the first six. `slow-disk` (FUSE mounts) and `proxy-kill` are
-    /// chosen by name, so the measured CI short run keeps its plan.
+    /// `RunOptions::new`): the first six. `slow-disk` (FUSE mounts), `proxy-kill` and
+    /// `etcd-member` (a 3-member etcd) are chosen by name, so the measured CI short run keeps its plan.
     pub const DEFAULT: [NemesisKind; 6] = [
         NemesisKind::Kill,
         NemesisKind::Pause,
@@ -69,6 +73,7 @@ impl NemesisKind {
             NemesisKind::Merge => "merge",
             NemesisKind::SlowDisk => "slow-disk",
             NemesisKind::ProxyKill => "proxy-kill",
+            NemesisKind::EtcdMember => "etcd-member",
         }
     }
 }
@@ -246,7 +251,9 @@ async fn fault(ctx: &Ctx, kind: NemesisKind, seed: u64, round: u64) {
             let r = ctx.cluster.lock().await.start_proc(Role::Placement, i);
             ctx.event("restart", &name, result_text(r.map(|()| "restarted".to_string())));
         }
-        NemesisKind::SlowDisk | NemesisKind::ProxyKill => crate::faults::fault(ctx, kind, &mut rng, hold, round).await,
+        NemesisKind::SlowDisk | NemesisKind::ProxyKill | NemesisKind::EtcdMember => {
+            crate::faults::fault(ctx, kind, &mut rng, hold, round).await
+        }
         NemesisKind::Split | NemesisKind::TransferLeader | NemesisKind::Merge => {
             let keys = &ctx.opts.internal_keys;
             if keys.is_empty() {

@@ -112,6 +112,7 @@ impl RunOptions {
                 bin_dir,
                 store_failpoints: String::new(),
                 lazyfs_disks: false,
+                etcd_members: 1,
             },
             out_dir: PathBuf::from("target/chaos"),
             always_write_history: false,
@@ -298,6 +299,10 @@ pub async fn run(opts: RunOptions) -> Result<RunSummary, RunError> {
     }
     // The slow-disk nemesis needs the storenodes on lazyfs mounts.
     spec.lazyfs_disks |= opts.nemeses.contains(&NemesisKind::SlowDisk);
+    // The etcd-member nemesis needs a 3-member etcd.
+    if opts.nemeses.contains(&NemesisKind::EtcdMember) {
+        spec.etcd_members = spec.etcd_members.max(3);
+    }
     let cluster = ChaosCluster::start(&spec).await?;
     tracing::info!(dir = %cluster.dir().display(), "cluster up");
     // A fresh namespace per run: every key starts absent at version 0.
