@@ -37,6 +37,7 @@ struct Disk {
     guard: Option<ChildGuard>,
     mnt: PathBuf,
     delay_file: PathBuf,
+    log: PathBuf,
 }
 
 /// The storenodes' lazyfs disks.
@@ -84,6 +85,7 @@ impl Disks {
                 guard: Some(guard),
                 mnt: mnt.clone(),
                 delay_file,
+                log: log_path.clone(),
             });
             let deadline = Instant::now() + Duration::from_secs(15);
             while !is_mounted(&mnt) {
@@ -119,6 +121,16 @@ impl Disks {
             what: format!("write {}", d.delay_file.display()),
             source,
         })
+    }
+
+    /// How many delay changes storenode `i`'s skv-lazyfs has applied (its log's
+    /// `skv-lazyfs: delay N ms` lines): a change is confirmed when this grows.
+    pub fn delays_applied(&self, i: usize) -> usize {
+        self.disks
+            .get(i)
+            .and_then(|d| std::fs::read_to_string(&d.log).ok())
+            .map(|log| log.lines().filter(|l| l.starts_with("skv-lazyfs: delay ")).count())
+            .unwrap_or(0)
     }
 
     /// Every disk back to full speed; returns what it did.

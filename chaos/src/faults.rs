@@ -24,7 +24,9 @@ pub(crate) async fn fault(ctx: &Ctx, kind: NemesisKind, rng: &mut StdRng, hold: 
             ctx.event(
                 "slow-disk",
                 &name,
-                result_text(r.map(|()| format!("round {round}: every write and fsync +{ms} ms for {hold:?}"))),
+                result_text(r.map(|()| {
+                    format!("round {round}: every write and fsync +{ms} ms for {hold:?} (applied by its lazyfs)")
+                })),
             );
             tokio::time::sleep(hold).await;
             let r = set_delay(ctx, i, Duration::ZERO).await;
@@ -90,12 +92,37 @@ pub(crate) async fn fault(ctx: &Ctx, kind: NemesisKind, rng: &mut StdRng, hold: 
     }
 }
 
+/// Sets storenode `i`'s disk delay and waits (up to 3 s) until its skv-lazyfs says it
+/// applied it, so a fault that did not take is reported FAILED, not silently run.
 async fn set_delay(ctx: &Ctx, i: usize, delay: Duration) -> Result<(), ClusterError> {
-    let c = ctx.cluster.lock().await;
-    match c.disks() {
-        Some(d) => d.set_delay(i, delay),
-        None => Err(ClusterError::NotReady(
-            "the storenodes are not on lazyfs disks".to_string(),
-        )),
+    let before = {
+        let c = ctx.cluster.lock().await;
+        let Some(d) = c.disks() else {
+            return Err(ClusterError::NotReady(
+                "the storenodes are not on lazyfs disks".to_string(),
+            ));
+        };
+        let before = d.delays_applied(i);
+        d.set_delay(i, delay)?;
+        before
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    loop {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let applied = ctx
+            .cluster
+            .lock()
+            .await
+            .disks()
+            .map(|d| d.delays_applied(i))
+            .unwrap_or(0);
+        if applied > before {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(ClusterError::NotReady(format!(
+                "skv-lazyfs of store-{i} did not apply a delay of {delay:?} within 3 s"
+            )));
+        }
     }
 }
