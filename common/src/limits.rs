@@ -70,9 +70,46 @@ pub const MAX_BATCH_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
 /// prefix on every key, plus the framing of each op.
 pub const BATCH_PREFIX_OVERHEAD: usize = MAX_BATCH_OPS * (2 + MAX_NAMESPACE_LEN + 16);
 
+/// Largest Store request and largest encoded Raft command of a storenode run with
+/// `--max-value-len max_value_len`: one value, or a client's batch plus the namespace prefix
+/// the proxy added (the Raft transport allows a few MiB plus two of these per message).
+pub fn max_store_message(max_value_len: usize) -> usize {
+    max_value_len
+        .saturating_add(256 * 1024)
+        .saturating_add(BATCH_PREFIX_OVERHEAD)
+}
+
+/// A restore's ingest chunk of more than one record is at most this many encoded bytes
+/// ([`ingest_record_cost`] summed, plus [`INGEST_COMMAND_OVERHEAD`]): below
+/// [`max_store_message`] of any `--max-value-len`, so it fits one Raft entry; a chunk of
+/// one record fits because the record's value is bounded by `--max-value-len` and its key
+/// by [`MAX_INTERNAL_KEY_LEN`] (ADR 0028).
+pub const INGEST_CHUNK_BYTES: usize = 256 * 1024;
+/// Encoded bytes of an ingest command besides its records: variant, record count, epoch.
+pub const INGEST_COMMAND_OVERHEAD: usize = 16;
+
+/// Encoded bytes one record adds to an ingest command (an upper bound): its key, its stored
+/// record and two length prefixes (varints of at most 5 bytes).
+pub fn ingest_record_cost(key_len: usize, record_len: usize) -> usize {
+    key_len.saturating_add(record_len).saturating_add(10)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_ingest_chunk_fits_one_store_message() {
+        for max_value_len in [1, 1024, DEFAULT_MAX_VALUE_LEN, 8 << 20, 64 << 20] {
+            let cap = max_store_message(max_value_len);
+            // Several records: the chunk bound.
+            assert!(INGEST_CHUNK_BYTES + INGEST_COMMAND_OVERHEAD <= cap, "{max_value_len}");
+            // One record alone: a maximal key and a maximal value (8 bytes of version).
+            let one = INGEST_COMMAND_OVERHEAD + ingest_record_cost(MAX_INTERNAL_KEY_LEN, max_value_len + 8);
+            assert!(one <= cap, "{max_value_len}");
+        }
+        assert_eq!(ingest_record_cost(3, 4), 17);
+    }
 
     #[test]
     fn key_limits() {

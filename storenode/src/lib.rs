@@ -443,7 +443,7 @@ pub async fn start_with(config: Config, opts: StartOptions) -> anyhow::Result<Se
 
     // A Store request: one value, or a client's batch plus the namespace prefix the proxy
     // added to every key (a BatchWrite becomes one log entry of about this size).
-    let max_message = (config.max_value_len + 256 * 1024).saturating_add(skv_common::limits::BATCH_PREFIX_OVERHEAD);
+    let max_message = skv_common::limits::max_store_message(config.max_value_len);
     // One AppendEntries carries up to the byte budget plus one entry.
     let raft_message = raft::log_store::APPEND_BYTES_BUDGET + 2 * max_message;
     let transport = raft::network::Transport::new(store_id, opts.raft_filter.clone(), raft_message);

@@ -46,16 +46,15 @@ const RUNNING: &str = "running";
 const FINISHING: &str = "finishing";
 const COMPLETE: &str = "complete";
 const FAILED: &str = "failed";
-/// A backup gives up after this long.
-const BACKUP_DEADLINE: Duration = Duration::from_secs(600);
+/// A backup gives up when no range was backed up for this long (it has no deadline as a
+/// whole: a large cluster's backup takes as long as its ranges need, one at a time).
+const NO_PROGRESS_DEADLINE: Duration = Duration::from_secs(600);
 /// Between two rounds of a backup that met errors or a map with gaps.
 const ROUND_PAUSE: Duration = Duration::from_millis(300);
-/// A "finishing" record left this long by a gone owner is decided by its manifest.
-const FINISHING_GRACE_MS: u64 = 30_000;
 /// How often the leader sweeps backups left by a gone owner.
 pub(super) const SWEEP_EVERY: Duration = Duration::from_secs(5);
-/// Records per ingest call: about this many bytes.
-const INGEST_CHUNK_BYTES: usize = 1 << 20;
+// Records per ingest call: at most INGEST_CHUNK_BYTES encoded, or one record (ADR 0028).
+use skv_common::limits::{INGEST_CHUNK_BYTES, INGEST_COMMAND_OVERHEAD, ingest_record_cost};
 /// Attempts of one ingest chunk that meets routing or store errors.
 const INGEST_ATTEMPTS: usize = 60;
 
@@ -214,12 +213,23 @@ async fn backup_records(s: &Shared) -> PlacementResult<Vec<(BackupInfo, Vec<u8>)
 
 pub(super) async fn create_backup(s: &Arc<Shared>, _req: CreateBackupRequest) -> PlacementResult<CreateBackupResponse> {
     objects(s)?;
+    // The record names this instance's session: the sweep of another leader decides a
+    // finishing backup only once that session is gone.
+    let session = match s.meta.store.get(&s.meta.layout.member(&s.me.name)).await? {
+        Some(kv) if kv.lease != 0 => kv.lease,
+        _ => {
+            return Err(PlacementError::LeaderUnavailable {
+                leader: format!("{} (its placement session is not registered yet; retry)", s.me.name),
+            });
+        }
+    };
     let now = now_ms();
     let info = BackupInfo {
         id: new_backup_id(now, rand::random()),
         state: RUNNING.into(),
         created_unix_ms: now,
         owner: s.me.name.clone(),
+        owner_session: session,
         ..Default::default()
     };
     let key = s.meta.layout.backup(&info.id);
@@ -247,8 +257,10 @@ async fn run_backup(s: Arc<Shared>, info: BackupInfo, value: Vec<u8>) {
         .get_or_create(&OpLabel { op: "backup" })
         .clone();
     running.inc();
+    // The record's value as this task last wrote it (running, then finishing).
+    let mut value = value;
     let res = match s.objects.clone() {
-        Some(objects) => backup_all(&s, &objects, &info, &value).await,
+        Some(objects) => backup_all(&s, &objects, &info, &mut value).await,
         None => Err("no object storage".to_string()),
     };
     running.dec();
@@ -276,15 +288,23 @@ async fn run_backup(s: Arc<Shared>, info: BackupInfo, value: Vec<u8>) {
                 owner: String::new(),
                 ..info.clone()
             };
-            // Only over our own record (a sweep may have decided already).
+            // Only over our own record (running or finishing, as this task last wrote it),
+            // and its objects only then: a sweep that decided already owns the outcome.
             let t = Txn::new()
                 .when([Compare::value(key.clone(), CmpOp::Equal, value)])
                 .and_then([Op::put(key, failed.encode_to_vec())]);
-            let _ = s.meta.store.txn(t).await;
-            if let Some(o) = &s.objects
-                && let Err(e) = o.delete_backup(&info.id).await
-            {
-                tracing::warn!(error = %e, "deleting the failed backup's objects failed (swept later)");
+            match s.meta.store.txn(t).await {
+                Ok(r) if r.succeeded => {
+                    if let Some(o) = &s.objects
+                        && let Err(e) = o.delete_backup(&info.id).await
+                    {
+                        tracing::warn!(error = %e, "deleting the failed backup's objects failed (delete the backup again)");
+                    }
+                }
+                Ok(_) => tracing::info!("the backup record was decided by another leader's sweep"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "marking the backup failed: its record stays until a sweep decides it")
+                }
             }
         }
     }
@@ -296,8 +316,13 @@ enum RangeOutcome {
     Retry(String),
 }
 
-async fn backup_all(s: &Shared, objects: &Objects, info: &BackupInfo, value: &[u8]) -> Result<BackupManifest, String> {
-    let deadline = Instant::now() + BACKUP_DEADLINE;
+async fn backup_all(
+    s: &Shared,
+    objects: &Objects,
+    info: &BackupInfo,
+    value: &mut Vec<u8>,
+) -> Result<BackupManifest, String> {
+    let mut last_progress = Instant::now();
     let mut done: Vec<(Span, BackupRange)> = Vec::new();
     let mut replaced: Vec<String> = Vec::new();
     let mut last_problem = String::new();
@@ -305,10 +330,10 @@ async fn backup_all(s: &Shared, objects: &Objects, info: &BackupInfo, value: &[u
         if !s.is_leader() {
             return Err("this placement instance stopped leading".into());
         }
-        if Instant::now() > deadline {
+        if last_progress.elapsed() > NO_PROGRESS_DEADLINE {
             return Err(format!(
-                "not done in {} s; last problem: {last_problem}",
-                BACKUP_DEADLINE.as_secs()
+                "no range backed up for {} s; last problem: {last_problem}",
+                NO_PROGRESS_DEADLINE.as_secs()
             ));
         }
         let (ranges, _) = s.meta.all_ranges().await.map_err(|e| e.to_string())?;
@@ -339,6 +364,7 @@ async fn backup_all(s: &Shared, objects: &Objects, info: &BackupInfo, value: &[u
                 .await?;
             match out {
                 RangeOutcome::Done(r) => {
+                    last_progress = Instant::now();
                     s.backup_metrics.ranges.get_or_create(&OpLabel { op: "backup" }).inc();
                     replaced.extend(add_result(&mut done, span, r).into_iter().map(|r| r.path));
                 }
@@ -363,18 +389,32 @@ async fn backup_all(s: &Shared, objects: &Objects, info: &BackupInfo, value: &[u
         finished_unix_ms: now_ms(),
         ..info.clone()
     };
+    let finishing = finishing.encode_to_vec();
     let t = Txn::new()
-        .when([Compare::value(key.clone(), CmpOp::Equal, value.to_vec())])
-        .and_then([Op::put(key.clone(), finishing.encode_to_vec())]);
+        .when([Compare::value(key.clone(), CmpOp::Equal, value.clone())])
+        .and_then([Op::put(key.clone(), finishing.clone())]);
     if !s.meta.store.txn(t).await.map_err(|e| e.to_string())?.succeeded {
         return Err("the backup record changed (a new placement leader failed it)".into());
     }
+    *value = finishing.clone();
     objects
         .write_backup_manifest(&manifest)
         .await
         .map_err(|e| format!("writing the manifest: {e}"))?;
-    // Complete: the manifest is the backup; the record goes.
-    let _ = s.meta.store.txn(Txn::new().and_then([Op::delete(key)])).await;
+    // Complete: the manifest is the backup; the record goes, only if it still is our
+    // finishing record. If a sweep decided meanwhile (this instance's session expired
+    // while the manifest was written), the backup may have lost objects: its manifest
+    // goes too, so it is never listed (ADR 0028).
+    let t = Txn::new()
+        .when([Compare::value(key.clone(), CmpOp::Equal, finishing)])
+        .and_then([Op::delete(key)]);
+    if !s.meta.store.txn(t).await.map_err(|e| e.to_string())?.succeeded {
+        tracing::warn!("the backup record changed while the manifest was written: the backup is withdrawn");
+        if let Err(e) = objects.delete_backup(&info.id).await {
+            tracing::warn!(error = %e, "withdrawing the backup failed");
+        }
+        return Err("the backup record changed while the manifest was written (a new placement leader decided it); the backup was withdrawn".into());
+    }
     if !replaced.is_empty()
         && let Err(e) = objects.delete_unnamed_backup_objects(&info.id, &manifest.objects).await
     {
@@ -460,6 +500,7 @@ fn complete_info(m: &BackupManifest) -> BackupInfo {
         ranges: m.ranges.len() as u32,
         error: String::new(),
         owner: String::new(),
+        owner_session: 0,
     }
 }
 
@@ -525,16 +566,25 @@ pub(super) async fn sweep(s: &Shared) -> PlacementResult<()> {
             continue;
         }
         let key = s.meta.layout.backup(&b.id);
-        let has_manifest = objects.read_backup_manifest(&b.id).await.map_err(obj_err)?.is_some();
-        if has_manifest {
-            let t = Txn::new()
-                .when([Compare::value(key.clone(), CmpOp::Equal, raw.clone())])
-                .and_then([Op::delete(key)]);
-            s.meta.store.txn(t).await?;
-            continue;
-        }
-        if b.state == FINISHING && now.saturating_sub(b.finished_unix_ms) < FINISHING_GRACE_MS {
-            continue;
+        // The owner lives while its placement session does (this instance's own backups
+        // not in `jobs` are over).
+        let owner_alive = b.state == FINISHING
+            && b.owner != s.me.name
+            && match s.meta.store.get(&s.meta.layout.member(&b.owner)).await? {
+                Some(kv) => b.owner_session == 0 || kv.lease == b.owner_session,
+                None => false,
+            };
+        let has_manifest = !owner_alive && objects.read_backup_manifest(&b.id).await.map_err(obj_err)?.is_some();
+        match sweep_decision(&b.state, owner_alive, has_manifest) {
+            SweepAction::Leave => continue,
+            SweepAction::DropRecord => {
+                let t = Txn::new()
+                    .when([Compare::value(key.clone(), CmpOp::Equal, raw.clone())])
+                    .and_then([Op::delete(key)]);
+                s.meta.store.txn(t).await?;
+                continue;
+            }
+            SweepAction::Fail => {}
         }
         let failed = BackupInfo {
             state: FAILED.into(),
@@ -586,6 +636,30 @@ pub(super) async fn sweep(s: &Shared) -> PlacementResult<()> {
         s.meta.store.txn(t).await?;
     }
     Ok(())
+}
+
+/// What the sweep does with a backup record not run by this instance.
+#[derive(Debug, PartialEq, Eq)]
+enum SweepAction {
+    /// Nothing (yet).
+    Leave,
+    /// The manifest is written: the backup is complete, the record goes.
+    DropRecord,
+    /// Marked failed, objects deleted.
+    Fail,
+}
+
+/// The sweep's decision (pure). A running backup of another instance is failed at once
+/// (its owner's move to "finishing" is a compare-and-swap, so one of the two wins); a
+/// finishing one only once its owner's session is gone (the owner may still be writing
+/// the manifest, however long that takes; it ends the record itself), then by its manifest.
+fn sweep_decision(state: &str, owner_alive: bool, has_manifest: bool) -> SweepAction {
+    match state {
+        FINISHING if owner_alive => SweepAction::Leave,
+        RUNNING | FINISHING if has_manifest => SweepAction::DropRecord,
+        RUNNING | FINISHING => SweepAction::Fail,
+        _ => SweepAction::Leave,
+    }
 }
 
 /// The job name of the restore in [`Shared::jobs`].
@@ -737,12 +811,12 @@ async fn run_restore(s: Arc<Shared>, info: RestoreInfo, manifest: BackupManifest
         .clone();
     running.inc();
     let mut info = info;
+    let mut marker = info.encode_to_vec();
     let res = match s.objects.clone() {
-        Some(objects) => restore_all(&s, &objects, &manifest, &mut info).await,
+        Some(objects) => restore_all(&s, &objects, &manifest, &mut info, &mut marker).await,
         None => Err("no object storage".into()),
     };
     running.dec();
-    let key = s.meta.layout.restore();
     info.finished_unix_ms = now_ms();
     info.owner = String::new();
     match &res {
@@ -764,13 +838,10 @@ async fn run_restore(s: Arc<Shared>, info: RestoreInfo, manifest: BackupManifest
             tracing::warn!(error = %e, "restore failed");
         }
     }
-    if let Err(e) = s
-        .meta
-        .store
-        .txn(Txn::new().and_then([Op::put(key, info.encode_to_vec())]))
-        .await
-    {
-        tracing::warn!(error = %e, "writing the restore marker failed");
+    // The outcome only over this run's own marker: a run fenced off (no longer leader,
+    // marker changed) leaves the marker to the sweep or the newer run.
+    if let Err(e) = write_marker(&s, &mut marker, &info).await {
+        tracing::warn!(error = %e, "the restore marker was not written");
     }
     s.jobs.lock().remove(RESTORE_JOB);
 }
@@ -791,6 +862,7 @@ async fn restore_all(
     objects: &Objects,
     manifest: &BackupManifest,
     info: &mut RestoreInfo,
+    marker: &mut Vec<u8>,
 ) -> Result<(), String> {
     // 1. Every object read and checked completely before anything is ingested.
     let dir = std::env::temp_dir();
@@ -830,27 +902,31 @@ async fn restore_all(
     // 2. Ingest, range object after range object.
     let mut map = RouteMap::load(s).await.map_err(|e| e.to_string())?;
     for (r, spool) in manifest.ranges.iter().zip(&spools) {
+        fence(s)?;
         let file = std::fs::File::open(&spool.path).map_err(|e| e.to_string())?;
         let mut rd = BufReader::new(file);
         let mut chunk: Vec<IngestRecord> = Vec::new();
-        let mut chunk_bytes = 0usize;
+        let mut chunk_bytes = INGEST_COMMAND_OVERHEAD;
         let (mut keys, mut written) = (0u64, 0u64);
         while let Some((key, record)) = next_record(&mut rd)? {
-            // A chunk goes to one range: flush when this record would make it larger than
-            // ~1 MiB (a chunk is that or one record; the storenode bounds an ingest by it)
-            // or when the key leaves the range of the chunk's first key.
+            // A chunk goes to one range: flush when this record would make its encoded
+            // command larger than INGEST_CHUNK_BYTES (a chunk is that or one record, which
+            // both fit the storenode's bound, one Raft entry) or when the key leaves the
+            // range of the chunk's first key.
+            let cost = ingest_record_cost(key.len(), record.len());
             if let Some(first) = chunk.first()
-                && (chunk_bytes + key.len() + record.len() + 8 > INGEST_CHUNK_BYTES
-                    || !map.same_range(&first.key, &key))
+                && (chunk_flush(chunk_bytes, cost) || !map.same_range(&first.key, &key))
             {
+                fence(s)?;
                 written += ingest_chunk(s, &mut map, std::mem::take(&mut chunk)).await?;
-                chunk_bytes = 0;
+                chunk_bytes = INGEST_COMMAND_OVERHEAD;
             }
-            chunk_bytes += key.len() + record.len() + 8;
+            chunk_bytes += cost;
             keys += 1;
             chunk.push(IngestRecord { key, record });
         }
         if !chunk.is_empty() {
+            fence(s)?;
             written += ingest_chunk(s, &mut map, chunk).await?;
         }
         info.ranges_done += 1;
@@ -858,14 +934,57 @@ async fn restore_all(
         info.bytes += r.size;
         s.backup_metrics.ranges.get_or_create(&OpLabel { op: "restore" }).inc();
         tracing::info!(range_id = r.range_id, keys, written, "range object restored");
-        let _ = s
-            .meta
-            .store
-            .txn(Txn::new().and_then([Op::put(s.meta.layout.restore(), info.encode_to_vec())]))
-            .await;
+        // Progress, only over this run's own marker (a sweep or a newer run stops us).
+        write_marker(s, marker, info).await?;
     }
     Ok(())
 }
+
+/// Whether a chunk of `chunk_bytes` encoded bytes is sent before a record of `cost` joins
+/// it (pure; the chunk is not empty): when the record would take it over the bound.
+fn chunk_flush(chunk_bytes: usize, cost: usize) -> bool {
+    chunk_bytes.saturating_add(cost) > INGEST_CHUNK_BYTES
+}
+
+/// Stops a restore run whose instance stopped leading (a new leader's sweep fails the
+/// marker; running the restore again resumes it).
+fn fence(s: &Shared) -> Result<(), String> {
+    if s.is_leader() {
+        Ok(())
+    } else {
+        Err("this placement instance stopped leading; run the restore again".into())
+    }
+}
+
+/// Writes the restore marker `info` over `marker` (the value this run last wrote) by
+/// compare-and-swap: a run whose marker was changed meanwhile (failed by a new leader's
+/// sweep, or taken over by a newer run) stops and writes nothing more.
+async fn write_marker(s: &Shared, marker: &mut Vec<u8>, info: &RestoreInfo) -> Result<(), String> {
+    let key = s.meta.layout.restore();
+    let value = info.encode_to_vec();
+    let t = Txn::new()
+        .when([Compare::value(key.clone(), CmpOp::Equal, marker.clone())])
+        .and_then([Op::put(key, value.clone())]);
+    match s.meta.store.txn(t).await {
+        Ok(r) if r.succeeded => {
+            *marker = value;
+            Ok(())
+        }
+        Ok(_) => Err(MARKER_CHANGED.into()),
+        // Unknown outcome: what the marker holds now tells (ours, or still what we had).
+        Err(e) => match s.meta.store.get(&s.meta.layout.restore()).await {
+            Ok(Some(kv)) if kv.value == value => {
+                *marker = value;
+                Ok(())
+            }
+            Ok(Some(kv)) if kv.value == *marker => Err(format!("writing the restore marker: {e}")),
+            Ok(_) => Err(MARKER_CHANGED.into()),
+            Err(e2) => Err(format!("writing the restore marker: {e}; reading it: {e2}")),
+        },
+    }
+}
+
+const MARKER_CHANGED: &str = "the restore marker changed (a new placement leader took the restore over)";
 
 /// A key and its stored record.
 type KeyRecord = (Vec<u8>, Vec<u8>);
@@ -1006,6 +1125,46 @@ async fn ingest_chunk(s: &Shared, map: &mut RouteMap, chunk: Vec<IngestRecord>) 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_finishing_backup_is_decided_only_once_its_owner_is_gone() {
+        // The owner may still be writing the manifest, however long: left alone.
+        assert_eq!(sweep_decision(FINISHING, true, false), SweepAction::Leave);
+        // Owner gone: the manifest decides.
+        assert_eq!(sweep_decision(FINISHING, false, true), SweepAction::DropRecord);
+        assert_eq!(sweep_decision(FINISHING, false, false), SweepAction::Fail);
+        // A running backup of another instance cannot finish any more (compare-and-swap).
+        assert_eq!(sweep_decision(RUNNING, false, false), SweepAction::Fail);
+        assert_eq!(sweep_decision(RUNNING, false, true), SweepAction::DropRecord);
+        // Failed records stay for `backup list` until deleted.
+        assert_eq!(sweep_decision(FAILED, false, false), SweepAction::Leave);
+        assert_eq!(sweep_decision(FAILED, false, true), SweepAction::Leave);
+    }
+
+    #[test]
+    fn a_restore_chunk_stays_within_the_ingest_bound() {
+        let mut chunk = INGEST_COMMAND_OVERHEAD;
+        let mut sizes = Vec::new();
+        let mut n = 0;
+        for i in 0..10_000usize {
+            let cost = ingest_record_cost(i % 300 + 1, (i * 7919) % 40_000 + 9);
+            if n > 0 && chunk_flush(chunk, cost) {
+                sizes.push(chunk);
+                chunk = INGEST_COMMAND_OVERHEAD;
+                n = 0;
+            }
+            chunk += cost;
+            n += 1;
+        }
+        assert!(sizes.len() > 10);
+        assert!(sizes.iter().all(|&c| c <= INGEST_CHUNK_BYTES), "{sizes:?}");
+        // A record alone larger than the bound is a chunk of its own.
+        assert!(chunk_flush(INGEST_COMMAND_OVERHEAD + 10, INGEST_CHUNK_BYTES));
+        assert!(!chunk_flush(
+            INGEST_COMMAND_OVERHEAD,
+            INGEST_CHUNK_BYTES - INGEST_COMMAND_OVERHEAD
+        ));
+    }
 
     #[test]
     fn backup_ids_name_the_utc_start_and_sort_by_it() {

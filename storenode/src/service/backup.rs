@@ -32,18 +32,22 @@ pub fn ingest_wins(current: Option<u64>, incoming: u64) -> bool {
     current.is_none_or(|c| c <= incoming)
 }
 
-/// Whether an ingest of `n` records of `total` bytes fits one Raft entry (pure): at most
-/// [`MAX_INGEST_BYTES`], or one record (its value bounded by --max-value-len on its own).
-pub fn ingest_size_ok(total: usize, n: usize, max_value_len: usize) -> bool {
-    n <= 1 || total <= MAX_INGEST_BYTES.max(max_value_len + limits::MAX_INTERNAL_KEY_LEN + 16)
+/// Encoded size of `Command::Ingest` with these (key, record) lengths, an upper bound (pure).
+pub fn ingest_encoded_len(records: impl IntoIterator<Item = (usize, usize)>) -> usize {
+    records.into_iter().fold(limits::INGEST_COMMAND_OVERHEAD, |n, (k, r)| {
+        n.saturating_add(limits::ingest_record_cost(k, r))
+    })
 }
 
-/// Largest IngestRange request (placement sends chunks of about 1 MiB).
+/// Whether an ingest of `encoded` bytes ([`ingest_encoded_len`]) fits one Raft entry (pure):
+/// at most what any Store request may be ([`limits::max_store_message`] of
+/// --max-value-len), the bound the Raft transport's message limit is made of.
+pub fn ingest_size_ok(encoded: usize, max_value_len: usize) -> bool {
+    encoded <= limits::max_store_message(max_value_len)
+}
+
+/// Largest IngestRange request (placement sends chunks of [`limits::INGEST_CHUNK_BYTES`]).
 pub const MAX_INGEST_MESSAGE: usize = 16 << 20;
-/// Largest sum of record bytes in one IngestRange (one Raft entry), unless one record alone
-/// is larger (a value up to --max-value-len): entries must fit the Raft transport's
-/// message limit, which allows a few MiB plus two maximal values.
-pub const MAX_INGEST_BYTES: usize = 4 << 20;
 
 /// The `StoreBackup` gRPC service: the store's handlers plus its object storage.
 #[derive(Clone)]
@@ -177,11 +181,12 @@ impl BackupService {
         if req.records.is_empty() {
             return Err(Status::invalid_argument("no records").into());
         }
-        let total: usize = req.records.iter().map(|r| r.key.len() + r.record.len()).sum();
-        if !ingest_size_ok(total, req.records.len(), self.store.max_value_len) {
+        let encoded = ingest_encoded_len(req.records.iter().map(|r| (r.key.len(), r.record.len())));
+        if !ingest_size_ok(encoded, self.store.max_value_len) {
             return Err(Status::invalid_argument(format!(
-                "{} records of {total} bytes: at most {MAX_INGEST_BYTES} bytes per call",
-                req.records.len()
+                "{} records of {encoded} encoded bytes: one ingest is at most {} bytes (one Raft entry)",
+                req.records.len(),
+                limits::max_store_message(self.store.max_value_len)
             ))
             .into());
         }
@@ -266,12 +271,38 @@ mod tests {
     #[test]
     fn an_ingest_fits_one_raft_entry() {
         let mib = 1 << 20;
-        assert!(ingest_size_ok(mib, 5000, mib));
-        assert!(ingest_size_ok(MAX_INGEST_BYTES, 2, mib));
-        assert!(!ingest_size_ok(MAX_INGEST_BYTES + 1, 2, mib));
-        assert!(ingest_size_ok(9 * mib, 1, 8 * mib), "one record alone");
-        assert!(ingest_size_ok(5 * mib, 2, 8 * mib), "up to one maximal value");
-        assert!(!ingest_size_ok(9 * mib, 2, 8 * mib));
+        let cap = limits::max_store_message(mib);
+        assert!(ingest_size_ok(cap, mib));
+        assert!(!ingest_size_ok(cap + 1, mib));
+        // Many small records: the per-record encoding overhead counts.
+        let small = vec![(10usize, 20usize); cap / 30];
+        assert!(ingest_encoded_len(small.iter().copied()) > cap);
+        assert!(!ingest_size_ok(ingest_encoded_len(small.iter().copied()), mib));
+        // One maximal record of any --max-value-len fits.
+        for max in [1024, mib, 8 * mib] {
+            let one = ingest_encoded_len([(limits::MAX_INTERNAL_KEY_LEN, max + 8)]);
+            assert!(ingest_size_ok(one, max), "{max}");
+        }
+    }
+
+    #[test]
+    fn the_ingest_bound_is_at_least_the_encoded_command() {
+        let records: Vec<IngestOp> = (0..300usize)
+            .map(|i| IngestOp {
+                key: vec![b'k'; i % 200 + 1],
+                record: vec![7; (i * 37) % 70_000 + 9],
+            })
+            .collect();
+        let bound = ingest_encoded_len(records.iter().map(|r| (r.key.len(), r.record.len())));
+        let cmd = Command::Ingest {
+            records,
+            epoch_version: u64::MAX,
+        };
+        let Ok(bytes) = crate::raft::encode(&cmd) else {
+            panic!("encoding failed");
+        };
+        assert!(bytes.len() <= bound, "{} > {bound}", bytes.len());
+        assert!(bound - bytes.len() < 300 * 10 + 16);
     }
 
     #[test]
