@@ -1,6 +1,6 @@
 //! Range manifests and the retention decision (pure: no I/O).
 //!
-//! A range's manifest (`manifests/ranges/<range>.json`) lists its checkpoints. A checkpoint
+//! A range's manifest (`clusters/<cluster>/manifests/ranges/<range>.json`) lists its checkpoints. A checkpoint
 //! object is written first and becomes visible only once the manifest names it; an object
 //! that no manifest names is an orphan (an upload that crashed before its manifest write),
 //! swept after a grace period. Retention keeps the newest checkpoint, and any older one a
@@ -45,6 +45,10 @@ impl CheckpointEntry {
 pub struct RangeManifest {
     pub format: u32,
     pub range_id: u64,
+    /// The cluster that writes this manifest (its etcd `cluster_id`); empty in manifests
+    /// written before checkpoints were scoped by cluster.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub cluster_id: String,
     /// Highest generation (leader term) that ever wrote this manifest: a writer of a lower
     /// generation is a deposed leader and must not write it.
     pub generation: u64,
@@ -57,6 +61,7 @@ impl RangeManifest {
         Self {
             format: MANIFEST_FORMAT,
             range_id,
+            cluster_id: String::new(),
             generation: 0,
             checkpoints: Vec::new(),
         }

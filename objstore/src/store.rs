@@ -64,6 +64,14 @@ pub enum ObjError {
     Mismatch { path: String, reason: String },
     #[error("checkpoint producer failed: {0}")]
     Producer(String),
+    /// Checkpoints and range manifests live under a cluster's prefix; this handle has none.
+    #[error("no cluster id: checkpoints and range manifests are scoped by cluster (Objects::for_cluster)")]
+    NoCluster,
+    #[error("cluster id {0:?} is not valid (1 to 64 of [0-9A-Za-z_-])")]
+    BadClusterId(String),
+    /// A range manifest under this cluster's prefix names another cluster.
+    #[error("manifest {path} belongs to cluster {found:?}, not {own:?}")]
+    OtherCluster { path: String, own: String, found: String },
 }
 
 fn store_err(op: &'static str, path: &Path) -> impl FnOnce(object_store::Error) -> ObjError + use<> {
@@ -119,18 +127,33 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// Where one cluster's checkpoints and range manifests live, relative to the prefix. Range
+/// ids restart at 1 in every cluster, so two clusters on one URL (a cluster restored from a
+/// backup next to the one it was taken from) must never share these paths (ADR 0025).
+pub fn cluster_prefix(cluster_id: &str) -> String {
+    format!("clusters/{cluster_id}")
+}
+
+/// Whether `id` can name a cluster's prefix (placement's ids are 32 lowercase hex chars).
+pub fn valid_cluster_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
 /// Object path of a checkpoint, relative to the prefix: generation and index zero-padded so
 /// that names sort by number.
-pub fn checkpoint_path(range_id: u64, generation: u64, applied_index: u64) -> String {
-    format!("snapshots/{range_id:020}/{generation:020}/{applied_index:020}.snap")
+pub fn checkpoint_path(cluster_id: &str, range_id: u64, generation: u64, applied_index: u64) -> String {
+    format!(
+        "{}/snapshots/{range_id:020}/{generation:020}/{applied_index:020}.snap",
+        cluster_prefix(cluster_id)
+    )
 }
 
-pub fn range_snapshots_prefix(range_id: u64) -> String {
-    format!("snapshots/{range_id:020}")
+pub fn range_snapshots_prefix(cluster_id: &str, range_id: u64) -> String {
+    format!("{}/snapshots/{range_id:020}", cluster_prefix(cluster_id))
 }
 
-pub fn manifest_path(range_id: u64) -> String {
-    format!("manifests/ranges/{range_id:020}.json")
+pub fn manifest_path(cluster_id: &str, range_id: u64) -> String {
+    format!("{}/manifests/ranges/{range_id:020}.json", cluster_prefix(cluster_id))
 }
 
 pub const BACKUPS_PREFIX: &str = "backups";
@@ -143,6 +166,9 @@ pub struct Objects {
     url: ObjectStoreUrl,
     pub metrics: ObjMetrics,
     block_bytes: usize,
+    /// The cluster whose checkpoints and range manifests this handle reads and writes
+    /// (`clusters/<id>/...`); `None`: backups only.
+    cluster: Option<Arc<str>>,
 }
 
 impl std::fmt::Debug for Objects {
@@ -222,6 +248,7 @@ impl Objects {
             url: url.clone(),
             metrics,
             block_bytes: DEFAULT_BLOCK_BYTES,
+            cluster: None,
         };
         let p = objects.full(BACKUPS_PREFIX);
         if let Err(source) = objects.store.list_with_delimiter(Some(&p)).await {
@@ -236,6 +263,26 @@ impl Objects {
 
     pub fn url(&self) -> &ObjectStoreUrl {
         &self.url
+    }
+
+    /// This store scoped to one cluster's checkpoints and range manifests (same backend,
+    /// metrics and backups).
+    pub fn for_cluster(&self, cluster_id: &str) -> Result<Self, ObjError> {
+        if !valid_cluster_id(cluster_id) {
+            return Err(ObjError::BadClusterId(cluster_id.to_string()));
+        }
+        let mut o = self.clone();
+        o.cluster = Some(Arc::from(cluster_id));
+        Ok(o)
+    }
+
+    /// The cluster this handle is scoped to ([`Self::for_cluster`]).
+    pub fn cluster_id(&self) -> Option<&str> {
+        self.cluster.as_deref()
+    }
+
+    fn scope(&self) -> Result<&str, ObjError> {
+        self.cluster.as_deref().ok_or(ObjError::NoCluster)
     }
 
     /// Blocks close at this many uncompressed bytes (tests use small blocks).
@@ -290,7 +337,7 @@ impl Objects {
     where
         F: FnOnce(&mut EntrySink) -> Result<(), String> + Send + 'static,
     {
-        let rel = checkpoint_path(header.range_id, header.generation, header.applied_index);
+        let rel = checkpoint_path(self.scope()?, header.range_id, header.generation, header.applied_index);
         let span = tracing::info_span!("checkpoint_upload", range_id = header.range_id, path = %rel);
         let started = Instant::now();
         let res = self
@@ -424,9 +471,11 @@ impl Objects {
         })
     }
 
-    /// The manifest of `range_id`, if one was written.
+    /// The manifest of `range_id` in this handle's cluster, if one was written. A manifest
+    /// that names another cluster is refused ([`ObjError::OtherCluster`]).
     pub async fn read_manifest(&self, range_id: u64) -> Result<Option<RangeManifest>, ObjError> {
-        let rel = manifest_path(range_id);
+        let cluster = self.scope()?;
+        let rel = manifest_path(cluster, range_id);
         let Some(bytes) = self.get_small(&rel).await? else {
             return Ok(None);
         };
@@ -438,6 +487,13 @@ impl Objects {
             return Err(ObjError::BadManifest {
                 path: rel,
                 reason: format!("range {} format {}", m.range_id, m.format),
+            });
+        }
+        if !m.cluster_id.is_empty() && m.cluster_id != cluster {
+            return Err(ObjError::OtherCluster {
+                path: rel,
+                own: cluster.to_string(),
+                found: m.cluster_id,
             });
         }
         Ok(Some(m))
@@ -511,11 +567,13 @@ impl Objects {
         entry: CheckpointEntry,
         keep: usize,
     ) -> Result<(RangeManifest, Vec<String>), ObjError> {
+        let cluster = self.scope()?;
         let range = entry.range_id;
         let mut m = self
             .read_manifest(range)
             .await?
             .unwrap_or_else(|| RangeManifest::new(range));
+        m.cluster_id = cluster.to_string();
         let path = entry.path.clone();
         if let Err(e) = m.add(entry) {
             let _ = self.delete(&path).await;
@@ -523,9 +581,10 @@ impl Objects {
         }
         let pinned = self.pinned_by_backups().await?;
         let plan = plan_retention(&m, &pinned, keep);
-        self.put_json(&manifest_path(range), &plan.manifest).await?;
+        self.put_json(&manifest_path(cluster, range), &plan.manifest).await?;
+        // Only this cluster's objects: another cluster's on the same URL are never swept.
         let listed: Vec<(String, u64)> = self
-            .list(&range_snapshots_prefix(range))
+            .list(&range_snapshots_prefix(cluster, range))
             .await?
             .into_iter()
             .map(|(p, _, t)| (p, t))

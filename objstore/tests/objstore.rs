@@ -8,6 +8,8 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 const KEYS: usize = 100_000;
+/// The cluster the tests' checkpoints belong to.
+const CLUSTER: &str = "0123456789abcdef0123456789abcdef";
 
 fn header(range: u64, generation: u64, index: u64) -> CheckpointHeader {
     CheckpointHeader {
@@ -57,11 +59,17 @@ async fn s3(server: &S3Server, url: &str) -> Objects {
     Objects::open_with_vars(&url, server.env(), ObjMetrics::new())
         .await
         .unwrap_or_else(|e| panic!("open {url}: {e}"))
+        .for_cluster(CLUSTER)
+        .unwrap()
 }
 
 async fn file(dir: &std::path::Path) -> Objects {
     let url: ObjectStoreUrl = format!("file://{}", dir.display()).parse().unwrap();
-    Objects::open(&url, ObjMetrics::new()).await.unwrap()
+    Objects::open(&url, ObjMetrics::new())
+        .await
+        .unwrap()
+        .for_cluster(CLUSTER)
+        .unwrap()
 }
 
 /// Uploads and commits 100,000 keys, reads them back through the manifest, checks each.
@@ -123,7 +131,7 @@ async fn round_trip(o: &Objects, label: &str) {
     assert!(
         listing
             .iter()
-            .any(|(p, _, _)| p == "manifests/ranges/00000000000000000007.json")
+            .any(|(p, _, _)| *p == format!("clusters/{CLUSTER}/manifests/ranges/00000000000000000007.json"))
     );
 }
 
@@ -136,7 +144,13 @@ async fn s3_round_trip_of_100k_keys() {
     assert_eq!(o.metrics.downloads.get(), 1);
     assert!(o.metrics.upload_bytes.get() > skv_objstore::store::PART_BYTES as u64);
     // The objects really are in the bucket under the prefix.
-    assert!(server.dir.path().join("skv/cluster-a/manifests/ranges").is_dir());
+    assert!(
+        server
+            .dir
+            .path()
+            .join(format!("skv/cluster-a/clusters/{CLUSTER}/manifests/ranges"))
+            .is_dir()
+    );
 }
 
 #[tokio::test]
@@ -272,7 +286,13 @@ async fn retention_deletes_covered_checkpoints_but_not_those_a_backup_names() {
     assert!(deleted.is_empty(), "{deleted:?}");
     let kept: Vec<&str> = m.checkpoints.iter().map(|e| e.path.as_str()).collect();
     assert_eq!(kept, vec![b.path.as_str(), c.path.as_str()]);
-    let listed: Vec<String> = o.list("snapshots").await.unwrap().into_iter().map(|x| x.0).collect();
+    let listed: Vec<String> = o
+        .list(&format!("clusters/{CLUSTER}/snapshots"))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|x| x.0)
+        .collect();
     assert_eq!(listed, vec![b.path.clone(), c.path.clone()]);
     // A deposed leader (older generation) cannot write the manifest; its object is removed.
     let old = upload(&o, 3, 1, 40, 100).await;
@@ -280,7 +300,13 @@ async fn retention_deletes_covered_checkpoints_but_not_those_a_backup_names() {
         o.commit_checkpoint(old.clone(), 1).await,
         Err(ObjError::Manifest(_))
     ));
-    let listed: Vec<String> = o.list("snapshots").await.unwrap().into_iter().map(|x| x.0).collect();
+    let listed: Vec<String> = o
+        .list(&format!("clusters/{CLUSTER}/snapshots"))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|x| x.0)
+        .collect();
     assert!(!listed.contains(&old.path));
 }
 
@@ -365,5 +391,70 @@ async fn a_dropped_multipart_upload_is_aborted() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
-    assert!(o.list("snapshots").await.unwrap().is_empty(), "no object was completed");
+    assert!(
+        o.list(&format!("clusters/{CLUSTER}/snapshots"))
+            .await
+            .unwrap()
+            .is_empty(),
+        "no object was completed"
+    );
+}
+
+/// Two clusters on one URL (a cluster restored from a backup next to the one it was taken
+/// from): range ids restart at 1 in each, yet their manifests and objects stay apart, a
+/// commit in one never sweeps or prunes the other's, and an unscoped handle reads none.
+#[tokio::test]
+async fn two_clusters_on_one_url_keep_separate_checkpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let url: ObjectStoreUrl = format!("file://{}", dir.path().display()).parse().unwrap();
+    let base = Objects::open(&url, ObjMetrics::new()).await.unwrap();
+    let a = base.for_cluster("aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa").unwrap();
+    let b = base.for_cluster("bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb").unwrap();
+    assert!(matches!(base.for_cluster("../x"), Err(ObjError::BadClusterId(_))));
+    assert!(matches!(base.for_cluster(""), Err(ObjError::BadClusterId(_))));
+    assert!(matches!(base.read_manifest(1).await, Err(ObjError::NoCluster)));
+
+    let ea = upload(&a, 1, 1, 10, 100).await;
+    a.commit_checkpoint(ea.clone(), 1).await.unwrap();
+    assert!(
+        ea.path
+            .starts_with("clusters/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa/snapshots/"),
+        "{}",
+        ea.path
+    );
+    assert!(b.read_manifest(1).await.unwrap().is_none(), "b sees a's range 1");
+    // b's range 1, later index and generation: it must not replace, prune or sweep a's.
+    let eb = upload(&b, 1, 5, 500, 50).await;
+    let (mb, deleted) = b.commit_checkpoint(eb.clone(), 1).await.unwrap();
+    assert!(deleted.is_empty(), "{deleted:?}");
+    assert_eq!(mb.cluster_id, "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb");
+    let ma = a.read_manifest(1).await.unwrap().unwrap();
+    assert_eq!(ma.latest(), Some(&ea));
+    assert_eq!(ma.cluster_id, "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa");
+    assert_eq!(b.read_manifest(1).await.unwrap().unwrap().latest(), Some(&eb));
+    assert!(dir.path().join(&ea.path).is_file() && dir.path().join(&eb.path).is_file());
+    // a's next checkpoint prunes a's old one only.
+    let ea2 = upload(&a, 1, 1, 20, 100).await;
+    let (_, deleted) = a.commit_checkpoint(ea2.clone(), 1).await.unwrap();
+    assert_eq!(deleted, vec![ea.path.clone()]);
+    assert!(dir.path().join(&eb.path).is_file());
+
+    // A manifest under a's prefix that names b (copied by hand) is refused, not used.
+    let a_manifest = dir
+        .path()
+        .join(skv_objstore::manifest_path("aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa", 1));
+    std::fs::copy(
+        dir.path()
+            .join(skv_objstore::manifest_path("bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb", 1)),
+        &a_manifest,
+    )
+    .unwrap();
+    let e = a.read_manifest(1).await.unwrap_err();
+    println!("{e}");
+    assert!(matches!(e, ObjError::OtherCluster { .. }), "{e:?}");
+    let listing = base.list("").await.unwrap();
+    for (p, size, _) in &listing {
+        println!("  {size:>8}  {p}");
+    }
+    assert!(listing.iter().all(|(p, _, _)| p.starts_with("clusters/")));
 }

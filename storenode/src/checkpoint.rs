@@ -29,6 +29,46 @@ const PASS_EVERY: Duration = Duration::from_secs(1);
 /// After a failed upload, a range waits this long before it is tried again.
 const RETRY_AFTER: Duration = Duration::from_secs(5);
 
+/// This store's cluster's checkpoints and range manifests in object storage
+/// (`clusters/<cluster_id>/...`, ADR 0025). The cluster id comes from placement's answer to
+/// this store's registration, so it is unknown for a moment at start: until then no
+/// checkpoint is taken and no replica is bootstrapped (never another cluster's range of the
+/// same id).
+#[derive(Clone, Default)]
+pub struct ClusterObjects(Arc<std::sync::OnceLock<Objects>>);
+
+impl ClusterObjects {
+    /// Already scoped (`objects.cluster_id()` set), e.g. in tests.
+    pub fn known(objects: Objects) -> Self {
+        let c = Self::default();
+        let _ = c.0.set(objects);
+        c
+    }
+
+    /// The scoped store, once the cluster id is known.
+    pub fn get(&self) -> Option<&Objects> {
+        self.0.get()
+    }
+
+    /// Scopes `base` to `cluster_id` (placement's registration answer). A second call with
+    /// another id is refused: the id of a cluster never changes.
+    pub fn set(&self, base: &Objects, cluster_id: &str) -> Result<(), String> {
+        let scoped = base.for_cluster(cluster_id).map_err(|e| e.to_string())?;
+        match self.0.get() {
+            Some(o) if o.cluster_id() == Some(cluster_id) => Ok(()),
+            Some(o) => Err(format!(
+                "placement answered cluster id {cluster_id}, but this store checkpoints for {}",
+                o.cluster_id().unwrap_or_default()
+            )),
+            None => {
+                let _ = self.0.set(scoped);
+                tracing::info!(cluster_id, "checkpoints scoped to the cluster");
+                Ok(())
+            }
+        }
+    }
+}
+
 /// When checkpoints are taken.
 #[derive(Clone, Copy, Debug)]
 pub struct CheckpointPolicy {
@@ -86,7 +126,10 @@ impl CheckpointMetrics {
 
 /// The checkpoint loop of one store.
 pub struct Checkpointer {
+    /// The store without a cluster scope (backups, `backups/<id>/`).
     pub objects: Objects,
+    /// This cluster's checkpoints and manifests (set when placement answers).
+    pub cluster: ClusterObjects,
     pub policy: CheckpointPolicy,
     pub metrics: CheckpointMetrics,
     last: HashMap<RangeId, LastCheckpoint>,
@@ -101,6 +144,7 @@ impl Checkpointer {
     pub fn new(objects: Objects, policy: CheckpointPolicy, metrics: CheckpointMetrics) -> Self {
         Self {
             objects,
+            cluster: ClusterObjects::default(),
             policy,
             metrics,
             last: HashMap::new(),
@@ -128,6 +172,10 @@ impl Checkpointer {
 
     /// One pass over the ranges this store leads: uploads those due, one at a time.
     pub async fn pass(&mut self, node: &Arc<NodeInner>) {
+        let Some(objects) = self.cluster.get().cloned() else {
+            tracing::debug!("cluster id not known yet (placement has not answered); no checkpoint");
+            return;
+        };
         let now = skv_objstore::store::now_ms();
         let mut oldest = 0u64;
         let mut without = 0i64;
@@ -156,7 +204,7 @@ impl Checkpointer {
         for r in led {
             let range = r.shared.range_id;
             if !self.seeded.contains_key(&range) {
-                match self.objects.read_manifest(range.0).await {
+                match objects.read_manifest(range.0).await {
                     Ok(m) => {
                         if let Some(l) = m.as_ref().and_then(|m| m.latest()) {
                             self.last.insert(
@@ -184,7 +232,7 @@ impl Checkpointer {
                 && is_due(self.last.get(&range), applied, live, now, &self.policy);
             if due {
                 let term = r.leader_view().term;
-                match self.checkpoint_range(node, range, term).await {
+                match self.checkpoint_range(&objects, node, range, term).await {
                     Ok(Some(l)) => {
                         self.last.insert(range, l);
                         self.failed_at.remove(&range);
@@ -208,6 +256,7 @@ impl Checkpointer {
     /// Uploads, records and prunes one checkpoint of `range`.
     async fn checkpoint_range(
         &self,
+        objects: &Objects,
         node: &Arc<NodeInner>,
         range: RangeId,
         term: u64,
@@ -237,8 +286,7 @@ impl Checkpointer {
         let engine = node.engine.clone();
         let (start, end) = (point.desc.start.clone(), point.desc.end.clone());
         let snap = point.snap;
-        let entry = self
-            .objects
+        let entry = objects
             .upload_checkpoint(header, move |sink| {
                 use fjall::Readable;
                 for g in snap.range::<&[u8], _>(&engine.data, crate::engine::data_range(&start, &end)) {
@@ -251,8 +299,7 @@ impl Checkpointer {
             .map_err(|e| e.to_string())?;
         let (index, size, keys) = (entry.applied_index, entry.size, entry.key_count);
         crate::crash_point!(crate::failpoints::MID_CHECKPOINT_UPLOAD);
-        let (_, deleted) = self
-            .objects
+        let (_, deleted) = objects
             .commit_checkpoint(entry, self.policy.keep)
             .await
             .map_err(|e| e.to_string())?;

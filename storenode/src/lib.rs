@@ -353,9 +353,14 @@ async fn open_checkpoints(
     };
     let enabled = config.bootstrap_from_checkpoints.unwrap_or(true);
     tracing::info!(url = %url, ?policy, bootstrap = enabled, "range checkpoints to object storage");
-    let mut c = checkpoint::Checkpointer::new(objects.clone(), policy, cm);
-    c.bootstrapper = Some(raft::bootstrap::Bootstrapper::new(objects, enabled, bm));
+    let mut c = checkpoint::Checkpointer::new(objects, policy, cm);
+    // Checkpoints and manifests are scoped by the cluster id placement answers with (ADR 0025).
+    c.bootstrapper = Some(raft::bootstrap::Bootstrapper::new(c.cluster.clone(), enabled, bm));
     Ok(Some(c))
+}
+
+fn placement_configured(config: &Config) -> bool {
+    config.placement.iter().any(|u| !u.trim().is_empty())
 }
 
 /// Starts a storenode; returns once it listens.
@@ -392,6 +397,20 @@ pub async fn start_with(config: Config, opts: StartOptions) -> anyhow::Result<Se
     metrics.register(&mut registry);
     let checkpointer = open_checkpoints(&config, &mut registry).await?;
     let backup_objects = checkpointer.as_ref().map(|c| c.objects.clone());
+    // Set from placement's registration answer: checkpoints wait for it.
+    let cluster_scope = checkpointer.as_ref().map(|c| (c.objects.clone(), c.cluster.clone()));
+    let scope_to = |scope: &Option<(skv_objstore::Objects, checkpoint::ClusterObjects)>, id: &str| {
+        if let Some((base, cell)) = scope
+            && let Err(e) = cell.set(base, id)
+        {
+            tracing::error!(error = %e, "checkpoints and bootstraps stay off");
+        }
+    };
+    if cluster_scope.is_some() && placement_configured(&config) {
+        tracing::info!("checkpoints start once placement answers with the cluster id");
+    } else if cluster_scope.is_some() {
+        tracing::warn!("--object-store-url without --placement: no cluster id, so no checkpoint or bootstrap");
+    }
     let ready = Readiness::default();
     let metrics_addr = match config.metrics_listen {
         Some(l) => Some(failpoints::serve_metrics(l, Arc::new(registry), ready.clone(), cancel.clone()).await?),
@@ -422,8 +441,11 @@ pub async fn start_with(config: Config, opts: StartOptions) -> anyhow::Result<Se
         (None, None, Some(flag)) => StoreId(flag),
         (None, None, None) => anyhow::bail!("--store-id is required without --placement"),
         (Some(p), None, flag) => {
-            p.register(flag.map(StoreId), advertise.clone(), metrics_address.clone(), &cancel)
-                .await?
+            let (id, cluster) = p
+                .register(flag.map(StoreId), advertise.clone(), metrics_address.clone(), &cancel)
+                .await?;
+            scope_to(&cluster_scope, &cluster);
+            id
         }
     };
     if store_id.0 == 0 {
@@ -436,8 +458,11 @@ pub async fn start_with(config: Config, opts: StartOptions) -> anyhow::Result<Se
         // Known id: serve at once, re-register in the background.
         let p = p.clone();
         let (adv, m, c) = (advertise.clone(), metrics_address.clone(), cancel.clone());
+        let scope = cluster_scope.clone();
         tokio::spawn(async move {
-            let _ = p.register(Some(store_id), adv, m, &c).await;
+            if let Ok((_, cluster)) = p.register(Some(store_id), adv, m, &c).await {
+                scope_to(&scope, &cluster);
+            }
         });
     }
 

@@ -46,14 +46,14 @@ impl Placement {
         self.members.call(deadline, CALL_TIMEOUT, f).await
     }
 
-    /// Registers until placement answers; returns the store id.
+    /// Registers until placement answers; returns the store id and the cluster id.
     pub async fn register(
         &self,
         known: Option<StoreId>,
         address: String,
         metrics: String,
         cancel: &CancellationToken,
-    ) -> anyhow::Result<StoreId> {
+    ) -> anyhow::Result<(StoreId, String)> {
         // Placement electing its leader while stores start is expected: stay quiet for
         // the first few seconds, then warn.
         let started = std::time::Instant::now();
@@ -71,7 +71,7 @@ impl Placement {
                 })
                 .await
             {
-                Ok(r) if r.store_id != 0 => return Ok(StoreId(r.store_id)),
+                Ok(r) if r.store_id != 0 => return Ok((StoreId(r.store_id), r.cluster_id)),
                 Ok(_) => tracing::warn!("placement returned store id 0"),
                 Err(e) if started.elapsed() < Duration::from_secs(5) => {
                     tracing::debug!(error = %e, "placement not ready for registration yet; retrying")

@@ -11,8 +11,8 @@ use futures::StreamExt;
 use skv_objstore::{ObjMetrics, Objects};
 use skv_proto::internal::placement_client::PlacementClient;
 use skv_proto::internal::{
-    AdminMoveReplicaRequest, AdminTransferLeaderRequest, GetStoresRequest, RangeInfo, ReplicaRole, ScanRangesRequest,
-    SetSchedulerPausedRequest,
+    AdminMoveReplicaRequest, AdminTransferLeaderRequest, GetMembersRequest, GetStoresRequest, RangeInfo, ReplicaRole,
+    ScanRangesRequest, SetSchedulerPausedRequest,
 };
 use skv_testkit::cluster::{ProcCluster, admin};
 use skv_testkit::s3::S3Server;
@@ -72,6 +72,14 @@ impl Env {
         let mut pd = PlacementClient::connect(c.placement_url())
             .await
             .unwrap_or_else(|e| panic!("placement: {e}"));
+        // Checkpoints live under the cluster's prefix (clusters/<cluster_id>/, ADR 0025).
+        let cluster_id = pd
+            .get_members(admin(GetMembersRequest {}))
+            .await
+            .unwrap_or_else(|e| panic!("members: {e}"))
+            .into_inner()
+            .cluster_id;
+        let o = o.for_cluster(&cluster_id).unwrap_or_else(|e| panic!("{e}"));
         // No split, merge or balance move while the test moves replicas itself.
         pd.set_scheduler_paused(admin(SetSchedulerPausedRequest { paused: true }))
             .await
@@ -133,9 +141,13 @@ impl Env {
     /// (range, path, index) of the latest checkpoint with the most keys, at least `keys`.
     async fn latest_checkpoint(&self, keys: u64) -> Option<(u64, String, u64)> {
         let mut best: Option<(u64, String, u64, u64)> = None;
-        for (rel, _, _) in self.o.list("manifests/ranges").await.ok()? {
+        let dir = format!(
+            "{}/manifests/ranges",
+            skv_objstore::cluster_prefix(self.o.cluster_id()?)
+        );
+        for (rel, _, _) in self.o.list(&dir).await.ok()? {
             let Ok(id) = rel
-                .trim_start_matches("manifests/ranges/")
+                .trim_start_matches(&format!("{dir}/"))
                 .trim_end_matches(".json")
                 .parse::<u64>()
             else {
@@ -455,7 +467,10 @@ async fn without_a_checkpoint_the_new_replica_gets_the_leaders_snapshot() {
     let (range, _, _) = env.settled_checkpoint(KEYS as u64, 0).await;
     // The manifest goes away (a bucket emptied by hand, a lifecycle rule): no checkpoint.
     env.o
-        .delete(&skv_objstore::manifest_path(range))
+        .delete(&skv_objstore::manifest_path(
+            env.o.cluster_id().unwrap_or_default(),
+            range,
+        ))
         .await
         .unwrap_or_else(|e| panic!("delete manifest: {e}"));
     let to = env.add_store(&[]).await;

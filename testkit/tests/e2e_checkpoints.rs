@@ -13,9 +13,10 @@ use std::time::Duration;
 async fn checkpointed_keys(o: &Objects) -> Option<(u64, Vec<String>)> {
     let mut keys = 0;
     let mut named = Vec::new();
-    for (rel, _, _) in o.list("manifests/ranges").await.ok()? {
+    let dir = format!("{}/manifests/ranges", skv_objstore::cluster_prefix(o.cluster_id()?));
+    for (rel, _, _) in o.list(&dir).await.ok()? {
         let id: u64 = rel
-            .trim_start_matches("manifests/ranges/")
+            .trim_start_matches(&format!("{dir}/"))
             .trim_end_matches(".json")
             .parse()
             .ok()?;
@@ -70,6 +71,17 @@ async fn leaders_upload_checkpoints_and_resume_after_an_object_store_outage() {
     let o = Objects::open_with_vars(&"s3://skv/cluster".parse().unwrap(), s3.env(), ObjMetrics::new())
         .await
         .unwrap_or_else(|e| panic!("open: {e}"));
+    // Checkpoints live under the cluster's prefix (clusters/<cluster_id>/, ADR 0025).
+    let cluster_id = skv_proto::internal::placement_client::PlacementClient::connect(c.placement_url())
+        .await
+        .unwrap_or_else(|e| panic!("placement: {e}"))
+        .get_members(skv_testkit::cluster::admin(skv_proto::internal::GetMembersRequest {}))
+        .await
+        .unwrap_or_else(|e| panic!("members: {e}"))
+        .into_inner()
+        .cluster_id;
+    let o = o.for_cluster(&cluster_id).unwrap_or_else(|e| panic!("{e}"));
+    println!("cluster id {cluster_id}");
 
     put_keys(&c, 0, 3000).await;
     // 3000 keys plus the harness's "ready" key.
@@ -121,7 +133,7 @@ async fn leaders_upload_checkpoints_and_resume_after_an_object_store_outage() {
     );
     // The prune follows the manifest write: give it a moment.
     wait_until("superseded checkpoints deleted", Duration::from_secs(30), || async {
-        let listing = o.list("snapshots").await.ok()?;
+        let listing = o.list(&format!("clusters/{cluster_id}/snapshots")).await.ok()?;
         (!listing.iter().any(|(p, _, _)| superseded.contains(p))).then_some(())
     })
     .await;

@@ -137,10 +137,16 @@ pub enum Fallback {
     /// Installed, but the leader had purged its log past the checkpoint and sent its
     /// snapshot anyway.
     Stale,
+    /// The cluster id is not known yet (placement has not answered this store's
+    /// registration): checkpoints are scoped by cluster, so none is looked at.
+    ClusterUnknown,
+    /// The manifest or the checkpoint names another cluster (defence in depth: the layout
+    /// already keeps clusters apart).
+    OtherCluster,
 }
 
 impl Fallback {
-    pub const ALL: [Fallback; 9] = [
+    pub const ALL: [Fallback; 11] = [
         Fallback::Disabled,
         Fallback::NoCheckpoint,
         Fallback::OtherEpoch,
@@ -150,6 +156,8 @@ impl Fallback {
         Fallback::Overlap,
         Fallback::Member,
         Fallback::Stale,
+        Fallback::ClusterUnknown,
+        Fallback::OtherCluster,
     ];
 
     pub fn label(self) -> &'static str {
@@ -163,6 +171,8 @@ impl Fallback {
             Fallback::Overlap => "overlap",
             Fallback::Member => "member",
             Fallback::Stale => "stale",
+            Fallback::ClusterUnknown => "cluster_unknown",
+            Fallback::OtherCluster => "other_cluster",
         }
     }
 }
@@ -203,6 +213,21 @@ pub fn choose<'a>(
         return Err(Fallback::OtherEpoch);
     }
     Ok(latest)
+}
+
+/// Checks that a manifest and its chosen entry belong to cluster `own` (pure): a manifest
+/// naming another cluster, or an entry whose object lies outside `clusters/<own>/`, is
+/// refused. The layout keeps clusters apart already; this catches a copied or misplaced
+/// manifest.
+pub fn check_cluster(own: &str, manifest: &RangeManifest, entry: &CheckpointEntry) -> Result<(), Fallback> {
+    if !manifest.cluster_id.is_empty() && manifest.cluster_id != own {
+        return Err(Fallback::OtherCluster);
+    }
+    let prefix = format!("{}/", skv_objstore::cluster_prefix(own));
+    if !entry.path.starts_with(&prefix) {
+        return Err(Fallback::OtherCluster);
+    }
+    Ok(())
 }
 
 /// Checks a downloaded checkpoint's header against its manifest entry and the descriptor
@@ -334,7 +359,8 @@ pub enum Outcome {
 
 /// Bootstraps new replicas of this store from object storage.
 pub struct Bootstrapper {
-    pub objects: Objects,
+    /// This cluster's checkpoints (known once placement answered the registration).
+    pub cluster: crate::checkpoint::ClusterObjects,
     pub enabled: bool,
     pub metrics: BootstrapMetrics,
     /// Ranges bootstrapped recently (a snapshot install soon after is a `stale` fallback).
@@ -342,9 +368,9 @@ pub struct Bootstrapper {
 }
 
 impl Bootstrapper {
-    pub fn new(objects: Objects, enabled: bool, metrics: BootstrapMetrics) -> Arc<Self> {
+    pub fn new(cluster: crate::checkpoint::ClusterObjects, enabled: bool, metrics: BootstrapMetrics) -> Arc<Self> {
         Arc::new(Self {
-            objects,
+            cluster,
             enabled,
             metrics,
             recent: parking_lot::Mutex::new(HashMap::new()),
@@ -402,8 +428,16 @@ impl Bootstrapper {
 
     async fn bootstrap_inner(&self, node: &NodeInner, desc: &RangeDescriptor) -> Outcome {
         let range = RangeId(desc.range_id);
-        let manifest = match self.objects.read_manifest(range.0).await {
+        let Some(objects) = self.cluster.get() else {
+            return Outcome::Fallback(Fallback::ClusterUnknown);
+        };
+        let own = objects.cluster_id().unwrap_or_default();
+        let manifest = match objects.read_manifest(range.0).await {
             Ok(m) => m,
+            Err(e @ ObjError::OtherCluster { .. }) => {
+                tracing::warn!(error = %e, "range manifest of another cluster under this cluster's prefix");
+                return Outcome::Fallback(Fallback::OtherCluster);
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "range manifest not readable");
                 return Outcome::Fallback(Fallback::Unreadable);
@@ -413,11 +447,16 @@ impl Bootstrapper {
             Ok(e) => e.clone(),
             Err(f) => return Outcome::Fallback(f),
         };
+        if let Some(m) = &manifest
+            && let Err(f) = check_cluster(own, m, &entry)
+        {
+            return Outcome::Fallback(f);
+        }
         let Ok(_claim) = node.claim_install(range, &desc.start, &desc.end) else {
             return Outcome::Fallback(Fallback::Overlap);
         };
         let engine = node.engine.clone();
-        match install(&engine, &self.objects, &entry, desc, node.store_id.0).await {
+        match install(&engine, objects, &entry, desc, node.store_id.0).await {
             Ok((keys, bytes)) => Outcome::Installed {
                 index: entry.applied_index,
                 keys,
@@ -747,9 +786,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let objdir = tempfile::tempdir().unwrap();
         let url: skv_objstore::ObjectStoreUrl = format!("file://{}", objdir.path().display()).parse().unwrap();
-        let o = Objects::open(&url, skv_objstore::ObjMetrics::new()).await.unwrap();
+        let o = Objects::open(&url, skv_objstore::ObjMetrics::new())
+            .await
+            .unwrap()
+            .for_cluster("c1")
+            .unwrap();
         let node = test_node(dir.path());
-        let b = Bootstrapper::new(o.clone(), true, BootstrapMetrics::default());
+        let b = Bootstrapper::new(
+            crate::checkpoint::ClusterObjects::known(o.clone()),
+            true,
+            BootstrapMetrics::default(),
+        );
         let e = checkpoint(&o, 5000).await;
 
         // Installed: every key, the applied state and the descriptor, no marker.
@@ -802,6 +849,108 @@ mod tests {
             b.bootstrap(&node3, &desc(3)).await,
             Outcome::Fallback(Fallback::OtherEpoch)
         );
+        node.stop_all().await;
+    }
+
+    #[test]
+    fn a_checkpoint_of_another_cluster_is_refused() {
+        let mut e = entry(200, 2);
+        e.path = format!("{}/snapshots/9/4/200.snap", skv_objstore::cluster_prefix("c1"));
+        let mut m = manifest(vec![e.clone()]);
+        assert_eq!(
+            check_cluster("c1", &m, &e),
+            Ok(()),
+            "legacy manifest without an id, own path"
+        );
+        m.cluster_id = "c1".into();
+        assert_eq!(check_cluster("c1", &m, &e), Ok(()));
+        assert_eq!(
+            check_cluster("c2", &m, &e),
+            Err(Fallback::OtherCluster),
+            "manifest of c1"
+        );
+        m.cluster_id = String::new();
+        assert_eq!(
+            check_cluster("c2", &m, &e),
+            Err(Fallback::OtherCluster),
+            "object under c1"
+        );
+        // A prefix of the id is not the id.
+        assert_eq!(check_cluster("c", &m, &e), Err(Fallback::OtherCluster));
+        e.path = "snapshots/9/4/200.snap".into();
+        assert_eq!(
+            check_cluster("c1", &m, &e),
+            Err(Fallback::OtherCluster),
+            "unscoped layout"
+        );
+    }
+
+    /// Two clusters on one file:// URL, both with a range 9 at the same version and span:
+    /// cluster B never reads or installs A's checkpoint, even with A's manifest copied under
+    /// B's prefix; without a known cluster id nothing is tried.
+    #[tokio::test]
+    async fn a_bootstrap_never_installs_another_clusters_checkpoint_on_the_same_url() {
+        let objdir = tempfile::tempdir().unwrap();
+        let url: skv_objstore::ObjectStoreUrl = format!("file://{}", objdir.path().display()).parse().unwrap();
+        let base = Objects::open(&url, skv_objstore::ObjMetrics::new()).await.unwrap();
+        let a = base.for_cluster("aaaa").unwrap();
+        let b = base.for_cluster("bbbb").unwrap();
+        let ea = checkpoint(&a, 100).await;
+
+        let dir = tempfile::tempdir().unwrap();
+        let node = test_node(dir.path());
+        let unknown = Bootstrapper::new(
+            crate::checkpoint::ClusterObjects::default(),
+            true,
+            BootstrapMetrics::default(),
+        );
+        assert_eq!(
+            unknown.bootstrap(&node, &desc(2)).await,
+            Outcome::Fallback(Fallback::ClusterUnknown)
+        );
+        let bb = Bootstrapper::new(
+            crate::checkpoint::ClusterObjects::known(b.clone()),
+            true,
+            BootstrapMetrics::default(),
+        );
+        assert_eq!(
+            bb.bootstrap(&node, &desc(2)).await,
+            Outcome::Fallback(Fallback::NoCheckpoint)
+        );
+        // A's manifest copied under B's prefix: refused by its cluster id.
+        let to = objdir.path().join(skv_objstore::manifest_path("bbbb", 9));
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(objdir.path().join(skv_objstore::manifest_path("aaaa", 9)), &to).unwrap();
+        assert_eq!(
+            bb.bootstrap(&node, &desc(2)).await,
+            Outcome::Fallback(Fallback::OtherCluster)
+        );
+        // The same without its id (an old manifest): refused by the object's path.
+        let text = std::fs::read_to_string(&to).unwrap();
+        assert!(text.contains("\"cluster_id\": \"aaaa\","), "{text}");
+        std::fs::write(&to, text.replace("\"cluster_id\": \"aaaa\",", "")).unwrap();
+        assert_eq!(
+            bb.bootstrap(&node, &desc(2)).await,
+            Outcome::Fallback(Fallback::OtherCluster)
+        );
+        assert_eq!(
+            node.engine.data.iter().count(),
+            0,
+            "nothing of A's checkpoint installed"
+        );
+        assert_eq!(a.metrics.downloads.get(), 0, "A's object never downloaded");
+        assert_eq!(bb.metrics.installs.get(), 0);
+        // A itself installs it.
+        let ba = Bootstrapper::new(
+            crate::checkpoint::ClusterObjects::known(a),
+            true,
+            BootstrapMetrics::default(),
+        );
+        assert!(matches!(
+            ba.bootstrap(&node, &desc(2)).await,
+            Outcome::Installed { keys: 100, .. }
+        ));
+        assert!(ea.path.starts_with("clusters/aaaa/"));
         node.stop_all().await;
     }
 
