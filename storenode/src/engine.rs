@@ -61,9 +61,15 @@ pub fn fail_stop(what: &str, err: &dyn std::fmt::Display) -> ! {
 
 /// fsyncs the directory `dir`, so that the names it holds (files created, renamed into or
 /// removed from it) are durable: an fsync of a file does not, under POSIX, make its entry
-/// in the parent durable.
+/// in the parent durable. A directory that cannot be opened is an error for the caller; a
+/// failed fsync stops the node (fail-stop, ADR 0029: the kernel may have dropped the entries
+/// it reported, and retrying cannot tell).
 pub fn sync_dir(dir: &Path) -> io::Result<()> {
-    std::fs::File::open(dir)?.sync_all()
+    let f = std::fs::File::open(dir)?;
+    if let Err(e) = f.sync_all() {
+        fail_stop(&format!("an fsync of the directory {}", dir.display()), &e);
+    }
+    Ok(())
 }
 
 /// `create_dir_all` whose new directories survive a power loss: fsyncs the parent of each
@@ -151,7 +157,11 @@ impl Engine {
         if let Some(th) = self.sync_thread.lock().take() {
             let _ = th.join();
         }
-        let _ = self.db.persist(PersistMode::SyncAll);
+        if let Err(e) = self.db.persist(PersistMode::SyncAll) {
+            // At shutdown: nothing is acknowledged after it, the journal replays at the next
+            // start; say so instead of dropping the error.
+            tracing::error!(error = %e, "the final fsync at shutdown failed");
+        }
     }
 
     /// Waits until every write made so far is durable.
@@ -181,8 +191,16 @@ impl Engine {
 
     /// fsyncs every keyspace now (outside the group commit: snapshot installs, the store
     /// id); honours the fsync failpoints as the group commit does.
+    ///
+    /// A failed fsync stops the node (fail-stop, ADR 0029) instead of returning: fjall's
+    /// journal is shared by every range, so after a failed fsync a later one could report
+    /// success for pages the kernel dropped and acknowledge other ranges' writes that are
+    /// not durable. The `Result` stays for the callers' signatures; it is always `Ok`.
     pub fn persist(&self) -> io::Result<()> {
-        persist_all(&self.db)
+        if let Err(e) = persist_all(&self.db) {
+            fail_stop("an fsync of the engine (outside the group commit)", &e);
+        }
+        Ok(())
     }
 
     pub fn load_descriptors(&self) -> io::Result<Vec<RangeDescriptor>> {

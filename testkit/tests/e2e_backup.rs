@@ -251,8 +251,16 @@ impl BkCluster {
         self.placements.iter_mut().for_each(|p| drop(p.take()));
         self.etcd.take();
         let path: PathBuf = self.dir.path().to_path_buf();
-        drop(self.dir);
-        assert!(!path.exists(), "data directories wiped");
+        // Every process was killed and waited for; a removal can still race a file the
+        // kernel is closing (seen once in CI-like load), so retry for a while and name the
+        // error if it never succeeds.
+        let mut last = self.dir.close().err().map(|e| e.to_string());
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while path.exists() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(200));
+            last = std::fs::remove_dir_all(&path).err().map(|e| e.to_string());
+        }
+        assert!(!path.exists(), "data directories wiped (last error: {last:?})");
     }
 }
 
