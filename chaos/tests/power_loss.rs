@@ -276,6 +276,7 @@ async fn run(skip_fsync: bool) -> Outcome {
         proxy_port: free_port(),
         store_args: Vec::new(),
         store_env: Vec::new(),
+        placement_args: Vec::new(),
     };
     let root = c.dir.path().to_path_buf();
     // Declared after `c`, so dropped first: the mounts go before the tempdir does.

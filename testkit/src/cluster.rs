@@ -313,6 +313,8 @@ pub struct ProcCluster {
     /// Extra flags and environment of every storenode (`--object-store-url` and `AWS_*`).
     pub store_args: Vec<String>,
     pub store_env: Vec<(String, String)>,
+    /// Extra flags of placement (e.g. `--repair-after-secs`).
+    pub placement_args: Vec<String>,
 }
 
 impl ProcCluster {
@@ -327,6 +329,17 @@ impl ProcCluster {
         use_etcd: bool,
         store_args: Vec<String>,
         store_env: Vec<(String, String)>,
+    ) -> ProcCluster {
+        Self::start_with_placement_args(n, use_etcd, store_args, store_env, Vec::new()).await
+    }
+
+    /// [`Self::start_with`] with extra placement flags too.
+    pub async fn start_with_placement_args(
+        n: usize,
+        use_etcd: bool,
+        store_args: Vec<String>,
+        store_env: Vec<(String, String)>,
+        placement_args: Vec<String>,
     ) -> ProcCluster {
         crate::init_test_logging();
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
@@ -343,6 +356,7 @@ impl ProcCluster {
             proxy_port: free_port(),
             store_args,
             store_env,
+            placement_args,
         };
         c.start_placement();
         for i in 0..n {
@@ -381,6 +395,7 @@ impl ProcCluster {
             .arg("200")
             .arg("--jwt-hs256-secret-file")
             .arg(self.dir.path().join("secret"))
+            .args(&self.placement_args)
             .stdout(Stdio::null())
             .stderr(self.log("placement"));
         if let Some(e) = &self.etcd {

@@ -52,6 +52,8 @@ struct Env {
     s3: S3Server,
     o: Objects,
     pd: PlacementClient<Channel>,
+    /// Stores killed by the test (their metrics are not read).
+    down: Vec<u64>,
 }
 
 impl Env {
@@ -60,12 +62,18 @@ impl Env {
     }
 
     async fn start_with(keys: usize, flags: &[&str]) -> Env {
+        Self::start_full(keys, flags, &[]).await
+    }
+
+    /// Three storenodes with `flags`, placement with `placement_flags`, `keys` keys written.
+    async fn start_full(keys: usize, flags: &[&str], placement_flags: &[&str]) -> Env {
         let s3 = S3Server::start(&["skv"]);
         let mut args: Vec<String> = ["--object-store-url", URL, "--metrics-listen", "127.0.0.1:0"]
             .map(String::from)
             .to_vec();
         args.extend(flags.iter().map(|s| s.to_string()));
-        let c = ProcCluster::start_with(3, true, args, s3.env()).await;
+        let pargs = placement_flags.iter().map(|s| s.to_string()).collect();
+        let c = ProcCluster::start_with_placement_args(3, true, args, s3.env(), pargs).await;
         let o = Objects::open_with_vars(&URL.parse().unwrap(), s3.env(), ObjMetrics::new())
             .await
             .unwrap_or_else(|e| panic!("open: {e}"));
@@ -84,7 +92,13 @@ impl Env {
         pd.set_scheduler_paused(admin(SetSchedulerPausedRequest { paused: true }))
             .await
             .unwrap_or_else(|e| panic!("pause: {e}"));
-        let mut env = Env { c, s3, o, pd };
+        let mut env = Env {
+            c,
+            s3,
+            o,
+            pd,
+            down: Vec::new(),
+        };
         env.write(keys).await;
         env
     }
@@ -210,7 +224,8 @@ impl Env {
     /// Snapshot bytes sent by every store so far.
     async fn snapshot_bytes_sent(&mut self) -> f64 {
         let mut total = 0.0;
-        for (_, addr) in self.stores().await {
+        let down = self.down.clone();
+        for (_, addr) in self.stores().await.into_iter().filter(|(id, _)| !down.contains(id)) {
             let m = http_get(&addr, "/metrics")
                 .await
                 .unwrap_or_else(|| panic!("metrics of {addr} not readable"));
@@ -237,6 +252,29 @@ impl Env {
             assert!(Instant::now() < deadline, "snapshot bytes did not settle ({v} B sent)");
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
+    }
+
+    /// `kill -9` the storenode process of store `id` (found by its gRPC port).
+    async fn kill(&mut self, id: u64) {
+        let address = self
+            .pd
+            .get_stores(GetStoresRequest::default())
+            .await
+            .unwrap_or_else(|e| panic!("stores: {e}"))
+            .into_inner()
+            .stores
+            .into_iter()
+            .find(|s| s.store_id == id)
+            .map(|s| s.address)
+            .unwrap_or_else(|| panic!("store {id} unknown"));
+        let i = self
+            .c
+            .store_ports
+            .iter()
+            .position(|p| address.ends_with(&format!(":{p}")))
+            .unwrap_or_else(|| panic!("no process listens on {address}"));
+        self.c.kill_store(i);
+        self.down.push(id);
     }
 
     /// Starts one more storenode with `extra` flags; returns its store id once registered.
@@ -538,4 +576,82 @@ async fn the_leader_keeps_its_log_from_the_checkpoint_so_a_learner_still_bootstr
     );
     assert_eq!(sent, 0.0, "the learner caught up from the log");
     env.serves_every_key_from(range, to, KEYS + 400).await;
+}
+
+/// A repair bootstrapped from object storage (issue 11): four storenodes, a range of
+/// 50,000 keys on three of them with a checkpoint, one of its followers killed with
+/// SIGKILL; placement (`--store-down-after-ms 3000 --repair-after-secs 2`) rebuilds the
+/// replica on the fourth store, which installs the checkpoint instead of receiving the
+/// leader's snapshot, and serves every key once it leads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_repaired_replica_bootstraps_from_the_checkpoint() {
+    const KEYS: usize = 50_000;
+    let started = Instant::now();
+    let mut env = Env::start_full(
+        KEYS,
+        &["--checkpoint-interval-secs", "2"],
+        &["--store-down-after-ms", "3000", "--repair-after-secs", "2"],
+    )
+    .await;
+    let (range, path, index) = env.settled_checkpoint(KEYS as u64, 0).await;
+    println!("range {range}: checkpoint {path} at index {index}");
+    assert!(path.starts_with("clusters/"), "{path}");
+    // The fourth store, while the scheduler is paused: nothing moves onto it yet.
+    let spare = env.add_store(&[]).await;
+    let victim = env.follower(range, &[spare]).await;
+    let before = env.snapshot_bytes_sent().await;
+    env.kill(victim).await;
+    let killed_at = Instant::now();
+    env.pd
+        .set_scheduler_paused(admin(SetSchedulerPausedRequest { paused: false }))
+        .await
+        .unwrap_or_else(|e| panic!("unpause: {e}"));
+    // Placement marks the store DOWN, then repairs the range onto the spare store.
+    let pd = env.pd.clone();
+    wait_until("the repair onto the spare store", Duration::from_secs(60), || {
+        let mut pd = pd.clone();
+        async move {
+            let r = pd
+                .scan_ranges(ScanRangesRequest::default())
+                .await
+                .ok()?
+                .into_inner()
+                .ranges
+                .into_iter()
+                .find(|r| r.descriptor.as_ref().is_some_and(|d| d.range_id == range))?;
+            let d = r.descriptor?;
+            let voter = d
+                .replicas
+                .iter()
+                .any(|x| x.store_id == spare && x.role == ReplicaRole::Voter as i32);
+            let gone = !d.replicas.iter().any(|x| x.store_id == victim);
+            (voter && gone && d.replicas.len() == 3).then_some(())
+        }
+    })
+    .await;
+    let repair_secs = killed_at.elapsed().as_secs_f64();
+    let sent = env.sent_since(before, false).await;
+    let m = env.metrics_of(spare).await;
+    let installs = series(&m, "skv_bootstrap_installs_total");
+    let keys = series(&m, "skv_bootstrap_keys_total");
+    let downloaded = series(&m, "skv_bootstrap_bytes_total");
+    println!(
+        "repair of a {KEYS}-key range after kill -9 of store {victim}: replica on store {spare} in \
+         {repair_secs:.1} s (DOWN after 3 s, repair after 2 s); bootstrap installs {installs}, \
+         {keys} keys, {downloaded} B read from object storage; leader's snapshot bytes {sent:.0} B"
+    );
+    assert!(installs >= 1.0, "the repaired replica was not bootstrapped: {m}");
+    assert!(keys >= KEYS as f64, "{m}");
+    assert_eq!(
+        series(&m, "skv_bootstrap_fallbacks_total{reason=\"stale\"}"),
+        0.0,
+        "{m}"
+    );
+    assert!(
+        sent < 1_000_000.0,
+        "the leader sent {sent} B of snapshots; a bootstrapped repair sends ~0"
+    );
+    // The repaired replica holds every key: it leads and serves them all.
+    env.serves_every_key_from(range, spare, KEYS).await;
+    println!("total {:.1} s", started.elapsed().as_secs_f64());
 }
