@@ -48,6 +48,18 @@ const APPLIED_STATE_FIELD: u64 = 100;
 const INSTALL_BATCH_BYTES: usize = 4 << 20;
 /// A snapshot installed this soon after a bootstrap counts as its fallback (`stale`).
 const STALE_WINDOW: Duration = Duration::from_secs(600);
+/// A checkpoint download gets this long plus [`download_deadline`]'s share per byte; past it
+/// the bootstrap is undone and the leader's snapshot is used. The caller holds the node's
+/// creation lock during the download (other replica creations and split applies on this
+/// store wait for it), so a hung or crawling object store must not hold it for long.
+const DOWNLOAD_BASE_DEADLINE: Duration = Duration::from_secs(30);
+/// The slowest download rate a bootstrap accepts (bytes per second of the stored object).
+const DOWNLOAD_MIN_RATE: u64 = 8 << 20;
+
+/// How long the download of an object of `size` bytes may take (pure).
+pub fn download_deadline(size: u64) -> Duration {
+    DOWNLOAD_BASE_DEADLINE + Duration::from_secs(size / DOWNLOAD_MIN_RATE)
+}
 
 /// The descriptor bytes of a checkpoint: the protobuf `RangeDescriptor`, then field 100
 /// (length-delimited) holding the engine's applied state at the checkpoint's index
@@ -406,7 +418,11 @@ impl Bootstrapper {
                 self.metrics.bytes.inc_by(bytes);
                 self.metrics.keys.inc_by(keys);
                 self.metrics.seconds.observe(started.elapsed().as_secs_f64());
-                self.recent.lock().insert(range, Instant::now());
+                {
+                    let mut recent = self.recent.lock();
+                    recent.retain(|_, t| t.elapsed() < STALE_WINDOW);
+                    recent.insert(range, Instant::now());
+                }
                 tracing::info!(
                     index,
                     keys,
@@ -504,8 +520,10 @@ async fn install(
     let mut batch = engine.db.batch();
     let mut pending = 0usize;
     let mut touched: Vec<Vec<u8>> = Vec::new();
-    let read = objects
-        .read_checkpoint_with_header(
+    let deadline = download_deadline(entry.size);
+    let read = tokio::time::timeout(
+        deadline,
+        objects.read_checkpoint_with_header(
             entry,
             |h| match check_header(h, entry, desc, store) {
                 Ok(s) => {
@@ -533,8 +551,15 @@ async fn install(
                 }
                 Ok(())
             },
-        )
-        .await;
+        ),
+    )
+    .await;
+    // Dropping the read on the deadline is safe: what it committed is under the install
+    // marker, and the caller undoes it (abort_external_install).
+    let Ok(read) = read else {
+        tracing::warn!(path = %entry.path, size = entry.size, deadline_s = deadline.as_secs(), "checkpoint download passed its deadline");
+        return Err(Fallback::Unreadable);
+    };
     let summary = match read {
         Ok(s) => s,
         Err(e) => {
@@ -636,6 +661,17 @@ mod tests {
             let _ = parse_checkpoint_descriptor(&b[..cut]);
         }
         assert!(parse_checkpoint_descriptor(&[0xff, 0xff, 0xff]).is_err());
+    }
+
+    #[test]
+    fn a_download_deadline_grows_with_the_object_but_is_bounded_for_small_ones() {
+        assert_eq!(download_deadline(0), DOWNLOAD_BASE_DEADLINE);
+        assert_eq!(download_deadline(1 << 20), DOWNLOAD_BASE_DEADLINE);
+        // A 1 GiB checkpoint may take 30 s + 128 s.
+        assert_eq!(
+            download_deadline(1 << 30),
+            DOWNLOAD_BASE_DEADLINE + Duration::from_secs(128)
+        );
     }
 
     #[test]
