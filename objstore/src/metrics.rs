@@ -39,7 +39,14 @@ impl ObjMetrics {
         }
     }
 
+    /// The operations [`ObjMetrics::failed`] is called with; their series exist (at 0) from
+    /// registration on, so a dashboard shows "no failures" rather than "no data".
+    pub const OPS: [&'static str; 6] = ["upload", "download", "get", "put", "list", "delete"];
+
     pub fn register(&self, r: &mut Registry) {
+        for op in Self::OPS {
+            let _ = self.failures.get_or_create(&OpLabel { op: op.to_string() });
+        }
         r.register(
             "skv_objstore_uploads",
             "Checkpoint objects uploaded",

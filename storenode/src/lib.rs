@@ -326,6 +326,10 @@ async fn open_checkpoints(
     // Registered with or without object storage, so dashboards find the series everywhere.
     let bm = raft::bootstrap::BootstrapMetrics::default();
     bm.register(registry);
+    let om = skv_objstore::ObjMetrics::new();
+    om.register(registry);
+    let cm = checkpoint::CheckpointMetrics::default();
+    cm.register(registry);
     let Some(u) = &config.object_store_url else {
         if config.checkpoint_interval_secs.is_some() || config.checkpoint_change_bytes.is_some() {
             anyhow::bail!("--checkpoint-interval-secs and --checkpoint-change-bytes need --object-store-url");
@@ -342,10 +346,7 @@ async fn open_checkpoints(
     skv_objstore::format::check_max_value_len(config.max_value_len)
         .map_err(|e| anyhow::anyhow!("--max-value-len {} with --object-store-url: {e}", config.max_value_len))?;
     let url: skv_objstore::ObjectStoreUrl = u.parse()?;
-    let objects = skv_objstore::Objects::open(&url, skv_objstore::ObjMetrics::new()).await?;
-    objects.metrics.register(registry);
-    let cm = checkpoint::CheckpointMetrics::default();
-    cm.register(registry);
+    let objects = skv_objstore::Objects::open(&url, om).await?;
     let policy = checkpoint::CheckpointPolicy {
         interval: Duration::from_secs(config.checkpoint_interval_secs.unwrap_or(300)),
         change_bytes: config.checkpoint_change_bytes.unwrap_or(64 << 20),
