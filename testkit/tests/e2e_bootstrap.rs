@@ -88,6 +88,36 @@ impl Env {
             .into_inner()
             .cluster_id;
         let o = o.for_cluster(&cluster_id).unwrap_or_else(|e| panic!("{e}"));
+        // The first range is up-replicated to three voters by the scheduler after the start:
+        // pausing it before that (seen on a loaded machine) would leave a one-replica range.
+        wait_until(
+            "three voters with a leader on every range",
+            Duration::from_secs(60),
+            || {
+                let mut pd = pd.clone();
+                async move {
+                    let ranges = pd
+                        .scan_ranges(ScanRangesRequest::default())
+                        .await
+                        .ok()?
+                        .into_inner()
+                        .ranges;
+                    let ok = !ranges.is_empty()
+                        && ranges.iter().all(|r| {
+                            r.leader_store_id != 0
+                                && r.descriptor.as_ref().is_some_and(|d| {
+                                    d.replicas
+                                        .iter()
+                                        .filter(|x| x.role == ReplicaRole::Voter as i32)
+                                        .count()
+                                        == 3
+                                })
+                        });
+                    ok.then_some(())
+                }
+            },
+        )
+        .await;
         // No split, merge or balance move while the test moves replicas itself.
         pd.set_scheduler_paused(admin(SetSchedulerPausedRequest { paused: true }))
             .await
