@@ -3,6 +3,7 @@
 //! of a running service. Keep this crate small: no decisions live here.
 
 pub mod config;
+pub mod failpoints;
 pub mod ids;
 pub mod keys;
 pub mod limits;

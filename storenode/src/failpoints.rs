@@ -55,8 +55,7 @@ pub fn skip_read_index() -> bool {
     false
 }
 
-/// Exit status of a process stopped by a crash point.
-pub const EXIT_CRASH_POINT: i32 = 86;
+pub use skv_common::failpoints::{EXIT_CRASH_POINT, FailpointError};
 
 /// A crash point: with any action that returns (`return`, `50%return`, `1*return`, ...) the
 /// process exits on the spot with [`EXIT_CRASH_POINT`], running no destructors and flushing
@@ -76,74 +75,19 @@ macro_rules! crash_point {
 
 /// Exits at crash point `name` (see [`crash_point!`]).
 pub fn crash(name: &str) -> ! {
-    eprintln!("skv-storenode: crash point {name} reached: exiting");
-    std::process::exit(EXIT_CRASH_POINT)
+    skv_common::failpoints::crash("skv-storenode", name)
 }
 
-/// Errors of the failpoint configuration.
-#[derive(Debug, thiserror::Error)]
-pub enum FailpointError {
-    #[error("FAILPOINTS is set but this binary was built without the `failpoints` feature")]
-    NotCompiledIn,
-    #[error("FAILPOINTS entry {0:?} is not name=action")]
-    Syntax(String),
-    #[error("failpoint {name}: bad action {action:?}: {reason}")]
-    Action {
-        name: String,
-        action: String,
-        reason: String,
-    },
-}
-
-/// Splits a `FAILPOINTS` value into (name, action) pairs; pure.
-pub fn parse_spec(spec: &str) -> Result<Vec<(String, String)>, FailpointError> {
-    let mut out = Vec::new();
-    for part in spec.split(';').map(str::trim).filter(|p| !p.is_empty()) {
-        let Some((name, action)) = part.split_once('=') else {
-            return Err(FailpointError::Syntax(part.to_string()));
-        };
-        let (name, action) = (name.trim(), action.trim());
-        if name.is_empty() || action.is_empty() {
-            return Err(FailpointError::Syntax(part.to_string()));
-        }
-        out.push((name.to_string(), action.to_string()));
-    }
-    Ok(out)
-}
-
-/// Applies `FAILPOINTS` from the environment (called once at start).
+/// Applies `FAILPOINTS` from the environment (called once at start); refused by a binary
+/// built without the feature.
 pub fn setup_from_env() -> Result<(), FailpointError> {
-    let Ok(spec) = std::env::var("FAILPOINTS") else {
-        return Ok(());
-    };
-    apply_spec(&spec)
-}
-
-#[cfg(not(feature = "failpoints"))]
-fn apply_spec(spec: &str) -> Result<(), FailpointError> {
-    if parse_spec(spec)?.is_empty() {
-        return Ok(());
-    }
-    Err(FailpointError::NotCompiledIn)
-}
-
-#[cfg(feature = "failpoints")]
-fn apply_spec(spec: &str) -> Result<(), FailpointError> {
-    for (name, action) in parse_spec(spec)? {
-        set(&name, &action)?;
-        tracing::warn!(failpoint = %name, %action, "failpoint set from FAILPOINTS");
-    }
-    Ok(())
+    skv_common::failpoints::setup_from_env(cfg!(feature = "failpoints"))
 }
 
 /// Sets one failpoint.
 #[cfg(feature = "failpoints")]
 pub fn set(name: &str, action: &str) -> Result<(), FailpointError> {
-    fail::cfg(name, action).map_err(|reason| FailpointError::Action {
-        name: name.to_string(),
-        action: action.to_string(),
-        reason,
-    })
+    skv_common::failpoints::set(name, action)
 }
 
 /// The `--metrics-listen` server: `/metrics`, `/healthz`, `/readyz`, and with the feature
@@ -193,40 +137,11 @@ pub fn routes() -> axum::Router {
         .route("/failpoints/{name}", axum::routing::put(put).delete(delete))
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "failpoints"))]
 mod tests {
-    use super::*;
-
     #[test]
-    fn specs_parse_and_bad_ones_are_refused() {
-        assert_eq!(
-            parse_spec("a::b=return; c=50%panic(x) ;").unwrap(),
-            vec![
-                ("a::b".to_string(), "return".to_string()),
-                ("c".to_string(), "50%panic(x)".to_string())
-            ]
-        );
-        assert!(parse_spec("").unwrap().is_empty());
-        assert!(matches!(parse_spec("nameonly"), Err(FailpointError::Syntax(_))));
-        assert!(matches!(parse_spec("=return"), Err(FailpointError::Syntax(_))));
-        assert!(matches!(parse_spec("a="), Err(FailpointError::Syntax(_))));
-    }
-
-    #[cfg(not(feature = "failpoints"))]
-    #[test]
-    fn without_the_feature_a_spec_is_refused_not_ignored() {
-        assert!(matches!(apply_spec("x=return"), Err(FailpointError::NotCompiledIn)));
-        assert!(apply_spec(" ; ").is_ok());
-    }
-
-    #[cfg(feature = "failpoints")]
-    #[test]
-    fn with_the_feature_a_bad_action_is_refused() {
-        assert!(matches!(
-            apply_spec("skv::test::unused=notanaction"),
-            Err(FailpointError::Action { .. })
-        ));
-        apply_spec("skv::test::unused=return").unwrap();
+    fn with_the_feature_a_failpoint_from_a_spec_is_set() {
+        skv_common::failpoints::apply_spec("skv::test::unused=return", true).unwrap();
         assert!(fail::list().iter().any(|(n, _)| n == "skv::test::unused"));
         fail::remove("skv::test::unused");
     }
