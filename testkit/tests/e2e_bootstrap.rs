@@ -349,8 +349,15 @@ impl Env {
             }))
             .await
             .unwrap_or_else(|e| panic!("move {range} {from}->{to}: {e}"));
+        self.wait_replaced("the move to finish", range, from, to).await;
+        started.elapsed().as_secs_f64()
+    }
+
+    /// Waits until the range map shows `range` with `to` a voter, `from` gone and three
+    /// replicas (a move or a repair done).
+    async fn wait_replaced(&self, what: &str, range: u64, from: u64, to: u64) {
         let pd = self.pd.clone();
-        wait_until("the move to finish", Duration::from_secs(60), || {
+        wait_until(what, Duration::from_secs(60), || {
             let mut pd = pd.clone();
             async move {
                 let r = pd
@@ -371,7 +378,6 @@ impl Env {
             }
         })
         .await;
-        started.elapsed().as_secs_f64()
     }
 
     /// A voter of `range` that does not lead it, outside `avoid` (the range map may show the
@@ -637,28 +643,8 @@ async fn a_repaired_replica_bootstraps_from_the_checkpoint() {
         .await
         .unwrap_or_else(|e| panic!("unpause: {e}"));
     // Placement marks the store DOWN, then repairs the range onto the spare store.
-    let pd = env.pd.clone();
-    wait_until("the repair onto the spare store", Duration::from_secs(60), || {
-        let mut pd = pd.clone();
-        async move {
-            let r = pd
-                .scan_ranges(ScanRangesRequest::default())
-                .await
-                .ok()?
-                .into_inner()
-                .ranges
-                .into_iter()
-                .find(|r| r.descriptor.as_ref().is_some_and(|d| d.range_id == range))?;
-            let d = r.descriptor?;
-            let voter = d
-                .replicas
-                .iter()
-                .any(|x| x.store_id == spare && x.role == ReplicaRole::Voter as i32);
-            let gone = !d.replicas.iter().any(|x| x.store_id == victim);
-            (voter && gone && d.replicas.len() == 3).then_some(())
-        }
-    })
-    .await;
+    env.wait_replaced("the repair onto the spare store", range, victim, spare)
+        .await;
     let repair_secs = killed_at.elapsed().as_secs_f64();
     let sent = env.sent_since(before, false).await;
     let m = env.metrics_of(spare).await;
