@@ -61,8 +61,9 @@ async fn kill_9_leader_loses_no_acknowledged_write() {
     let killed_at = Instant::now();
     c.kill_store(victim);
 
-    // Time until writes are acknowledged again.
-    wait_until("writes after kill -9", Duration::from_secs(20), || {
+    // Time until writes are acknowledged again (measured and printed; the bound only stops a
+    // hung test: 20 s was passed once on a CI machine saturated by parallel cluster tests).
+    wait_until("writes after kill -9", Duration::from_secs(60), || {
         let acked = acked.clone();
         async move {
             let n = acked.lock().await.len();
