@@ -12,6 +12,13 @@ ROOT=$(pwd)
 
 step() { printf '\n==> %s\n' "$*"; }
 
+# Disk: a fresh build of every test binary takes ~6 GB under target/ (it took 11 GB, and a CI
+# machine ran out: the linker died with SIGBUS). CI builds once from a clean clone, so it
+# keeps no incremental state (another ~2 GB). The free space is printed at each heavy step.
+if [ "${CI:-}" = "true" ]; then export CARGO_INCREMENTAL=0; fi
+disk() { df -h "$ROOT" | awk 'NR==2 {print "disk: " $4 " free on " $6}'; }
+disk
+
 # --- 1. system packages ----------------------------------------------------
 need=()
 command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
@@ -109,10 +116,12 @@ env PATH="${nopath%:}" cargo build -p etcd-client --locked
 # Release builds, the playground and the images never enable it.
 features=(--features skv-storenode/failpoints,skv-placement/failpoints)
 step "cargo build --bins ${features[*]}"
+disk
 cargo build --workspace --bins --locked "${features[@]}"
 step "the Docker engine answers (testkit/tests/deploy_compose.rs builds and runs images)"
 docker info >/dev/null 2>&1 || { echo "error: the docker daemon is not reachable: start it (e.g. dockerd &) or run as a user in the docker group" >&2; exit 1; }
 step "cargo nextest run"
+disk
 profile=default
 [ "${CI:-}" = "true" ] && profile=ci
 cargo nextest run --workspace --locked --profile "$profile" --no-fail-fast "${features[@]}"
