@@ -29,6 +29,8 @@ command -v prometheus >/dev/null 2>&1 || need+=(prometheus)  # deploy/ queries (
 command -v docker-compose >/dev/null 2>&1 || need+=(docker-compose)  # deploy/compose (testkit/tests/deploy_compose.rs)
 command -v docker >/dev/null 2>&1 || need+=(docker.io)  # the engine the compose test builds and runs images with
 command -v fusermount3 >/dev/null 2>&1 || need+=(fuse3)  # skv-lazyfs mounts without root through it (power-loss test, ADR 0030; as root it mounts with mount(2))
+command -v ip >/dev/null 2>&1 || need+=(iproute2)  # network namespaces, veths, a bridge: the chaos partition nemesis (chaos/src/netns.rs, ADR 0031)
+command -v iptables >/dev/null 2>&1 || need+=(iptables)  # its DROP rules, inside those namespaces (chaos/tests/partition.rs)
 if [ ${#need[@]} -gt 0 ]; then
   step "installing ${need[*]} (apt)"
   if [ "$(id -u)" -eq 0 ]; then

@@ -2,10 +2,12 @@
 //! (leader election on etcd), storenodes and proxies, each a built binary with its own port
 //! and data directory, each killed by PID when dropped (testkit's `ChildGuard`).
 
+use skv_proto::internal::placement_admin_client::PlacementAdminClient;
 use skv_proto::internal::placement_client::PlacementClient;
 use skv_proto::internal::{
-    AdminMergeRequest, AdminSplitRequest, AdminTransferLeaderRequest, GetMembersRequest, GetRangeRequest,
-    GetStoresRequest, RangeInfo, ScanRangesRequest, StoreInfo,
+    AdminDrainStoreRequest, AdminMergeRequest, AdminMoveReplicaRequest, AdminSplitRequest, AdminTransferLeaderRequest,
+    GetMembersRequest, GetRangeRequest, GetStoresRequest, ListOperatorsRequest, OperatorInfo, RangeInfo,
+    ScanRangesRequest, StoreInfo, StoreStatus, StoreStatusRequest,
 };
 use skv_testkit::cluster::{TEST_SECRET, admin, token};
 use skv_testkit::{ChildGuard, free_port};
@@ -37,6 +39,9 @@ pub enum ClusterError {
     /// An admin call failed.
     #[error("{0}")]
     Admin(String),
+    /// Network namespaces or iptables (the `partition` nemesis).
+    #[error(transparent)]
+    Netns(#[from] crate::netns::NetnsError),
 }
 
 /// Result alias.
@@ -61,6 +66,10 @@ pub struct ClusterSpec {
     pub lazyfs_disks: bool,
     /// etcd members: 1, or 3 for the `etcd-member` nemesis (crate::etcd3).
     pub etcd_members: usize,
+    /// Every storenode in a network namespace of its own behind a bridge, placement on the
+    /// host's end of it (the `partition` nemesis; crate::netns, ADR 0031). Needs root,
+    /// iproute2 and iptables.
+    pub netns: bool,
 }
 
 /// Which kind of process.
@@ -78,8 +87,14 @@ pub enum Role {
 pub struct Proc {
     /// `pd-0`, `store-1`, `proxy-0`.
     pub name: String,
-    /// Its port on 127.0.0.1.
+    /// Its port.
     pub port: u16,
+    /// Its address: 127.0.0.1, or its namespace's (storenodes) or the host's bridge address
+    /// (placement) in a netns cluster.
+    pub host: String,
+    /// How many times its slot was given a fresh, empty data directory (the `drain`
+    /// nemesis replaces a drained store by a new one): 0 for the first.
+    pub generation: u32,
     guard: Option<ChildGuard>,
     paused: bool,
 }
@@ -93,9 +108,9 @@ impl Proc {
     pub fn is_paused(&self) -> bool {
         self.paused
     }
-    /// `http://127.0.0.1:PORT`.
+    /// `http://HOST:PORT`.
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        format!("http://{}:{}", self.host, self.port)
     }
 }
 
@@ -114,6 +129,8 @@ pub struct ChaosCluster {
     pub proxies: Vec<Proc>,
     /// The storenodes' lazyfs disks, if any (last: dropped after every process).
     disks: Option<crate::disk::Disks>,
+    /// The network namespaces of a netns cluster (dropped after every process).
+    net: Option<crate::netns::Netns>,
 }
 
 /// The directory of the running executable's target profile (`target/debug`), where
@@ -151,23 +168,46 @@ impl ChaosCluster {
             what: "write the JWT secret".into(),
             source,
         })?;
+        let net = if spec.netns {
+            let left = crate::netns::remove_leftovers();
+            if !left.is_empty() {
+                tracing::warn!(?left, "deleted what killed chaos runs left");
+            }
+            Some(crate::netns::Netns::create(spec.storenodes)?)
+        } else {
+            None
+        };
         let etcd = crate::etcd3::EtcdRun::start(spec.etcd_members, &path).await?;
-        let slot = |name: String| Proc {
+        let slot = |name: String, host: String| Proc {
             name,
             port: free_port(),
+            host,
+            generation: 0,
             guard: None,
             paused: false,
         };
+        let local = || "127.0.0.1".to_string();
+        let pd_host = net.as_ref().map(|n| n.host_ip()).unwrap_or_else(local);
         let mut c = ChaosCluster {
             dir: Some(dir),
             path,
             etcd,
             bin_dir: spec.bin_dir.clone(),
             store_failpoints: spec.store_failpoints.clone(),
-            placements: (0..spec.placements.max(1)).map(|i| slot(format!("pd-{i}"))).collect(),
-            stores: (0..spec.storenodes).map(|i| slot(format!("store-{i}"))).collect(),
-            proxies: (0..spec.proxies.max(1)).map(|i| slot(format!("proxy-{i}"))).collect(),
+            placements: (0..spec.placements.max(1))
+                .map(|i| slot(format!("pd-{i}"), pd_host.clone()))
+                .collect(),
+            stores: (0..spec.storenodes)
+                .map(|i| {
+                    let host = net.as_ref().map(|n| n.store_ip(i)).unwrap_or_else(local);
+                    slot(format!("store-{i}"), host)
+                })
+                .collect(),
+            proxies: (0..spec.proxies.max(1))
+                .map(|i| slot(format!("proxy-{i}"), local()))
+                .collect(),
             disks: None,
+            net,
         };
         if spec.lazyfs_disks {
             c.disks = Some(crate::disk::Disks::start(&c.bin_dir, c.stores.len(), &c.path)?);
@@ -264,8 +304,8 @@ impl ChaosCluster {
         if p.is_up() {
             return Ok(());
         }
-        let (name, port) = (p.name.clone(), p.port);
-        let listen = format!("127.0.0.1:{port}");
+        let (name, port, generation) = (p.name.clone(), p.port, p.generation);
+        let listen = format!("{}:{port}", p.host);
         let secret = self.path.join("secret");
         let mut cmd = match role {
             Role::Placement => {
@@ -287,16 +327,31 @@ impl ChaosCluster {
                 cmd
             }
             Role::Store => {
-                let mut cmd = Command::new(self.bin_dir.join("skv-storenode"));
+                let bin = self.bin_dir.join("skv-storenode");
+                let mut cmd = match &self.net {
+                    // `ip netns exec` execs the binary: the PID stays the storenode's.
+                    Some(net) => {
+                        let mut c = Command::new("ip");
+                        c.arg("netns").arg("exec").arg(net.store_ns(i)).arg(&bin);
+                        c
+                    }
+                    None => Command::new(&bin),
+                };
+                let data_dir = match self.disks.as_ref().and_then(|d| d.data_dir(i)) {
+                    Some(mnt) => mnt.to_path_buf(),
+                    None => self.path.join(&name),
+                };
+                // A replaced store (drain nemesis) starts empty: a new store id.
+                let data_dir = match generation {
+                    0 => data_dir,
+                    g => data_dir.join(format!("gen-{g}")),
+                };
                 cmd.arg("--listen")
                     .arg(&listen)
                     .arg("--placement")
                     .arg(self.placement_urls())
                     .arg("--data-dir")
-                    .arg(match self.disks.as_ref().and_then(|d| d.data_dir(i)) {
-                        Some(mnt) => mnt.to_path_buf(),
-                        None => self.path.join(&name),
-                    })
+                    .arg(data_dir)
                     .arg("--heartbeat-interval-ms")
                     .arg("300");
                 if !self.store_failpoints.is_empty() {
@@ -379,6 +434,13 @@ impl ChaosCluster {
     pub fn heal(&mut self) -> Vec<String> {
         let mut done = self.disks.as_ref().map(|d| d.heal()).unwrap_or_default();
         done.extend(self.etcd.heal());
+        if let Some(net) = &self.net {
+            match net.heal() {
+                Ok(0) => {}
+                Ok(n) => done.push(format!("removed {n} iptables DROP rules of a partition")),
+                Err(e) => done.push(format!("partition heal failed: {e}")),
+            }
+        }
         for role in [Role::Placement, Role::Store, Role::Proxy] {
             for i in 0..self.procs(role).len() {
                 let (paused, up, name) = {
@@ -541,6 +603,93 @@ impl ChaosCluster {
         .await
         .map_err(|e| ClusterError::Admin(format!("merge r{left} + r{right}: {}", e.message())))?;
         Ok(())
+    }
+
+    /// The network namespaces (a netns cluster only).
+    pub fn netns(&self) -> Option<&crate::netns::Netns> {
+        self.net.as_ref()
+    }
+
+    /// Starts a move operator: range `range_id`'s replica on store `from` to store `to`.
+    pub async fn move_replica(&self, range_id: u64, from: u64, to: u64) -> Result<()> {
+        let mut pd = self.pd().await?;
+        pd.move_replica(admin(AdminMoveReplicaRequest {
+            range_id,
+            from_store_id: from,
+            to_store_id: to,
+        }))
+        .await
+        .map_err(|e| ClusterError::Admin(format!("move r{range_id} s{from} -> s{to}: {}", e.message())))?;
+        Ok(())
+    }
+
+    /// Marks store `store_id` DRAINING.
+    pub async fn drain_store(&self, store_id: u64) -> Result<()> {
+        let mut pd = self.pd().await?;
+        pd.drain_store(admin(AdminDrainStoreRequest { store_id }))
+            .await
+            .map_err(|e| ClusterError::Admin(format!("drain s{store_id}: {}", e.message())))?;
+        Ok(())
+    }
+
+    /// Every store as placement's leader sees it (replicas, leaders, drained).
+    pub async fn store_status(&self) -> Result<Vec<StoreStatus>> {
+        let mut pd = self.pd_admin().await?;
+        pd.store_status(admin(StoreStatusRequest {}))
+            .await
+            .map(|r| r.into_inner().stores)
+            .map_err(|e| ClusterError::Admin(format!("StoreStatus: {}", e.message())))
+    }
+
+    /// The operators placement's leader runs now.
+    pub async fn operators(&self) -> Result<Vec<OperatorInfo>> {
+        let mut pd = self.pd_admin().await?;
+        pd.list_operators(admin(ListOperatorsRequest {}))
+            .await
+            .map(|r| r.into_inner().operators)
+            .map_err(|e| ClusterError::Admin(format!("ListOperators: {}", e.message())))
+    }
+
+    async fn pd_admin(&self) -> Result<PlacementAdminClient<tonic::transport::Channel>> {
+        let mut last = String::from("no placement instance is running");
+        for p in self.placements.iter().filter(|p| p.is_up() && !p.is_paused()) {
+            let ep = match tonic::transport::Endpoint::from_shared(p.url()) {
+                Ok(ep) => ep
+                    .connect_timeout(Duration::from_secs(2))
+                    .timeout(Duration::from_secs(10)),
+                Err(e) => {
+                    last = e.to_string();
+                    continue;
+                }
+            };
+            match ep.connect().await {
+                Ok(ch) => return Ok(PlacementAdminClient::new(ch)),
+                Err(e) => last = format!("{}: {e}", p.name),
+            }
+        }
+        Err(ClusterError::Admin(last))
+    }
+
+    /// Every store placement knows.
+    pub async fn stores_info(&self) -> Result<Vec<StoreInfo>> {
+        let mut pd = self.pd().await?;
+        Ok(pd
+            .get_stores(admin(GetStoresRequest {}))
+            .await
+            .map_err(|e| ClusterError::Admin(format!("GetStores: {}", e.message())))?
+            .into_inner()
+            .stores)
+    }
+
+    /// Stops storenode `i` and starts a fresh one in its slot (same address, a new empty
+    /// data directory, so a new store id): what an operator does after a drain.
+    pub fn replace_store(&mut self, i: usize) -> Result<()> {
+        self.kill(Role::Store, i);
+        match self.stores.get_mut(i) {
+            Some(p) => p.generation += 1,
+            None => return Err(ClusterError::NotReady(format!("no storenode {i}"))),
+        }
+        self.start_proc(Role::Store, i)
     }
 
     /// Index (in `stores`) of the storenode with store id `id`, by its address.

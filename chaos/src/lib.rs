@@ -9,7 +9,9 @@
 //! - [`cluster`], [`nemesis`] and [`runner`]: a real process cluster on 127.0.0.1, faults,
 //!   and a run that heals, reads every key back and checks the whole history;
 //! - [`disk`]: storenode data directories on skv-lazyfs mounts, for the `slow-disk` nemesis;
-//! - [`etcd3`]: a 3-member etcd, for the `etcd-member` nemesis.
+//! - [`etcd3`]: a 3-member etcd, for the `etcd-member` nemesis;
+//! - [`netns`]: storenodes in network namespaces and the partition plans, for the
+//!   `partition` nemesis (the `partition`, `move` and `drain` faults are in `topology.rs`).
 
 pub mod checker;
 pub mod cluster;
@@ -20,5 +22,7 @@ mod faults;
 pub mod history;
 pub mod model;
 pub mod nemesis;
+pub mod netns;
 pub mod recorder;
 pub mod runner;
+mod topology;

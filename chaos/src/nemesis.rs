@@ -34,11 +34,21 @@ pub enum NemesisKind {
     /// `kill -9` one member of a 3-member etcd (never two: the majority stays), restart it
     /// on its data directory a few seconds later.
     EtcdMember,
+    /// Cut storenodes from each other with iptables in their network namespaces, a few
+    /// seconds: majority/minority (the minority sometimes cut from placement and the proxies
+    /// too), bridge, one-way, in turn (crate::netns); the storenodes then run in namespaces.
+    Partition,
+    /// Move a workload key's range's replica to a store that does not hold it (admin
+    /// API) and wait until placement shows it there; runs with 4 storenodes.
+    Move,
+    /// Drain a storenode (admin API) until it holds no replica, then replace it by a fresh
+    /// store in its slot; runs with 4 storenodes.
+    Drain,
 }
 
 impl NemesisKind {
     /// Every kind.
-    pub const ALL: [NemesisKind; 9] = [
+    pub const ALL: [NemesisKind; 12] = [
         NemesisKind::Kill,
         NemesisKind::Pause,
         NemesisKind::PdLeader,
@@ -48,6 +58,9 @@ impl NemesisKind {
         NemesisKind::SlowDisk,
         NemesisKind::ProxyKill,
         NemesisKind::EtcdMember,
+        NemesisKind::Partition,
+        NemesisKind::Move,
+        NemesisKind::Drain,
     ];
 
     /// The faults of a run that names none (`skv-chaos run` without `--nemesis`, and
@@ -74,6 +87,9 @@ impl NemesisKind {
             NemesisKind::SlowDisk => "slow-disk",
             NemesisKind::ProxyKill => "proxy-kill",
             NemesisKind::EtcdMember => "etcd-member",
+            NemesisKind::Partition => "partition",
+            NemesisKind::Move => "move",
+            NemesisKind::Drain => "drain",
         }
     }
 }
@@ -117,6 +133,15 @@ impl Ctx {
         };
         tracing::info!(at = e.at as f64 / 1e9, kind, target, detail = %e.detail, "nemesis");
         self.events.lock().push(e);
+    }
+
+    /// Events of `kind` so far.
+    pub(crate) fn count_events(&self, kind: &str) -> usize {
+        self.events.lock().iter().filter(|e| e.kind == kind).count()
+    }
+
+    pub(crate) fn opts(&self) -> &NemesisOptions {
+        &self.opts
     }
 }
 
@@ -253,6 +278,9 @@ async fn fault(ctx: &Ctx, kind: NemesisKind, seed: u64, round: u64) {
         }
         NemesisKind::SlowDisk | NemesisKind::ProxyKill | NemesisKind::EtcdMember => {
             crate::faults::fault(ctx, kind, &mut rng, hold, round).await
+        }
+        NemesisKind::Partition | NemesisKind::Move | NemesisKind::Drain => {
+            crate::topology::fault(ctx, kind, &mut rng, hold, round).await
         }
         NemesisKind::Split | NemesisKind::TransferLeader | NemesisKind::Merge => {
             let keys = &ctx.opts.internal_keys;

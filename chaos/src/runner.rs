@@ -113,6 +113,7 @@ impl RunOptions {
                 store_failpoints: String::new(),
                 lazyfs_disks: false,
                 etcd_members: 1,
+                netns: false,
             },
             out_dir: PathBuf::from("target/chaos"),
             always_write_history: false,
@@ -172,6 +173,38 @@ impl RunSummary {
             .iter()
             .filter(|e| e.kind == kind && !e.detail.contains("FAILED"))
             .count()
+    }
+
+    /// Windows `[start, end)` (ns since the run's start) between each event of kind `start`
+    /// whose detail contains `with` and the next event of kind `end` with the same target.
+    pub fn fault_windows(&self, start: &str, with: &str, end: &str) -> Vec<(u64, u64)> {
+        let ev = &self.history.nemesis;
+        ev.iter()
+            .enumerate()
+            .filter(|(_, e)| e.kind == start && e.detail.contains(with) && !e.detail.contains("FAILED"))
+            .filter_map(|(k, e)| {
+                ev[k + 1..]
+                    .iter()
+                    .find(|x| x.kind == end && x.target == e.target)
+                    .map(|x| (e.at, x.at))
+            })
+            .collect()
+    }
+
+    /// Calls that were invoked and returned `ok` inside the window (`at` values in ns), by
+    /// kind: (reads, writes).
+    pub fn ok_ops_within(&self, (from, to): (u64, u64)) -> (usize, usize) {
+        let mut n = (0, 0);
+        for o in &self.history.ops {
+            if matches!(o.outcome, Outcome::Ok { .. }) && o.call >= from && o.ret <= to {
+                if o.input == Input::Get {
+                    n.0 += 1;
+                } else {
+                    n.1 += 1;
+                }
+            }
+        }
+        n
     }
 
     /// Calls with an `ok` outcome.
@@ -302,6 +335,13 @@ pub async fn run(opts: RunOptions) -> Result<RunSummary, RunError> {
     // The etcd-member nemesis needs a 3-member etcd.
     if opts.nemeses.contains(&NemesisKind::EtcdMember) {
         spec.etcd_members = spec.etcd_members.max(3);
+    }
+    // The partition nemesis needs the storenodes in network namespaces.
+    spec.netns |= opts.nemeses.contains(&NemesisKind::Partition);
+    // A move needs a store without a replica of the range, a drain 3 UP stores besides the
+    // drained one: 4 storenodes.
+    if opts.nemeses.contains(&NemesisKind::Move) || opts.nemeses.contains(&NemesisKind::Drain) {
+        spec.storenodes = spec.storenodes.max(4);
     }
     let cluster = ChaosCluster::start(&spec).await?;
     tracing::info!(dir = %cluster.dir().display(), "cluster up");

@@ -1,0 +1,67 @@
+//! Replica moves and store drains under load (issue 14, ADR 0031): 4 storenodes, 8
+//! recording clients on 6 keys while the nemesis moves a workload key's range's replica to
+//! the store without one (placement's MoveReplica) and drains a store (DrainStore) until
+//! it holds no replica, then replaces it by a fresh store. The history must be
+//! linearizable, no acknowledged write lost, the moves and the drain must have finished as
+//! placement's range map and store status show them, and calls must succeed meanwhile.
+//! Needs `cargo build --bins` and etcd.
+
+use skv_chaos::cluster::default_bin_dir;
+use skv_chaos::nemesis::NemesisKind;
+use skv_chaos::runner::{RunOptions, run};
+use std::time::Duration;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn moves_and_drains_under_load_lose_nothing() {
+    let mut opts = RunOptions::new(default_bin_dir());
+    opts.nemeses = vec![NemesisKind::Move, NemesisKind::Drain];
+    opts.duration = Duration::from_secs(45);
+    opts.seed = 32;
+    opts.calm_ms = (1_000, 2_000);
+    opts.fault_ms = (1_000, 2_000);
+    opts.together = 0.0;
+    opts.out_dir = std::env::temp_dir().join("skv-chaos-move-drain");
+    let summary = run(opts)
+        .await
+        .unwrap_or_else(|e| panic!("the chaos run could not run: {e}"));
+    let text = summary.to_string();
+    eprintln!("{text}");
+    assert!(
+        summary.report.violations.is_empty(),
+        "linearizability violations:\n{text}"
+    );
+    assert!(summary.report.undecided.is_empty(), "undecided keys:\n{text}");
+    assert!(summary.lost_writes.is_empty(), "acknowledged writes lost:\n{text}");
+    assert!(summary.unread_keys.is_empty(), "keys not read back:\n{text}");
+    assert!(summary.is_clean(), "{text}");
+    // A move finished: placement's range map shows the new store in place of the old one.
+    assert!(summary.events_ok("move") >= 1, "no move started:\n{text}");
+    assert!(summary.events_ok("moved") >= 1, "no move finished:\n{text}");
+    // A drain finished (the store holds no replica) and a fresh store took its slot.
+    assert!(summary.events_ok("drain") >= 1, "no drain started:\n{text}");
+    assert!(summary.events_ok("drained") >= 1, "no drain finished:\n{text}");
+    assert!(
+        summary.events_ok("replace") >= 1,
+        "no drained store was replaced:\n{text}"
+    );
+    // Calls succeeded while replicas moved.
+    for (start, end) in [("move", "moved"), ("drain", "drained")] {
+        for w in summary.fault_windows(start, "", end) {
+            let (reads, writes) = summary.ok_ops_within(w);
+            eprintln!(
+                "{start} {:.1}s..{:.1}s: {reads} reads and {writes} writes ok",
+                w.0 as f64 / 1e9,
+                w.1 as f64 / 1e9
+            );
+            assert!(
+                reads + writes > 0,
+                "no call succeeded during the {start} {w:?}:\n{text}"
+            );
+        }
+    }
+    assert!(
+        summary.ok_ops() >= 500,
+        "only {} calls succeeded:\n{text}",
+        summary.ok_ops()
+    );
+}
