@@ -264,6 +264,12 @@ async fn move_replica(ctx: &Ctx, rng: &mut StdRng, round: u64) {
 async fn drain(ctx: &Ctx, rng: &mut StdRng, round: u64) {
     let picked = {
         let c = ctx.cluster.lock().await;
+        // Replicas per store: a store that holds some is drained first (a store without
+        // any is drained at once and shows little).
+        let holding: Vec<u64> = match c.store_status().await {
+            Ok(st) => st.iter().filter(|s| s.replicas > 0).map(|s| s.store_id).collect(),
+            Err(_) => Vec::new(),
+        };
         match c.stores_info().await {
             Ok(stores) => {
                 let up: Vec<&StoreInfo> = stores.iter().filter(|s| is_up(s)).collect();
@@ -274,11 +280,14 @@ async fn drain(ctx: &Ctx, rng: &mut StdRng, round: u64) {
                     ))
                 } else {
                     let mut busy = ctx.busy.lock();
-                    let free: Vec<(usize, u64)> = up
+                    let mut free: Vec<(usize, u64)> = up
                         .iter()
                         .filter_map(|s| c.store_index(&stores, s.store_id).map(|i| (i, s.store_id)))
                         .filter(|(i, _)| !busy.contains(i))
                         .collect();
+                    if free.iter().any(|(_, id)| holding.contains(id)) {
+                        free.retain(|(_, id)| holding.contains(id));
+                    }
                     if free.is_empty() {
                         Err("no free storenode".to_string())
                     } else {

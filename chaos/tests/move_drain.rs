@@ -41,6 +41,14 @@ async fn moves_and_drains_under_load_lose_nothing() {
     assert!(summary.events_ok("drain") >= 1, "no drain started:\n{text}");
     assert!(summary.events_ok("drained") >= 1, "no drain finished:\n{text}");
     assert!(
+        summary
+            .history
+            .nemesis
+            .iter()
+            .any(|e| e.kind == "drain" && !e.detail.contains("FAILED") && !e.detail.contains("holds 0 replicas")),
+        "no drained store held a replica to move:\n{text}"
+    );
+    assert!(
         summary.events_ok("replace") >= 1,
         "no drained store was replaced:\n{text}"
     );
