@@ -198,8 +198,10 @@ pub struct Config {
     #[arg(long, env = "SKV_RAFT_HIBERNATE_AFTER_MS", default_value_t = 3000)]
     pub raft_hibernate_after_ms: u64,
     /// Largest Raft snapshot this store receives from a peer, in bytes (ADR 0029); a larger
-    /// stream is refused with RESOURCE_EXHAUSTED and its partial file deleted. Default 2 GiB,
-    /// 16 times placement's default --split-size-bytes.
+    /// stream is refused with RESOURCE_EXHAUSTED and its partial file deleted. Also the
+    /// largest checkpoint a new replica installs from object storage (ADR 0027; past it the
+    /// leader's snapshot is used). Default 2 GiB, 16 times placement's default
+    /// --split-size-bytes.
     #[arg(long, env = "SKV_SNAPSHOT_MAX_RECEIVE_BYTES", default_value_t = raft::network::DEFAULT_SNAPSHOT_MAX_RECEIVE_BYTES)]
     pub snapshot_max_receive_bytes: u64,
     /// A snapshot stream from a peer must be received within this many seconds, or it is
@@ -356,7 +358,12 @@ async fn open_checkpoints(
     tracing::info!(url = %url, ?policy, bootstrap = enabled, "range checkpoints to object storage");
     let mut c = checkpoint::Checkpointer::new(objects, policy, cm);
     // Checkpoints and manifests are scoped by the cluster id placement answers with (ADR 0025).
-    c.bootstrapper = Some(raft::bootstrap::Bootstrapper::new(c.cluster.clone(), enabled, bm));
+    c.bootstrapper = Some(raft::bootstrap::Bootstrapper::new(
+        c.cluster.clone(),
+        enabled,
+        config.snapshot_max_receive_bytes,
+        bm,
+    ));
     Ok(Some(c))
 }
 

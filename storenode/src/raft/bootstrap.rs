@@ -61,6 +61,27 @@ pub fn download_deadline(size: u64) -> Duration {
     DOWNLOAD_BASE_DEADLINE + Duration::from_secs(size / DOWNLOAD_MIN_RATE)
 }
 
+/// Whether a checkpoint object of `size` bytes (its manifest entry) may be downloaded under
+/// the receive cap `max_bytes` (pure).
+pub fn check_size(size: u64, max_bytes: u64) -> Result<(), Fallback> {
+    if size > max_bytes {
+        Err(Fallback::TooLarge)
+    } else {
+        Ok(())
+    }
+}
+
+/// Adds `n` installed bytes to `installed`; refused once the total passes `max_bytes`
+/// (pure; saturating, so no total wraps).
+pub fn admit_installed(installed: &mut u64, n: u64, max_bytes: u64) -> Result<(), Fallback> {
+    *installed = installed.saturating_add(n);
+    if *installed > max_bytes {
+        Err(Fallback::TooLarge)
+    } else {
+        Ok(())
+    }
+}
+
 /// The descriptor bytes of a checkpoint: the protobuf `RangeDescriptor`, then field 100
 /// (length-delimited) holding the engine's applied state at the checkpoint's index
 /// (postcard: applied log id and membership). `RangeDescriptor::decode` skips the field, so
@@ -155,10 +176,15 @@ pub enum Fallback {
     /// The manifest or the checkpoint names another cluster (defence in depth: the layout
     /// already keeps clusters apart).
     OtherCluster,
+    /// The checkpoint is larger than `--snapshot-max-receive-bytes`: its manifest entry says
+    /// so (nothing downloaded), or its data passed the cap while being installed (a manifest
+    /// that under-states it, or data that compressed well). The same cap a snapshot from the
+    /// leader meets (ADR 0029).
+    TooLarge,
 }
 
 impl Fallback {
-    pub const ALL: [Fallback; 11] = [
+    pub const ALL: [Fallback; 12] = [
         Fallback::Disabled,
         Fallback::NoCheckpoint,
         Fallback::OtherEpoch,
@@ -170,6 +196,7 @@ impl Fallback {
         Fallback::Stale,
         Fallback::ClusterUnknown,
         Fallback::OtherCluster,
+        Fallback::TooLarge,
     ];
 
     pub fn label(self) -> &'static str {
@@ -185,6 +212,7 @@ impl Fallback {
             Fallback::Stale => "stale",
             Fallback::ClusterUnknown => "cluster_unknown",
             Fallback::OtherCluster => "other_cluster",
+            Fallback::TooLarge => "too_large",
         }
     }
 }
@@ -374,16 +402,25 @@ pub struct Bootstrapper {
     /// This cluster's checkpoints (known once placement answered the registration).
     pub cluster: crate::checkpoint::ClusterObjects,
     pub enabled: bool,
+    /// `--snapshot-max-receive-bytes`: the largest checkpoint (object, and data installed
+    /// from it) a bootstrap takes.
+    pub max_bytes: u64,
     pub metrics: BootstrapMetrics,
     /// Ranges bootstrapped recently (a snapshot install soon after is a `stale` fallback).
     recent: parking_lot::Mutex<HashMap<RangeId, Instant>>,
 }
 
 impl Bootstrapper {
-    pub fn new(cluster: crate::checkpoint::ClusterObjects, enabled: bool, metrics: BootstrapMetrics) -> Arc<Self> {
+    pub fn new(
+        cluster: crate::checkpoint::ClusterObjects,
+        enabled: bool,
+        max_bytes: u64,
+        metrics: BootstrapMetrics,
+    ) -> Arc<Self> {
         Arc::new(Self {
             cluster,
             enabled,
+            max_bytes,
             metrics,
             recent: parking_lot::Mutex::new(HashMap::new()),
         })
@@ -468,11 +505,15 @@ impl Bootstrapper {
         {
             return Outcome::Fallback(f);
         }
+        if let Err(f) = check_size(entry.size, self.max_bytes) {
+            tracing::warn!(path = %entry.path, size = entry.size, max_bytes = self.max_bytes, "checkpoint larger than --snapshot-max-receive-bytes: not downloaded");
+            return Outcome::Fallback(f);
+        }
         let Ok(_claim) = node.claim_install(range, &desc.start, &desc.end) else {
             return Outcome::Fallback(Fallback::Overlap);
         };
         let engine = node.engine.clone();
-        match install(&engine, objects, &entry, desc, node.store_id.0).await {
+        match install(&engine, objects, &entry, desc, node.store_id.0, self.max_bytes).await {
             Ok((keys, bytes)) => Outcome::Installed {
                 index: entry.applied_index,
                 keys,
@@ -495,6 +536,7 @@ async fn install(
     entry: &CheckpointEntry,
     desc: &RangeDescriptor,
     store: u64,
+    max_bytes: u64,
 ) -> Result<(u64, u64), Fallback> {
     let range = RangeId(desc.range_id);
     let io = |e: std::io::Error| {
@@ -517,6 +559,8 @@ async fn install(
     }
     let mut state: Option<CheckpointState> = None;
     let mut header_refusal: Option<Fallback> = None;
+    let mut installed = 0u64;
+    let mut size_refusal: Option<Fallback> = None;
     let mut batch = engine.db.batch();
     let mut pending = 0usize;
     let mut touched: Vec<Vec<u8>> = Vec::new();
@@ -537,7 +581,14 @@ async fn install(
             },
             |block| {
                 for e in block {
-                    pending += e.key.len() + e.value.len();
+                    let n = e.key.len() + e.value.len();
+                    if let Err(f) = admit_installed(&mut installed, n as u64, max_bytes) {
+                        size_refusal = Some(f);
+                        return Err(format!(
+                            "refused for bootstrap: more than {max_bytes} bytes of data (--snapshot-max-receive-bytes)"
+                        ));
+                    }
+                    pending += n;
                     batch.insert(&engine.data, e.key.clone(), e.value);
                     touched.push(e.key);
                 }
@@ -565,7 +616,7 @@ async fn install(
         Err(e) => {
             drop(batch);
             tracing::warn!(path = %entry.path, error = %e, "checkpoint refused for bootstrap");
-            return Err(header_refusal.unwrap_or(match e {
+            return Err(header_refusal.or(size_refusal).unwrap_or(match e {
                 ObjError::Store { .. } => Fallback::Unreadable,
                 _ => Fallback::Corrupt,
             }));
@@ -831,6 +882,7 @@ mod tests {
         let b = Bootstrapper::new(
             crate::checkpoint::ClusterObjects::known(o.clone()),
             true,
+            u64::MAX,
             BootstrapMetrics::default(),
         );
         let e = checkpoint(&o, 5000).await;
@@ -938,6 +990,7 @@ mod tests {
         let unknown = Bootstrapper::new(
             crate::checkpoint::ClusterObjects::default(),
             true,
+            u64::MAX,
             BootstrapMetrics::default(),
         );
         assert_eq!(
@@ -947,6 +1000,7 @@ mod tests {
         let bb = Bootstrapper::new(
             crate::checkpoint::ClusterObjects::known(b.clone()),
             true,
+            u64::MAX,
             BootstrapMetrics::default(),
         );
         assert_eq!(
@@ -980,6 +1034,7 @@ mod tests {
         let ba = Bootstrapper::new(
             crate::checkpoint::ClusterObjects::known(a),
             true,
+            u64::MAX,
             BootstrapMetrics::default(),
         );
         assert!(matches!(
@@ -1034,6 +1089,87 @@ mod tests {
                 .is_empty()
         );
         assert!(engine.meta.prefix(b"installing/").next().is_none());
+    }
+
+    #[test]
+    fn the_size_cap_refuses_a_larger_object_and_a_total_that_passes_it_without_wrapping() {
+        assert_eq!(check_size(1000, 1000), Ok(()));
+        assert_eq!(check_size(1001, 1000), Err(Fallback::TooLarge));
+        assert_eq!(check_size(u64::MAX, u64::MAX - 1), Err(Fallback::TooLarge));
+        let mut total = 0;
+        assert_eq!(admit_installed(&mut total, 600, 1000), Ok(()));
+        assert_eq!(admit_installed(&mut total, 400, 1000), Ok(()));
+        assert_eq!(admit_installed(&mut total, 1, 1000), Err(Fallback::TooLarge));
+        let mut near = u64::MAX - 1;
+        assert_eq!(admit_installed(&mut near, 10, u64::MAX - 1), Err(Fallback::TooLarge));
+        assert_eq!(near, u64::MAX, "saturates, never wraps to a small total");
+    }
+
+    /// A checkpoint over --snapshot-max-receive-bytes is not downloaded (its manifest says
+    /// so) and leaves the replica to the leader's snapshot with reason `too_large`; one whose
+    /// manifest under-states it is refused once the installed data passes the cap, and
+    /// nothing of it stays.
+    #[tokio::test]
+    async fn a_checkpoint_over_the_receive_cap_falls_back_to_the_snapshot() {
+        let objdir = tempfile::tempdir().unwrap();
+        let url: skv_objstore::ObjectStoreUrl = format!("file://{}", objdir.path().display()).parse().unwrap();
+        let o = Objects::open(&url, skv_objstore::ObjMetrics::new())
+            .await
+            .unwrap()
+            .for_cluster("c1")
+            .unwrap();
+        let e = checkpoint(&o, 5000).await;
+        let dir = tempfile::tempdir().unwrap();
+        let node = test_node(dir.path());
+        let capped = |max| {
+            Bootstrapper::new(
+                crate::checkpoint::ClusterObjects::known(o.clone()),
+                true,
+                max,
+                BootstrapMetrics::default(),
+            )
+        };
+        // The manifest's size is over the cap: refused before any download.
+        let b = capped(e.size - 1);
+        assert_eq!(
+            b.bootstrap(&node, &desc(2)).await,
+            Outcome::Fallback(Fallback::TooLarge)
+        );
+        assert_eq!(o.metrics.downloads.get(), 0, "nothing downloaded");
+        assert_eq!(
+            b.metrics
+                .fallbacks
+                .get_or_create(&ReasonLabel { reason: "too_large" })
+                .get(),
+            1
+        );
+        // The object fits (its LZ4 blocks compress the repeated values) but its data does
+        // not: refused while installing, and the span is left empty.
+        let data_bytes = 5000 * (6 + crate::engine::encode_value(1, b"v").len() as u64);
+        assert!(e.size < data_bytes, "object {} B, data {data_bytes} B", e.size);
+        let b = capped(data_bytes - 1);
+        assert_eq!(
+            b.bootstrap(&node, &desc(2)).await,
+            Outcome::Fallback(Fallback::TooLarge)
+        );
+        assert_eq!(
+            node.engine.data.iter().count(),
+            0,
+            "nothing of the refused checkpoint stays"
+        );
+        assert!(node.engine.meta.get(applied_key(RangeId(9))).unwrap().is_none());
+        assert!(
+            super::super::state_machine::recover_interrupted_installs(&node.engine)
+                .unwrap()
+                .is_empty()
+        );
+        // At the cap exactly: installed.
+        let b = capped(data_bytes.max(e.size));
+        assert!(matches!(
+            b.bootstrap(&node, &desc(2)).await,
+            Outcome::Installed { keys: 5000, .. }
+        ));
+        node.stop_all().await;
     }
 
     #[test]
