@@ -18,6 +18,7 @@
 //!   reports success (the power-loss test shows acknowledged writes are then lost).
 //! - [`FSYNC_ERROR`]: the group-commit fsync reports an I/O error (fail-stop follows).
 //! - [`APPEND_ERROR`]: a Raft log append's write reports an I/O error (fail-stop follows).
+//! - [`APPLY_ERROR`]: an apply's batch commit reports an I/O error (fail-stop follows).
 //! - [`SKIP_READ_INDEX`]: reads are served from local state without the ReadIndex barrier,
 //!   on a follower too (the planted linearizability bug).
 //! - crash points, meant for `panic` or `exit` style actions: [`AFTER_APPEND_BEFORE_FSYNC`],
@@ -30,6 +31,9 @@ pub const SKIP_FSYNC: &str = "storenode::log::skip_fsync";
 pub const FSYNC_ERROR: &str = "storenode::log::fsync_error";
 /// `return`: a Raft log append's write fails with an I/O error.
 pub const APPEND_ERROR: &str = "storenode::log::append_error";
+/// `return`: an apply's batch commit (the state machine's writes and applied index) fails
+/// with an I/O error (fail-stop follows).
+pub const APPLY_ERROR: &str = "storenode::apply::commit_error";
 /// `return`: reads skip the ReadIndex barrier and followers serve them too.
 pub const SKIP_READ_INDEX: &str = "storenode::read::skip_read_index";
 /// After a log append is written (readable), before the fsync that makes it durable.

@@ -372,6 +372,21 @@ async fn a_log_write_error_stops_the_storenode() {
     h.recover_and_check().await;
 }
 
+/// Fail-stop on a write error of the state machine (an apply's batch commit): the store
+/// exits with 74 rather than stopping only the Raft groups that hit it, and restarted it
+/// replays the committed entries and serves every acknowledged write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_apply_write_error_stops_the_storenode() {
+    let mut h = Harness::start().await;
+    h.restart_store0(&[("FAILPOINTS", "storenode::apply::commit_error=return")], &[]);
+    let code = h.write_until_store0_exits(Duration::from_secs(60)).await;
+    assert_failpoints_compiled_in(&h);
+    assert_eq!(code, EXIT_STORAGE_ERROR, "store 0 exit code");
+    h.assert_log("fatal storage error in a Raft apply (the state machine's batch commit)");
+    h.assert_log("injected write error (failpoint storenode::apply::commit_error)");
+    h.recover_and_check().await;
+}
+
 /// A crash while applying a split (the batch with both halves built, not committed): the
 /// restarted store replays the split and serves both halves.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -421,7 +421,9 @@ impl StateMachine {
         if let Some(d) = &new_desc {
             batch.insert(&self.engine.meta, desc_key(self.shared.range_id), d.encode_to_vec());
         }
-        batch.commit().map_err(io_err)?;
+        if let Err(e) = commit_apply(batch) {
+            crate::engine::fail_stop("a Raft apply (the state machine's batch commit)", &e);
+        }
         for (key, (rec, _)) in overlay.drain() {
             self.engine.cache.publish(key, crate::cache::Cached::Record(rec));
         }
@@ -1439,6 +1441,25 @@ fn build_to_file(engine: &Engine, range: RangeId, dir: &Path) -> io::Result<(Sna
     Ok((meta, path))
 }
 
+/// Commits an apply's batch. The caller stops the node on an error (fail-stop, ADR 0029):
+/// fjall's journal is shared by every range, so after a failed write nothing tells which
+/// of this batch's or later batches' pages reach the disk, and the entries being applied
+/// are already acknowledged to nobody but committed in the log: a restart replays them.
+fn commit_apply(batch: fjall::OwnedWriteBatch) -> io::Result<()> {
+    fail::fail_point!(crate::failpoints::APPLY_ERROR, |_| Err(io::Error::other(
+        "injected write error (failpoint storenode::apply::commit_error)"
+    )));
+    batch.commit().map_err(io_err)
+}
+
+/// Commits one batch of a snapshot install; a write error stops the node (fail-stop, ADR
+/// 0029), as in apply.
+fn commit_install(batch: fjall::OwnedWriteBatch) {
+    if let Err(e) = batch.commit() {
+        crate::engine::fail_stop("a snapshot install write", &e);
+    }
+}
+
 fn install_from_file(
     engine: &Engine,
     range: RangeId,
@@ -1466,7 +1487,7 @@ fn install_from_file(
     let mut touched: Vec<Vec<u8>> = Vec::new();
     let flush = |batch: &mut fjall::OwnedWriteBatch, bytes: &mut usize, touched: &mut Vec<Vec<u8>>| -> io::Result<()> {
         if *bytes >= INSTALL_BATCH_BYTES {
-            std::mem::replace(batch, engine.db.batch()).commit().map_err(io_err)?;
+            commit_install(std::mem::replace(batch, engine.db.batch()));
             engine.cache.invalidate(touched.iter().map(|k| &k[..]));
             touched.clear();
             *bytes = 0;
@@ -1513,7 +1534,7 @@ fn install_from_file(
     );
     batch.insert(&engine.meta, desc_key(range), desc.encode_to_vec());
     batch.remove(&engine.meta, installing_key(range));
-    batch.commit().map_err(io_err)?;
+    commit_install(batch);
     engine.cache.invalidate(touched.iter().map(|k| &k[..]));
     Ok(desc)
 }
