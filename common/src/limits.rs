@@ -23,6 +23,44 @@ pub enum InputError {
     KeyTooLong { len: usize, max: usize },
     #[error("value is {len} bytes, the limit is {max}")]
     ValueTooLong { len: usize, max: usize },
+    #[error("record version {version} is above {max}")]
+    VersionTooHigh { version: u64, max: u64 },
+    #[error("range epoch (version {version}, conf_ver {conf_ver}) is above {max}")]
+    EpochTooHigh { version: u64, conf_ver: u64, max: u64 },
+}
+
+/// The highest key version a record from outside may carry (a restore's `Ingest`: the only
+/// way a version enters a store other than by a put). A put adds 1, so a key at this version
+/// needs 2^62 more puts (146 years at a billion puts a second) before a u64 could wrap:
+/// version arithmetic in apply never overflows.
+pub const MAX_RECORD_VERSION: u64 = 1 << 62;
+
+/// The highest `version` or `conf_ver` a range epoch from the network may carry (a
+/// descriptor in `CreateReplica`). Splits, merges and membership changes add 1 each, so
+/// from here an epoch cannot wrap within 2^62 admin operations.
+pub const MAX_EPOCH: u64 = 1 << 62;
+
+/// Checks a record's version against [`MAX_RECORD_VERSION`].
+pub fn check_record_version(version: u64) -> Result<(), InputError> {
+    if version > MAX_RECORD_VERSION {
+        return Err(InputError::VersionTooHigh {
+            version,
+            max: MAX_RECORD_VERSION,
+        });
+    }
+    Ok(())
+}
+
+/// Checks a range epoch against [`MAX_EPOCH`].
+pub fn check_epoch(version: u64, conf_ver: u64) -> Result<(), InputError> {
+    if version > MAX_EPOCH || conf_ver > MAX_EPOCH {
+        return Err(InputError::EpochTooHigh {
+            version,
+            conf_ver,
+            max: MAX_EPOCH,
+        });
+    }
+    Ok(())
 }
 
 /// Checks a key against [`MAX_KEY_LEN`] (and that it is not empty).
@@ -97,6 +135,28 @@ pub fn ingest_record_cost(key_len: usize, record_len: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn versions_and_epochs_above_their_bounds_are_refused() {
+        assert_eq!(check_record_version(MAX_RECORD_VERSION), Ok(()));
+        assert!(matches!(
+            check_record_version(MAX_RECORD_VERSION + 1),
+            Err(InputError::VersionTooHigh { .. })
+        ));
+        assert!(check_record_version(u64::MAX).is_err());
+        assert_eq!(check_epoch(MAX_EPOCH, MAX_EPOCH), Ok(()));
+        assert!(check_epoch(u64::MAX, 1).is_err());
+        assert!(check_epoch(1, MAX_EPOCH + 1).is_err());
+        let s: tonic::Status = check_epoch(u64::MAX, 1).unwrap_err().into();
+        assert_eq!(s.code(), tonic::Code::InvalidArgument);
+        // 2^62 more puts or admin operations stay below u64::MAX (and below the tombstone
+        // bit of the stored record, 2^63).
+        assert!(
+            MAX_RECORD_VERSION
+                .checked_add(MAX_RECORD_VERSION - 1)
+                .is_some_and(|v| v < 1 << 63)
+        );
+    }
 
     #[test]
     fn every_ingest_chunk_fits_one_store_message() {

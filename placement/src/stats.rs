@@ -109,17 +109,18 @@ impl RangeLoadWindow {
             .iter()
             .filter(|s| now_ms.saturating_sub(s.at_ms) < window_ms)
             .collect();
-        let covered: u64 = live.iter().map(|s| s.interval_ms).sum();
+        // Saturating sums: the counts come from storenodes' heartbeats (any u64).
+        let covered: u64 = live.iter().fold(0u64, |a, s| a.saturating_add(s.interval_ms));
         let per_sec = |f: fn(&Sample) -> u64| -> f64 {
             if covered == 0 {
                 0.0
             } else {
-                live.iter().map(|s| f(s)).sum::<u64>() as f64 * 1000.0 / covered as f64
+                live.iter().fold(0u64, |a, s| a.saturating_add(f(s))) as f64 * 1000.0 / covered as f64
             }
         };
         let min_sample_qps = live
             .iter()
-            .map(|s| (s.reads + s.writes) as f64 * 1000.0 / s.interval_ms.max(1) as f64)
+            .map(|s| s.reads.saturating_add(s.writes) as f64 * 1000.0 / s.interval_ms.max(1) as f64)
             .fold(None, |m: Option<f64>, q| Some(m.map_or(q, |m| m.min(q))))
             .unwrap_or(0.0);
         LoadView {
@@ -188,6 +189,23 @@ mod tests {
             sampled_keys: keys.iter().map(|k| k.as_bytes().to_vec()).collect(),
             interval_ms,
         }
+    }
+
+    /// Heartbeat counts are any u64 a storenode sends: sums saturate, never overflow.
+    #[test]
+    fn huge_reported_counts_saturate_instead_of_overflowing() {
+        let mut w = RangeLoadWindow::default();
+        let win = 10_000;
+        let mut l = load(0, 0, u64::MAX, &["a"]);
+        l.reads = u64::MAX;
+        l.writes = u64::MAX;
+        l.read_bytes = u64::MAX;
+        w.add(1, 1000, win, &l);
+        w.add(1, 2000, win, &l);
+        let v = w.view(2000, win);
+        assert_eq!(v.window_ms, u64::MAX, "interval sum saturates");
+        assert!(v.read_qps.is_finite() && v.read_qps > 0.0, "{}", v.read_qps);
+        assert!(v.min_sample_qps.is_finite() && v.min_sample_qps > 0.0);
     }
 
     #[test]

@@ -409,7 +409,13 @@ impl NodeInner {
             return Some(r);
         }
         // Only a descriptor naming this store as a replica may create a peer here.
-        let desc = desc.filter(|d| d.range_id == id.0 && d.replicas.iter().any(|r| r.store_id == self.store_id.0))?;
+        // ... and an epoch within skv_common::limits::MAX_EPOCH (no later increment can wrap).
+        let desc = desc.filter(|d| {
+            d.range_id == id.0
+                && d.replicas.iter().any(|r| r.store_id == self.store_id.0)
+                && d.epoch
+                    .is_none_or(|e| skv_common::limits::check_epoch(e.version, e.conf_ver).is_ok())
+        })?;
         let _g = self.create_lock.lock().await;
         if let Some(r) = self.replica(id) {
             return Some(r);

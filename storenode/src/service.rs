@@ -958,6 +958,9 @@ impl Store for StoreService {
         if desc.range_id == 0 {
             return Err(Status::invalid_argument("range id 0"));
         }
+        if let Some(e) = &desc.epoch {
+            limits::check_epoch(e.version, e.conf_ver)?;
+        }
         self.node
             .record_addresses(&req.stores)
             .map_err(|e| Status::internal(e.to_string()))?;

@@ -133,6 +133,83 @@ async fn bad_input_gets_clean_errors() {
     c.shutdown().await;
 }
 
+/// Values from the network that later arithmetic would overflow are refused with
+/// INVALID_ARGUMENT (issue 14): a restore record at a version a put would wrap, a replica
+/// descriptor whose epoch a split or membership change would wrap. Values at the bound pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn values_that_would_overflow_are_refused() {
+    let c = Cluster::start(3, 10_000).await;
+    c.bootstrap().await;
+    let (leader, d) = c.leader_of(1, Duration::from_secs(10)).await;
+    let ch = tonic::transport::Channel::from_shared(format!("http://{}", c.addrs[(leader - 1) as usize]))
+        .unwrap()
+        .connect_lazy();
+    let mut bc = store_backup_client::StoreBackupClient::new(ch);
+    let record = |version: u64| {
+        let mut r = version.to_be_bytes().to_vec();
+        r.extend_from_slice(b"v");
+        r
+    };
+    // The stored record format: 8-byte big-endian version, then the value.
+    assert_eq!(
+        record(7),
+        skv_storenode::engine::encode_value(7, b"v"),
+        "the test's record encoding"
+    );
+    let ingest = |key: &[u8], version: u64| IngestRangeRequest {
+        header: Some(header(&d)),
+        records: vec![IngestRecord {
+            key: key.to_vec(),
+            record: record(version),
+        }],
+        check_empty: false,
+    };
+    // The highest version a live record can encode (the top bit marks tombstones): a put
+    // on it would store version 2^63, which the encoding wraps to 0.
+    let e = bc.ingest_range(ingest(b"ov-max", (1u64 << 63) - 1)).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("record version"), "{}", e.message());
+    let max = skv_common::limits::MAX_RECORD_VERSION;
+    let e = bc.ingest_range(ingest(b"ov-over", max + 1)).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    // At the bound: ingested, and a put on it continues from it.
+    let r = bc.ingest_range(ingest(b"ov-at", max)).await.unwrap().into_inner();
+    assert_eq!(r.written, 1, "{r:?}");
+    assert_eq!(c.put(b"ov-at", b"next").await, max + 1);
+
+    // A replica descriptor whose epoch a later increment would wrap.
+    let mut sc = c.client(leader).await;
+    for epoch in [
+        RangeEpoch {
+            conf_ver: 1,
+            version: u64::MAX,
+        },
+        RangeEpoch {
+            conf_ver: u64::MAX,
+            version: 1,
+        },
+    ] {
+        let mut desc = d.clone();
+        desc.range_id = 4242;
+        desc.start = b"zz-ov".to_vec();
+        desc.end = Vec::new();
+        desc.epoch = Some(epoch);
+        let e = sc
+            .create_replica(CreateReplicaRequest {
+                descriptor: Some(desc),
+                bootstrap: true,
+                stores: Vec::new(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        assert!(e.message().contains("epoch"), "{}", e.message());
+    }
+    // The node is still healthy.
+    assert_eq!(c.put(b"still", b"ok").await, 1);
+    c.shutdown().await;
+}
+
 /// Concurrent compare-and-set increments: every success bumps the version by exactly one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_conditional_writes_are_serialized() {

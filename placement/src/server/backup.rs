@@ -880,9 +880,10 @@ async fn restore_all(
         objects
             .read_backup_range(r, |block| {
                 for e in block {
-                    w.write_all(&(e.key.len() as u32).to_le_bytes())
+                    let (kl, vl) = spool_lengths(e.key.len(), e.value.len())?;
+                    w.write_all(&kl)
                         .and_then(|_| w.write_all(&e.key))
-                        .and_then(|_| w.write_all(&(e.value.len() as u32).to_le_bytes()))
+                        .and_then(|_| w.write_all(&vl))
                         .and_then(|_| w.write_all(&e.value))
                         .map_err(|e| e.to_string())?;
                 }
@@ -988,6 +989,21 @@ const MARKER_CHANGED: &str = "the restore marker changed (a new placement leader
 
 /// A key and its stored record.
 type KeyRecord = (Vec<u8>, Vec<u8>);
+
+/// The spool's length prefixes of a key and a record: a key above the internal key limit
+/// or a record too long for its u32 prefix is refused, never truncated (a truncated prefix
+/// would misframe every later record).
+fn spool_lengths(key: usize, record: usize) -> Result<([u8; 4], [u8; 4]), String> {
+    if key == 0 || key > skv_common::limits::MAX_INTERNAL_KEY_LEN {
+        return Err(format!(
+            "a key of {key} bytes (the limit is {})",
+            skv_common::limits::MAX_INTERNAL_KEY_LEN
+        ));
+    }
+    let k = u32::try_from(key).map_err(|_| format!("a key of {key} bytes"))?;
+    let r = u32::try_from(record).map_err(|_| format!("a record of {record} bytes"))?;
+    Ok((k.to_le_bytes(), r.to_le_bytes()))
+}
 
 fn next_record(rd: &mut impl Read) -> Result<Option<KeyRecord>, String> {
     let mut len = [0u8; 4];
@@ -1212,5 +1228,17 @@ mod tests {
         assert_eq!(next_record(&mut cut), Ok(None));
         let mut cut = &buf[..6];
         assert!(next_record(&mut cut).is_err());
+    }
+
+    #[test]
+    fn spool_lengths_refuse_what_a_u32_prefix_would_truncate() {
+        assert_eq!(spool_lengths(3, 9), Ok((3u32.to_le_bytes(), 9u32.to_le_bytes())));
+        assert!(spool_lengths(0, 1).is_err(), "an empty key");
+        assert!(spool_lengths(skv_common::limits::MAX_INTERNAL_KEY_LEN + 1, 1).is_err());
+        let big = usize::try_from(u64::from(u32::MAX) + 1).unwrap();
+        assert!(
+            spool_lengths(3, big).is_err(),
+            "a record past u32::MAX is refused, not wrapped to 0"
+        );
     }
 }

@@ -521,6 +521,18 @@ impl StateMachine {
         else {
             return Ok(CmdResponse::Rejected("ingest: a record does not decode".into()));
         };
+        // The proposer refused these too; checked again here so every replica decides the
+        // same from the entry alone (a version near u64::MAX would make a later put wrap).
+        if let Some(v) = decoded
+            .iter()
+            .map(|r| r.version())
+            .find(|v| skv_common::limits::check_record_version(*v).is_err())
+        {
+            return Ok(CmdResponse::Rejected(format!(
+                "ingest: record version {v} is above {}",
+                skv_common::limits::MAX_RECORD_VERSION
+            )));
+        }
         let (mut written, mut skipped) = (0u64, 0u64);
         for (o, rec) in records.into_iter().zip(decoded) {
             let (current, live, old_bytes) = match overlay.get(&o.key) {
@@ -583,7 +595,9 @@ impl StateMachine {
         }
         Ok(match op {
             WriteOp::Put(v) => {
-                let version = stored_version + 1;
+                // Saturating, never wrapping: a stored version is at most MAX_RECORD_VERSION
+                // plus the puts since (limits::MAX_RECORD_VERSION), far below u64::MAX.
+                let version = stored_version.saturating_add(1);
                 let new_bytes = (key.len() + v.len()) as u64;
                 self.pending_bytes
                     .fetch_add(new_bytes as i64 - old_bytes as i64, Ordering::Relaxed);
@@ -644,9 +658,12 @@ impl StateMachine {
         if new_range_id == desc.range_id || new_range_id == 0 {
             return Ok((CmdResponse::Rejected("bad new range id".into()), None));
         }
+        let Some(version) = epoch.version.checked_add(1) else {
+            return Ok((CmdResponse::Rejected("range epoch version at its maximum".into()), None));
+        };
         let new_epoch = RangeEpoch {
             conf_ver: epoch.conf_ver,
-            version: epoch.version + 1,
+            version,
         };
         let mut left = desc.clone();
         left.end = split_key.clone();
@@ -745,11 +762,14 @@ impl StateMachine {
             .await
             .map_err(io_err)??;
         let se = src.epoch.unwrap_or_default();
+        let Some(version) = e.version.max(se.version).checked_add(1) else {
+            return Ok((CmdResponse::Rejected("range epoch version at its maximum".into()), None));
+        };
         let mut merged = desc.clone();
         merged.end = src.end.clone();
         merged.epoch = Some(RangeEpoch {
             conf_ver: e.conf_ver,
-            version: e.version.max(se.version) + 1,
+            version,
         });
         // The source is retired in this batch: a restart never reopens it, its GC (Raft
         // state only: the keys are the target's now) resumes.
@@ -811,7 +831,9 @@ impl StateMachine {
             }
         }
         let mut epoch = desc.epoch.unwrap_or_default();
-        epoch.conf_ver += 1;
+        // Saturating: a membership entry must apply; CreateReplica refuses epochs above
+        // limits::MAX_EPOCH, so this never reaches u64::MAX.
+        epoch.conf_ver = epoch.conf_ver.saturating_add(1);
         desc.epoch = Some(epoch);
         desc.replicas = replicas;
         desc
@@ -944,6 +966,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                                     CmdResponse::Rejected("the range is already frozen by a merge".into())
                                 } else if e.version != epoch_version || e.conf_ver != epoch_conf_ver {
                                     CmdResponse::EpochNotMatch(desc.encode_to_vec())
+                                } else if e.version == u64::MAX {
+                                    CmdResponse::Rejected("range epoch version at its maximum".into())
                                 } else {
                                     let mut frozen = desc.clone();
                                     frozen.epoch = Some(RangeEpoch {
@@ -975,7 +999,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                                 if frozen_for {
                                     let mut d = self.shared.desc();
                                     let mut e = d.epoch.unwrap_or_default();
-                                    e.version += 1;
+                                    // Saturating: bounded by limits::MAX_EPOCH (see conf_ver).
+                                    e.version = e.version.saturating_add(1);
                                     d.epoch = Some(e);
                                     batch.remove(&self.engine.meta, crate::merge::merge_key(self.shared.range_id));
                                     merging_after = Some(None);
@@ -1877,6 +1902,78 @@ mod tests {
                 existed: false
             }
         );
+    }
+
+    /// Overflow audit (issue 14): an Ingest entry with a record version above
+    /// limits::MAX_RECORD_VERSION is rejected at apply (every replica decides alike) and
+    /// writes nothing; a split of a range whose epoch version is u64::MAX is rejected
+    /// instead of wrapping.
+    #[tokio::test]
+    async fn values_that_would_overflow_are_rejected_at_apply() {
+        let (dir, e) = engine();
+        let desc = RangeDescriptor {
+            range_id: 1,
+            epoch: Some(RangeEpoch {
+                conf_ver: 1,
+                version: u64::MAX,
+            }),
+            ..Default::default()
+        };
+        let mut sm = StateMachine::open(
+            e.clone(),
+            RangeShared::new(desc, true),
+            Weak::new(),
+            dir.path().join("snaps"),
+            Metrics::new(),
+        )
+        .unwrap();
+        let ingest = |sm: &StateMachine, version: u64| {
+            let mut batch = e.db.batch();
+            let mut overlay = HashMap::new();
+            let r = sm
+                .apply_ingest(
+                    &mut batch,
+                    &mut overlay,
+                    vec![
+                        super::super::IngestOp {
+                            key: b"a".to_vec(),
+                            record: encode_value(1, b"v"),
+                        },
+                        super::super::IngestOp {
+                            key: b"b".to_vec(),
+                            record: encode_value(version, b"v"),
+                        },
+                    ],
+                )
+                .unwrap();
+            batch.commit().unwrap();
+            for (k, (rec, _)) in overlay {
+                e.cache.publish(k, crate::cache::Cached::Record(rec));
+            }
+            r
+        };
+        let r = ingest(&sm, skv_common::limits::MAX_RECORD_VERSION + 1);
+        assert!(
+            matches!(&r, CmdResponse::Rejected(m) if m.contains("record version")),
+            "{r:?}"
+        );
+        assert_eq!(
+            e.get_record(b"a").unwrap(),
+            None,
+            "nothing of a rejected ingest is written"
+        );
+        let r = ingest(&sm, skv_common::limits::MAX_RECORD_VERSION);
+        assert_eq!(r, CmdResponse::Ingested { written: 2, skipped: 0 });
+        // A put continues from the bound, far from a wrap.
+        assert_eq!(
+            write(&sm, b"b", WriteOp::Put(b"w".to_vec()), None),
+            (true, skv_common::limits::MAX_RECORD_VERSION + 1, true)
+        );
+
+        let mut batch = e.db.batch();
+        let (r, outcome) = sm.apply_split(&mut batch, b"m".to_vec(), 2, u64::MAX).await.unwrap();
+        assert!(matches!(&r, CmdResponse::Rejected(m) if m.contains("maximum")), "{r:?}");
+        assert!(outcome.is_none());
     }
 
     #[test]

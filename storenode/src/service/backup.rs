@@ -201,12 +201,13 @@ impl BackupService {
                 .into());
             }
             limits::check_internal_key(&rec.key)?;
-            if crate::engine::decode_record(&rec.record).is_none() {
+            let Some(decoded) = crate::engine::decode_record(&rec.record) else {
                 return Err(Status::invalid_argument(
                     "a record is not a stored record (version ++ value, or a tombstone)",
                 )
                 .into());
-            }
+            };
+            limits::check_record_version(decoded.version())?;
             if !desc_contains(&desc, &rec.key) {
                 return Err(StoreError::KeyNotInRange { key: rec.key, desc }.into());
             }
