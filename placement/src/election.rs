@@ -8,7 +8,12 @@
 //! - the leader steps down when its keep-alives fail for 2/3 of the TTL or the key is no longer
 //!   attached to its lease; resigning (clean shutdown) revokes the lease, which deletes the
 //!   leader key at once, so a clean failover takes about one campaign interval and a crash
-//!   about one TTL.
+//!   about one TTL;
+//! - a failed keep-alive is tried again at the campaign interval (not a third of the TTL), and
+//!   failing keep-alives end the session only once etcd says the lease is gone: an etcd leader
+//!   change (its leader killed) stalls keep-alives for a second or two but keeps the lease
+//!   (etcd's new leader extends every lease), so an instance that stepped down meanwhile takes
+//!   its key back as soon as a keep-alive goes through (issue 14, ADR 0032).
 //!
 //! Safety does not depend on the election: every range map write is a CAS.
 
@@ -133,7 +138,8 @@ pub async fn run(
                 }
                 _ = tokio::time::sleep(CAMPAIGN_INTERVAL) => {}
             }
-            if last_ka.elapsed() >= keepalive_every {
+            // Every third of the TTL, and at every tick while keep-alives fail.
+            if last_ka.elapsed() >= keepalive_every || last_ok.elapsed() >= keepalive_every + CAMPAIGN_INTERVAL {
                 last_ka = Instant::now();
                 match tokio::time::timeout(keepalive_every, store.keep_alive(lease)).await {
                     Ok(Ok(())) => last_ok = Instant::now(),
@@ -145,9 +151,20 @@ pub async fn run(
                     Err(_) => tracing::warn!("placement session keep-alive timed out"),
                 }
             }
-            if last_ok.elapsed() >= lost_after {
-                tracing::warn!("placement session lost (keep-alives failing)");
-                break;
+            let unsure = last_ok.elapsed() >= lost_after;
+            if unsure {
+                // The lease may be about to expire: lead no more, but keep the session (etcd
+                // may still hold the lease; a later keep-alive tells).
+                if is_leader {
+                    tracing::warn!("placement session unsure (keep-alives failing): stepping down");
+                    is_leader = false;
+                    set(false, None, terms_won);
+                }
+                if last_ok.elapsed() >= ttl * 4 {
+                    tracing::warn!("placement session lost (keep-alives failing)");
+                    break;
+                }
+                continue;
             }
             if is_leader {
                 // Verify at keep-alive cadence that the key is still ours.

@@ -6,7 +6,7 @@
 //! - [`ProcCluster`]: the same topology as real OS processes started from the
 //!   built binaries, so that a node can be `kill -9`ed.
 
-use crate::etcd::Etcd;
+use crate::etcd::{Etcd, EtcdCluster};
 use crate::process::{ChildGuard, bin_path, free_port, wait_until};
 use clap::Parser;
 use skv_common::service::ServiceHandle;
@@ -47,6 +47,9 @@ pub struct ClusterOptions {
     pub proxies: usize,
     /// Use a real etcd (true) or placement's embedded store (false).
     pub etcd: bool,
+    /// With 2 or more: a real etcd of this many members (`Cluster::etcd_cluster`), whatever
+    /// `etcd` says; placement gets every member's URL.
+    pub etcd_members: usize,
     pub placement_instances: usize,
     /// Extra command-line flags for every placement instance (scheduler thresholds).
     pub placement_args: Vec<String>,
@@ -58,6 +61,7 @@ impl Default for ClusterOptions {
             storenodes: 3,
             proxies: 1,
             etcd: false,
+            etcd_members: 0,
             placement_instances: 1,
             placement_args: Vec::new(),
         }
@@ -68,6 +72,8 @@ impl Default for ClusterOptions {
 pub struct Cluster {
     pub dir: tempfile::TempDir,
     pub etcd: Option<Etcd>,
+    /// The multi-member etcd of `ClusterOptions::etcd_members`.
+    pub etcd_cluster: Option<EtcdCluster>,
     pub placements: Vec<Option<ServiceHandle>>,
     pub stores: Vec<Option<ServiceHandle>>,
     pub proxies: Vec<Option<ServiceHandle>>,
@@ -86,10 +92,23 @@ impl Cluster {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
         let secret_file = dir.path().join("secret");
         std::fs::write(&secret_file, TEST_SECRET).unwrap_or_else(|e| panic!("write secret: {e}"));
-        let etcd = if opts.etcd { Some(Etcd::start().await) } else { None };
+        let etcd_cluster = if opts.etcd_members >= 2 {
+            let c = EtcdCluster::start(opts.etcd_members, &dir.path().join("etcd"))
+                .await
+                .unwrap_or_else(|e| panic!("start a {}-member etcd: {e:#}", opts.etcd_members));
+            Some(c)
+        } else {
+            None
+        };
+        let etcd = if opts.etcd && etcd_cluster.is_none() {
+            Some(Etcd::start().await)
+        } else {
+            None
+        };
         let mut c = Cluster {
             dir,
             etcd,
+            etcd_cluster,
             placements: Vec::new(),
             stores: Vec::new(),
             proxies: Vec::new(),
@@ -130,6 +149,10 @@ impl Cluster {
         if let Some(e) = &self.etcd {
             args.push("--etcd".into());
             args.push(e.client_url.clone());
+        }
+        if let Some(c) = &self.etcd_cluster {
+            args.push("--etcd".into());
+            args.push(c.client_urls().join(","));
         }
         args.extend(self.placement_args.iter().cloned());
         let cfg = skv_placement::Config::try_parse_from(args).unwrap_or_else(|e| panic!("placement config: {e}"));

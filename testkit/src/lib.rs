@@ -10,7 +10,7 @@ pub mod process;
 pub mod s3;
 pub mod workload;
 
-pub use etcd::Etcd;
+pub use etcd::{Etcd, EtcdCluster};
 pub use process::{ChildGuard, bin_path, free_port, output_text, repo_root, run_captured, wait_until};
 
 /// Installs a test-friendly tracing subscriber once (respects `RUST_LOG`).

@@ -16,9 +16,13 @@
 
 pub mod embedded;
 pub mod etcd;
+pub mod retry;
 
 use async_trait::async_trait;
 use futures::stream::BoxStream;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
 use std::sync::Arc;
 
 /// Errors of a metadata store.
@@ -292,6 +296,89 @@ pub trait MetaStore: Send + Sync + 'static {
 
     /// A short name for logs ("etcd" or "embedded").
     fn kind(&self) -> &'static str;
+
+    /// The client's retry series (etcd only; ADR 0032).
+    fn client_metrics(&self) -> Option<MetaClientMetrics> {
+        None
+    }
+}
+
+type Labels = Vec<(String, String)>;
+
+/// How a metadata store client fails over and retries (`skv_placement_meta_*`, ADR 0032).
+/// Cheap to clone: every clone counts into the same series.
+#[derive(Clone, Debug, Default)]
+pub struct MetaClientMetrics {
+    /// Attempts made again after a failed one, by call and reason
+    /// ([`retry::Failure::label`]).
+    pub retries: Family<Labels, Counter>,
+    /// Writes whose outcome was unknown, settled by a re-read, by call and resolution
+    /// (applied: reported done; not_applied: sent again).
+    pub unknown_outcomes: Family<Labels, Counter>,
+    /// Times calls moved on to the next etcd member.
+    pub member_switches: Counter,
+}
+
+impl MetaClientMetrics {
+    pub(crate) fn retry(&self, call: &str, reason: &str) {
+        self.retries
+            .get_or_create(&vec![("call".into(), call.into()), ("reason".into(), reason.into())])
+            .inc();
+    }
+
+    pub(crate) fn unknown_outcome(&self, call: &str, resolution: &str) {
+        self.unknown_outcomes
+            .get_or_create(&vec![
+                ("call".into(), call.into()),
+                ("resolution".into(), resolution.into()),
+            ])
+            .inc();
+    }
+
+    /// Calls of the etcd client, and the reasons a call is tried again (every series exists
+    /// from the start: the dashboard shows zeros, not "no data").
+    pub const CALLS: [&'static str; 7] = [
+        "range",
+        "txn",
+        "watch",
+        "grant_lease",
+        "keep_alive",
+        "revoke_lease",
+        "compact",
+    ];
+    pub const REASONS: [&'static str; 3] = ["unreachable", "no_leader", "interrupted"];
+
+    /// Registers the series in `r` (placement's `skv_placement` sub-registry).
+    pub fn register(&self, r: &mut Registry) {
+        for call in Self::CALLS {
+            for reason in Self::REASONS {
+                let _ = self
+                    .retries
+                    .get_or_create(&vec![("call".into(), call.into()), ("reason".into(), reason.into())]);
+            }
+        }
+        for resolution in ["applied", "not_applied"] {
+            let _ = self.unknown_outcomes.get_or_create(&vec![
+                ("call".into(), "txn".into()),
+                ("resolution".into(), resolution.into()),
+            ]);
+        }
+        r.register(
+            "meta_retries",
+            "Metadata store calls made again after a failed attempt, by call and reason",
+            self.retries.clone(),
+        );
+        r.register(
+            "meta_unknown_outcomes",
+            "Metadata writes whose outcome was unknown, settled by a re-read, by call and resolution",
+            self.unknown_outcomes.clone(),
+        );
+        r.register(
+            "meta_member_switches",
+            "Times metadata store calls moved on to the next etcd member",
+            self.member_switches.clone(),
+        );
+    }
 }
 
 /// Shared handle.

@@ -174,6 +174,11 @@ pub async fn start_with_store(config: Config, store: DynMetaStore) -> anyhow::Re
     };
     let backup_metrics = backup::BackupMetrics::default();
     backup_metrics.register(&mut registry);
+    // etcd's retry series (zeros with the embedded store, which never retries).
+    store
+        .client_metrics()
+        .unwrap_or_default()
+        .register(registry.sub_registry_with_prefix("skv_placement"));
     let layout = Layout::new(&config.etcd_prefix);
     let meta = Meta::new(store.clone(), layout.clone(), metrics.clone());
     let mut attempt = 0;
