@@ -255,12 +255,20 @@ impl Meta {
                 UpdatePlan::Invalid(m) => return Err(PlacementError::invalid(format!("invalid range update: {m}"))),
                 UpdatePlan::Write(t) => {
                     let split = incoming.len() > 1;
+                    // One descriptor that deletes another record: it widened over a range.
+                    let merge = incoming.len() == 1 && t.success.iter().any(|op| matches!(op, Op::Delete { .. }));
                     if split {
                         crate::crash_point!(crate::failpoints::BEFORE_SPLIT_TXN);
+                    }
+                    if merge {
+                        crate::crash_point!(crate::failpoints::BEFORE_MERGE_TXN);
                     }
                     if self.txn(t).await? {
                         if split {
                             crate::crash_point!(crate::failpoints::AFTER_SPLIT_TXN);
+                        }
+                        if merge {
+                            crate::crash_point!(crate::failpoints::AFTER_MERGE_TXN);
                         }
                         return Ok(ApplyOutcome::Applied);
                     }

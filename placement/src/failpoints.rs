@@ -9,6 +9,11 @@
 pub const BEFORE_SPLIT_TXN: &str = "placement::range_map::before_split_txn";
 /// After the range-map transaction of a split succeeded, before anybody is told.
 pub const AFTER_SPLIT_TXN: &str = "placement::range_map::after_split_txn";
+/// Before the range-map transaction of a merge (one widened descriptor that deletes the record
+/// of the range it absorbed) is sent to the metastore.
+pub const BEFORE_MERGE_TXN: &str = "placement::range_map::before_merge_txn";
+/// After the range-map transaction of a merge succeeded, before anybody is told.
+pub const AFTER_MERGE_TXN: &str = "placement::range_map::after_merge_txn";
 
 pub use skv_common::failpoints::{EXIT_CRASH_POINT, FailpointError};
 

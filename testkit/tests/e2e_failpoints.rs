@@ -630,3 +630,249 @@ impl Harness {
             .is_some_and(|c| c.try_wait().ok().flatten().is_some())
     }
 }
+
+/// Placement dies just before (or just after) writing a merge into the range map (the widened
+/// descriptor that deletes the absorbed range's record), after the storenodes committed it;
+/// restarted, it learns the merge from the storenodes, the map tiles the key space, and every
+/// acknowledged write reads back.
+async fn placement_crash_around_merge_txn(point: &str) {
+    let mut h = Harness::start().await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while h.split_at("k20").await.is_err() {
+        assert!(Instant::now() < deadline, "the split before the merge did not happen");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let (left, _) = h.range_of("k00").await;
+    let (right, _) = h.range_of("k20").await;
+    assert_ne!(left, right);
+    h.restart_placement_with_failpoints(&format!("{point}=return"));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for _ in 0..10 {
+        h.write_one().await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let exited =
+            h.c.placement
+                .as_mut()
+                .and_then(|g| g.child_mut())
+                .is_some_and(|c| c.try_wait().ok().flatten().is_some());
+        if exited {
+            break;
+        }
+        let r = match PlacementClient::connect(h.c.placement_url()).await {
+            Ok(mut pd) => pd
+                .merge_ranges(admin(AdminMergeRequest {
+                    left_range_id: left,
+                    right_range_id: right,
+                }))
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        assert!(Instant::now() < deadline, "placement never reached {point}: {r:?}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let code = h.wait_placement_exit(Duration::from_secs(30)).await;
+    let log = h.c.read_log("placement-fp");
+    assert!(
+        !log.contains("built without the `failpoints` feature"),
+        "the placement binary has no failpoints: build with --features skv-placement/failpoints"
+    );
+    assert_eq!(code, EXIT_CRASH_POINT, "placement exit code: {}", tail(&log));
+    assert!(log.contains(&format!("crash point {point} reached")), "{}", tail(&log));
+    // Writes go on while placement is down (the proxy follows the storenodes' answers).
+    for _ in 0..10 {
+        h.write_one().await;
+    }
+    h.c.start_placement();
+    // The storenodes merged before placement recorded it: restarted, placement learns it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let merged = match (h.try_range_of("k00").await, h.try_range_of("k20").await) {
+            (Ok(a), Ok(b)) => a.0 == b.0,
+            _ => false,
+        };
+        if merged {
+            break;
+        }
+        assert!(Instant::now() < deadline, "placement never learned the merge");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(h.range_of("k00").await.0, left, "the merged range keeps the left id");
+    h.assert_range_map_tiles().await;
+    h.recover_and_check_without_restart().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn placement_crash_before_the_range_map_txn_of_a_merge_recovers() {
+    placement_crash_around_merge_txn("placement::range_map::before_merge_txn").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn placement_crash_after_the_range_map_txn_of_a_merge_recovers() {
+    placement_crash_around_merge_txn("placement::range_map::after_merge_txn").await;
+}
+
+impl Harness {
+    /// Store 0's id (by its address in placement's store list).
+    async fn store0_id(&self) -> Option<u64> {
+        let mut pd = PlacementClient::connect(self.c.placement_url()).await.ok()?;
+        let stores = pd
+            .get_stores(admin(GetStoresRequest {}))
+            .await
+            .ok()?
+            .into_inner()
+            .stores;
+        let me = format!("127.0.0.1:{}", self.c.store_ports[0]);
+        stores.iter().find(|s| s.address == me).map(|s| s.store_id)
+    }
+}
+
+/// Every checkpoint the cluster's manifests name, each read in full (every block's and the
+/// object's checksum checked): (range id, applied index, keys) of each.
+async fn named_checkpoints_read_whole(o: &skv_objstore::Objects) -> Vec<(u64, u64, u64)> {
+    let dir = format!(
+        "{}/manifests/ranges",
+        skv_objstore::cluster_prefix(o.cluster_id().unwrap_or_else(|| panic!("unscoped objects")))
+    );
+    let mut out = Vec::new();
+    for (rel, _, _) in o.list(&dir).await.unwrap_or_else(|e| panic!("list manifests: {e}")) {
+        let Ok(id) = rel
+            .trim_start_matches(&format!("{dir}/"))
+            .trim_end_matches(".json")
+            .parse::<u64>()
+        else {
+            continue;
+        };
+        let Some(m) = o
+            .read_manifest(id)
+            .await
+            .unwrap_or_else(|e| panic!("manifest {id}: {e}"))
+        else {
+            continue;
+        };
+        for c in &m.checkpoints {
+            let mut keys = 0u64;
+            o.read_checkpoint(c, |block| {
+                keys += block.len() as u64;
+                Ok(())
+            })
+            .await
+            .unwrap_or_else(|e| panic!("the manifest of range {id} names {} and it does not read: {e}", c.path));
+            assert_eq!(keys, c.key_count, "{}: keys read vs the manifest's count", c.path);
+            out.push((id, c.applied_index, keys));
+        }
+    }
+    out
+}
+
+/// A crash between a checkpoint's upload and its manifest write: store 0 leads the range and
+/// dies with the object written and no manifest naming it. Every manifest still names only
+/// whole objects (each read back with its checksums), the restarted store leads again and
+/// records a newer checkpoint, and every acknowledged write reads back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_mid_checkpoint_upload_leaves_no_manifest_naming_it_and_the_next_checkpoint_succeeds() {
+    let objects_dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+    let url = format!("file://{}", objects_dir.path().display());
+    let mut h = Harness::start_with(
+        ["--object-store-url", url.as_str(), "--checkpoint-interval-secs", "1"]
+            .map(String::from)
+            .to_vec(),
+    )
+    .await;
+    let parsed: skv_objstore::ObjectStoreUrl = url.parse().unwrap_or_else(|e| panic!("{url}: {e}"));
+    let o = skv_objstore::Objects::open(&parsed, skv_objstore::ObjMetrics::new())
+        .await
+        .unwrap_or_else(|e| panic!("open {url}: {e}"));
+    let cluster_id = PlacementClient::connect(h.c.placement_url())
+        .await
+        .unwrap_or_else(|e| panic!("placement: {e}"))
+        .get_members(admin(skv_proto::internal::GetMembersRequest {}))
+        .await
+        .unwrap_or_else(|e| panic!("members: {e}"))
+        .into_inner()
+        .cluster_id;
+    let o = o.for_cluster(&cluster_id).unwrap_or_else(|e| panic!("{e}"));
+    let before = wait_until_some("a first checkpoint", Duration::from_secs(60), || async {
+        let n = named_checkpoints_read_whole(&o).await;
+        (!n.is_empty()).then_some(n)
+    })
+    .await;
+    let first_index = before.iter().map(|c| c.1).max().unwrap_or(0);
+
+    h.restart_store0(&[("FAILPOINTS", "storenode::checkpoint::mid_upload=return")], &[]);
+    // Make store 0 lead the range and give it changes to checkpoint, until it dies.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while !h.store0_exit_peek() {
+        assert!(
+            Instant::now() < deadline,
+            "store 0 never reached the crash point:\n{}",
+            tail(&h.c.read_log("store-0"))
+        );
+        if let (Some(id), Ok((range_id, _))) = (h.store0_id().await, h.try_range_of("k00").await)
+            && let Ok(mut pd) = PlacementClient::connect(h.c.placement_url()).await
+        {
+            let _ = pd
+                .transfer_leader(admin(skv_proto::internal::AdminTransferLeaderRequest {
+                    range_id,
+                    to_store_id: id,
+                }))
+                .await;
+        }
+        for _ in 0..5 {
+            h.write_one().await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let code = h.wait_store0_exit(Duration::from_secs(5)).await;
+    assert_failpoints_compiled_in(&h);
+    assert_eq!(code, EXIT_CRASH_POINT, "store 0 exit code");
+    h.assert_log("crash point storenode::checkpoint::mid_upload reached");
+    // The object store holds the uploaded object, and no manifest names it: every named
+    // checkpoint reads back whole.
+    let snaps: Vec<String> = o
+        .list("")
+        .await
+        .unwrap_or_else(|e| panic!("list: {e}"))
+        .into_iter()
+        .map(|(p, _, _)| p)
+        .filter(|p| p.ends_with(".snap"))
+        .collect();
+    let after_crash = named_checkpoints_read_whole(&o).await;
+    println!("after the crash: {} objects, named {after_crash:?}", snaps.len());
+    assert!(
+        snaps.len() > after_crash.len(),
+        "the crashed upload left no object: {snaps:?} vs named {after_crash:?}"
+    );
+
+    h.recover_and_check().await;
+    // The next checkpoint (of whichever store leads now) is recorded and reads back.
+    let crash_index = after_crash.iter().map(|c| c.1).max().unwrap_or(0);
+    for _ in 0..20 {
+        h.write_one().await;
+    }
+    let later = wait_until_some("a checkpoint newer than the crash", Duration::from_secs(60), || async {
+        let n = named_checkpoints_read_whole(&o).await;
+        n.iter().any(|c| c.1 > crash_index).then_some(n)
+    })
+    .await;
+    println!("checkpoints: first at index {first_index}, at the crash {crash_index}, later {later:?}");
+}
+
+/// Polls `f` every 300 ms until it gives a value (up to `within`).
+async fn wait_until_some<T, F, Fut>(what: &str, within: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "{what}: not within {within:?}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
