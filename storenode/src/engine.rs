@@ -37,6 +37,8 @@ pub struct Engine {
     pub cache: ValueCache,
     syncer: parking_lot::Mutex<Option<mpsc::Sender<SyncCallback>>>,
     sync_thread: parking_lot::Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// [`Self::open_inline_sync`]: no syncer thread; `after_sync` runs its callback at once.
+    inline_sync: bool,
 }
 
 pub fn io_err(e: impl std::fmt::Display) -> io::Error {
@@ -134,12 +136,41 @@ impl Engine {
             cache,
             syncer: parking_lot::Mutex::new(Some(tx)),
             sync_thread: parking_lot::Mutex::new(Some(th)),
+            inline_sync: false,
+        }))
+    }
+
+    /// The deterministic simulation's engine (`sim/`, ADR 0033): no value cache and no
+    /// syncer thread. [`Self::after_sync`] flushes the journal to the OS (no fsync) and runs
+    /// the callback at once, on the caller's task, so a paused-clock single-thread runtime
+    /// sees durability without another thread racing it. What it models is a process crash
+    /// (the OS keeps what was written), not a power loss. Never used by the storenode binary.
+    pub fn open_inline_sync(dir: &Path, metrics: Metrics) -> anyhow::Result<Arc<Self>> {
+        std::fs::create_dir_all(dir)?;
+        let cache = ValueCache::new(0, metrics);
+        let db = Database::builder(dir.join("db")).open()?;
+        let data = db.keyspace("data", KeyspaceCreateOptions::default)?;
+        let raft = db.keyspace("raft", KeyspaceCreateOptions::default)?;
+        let meta = db.keyspace("meta", KeyspaceCreateOptions::default)?;
+        Ok(Arc::new(Self {
+            db,
+            data,
+            raft,
+            meta,
+            cache,
+            syncer: parking_lot::Mutex::new(None),
+            sync_thread: parking_lot::Mutex::new(None),
+            inline_sync: true,
         }))
     }
 
     /// Queues `cb` to run after the next fsync. Every write committed (to the OS) before this
     /// call is durable when `cb` runs. Concurrent callers share one fsync (group commit).
     pub fn after_sync(&self, cb: SyncCallback) {
+        if self.inline_sync {
+            cb(self.db.persist(PersistMode::Buffer).map_err(io_err));
+            return;
+        }
         let tx = self.syncer.lock().clone();
         match tx {
             Some(tx) => {

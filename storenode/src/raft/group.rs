@@ -78,6 +78,12 @@ impl RaftConfig {
         Ok(self)
     }
 
+    /// openraft's configuration (for the deterministic simulation, `sim/`, which builds
+    /// its groups from it with its own network).
+    pub fn openraft_config(&self) -> Arc<openraft::Config> {
+        self.inner.clone()
+    }
+
     pub fn hibernate_after(&self) -> Option<Duration> {
         self.hibernate_after
     }
@@ -1213,7 +1219,8 @@ impl RaftGroup {
 
 /// Maps a write/membership error; `OutcomeUnknown` only where the entry may have been
 /// appended.
-fn write_error(e: RaftError<TypeConfig, ClientWriteError<TypeConfig>>) -> RaftOpError {
+/// What a failed `client_write` means to a caller (public for the simulation, `sim/`).
+pub fn write_error(e: RaftError<TypeConfig, ClientWriteError<TypeConfig>>) -> RaftOpError {
     match e {
         RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => RaftOpError::NotLeader {
             leader: f.leader_id.map(StoreId),

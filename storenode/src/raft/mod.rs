@@ -8,6 +8,8 @@ pub mod checkpoint_read;
 pub mod group;
 pub mod log_store;
 pub mod network;
+pub mod runtime;
+pub mod watch;
 pub mod state_machine;
 
 pub use group::{
@@ -163,6 +165,7 @@ openraft::declare_raft_types!(
         R = CmdResponse,
         NodeId = u64,
         Node = openraft::EmptyNode,
+        AsyncRuntime = runtime::SkvRuntime,
 );
 
 pub type Raft = openraft::Raft<TypeConfig, state_machine::StateMachine>;
