@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # skv's one test command (README "Run the tests"; .ci/run calls exactly this).
 # On a fresh Debian machine it installs what the tests need, then runs every check:
-#   1. system packages: etcd-server, etcd-client, prometheus, docker-compose (apt); no protoc (ADR 0011)
+#   1. system packages: etcd-server, etcd-client, prometheus, docker-compose, fuse3, faketime (apt); no protoc (ADR 0011)
 #   2. Python grpcio-tools (a client in another language) and kubernetes-validate in a venv
 #   3. cargo fmt --check, cargo clippy -D warnings
 #   4. every proto compiles with protoc (the one in Python's grpcio-tools)
@@ -31,6 +31,7 @@ command -v docker >/dev/null 2>&1 || need+=(docker.io)  # the engine the compose
 command -v fusermount3 >/dev/null 2>&1 || need+=(fuse3)  # skv-lazyfs mounts without root through it (power-loss test, ADR 0030; as root it mounts with mount(2))
 command -v ip >/dev/null 2>&1 || need+=(iproute2)  # network namespaces, veths, a bridge: the chaos partition nemesis (chaos/src/netns.rs, ADR 0031)
 command -v iptables >/dev/null 2>&1 || need+=(iptables)  # its DROP rules, inside those namespaces (chaos/tests/partition.rs)
+[ -e /usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1 ] || need+=(faketime)  # libfaketime: the chaos clock nemesis (chaos/src/clock.rs, chaos/tests/clock.rs)
 if [ ${#need[@]} -gt 0 ]; then
   step "installing ${need[*]} (apt)"
   if [ "$(id -u)" -eq 0 ]; then

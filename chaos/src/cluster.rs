@@ -66,6 +66,9 @@ pub struct ClusterSpec {
     pub lazyfs_disks: bool,
     /// etcd members: 1, or 3 for the `etcd-member` nemesis (crate::etcd3).
     pub etcd_members: usize,
+    /// Every process started under libfaketime with a clock file of its own, whose offset
+    /// the `clock` nemesis changes (crate::clock; Debian's `faketime`).
+    pub fake_clock: bool,
     /// Every storenode in a network namespace of its own behind a bridge, placement on the
     /// host's end of it (the `partition` nemesis; crate::netns, ADR 0031). Needs root,
     /// iproute2 and iptables.
@@ -121,6 +124,8 @@ pub struct ChaosCluster {
     etcd: crate::etcd3::EtcdRun,
     bin_dir: PathBuf,
     store_failpoints: String,
+    /// Processes run under libfaketime (`clock` nemesis).
+    fake_clock: bool,
     /// Placement instances.
     pub placements: Vec<Proc>,
     /// Storenodes.
@@ -194,6 +199,7 @@ impl ChaosCluster {
             etcd,
             bin_dir: spec.bin_dir.clone(),
             store_failpoints: spec.store_failpoints.clone(),
+            fake_clock: spec.fake_clock,
             placements: (0..spec.placements.max(1))
                 .map(|i| slot(format!("pd-{i}"), pd_host.clone()))
                 .collect(),
@@ -249,6 +255,17 @@ impl ChaosCluster {
     /// The directory with every process's data and log (`<name>.log`).
     pub fn dir(&self) -> &Path {
         &self.path
+    }
+
+    /// The clock file of process `i` of `role` when the processes run under libfaketime
+    /// (`clock` nemesis), and its PID when it runs.
+    pub fn clock_of(&self, role: Role, i: usize) -> Option<(PathBuf, Option<u32>)> {
+        if !self.fake_clock {
+            return None;
+        }
+        let p = self.procs(role).get(i)?;
+        let file = self.path.join(format!("{}.clock", p.name));
+        Some((file, p.guard.as_ref().map(ChildGuard::pid)))
     }
 
     /// Keeps the directory after the cluster is dropped (for a failing run's logs).
@@ -370,6 +387,9 @@ impl ChaosCluster {
                 cmd
             }
         };
+        if self.fake_clock {
+            crate::clock::prepare(&mut cmd, &self.path.join(format!("{name}.clock")))?;
+        }
         let log = OpenOptions::new()
             .create(true)
             .append(true)
@@ -434,6 +454,9 @@ impl ChaosCluster {
     pub fn heal(&mut self) -> Vec<String> {
         let mut done = self.disks.as_ref().map(|d| d.heal()).unwrap_or_default();
         done.extend(self.etcd.heal());
+        if self.fake_clock {
+            done.extend(crate::clock::reset_all(&self.path));
+        }
         if let Some(net) = &self.net {
             match net.heal() {
                 Ok(0) => {}

@@ -14,6 +14,7 @@
 //!   `partition` nemesis (the `partition`, `move` and `drain` faults are in `topology.rs`).
 
 pub mod checker;
+pub mod clock;
 pub mod cluster;
 pub mod direct;
 pub mod disk;

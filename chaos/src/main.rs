@@ -43,8 +43,9 @@ struct RunArgs {
     seed: u64,
     /// Faults, comma-separated, of kill, pause, pd-leader, split, transfer-leader, merge,
     /// slow-disk (storenodes on skv-lazyfs mounts: FUSE), proxy-kill, etcd-member (a
-    /// 3-member etcd), partition (storenodes in network namespaces: root, iproute2,
-    /// iptables), move, drain (both with 4 storenodes) (`none` for a calm run).
+    /// 3-member etcd), clock (every process under libfaketime: Debian's faketime),
+    /// partition (storenodes in network namespaces: root, iproute2, iptables), move, drain
+    /// (both with 4 storenodes) (`none` for a calm run).
     #[arg(
         long,
         value_delimiter = ',',

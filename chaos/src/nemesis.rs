@@ -34,6 +34,10 @@ pub enum NemesisKind {
     /// `kill -9` one member of a 3-member etcd (never two: the majority stays), restart it
     /// on its data directory a few seconds later.
     EtcdMember,
+    /// Jump one process's wall clock (a storenode, a proxy or placement) forward and back by
+    /// tens of seconds for a few seconds, its monotonic clock untouched; every process then
+    /// runs under libfaketime (crate::clock).
+    Clock,
     /// Cut storenodes from each other with iptables in their network namespaces, a few
     /// seconds: majority/minority (the minority sometimes cut from placement and the proxies
     /// too), bridge, one-way, in turn (crate::netns); the storenodes then run in namespaces.
@@ -48,7 +52,7 @@ pub enum NemesisKind {
 
 impl NemesisKind {
     /// Every kind.
-    pub const ALL: [NemesisKind; 12] = [
+    pub const ALL: [NemesisKind; 13] = [
         NemesisKind::Kill,
         NemesisKind::Pause,
         NemesisKind::PdLeader,
@@ -61,6 +65,7 @@ impl NemesisKind {
         NemesisKind::Partition,
         NemesisKind::Move,
         NemesisKind::Drain,
+        NemesisKind::Clock,
     ];
 
     /// The faults of a run that names none (`skv-chaos run` without `--nemesis`, and
@@ -87,6 +92,7 @@ impl NemesisKind {
             NemesisKind::SlowDisk => "slow-disk",
             NemesisKind::ProxyKill => "proxy-kill",
             NemesisKind::EtcdMember => "etcd-member",
+            NemesisKind::Clock => "clock",
             NemesisKind::Partition => "partition",
             NemesisKind::Move => "move",
             NemesisKind::Drain => "drain",
@@ -279,6 +285,7 @@ async fn fault(ctx: &Ctx, kind: NemesisKind, seed: u64, round: u64) {
         NemesisKind::SlowDisk | NemesisKind::ProxyKill | NemesisKind::EtcdMember => {
             crate::faults::fault(ctx, kind, &mut rng, hold, round).await
         }
+        NemesisKind::Clock => crate::clock::fault(ctx, &mut rng, hold, round).await,
         NemesisKind::Partition | NemesisKind::Move | NemesisKind::Drain => {
             crate::topology::fault(ctx, kind, &mut rng, hold, round).await
         }

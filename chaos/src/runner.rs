@@ -113,6 +113,7 @@ impl RunOptions {
                 store_failpoints: String::new(),
                 lazyfs_disks: false,
                 etcd_members: 1,
+                fake_clock: false,
                 netns: false,
             },
             out_dir: PathBuf::from("target/chaos"),
@@ -336,6 +337,8 @@ pub async fn run(opts: RunOptions) -> Result<RunSummary, RunError> {
     if opts.nemeses.contains(&NemesisKind::EtcdMember) {
         spec.etcd_members = spec.etcd_members.max(3);
     }
+    // The clock nemesis runs every process under libfaketime.
+    spec.fake_clock |= opts.nemeses.contains(&NemesisKind::Clock);
     // The partition nemesis needs the storenodes in network namespaces.
     spec.netns |= opts.nemeses.contains(&NemesisKind::Partition);
     // A move needs a store without a replica of the range, a drain 3 UP stores besides the
