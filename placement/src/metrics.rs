@@ -24,6 +24,9 @@ pub struct Metrics {
     pub operators: Family<Labels, Counter>,
     /// Operators in flight, by kind.
     pub operators_in_flight: Family<Labels, Gauge>,
+    /// Operator steps refused and retried from a re-read range, by kind and step (a move's
+    /// removal sent while leadership was moving, a stale epoch, ...).
+    pub operator_step_retries: Family<Labels, Counter>,
     /// Load splits not made, by reason (single_key).
     pub split_skipped: Family<Labels, Counter>,
     /// Stale replicas named in store heartbeat answers.
@@ -56,6 +59,7 @@ impl Default for Metrics {
             ranges: Gauge::default(),
             operators: Family::default(),
             operators_in_flight: Family::default(),
+            operator_step_retries: Family::default(),
             split_skipped: Family::default(),
             stale_replicas: Counter::default(),
             heartbeats: Family::default(),
@@ -101,6 +105,11 @@ impl Metrics {
             "operators_in_flight",
             "Operators in flight, by kind",
             m.operators_in_flight.clone(),
+        );
+        r.register(
+            "operator_step_retries",
+            "Operator steps refused and retried from a re-read range, by kind and step",
+            m.operator_step_retries.clone(),
         );
         r.register(
             "split_skipped",

@@ -15,6 +15,7 @@
 mod balance;
 pub mod health;
 mod merge;
+pub mod moves;
 mod repair;
 #[cfg(test)]
 mod sim;

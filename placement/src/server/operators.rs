@@ -10,6 +10,7 @@ use crate::error::{ErrorCode, PlacementError, PlacementResult};
 use crate::metrics::Metrics;
 use crate::model::{Descriptor, store_opt};
 use crate::rangemap::Incoming;
+use crate::scheduler::moves::{MOVE_MAX_REFUSALS, MoveStep, newer_or_same, next_move_step, retry_delay_ms};
 use crate::scheduler::{Operator, Reason};
 use skv_common::ids::{RangeId, StoreId};
 use skv_proto::internal::routing_error::Kind as RoutingKind;
@@ -69,7 +70,7 @@ fn steps_of(op: &Operator) -> (u32, &'static str) {
         Operator::ResendCreate { .. } => (1, "create replicas"),
         Operator::Split { .. } => (2, "split on the leader"),
         Operator::TransferLeader { .. } => (1, "transfer leader"),
-        Operator::MoveReplica { .. } => (5, "create replica"),
+        Operator::MoveReplica { .. } => (crate::scheduler::moves::MOVE_STEPS, "create replica"),
         Operator::RemoveReplica { .. } => (1, "remove replica"),
         Operator::Merge { .. } => (2, "merge on the leader"),
     }
@@ -308,7 +309,8 @@ async fn refused(s: &Shared, desc: &RangeDescriptor, what: &str, re: &RoutingErr
 }
 
 /// One `ChangeReplicas` on `leader`; the descriptor it answers is applied and returned.
-/// `NotLeader` with a hint is followed (a few times), e.g. right after a leader transfer.
+/// `NotLeader` with a hint is followed (a few times), e.g. right after a leader transfer,
+/// unless the hint names `avoid`.
 async fn change(
     s: &Shared,
     stores: &[StoreInfo],
@@ -316,6 +318,7 @@ async fn change(
     desc: &RangeDescriptor,
     store: StoreId,
     kind: replica_change::Kind,
+    avoid: Option<StoreId>,
 ) -> PlacementResult<RangeDescriptor> {
     let mut attempt = 0;
     loop {
@@ -341,7 +344,11 @@ async fn change(
         if let Some(re) = resp.routing_error {
             let hint = match &re.kind {
                 // A hint naming the store that just refused is no hint.
-                Some(RoutingKind::NotLeader(nl)) => store_opt(nl.leader_store_id).filter(|l| *l != leader),
+                // Nor is one naming `avoid` (a move never sends the removal of the leader's
+                // replica to that leader: it transfers leadership first).
+                Some(RoutingKind::NotLeader(nl)) => {
+                    store_opt(nl.leader_store_id).filter(|l| *l != leader && Some(*l) != avoid)
+                }
                 Some(RoutingKind::ServerBusy(_)) => Some(leader),
                 _ => None,
             };
@@ -364,17 +371,6 @@ async fn change(
         .await?;
         return Ok(d);
     }
-}
-
-fn newer_or_same(a: &RangeDescriptor, b: &RangeDescriptor) -> bool {
-    let (ea, eb) = (skv_common::keys::epoch_of(a), skv_common::keys::epoch_of(b));
-    ea == eb || skv_common::keys::epoch_newer(&ea, &eb)
-}
-
-fn has_voter(d: &RangeDescriptor, store: StoreId) -> bool {
-    d.replicas
-        .iter()
-        .any(|r| StoreId(r.store_id) == store && r.role == ReplicaRole::Voter as i32)
 }
 
 async fn transfer(
@@ -426,7 +422,7 @@ async fn execute(s: &Shared, op: Operator, stores: &[StoreInfo]) -> PlacementRes
             s.progress(range_id, 1, "create replica", Some(target));
             create_replica(s, stores, target, &wire, false).await?;
             s.progress(range_id, 2, "add voter (learner, catch up, promote)", Some(target));
-            change(s, stores, leader, &wire, target, replica_change::Kind::AddVoter).await?;
+            change(s, stores, leader, &wire, target, replica_change::Kind::AddVoter, None).await?;
             tracing::info!(target = target.get(), "voter added");
             Ok(())
         }
@@ -488,31 +484,22 @@ async fn execute(s: &Shared, op: Operator, stores: &[StoreInfo]) -> PlacementRes
         Operator::RemoveReplica {
             desc, leader, store, ..
         } => {
-            change(s, stores, leader, &desc.to_proto(), store, replica_change::Kind::Remove).await?;
+            change(
+                s,
+                stores,
+                leader,
+                &desc.to_proto(),
+                store,
+                replica_change::Kind::Remove,
+                Some(store),
+            )
+            .await?;
             tracing::info!(removed = store.get(), "replica removed");
             Ok(())
         }
         Operator::MoveReplica {
             desc, leader, from, to, ..
-        } => {
-            let mut cur = desc.to_proto();
-            s.progress(range_id, 1, "create replica", Some(to));
-            create_replica(s, stores, to, &cur, false).await?;
-            s.progress(range_id, 2, "add learner", Some(to));
-            cur = change(s, stores, leader, &cur, to, replica_change::Kind::AddLearner).await?;
-            s.progress(range_id, 3, "promote (catch up, joint consensus)", Some(to));
-            cur = promote(s, stores, leader, cur, to).await?;
-            let mut leader = leader;
-            if leader == from {
-                s.progress(range_id, 4, "transfer leader", None);
-                transfer(s, stores, &cur, from, to).await?;
-                leader = to;
-            }
-            s.progress(range_id, 5, "remove old replica", None);
-            change(s, stores, leader, &cur, from, replica_change::Kind::Remove).await?;
-            tracing::info!(from = from.get(), to = to.get(), "replica moved");
-            Ok(())
-        }
+        } => run_move(s, stores, desc, leader, from, to).await,
         Operator::Merge {
             left, right, leader, ..
         } => {
@@ -541,27 +528,120 @@ async fn execute(s: &Shared, op: Operator, stores: &[StoreInfo]) -> PlacementRes
     }
 }
 
-/// `ADD_VOTER` on an existing learner: the leader waits until it caught up, then promotes it
-/// by joint consensus. A call that timed out may have promoted it anyway: an EpochNotMatch
-/// whose current descriptor shows the voter counts as done.
-async fn promote(
+/// Pause after a leader transfer before the next step: the target campaigns at once, and
+/// the removal that follows is then usually taken by it on the first try.
+const TRANSFER_SETTLE_MS: u64 = 250;
+
+/// Whether a failed move step is worth a re-read and another decision: the range changed
+/// (stale epoch), its leader moved or is unknown, a replica is gone, a store did not answer.
+fn retriable(e: &PlacementError) -> bool {
+    matches!(
+        e.code(),
+        ErrorCode::EpochNotMatch | ErrorCode::RangeUnavailable | ErrorCode::StoreUnavailable
+    )
+}
+
+/// Moves the replica on `from` to `to` (ADR 0015 "Moves"): before every step the range is
+/// re-read (the newer of the descriptor the last step answered and the range map's, and
+/// the map's leader, which heartbeats and refusals keep current) and
+/// [`next_move_step`] decides; a refused step is retried from the re-read state
+/// ([`MOVE_MAX_REFUSALS`] in a row at most), so each `ChangeReplicas` goes to the current
+/// leader with the current epoch, and the leader's own replica is removed only after the
+/// leadership moved to another voter.
+async fn run_move(
     s: &Shared,
     stores: &[StoreInfo],
+    desc: Descriptor,
     leader: StoreId,
-    cur: RangeDescriptor,
+    from: StoreId,
     to: StoreId,
-) -> PlacementResult<RangeDescriptor> {
-    match change(s, stores, leader, &cur, to, replica_change::Kind::AddVoter).await {
-        Ok(d) => Ok(d),
-        Err(e) => {
-            // The map was refreshed from the refusal: look at it.
-            if let Ok(Some(rec)) = s.meta.range_by_id(RangeId(cur.range_id)).await
-                && has_voter(rec.desc(), to)
-                && newer_or_same(rec.desc(), &cur)
-            {
-                return Ok(rec.desc().clone());
+) -> PlacementResult<()> {
+    let range_id = desc.id;
+    let mut cur = desc;
+    let mut leader = Some(leader);
+    let mut created = false;
+    let mut refusals = 0u32;
+    loop {
+        let step = next_move_step(&cur, leader, from, to, created);
+        let receiving = matches!(
+            step,
+            MoveStep::CreateReplica | MoveStep::AddLearner { .. } | MoveStep::Promote { .. }
+        )
+        .then_some(to);
+        s.progress(range_id, step.number(), step.name(), receiving);
+        let wire = cur.to_proto();
+        let r = match step {
+            MoveStep::Done => {
+                tracing::info!(from = from.get(), to = to.get(), "replica moved");
+                return Ok(());
             }
-            Err(e)
+            MoveStep::CreateReplica => create_replica(s, stores, to, &wire, false).await.map(|()| {
+                created = true;
+                None
+            }),
+            MoveStep::AddLearner { leader } => {
+                change(s, stores, leader, &wire, to, replica_change::Kind::AddLearner, None)
+                    .await
+                    .map(Some)
+            }
+            MoveStep::Promote { leader } => change(s, stores, leader, &wire, to, replica_change::Kind::AddVoter, None)
+                .await
+                .map(Some),
+            MoveStep::TransferLeader { from, to } => {
+                let r = transfer(s, stores, &wire, from, to).await;
+                if r.is_ok() {
+                    tokio::time::sleep(Duration::from_millis(TRANSFER_SETTLE_MS)).await;
+                }
+                r.map(|()| None)
+            }
+            MoveStep::RemoveOld { leader } => {
+                change(s, stores, leader, &wire, from, replica_change::Kind::Remove, Some(from))
+                    .await
+                    .map(Some)
+            }
+            MoveStep::WaitForLeader => Err(PlacementError::RangeUnavailable {
+                range_id,
+                reason: format!("no leader among the voters of range {range_id} is known"),
+                retry_after: Duration::from_millis(retry_delay_ms(1)),
+            }),
+        };
+        match r {
+            Ok(answered) => {
+                refusals = 0;
+                if let Some(d) = answered
+                    && let Ok(d) = Descriptor::try_from(&d)
+                    && newer_or_same(d.epoch, cur.epoch)
+                {
+                    cur = d;
+                }
+            }
+            Err(e) if retriable(&e) && refusals < MOVE_MAX_REFUSALS => {
+                refusals += 1;
+                s.metrics
+                    .operator_step_retries
+                    .get_or_create(&Metrics::labels(&[("kind", "move"), ("step", step.label())]))
+                    .inc();
+                let wait = retry_delay_ms(refusals);
+                tracing::info!(
+                    step = step.name(),
+                    code = %e.code(),
+                    error = %e,
+                    refusals,
+                    retry_in_ms = wait,
+                    "move step refused; re-reading the range"
+                );
+                tokio::time::sleep(Duration::from_millis(wait)).await;
+            }
+            Err(e) => return Err(e),
+        }
+        // Re-read: the range map holds what heartbeats and refusals brought since.
+        if let Some(rec) = s.meta.range_by_id(range_id).await? {
+            if let Ok(d) = Descriptor::try_from(rec.desc())
+                && newer_or_same(d.epoch, cur.epoch)
+            {
+                cur = d;
+            }
+            leader = rec.leader();
         }
     }
 }
