@@ -106,13 +106,14 @@ pub enum SimError {
         index: u64,
         term: u64,
     },
-    #[error("seed {seed}: {range}: the logs of {a} and {b} differ at applied index {index}")]
+    #[error("seed {seed}: {range}: the logs of {a} and {b} differ at applied index {index}: {detail}")]
     LogsDiverge {
         seed: u64,
         range: RangeId,
         a: StoreId,
         b: StoreId,
         index: u64,
+        detail: String,
     },
     #[error("seed {seed}: {range}: the state machines of {a} and {b} differ at applied index {index}")]
     StateDiverges {
@@ -575,12 +576,24 @@ pub fn run(cfg: RunConfig) -> Result<RunReport, SimError> {
 }
 
 async fn run_async(cfg: RunConfig, dir: &Path) -> Result<RunReport, SimError> {
+    let world: Shared = Arc::new(parking_lot::Mutex::new(World::new(cfg.seed, cfg.faults, cfg.keep_log)));
+    let r = run_world(cfg, dir, world.clone()).await;
+    if r.is_err()
+        && let Some(log) = &world.lock().log
+    {
+        // The trace of a failing run (`--trace`): printed here, as no report carries it.
+        for l in log {
+            println!("{l}");
+        }
+    }
+    r
+}
+
+async fn run_world(cfg: RunConfig, dir: &Path, world: Shared) -> Result<RunReport, SimError> {
     let seed = cfg.seed;
     let raft_cfg = RaftConfig::new(1_000_000)
         .map_err(|e| harness(seed, e))?
         .openraft_config();
-    let faults = cfg.faults;
-    let world: Shared = Arc::new(parking_lot::Mutex::new(World::new(seed, faults, cfg.keep_log)));
     let mut disks = BTreeMap::new();
     for n in 1..=cfg.nodes {
         let d = dir.join(format!("s{n}"));
@@ -730,15 +743,16 @@ async fn run_async(cfg: RunConfig, dir: &Path) -> Result<RunReport, SimError> {
     })
 }
 
-/// Waits (virtual time) until every replica of every range applied the same index as its
-/// leader and a leader exists.
+/// Waits (virtual time) until, at one instant, every range has a leader and every replica
+/// applied the leader's last log index (so nothing is in flight), twice in a row.
 async fn converge(sim: &Sim) -> Result<(), SimError> {
     let seed = sim.cfg.seed;
-    for g in 1..=sim.cfg.groups {
-        let mut detail = String::new();
-        let mut ok = false;
-        for _ in 0..300 {
-            tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut settled = 0;
+    let mut failing = (RangeId(0), String::new());
+    for _ in 0..300 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut all = true;
+        for g in 1..=sim.cfg.groups {
             let applied: Vec<u64> = (1..=sim.cfg.nodes)
                 .map(|n| {
                     sim.shared
@@ -746,25 +760,34 @@ async fn converge(sim: &Sim) -> Result<(), SimError> {
                         .map_or(0, |s| s.applied_index.load(std::sync::atomic::Ordering::Acquire))
                 })
                 .collect();
-            let leader = {
+            let leader_last = {
                 let w = sim.world.lock();
-                (1..=sim.cfg.nodes).any(|n| w.rafts.get(&(g, n)).is_some_and(|r| r.is_leader()))
+                (1..=sim.cfg.nodes).find_map(|n| {
+                    w.rafts
+                        .get(&(g, n))
+                        .filter(|r| r.is_leader())
+                        .map(|r| r.metrics().borrow_watched().last_log_index.unwrap_or(0))
+                })
             };
-            ok = leader && applied.windows(2).all(|w| w[0] == w[1]);
-            detail = format!("applied {applied:?}, leader {leader}");
-            if ok {
-                break;
+            let ok = leader_last.is_some_and(|last| applied.iter().all(|a| *a == last));
+            if !ok {
+                all = false;
+                failing = (
+                    RangeId(g),
+                    format!("applied {applied:?}, leader's last log index {leader_last:?}"),
+                );
             }
         }
-        if !ok {
-            return Err(SimError::NoConvergence {
-                seed,
-                range: RangeId(g),
-                detail,
-            });
+        settled = if all { settled + 1 } else { 0 };
+        if settled >= 2 {
+            return Ok(());
         }
     }
-    Ok(())
+    Err(SimError::NoConvergence {
+        seed,
+        range: failing.0,
+        detail: failing.1,
+    })
 }
 
 /// Every acknowledged write is in every replica's log at its index, and the logs agree
@@ -816,12 +839,29 @@ fn check_logs(sim: &Sim, acked: &[(u64, u64, u64)]) -> Result<(), SimError> {
         for (n, b) in logs.iter().skip(1) {
             for i in 1..=applied {
                 if a.get(&i) != b.get(&i) {
+                    let show = |e: Option<&Vec<u8>>| match e.map(|b| decode::<Entry>(b)) {
+                        None => "none".to_string(),
+                        Some(Ok(e)) => format!("{e}"),
+                        Some(Err(e)) => format!("undecodable: {e}"),
+                    };
                     return Err(SimError::LogsDiverge {
                         seed,
                         range: RangeId(g),
                         a: StoreId(first),
                         b: StoreId(*n),
                         index: i,
+                        detail: format!(
+                            "{} vs {}; applied {:?}; last log indexes {:?}",
+                            show(a.get(&i)),
+                            show(b.get(&i)),
+                            (1..=sim.cfg.nodes)
+                                .map(|n| sim
+                                    .shared
+                                    .get(&(g, n))
+                                    .map(|s| s.applied_index.load(std::sync::atomic::Ordering::Acquire)))
+                                .collect::<Vec<_>>(),
+                            logs.values().map(|l| l.keys().next_back().copied()).collect::<Vec<_>>()
+                        ),
                     });
                 }
             }
