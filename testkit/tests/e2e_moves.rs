@@ -85,6 +85,25 @@ fn settled(r: &RangeInfo) -> bool {
     })
 }
 
+/// Waits (up to `secs`) until the range holding `key` is [`settled`]; panics with the last
+/// state seen and placement's log.
+async fn wait_settled(c: &ProcCluster, pd: &PlacementClient<Channel>, key: &[u8], what: &str, secs: u64) -> RangeInfo {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let r = range_of(pd, key).await;
+        if settled(&r) {
+            return r;
+        }
+        if Instant::now() >= deadline {
+            panic!(
+                "{what}: the range has no three voters and known leader after {secs} s: {r:?}\n{}",
+                c.read_log("placement")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn moving_the_leaders_replica_again_and_again_always_finishes() {
     let metrics_port = free_port();
@@ -103,12 +122,6 @@ async fn moving_the_leaders_replica_again_and_again_always_finishes() {
         .await
         .unwrap_or_else(|e| panic!("connect placement: {e}"));
     let pd = PlacementClient::new(channel);
-    // Only the move operators change the range's replicas: a failed move would stay a
-    // fourth voter (or a learner) in the map.
-    pd.clone()
-        .set_scheduler_paused(admin(SetSchedulerPausedRequest { paused: true }))
-        .await
-        .unwrap_or_else(|e| panic!("pause the scheduler: {e}"));
     let stores: Vec<u64> = wait_until("4 stores registered", Duration::from_secs(30), || {
         let mut pd = pd.clone();
         async move {
@@ -117,6 +130,16 @@ async fn moving_the_leaders_replica_again_and_again_always_finishes() {
         }
     })
     .await;
+    let key = [namespace_prefix(b"moves").unwrap_or_default(), b"m/".to_vec()].concat();
+    // The first range may start with fewer voters (initial placement does not wait for 3
+    // stores); the scheduler brings it to three. Then it is paused: only the move operators
+    // change the range's replicas, so a failed move would stay a fourth voter (or a
+    // learner) in the map.
+    wait_settled(&c, &pd, &key, "before the moves", 60).await;
+    pd.clone()
+        .set_scheduler_paused(admin(SetSchedulerPausedRequest { paused: true }))
+        .await
+        .unwrap_or_else(|e| panic!("pause the scheduler: {e}"));
     let client = c.client("moves", "write").await;
     let load = Workload::start(
         client.clone(),
@@ -128,19 +151,10 @@ async fn moving_the_leaders_replica_again_and_again_always_finishes() {
             pause: Duration::from_millis(2),
         },
     );
-    let key = [namespace_prefix(b"moves").unwrap_or_default(), b"m/".to_vec()].concat();
     let mut took = Vec::new();
     for round in 1..=MOVES {
         // The range as the previous move left it, its leader known from heartbeats.
-        let r = wait_until("three voters and a known leader", Duration::from_secs(30), || {
-            let pd = pd.clone();
-            let key = key.clone();
-            async move {
-                let r = range_of(&pd, &key).await;
-                settled(&r).then_some(r)
-            }
-        })
-        .await;
+        let r = wait_settled(&c, &pd, &key, &format!("round {round}"), 30).await;
         let d = r.descriptor.clone().unwrap_or_default();
         let from = r.leader_store_id;
         let Some(to) = stores
