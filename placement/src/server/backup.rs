@@ -19,7 +19,7 @@
 //! (`IngestRange`, one Raft command each). Ingest skips records older than what a key holds,
 //! so running the restore again (after a failure or a failover) ends the same.
 
-use super::{Shared, now_ms};
+use super::{Shared, wall_ms};
 use crate::error::{PlacementError, PlacementResult};
 use crate::meta::{CmpOp, Compare, Op, Txn};
 use prometheus_client::encoding::EncodeLabelSet;
@@ -223,7 +223,7 @@ pub(super) async fn create_backup(s: &Arc<Shared>, _req: CreateBackupRequest) ->
             });
         }
     };
-    let now = now_ms();
+    let now = wall_ms();
     let info = BackupInfo {
         id: new_backup_id(now, rand::random()),
         state: RUNNING.into(),
@@ -284,7 +284,7 @@ async fn run_backup(s: Arc<Shared>, info: BackupInfo, value: Vec<u8>) {
             let failed = BackupInfo {
                 state: FAILED.into(),
                 error: e,
-                finished_unix_ms: now_ms(),
+                finished_unix_ms: wall_ms(),
                 owner: String::new(),
                 ..info.clone()
             };
@@ -386,7 +386,7 @@ async fn backup_all(
     let key = s.meta.layout.backup(&info.id);
     let finishing = BackupInfo {
         state: FINISHING.into(),
-        finished_unix_ms: now_ms(),
+        finished_unix_ms: wall_ms(),
         ..info.clone()
     };
     let finishing = finishing.encode_to_vec();
@@ -559,7 +559,7 @@ pub(super) async fn delete_backup(s: &Arc<Shared>, req: DeleteBackupRequest) -> 
 /// nor record are deleted after the orphan grace.
 pub(super) async fn sweep(s: &Shared) -> PlacementResult<()> {
     let Some(objects) = &s.objects else { return Ok(()) };
-    let now = now_ms();
+    let now = wall_ms();
     let records = backup_records(s).await?;
     for (b, raw) in &records {
         if (b.state != RUNNING && b.state != FINISHING) || s.jobs.lock().contains(&b.id) {
@@ -720,7 +720,7 @@ pub(super) async fn restore_backup(
     let info = RestoreInfo {
         backup_id: req.id.clone(),
         state: RUNNING.into(),
-        started_unix_ms: now_ms(),
+        started_unix_ms: wall_ms(),
         ranges: manifest.ranges.len() as u32,
         owner: s.me.name.clone(),
         ..Default::default()
@@ -817,7 +817,7 @@ async fn run_restore(s: Arc<Shared>, info: RestoreInfo, manifest: BackupManifest
         None => Err("no object storage".into()),
     };
     running.dec();
-    info.finished_unix_ms = now_ms();
+    info.finished_unix_ms = wall_ms();
     info.owner = String::new();
     match &res {
         Ok(()) => {
@@ -1190,7 +1190,7 @@ mod tests {
         // 2024-02-29 23:59:59 (leap day).
         assert_eq!(new_backup_id(1_709_251_199_000, 0), "20240229-235959-0000");
         assert!(new_backup_id(1_000_000_000_000, 0xffff) < new_backup_id(1_000_000_001_000, 0));
-        assert!(valid_backup_id(&new_backup_id(now_ms(), rand::random())));
+        assert!(valid_backup_id(&new_backup_id(wall_ms(), rand::random())));
     }
 
     #[test]

@@ -69,10 +69,25 @@ const COMPACT_KEEP_REVISIONS: i64 = 10_000;
 /// Attempts of admin operations that meet routing errors.
 const ADMIN_ATTEMPTS: usize = 5;
 
+/// Milliseconds on placement's clock: the wall clock read once, when first asked, advanced by
+/// the monotonic clock since. Store liveness (`last_heartbeat_ms` against
+/// `--store-down-after-ms`), operator deadlines, settle times and load windows are measured on
+/// it, so a step of the wall clock while placement runs (NTP, `date -s`) neither makes every
+/// store look DOWN (and, past `--repair-after-secs`, rebuilds replicas of live stores) nor ends
+/// an operator early; the chaos `clock` nemesis found that (ADR 0026). Times written by another
+/// placement instance compare within the two machines' clock difference, as before.
 fn now_ms() -> u64 {
+    static ANCHOR: std::sync::OnceLock<(u64, std::time::Instant)> = std::sync::OnceLock::new();
+    let (wall, at) = *ANCHOR.get_or_init(|| (wall_ms(), std::time::Instant::now()));
+    wall.saturating_add(u64::try_from(at.elapsed().as_millis()).unwrap_or(u64::MAX))
+}
+
+/// The wall clock in Unix milliseconds: for times shown to people (backup creation and
+/// finish), never for durations.
+fn wall_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// In-memory state of the leader, reset on each new term.
