@@ -9,8 +9,8 @@ pub mod group;
 pub mod log_store;
 pub mod network;
 pub mod runtime;
-pub mod watch;
 pub mod state_machine;
+pub mod watch;
 
 pub use group::{
     ChangeKind, GroupParts, InitError, LeaderView, MembershipStamp, RaftConfig, RaftConfigError, RaftGroup, RaftOpError,
