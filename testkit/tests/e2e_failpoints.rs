@@ -212,11 +212,21 @@ impl Harness {
         }
     }
 
-    /// The range holding `key` of the namespace: (range id, its store ids).
+    /// The range holding `key` of the namespace: (range id, its store ids). Placement's
+    /// answers that carry a retry hint (its map catching up right after a split or a restart,
+    /// a leader change) are retried for up to 30 s; any other error, or one that lasts, fails.
     async fn range_of(&self, key: &str) -> (u64, Vec<u64>) {
-        match self.try_range_of(key).await {
-            Ok(r) => r,
-            Err(e) => panic!("range of {key}: {e}"),
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match self.try_range_of(key).await {
+                Ok(r) => return r,
+                Err(e)
+                    if (e.contains("PD-KeyNotCovered") || e.contains("PD-NotLeader")) && Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => panic!("range of {key}: {e}"),
+            }
         }
     }
 
