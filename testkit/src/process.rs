@@ -6,8 +6,31 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// A free TCP port on 127.0.0.1 (bound to port 0, then released).
+/// A free TCP port on 127.0.0.1 for a child process to listen on, below the kernel's
+/// ephemeral range (`net.ipv4.ip_local_port_range`, 32768-60999 by default).
+///
+/// A port taken with `bind(0)` comes from the ephemeral range, which is also where the
+/// kernel picks the local port of every outgoing connection: between releasing it here and the
+/// child binding it, any of the many connections of concurrently running tests can be given
+/// it, and the child then fails to start with EADDRINUSE (seen in CI: a placement's metrics
+/// port). Ports below the range are only ever taken by an explicit bind, so a random one that
+/// binds now stays free unless another test picks the same one. Falls back to `bind(0)`
+/// when the range starts too low to leave room.
 pub fn free_port() -> u16 {
+    use rand::Rng;
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|p| p.parse::<u16>().ok()))
+        .unwrap_or(32768);
+    if low > 12_000 {
+        let mut rng = rand::rng();
+        for _ in 0..200 {
+            let port = rng.random_range(10_000..low);
+            if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return port;
+            }
+        }
+    }
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
