@@ -6,6 +6,7 @@
 
 pub mod cluster;
 pub mod etcd;
+pub mod metrics;
 pub mod process;
 pub mod s3;
 pub mod workload;

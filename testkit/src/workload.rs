@@ -181,6 +181,25 @@ impl Workload {
     }
 }
 
+impl Workload {
+    /// Stops the workload and checks what a client may expect of skv through any fault or
+    /// reshaping: no client-visible error, no stale read, something acknowledged, and every
+    /// acknowledged write read back through `client`. Panics, naming `what`, otherwise.
+    pub async fn stop_and_check(self, client: &skv::Client, what: &str) -> Outcome {
+        let out = self.stop().await;
+        assert!(
+            out.errors.is_empty(),
+            "{what}: client-visible errors: {:?}",
+            &out.errors[..out.errors.len().min(10)]
+        );
+        assert!(out.stale_reads.is_empty(), "{what}: stale reads: {:?}", out.stale_reads);
+        assert!(!out.acked.is_empty(), "{what}: the workload acknowledged nothing");
+        let bad = out.verify(client).await;
+        assert!(bad.is_empty(), "{what}: acknowledged writes lost: {bad:?}");
+        out
+    }
+}
+
 impl Outcome {
     /// Reads back every acknowledged key; returns the keys whose value is missing or older.
     pub async fn verify(&self, client: &skv::Client) -> Vec<String> {

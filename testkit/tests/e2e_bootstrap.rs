@@ -16,36 +16,11 @@ use skv_proto::internal::{
 };
 use skv_testkit::cluster::{ProcCluster, admin};
 use skv_testkit::s3::S3Server;
-use skv_testkit::{free_port, wait_until};
+use skv_testkit::{free_port, metrics, wait_until};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::transport::Channel;
 
 const URL: &str = "s3://skv/cluster";
-
-async fn http_get(addr: &str, path: &str) -> Option<String> {
-    let mut s = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr))
-        .await
-        .ok()?
-        .ok()?;
-    let req = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    s.write_all(req.as_bytes()).await.ok()?;
-    let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf))
-        .await
-        .ok()?
-        .ok()?;
-    let text = String::from_utf8_lossy(&buf).to_string();
-    text.split_once("\r\n\r\n").map(|(_, b)| b.to_string())
-}
-
-/// The value of one series (`name` with exactly these labels, e.g. `{reason="corrupt"}`).
-fn series(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
-        .filter_map(|v| v.trim().parse::<f64>().ok())
-        .sum()
-}
 
 struct Env {
     c: ProcCluster,
@@ -248,7 +223,7 @@ impl Env {
             .find(|(id, _)| *id == store)
             .map(|(_, a)| a)
             .unwrap_or_default();
-        http_get(&addr, "/metrics").await.unwrap_or_default()
+        metrics::scrape(&addr).await.unwrap_or_default()
     }
 
     /// Snapshot bytes sent by every store so far.
@@ -256,10 +231,10 @@ impl Env {
         let mut total = 0.0;
         let down = self.down.clone();
         for (_, addr) in self.stores().await.into_iter().filter(|(id, _)| !down.contains(id)) {
-            let m = http_get(&addr, "/metrics")
+            let m = metrics::scrape(&addr)
                 .await
                 .unwrap_or_else(|| panic!("metrics of {addr} not readable"));
-            total += series(&m, "skv_storenode_raft_snapshot_sent_bytes_total");
+            total += metrics::sum(&m, "skv_storenode_raft_snapshot_sent_bytes_total");
         }
         total
     }
@@ -480,11 +455,11 @@ async fn a_moved_replica_bootstraps_from_the_checkpoint_and_the_leader_sends_onl
     let sent_corrupt = env.sent_since(before, true).await;
     let m = env.metrics_of(corrupt_store).await;
     assert_eq!(
-        series(&m, "skv_bootstrap_fallbacks_total{reason=\"corrupt\"}"),
+        metrics::sum(&m, "skv_bootstrap_fallbacks_total{reason=\"corrupt\"}"),
         1.0,
         "{m}"
     );
-    assert_eq!(series(&m, "skv_bootstrap_installs_total"), 0.0);
+    assert_eq!(metrics::sum(&m, "skv_bootstrap_installs_total"), 0.0);
 
     // The move applied entries: a new, good checkpoint follows.
     let (_, path2, index2) = env.settled_checkpoint(KEYS as u64, index).await;
@@ -497,10 +472,10 @@ async fn a_moved_replica_bootstraps_from_the_checkpoint_and_the_leader_sends_onl
     let secs_boot = env.move_replica(range, from, boot_store).await;
     let sent_boot = env.sent_since(before, false).await;
     let m = env.metrics_of(boot_store).await;
-    assert_eq!(series(&m, "skv_bootstrap_installs_total"), 1.0, "{m}");
-    assert!(series(&m, "skv_bootstrap_keys_total") >= KEYS as f64, "{m}");
-    let downloaded = series(&m, "skv_bootstrap_bytes_total");
-    assert_eq!(series(&m, "skv_bootstrap_fallbacks_total{reason=\"stale\"}"), 0.0);
+    assert_eq!(metrics::sum(&m, "skv_bootstrap_installs_total"), 1.0, "{m}");
+    assert!(metrics::sum(&m, "skv_bootstrap_keys_total") >= KEYS as f64, "{m}");
+    let downloaded = metrics::sum(&m, "skv_bootstrap_bytes_total");
+    assert_eq!(metrics::sum(&m, "skv_bootstrap_fallbacks_total{reason=\"stale\"}"), 0.0);
 
     // 3. The same move to a store with bootstrap disabled: the leader's snapshot.
     let off_store = env.add_store(&["--bootstrap-from-checkpoints=false"]).await;
@@ -509,7 +484,7 @@ async fn a_moved_replica_bootstraps_from_the_checkpoint_and_the_leader_sends_onl
     let sent_off = env.sent_since(before, true).await;
     let m = env.metrics_of(off_store).await;
     assert_eq!(
-        series(&m, "skv_bootstrap_fallbacks_total{reason=\"disabled\"}"),
+        metrics::sum(&m, "skv_bootstrap_fallbacks_total{reason=\"disabled\"}"),
         1.0,
         "{m}"
     );
@@ -554,11 +529,11 @@ async fn without_a_checkpoint_the_new_replica_gets_the_leaders_snapshot() {
     let sent = env.sent_since(before, true).await;
     let m = env.metrics_of(to).await;
     assert_eq!(
-        series(&m, "skv_bootstrap_fallbacks_total{reason=\"no_checkpoint\"}"),
+        metrics::sum(&m, "skv_bootstrap_fallbacks_total{reason=\"no_checkpoint\"}"),
         1.0,
         "{m}"
     );
-    assert_eq!(series(&m, "skv_bootstrap_installs_total"), 0.0);
+    assert_eq!(metrics::sum(&m, "skv_bootstrap_installs_total"), 0.0);
     assert!(sent > 100_000.0, "the leader sent its snapshot ({sent} B)");
     println!("no checkpoint: the leader sent {sent:.0} snapshot bytes");
     env.serves_every_key_from(range, to, KEYS).await;
@@ -604,9 +579,9 @@ async fn the_leader_keeps_its_log_from_the_checkpoint_so_a_learner_still_bootstr
     let sent = env.sent_since(before, false).await;
     let m = env.metrics_of(to).await;
     println!("checkpoint at index {index}, 400 entries and 4 compactions later: {sent:.0} snapshot bytes sent");
-    assert_eq!(series(&m, "skv_bootstrap_installs_total"), 1.0, "{m}");
+    assert_eq!(metrics::sum(&m, "skv_bootstrap_installs_total"), 1.0, "{m}");
     assert_eq!(
-        series(&m, "skv_bootstrap_fallbacks_total{reason=\"stale\"}"),
+        metrics::sum(&m, "skv_bootstrap_fallbacks_total{reason=\"stale\"}"),
         0.0,
         "{m}"
     );
@@ -648,9 +623,9 @@ async fn a_repaired_replica_bootstraps_from_the_checkpoint() {
     let repair_secs = killed_at.elapsed().as_secs_f64();
     let sent = env.sent_since(before, false).await;
     let m = env.metrics_of(spare).await;
-    let installs = series(&m, "skv_bootstrap_installs_total");
-    let keys = series(&m, "skv_bootstrap_keys_total");
-    let downloaded = series(&m, "skv_bootstrap_bytes_total");
+    let installs = metrics::sum(&m, "skv_bootstrap_installs_total");
+    let keys = metrics::sum(&m, "skv_bootstrap_keys_total");
+    let downloaded = metrics::sum(&m, "skv_bootstrap_bytes_total");
     println!(
         "repair of a {KEYS}-key range after kill -9 of store {victim}: replica on store {spare} in \
          {repair_secs:.1} s (DOWN after 3 s, repair after 2 s); bootstrap installs {installs}, \
@@ -659,7 +634,7 @@ async fn a_repaired_replica_bootstraps_from_the_checkpoint() {
     assert!(installs >= 1.0, "the repaired replica was not bootstrapped: {m}");
     assert!(keys >= KEYS as f64, "{m}");
     assert_eq!(
-        series(&m, "skv_bootstrap_fallbacks_total{reason=\"stale\"}"),
+        metrics::sum(&m, "skv_bootstrap_fallbacks_total{reason=\"stale\"}"),
         0.0,
         "{m}"
     );

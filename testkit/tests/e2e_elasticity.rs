@@ -8,7 +8,7 @@ use skv_proto::internal::placement_client::PlacementClient;
 use skv_proto::internal::{AdminDrainStoreRequest, GetStoresRequest, RangeInfo, ScanRangesRequest, StoreInfo};
 use skv_testkit::cluster::{Cluster, ClusterOptions};
 use skv_testkit::wait_until;
-use skv_testkit::workload::{Outcome, Workload, WorkloadOptions};
+use skv_testkit::workload::{Workload, WorkloadOptions};
 use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 use tonic::transport::Channel;
@@ -128,20 +128,6 @@ async fn split_at(pd: &Pd, ns: &[u8], keys: &[String]) {
     }
 }
 
-async fn finish(load: Workload, client: &skv::Client, what: &str) -> Outcome {
-    let out = load.stop().await;
-    assert!(
-        out.errors.is_empty(),
-        "{what}: client-visible errors: {:?}",
-        &out.errors[..out.errors.len().min(10)]
-    );
-    assert!(out.stale_reads.is_empty(), "{what}: stale reads: {:?}", out.stale_reads);
-    assert!(!out.acked.is_empty(), "{what}: the workload acknowledged nothing");
-    let bad = out.verify(client).await;
-    assert!(bad.is_empty(), "{what}: acknowledged writes lost: {bad:?}");
-    out
-}
-
 fn args(a: &[&str]) -> Vec<String> {
     a.iter().map(|s| s.to_string()).collect()
 }
@@ -207,7 +193,7 @@ async fn a_hot_prefix_is_split_by_load_and_its_halves_spread() {
     )
     .await;
     let spread_after = started.elapsed();
-    let out = finish(load, &client, "hot prefix").await;
+    let out = load.stop_and_check(&client, "hot prefix").await;
     eprintln!(
         "hot prefix: {before} range(s) before; split after {split_after:?}:\n{split}\n\
          led by different stores after {spread_after:?}:\n{spread}\n{} ops, {} keys acknowledged, 0 errors",
@@ -321,7 +307,7 @@ async fn three_stores_grow_to_five_then_two_drain_and_stop() {
         );
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let out = finish(load, &client, "3 -> 5 -> 3").await;
+    let out = load.stop_and_check(&client, "3 -> 5 -> 3").await;
     eprintln!(
         "3->5->3: {n_ranges} ranges; balanced after {grew_after:?} ({balanced}); drained after {drained_after:?}; \
          {} ops, 0 client errors",
@@ -461,7 +447,7 @@ async fn a_dead_stores_replicas_are_repaired_elsewhere() {
     )
     .await;
     let repaired_after = started.elapsed();
-    let out = finish(load, &client, "repair").await;
+    let out = load.stop_and_check(&client, "repair").await;
     eprintln!(
         "repair: s{victim_id} held {} replicas; repaired after {repaired_after:?}; {} ops, 0 client errors",
         reps.get(&victim_id).copied().unwrap_or(0),

@@ -80,26 +80,6 @@ async fn three_placements_on_etcd_serve_and_fail_over() {
     cluster.shutdown().await;
 }
 
-/// The series `name` (summed over its labels) on the `/metrics` page at `addr`.
-async fn metric_sum(addr: std::net::SocketAddr, name: &str) -> f64 {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr)
-        .await
-        .unwrap_or_else(|e| panic!("metrics {addr}: {e}"));
-    s.write_all(format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap_or_else(|e| panic!("metrics {addr}: {e}"));
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf)
-        .await
-        .unwrap_or_else(|e| panic!("metrics {addr}: {e}"));
-    String::from_utf8_lossy(&buf)
-        .lines()
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 /// Runs `f` until it succeeds, is refused without a retry hint, or 5 s pass: a refusal that
 /// carries `skv-retry-after-ms` (placement's contract for "retry": no leader known during an
 /// election, the map catching up after one) is retried after the hinted wait and counted in
@@ -267,8 +247,11 @@ async fn admin_calls_survive_the_loss_of_an_etcd_member() {
     }
     stop.store(true, Ordering::Relaxed);
     let (calls, hinted, failures) = admin_stream.await.expect("admin call stream");
-    let retries = metric_sum(metrics, "skv_placement_meta_retries_total").await;
-    let switches = metric_sum(metrics, "skv_placement_meta_member_switches_total").await;
+    let page = skv_testkit::metrics::scrape(&metrics.to_string())
+        .await
+        .unwrap_or_else(|| panic!("placement's metrics at {metrics} not readable"));
+    let retries = skv_testkit::metrics::sum(&page, "skv_placement_meta_retries_total");
+    let switches = skv_testkit::metrics::sum(&page, "skv_placement_meta_member_switches_total");
     eprintln!(
         "admin calls: {calls}, failed: {}, retried on a hint: {hinted}, etcd retries: {retries}, member switches: {switches}",
         failures.len()

@@ -579,25 +579,14 @@ async fn placement_crash_around_range_map_txn(point: &str) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let done = h.split_at("k20").await.is_ok();
-        let exited =
-            h.c.placement
-                .as_mut()
-                .and_then(|g| g.child_mut())
-                .is_some_and(|c| c.try_wait().ok().flatten().is_some());
+        let exited = h.placement_exited();
         if done || exited {
             break;
         }
         assert!(Instant::now() < deadline, "the split was never accepted");
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    let code = h.wait_placement_exit(Duration::from_secs(30)).await;
-    let log = h.c.read_log("placement-fp");
-    assert!(
-        !log.contains("built without the `failpoints` feature"),
-        "the placement binary has no failpoints: build with --features skv-placement/failpoints"
-    );
-    assert_eq!(code, EXIT_CRASH_POINT, "placement exit code: {}", tail(&log));
-    assert!(log.contains(&format!("crash point {point} reached")), "{}", tail(&log));
+    h.expect_placement_crash(point).await;
     h.c.start_placement();
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -632,6 +621,28 @@ async fn placement_crash_after_the_range_map_txn_of_a_split_recovers() {
 }
 
 impl Harness {
+    /// Whether placement has exited, without reaping it.
+    fn placement_exited(&mut self) -> bool {
+        self.c
+            .placement
+            .as_mut()
+            .and_then(|g| g.child_mut())
+            .is_some_and(|c| c.try_wait().ok().flatten().is_some())
+    }
+
+    /// Waits for placement to exit at crash point `point`: exit code 74 and the point named
+    /// in its log (a binary without the failpoints feature is named as the cause).
+    async fn expect_placement_crash(&mut self, point: &str) {
+        let code = self.wait_placement_exit(Duration::from_secs(30)).await;
+        let log = self.c.read_log("placement-fp");
+        assert!(
+            !log.contains("built without the `failpoints` feature"),
+            "the placement binary has no failpoints: build with --features skv-placement/failpoints"
+        );
+        assert_eq!(code, EXIT_CRASH_POINT, "placement exit code: {}", tail(&log));
+        assert!(log.contains(&format!("crash point {point} reached")), "{}", tail(&log));
+    }
+
     /// Whether store 0 has exited, without reaping it.
     fn store0_exit_peek(&mut self) -> bool {
         self.c.stores[0]
@@ -662,11 +673,7 @@ async fn placement_crash_around_merge_txn(point: &str) {
     }
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let exited =
-            h.c.placement
-                .as_mut()
-                .and_then(|g| g.child_mut())
-                .is_some_and(|c| c.try_wait().ok().flatten().is_some());
+        let exited = h.placement_exited();
         if exited {
             break;
         }
@@ -684,14 +691,7 @@ async fn placement_crash_around_merge_txn(point: &str) {
         assert!(Instant::now() < deadline, "placement never reached {point}: {r:?}");
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    let code = h.wait_placement_exit(Duration::from_secs(30)).await;
-    let log = h.c.read_log("placement-fp");
-    assert!(
-        !log.contains("built without the `failpoints` feature"),
-        "the placement binary has no failpoints: build with --features skv-placement/failpoints"
-    );
-    assert_eq!(code, EXIT_CRASH_POINT, "placement exit code: {}", tail(&log));
-    assert!(log.contains(&format!("crash point {point} reached")), "{}", tail(&log));
+    h.expect_placement_crash(point).await;
     // Writes go on while placement is down (the proxy follows the storenodes' answers).
     for _ in 0..10 {
         h.write_one().await;

@@ -15,37 +15,12 @@ use skv_proto::internal::{
 };
 use skv_testkit::cluster::{ProcCluster, admin};
 use skv_testkit::workload::{Workload, WorkloadOptions};
-use skv_testkit::{free_port, wait_until};
+use skv_testkit::{free_port, metrics, wait_until};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::transport::Channel;
 
 /// Moves in a row, each of the replica that leads the range when it starts.
 const MOVES: usize = 6;
-
-async fn http_get(addr: &str, path: &str) -> Option<String> {
-    let mut s = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr))
-        .await
-        .ok()?
-        .ok()?;
-    let req = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    s.write_all(req.as_bytes()).await.ok()?;
-    let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf))
-        .await
-        .ok()?
-        .ok()?;
-    let text = String::from_utf8_lossy(&buf).to_string();
-    text.split_once("\r\n\r\n").map(|(_, b)| b.to_string())
-}
-
-/// The sum of the samples of series starting with `prefix` (a name and some labels).
-fn sum_of(text: &str, prefix: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(prefix))
-        .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.trim().parse::<f64>().ok()))
-        .sum()
-}
 
 /// The range holding `key` (raw internal key), retried until placement answers.
 async fn range_of(pd: &PlacementClient<Channel>, key: &[u8]) -> RangeInfo {
@@ -220,23 +195,14 @@ async fn moving_the_leaders_replica_again_and_again_always_finishes() {
         );
         took.push(secs);
     }
-    let out = load.stop().await;
-    assert!(
-        out.errors.is_empty(),
-        "client-visible errors: {:?}",
-        &out.errors[..out.errors.len().min(10)]
-    );
-    assert!(out.stale_reads.is_empty(), "stale reads: {:?}", out.stale_reads);
-    assert!(!out.acked.is_empty(), "the workload acknowledged nothing");
-    let bad = out.verify(&client).await;
-    assert!(bad.is_empty(), "acknowledged writes lost: {bad:?}");
+    let out = load.stop_and_check(&client, "moves of the leader's replica").await;
     // Every move operator finished as such, none failed and none was retried as a whole.
-    let m = http_get(&metrics_addr, "/metrics")
+    let m = metrics::scrape(&metrics_addr)
         .await
         .unwrap_or_else(|| panic!("placement metrics at {metrics_addr} not readable"));
-    let ok = sum_of(&m, "skv_placement_operators_total{kind=\"move\",result=\"ok\"}");
-    let all = sum_of(&m, "skv_placement_operators_total{kind=\"move\",");
-    let started = sum_of(&m, "skv_placement_operators_started_total{kind=\"move\",");
+    let ok = metrics::sum(&m, "skv_placement_operators_total{kind=\"move\",result=\"ok\"}");
+    let all = metrics::sum(&m, "skv_placement_operators_total{kind=\"move\",");
+    let started = metrics::sum(&m, "skv_placement_operators_started_total{kind=\"move\",");
     let retries: Vec<&str> = m
         .lines()
         .filter(|l| l.starts_with("skv_placement_operator_step_retries_total{"))
