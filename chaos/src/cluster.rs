@@ -520,7 +520,8 @@ impl ChaosCluster {
         )))
     }
 
-    async fn pd(&self) -> Result<PlacementClient<tonic::transport::Channel>> {
+    /// A channel to the first running, unpaused placement instance that accepts one.
+    async fn pd_channel(&self) -> Result<tonic::transport::Channel> {
         let mut last = String::from("no placement instance is running");
         for p in self.placements.iter().filter(|p| p.is_up() && !p.is_paused()) {
             let ep = match tonic::transport::Endpoint::from_shared(p.url()) {
@@ -533,11 +534,15 @@ impl ChaosCluster {
                 }
             };
             match ep.connect().await {
-                Ok(ch) => return Ok(PlacementClient::new(ch)),
+                Ok(ch) => return Ok(ch),
                 Err(e) => last = format!("{}: {e}", p.name),
             }
         }
         Err(ClusterError::Admin(last))
+    }
+
+    async fn pd(&self) -> Result<PlacementClient<tonic::transport::Channel>> {
+        Ok(PlacementClient::new(self.pd_channel().await?))
     }
 
     /// Index of the placement leader, as the instances report it.
@@ -674,23 +679,7 @@ impl ChaosCluster {
     }
 
     async fn pd_admin(&self) -> Result<PlacementAdminClient<tonic::transport::Channel>> {
-        let mut last = String::from("no placement instance is running");
-        for p in self.placements.iter().filter(|p| p.is_up() && !p.is_paused()) {
-            let ep = match tonic::transport::Endpoint::from_shared(p.url()) {
-                Ok(ep) => ep
-                    .connect_timeout(Duration::from_secs(2))
-                    .timeout(Duration::from_secs(10)),
-                Err(e) => {
-                    last = e.to_string();
-                    continue;
-                }
-            };
-            match ep.connect().await {
-                Ok(ch) => return Ok(PlacementAdminClient::new(ch)),
-                Err(e) => last = format!("{}: {e}", p.name),
-            }
-        }
-        Err(ClusterError::Admin(last))
+        Ok(PlacementAdminClient::new(self.pd_channel().await?))
     }
 
     /// Every store placement knows.

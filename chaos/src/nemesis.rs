@@ -149,6 +149,20 @@ impl Ctx {
     pub(crate) fn opts(&self) -> &NemesisOptions {
         &self.opts
     }
+
+    /// Half the time the index of the storenode that leads a random workload key's range (a
+    /// fault aimed at a leader), else (or when placement does not answer) `None`.
+    pub(crate) async fn maybe_leader_store(&self, rng: &mut StdRng) -> Option<usize> {
+        let keys = &self.opts.internal_keys;
+        // The draw comes first, as before this helper existed, so that seeds replay alike.
+        if !rng.random_bool(0.5) || keys.is_empty() {
+            return None;
+        }
+        let key = &keys[rng.random_range(0..keys.len())];
+        let c = self.cluster.lock().await;
+        let (range, stores) = c.range_of(key).await.ok()?;
+        c.store_index(&stores, range.leader_store_id)
+    }
 }
 
 /// Runs rounds of faults until `until`, then returns (every fault it started is undone
@@ -212,16 +226,7 @@ async fn fault(ctx: &Ctx, kind: NemesisKind, seed: u64, round: u64) {
     match kind {
         NemesisKind::Kill | NemesisKind::Pause => {
             // Half the time the leader of a workload key's range, else any storenode.
-            let leader = if rng.random_bool(0.5) && !ctx.opts.internal_keys.is_empty() {
-                let key = &ctx.opts.internal_keys[rng.random_range(0..ctx.opts.internal_keys.len())];
-                let c = ctx.cluster.lock().await;
-                match c.range_of(key).await {
-                    Ok((range, stores)) => c.store_index(&stores, range.leader_store_id),
-                    Err(_) => None,
-                }
-            } else {
-                None
-            };
+            let leader = ctx.maybe_leader_store(&mut rng).await;
             let n = ctx.cluster.lock().await.stores.len();
             let Some(i) = pick_store(ctx, &mut rng, n, leader) else {
                 ctx.event(kind.name(), "-", format!("round {round}: no free storenode"));

@@ -34,17 +34,7 @@ async fn partition(ctx: &Ctx, rng: &mut StdRng, hold: Duration, round: u64) {
     let done = ctx.count_events("partition");
     let shape = Shape::ALL[done % Shape::ALL.len()];
     // Half the time the cut-off (or sending) side is the leader of a workload key's range.
-    let keys = &ctx.opts().internal_keys;
-    let leader = if rng.random_bool(0.5) && !keys.is_empty() {
-        let key = &keys[rng.random_range(0..keys.len())];
-        let c = ctx.cluster.lock().await;
-        match c.range_of(key).await {
-            Ok((range, stores)) => c.store_index(&stores, range.leader_store_id),
-            Err(_) => None,
-        }
-    } else {
-        None
-    };
+    let leader = ctx.maybe_leader_store(rng).await;
     let n = ctx.cluster.lock().await.stores.len();
     let p = {
         let mut busy = ctx.busy.lock();

@@ -8,8 +8,10 @@
 
 use skv_chaos::cluster::default_bin_dir;
 use skv_chaos::nemesis::NemesisKind;
-use skv_chaos::runner::{RunOptions, run};
+use skv_chaos::runner::RunOptions;
 use std::time::Duration;
+
+mod support;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn moves_and_drains_under_load_lose_nothing() {
@@ -21,19 +23,7 @@ async fn moves_and_drains_under_load_lose_nothing() {
     opts.fault_ms = (1_000, 2_000);
     opts.together = 0.0;
     opts.out_dir = std::env::temp_dir().join("skv-chaos-move-drain");
-    let summary = run(opts)
-        .await
-        .unwrap_or_else(|e| panic!("the chaos run could not run: {e}"));
-    let text = summary.to_string();
-    eprintln!("{text}");
-    assert!(
-        summary.report.violations.is_empty(),
-        "linearizability violations:\n{text}"
-    );
-    assert!(summary.report.undecided.is_empty(), "undecided keys:\n{text}");
-    assert!(summary.lost_writes.is_empty(), "acknowledged writes lost:\n{text}");
-    assert!(summary.unread_keys.is_empty(), "keys not read back:\n{text}");
-    assert!(summary.is_clean(), "{text}");
+    let (summary, text) = support::run_clean(opts).await;
     // Every move that started finished: placement's range map shows the new store in place
     // of the old one (issue 10: a move of the leader's replica transfers leadership first and
     // retries refused steps from the re-read range, so none is left half-done).

@@ -8,8 +8,10 @@
 
 use skv_chaos::cluster::default_bin_dir;
 use skv_chaos::nemesis::NemesisKind;
-use skv_chaos::runner::{RunOptions, run};
+use skv_chaos::runner::RunOptions;
 use std::time::Duration;
+
+mod support;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_disk_proxy_kill_and_etcd_member_loss_lose_nothing() {
@@ -20,19 +22,7 @@ async fn slow_disk_proxy_kill_and_etcd_member_loss_lose_nothing() {
     opts.calm_ms = (1_000, 2_000);
     opts.fault_ms = (2_000, 4_000);
     opts.out_dir = std::env::temp_dir().join("skv-chaos-nemeses");
-    let summary = run(opts)
-        .await
-        .unwrap_or_else(|e| panic!("the chaos run could not run: {e}"));
-    let text = summary.to_string();
-    eprintln!("{text}");
-    assert!(
-        summary.report.violations.is_empty(),
-        "linearizability violations:\n{text}"
-    );
-    assert!(summary.report.undecided.is_empty(), "undecided keys:\n{text}");
-    assert!(summary.lost_writes.is_empty(), "acknowledged writes lost:\n{text}");
-    assert!(summary.unread_keys.is_empty(), "keys not read back:\n{text}");
-    assert!(summary.is_clean(), "{text}");
+    let (summary, text) = support::run_clean(opts).await;
     // Each fault happened, and was undone.
     assert!(summary.events_ok("slow-disk") >= 1, "no disk was slowed:\n{text}");
     assert!(

@@ -17,7 +17,7 @@ use rand::rngs::StdRng;
 use skv_chaos::cluster::default_bin_dir;
 use skv_chaos::nemesis::NemesisKind;
 use skv_chaos::netns::{Netns, Peer, Shape, plan};
-use skv_chaos::runner::{RunOptions, run};
+use skv_chaos::runner::RunOptions;
 use skv_testkit::ChildGuard;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -44,6 +44,8 @@ fn listen_in(net: &Netns, i: usize, port: u16) -> ChildGuard {
     cmd.args(["netns", "exec", &net.store_ns(i), "python3", "-c", &script]);
     ChildGuard::spawn(format!("listener-{i}"), &mut cmd).unwrap_or_else(|e| panic!("python3 listener: {e}"))
 }
+
+mod support;
 
 #[test]
 fn rules_cut_what_the_plan_says() {
@@ -136,19 +138,7 @@ async fn partitions_keep_the_majority_available_and_lose_nothing() {
     opts.fault_ms = (5_000, 8_000);
     opts.together = 0.0;
     opts.out_dir = std::env::temp_dir().join("skv-chaos-partition");
-    let summary = run(opts)
-        .await
-        .unwrap_or_else(|e| panic!("the chaos run could not run: {e}"));
-    let text = summary.to_string();
-    eprintln!("{text}");
-    assert!(
-        summary.report.violations.is_empty(),
-        "linearizability violations:\n{text}"
-    );
-    assert!(summary.report.undecided.is_empty(), "undecided keys:\n{text}");
-    assert!(summary.lost_writes.is_empty(), "acknowledged writes lost:\n{text}");
-    assert!(summary.unread_keys.is_empty(), "keys not read back:\n{text}");
-    assert!(summary.is_clean(), "{text}");
+    let (summary, text) = support::run_clean(opts).await;
     // Every shape happened and was healed.
     for shape in ["majority-minority", "bridge", "one-way"] {
         assert!(

@@ -6,8 +6,10 @@
 //! Needs `cargo build --bins` and etcd (scripts/test.sh installs both).
 
 use skv_chaos::cluster::default_bin_dir;
-use skv_chaos::runner::{RunOptions, run};
+use skv_chaos::runner::RunOptions;
 use std::time::Duration;
+
+mod support;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn short_chaos_run_is_linearizable_and_loses_nothing() {
@@ -17,19 +19,7 @@ async fn short_chaos_run_is_linearizable_and_loses_nothing() {
     opts.calm_ms = (1_500, 3_000);
     opts.fault_ms = (2_000, 5_000);
     opts.out_dir = std::env::temp_dir().join("skv-chaos-short");
-    let summary = run(opts)
-        .await
-        .unwrap_or_else(|e| panic!("the chaos run could not run: {e}"));
-    let text = summary.to_string();
-    eprintln!("{text}");
-    assert!(
-        summary.report.violations.is_empty(),
-        "linearizability violations:\n{text}"
-    );
-    assert!(summary.report.undecided.is_empty(), "undecided keys:\n{text}");
-    assert!(summary.lost_writes.is_empty(), "acknowledged writes lost:\n{text}");
-    assert!(summary.unread_keys.is_empty(), "keys not read back:\n{text}");
-    assert!(summary.is_clean(), "{text}");
+    let (summary, text) = support::run_clean(opts).await;
     // The faults happened and the workload made progress through them.
     assert!(summary.events_ok("kill") >= 1, "no storenode was killed:\n{text}");
     assert!(
