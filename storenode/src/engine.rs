@@ -114,6 +114,19 @@ impl Engine {
 
     /// [`Self::open`] with a value cache of `value_cache_bytes` (0: none).
     pub fn open_with(dir: &Path, metrics: Metrics, value_cache_bytes: u64) -> anyhow::Result<Arc<Self>> {
+        Self::build(dir, metrics, value_cache_bytes, false)
+    }
+
+    /// The deterministic simulation's engine (`sim/`, ADR 0033): no value cache and no
+    /// syncer thread. [`Self::after_sync`] flushes the journal to the OS (no fsync) and runs
+    /// the callback at once, on the caller's task, so a paused-clock single-thread runtime
+    /// sees durability without another thread racing it. What it models is a process crash
+    /// (the OS keeps what was written), not a power loss. Never used by the storenode binary.
+    pub fn open_inline_sync(dir: &Path, metrics: Metrics) -> anyhow::Result<Arc<Self>> {
+        Self::build(dir, metrics, 0, true)
+    }
+
+    fn build(dir: &Path, metrics: Metrics, value_cache_bytes: u64, inline_sync: bool) -> anyhow::Result<Arc<Self>> {
         create_dir_all_durable(dir)?;
         let cache = ValueCache::new(value_cache_bytes, metrics.clone());
         let db = Database::builder(dir.join("db")).open()?;
@@ -123,44 +136,25 @@ impl Engine {
         let data = db.keyspace("data", KeyspaceCreateOptions::default)?;
         let raft = db.keyspace("raft", KeyspaceCreateOptions::default)?;
         let meta = db.keyspace("meta", KeyspaceCreateOptions::default)?;
-        let (tx, rx) = mpsc::channel::<SyncCallback>();
-        let sync_db = db.clone();
-        let th = std::thread::Builder::new()
-            .name("skv-log-sync".into())
-            .spawn(move || sync_loop(sync_db, rx, metrics))?;
+        let (syncer, sync_thread) = if inline_sync {
+            (None, None)
+        } else {
+            let (tx, rx) = mpsc::channel::<SyncCallback>();
+            let sync_db = db.clone();
+            let th = std::thread::Builder::new()
+                .name("skv-log-sync".into())
+                .spawn(move || sync_loop(sync_db, rx, metrics))?;
+            (Some(tx), Some(th))
+        };
         Ok(Arc::new(Self {
             db,
             data,
             raft,
             meta,
             cache,
-            syncer: parking_lot::Mutex::new(Some(tx)),
-            sync_thread: parking_lot::Mutex::new(Some(th)),
-            inline_sync: false,
-        }))
-    }
-
-    /// The deterministic simulation's engine (`sim/`, ADR 0033): no value cache and no
-    /// syncer thread. [`Self::after_sync`] flushes the journal to the OS (no fsync) and runs
-    /// the callback at once, on the caller's task, so a paused-clock single-thread runtime
-    /// sees durability without another thread racing it. What it models is a process crash
-    /// (the OS keeps what was written), not a power loss. Never used by the storenode binary.
-    pub fn open_inline_sync(dir: &Path, metrics: Metrics) -> anyhow::Result<Arc<Self>> {
-        std::fs::create_dir_all(dir)?;
-        let cache = ValueCache::new(0, metrics);
-        let db = Database::builder(dir.join("db")).open()?;
-        let data = db.keyspace("data", KeyspaceCreateOptions::default)?;
-        let raft = db.keyspace("raft", KeyspaceCreateOptions::default)?;
-        let meta = db.keyspace("meta", KeyspaceCreateOptions::default)?;
-        Ok(Arc::new(Self {
-            db,
-            data,
-            raft,
-            meta,
-            cache,
-            syncer: parking_lot::Mutex::new(None),
-            sync_thread: parking_lot::Mutex::new(None),
-            inline_sync: true,
+            syncer: parking_lot::Mutex::new(syncer),
+            sync_thread: parking_lot::Mutex::new(sync_thread),
+            inline_sync,
         }))
     }
 
