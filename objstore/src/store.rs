@@ -410,9 +410,7 @@ impl Objects {
                     None => {
                         pending.extend_from_slice(&frame);
                         if pending.len() >= PART_BYTES {
-                            let up = self
-                                .store
-                                .put_multipart(&path)
+                            let up = start_multipart(&self.store, &path)
                                 .await
                                 .map_err(store_err("start multipart", &path))?;
                             let mut w = WriteMultipart::new_with_chunk_size(up, PART_BYTES);
@@ -705,21 +703,61 @@ impl Objects {
     }
 }
 
+/// Starts a multipart upload in a task of its own, so that dropping the caller while the
+/// create request is in flight cannot leak the upload: the server may have created it
+/// before the caller learns its id. The upload travels to the caller inside a guard that
+/// aborts it when dropped, in the channel or undelivered, before the caller takes it.
+async fn start_multipart(
+    store: &Arc<dyn ObjectStore>,
+    path: &Path,
+) -> object_store::Result<Box<dyn object_store::MultipartUpload>> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let (store, path) = (store.clone(), path.clone());
+    tokio::spawn(async move {
+        let _ = tx.send(store.put_multipart(&path).await.map(|up| UploadGuard(Some(up))));
+    });
+    let mut guard = rx.await.map_err(|_| object_store::Error::Generic {
+        store: "skv",
+        source: "the task starting the multipart upload ended without an answer".into(),
+    })??;
+    guard.0.take().ok_or_else(|| object_store::Error::Generic {
+        store: "skv",
+        source: "a multipart upload handed over twice".into(),
+    })
+}
+
+/// A started multipart upload not yet in a [`WriteMultipart`]; aborted in the background
+/// if dropped.
+struct UploadGuard(Option<Box<dyn object_store::MultipartUpload>>);
+
+impl Drop for UploadGuard {
+    fn drop(&mut self) {
+        let Some(mut up) = self.0.take() else { return };
+        spawn_abort(async move { up.abort().await });
+    }
+}
+
+/// Runs an upload's abort in the background (a drop cannot wait for it).
+fn spawn_abort(abort: impl std::future::Future<Output = object_store::Result<()>> + Send + 'static) {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) => {
+            h.spawn(async move {
+                if let Err(e) = abort.await {
+                    tracing::warn!(error = %e, "aborting a dropped multipart upload failed");
+                }
+            });
+        }
+        Err(_) => tracing::warn!("a multipart upload was dropped outside a runtime; its parts stay"),
+    }
+}
+
 /// A multipart upload in progress; aborted in the background if dropped unfinished.
 struct AbortOnDrop(Option<WriteMultipart>);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
-        let Some(w) = self.0.take() else { return };
-        match tokio::runtime::Handle::try_current() {
-            Ok(h) => {
-                h.spawn(async move {
-                    if let Err(e) = w.abort().await {
-                        tracing::warn!(error = %e, "aborting a dropped multipart upload failed");
-                    }
-                });
-            }
-            Err(_) => tracing::warn!("a multipart upload was dropped outside a runtime; its parts stay"),
+        if let Some(w) = self.0.take() {
+            spawn_abort(w.abort());
         }
     }
 }
