@@ -106,12 +106,15 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     let n: u64 = num
         .parse()
         .map_err(|_| format!("not a duration: {s:?} (say 90s, 20m or 1h)"))?;
-    let secs = match unit {
-        "" | "s" => n,
-        "m" => n * 60,
-        "h" => n * 3600,
+    let per_unit: u64 = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
         _ => return Err(format!("unknown unit in {s:?} (s, m or h)")),
     };
+    let secs = n
+        .checked_mul(per_unit)
+        .ok_or_else(|| format!("duration too long: {s:?}"))?;
     Ok(Duration::from_secs(secs))
 }
 
@@ -219,5 +222,8 @@ mod tests {
         assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
         assert!(parse_duration("1d").is_err());
         assert!(parse_duration("m").is_err());
+        // Too long for u64 seconds: an error, never an overflow.
+        assert!(parse_duration("18446744073709551615h").is_err());
+        assert!(parse_duration("99999999999999999999").is_err());
     }
 }
