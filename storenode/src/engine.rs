@@ -26,6 +26,10 @@ pub const TAG_LOG: u8 = 1;
 pub const TAG_VOTE: u8 = 2;
 pub const TAG_PURGED: u8 = 3;
 pub const TAG_COMMITTED: u8 = 4;
+/// Every log index below the stored value was deleted by a purge (written with each purge
+/// batch): the next purge starts there instead of scanning from index 0 over the
+/// tombstones of every earlier purge.
+pub const TAG_PURGE_FLOOR: u8 = 5;
 
 /// The node's storage engine.
 pub struct Engine {

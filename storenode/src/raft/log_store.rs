@@ -3,7 +3,9 @@
 //! openraft only after the group-commit fsync that covers them.
 
 use super::{Entry, LogId, TypeConfig, Vote, decode, encode};
-use crate::engine::{Engine, TAG_COMMITTED, TAG_LOG, TAG_PURGED, TAG_VOTE, io_err, log_index_of, log_key, raft_key};
+use crate::engine::{
+    Engine, TAG_COMMITTED, TAG_LOG, TAG_PURGE_FLOOR, TAG_PURGED, TAG_VOTE, io_err, log_index_of, log_key, raft_key,
+};
 use openraft::OptionalSend;
 use openraft::entry::RaftEntry;
 use openraft::storage::{IOFlushed, LogState, RaftLogReader, RaftLogStorage};
@@ -39,7 +41,8 @@ impl LogStore {
     ///   the old log — never an old-term suffix after a hole (openraft's `truncate_after`
     ///   contract);
     /// - `LowestFirst` (purge, after the purged log id is recorded): what remains is a
-    ///   suffix starting after a purged index.
+    ///   suffix starting after a purged index. Each of its batches also records the purge
+    ///   floor (every index below it is deleted), the last one `to_exclusive`.
     fn remove_logs(&self, from: u64, to_exclusive: u64, order: RemoveOrder) -> io::Result<()> {
         self.remove_logs_chunked(from, to_exclusive, order, REMOVE_CHUNK, usize::MAX)
     }
@@ -64,14 +67,20 @@ impl LogStore {
             RemoveOrder::LowestFirst => Box::new(iter),
             RemoveOrder::HighestFirst => Box::new(iter.rev()),
         };
+        let floor_key = raft_key(self.range, TAG_PURGE_FLOOR);
         let mut batch = self.engine.db.batch();
         let mut n = 0usize;
         let mut committed = 0usize;
         for g in keys {
             let k = g.key().map_err(io_err)?;
+            let index = log_index_of(&k);
             batch.remove(&self.engine.raft, k);
             n += 1;
             if n >= chunk.max(1) {
+                if let (RemoveOrder::LowestFirst, Some(i)) = (order, index) {
+                    let floor = i.saturating_add(1);
+                    batch.insert(&self.engine.raft, floor_key.clone(), encode(&floor).map_err(io_err)?);
+                }
                 std::mem::replace(&mut batch, self.engine.db.batch())
                     .commit()
                     .map_err(io_err)?;
@@ -81,6 +90,9 @@ impl LogStore {
                     return Ok(());
                 }
             }
+        }
+        if order == RemoveOrder::LowestFirst {
+            batch.insert(&self.engine.raft, floor_key, encode(&to_exclusive).map_err(io_err)?);
         }
         batch.commit().map_err(io_err)
     }
@@ -304,7 +316,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .raft
             .insert(raft_key(self.range, TAG_PURGED), encode(&log_id).map_err(io_err)?)
             .map_err(io_err)?;
-        self.remove_logs(0, log_id.index() + 1, RemoveOrder::LowestFirst)
+        // From the floor the previous purge left, not from 0: an LSM range scan from 0 steps
+        // over the tombstone of every entry ever purged that compaction has not dropped yet,
+        // so each purge cost more than the last (writes slowed down run after run).
+        let floor: u64 = self.get_meta(TAG_PURGE_FLOOR)?.unwrap_or(0);
+        self.remove_logs(floor, log_id.index() + 1, RemoveOrder::LowestFirst)
     }
 }
 
@@ -347,6 +363,39 @@ mod tests {
         // Uninterrupted truncation removes the whole suffix.
         s.remove_logs(5, u64::MAX, RemoveOrder::HighestFirst).unwrap();
         assert_eq!(indexes(&s), vec![3, 4]);
+    }
+
+    #[tokio::test]
+    async fn a_purge_starts_at_the_floor_the_last_one_left() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = Engine::open(dir.path(), Metrics::new()).unwrap();
+        let mut s = LogStore::new(e.clone(), RangeId(7));
+        let floor = |s: &LogStore| s.get_meta::<u64>(TAG_PURGE_FLOOR).unwrap();
+        for i in 1..=10 {
+            e.raft
+                .insert(log_key(s.range, i), encode(&entry(1, i)).unwrap())
+                .unwrap();
+        }
+        assert_eq!(floor(&s), None);
+        // A purge "crashing" after its first chunk of 2 records how far it got.
+        s.remove_logs_chunked(0, 6, RemoveOrder::LowestFirst, 2, 1).unwrap();
+        assert_eq!(indexes(&s), (3..=10).collect::<Vec<_>>());
+        assert_eq!(floor(&s), Some(3));
+        // The next purge resumes there and ends with the floor past its last index.
+        s.purge(entry(1, 6).log_id()).await.unwrap();
+        assert_eq!(indexes(&s), (7..=10).collect::<Vec<_>>());
+        assert_eq!(floor(&s), Some(7));
+        // An entry below the floor is not looked at: the scan starts at the floor (this
+        // one is planted; a purge never leaves one behind).
+        e.raft
+            .insert(log_key(s.range, 2), encode(&entry(1, 2)).unwrap())
+            .unwrap();
+        s.purge(entry(1, 8).log_id()).await.unwrap();
+        assert_eq!(indexes(&s), vec![2, 9, 10]);
+        assert_eq!(floor(&s), Some(9));
+        // Truncations do not move the floor.
+        s.remove_logs(10, u64::MAX, RemoveOrder::HighestFirst).unwrap();
+        assert_eq!(floor(&s), Some(9));
     }
 
     #[test]
