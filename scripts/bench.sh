@@ -23,6 +23,8 @@
 #   BENCH_OUT=docs/bench    where RESULTS.md and the charts go
 #   BENCH_SKIP_BUILD=1      use the binaries already built (BENCH_BIN_DIR, default target/release)
 #   BENCH_KEEP_TMP=1        keep the temporary folder (logs and data, target/bench/tmp.*) after the run
+#   BENCH_SKV_ARGS="..."    extra flags for `skvctl playground`, e.g. '--placement-arg=--split-qps-threshold=100000000'
+#                           (one machine: load splits add ranges, not capacity; see docs/bench/write-path-profile.md)
 # JSON results of every run are kept in target/bench/<UTC date>/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -153,7 +155,8 @@ declare -A ARGS
 if has skv; then
   playground_base
   step "starting the skv playground (port base $BASE)"
-  "$SKVCTL" playground --data-dir "$TMP/skv" --port-base "$BASE" >"$TMP/skv.out" 2>"$TMP/skv.err" &
+  # shellcheck disable=SC2086 # BENCH_SKV_ARGS holds flags split on purpose
+  "$SKVCTL" playground --data-dir "$TMP/skv" --port-base "$BASE" ${BENCH_SKV_ARGS:-} >"$TMP/skv.out" 2>"$TMP/skv.err" &
   SKV_PID=$!
   PIDS+=("$SKV_PID")
   for _ in $(seq 1 900); do
@@ -162,15 +165,16 @@ if has skv; then
     sleep 0.2
   done
   line=$(grep -m1 '^export SKV_ENDPOINT=' "$TMP/skv.out") || die "the playground printed no export line in 180s"
-  SKV_ENDPOINT="" SKV_TOKEN=""
+  SKV_ENDPOINT="" SKV_TOKEN="" SKV_PLACEMENT=""
   for kv in ${line#export }; do
     case "$kv" in
       SKV_ENDPOINT=*) SKV_ENDPOINT=${kv#*=} ;;
+      SKV_PLACEMENT=*) SKV_PLACEMENT=${kv#*=} ;;
       SKV_TOKEN=*) SKV_TOKEN=${kv#*=} ;;
     esac
   done
   if [ -z "$SKV_ENDPOINT" ] || [ -z "$SKV_TOKEN" ]; then die "cannot parse: $line"; fi
-  export SKV_TOKEN # through the environment, not the command line
+  export SKV_TOKEN SKV_PLACEMENT # through the environment, not the command line
   CPU_PIDS[skv]=$SKV_PID
   ARGS[skv]="--skv-endpoint $SKV_ENDPOINT"
 fi
@@ -227,6 +231,7 @@ RES="$ROOT/target/bench/$(date -u +%Y%m%dT%H%M%SZ)"
 mkdir -p "$RES"
 RESULTS=()
 FAILED=()
+SKV_RANGES=()
 read -r -a SYS_LIST <<<"$SYSTEMS"
 for round in $(seq 1 "$ROUNDS"); do
   for sc in "${SCENARIOS[@]}"; do
@@ -248,6 +253,11 @@ for round in $(seq 1 "$ROUNDS"); do
         --label "$name" --round "$round" --duration "$DURATION" --warmup "$WARMUP" \
         --cpu-pids "${CPU_PIDS[$sys]}" --json-out "$out" --progress never; then
         RESULTS+=("$out")
+        if [ "$sys" = skv ]; then
+          # Ranges after the run (load splits change skv's per-operation cost).
+          nr=$("$SKVCTL" ranges 2>/dev/null | tail -n +2 | grep -c . || true)
+          SKV_RANGES+=("r$round $name: ${nr:-?}")
+        fi
       else
         FAILED+=("round $round: $name on $sys")
       fi
@@ -267,7 +277,10 @@ mem=$(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo)
   echo "Written by \`scripts/bench.sh\` on $(date -u '+%Y-%m-%d %H:%M UTC'); see [README.md](README.md) for how to read it."
   echo
   echo "- machine: $(nproc) cores ($cpu), $mem, Linux $(uname -r); shared, so compare ratios, not absolute numbers"
-  echo "- skv: \`skvctl playground\` (placement, 3 storenodes, 1 proxy, one process), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown), release build"
+  echo "- skv: \`skvctl playground${BENCH_SKV_ARGS:+ $BENCH_SKV_ARGS}\` (placement, 3 storenodes, 1 proxy, one process), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown), release build"
+  if [ ${#SKV_RANGES[@]} -gt 0 ]; then
+    echo "- skv's ranges after each run (load splits add ranges, and per-range cost, on one machine): $(printf '%s; ' "${SKV_RANGES[@]}" | sed 's/; $//')"
+  fi
   echo "- etcd: 3 members, $(etcd --version 2>/dev/null | head -n1), compacted and defragmented after loading and before each run"
   echo "- Redis: 1 node, $(redis-server --version | awk '{print $3}'), \`--save '' --appendonly no\` (the in-memory ceiling)"
   echo "- data: $KEYS keys, $VALUE_SIZE-byte values; each run: ${WARMUP} warm-up, then ${DURATION} measured; $ROUNDS rounds, interleaved, systems rotating"
