@@ -154,7 +154,7 @@ impl Ctx {
     /// fault aimed at a leader), else (or when placement does not answer) `None`.
     pub(crate) async fn maybe_leader_store(&self, rng: &mut StdRng) -> Option<usize> {
         let keys = &self.opts.internal_keys;
-        // The draw comes first, as before this helper existed, so that seeds replay alike.
+        // The coin is drawn first, whatever the keys, so that a seed replays the same draws.
         if !rng.random_bool(0.5) || keys.is_empty() {
             return None;
         }

@@ -4,9 +4,11 @@
 //! trails the leader's acknowledgements by a heartbeat, so the checker must find stale reads
 //! (and nothing else: no write is lost). Needs `cargo build --bins` and etcd.
 
+mod support;
+
 use skv_chaos::cluster::default_bin_dir;
 use skv_chaos::history::Input;
-use skv_chaos::runner::{Plant, RunOptions, run};
+use skv_chaos::runner::{Plant, RunOptions};
 use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -17,11 +19,7 @@ async fn follower_reads_without_read_index_are_caught() {
     opts.nemeses = Vec::new();
     opts.plant = Some(Plant::StaleReads);
     opts.out_dir = std::env::temp_dir().join("skv-chaos-planted");
-    let summary = run(opts)
-        .await
-        .unwrap_or_else(|e| panic!("the chaos run could not run: {e}"));
-    let text = summary.to_string();
-    eprintln!("{text}");
+    let (summary, text) = support::run_printed(opts).await;
     assert!(
         !summary.report.violations.is_empty(),
         "the planted stale reads were not caught:\n{text}"
@@ -75,11 +73,7 @@ async fn a_server_failpoint_skipping_read_index_is_caught_and_the_control_run_is
         o.out_dir = std::env::temp_dir().join("skv-chaos-planted");
         o
     };
-    let planted = run(opts(false))
-        .await
-        .unwrap_or_else(|e| panic!("the planted run could not run: {e}"));
-    let text = planted.to_string();
-    eprintln!("{text}");
+    let (planted, text) = support::run_printed(opts(false)).await;
     let by_id: std::collections::HashMap<usize, &skv_chaos::history::Op> =
         planted.history.ops.iter().map(|o| (o.id, o)).collect();
     assert!(
@@ -96,11 +90,8 @@ async fn a_server_failpoint_skipping_read_index_is_caught_and_the_control_run_is
         let _ = std::fs::remove_file(p);
     }
 
-    let control = run(opts(true))
-        .await
-        .unwrap_or_else(|e| panic!("the control run could not run: {e}"));
-    let text = control.to_string();
-    eprintln!("{text}");
+    // Clean (every check of run_clean), and the refusals show the failpoint was there.
+    let (control, text) = support::run_clean(opts(true)).await;
     let refused = control
         .history
         .ops

@@ -179,9 +179,7 @@ impl Workload {
             ops: self.state.ops.load(Ordering::Relaxed),
         }
     }
-}
 
-impl Workload {
     /// Stops the workload and checks what a client may expect of skv through any fault or
     /// reshaping: no client-visible error, no stale read, something acknowledged, and every
     /// acknowledged write read back through `client`. Panics, naming `what`, otherwise.
