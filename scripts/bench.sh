@@ -255,8 +255,12 @@ for round in $(seq 1 "$ROUNDS"); do
         RESULTS+=("$out")
         if [ "$sys" = skv ]; then
           # Ranges after the run (load splits change skv's per-operation cost).
-          nr=$("$SKVCTL" ranges 2>/dev/null | tail -n +2 | grep -c . || true)
-          SKV_RANGES+=("r$round $name: ${nr:-?}")
+          if listing=$("$SKVCTL" ranges 2>/dev/null); then
+            nr=$(echo "$listing" | tail -n +2 | grep -c . || true)
+          else
+            nr="?" # placement did not answer: unknown, not 0
+          fi
+          SKV_RANGES+=("r$round $name: $nr")
         fi
       else
         FAILED+=("round $round: $name on $sys")
