@@ -387,7 +387,7 @@ impl<'a> Partition<'a> {
 }
 
 fn memo_key(h: (u64, u64), s: &KeyState) -> u128 {
-    let v = s.value.map_or(0x9e37_79b9_7f4a_7c15, |v| splitmix(v ^ 0x5bd1_e995));
+    let v = s.value.map_or(0x9e37_79b9_7f4a_7c15, |v| splitmix(v ^ 0x5bd1_e995)) ^ u64::from(s.inexact);
     let a = h.0 ^ splitmix(s.version ^ v);
     let b = h.1 ^ splitmix(splitmix(s.version.rotate_left(17)) ^ v.rotate_left(29));
     (u128::from(a) << 64) | u128::from(b)

@@ -257,6 +257,33 @@ impl ChaosCluster {
         &self.path
     }
 
+    /// Tombstones the storenodes removed (ADR 0034), summed from the `removed=` field of
+    /// their "tombstones collected" log lines (every store's log, every generation; each
+    /// leader logs the GCs it proposed).
+    pub fn tombstones_collected(&self) -> u64 {
+        let Ok(entries) = std::fs::read_dir(&self.path) else {
+            return 0;
+        };
+        let mut n = 0;
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !(name.starts_with("store-") && name.ends_with(".log")) {
+                continue;
+            }
+            let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+            n += text
+                .lines()
+                .filter(|l| l.contains("tombstones collected"))
+                .map(strip_ansi)
+                .filter_map(|l| {
+                    l.split_whitespace()
+                        .find_map(|w| w.strip_prefix("removed=").and_then(|v| v.parse::<u64>().ok()))
+                })
+                .sum::<u64>();
+        }
+        n
+    }
+
     /// The clock file of process `i` of `role` when the processes run under libfaketime
     /// (`clock` nemesis), and its PID when it runs.
     pub fn clock_of(&self, role: Role, i: usize) -> Option<(PathBuf, Option<u32>)> {
@@ -370,7 +397,11 @@ impl ChaosCluster {
                     .arg("--data-dir")
                     .arg(data_dir)
                     .arg("--heartbeat-interval-ms")
-                    .arg("300");
+                    .arg("300")
+                    // Deleted keys' tombstones are collected every 2 s (ADR 0034), so every
+                    // run also checks GC against kills, partitions, splits and merges.
+                    .arg("--tombstone-gc-interval-secs")
+                    .arg("2");
                 if !self.store_failpoints.is_empty() {
                     cmd.env("FAILPOINTS", &self.store_failpoints);
                 }
@@ -709,5 +740,33 @@ impl ChaosCluster {
         let addr = &stores.iter().find(|s| s.store_id == id)?.address;
         let port: u16 = addr.rsplit(':').next()?.parse().ok()?;
         self.stores.iter().position(|p| p.port == port)
+    }
+}
+
+/// `line` without its ANSI colour sequences (`ESC [ ... m`, as the storenodes' text logs
+/// carry them).
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for d in chars.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn ansi_colours_are_stripped_from_log_lines() {
+        let l = "\u{1b}[2m:\u{1b}[0m tombstones collected \u{1b}[3mremoved\u{1b}[0m\u{1b}[2m=\u{1b}[0m12 x";
+        assert_eq!(super::strip_ansi(l), ": tombstones collected removed=12 x");
     }
 }

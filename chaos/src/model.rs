@@ -8,49 +8,89 @@ use crate::history::{Input, Observed, Output, Value};
 pub const UNOBSERVED: Value = u64::MAX - 1;
 
 /// One key: its stored version and, when live, its value. A fresh key has version 0 and no
-/// value. A delete keeps the version (a tombstone, ADR 0008); the next put continues from it.
+/// value. A delete keeps the version (a tombstone, ADR 0008).
+///
+/// A put on a key that is not live gets *some* version above the stored one: the next one
+/// after a tombstone, or, once the range collected tombstones (ADR 0034), one above its
+/// version floor, which is at least that. So after a put on a non-live key whose answer was
+/// lost, the version is known only from below (`inexact`) until a read, a condition's answer
+/// or an acknowledged write shows it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct KeyState {
-    /// The stored version (kept across deletes).
+    /// The stored version (kept across deletes); a lower bound when `inexact` (or when the
+    /// key is not live: the next put may start higher).
     pub version: u64,
     /// The live value, `None` when absent or deleted.
     pub value: Option<Value>,
+    /// The live version is only known to be at least `version`.
+    pub inexact: bool,
 }
 
 impl KeyState {
-    /// The version conditions compare with: the stored one when live, 0 otherwise.
+    /// The version conditions compare with: the stored one when live, 0 otherwise (exact
+    /// only when `inexact` is false).
     pub fn live_version(&self) -> u64 {
         if self.value.is_some() { self.version } else { 0 }
     }
 
-    fn written(&self, value: Value) -> KeyState {
+    fn exact(version: u64, value: Option<Value>) -> KeyState {
         KeyState {
-            version: self.version.saturating_add(1),
-            value: Some(value),
+            version,
+            value,
+            inexact: false,
+        }
+    }
+
+    /// A put of `value` answered `written` (`None`: unknown). `None` when the answer is
+    /// impossible here.
+    fn put(&self, value: Value, written: Option<u64>) -> Option<KeyState> {
+        if self.value.is_some() && !self.inexact {
+            let next = self.version.saturating_add(1);
+            return match written {
+                None => Some(KeyState::exact(next, Some(value))),
+                Some(v) => (v == next).then(|| KeyState::exact(v, Some(value))),
+            };
+        }
+        // Not live, or live at an unknown version: anything above what is known.
+        let least = self.version.saturating_add(1);
+        match written {
+            None => Some(KeyState {
+                version: least,
+                value: Some(value),
+                inexact: true,
+            }),
+            Some(v) => (v >= least).then(|| KeyState::exact(v, Some(value))),
         }
     }
 
     fn deleted(&self) -> KeyState {
-        KeyState {
-            version: self.version,
-            value: None,
-        }
+        KeyState::exact(self.version, None)
     }
 
-    /// What a get must answer in this state.
+    /// What a get must answer in this state (for an exact one).
     pub fn read(&self) -> Option<Observed> {
         self.value.map(|value| Observed {
             value,
             version: self.version,
         })
     }
+
+    /// The state once it is known that the live version is `v` (`None` if it cannot be).
+    fn pinned(&self, v: u64) -> Option<KeyState> {
+        match (self.value, self.inexact) {
+            (Some(_), true) if v >= self.version => Some(KeyState::exact(v, self.value)),
+            (Some(_), false) if v == self.version => Some(*self),
+            _ => None,
+        }
+    }
 }
 
 impl std::fmt::Display for KeyState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let at = if self.inexact { "at least " } else { "" };
         match self.value {
-            Some(UNOBSERVED) => write!(f, "live, version {}, a value no read saw", self.version),
-            Some(v) => write!(f, "live, version {}, value {v}", self.version),
+            Some(UNOBSERVED) => write!(f, "live, version {at}{}, a value no read saw", self.version),
+            Some(v) => write!(f, "live, version {at}{}, value {v}", self.version),
             None if self.version == 0 => write!(f, "absent (never written)"),
             None => write!(f, "deleted (tombstone at version {})", self.version),
         }
@@ -59,38 +99,68 @@ impl std::fmt::Display for KeyState {
 
 /// Applies `input` to `state`. `output` is what the call answered, or `None` when its outcome
 /// is unknown (then any answer is accepted and a conditional write applies if its condition
-/// holds). Returns the next state, or `None` when the answer is impossible in this state.
+/// can hold: the checker may also leave an unknown call out, which covers "it did not").
+/// Returns the next state, or `None` when the answer is impossible in this state.
 pub fn step(state: &KeyState, input: &Input, output: Option<&Output>) -> Option<KeyState> {
-    let live = state.live_version();
     match input {
         Input::Get => match output {
             None => Some(*state),
-            Some(Output::Read { found }) => (state.read() == *found).then_some(*state),
+            Some(Output::Read { found: None }) => state.value.is_none().then_some(*state),
+            Some(Output::Read { found: Some(o) }) if state.value == Some(o.value) => state.pinned(o.version),
             Some(_) => None,
         },
-        Input::Put { value } => written(state.written(*value), output),
+        Input::Put { value } => written(state, *value, output),
         Input::PutIfVersion { value, version: want } | Input::Cas { expected: want, value } => {
-            if *want == live {
-                written(state.written(*value), output)
-            } else {
-                condition_failed(state, live, output)
+            match condition(state, *want) {
+                Some(held) => {
+                    if held {
+                        written(&held_state(state, *want), *value, output)
+                    } else {
+                        condition_failed(state, *want, output)
+                    }
+                }
+                // The live version is known only from below and `want` is not below it.
+                None => match output {
+                    Some(Output::ConditionFailed { .. }) => condition_failed(state, *want, output),
+                    _ => written(&held_state(state, *want), *value, output),
+                },
             }
         }
         Input::Delete => deleted(state, output),
-        Input::DeleteIfVersion { version: want } => {
-            if *want == live {
-                deleted(state, output)
-            } else {
-                condition_failed(state, live, output)
-            }
-        }
+        Input::DeleteIfVersion { version: want } => match condition(state, *want) {
+            Some(true) => deleted(state, output),
+            Some(false) => condition_failed(state, *want, output),
+            None => match output {
+                Some(Output::ConditionFailed { .. }) => condition_failed(state, *want, output),
+                _ => deleted(&held_state(state, *want), output),
+            },
+        },
     }
 }
 
-fn written(next: KeyState, output: Option<&Output>) -> Option<KeyState> {
+/// Whether a condition on version `want` holds; `None` when the state cannot tell (live at
+/// a version known only to be at least one that is not above `want`).
+fn condition(state: &KeyState, want: u64) -> Option<bool> {
+    match (state.value, state.inexact) {
+        (Some(_), true) if want >= state.version => None,
+        (Some(_), true) => Some(false),
+        _ => Some(want == state.live_version()),
+    }
+}
+
+/// The state in which a condition on `want` held (the live version is `want`).
+fn held_state(state: &KeyState, want: u64) -> KeyState {
+    if state.value.is_some() {
+        KeyState::exact(want, state.value)
+    } else {
+        *state
+    }
+}
+
+fn written(state: &KeyState, value: Value, output: Option<&Output>) -> Option<KeyState> {
     match output {
-        None => Some(next),
-        Some(Output::Written { version }) if *version == next.version => Some(next),
+        None => state.put(value, None),
+        Some(Output::Written { version }) => state.put(value, Some(*version)),
         Some(_) => None,
     }
 }
@@ -103,10 +173,18 @@ fn deleted(state: &KeyState, output: Option<&Output>) -> Option<KeyState> {
     }
 }
 
-fn condition_failed(state: &KeyState, live: u64, output: Option<&Output>) -> Option<KeyState> {
+/// A condition on `want` that failed: the state is unchanged, except that an answer naming
+/// the current version pins it.
+fn condition_failed(state: &KeyState, want: u64, output: Option<&Output>) -> Option<KeyState> {
     match output {
-        None => Some(*state),
-        Some(Output::ConditionFailed { current }) if current.is_none_or(|c| c == live) => Some(*state),
+        None | Some(Output::ConditionFailed { current: None }) => Some(*state),
+        Some(Output::ConditionFailed { current: Some(c) }) if *c != want => {
+            if state.value.is_none() {
+                (*c == 0).then_some(*state)
+            } else {
+                state.pinned(*c)
+            }
+        }
         Some(_) => None,
     }
 }
@@ -139,6 +217,63 @@ mod tests {
         );
         let s3 = step(&s2, &Input::Put { value: 8 }, Some(&Output::Written { version: 2 })).unwrap();
         assert_eq!(s3.read(), Some(Observed { value: 8, version: 2 }));
+        // Once the tombstone was collected (ADR 0034) the put starts at the range's floor + 1:
+        // any version above the deleted one, never one at or below it.
+        let s3 = step(&s2, &Input::Put { value: 8 }, Some(&Output::Written { version: 40 })).unwrap();
+        assert_eq!(s3.read(), Some(Observed { value: 8, version: 40 }));
+        // A live key's next put is exactly one up.
+        assert_eq!(
+            step(&s3, &Input::Put { value: 9 }, Some(&Output::Written { version: 42 })),
+            None
+        );
+    }
+
+    #[test]
+    fn a_lost_put_on_a_deleted_key_is_pinned_by_what_comes_later() {
+        let deleted = KeyState {
+            version: 5,
+            value: None,
+            inexact: false,
+        };
+        // The put's answer was lost: live, version 6 or more.
+        let s = step(&deleted, &Input::Put { value: 3 }, None).unwrap();
+        assert_eq!((s.version, s.value, s.inexact), (6, Some(3), true));
+        assert_eq!(step(&s, &Input::Get, Some(&read(3, 5))), None);
+        let pinned = step(&s, &Input::Get, Some(&read(3, 30))).unwrap();
+        assert_eq!(pinned, KeyState::exact(30, Some(3)));
+        assert_eq!(step(&s, &Input::Get, Some(&Output::Read { found: None })), None);
+        // A following put is one up from the true version, which its answer shows.
+        assert_eq!(
+            step(&s, &Input::Put { value: 4 }, Some(&Output::Written { version: 31 })),
+            Some(KeyState::exact(31, Some(4)))
+        );
+        assert_eq!(
+            step(&s, &Input::Put { value: 4 }, Some(&Output::Written { version: 6 })),
+            None
+        );
+        // A condition below the known bound fails for sure; at or above it, it may hold.
+        let cas2 = Input::Cas { expected: 2, value: 9 };
+        assert_eq!(step(&s, &cas2, Some(&Output::Written { version: 3 })), None);
+        assert_eq!(step(&s, &cas2, None), Some(s));
+        let cas30 = Input::Cas { expected: 30, value: 9 };
+        assert_eq!(
+            step(&s, &cas30, Some(&Output::Written { version: 31 })),
+            Some(KeyState::exact(31, Some(9)))
+        );
+        assert_eq!(
+            step(&s, &cas30, Some(&Output::ConditionFailed { current: Some(12) })),
+            Some(KeyState::exact(12, Some(3)))
+        );
+        assert_eq!(
+            step(&s, &cas30, Some(&Output::ConditionFailed { current: Some(30) })),
+            None
+        );
+        assert_eq!(step(&s, &cas30, None), Some(KeyState::exact(31, Some(9))));
+        let del = Input::DeleteIfVersion { version: 8 };
+        assert_eq!(
+            step(&s, &del, Some(&Output::Deleted { existed: true })),
+            Some(KeyState::exact(8, None))
+        );
     }
 
     #[test]
@@ -146,6 +281,7 @@ mod tests {
         let s = KeyState {
             version: 4,
             value: None,
+            inexact: false,
         };
         // A tombstone at 4 matches expected 0, not 4.
         let cas0 = Input::Cas { expected: 0, value: 9 };

@@ -154,6 +154,8 @@ pub struct RunSummary {
     pub healed: Vec<String>,
     /// The planted bug, if any.
     pub plant: Option<Plant>,
+    /// Delete tombstones the storenodes' GC removed during the run (ADR 0034).
+    pub tombstones_collected: u64,
 }
 
 impl RunSummary {
@@ -284,6 +286,7 @@ impl std::fmt::Display for RunSummary {
         if !self.healed.is_empty() {
             writeln!(f, "heal: {}", self.healed.join(", "))?;
         }
+        writeln!(f, "tombstones collected by GC: {}", self.tombstones_collected)?;
         let r = &self.report;
         writeln!(
             f,
@@ -481,6 +484,7 @@ pub async fn run(opts: RunOptions) -> Result<RunSummary, RunError> {
         kept_dir: None,
         healed,
         plant: opts.plant,
+        tombstones_collected: cluster.lock().await.tombstones_collected(),
     };
     if !summary.is_clean() || opts.always_write_history {
         summary.history_file = Some(write_history(&opts.out_dir, opts.seed, &summary.history)?);

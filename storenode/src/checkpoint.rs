@@ -280,7 +280,7 @@ impl Checkpointer {
             start: point.desc.start.clone(),
             end: point.desc.end.clone(),
             // The descriptor with the exact applied state appended (a learner bootstraps from it).
-            descriptor: crate::raft::bootstrap::descriptor_with_applied(&point.desc, &point.applied_raw),
+            descriptor: crate::raft::bootstrap::descriptor_with_applied(&point.desc, &point.applied_raw, point.floor),
         };
         let at = header.created_unix_ms;
         let engine = node.engine.clone();

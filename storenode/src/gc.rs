@@ -389,6 +389,7 @@ fn delete_raft_state(engine: &crate::engine::Engine, range: RangeId) -> io::Resu
     batch.remove(&engine.meta, stats_key(range));
     batch.remove(&engine.meta, desc_key(range));
     batch.remove(&engine.meta, crate::merge::merge_key(range));
+    batch.remove(&engine.meta, crate::tombgc::floor_key(range));
     batch.remove(&engine.meta, gc_key(range));
     batch.commit().map_err(io_err)
 }

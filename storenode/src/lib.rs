@@ -136,6 +136,7 @@ pub mod raft;
 pub mod scan;
 pub mod service;
 pub mod stats;
+pub mod tombgc;
 
 use anyhow::Context;
 use skv_common::service::ServiceHandle;
@@ -241,6 +242,11 @@ pub struct Config {
     /// receiving the leader's snapshot (ADR 0027). Default true; needs --object-store-url.
     #[arg(long, env = "SKV_BOOTSTRAP_FROM_CHECKPOINTS", num_args = 0..=1, default_missing_value = "true")]
     pub bootstrap_from_checkpoints: Option<bool>,
+    /// Every this many seconds, the leader of each range collects the range's delete
+    /// tombstones (at most 10,000 per range and pass) by a replicated command that raises
+    /// the range's version floor (ADR 0034). 0 turns the collection off.
+    #[arg(long, env = "SKV_TOMBSTONE_GC_INTERVAL_SECS", default_value_t = tombgc::DEFAULT_INTERVAL_SECS)]
+    pub tombstone_gc_interval_secs: u64,
 }
 
 impl Config {
@@ -272,6 +278,7 @@ impl Config {
             checkpoint_interval_secs: None,
             checkpoint_change_bytes: None,
             bootstrap_from_checkpoints: None,
+            tombstone_gc_interval_secs: tombgc::DEFAULT_INTERVAL_SECS,
         }
     }
 
@@ -597,6 +604,13 @@ pub async fn start_with(config: Config, opts: StartOptions) -> anyhow::Result<Se
     tokio::spawn(node.clone().reopen_deferred(cancel.clone()));
     if let Some(c) = checkpointer {
         tokio::spawn(c.run(node.clone(), cancel.clone()));
+    }
+    if config.tombstone_gc_interval_secs > 0 {
+        tokio::spawn(tombgc::run(
+            node.clone(),
+            Duration::from_secs(config.tombstone_gc_interval_secs),
+            cancel.clone(),
+        ));
     }
     node.serving.store(true, std::sync::atomic::Ordering::Release);
     start_guard.disarm();

@@ -44,6 +44,11 @@ pub struct Reason {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GcResult {
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Phase {
     /// `build` (the file written for a follower), `send` (streamed to a peer) or `receive`
     /// (streamed from a peer, checked and installed).
@@ -131,6 +136,10 @@ pub struct Metrics {
     /// on disk (journal + tables, as last sampled).
     pub group_commit_batch: Histogram,
     pub engine_disk_bytes: Gauge,
+    /// Tombstone GC (ADR 0034): tombstones removed by applied GC commands on this store,
+    /// and GC proposals of the ranges it leads by result (collected, rejected, failed).
+    pub tombstones_collected: Counter,
+    pub tombstone_gc_runs: Family<GcResult, Counter>,
 }
 
 impl Metrics {
@@ -177,10 +186,15 @@ impl Metrics {
             // 1 .. 4096 appends per fsync
             group_commit_batch: Histogram::new(exponential_buckets(1.0, 2.0, 13)),
             engine_disk_bytes: Gauge::default(),
+            tombstones_collected: Counter::default(),
+            tombstone_gc_runs: Family::default(),
         };
         // Both phases exist from the start (a family is exported once a series exists).
         for phase in ["build", "send", "receive"] {
             let _ = m.snapshot_seconds.get_or_create(&Phase { phase });
+        }
+        for result in ["collected", "rejected", "failed"] {
+            let _ = m.tombstone_gc_runs.get_or_create(&GcResult { result });
         }
         for reason in crate::raft::network::ReceiveRefusal::REASONS {
             let _ = m.snapshot_receives_refused.get_or_create(&Reason { reason });
@@ -308,6 +322,16 @@ impl Metrics {
             "skv_storenode_merges",
             "Merges applied on this node as the target",
             self.merges.clone(),
+        );
+        reg.register(
+            "skv_storenode_tombstones_collected",
+            "Delete tombstones removed by applied GC commands on this store (ADR 0034)",
+            self.tombstones_collected.clone(),
+        );
+        reg.register(
+            "skv_storenode_tombstone_gc_runs",
+            "Tombstone GC proposals of the ranges this store leads, by result",
+            self.tombstone_gc_runs.clone(),
         );
         reg.register(
             "skv_storenode_merge_rollbacks",

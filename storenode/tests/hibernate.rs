@@ -18,6 +18,7 @@ fn opts(hibernate_after_ms: Option<u64>) -> ClusterOpts {
     ClusterOpts {
         hibernate_after_ms,
         metrics: true,
+        ..Default::default()
     }
 }
 

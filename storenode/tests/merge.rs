@@ -5,68 +5,6 @@ use common::*;
 use skv_proto::internal::*;
 use std::time::Duration;
 
-async fn split(c: &Cluster, at: &[u8], new_id: u64) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let (leader, d) = c.route(at, Duration::from_secs(10)).await;
-        let r = c
-            .client(leader)
-            .await
-            .split_range(SplitRangeRequest {
-                header: Some(header(&d)),
-                split_key: at.to_vec(),
-                new_range_id: new_id,
-            })
-            .await;
-        if r.is_ok_and(|r| r.into_inner().routing_error.is_none()) {
-            c.invalidate();
-            return;
-        }
-        c.invalidate();
-        assert!(std::time::Instant::now() < deadline, "split did not succeed");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// Both ranges led by one store (transfers the source's leadership if needed); returns
-/// (leader, target descriptor, source descriptor).
-async fn colocate(c: &Cluster, target: u64, source: u64) -> (u64, RangeDescriptor, RangeDescriptor) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let (lt, dt) = c.leader_of(target, Duration::from_secs(10)).await;
-        let (ls, ds) = c.leader_of(source, Duration::from_secs(10)).await;
-        if lt == ls {
-            return (lt, dt, ds);
-        }
-        let _ = c
-            .client(ls)
-            .await
-            .transfer_leader(TransferLeaderRequest {
-                header: Some(header(&ds)),
-                to_store_id: lt,
-            })
-            .await;
-        assert!(std::time::Instant::now() < deadline, "leaders not colocated");
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
-}
-
-async fn merge(
-    c: &Cluster,
-    leader: u64,
-    target: &RangeDescriptor,
-    source: &RangeDescriptor,
-) -> Result<MergeRangesResponse, tonic::Status> {
-    c.client(leader)
-        .await
-        .merge_ranges(MergeRangesRequest {
-            header: Some(header(target)),
-            source: Some(source.clone()),
-        })
-        .await
-        .map(|r| r.into_inner())
-}
-
 fn keys() -> Vec<Vec<u8>> {
     (0..30u32)
         .flat_map(|i| [format!("a{i:02}"), format!("n{i:02}")])
@@ -109,7 +47,7 @@ async fn merge_two_ranges_with_data_and_refuse_stale_epochs() {
     let c = Cluster::start(3, 10_000).await;
     c.bootstrap().await;
     load(&c).await;
-    split(&c, b"m", 2).await;
+    c.split(b"m", 2).await;
     let (leader, dt, ds) = colocate(&c, 1, 2).await;
     assert_eq!(dt.end, b"m");
 
@@ -178,7 +116,7 @@ async fn merge_racing_a_follower_restart() {
     let mut c = Cluster::start(3, 10_000).await;
     c.bootstrap().await;
     load(&c).await;
-    split(&c, b"m", 2).await;
+    c.split(b"m", 2).await;
     let (leader, dt, ds) = colocate(&c, 1, 2).await;
     let follower = (1..=3u64).find(|s| *s != leader).unwrap();
     // The follower goes down, the merge starts (it cannot finish without the follower:
@@ -256,7 +194,7 @@ async fn merge_racing_a_leader_restart() {
     let mut c = Cluster::start(3, 10_000).await;
     c.bootstrap().await;
     load(&c).await;
-    split(&c, b"m", 2).await;
+    c.split(b"m", 2).await;
     let (leader, dt, ds) = colocate(&c, 1, 2).await;
     {
         let m = merge(&c, leader, &dt, &ds);
@@ -449,7 +387,7 @@ async fn merge_interrupted_by_a_partition() {
     let c = Cluster::start(3, 10_000).await;
     c.bootstrap().await;
     load(&c).await;
-    split(&c, b"m", 2).await;
+    c.split(b"m", 2).await;
     let mut want: Model = keys().into_iter().map(|k| (k.clone(), Some(k))).collect();
     // Deleted and overwritten keys on both sides of the split, before the merge.
     for k in [&b"a05"[..], b"n05"] {

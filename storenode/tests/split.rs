@@ -6,30 +6,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-async fn split(c: &Cluster, at: &[u8], new_id: u64) -> (RangeDescriptor, RangeDescriptor) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let (leader, d) = c.route(at, Duration::from_secs(10)).await;
-        let mut lc = c.client(leader).await;
-        let r = lc
-            .split_range(SplitRangeRequest {
-                header: Some(header(&d)),
-                split_key: at.to_vec(),
-                new_range_id: new_id,
-            })
-            .await;
-        if let Ok(r) = r {
-            let r = r.into_inner();
-            if r.routing_error.is_none() {
-                return (r.left.unwrap(), r.right.unwrap());
-            }
-        }
-        c.invalidate();
-        assert!(std::time::Instant::now() < deadline, "split did not succeed");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn split_under_concurrent_writes() {
     let c = Cluster::start(3, 10_000).await;
@@ -54,7 +30,7 @@ async fn split_under_concurrent_writes() {
         }));
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let (left, right) = split(&c, b"k4", 2).await;
+    let (left, right) = c.split(b"k4", 2).await;
     assert_eq!(left.end, b"k4");
     assert_eq!(right.start, b"k4");
     assert_eq!(left.epoch.unwrap().version, 2);
@@ -136,7 +112,7 @@ async fn split_with_partitioned_replica_converges() {
         c.put(format!("a{i:03}").as_bytes(), b"1").await;
     }
     c.filter.isolate(lagger, 3);
-    let (_, right) = split(&c, b"m", 2).await;
+    let (_, right) = c.split(b"m", 2).await;
     for i in 0..60u32 {
         c.put(format!("a{i:03}").as_bytes(), b"2").await;
         c.put(format!("z{i:03}").as_bytes(), b"2").await;

@@ -85,12 +85,14 @@ pub fn admit_installed(installed: &mut u64, n: u64, max_bytes: u64) -> Result<()
 /// The descriptor bytes of a checkpoint: the protobuf `RangeDescriptor`, then field 100
 /// (length-delimited) holding the engine's applied state at the checkpoint's index
 /// (postcard: applied log id and membership). `RangeDescriptor::decode` skips the field, so
-/// readers that only want the descriptor (restore) are unaffected.
-pub fn descriptor_with_applied(desc: &RangeDescriptor, applied_raw: &[u8]) -> Vec<u8> {
+/// readers that only want the descriptor (restore) are unaffected. Then, when above 0, the
+/// range's version floor (field 101, ADR 0034).
+pub fn descriptor_with_applied(desc: &RangeDescriptor, applied_raw: &[u8], floor: u64) -> Vec<u8> {
     let mut b = desc.encode_to_vec();
     prost::encoding::encode_varint((APPLIED_STATE_FIELD << 3) | 2, &mut b);
     prost::encoding::encode_varint(applied_raw.len() as u64, &mut b);
     b.extend_from_slice(applied_raw);
+    crate::tombgc::append_floor(&mut b, floor);
     b
 }
 
@@ -104,37 +106,21 @@ pub struct CheckpointState {
     pub applied_term: u64,
     /// The voters of the checkpoint's membership.
     pub voters: Vec<u64>,
+    /// The range's version floor at the checkpoint (ADR 0034; 0 when absent).
+    pub floor: u64,
 }
 
 /// Splits a checkpoint's descriptor bytes ([`descriptor_with_applied`]); never panics on
 /// garbage. `Ok(None)`-like results are errors here: a bootstrap needs both parts.
 pub fn parse_checkpoint_descriptor(bytes: &[u8]) -> Result<CheckpointState, Fallback> {
     let desc = RangeDescriptor::decode(bytes).map_err(|_| Fallback::Corrupt)?;
-    let mut buf = bytes;
-    let mut applied = None;
-    while !buf.is_empty() {
-        let key = prost::encoding::decode_varint(&mut buf).map_err(|_| Fallback::Corrupt)?;
-        let (field, wire) = (key >> 3, key & 7);
-        match wire {
-            0 => {
-                prost::encoding::decode_varint(&mut buf).map_err(|_| Fallback::Corrupt)?;
-            }
-            1 | 5 => {
-                let n = if wire == 1 { 8 } else { 4 };
-                buf = buf.get(n..).ok_or(Fallback::Corrupt)?;
-            }
-            2 => {
-                let n = prost::encoding::decode_varint(&mut buf).map_err(|_| Fallback::Corrupt)?;
-                let n = usize::try_from(n).map_err(|_| Fallback::Corrupt)?;
-                let v = buf.get(..n).ok_or(Fallback::Corrupt)?;
-                if field == APPLIED_STATE_FIELD {
-                    applied = Some(v.to_vec());
-                }
-                buf = &buf[n..];
-            }
-            _ => return Err(Fallback::Corrupt),
-        }
-    }
+    let (mut applied, mut floor) = (None, 0);
+    walk_fields(bytes, |field, value| match (field, value) {
+        (APPLIED_STATE_FIELD, FieldValue::Bytes(v)) => applied = Some(v.to_vec()),
+        (crate::tombgc::FLOOR_FIELD, FieldValue::Varint(v)) => floor = v,
+        _ => {}
+    })
+    .map_err(|_| Fallback::Corrupt)?;
     let applied_raw = applied.ok_or(Fallback::NoAppliedState)?;
     let view: AppliedView = decode(&applied_raw).map_err(|_| Fallback::Corrupt)?;
     let last = view.last_applied.ok_or(Fallback::NoAppliedState)?;
@@ -144,7 +130,51 @@ pub fn parse_checkpoint_descriptor(bytes: &[u8]) -> Result<CheckpointState, Fall
         applied_index: last.index,
         applied_term: last.leader_id.term,
         voters: view.membership.membership().voter_ids().collect(),
+        floor,
     })
+}
+
+/// One protobuf field's value, as [`walk_fields`] hands it over.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FieldValue<'a> {
+    Varint(u64),
+    Fixed,
+    Bytes(&'a [u8]),
+}
+
+/// Bytes that are not a sequence of protobuf fields.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("not protobuf fields")]
+pub struct NotProtobuf;
+
+/// Calls `visit` with each (field number, value) of protobuf-encoded `bytes` (descriptor
+/// bytes with skv's extension fields, [`APPLIED_STATE_FIELD`] and
+/// [`crate::tombgc::FLOOR_FIELD`]); `Err` on bytes that are not protobuf fields. Never panics.
+pub fn walk_fields<'a>(mut buf: &'a [u8], mut visit: impl FnMut(u64, FieldValue<'a>)) -> Result<(), NotProtobuf> {
+    while !buf.is_empty() {
+        let key = prost::encoding::decode_varint(&mut buf).map_err(|_| NotProtobuf)?;
+        let (field, wire) = (key >> 3, key & 7);
+        match wire {
+            0 => {
+                let v = prost::encoding::decode_varint(&mut buf).map_err(|_| NotProtobuf)?;
+                visit(field, FieldValue::Varint(v));
+            }
+            1 | 5 => {
+                let n = if wire == 1 { 8 } else { 4 };
+                buf = buf.get(n..).ok_or(NotProtobuf)?;
+                visit(field, FieldValue::Fixed);
+            }
+            2 => {
+                let n = prost::encoding::decode_varint(&mut buf).map_err(|_| NotProtobuf)?;
+                let n = usize::try_from(n).map_err(|_| NotProtobuf)?;
+                let v = buf.get(..n).ok_or(NotProtobuf)?;
+                buf = buf.get(n..).ok_or(NotProtobuf)?;
+                visit(field, FieldValue::Bytes(v));
+            }
+            _ => return Err(NotProtobuf),
+        }
+    }
+    Ok(())
 }
 
 /// Why a new replica was not bootstrapped from object storage (it gets the leader's snapshot).
@@ -636,6 +666,11 @@ async fn install(
     batch.remove(&engine.meta, crate::stats::stats_key(range));
     batch.insert(&engine.meta, applied_key(range), st.applied_raw.clone());
     batch.insert(&engine.meta, desc_key(range), st.desc.encode_to_vec());
+    batch.insert(
+        &engine.meta,
+        crate::tombgc::floor_key(range),
+        crate::tombgc::encode_floor(st.floor),
+    );
     finish_external_install(engine, &mut batch, range);
     batch.commit().map_err(|e| io(crate::engine::io_err(e)))?;
     engine.cache.invalidate(touched.iter().map(|k| &k[..]));
@@ -695,13 +730,19 @@ mod tests {
     #[test]
     fn the_applied_state_round_trips_through_the_descriptor_bytes_and_restore_still_decodes_them() {
         let raw = applied_raw(1234, 4);
-        let b = descriptor_with_applied(&desc(2), &raw);
+        let b = descriptor_with_applied(&desc(2), &raw, 0);
         // A reader that only wants the descriptor (restore) decodes it unchanged.
         assert_eq!(RangeDescriptor::decode(&b[..]).unwrap(), desc(2));
         let st = parse_checkpoint_descriptor(&b).unwrap();
         assert_eq!((st.applied_index, st.applied_term), (1234, 4));
         assert_eq!(st.applied_raw, raw);
         assert_eq!(st.desc, desc(2));
+        assert_eq!(st.floor, 0);
+        // The version floor (ADR 0034) rides along when above 0.
+        let with_floor = descriptor_with_applied(&desc(2), &raw, 77);
+        assert_eq!(RangeDescriptor::decode(&with_floor[..]).unwrap(), desc(2));
+        let st = parse_checkpoint_descriptor(&with_floor).unwrap();
+        assert_eq!((st.applied_index, st.floor), (1234, 77));
         // Without the extension (an older checkpoint): no bootstrap.
         assert_eq!(
             parse_checkpoint_descriptor(&desc(2).encode_to_vec()).err(),
@@ -782,7 +823,7 @@ mod tests {
             created_unix_ms: 1,
             start: b"a".to_vec(),
             end: b"m".to_vec(),
-            descriptor: descriptor_with_applied(&desc(version), &applied_raw(raw_index, 4)),
+            descriptor: descriptor_with_applied(&desc(version), &applied_raw(raw_index, 4), 0),
         };
         assert_eq!(
             check_header(&h(200, 200, 2), &e, &desc(2), 1).unwrap().applied_index,
@@ -853,7 +894,7 @@ mod tests {
             created_unix_ms: 1,
             start: b"a".to_vec(),
             end: b"m".to_vec(),
-            descriptor: descriptor_with_applied(&desc(2), &applied_raw(200, 4)),
+            descriptor: descriptor_with_applied(&desc(2), &applied_raw(200, 4), 0),
         };
         let e = o
             .upload_checkpoint(h, move |sink| {

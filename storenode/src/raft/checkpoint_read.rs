@@ -28,6 +28,8 @@ pub struct CheckpointPoint {
     /// The applied state as the engine stores it (applied log id and membership): carried in
     /// the checkpoint so a learner bootstrapped from it starts at exactly this state (ADR 0027).
     pub applied_raw: Vec<u8>,
+    /// The range's version floor at the same instant (ADR 0034).
+    pub floor: u64,
 }
 
 /// Takes an engine snapshot and reads `range`'s point in it. `None` when the range has no
@@ -50,12 +52,22 @@ pub fn checkpoint_point(engine: &Engine, range: RangeId) -> io::Result<Option<Ch
         return Ok(None);
     };
     let desc = RangeDescriptor::decode(&d[..]).map_err(io_err)?;
+    let floor = match snap
+        .get(&engine.meta, crate::tombgc::floor_key(range))
+        .map_err(io_err)?
+    {
+        None => 0,
+        Some(v) => <[u8; 8]>::try_from(&v[..])
+            .map(u64::from_be_bytes)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, format!("bad version floor of {range}")))?,
+    };
     Ok(Some(CheckpointPoint {
         snap,
         applied_index: last.index,
         applied_term: last.leader_id.term,
         desc,
         applied_raw: a.to_vec(),
+        floor,
     }))
 }
 

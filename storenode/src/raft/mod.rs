@@ -97,6 +97,19 @@ pub enum Command {
     /// given, each unless the key already holds a newer version; every key must be in the
     /// range at apply (else nothing is written). Applied like a batch.
     Ingest { records: Vec<IngestOp>, epoch_version: u64 },
+    /// Tombstone GC (ADR 0034): removes each named tombstone that is still exactly that
+    /// tombstone (key and version) and raises the range's version floor to the highest
+    /// version removed. Refused on a range frozen by a merge, or whose epoch version is no
+    /// longer `epoch_version`, or if a key is outside the range (nothing is removed).
+    GcTombstones { entries: Vec<GcEntry>, epoch_version: u64 },
+}
+
+/// One tombstone named by a [`Command::GcTombstones`].
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct GcEntry {
+    #[serde(with = "serde_bytes")]
+    pub key: Vec<u8>,
+    pub version: u64,
 }
 
 /// One record of a [`Command::Ingest`]: the engine's stored record bytes of `key`.
@@ -118,6 +131,7 @@ impl std::fmt::Display for Command {
             Command::CommitMerge { frozen_index, .. } => write!(f, "commit_merge(frozen at {frozen_index})"),
             Command::RollbackMerge { target_id } => write!(f, "rollback_merge(r{target_id})"),
             Command::Ingest { records, .. } => write!(f, "ingest({} records)", records.len()),
+            Command::GcTombstones { entries, .. } => write!(f, "gc_tombstones({} keys)", entries.len()),
         }
     }
 }
@@ -148,6 +162,8 @@ pub enum CmdResponse {
     Merged(Vec<u8>),
     /// Ingest applied: records written and records skipped (the key held a newer version).
     Ingested { written: u64, skipped: u64 },
+    /// GcTombstones applied: tombstones removed and the range's version floor after it.
+    Collected { removed: u64, floor: u64 },
 }
 
 /// The outcome of one write, as `StoreWriteResponse`'s fields of the same names.

@@ -63,6 +63,9 @@ pub struct RangeShared {
     /// while this store leads the range (0: none, or not leading): log compaction keeps the
     /// log from there, so new learners bootstrap from it (ADR 0027).
     pub checkpoint_floor: AtomicU64,
+    /// The range's version floor (ADR 0034, [`crate::tombgc`]): a put on an absent key gets
+    /// this + 1. Written by apply only, as of the applied index.
+    pub version_floor: AtomicU64,
 }
 
 /// The AppendEntries a follower accepted recently from a leader: when each arrived and the
@@ -165,6 +168,7 @@ impl RangeShared {
             membership_log_id: Mutex::new(None),
             installing: AtomicBool::new(false),
             checkpoint_floor: AtomicU64::new(0),
+            version_floor: AtomicU64::new(0),
             approx_bytes: AtomicU64::new(0),
             approx_keys: AtomicU64::new(0),
             merging: Mutex::new(None),
@@ -256,6 +260,13 @@ pub fn encode_applied(last_applied: Option<LogId>, membership: StoredMembership)
 /// value bytes when live). Published to the value cache once the batch commits.
 type Overlay = HashMap<Vec<u8>, (crate::engine::Record, u64)>;
 
+/// A tombstone GC that applied: the version floor after it and the keys removed.
+type GcApplied = (u64, Vec<Vec<u8>>);
+
+/// A merge that applied on the target: (source, merged descriptor, source bytes, source keys,
+/// the target's version floor after it).
+type MergeApplied = (RangeDescriptor, RangeDescriptor, u64, u64, u64);
+
 /// A split that applied: the right descriptor, whether its storage was seeded, and the
 /// node's creation lock (held until the right range is reopened).
 type SplitOutcome = (RangeDescriptor, bool, Option<tokio::sync::OwnedMutexGuard<()>>);
@@ -333,6 +344,9 @@ impl StateMachine {
         };
         shared.publish_stats(&stats);
         *shared.merging.lock() = crate::merge::load_state(&engine, shared.range_id)?;
+        shared
+            .version_floor
+            .store(crate::tombgc::load_floor(&engine, shared.range_id)?, Ordering::Release);
         Ok(Self {
             engine,
             shared,
@@ -580,7 +594,9 @@ impl StateMachine {
                     (version, true, (key.len() + value.len()) as u64)
                 }
                 Some(r) => (r.version(), false, 0),
-                None => (0, false, 0),
+                // Never written, or its tombstone was collected: versions continue from the
+                // range's floor (ADR 0034), above every version a collected one had.
+                None => (self.shared.version_floor.load(Ordering::Acquire), false, 0),
             },
         };
         let live_version = if live { stored_version } else { 0 };
@@ -634,6 +650,51 @@ impl StateMachine {
                 }
             }
         })
+    }
+
+    /// Applies a tombstone GC (ADR 0034) into `batch`: removes each named tombstone that is
+    /// still exactly that tombstone, and raises the version floor to the highest version
+    /// removed. Decided from the entry and this replica's data at this index alone, so every
+    /// replica removes the same keys. Returns the response, the new floor and the keys removed.
+    fn apply_gc(
+        &self,
+        batch: &mut fjall::OwnedWriteBatch,
+        entries: Vec<super::GcEntry>,
+        epoch_version: u64,
+    ) -> io::Result<(CmdResponse, Option<GcApplied>)> {
+        let desc = self.shared.desc();
+        if self.shared.merging.lock().is_some() {
+            return Ok((CmdResponse::Rejected("the range is frozen by a merge".into()), None));
+        }
+        if desc.epoch.unwrap_or_default().version != epoch_version {
+            return Ok((CmdResponse::EpochNotMatch(desc.encode_to_vec()), None));
+        }
+        if entries.iter().any(|e| !desc_contains(&desc, &e.key)) {
+            return Ok((CmdResponse::KeyNotInRange(desc.encode_to_vec()), None));
+        }
+        let mut floor = self.shared.version_floor.load(Ordering::Acquire);
+        let mut removed = Vec::new();
+        for e in entries {
+            if let Some(crate::engine::Record::Tombstone { version }) = self.engine.get_record(&e.key)?
+                && version == e.version
+            {
+                batch.remove(&self.engine.data, e.key.clone());
+                floor = floor.max(version);
+                removed.push(e.key);
+            }
+        }
+        batch.insert(
+            &self.engine.meta,
+            crate::tombgc::floor_key(self.shared.range_id),
+            crate::tombgc::encode_floor(floor),
+        );
+        Ok((
+            CmdResponse::Collected {
+                removed: removed.len() as u64,
+                floor,
+            },
+            Some((floor, removed)),
+        ))
     }
 
     /// Applies a split: returns the response and, on success, the right descriptor to open.
@@ -704,6 +765,12 @@ impl StateMachine {
                 encode_applied(Some(init_log), m)?,
             );
             batch.insert(&self.engine.meta, desc_key(right_id), right.encode_to_vec());
+            // The right half keeps the versions its keys' collected tombstones had.
+            batch.insert(
+                &self.engine.meta,
+                crate::tombgc::floor_key(right_id),
+                crate::tombgc::encode_floor(self.shared.version_floor.load(Ordering::Acquire)),
+            );
         }
         let resp = CmdResponse::Split {
             left: left.encode_to_vec(),
@@ -727,7 +794,7 @@ impl StateMachine {
         frozen_index: u64,
         epoch_version: u64,
         epoch_conf_ver: u64,
-    ) -> io::Result<(CmdResponse, Option<(RangeDescriptor, RangeDescriptor, u64, u64)>)> {
+    ) -> io::Result<(CmdResponse, Option<MergeApplied>)> {
         let desc = self.shared.desc();
         let e = desc.epoch.unwrap_or_default();
         if e.version != epoch_version || e.conf_ver != epoch_conf_ver {
@@ -793,9 +860,21 @@ impl StateMachine {
             encode(&tomb).map_err(io_err)?,
         );
         batch.remove(&self.engine.meta, desc_key(src_id));
+        // The source's keys are the target's now, and so are the versions its collected
+        // tombstones had (the frozen source applies no GC, so its floor is final).
+        let floor = self
+            .shared
+            .version_floor
+            .load(Ordering::Acquire)
+            .max(crate::tombgc::load_floor(&self.engine, src_id)?);
+        batch.insert(
+            &self.engine.meta,
+            crate::tombgc::floor_key(self.shared.range_id),
+            crate::tombgc::encode_floor(floor),
+        );
         Ok((
             CmdResponse::Merged(merged.encode_to_vec()),
-            Some((src, merged, bytes, keys)),
+            Some((src, merged, bytes, keys, floor)),
         ))
     }
 
@@ -914,6 +993,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                         let mut removed_self = false;
                         let mut merging_after: Option<Option<crate::merge::MergeState>> = None;
                         let mut merge_done: Option<(RangeDescriptor, RangeDescriptor)> = None;
+                        let mut floor_after: Option<u64> = None;
+                        let mut collected: Vec<Vec<u8>> = Vec::new();
                         let resp = match payload {
                             EntryPayload::Normal(Command::Split {
                                 split_key,
@@ -1026,10 +1107,19 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                                     )
                                     .await?;
                                 crate::crash_point!(crate::failpoints::MID_MERGE);
-                                if let Some((src, merged, b, k)) = m {
+                                if let Some((src, merged, b, k, floor)) = m {
                                     new_desc = Some(merged.clone());
                                     extra = (b as i64, k as i64);
                                     merge_done = Some((src, merged));
+                                    floor_after = Some(floor);
+                                }
+                                resp
+                            }
+                            EntryPayload::Normal(Command::GcTombstones { entries, epoch_version }) => {
+                                let (resp, gc) = self.apply_gc(&mut batch, entries, epoch_version)?;
+                                if let Some((floor, removed)) = gc {
+                                    floor_after = Some(floor);
+                                    collected = removed;
                                 }
                                 resp
                             }
@@ -1053,6 +1143,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                         self.last_applied = Some(log_id);
                         let b = std::mem::replace(&mut batch, self.engine.db.batch());
                         self.commit_applied_with(b, new_desc, &mut Overlay::new(), &mut Vec::new(), extra)?;
+                        if let Some(f) = floor_after {
+                            self.shared.version_floor.store(f, Ordering::Release);
+                        }
+                        if !collected.is_empty() {
+                            self.engine.cache.invalidate(collected.iter().map(|k| &k[..]));
+                            self.metrics.tombstones_collected.inc_by(collected.len() as u64);
+                        }
                         if let Some(m) = merging_after {
                             *self.shared.merging.lock() = m;
                         }
@@ -1136,9 +1233,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         // On failure the marker stays: the data may be half-replaced. openraft stops the
         // group on this storage error; the next start finishes or undoes the install.
         crate::crash_point!(crate::failpoints::MID_SNAPSHOT_INSTALL);
-        let desc = tokio::task::spawn_blocking(move || install_from_file(&engine, range, &meta2, snapshot))
+        let (desc, floor) = tokio::task::spawn_blocking(move || install_from_file(&engine, range, &meta2, snapshot))
             .await
             .map_err(io_err)??;
+        self.shared.version_floor.store(floor, Ordering::Release);
         // Durable before the new state is published (and before openraft acts on it).
         self.engine.sync().await?;
         self.last_applied = meta.last_log_id;
@@ -1278,14 +1376,18 @@ struct SnapWriter<W: Write> {
 }
 
 impl<W: Write> SnapWriter<W> {
-    fn new(w: W, desc: &RangeDescriptor) -> io::Result<Self> {
+    /// Starts a file of `desc` with the range's version `floor` (ADR 0034) in its
+    /// descriptor frame.
+    fn new(w: W, desc: &RangeDescriptor, floor: u64) -> io::Result<Self> {
         let mut s = Self {
             w,
             hash: FNV_OFFSET,
             count: 0,
         };
         s.put(SNAP_MAGIC)?;
-        s.frame(&desc.encode_to_vec())?;
+        let mut d = desc.encode_to_vec();
+        crate::tombgc::append_floor(&mut d, floor);
+        s.frame(&d)?;
         Ok(s)
     }
     fn put(&mut self, b: &[u8]) -> io::Result<()> {
@@ -1322,6 +1424,8 @@ struct SnapReader<R: Read> {
     hash: u64,
     count: u64,
     desc: RangeDescriptor,
+    /// The range's version floor carried in the descriptor frame (0 when absent).
+    floor: u64,
     last: Option<Vec<u8>>,
     done: bool,
 }
@@ -1333,6 +1437,7 @@ impl<R: Read> SnapReader<R> {
             hash: FNV_OFFSET,
             count: 0,
             desc: RangeDescriptor::default(),
+            floor: 0,
             last: None,
             done: false,
         };
@@ -1343,6 +1448,7 @@ impl<R: Read> SnapReader<R> {
         }
         let d = s.frame()?.ok_or_else(|| bad_snap("no descriptor"))?;
         s.desc = RangeDescriptor::decode(&d[..]).map_err(|e| bad_snap(&e.to_string()))?;
+        s.floor = crate::tombgc::floor_of(&d).ok_or_else(|| bad_snap("bad descriptor fields"))?;
         Ok(s)
     }
     fn get(&mut self, b: &mut [u8]) -> io::Result<()> {
@@ -1444,11 +1550,24 @@ fn build_to_file(engine: &Engine, range: RangeId, dir: &Path) -> io::Result<(Sna
         Some(v) => RangeDescriptor::decode(&v[..]).map_err(io_err)?,
         None => return Err(io::Error::other("no descriptor for snapshot")),
     };
+    let floor = match snap
+        .get(&engine.meta, crate::tombgc::floor_key(range))
+        .map_err(io_err)?
+    {
+        None => 0,
+        Some(v) => <[u8; 8]>::try_from(&v[..])
+            .map(u64::from_be_bytes)
+            .map_err(|_| bad_snap("bad stored version floor"))?,
+    };
     std::fs::create_dir_all(dir)?;
     let idx = applied.last_applied.map(|l| l.index()).unwrap_or(0);
     let path = dir.join(format!("{}-{}-{}.snap", range.0, idx, rand::random::<u32>()));
     let tmp = path.with_extension("tmp");
-    let mut w = SnapWriter::new(BufWriter::with_capacity(1 << 20, std::fs::File::create(&tmp)?), &desc)?;
+    let mut w = SnapWriter::new(
+        BufWriter::with_capacity(1 << 20, std::fs::File::create(&tmp)?),
+        &desc,
+        floor,
+    )?;
     for g in snap.range::<&[u8], _>(&engine.data, data_range(&desc.start, &desc.end)) {
         let (k, v) = g.into_inner().map_err(io_err)?;
         w.pair(&k, &v)?;
@@ -1490,7 +1609,7 @@ fn install_from_file(
     range: RangeId,
     meta: &SnapshotMeta,
     snap: SnapFile,
-) -> io::Result<RangeDescriptor> {
+) -> io::Result<(RangeDescriptor, u64)> {
     use fjall::Readable;
     let mut r = SnapReader::open(BufReader::with_capacity(1 << 20, snap.file))?;
     let desc = r.desc.clone();
@@ -1558,10 +1677,15 @@ fn install_from_file(
         encode_applied(meta.last_log_id, meta.last_membership.clone())?,
     );
     batch.insert(&engine.meta, desc_key(range), desc.encode_to_vec());
+    batch.insert(
+        &engine.meta,
+        crate::tombgc::floor_key(range),
+        crate::tombgc::encode_floor(r.floor),
+    );
     batch.remove(&engine.meta, installing_key(range));
     commit_install(batch);
     engine.cache.invalidate(touched.iter().map(|k| &k[..]));
-    Ok(desc)
+    Ok((desc, r.floor))
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -1693,6 +1817,7 @@ fn uninitialize_replica(engine: &Engine, range: RangeId, span: Option<(Vec<u8>, 
         }
     }
     batch.remove(&engine.meta, applied_key(range));
+    batch.remove(&engine.meta, crate::tombgc::floor_key(range));
     batch.remove(&engine.meta, installing_key(range));
     batch.commit().map_err(io_err)?;
     engine.cache.invalidate(touched.iter().map(|k| &k[..]));

@@ -165,14 +165,18 @@ impl BackupService {
             self.store.read_index(&r).await?;
             let engine = self.store.node.engine.clone();
             let d = r.shared.desc();
-            let empty = tokio::task::spawn_blocking(move || {
-                let snap = engine.db.snapshot();
-                snap.range::<&[u8], _>(&engine.data, crate::engine::data_range(&d.start, &d.end))
-                    .next()
-                    .is_none()
-            })
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?;
+            // A range that collected tombstones (version floor above 0, ADR 0034) held data:
+            // not a fresh range to restore into, even if every key is gone now.
+            let collected = r.shared.version_floor.load(std::sync::atomic::Ordering::Acquire) > 0;
+            let empty = !collected
+                && tokio::task::spawn_blocking(move || {
+                    let snap = engine.db.snapshot();
+                    snap.range::<&[u8], _>(&engine.data, crate::engine::data_range(&d.start, &d.end))
+                        .next()
+                        .is_none()
+                })
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?;
             return Ok(IngestRangeResponse {
                 empty,
                 ..Default::default()

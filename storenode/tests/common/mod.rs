@@ -68,6 +68,8 @@ pub struct ClusterOpts {
     pub hibernate_after_ms: Option<u64>,
     /// Serve /metrics on a loopback port (`ServiceHandle::metrics_addr`).
     pub metrics: bool,
+    /// `--tombstone-gc-interval-secs` (None: the default).
+    pub tombstone_gc_interval_secs: Option<u64>,
 }
 
 /// Hibernation off, as the storenode's default (ADR 0018); the hibernation tests turn it on.
@@ -76,6 +78,7 @@ impl Default for ClusterOpts {
         Self {
             hibernate_after_ms: None,
             metrics: false,
+            tombstone_gc_interval_secs: None,
         }
     }
 }
@@ -134,6 +137,9 @@ impl Cluster {
         cfg.raft_hibernate = self.opts.hibernate_after_ms.is_some();
         if let Some(ms) = self.opts.hibernate_after_ms {
             cfg.raft_hibernate_after_ms = ms;
+        }
+        if let Some(s) = self.opts.tombstone_gc_interval_secs {
+            cfg.tombstone_gc_interval_secs = s;
         }
         if self.opts.metrics {
             cfg.metrics_listen = Some("127.0.0.1:0".parse().expect("addr"));
@@ -283,6 +289,35 @@ impl Cluster {
             }
             assert!(Instant::now() < deadline, "no leader for key {key:?}");
             tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// Splits the range holding `at` there (retrying routing errors for up to 20 s); the
+    /// right half gets `new_id`. Returns (left, right).
+    pub async fn split(&self, at: &[u8], new_id: u64) -> (RangeDescriptor, RangeDescriptor) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let (leader, d) = self.route(at, Duration::from_secs(10)).await;
+            let r = self
+                .client(leader)
+                .await
+                .split_range(SplitRangeRequest {
+                    header: Some(header(&d)),
+                    split_key: at.to_vec(),
+                    new_range_id: new_id,
+                })
+                .await;
+            self.invalidate();
+            if let Ok(r) = r {
+                let r = r.into_inner();
+                if r.routing_error.is_none()
+                    && let (Some(l), Some(rt)) = (r.left, r.right)
+                {
+                    return (l, rt);
+                }
+            }
+            assert!(Instant::now() < deadline, "split did not succeed");
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
@@ -463,6 +498,45 @@ pub async fn scan_all(c: &mut StoreClient<Channel>, req: StoreScanRequest) -> Re
         out.kvs.extend(m.kvs);
     }
     Ok(out)
+}
+
+/// Both ranges led by one store (transfers the source's leadership if needed); returns
+/// (leader, target descriptor, source descriptor).
+pub async fn colocate(c: &Cluster, target: u64, source: u64) -> (u64, RangeDescriptor, RangeDescriptor) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (lt, dt) = c.leader_of(target, Duration::from_secs(10)).await;
+        let (ls, ds) = c.leader_of(source, Duration::from_secs(10)).await;
+        if lt == ls {
+            return (lt, dt, ds);
+        }
+        let _ = c
+            .client(ls)
+            .await
+            .transfer_leader(TransferLeaderRequest {
+                header: Some(header(&ds)),
+                to_store_id: lt,
+            })
+            .await;
+        assert!(std::time::Instant::now() < deadline, "leaders not colocated");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+pub async fn merge(
+    c: &Cluster,
+    leader: u64,
+    target: &RangeDescriptor,
+    source: &RangeDescriptor,
+) -> Result<MergeRangesResponse, tonic::Status> {
+    c.client(leader)
+        .await
+        .merge_ranges(MergeRangesRequest {
+            header: Some(header(target)),
+            source: Some(source.clone()),
+        })
+        .await
+        .map(|r| r.into_inner())
 }
 
 /// A put op of a batch write.
