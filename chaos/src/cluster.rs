@@ -61,6 +61,8 @@ pub struct ClusterSpec {
     /// `FAILPOINTS` of every storenode (`name=action;...`, ADR 0029): needs binaries built
     /// with `--features skv-storenode/failpoints`. Empty: none.
     pub store_failpoints: String,
+    /// `--tombstone-gc-interval-secs` of every storenode (ADR 0034; 0: no tombstone GC).
+    pub tombstone_gc_secs: u64,
     /// Storenode data directories on skv-lazyfs mounts (the `slow-disk` nemesis; needs
     /// `skv-lazyfs` in `bin_dir` and FUSE).
     pub lazyfs_disks: bool,
@@ -124,6 +126,7 @@ pub struct ChaosCluster {
     etcd: crate::etcd3::EtcdRun,
     bin_dir: PathBuf,
     store_failpoints: String,
+    tombstone_gc_secs: u64,
     /// Processes run under libfaketime (`clock` nemesis).
     fake_clock: bool,
     /// Placement instances.
@@ -199,6 +202,7 @@ impl ChaosCluster {
             etcd,
             bin_dir: spec.bin_dir.clone(),
             store_failpoints: spec.store_failpoints.clone(),
+            tombstone_gc_secs: spec.tombstone_gc_secs,
             fake_clock: spec.fake_clock,
             placements: (0..spec.placements.max(1))
                 .map(|i| slot(format!("pd-{i}"), pd_host.clone()))
@@ -398,10 +402,10 @@ impl ChaosCluster {
                     .arg(data_dir)
                     .arg("--heartbeat-interval-ms")
                     .arg("300")
-                    // Deleted keys' tombstones are collected every 2 s (ADR 0034), so every
-                    // run also checks GC against kills, partitions, splits and merges.
+                    // Deleted keys' tombstones are collected every few seconds (ADR 0034), so
+                    // runs also check GC against kills, partitions, splits and merges.
                     .arg("--tombstone-gc-interval-secs")
-                    .arg("2");
+                    .arg(self.tombstone_gc_secs.to_string());
                 if !self.store_failpoints.is_empty() {
                     cmd.env("FAILPOINTS", &self.store_failpoints);
                 }

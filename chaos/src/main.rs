@@ -90,6 +90,10 @@ struct RunArgs {
     /// `--plant skip-read-index`, `storenode::read::skip_read_index=off` is the control run.
     #[arg(long, default_value = "")]
     store_failpoints: String,
+    /// Storenodes collect delete tombstones every this many seconds (ADR 0034); 0 turns the
+    /// collection off.
+    #[arg(long, default_value_t = 2)]
+    tombstone_gc_secs: u64,
 }
 
 /// A `--nemesis` value: a fault kind, or `none` (no fault).
@@ -189,6 +193,7 @@ async fn main() -> ExitCode {
             opts.trust_definite = !a.distrust_failures;
             opts.plant = a.plant;
             opts.cluster.store_failpoints = a.store_failpoints;
+            opts.cluster.tombstone_gc_secs = a.tombstone_gc_secs;
             opts.check = CheckOptions {
                 max_steps_per_key: a.check_steps,
             };

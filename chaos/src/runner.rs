@@ -111,6 +111,7 @@ impl RunOptions {
                 proxies: 2,
                 bin_dir,
                 store_failpoints: String::new(),
+                tombstone_gc_secs: 2,
                 lazyfs_disks: false,
                 etcd_members: 1,
                 fake_clock: false,

@@ -60,6 +60,7 @@ async fn a_placement_clock_jump_marks_no_store_down() {
         proxies: 1,
         bin_dir: default_bin_dir(),
         store_failpoints: String::new(),
+        tombstone_gc_secs: 2,
         lazyfs_disks: false,
         etcd_members: 1,
         fake_clock: true,

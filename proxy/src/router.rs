@@ -154,6 +154,10 @@ struct Table {
     stores: StoreBook,
 }
 
+/// Storenode channels kept at most: past it, those of addresses no known store has are
+/// dropped (a store's address changes, or an address learnt from a NotLeader answer).
+pub const MAX_STORE_CHANNELS: usize = 1024;
+
 /// Routes requests to ranges. Shared by every RPC handler.
 pub struct Router {
     table: RwLock<Table>,
@@ -262,6 +266,15 @@ impl Router {
                     None => {
                         let c = skv_rpc::channel_with(addr, &self.store_options)
                             .map_err(|e| Status::internal(format!("bad store address: {e}")))?;
+                        if chans.len() >= MAX_STORE_CHANNELS {
+                            // Addresses no store has any more (stores moved, or addresses
+                            // learnt from routing errors) are dropped; a live one reconnects.
+                            let t = self.table.read();
+                            chans.retain(|a, _| t.stores.knows_address(a));
+                            if chans.len() >= MAX_STORE_CHANNELS {
+                                chans.clear();
+                            }
+                        }
                         chans.insert(addr.to_string(), c.clone());
                         c
                     }
@@ -517,8 +530,10 @@ impl Router {
     ) -> Option<Duration> {
         let action = {
             let mut t = self.table.write();
+            // Only the address of a replica of this range is learnt from the answer.
             if let Some(routing_error::Kind::NotLeader(nl)) = &err.kind
                 && nl.leader_store_id != 0
+                && route.replicas.contains(&StoreId(nl.leader_store_id))
             {
                 t.stores.learn_address(StoreId(nl.leader_store_id), &nl.leader_address);
             }

@@ -371,6 +371,11 @@ impl StoreBook {
         self.stores.get(&id).map(|(a, _)| a.as_str())
     }
 
+    /// Whether some store is known at `address`.
+    pub fn knows_address(&self, address: &str) -> bool {
+        self.stores.values().any(|(a, _)| a == address)
+    }
+
     pub fn is_up(&self, id: StoreId) -> bool {
         matches!(self.stores.get(&id), Some((_, StoreState::Up | StoreState::Draining)))
     }

@@ -140,6 +140,9 @@ pub struct Metrics {
     /// and GC proposals of the ranges it leads by result (collected, rejected, failed).
     pub tombstones_collected: Counter,
     pub tombstone_gc_runs: Family<GcResult, Counter>,
+    /// Raft messages for an unknown range refused because this store already holds
+    /// `node::MAX_UNINITIALIZED_PEERS` uninitialized replicas.
+    pub peers_refused: Counter,
 }
 
 impl Metrics {
@@ -188,6 +191,7 @@ impl Metrics {
             engine_disk_bytes: Gauge::default(),
             tombstones_collected: Counter::default(),
             tombstone_gc_runs: Family::default(),
+            peers_refused: Counter::default(),
         };
         // Both phases exist from the start (a family is exported once a series exists).
         for phase in ["build", "send", "receive"] {
@@ -322,6 +326,11 @@ impl Metrics {
             "skv_storenode_merges",
             "Merges applied on this node as the target",
             self.merges.clone(),
+        );
+        reg.register(
+            "skv_storenode_raft_peers_refused",
+            "Raft messages for an unknown range refused: too many uninitialized replicas here",
+            self.peers_refused.clone(),
         );
         reg.register(
             "skv_storenode_tombstones_collected",

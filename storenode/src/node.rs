@@ -56,6 +56,16 @@ pub type SplitReporter = Arc<dyn Fn(RangeDescriptor, RangeDescriptor) + Send + S
 /// Callback for a merge applied on the target's leader: (merged, source as frozen).
 pub type MergeReporter = Arc<dyn Fn(RangeDescriptor, RangeDescriptor) + Send + Sync>;
 
+/// Uninitialized replicas (waiting for a snapshot) that Raft messages may create at most;
+/// placement's moves, repairs and up-replications send a store a few at a time (its snapshot
+/// limit per store), far below this.
+pub const MAX_UNINITIALIZED_PEERS: usize = 1024;
+
+/// Snapshot streams this store receives at once at most (each may put up to
+/// `--snapshot-max-receive-bytes` on disk before it is checked); placement's per-store
+/// snapshot limit keeps legitimate ones far below.
+pub const MAX_SNAPSHOT_RECEIVES: usize = 8;
+
 pub struct NodeInner {
     pub store_id: StoreId,
     pub engine: Arc<Engine>,
@@ -73,7 +83,9 @@ pub struct NodeInner {
     pub merge_reporter: RwLock<Option<MergeReporter>>,
     /// Ranges being destroyed or garbage-collected: nothing may reopen them meanwhile.
     gc_ranges: parking_lot::Mutex<std::collections::HashSet<RangeId>>,
-    /// Retired (merged) range → the range that absorbed it, for routing answers.
+    /// Retired (merged) range → the range that absorbed it, for routing answers. One small
+    /// entry per merge applied here for the process's life (merges are rate-limited by
+    /// placement's cooldowns), so not pruned: a retried MergeRanges must still see it.
     pub retired: parking_lot::Mutex<HashMap<RangeId, RangeId>>,
     /// Set once the server accepts requests (see [`Self::merge_wait_bound`]).
     pub serving: std::sync::atomic::AtomicBool,
@@ -88,6 +100,8 @@ pub struct NodeInner {
     /// With `--object-store-url`: new replicas start from the range's latest checkpoint
     /// (ADR 0027).
     pub bootstrapper: RwLock<Option<Arc<crate::raft::bootstrap::Bootstrapper>>>,
+    /// Permits of the snapshot streams being received ([`MAX_SNAPSHOT_RECEIVES`]).
+    pub snapshot_receives: Arc<tokio::sync::Semaphore>,
 }
 
 impl NodeInner {
@@ -119,6 +133,7 @@ impl NodeInner {
             deferred: parking_lot::Mutex::new(Vec::new()),
             merge_lock: tokio::sync::Mutex::new(()),
             bootstrapper: RwLock::new(None),
+            snapshot_receives: Arc::new(tokio::sync::Semaphore::new(MAX_SNAPSHOT_RECEIVES)),
         })
     }
 
@@ -402,23 +417,46 @@ impl NodeInner {
         }
     }
 
-    /// A Raft message arrived for a range we do not have: create an uninitialized peer
-    /// from the sender's descriptor (new learner, or a split this node has not applied yet).
-    pub async fn get_or_create_peer(&self, id: RangeId, desc: Option<RangeDescriptor>) -> Option<Arc<Replica>> {
+    /// A Raft message from store `from` arrived for a range we do not have: create an
+    /// uninitialized peer from the sender's descriptor (new learner, or a split this node has
+    /// not applied yet).
+    ///
+    /// Bounded: the descriptor must name both this store and the sender, and at most
+    /// [`MAX_UNINITIALIZED_PEERS`] uninitialized replicas exist at once (a peer naming new
+    /// range ids cannot make this store open Raft groups without limit; at the cap the
+    /// message is refused and its sender retries).
+    pub async fn get_or_create_peer(
+        &self,
+        id: RangeId,
+        desc: Option<RangeDescriptor>,
+        from: StoreId,
+    ) -> Option<Arc<Replica>> {
         if let Some(r) = self.replica(id) {
             return Some(r);
         }
-        // Only a descriptor naming this store as a replica may create a peer here.
-        // ... and an epoch within skv_common::limits::MAX_EPOCH (no later increment can wrap).
+        // Only a descriptor naming this store and the sender as replicas may create a peer
+        // here, and an epoch within skv_common::limits::MAX_EPOCH (no later increment can wrap).
         let desc = desc.filter(|d| {
             d.range_id == id.0
                 && d.replicas.iter().any(|r| r.store_id == self.store_id.0)
+                && d.replicas.iter().any(|r| r.store_id == from.0)
                 && d.epoch
                     .is_none_or(|e| skv_common::limits::check_epoch(e.version, e.conf_ver).is_ok())
         })?;
         let _g = self.create_lock.lock().await;
         if let Some(r) = self.replica(id) {
             return Some(r);
+        }
+        let uninitialized = self
+            .replicas
+            .read()
+            .values()
+            .filter(|r| !r.shared.is_initialized())
+            .count();
+        if uninitialized >= MAX_UNINITIALIZED_PEERS {
+            self.metrics.peers_refused.inc();
+            tracing::warn!(range_id = %id, from = %from, uninitialized, "refusing to create a peer: too many uninitialized replicas");
+            return None;
         }
         if let Err(why) = self.may_create(id, desc.epoch.unwrap_or_default().conf_ver) {
             tracing::debug!(range_id = %id, why, "message does not recreate a destroyed replica");
@@ -735,12 +773,51 @@ mod tests {
             replicas: vec![replica(2), replica(3)],
             ..Default::default()
         };
-        assert!(node.get_or_create_peer(RangeId(5), Some(desc.clone())).await.is_none());
-        assert!(node.get_or_create_peer(RangeId(5), None).await.is_none());
+        assert!(
+            node.get_or_create_peer(RangeId(5), Some(desc.clone()), StoreId(2))
+                .await
+                .is_none()
+        );
+        assert!(node.get_or_create_peer(RangeId(5), None, StoreId(2)).await.is_none());
         assert!(node.replica(RangeId(5)).is_none());
         desc.replicas.push(replica(1));
-        let r = node.get_or_create_peer(RangeId(5), Some(desc)).await.unwrap();
+        // ... and it must name the sender too.
+        assert!(
+            node.get_or_create_peer(RangeId(5), Some(desc.clone()), StoreId(4))
+                .await
+                .is_none()
+        );
+        let r = node
+            .get_or_create_peer(RangeId(5), Some(desc), StoreId(2))
+            .await
+            .unwrap();
         assert!(!r.shared.is_initialized());
+        node.stop_all().await;
+    }
+
+    #[tokio::test]
+    async fn messages_create_at_most_the_cap_of_uninitialized_peers() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = test_node(dir.path());
+        for id in 10..10 + MAX_UNINITIALIZED_PEERS as u64 {
+            let d = voters_desc(id, &[1, 2, 3]);
+            assert!(
+                node.get_or_create_peer(RangeId(id), Some(d), StoreId(2))
+                    .await
+                    .is_some(),
+                "peer {id}"
+            );
+        }
+        let over = 10 + MAX_UNINITIALIZED_PEERS as u64;
+        let d = voters_desc(over, &[1, 2, 3]);
+        assert!(
+            node.get_or_create_peer(RangeId(over), Some(d), StoreId(2))
+                .await
+                .is_none()
+        );
+        assert_eq!(node.metrics.peers_refused.get(), 1);
+        // An existing one is still found.
+        assert!(node.get_or_create_peer(RangeId(10), None, StoreId(2)).await.is_some());
         node.stop_all().await;
     }
 

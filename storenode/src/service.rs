@@ -1071,7 +1071,7 @@ impl RaftService {
         }
         let id = RangeId(msg.range_id);
         self.node
-            .get_or_create_peer(id, msg.descriptor.clone())
+            .get_or_create_peer(id, msg.descriptor.clone(), StoreId(msg.from_store_id))
             .await
             .ok_or_else(|| format!("range {id} not found"))
     }
@@ -1118,6 +1118,18 @@ impl RaftSvc for RaftService {
         let header = match SnapshotHeader::decode(&msg.payload) {
             Ok(h) => h,
             Err(e) => return Ok(wire_err(format!("bad snapshot header: {e}"))),
+        };
+        // At most MAX_SNAPSHOT_RECEIVES streams at once (each may hold up to the receive cap
+        // on disk): more is refused before anything is created or written; the sender retries.
+        let Ok(_receiving) = self.node.snapshot_receives.clone().try_acquire_owned() else {
+            let e = ReceiveRefusal::Busy(crate::node::MAX_SNAPSHOT_RECEIVES);
+            self.node
+                .metrics
+                .snapshot_receives_refused
+                .get_or_create(&crate::metrics::Reason { reason: e.reason() })
+                .inc();
+            tracing::warn!(store_id = %self.node.store_id, range_id = msg.range_id, error = %e, "snapshot receive refused");
+            return Err(e.status());
         };
         let r = match self.peer(&msg).await {
             Ok(r) => r,

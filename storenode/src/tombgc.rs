@@ -143,7 +143,6 @@ async fn collect_range(node: &Arc<NodeInner>, r: &Arc<crate::node::Replica>) {
             .inc();
     };
     let desc = r.shared.desc();
-    let epoch_version = desc.epoch.unwrap_or_default().version;
     let engine = node.engine.clone();
     let found = tokio::task::spawn_blocking(move || {
         let snap = engine.db.snapshot();
@@ -172,7 +171,6 @@ async fn collect_range(node: &Arc<NodeInner>, r: &Arc<crate::node::Replica>) {
             .into_iter()
             .map(|(key, version)| crate::raft::GcEntry { key, version })
             .collect(),
-        epoch_version,
     };
     match r.raft.propose(cmd, PROPOSE_TIMEOUT).await {
         Ok(CmdResponse::Collected { removed, floor }) => {

@@ -4,18 +4,6 @@ use common::*;
 use skv_proto::internal::*;
 use std::time::Duration;
 
-async fn create_on(c: &Cluster, id: u64, desc: &RangeDescriptor, bootstrap: bool) {
-    c.client(id)
-        .await
-        .create_replica(CreateReplicaRequest {
-            descriptor: Some(desc.clone()),
-            bootstrap,
-            stores: c.stores(),
-        })
-        .await
-        .expect("create replica");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn add_and_remove_replicas_and_transfer_leader() {
     let c = Cluster::start(4, 10_000).await;

@@ -6,6 +6,7 @@
 mod common;
 
 use common::*;
+use skv_proto::internal::*;
 use std::time::Duration;
 
 /// Puts fresh keys until one starts above version 1: the leader applied a GC that raised the
@@ -114,5 +115,83 @@ async fn a_merge_target_takes_the_sources_version_floor() {
     // collected versions too (the merged range holds both spans' histories).
     assert_eq!(c.put(b"a/after", b"v").await, 31);
     assert_eq!(c.put(b"n/hot", b"back").await, 31);
+    c.shutdown().await;
+}
+
+/// A replica added after a split, while the range's log still holds GC entries proposed
+/// under the older descriptor, ends with the same version floor as the others: the same
+/// put on a collected key gets the same version when it leads. (Here the leader sends it a
+/// snapshot built after the split; the chaos run that found floors diverging, seed
+/// 20261202, added a replica right at a split and moved leadership to it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_that_replays_the_log_after_a_split_keeps_the_same_floor() {
+    let opts = ClusterOpts {
+        tombstone_gc_interval_secs: Some(1),
+        ..Default::default()
+    };
+    let c = Cluster::start_opts(4, 10_000, opts).await;
+    let desc = whole_range(1..=3);
+    for id in [3, 2, 1] {
+        create_on(&c, id, &desc, id == 1).await;
+    }
+    for _ in 0..40 {
+        c.put(b"d/hot", b"h").await;
+    }
+    assert_eq!(c.put(b"d/cold", b"c").await, 1);
+    let r = c
+        .batch_write(vec![delete_op(b"d/hot", None), delete_op(b"d/cold", None)])
+        .await;
+    assert!(r.iter().all(|w| w.succeeded && w.existed), "{r:?}");
+    assert_eq!(wait_for_floor(&c, "d/probe").await, 41);
+
+    // A split makes the range's descriptor newer than the GC entries in its log.
+    c.split(b"m", 2).await;
+    let (leader, d) = c.leader_of(1, Duration::from_secs(10)).await;
+    create_on(&c, 4, &d, false).await;
+    let r = c
+        .client(leader)
+        .await
+        .change_replicas(ChangeReplicasRequest {
+            header: Some(header(&d)),
+            changes: vec![ReplicaChange {
+                store_id: 4,
+                kind: replica_change::Kind::AddVoter as i32,
+            }],
+            stores: c.stores(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.routing_error.is_none(), "{r:?}");
+    let nd = r.descriptor.unwrap();
+    c.put(b"d/marker", b"m").await;
+    wait_until("store 4 caught up", Duration::from_secs(20), || async {
+        c.stale_get(4, &nd, b"d/marker").await.is_some_and(|r| r.found)
+    })
+    .await;
+    let r = c
+        .client(leader)
+        .await
+        .transfer_leader(TransferLeaderRequest {
+            header: Some(header(&nd)),
+            to_store_id: 4,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.routing_error.is_none(), "{r:?}");
+    wait_until("store 4 leads", Duration::from_secs(10), || async {
+        c.leader_of(1, Duration::from_secs(5)).await.0 == 4
+    })
+    .await;
+    // Store 4 numbers the collected key from the same floor as the others did.
+    assert_eq!(c.put(b"d/cold", b"again").await, 41);
+    for s in 1..=3 {
+        wait_until("the others apply it", Duration::from_secs(10), || async {
+            c.stale_get(s, &nd, b"d/cold").await.is_some_and(|r| r.found)
+        })
+        .await;
+        assert_eq!(c.stale_get(s, &nd, b"d/cold").await.unwrap().version, 41, "store {s}");
+    }
     c.shutdown().await;
 }

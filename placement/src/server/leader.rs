@@ -190,6 +190,13 @@ async fn tick_inner(s: &Arc<Shared>, term: &CancellationToken) {
             live.contains(l) && live.contains(r) && now.saturating_sub(*at) < FORCED_MERGE_KEEP_MS
         });
         mem.failures.retain(|id, _| live.contains(id));
+        // Fed by heartbeats naming any range id (a merged-away range, a misbehaving store):
+        // kept only for ranges in the map (a range made since this tick's read re-enters
+        // with its next heartbeat).
+        mem.leader_seen.retain(|id, _| live.contains(id));
+        mem.leader_term.retain(|id, _| live.contains(id));
+        mem.last_applied.retain(|id, _| live.contains(id));
+        mem.skip_logged.retain(|id, _| live.contains(id));
         for st in &domain_stores {
             if st.state == StoreState::Up {
                 mem.up_since.entry(st.id).or_insert(now);

@@ -97,11 +97,11 @@ pub enum Command {
     /// given, each unless the key already holds a newer version; every key must be in the
     /// range at apply (else nothing is written). Applied like a batch.
     Ingest { records: Vec<IngestOp>, epoch_version: u64 },
-    /// Tombstone GC (ADR 0034): removes each named tombstone that is still exactly that
-    /// tombstone (key and version) and raises the range's version floor to the highest
-    /// version removed. Refused on a range frozen by a merge, or whose epoch version is no
-    /// longer `epoch_version`, or if a key is outside the range (nothing is removed).
-    GcTombstones { entries: Vec<GcEntry>, epoch_version: u64 },
+    /// Tombstone GC (ADR 0034): raises the range's version floor to the highest version
+    /// named (whatever is removed: the floor is a function of the log alone), and removes
+    /// each named tombstone that is still exactly that tombstone (key and version) and
+    /// inside the range. Refused on a range frozen by a merge.
+    GcTombstones { entries: Vec<GcEntry> },
 }
 
 /// One tombstone named by a [`Command::GcTombstones`].

@@ -143,11 +143,13 @@ pub enum ReceiveRefusal {
     Stream(String),
     #[error("bad snapshot: {0}")]
     Invalid(String),
+    #[error("{0} snapshot receives already under way on this store; retry later")]
+    Busy(usize),
 }
 
 impl ReceiveRefusal {
     /// The metric labels, in order.
-    pub const REASONS: [&'static str; 4] = ["too_large", "deadline", "stream", "invalid"];
+    pub const REASONS: [&'static str; 5] = ["too_large", "deadline", "stream", "invalid", "busy"];
 
     pub fn reason(&self) -> &'static str {
         match self {
@@ -155,13 +157,14 @@ impl ReceiveRefusal {
             Self::Deadline(_) => "deadline",
             Self::Stream(_) => "stream",
             Self::Invalid(_) => "invalid",
+            Self::Busy(_) => "busy",
         }
     }
 
     /// The status the sender gets.
     pub fn status(&self) -> tonic::Status {
         match self {
-            Self::TooLarge { .. } => tonic::Status::resource_exhausted(self.to_string()),
+            Self::TooLarge { .. } | Self::Busy(_) => tonic::Status::resource_exhausted(self.to_string()),
             Self::Deadline(_) => tonic::Status::deadline_exceeded(self.to_string()),
             Self::Stream(_) => tonic::Status::aborted(self.to_string()),
             Self::Invalid(_) => tonic::Status::invalid_argument(self.to_string()),

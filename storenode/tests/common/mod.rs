@@ -539,6 +539,19 @@ pub async fn merge(
         .map(|r| r.into_inner())
 }
 
+/// CreateReplica of `desc` on store `id` (bootstrap: the first replica of a new range).
+pub async fn create_on(c: &Cluster, id: u64, desc: &RangeDescriptor, bootstrap: bool) {
+    c.client(id)
+        .await
+        .create_replica(CreateReplicaRequest {
+            descriptor: Some(desc.clone()),
+            bootstrap,
+            stores: c.stores(),
+        })
+        .await
+        .expect("create replica");
+}
+
 /// A put op of a batch write.
 pub fn put_op(key: &[u8], value: &[u8], condition: Option<u64>) -> StoreWriteOp {
     StoreWriteOp {
