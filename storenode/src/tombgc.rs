@@ -56,9 +56,23 @@ pub fn encode_floor(floor: u64) -> [u8; 8] {
 /// does not decode is an error, never read as 0: a floor read too low could let a put reuse
 /// a version a client saw.
 pub fn load_floor(engine: &Engine, range: RangeId) -> io::Result<u64> {
-    match engine.meta.get(floor_key(range)).map_err(io_err)? {
+    decode_floor(engine.meta.get(floor_key(range)).map_err(io_err)?.as_deref(), range)
+}
+
+/// [`load_floor`] as of the engine snapshot `snap` (read with the data and the applied
+/// state it goes with: snapshot files and checkpoints).
+pub fn floor_in(engine: &Engine, snap: &fjall::Snapshot, range: RangeId) -> io::Result<u64> {
+    use fjall::Readable;
+    decode_floor(
+        snap.get(&engine.meta, floor_key(range)).map_err(io_err)?.as_deref(),
+        range,
+    )
+}
+
+fn decode_floor(stored: Option<&[u8]>, range: RangeId) -> io::Result<u64> {
+    match stored {
         None => Ok(0),
-        Some(v) => <[u8; 8]>::try_from(&v[..])
+        Some(v) => <[u8; 8]>::try_from(v)
             .map(u64::from_be_bytes)
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, format!("bad version floor of {range}"))),
     }

@@ -52,15 +52,7 @@ pub fn checkpoint_point(engine: &Engine, range: RangeId) -> io::Result<Option<Ch
         return Ok(None);
     };
     let desc = RangeDescriptor::decode(&d[..]).map_err(io_err)?;
-    let floor = match snap
-        .get(&engine.meta, crate::tombgc::floor_key(range))
-        .map_err(io_err)?
-    {
-        None => 0,
-        Some(v) => <[u8; 8]>::try_from(&v[..])
-            .map(u64::from_be_bytes)
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, format!("bad version floor of {range}")))?,
-    };
+    let floor = crate::tombgc::floor_in(engine, &snap, range)?;
     Ok(Some(CheckpointPoint {
         snap,
         applied_index: last.index,

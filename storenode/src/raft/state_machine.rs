@@ -1557,15 +1557,7 @@ fn build_to_file(engine: &Engine, range: RangeId, dir: &Path) -> io::Result<(Sna
         Some(v) => RangeDescriptor::decode(&v[..]).map_err(io_err)?,
         None => return Err(io::Error::other("no descriptor for snapshot")),
     };
-    let floor = match snap
-        .get(&engine.meta, crate::tombgc::floor_key(range))
-        .map_err(io_err)?
-    {
-        None => 0,
-        Some(v) => <[u8; 8]>::try_from(&v[..])
-            .map(u64::from_be_bytes)
-            .map_err(|_| bad_snap("bad stored version floor"))?,
-    };
+    let floor = crate::tombgc::floor_in(engine, &snap, range)?;
     std::fs::create_dir_all(dir)?;
     let idx = applied.last_applied.map(|l| l.index()).unwrap_or(0);
     let path = dir.join(format!("{}-{}-{}.snap", range.0, idx, rand::random::<u32>()));
