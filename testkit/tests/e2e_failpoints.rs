@@ -356,6 +356,13 @@ async fn an_fsync_error_stops_the_storenode_and_a_restart_serves_every_acknowled
             ok += 1;
         }
     }
+    // The writes may all have gone to the other stores' leaders: wait until the restarted
+    // process serves its metrics port before setting the failpoint through it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "store 0's metrics port :{port} never opened");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let bad = http(port, "PUT", "/failpoints/storenode::log::fsync_error", "notanaction(");
     assert!(bad.starts_with("HTTP/1.1 400"), "a bad action must be refused: {bad}");
     let set = http(port, "PUT", "/failpoints/storenode::log::fsync_error", "return");
