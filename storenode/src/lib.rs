@@ -243,7 +243,7 @@ pub struct Config {
     #[arg(long, env = "SKV_BOOTSTRAP_FROM_CHECKPOINTS", num_args = 0..=1, default_missing_value = "true")]
     pub bootstrap_from_checkpoints: Option<bool>,
     /// Every this many seconds, the leader of each range collects the range's delete
-    /// tombstones (at most 10,000 per range and pass) by a replicated command that raises
+    /// tombstones (per range and pass: up to 10,000 in a command of at most 256 KiB) by a replicated command that raises
     /// the range's version floor (ADR 0034). 0 turns the collection off.
     #[arg(long, env = "SKV_TOMBSTONE_GC_INTERVAL_SECS", default_value_t = tombgc::DEFAULT_INTERVAL_SECS)]
     pub tombstone_gc_interval_secs: u64,

@@ -34,8 +34,12 @@ use tracing::Instrument;
 pub const FLOOR_FIELD: u64 = 101;
 /// Tombstones named by one GC command at most.
 pub const MAX_ENTRIES: usize = 10_000;
-/// Key bytes named by one GC command at most (bounds the log entry).
-pub const MAX_KEY_BYTES: usize = 1 << 20;
+/// Encoded bytes of one GC command at most: the restore chunk bound, which fits one Raft
+/// entry (and one AppendEntries next to the byte budget) whatever `--max-value-len` is.
+pub const MAX_COMMAND_BYTES: usize = skv_common::limits::INGEST_CHUNK_BYTES;
+/// Encoded bytes one named tombstone adds besides its key (an upper bound): the key's length
+/// prefix and the version, varints of at most 5 and 10 bytes.
+const ENTRY_OVERHEAD: usize = 15;
 /// Default `--tombstone-gc-interval-secs`.
 pub const DEFAULT_INTERVAL_SECS: u64 = 600;
 /// A GC proposal waits this long for its commit.
@@ -50,6 +54,12 @@ pub fn floor_key(range: RangeId) -> Vec<u8> {
 
 pub fn encode_floor(floor: u64) -> [u8; 8] {
     floor.to_be_bytes()
+}
+
+/// Writes `range`'s version floor into `batch` (with the applied state or install it goes
+/// with).
+pub fn put_floor(engine: &Engine, batch: &mut fjall::OwnedWriteBatch, range: RangeId, floor: u64) {
+    batch.insert(&engine.meta, floor_key(range), encode_floor(floor));
 }
 
 /// The stored version floor of `range` (0 when none was ever written). A stored value that
@@ -101,7 +111,7 @@ pub fn floor_of(desc_bytes: &[u8]) -> Option<u64> {
 }
 
 /// The tombstones of `[start, end)` in `snap` (key, version), in key order, up to
-/// [`MAX_ENTRIES`] or [`MAX_KEY_BYTES`] of keys.
+/// [`MAX_ENTRIES`] or a command of [`MAX_COMMAND_BYTES`].
 pub fn find_tombstones(
     engine: &Engine,
     snap: &fjall::Snapshot,
@@ -110,13 +120,17 @@ pub fn find_tombstones(
 ) -> io::Result<Vec<(Vec<u8>, u64)>> {
     use fjall::Readable;
     let mut out = Vec::new();
-    let mut key_bytes = 0usize;
+    let mut bytes = 0usize;
     for g in snap.range::<&[u8], _>(&engine.data, data_range(start, end)) {
         let (k, v) = g.into_inner().map_err(io_err)?;
         if let Some(crate::engine::Record::Tombstone { version }) = decode_record(&v) {
-            key_bytes += k.len();
+            let cost = k.len() + ENTRY_OVERHEAD;
+            if bytes + cost > MAX_COMMAND_BYTES {
+                break;
+            }
+            bytes += cost;
             out.push((k.to_vec(), version));
-            if out.len() >= MAX_ENTRIES || key_bytes >= MAX_KEY_BYTES {
+            if out.len() >= MAX_ENTRIES {
                 break;
             }
         }
@@ -244,5 +258,31 @@ mod tests {
         assert_eq!(load_floor(&e, RangeId(4)).unwrap(), 12);
         e.meta.insert(floor_key(RangeId(4)), b"bad").unwrap();
         assert!(load_floor(&e, RangeId(4)).is_err());
+    }
+
+    #[test]
+    fn a_gc_command_fits_one_raft_entry_of_any_max_value_len() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = Engine::open(dir.path(), Metrics::new()).unwrap();
+        // 3,000 tombstones of 200-byte keys: 645,000 bytes of keys, more than one command.
+        for i in 0..3_000u32 {
+            let mut k = vec![b'k'; 200];
+            k[..4].copy_from_slice(&i.to_be_bytes());
+            e.data.insert(k, encode_tombstone(u64::MAX >> 2)).unwrap();
+        }
+        let snap = e.db.snapshot();
+        let found = find_tombstones(&e, &snap, b"", b"").unwrap();
+        assert!(!found.is_empty() && found.len() < 3_000, "{}", found.len());
+        let cmd = crate::raft::Command::GcTombstones {
+            entries: found
+                .into_iter()
+                .map(|(key, version)| crate::raft::GcEntry { key, version })
+                .collect(),
+        };
+        let encoded = crate::raft::encode(&cmd).unwrap().len();
+        assert!(encoded <= MAX_COMMAND_BYTES, "{encoded}");
+        // The smallest Store message any --max-value-len allows (a Raft entry of that size
+        // always fits an AppendEntries).
+        assert!(encoded < skv_common::limits::max_store_message(0), "{encoded}");
     }
 }
