@@ -112,13 +112,8 @@ pub fn step(state: &KeyState, input: &Input, output: Option<&Output>) -> Option<
         Input::Put { value } => written(state, *value, output),
         Input::PutIfVersion { value, version: want } | Input::Cas { expected: want, value } => {
             match condition(state, *want) {
-                Some(held) => {
-                    if held {
-                        written(&held_state(state, *want), *value, output)
-                    } else {
-                        condition_failed(state, *want, output)
-                    }
-                }
+                Some(true) => written(&held_state(state, *want), *value, output),
+                Some(false) => condition_failed(state, *want, output),
                 // The live version is known only from below and `want` is not below it.
                 None => match output {
                     Some(Output::ConditionFailed { .. }) => condition_failed(state, *want, output),

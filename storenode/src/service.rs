@@ -1062,6 +1062,17 @@ fn wire_err(e: impl Into<String>) -> Response<RaftMessageResponse> {
 }
 
 impl RaftService {
+    /// Counts and logs a refused snapshot receive; the status its sender gets.
+    fn refuse_snapshot(&self, range: RangeId, e: ReceiveRefusal) -> Status {
+        self.node
+            .metrics
+            .snapshot_receives_refused
+            .get_or_create(&crate::metrics::Reason { reason: e.reason() })
+            .inc();
+        tracing::warn!(store_id = %self.node.store_id, range_id = %range, error = %e, "snapshot receive refused");
+        e.status()
+    }
+
     async fn peer(&self, msg: &RaftMessage) -> Result<Arc<Replica>, String> {
         if msg.to_store_id != self.node.store_id.0 {
             return Err(format!(
@@ -1123,13 +1134,7 @@ impl RaftSvc for RaftService {
         // on disk): more is refused before anything is created or written; the sender retries.
         let Ok(_receiving) = self.node.snapshot_receives.clone().try_acquire_owned() else {
             let e = ReceiveRefusal::Busy(crate::node::MAX_SNAPSHOT_RECEIVES);
-            self.node
-                .metrics
-                .snapshot_receives_refused
-                .get_or_create(&crate::metrics::Reason { reason: e.reason() })
-                .inc();
-            tracing::warn!(store_id = %self.node.store_id, range_id = msg.range_id, error = %e, "snapshot receive refused");
-            return Err(e.status());
+            return Err(self.refuse_snapshot(RangeId(msg.range_id), e));
         };
         let r = match self.peer(&msg).await {
             Ok(r) => r,
@@ -1185,13 +1190,7 @@ impl RaftSvc for RaftService {
         if let Err(e) = result {
             // No partial file is left behind, whatever ended the receive.
             let _ = tokio::fs::remove_file(&path).await;
-            self.node
-                .metrics
-                .snapshot_receives_refused
-                .get_or_create(&crate::metrics::Reason { reason: e.reason() })
-                .inc();
-            tracing::warn!(store_id = %self.node.store_id, range_id = %id, error = %e, "snapshot receive refused");
-            return Err(e.status());
+            return Err(self.refuse_snapshot(id, e));
         }
         let p2 = path.clone();
         // The whole file is checked (checksum, order, span) before anything is installed.

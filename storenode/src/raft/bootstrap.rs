@@ -666,11 +666,7 @@ async fn install(
     batch.remove(&engine.meta, crate::stats::stats_key(range));
     batch.insert(&engine.meta, applied_key(range), st.applied_raw.clone());
     batch.insert(&engine.meta, desc_key(range), st.desc.encode_to_vec());
-    batch.insert(
-        &engine.meta,
-        crate::tombgc::floor_key(range),
-        crate::tombgc::encode_floor(st.floor),
-    );
+    crate::tombgc::put_floor(engine, &mut batch, range, st.floor);
     finish_external_install(engine, &mut batch, range);
     batch.commit().map_err(|e| io(crate::engine::io_err(e)))?;
     engine.cache.invalidate(touched.iter().map(|k| &k[..]));

@@ -690,11 +690,7 @@ impl StateMachine {
                 removed.push(e.key);
             }
         }
-        batch.insert(
-            &self.engine.meta,
-            crate::tombgc::floor_key(self.shared.range_id),
-            crate::tombgc::encode_floor(floor),
-        );
+        crate::tombgc::put_floor(&self.engine, batch, self.shared.range_id, floor);
         Ok((
             CmdResponse::Collected {
                 removed: removed.len() as u64,
@@ -773,10 +769,11 @@ impl StateMachine {
             );
             batch.insert(&self.engine.meta, desc_key(right_id), right.encode_to_vec());
             // The right half keeps the versions its keys' collected tombstones had.
-            batch.insert(
-                &self.engine.meta,
-                crate::tombgc::floor_key(right_id),
-                crate::tombgc::encode_floor(self.shared.version_floor.load(Ordering::Acquire)),
+            crate::tombgc::put_floor(
+                &self.engine,
+                batch,
+                right_id,
+                self.shared.version_floor.load(Ordering::Acquire),
             );
         }
         let resp = CmdResponse::Split {
@@ -874,11 +871,7 @@ impl StateMachine {
             .version_floor
             .load(Ordering::Acquire)
             .max(crate::tombgc::load_floor(&self.engine, src_id)?);
-        batch.insert(
-            &self.engine.meta,
-            crate::tombgc::floor_key(self.shared.range_id),
-            crate::tombgc::encode_floor(floor),
-        );
+        crate::tombgc::put_floor(&self.engine, batch, self.shared.range_id, floor);
         Ok((
             CmdResponse::Merged(merged.encode_to_vec()),
             Some((src, merged, bytes, keys, floor)),
@@ -1676,11 +1669,7 @@ fn install_from_file(
         encode_applied(meta.last_log_id, meta.last_membership.clone())?,
     );
     batch.insert(&engine.meta, desc_key(range), desc.encode_to_vec());
-    batch.insert(
-        &engine.meta,
-        crate::tombgc::floor_key(range),
-        crate::tombgc::encode_floor(r.floor),
-    );
+    crate::tombgc::put_floor(engine, &mut batch, range, r.floor);
     batch.remove(&engine.meta, installing_key(range));
     commit_install(batch);
     engine.cache.invalidate(touched.iter().map(|k| &k[..]));
