@@ -19,7 +19,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use skv_common::RangeId;
 use skv_objstore::{CheckpointHeader, Objects};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
@@ -184,7 +184,10 @@ impl Checkpointer {
             .into_iter()
             .filter(|r| r.is_leader() && r.shared.is_initialized())
             .collect();
-        let led_ids: Vec<RangeId> = led.iter().map(|r| r.shared.range_id).collect();
+        // A set, not a Vec: the lookups below run once per replica, and a store can hold
+        // tens of thousands (a Vec made this pass quadratic: 10,000 idle ranges spent ~20%
+        // of the playground's CPU here, docs/bench/idle-ranges.md).
+        let led_ids: HashSet<RangeId> = led.iter().map(|r| r.shared.range_id).collect();
         self.last.retain(|id, _| led_ids.contains(id));
         self.seeded.retain(|id, _| led_ids.contains(id));
         // A range led again later starts without the old failure's wait.

@@ -208,9 +208,11 @@ impl NodeInner {
     }
 
     pub fn replicas(&self) -> Vec<Arc<Replica>> {
-        let mut v: Vec<_> = self.replicas.read().values().cloned().collect();
-        v.sort_by_key(|r| r.shared.range_id);
-        v
+        // Sorted by the map's keys, not through each replica's pointer: this runs several
+        // times a second (gauges, heartbeats, checkpoints) over every replica of the store.
+        let mut v: Vec<(RangeId, Arc<Replica>)> = self.replicas.read().iter().map(|(id, r)| (*id, r.clone())).collect();
+        v.sort_unstable_by_key(|(id, _)| *id);
+        v.into_iter().map(|(_, r)| r).collect()
     }
 
     /// Opens every range found in `meta` (restart path).
