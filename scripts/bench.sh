@@ -289,6 +289,7 @@ mem=$(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo)
   echo "- Redis: 1 node, $(redis-server --version | awk '{print $3}'), \`--save '' --appendonly no\` (the in-memory ceiling)"
   echo "- data: $KEYS keys, $VALUE_SIZE-byte values; each run: ${WARMUP} warm-up, then ${DURATION} measured; $ROUNDS rounds, interleaved, systems rotating"
   echo "- clients: skv-bench, same loop, keys and values for every system; closed loop unless the scenario says open loop"
+  echo "- many idle ranges (not a scenario here): CPU and memory of 10,000 idle ranges are in [idle-ranges.md](idle-ranges.md)"
   if [ ${#FAILED[@]} -gt 0 ]; then
     echo "- failed runs (not in the table): $(IFS=';'; echo "${FAILED[*]}")"
   fi
