@@ -93,19 +93,11 @@ impl Routed for OpenScan {
     }
 }
 
-/// The error was raised while connecting, so the request never left the proxy.
+/// The request never reached the storenode's handler: no connection, still queued on a
+/// connection that closed, or refused by the server's stream refusal or graceful GOAWAY
+/// (a stopping store). A write failed so is retried elsewhere (ADR 0035).
 fn certainly_not_sent(status: &Status) -> bool {
-    if status.message().starts_with("Service was not ready") {
-        return true;
-    }
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(status);
-    while let Some(e) = cur {
-        if e.is::<tonic::ConnectError>() {
-            return true;
-        }
-        cur = e.source();
-    }
-    false
+    status.message().starts_with("Service was not ready") || skv_rpc::never_processed(status)
 }
 
 /// The whole range map and store list, page by page.

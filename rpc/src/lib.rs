@@ -7,6 +7,8 @@
 //! - [`Backoff`]: bounded exponential backoff with full jitter; the jitter is passed in, so
 //!   the schedule is a pure function that tests can table.
 //! - [`incoming`]: how every skv server accepts connections (`TCP_NODELAY` on).
+//! - [`never_processed`]: whether a failed call provably never reached the server, so a
+//!   write may be retried (connect errors, hyper's canceled, REFUSED_STREAM, a graceful GOAWAY).
 //! - [`PlacementMembers`]: the one client of the placement service. It tries each member
 //!   in turn, the last good one first, each try bounded and all under the caller's deadline.
 //!
@@ -23,12 +25,14 @@ mod timeout;
 pub mod tls;
 pub(crate) mod tls_client;
 mod tls_incoming;
+mod unprocessed;
 
 pub use backoff::Backoff;
 pub use endpoint::{EndpointOptions, channel_with, endpoint, endpoint_with, lazy_channel, url, url_with};
 pub use placement::PlacementMembers;
 pub use server::incoming;
 pub use timeout::parse_grpc_timeout;
+pub use unprocessed::{never_processed, never_processed_cause};
 
 /// Errors of this crate. A bad address is a configuration error: report it, don't retry.
 #[derive(Debug, thiserror::Error)]

@@ -195,22 +195,21 @@ fn is_timeout(status: &Status) -> bool {
 enum Origin {
     /// The server sent this status: the request was processed and refused.
     Server,
-    /// The client could not connect: the request never left.
+    /// The request never reached the server: no connection, or the transport proves it
+    /// unprocessed (`skv_rpc::never_processed`).
     Connect,
     /// The client failed after connecting: the request may have been processed.
     Transport,
 }
 
 fn classify_source(status: &Status) -> Origin {
-    let mut src: Option<&(dyn StdError + 'static)> = status.source();
-    if src.is_none() {
+    if status.source().is_none() {
         return Origin::Server;
     }
-    while let Some(e) = src {
-        if e.is::<tonic::ConnectError>() {
-            return Origin::Connect;
-        }
-        src = e.source();
+    // No connection, queued on a connection that closed, refused stream, graceful GOAWAY
+    // (a stopping proxy): never processed, so even a write may go to another proxy.
+    if skv_rpc::never_processed(status) {
+        return Origin::Connect;
     }
     Origin::Transport
 }

@@ -203,16 +203,10 @@ fn timed_out(after: Duration) -> AttemptError {
     }
 }
 
-/// Whether a connection error (the request was never sent) is in `e`'s cause chain.
+/// Whether `e`'s cause chain proves the request never reached etcd (no connection, a
+/// refused stream, a graceful GOAWAY: [`skv_rpc::never_processed_cause`]).
 fn has_connect_error(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(c) = cur {
-        if c.downcast_ref::<tonic::ConnectError>().is_some() {
-            return true;
-        }
-        cur = c.source();
-    }
-    false
+    skv_rpc::never_processed_cause(e)
 }
 
 /// What an etcd-client error says about the request ([`retry::classify`]).
