@@ -190,9 +190,9 @@ pub struct Config {
     #[arg(long, env = "SKV_VALUE_CACHE_BYTES", default_value_t = cache::DEFAULT_VALUE_CACHE_BYTES)]
     pub value_cache_bytes: u64,
     /// Hibernate idle ranges: stop their Raft timers once every live replica agrees, wake
-    /// them on traffic (ADR 0018). Experimental: off by default until the elasticity e2e
-    /// runs clean with it.
-    #[arg(long, env = "SKV_RAFT_HIBERNATE", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    /// them on traffic (ADR 0018). On by default; `--raft-hibernate=false` keeps every
+    /// range ticking.
+    #[arg(long, env = "SKV_RAFT_HIBERNATE", default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     pub raft_hibernate: bool,
     /// How long a range must be idle (no request, proposal or read) before its leader asks
     /// its followers to hibernate, in milliseconds.
@@ -266,6 +266,8 @@ impl Config {
             log_format: LogFormat::Text,
             otlp_endpoint: None,
             value_cache_bytes: cache::DEFAULT_VALUE_CACHE_BYTES,
+            // Standalone unit tests keep every range ticking (storenode/tests choose it per
+            // test); servers started from flags get the flag's default (on).
             raft_hibernate: false,
             raft_hibernate_after_ms: 3000,
             raft_snapshot_logs: 10_000,
@@ -652,7 +654,7 @@ mod tests {
         assert_eq!(c.store_id, Some(4));
         assert_eq!(c.max_value_len, skv_common::limits::DEFAULT_MAX_VALUE_LEN);
         assert_eq!(c.heartbeat_interval_ms, 1000);
-        assert!(!c.raft_hibernate);
+        assert!(c.raft_hibernate);
         assert_eq!(c.raft_hibernate_after_ms, 3000);
         let on = Config::try_parse_from(["skv-storenode", "--data-dir", "/tmp/x", "--raft-hibernate"]).unwrap();
         assert!(on.raft_hibernate);
