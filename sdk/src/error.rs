@@ -122,6 +122,11 @@ impl Error {
     /// connection refusal) and a client-side timeout become [`Error::OutcomeUnknown`].
     pub fn from_status_for(status: Status, write: bool) -> Self {
         let msg = status.message().to_string();
+        // Provably never processed (whatever code tonic gave it: hyper's canceled is
+        // CANCELLED, a graceful GOAWAY INTERNAL): nothing was applied.
+        if classify_source(&status) == Origin::Connect {
+            return Error::Unavailable(msg);
+        }
         match status.code() {
             Code::Unauthenticated => Error::Unauthenticated(msg),
             Code::PermissionDenied => Error::PermissionDenied(msg),
@@ -223,6 +228,9 @@ pub(crate) fn client_side_failure(status: &Status) -> bool {
 /// Whether a status is worth retrying on another proxy, and whether that is
 /// safe for a write: only when the request surely was not applied.
 pub(crate) fn should_retry(status: &Status, write: bool) -> bool {
+    if classify_source(status) == Origin::Connect {
+        return true;
+    }
     match status.code() {
         Code::Unavailable if outcome_unknown(status) => false,
         Code::Unavailable => match classify_source(status) {
@@ -347,6 +355,19 @@ mod tests {
             Error::from_status_for(with_src, true),
             Error::OutcomeUnknown(_)
         ));
+    }
+
+    #[test]
+    fn a_refused_stream_was_never_processed_so_even_a_write_is_retried() {
+        // h2's REFUSED_STREAM (a stopping proxy refuses new streams): tonic makes it
+        // UNAVAILABLE with the h2 error as its source (ADR 0035).
+        let refused = Status::from_error(Box::new(h2::Error::from(h2::Reason::REFUSED_STREAM)));
+        assert!(should_retry(&refused, true));
+        assert!(matches!(Error::from_status_for(refused, true), Error::Unavailable(_)));
+        // A stream the server reset with CANCEL after it left: it may have been applied.
+        let reset = Status::from_error(Box::new(h2::Error::from(h2::Reason::CANCEL)));
+        assert!(!should_retry(&reset, true));
+        assert!(!matches!(Error::from_status_for(reset, true), Error::Unavailable(_)));
     }
 
     #[test]
