@@ -28,7 +28,8 @@ pub enum Kind {
 pub enum Attempt {
     /// No answer in the attempt's time; `had_all_time` when the attempt had all the time left.
     TimedOut { had_all_time: bool },
-    /// The connection could not be made: the request never left the proxy.
+    /// The request never reached the storenode: no connection, or the transport proves it
+    /// unprocessed (`skv_rpc::never_processed`, ADR 0035).
     NotSent,
     /// The connection failed after the request was sent (a transport error, whatever
     /// code tonic gave it: h2's ENHANCE_YOUR_CALM becomes RESOURCE_EXHAUSTED).

@@ -72,7 +72,7 @@ pub enum Error {
     /// A typed view could not encode or decode a key or a value.
     #[error("decode: {0}")]
     Decode(String),
-    /// A transport failure that is not a clean "could not connect".
+    /// A transport failure after which the request may have reached the server.
     #[error("transport: {0}")]
     Transport(String),
     /// The client was configured wrongly (no endpoint, a bad URL, a bad token).
@@ -118,8 +118,9 @@ impl Error {
     }
 
     /// Maps a gRPC status. `write` says whether the call could have changed
-    /// data: then a transport failure after the request may have left (not a
-    /// connection refusal) and a client-side timeout become [`Error::OutcomeUnknown`].
+    /// data: then a transport failure after the request may have reached the server (not
+    /// one that proves it unprocessed, ADR 0035) and a client-side timeout become
+    /// [`Error::OutcomeUnknown`].
     pub fn from_status_for(status: Status, write: bool) -> Self {
         let msg = status.message().to_string();
         // Provably never processed (whatever code tonic gave it: hyper's canceled is
@@ -344,7 +345,7 @@ mod tests {
         // A status the server sent (no source): the request was refused, not applied.
         let sent = Status::from_error(Box::new(Status::unavailable("no leader")));
         assert!(should_retry(&sent, true));
-        // A client-side failure that is not a connect error: may have been applied.
+        // A client-side failure that does not prove the call unprocessed: may have been applied.
         let io = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset");
         let mut with_src = Status::from_error(Box::new(io));
         assert_eq!(with_src.code(), Code::Unknown);

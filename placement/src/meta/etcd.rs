@@ -203,18 +203,12 @@ fn timed_out(after: Duration) -> AttemptError {
     }
 }
 
-/// Whether `e`'s cause chain proves the request never reached etcd (no connection, a
-/// refused stream, a graceful GOAWAY: [`skv_rpc::never_processed_cause`]).
-fn has_connect_error(e: &(dyn std::error::Error + 'static)) -> bool {
-    skv_rpc::never_processed_cause(e)
-}
-
 /// What an etcd-client error says about the request ([`retry::classify`]).
 fn failure_of(e: &ec::Error) -> Failure {
     match e {
-        ec::Error::GRpcStatus(st) => retry::classify(st.code(), st.message(), has_connect_error(st)),
+        ec::Error::GRpcStatus(st) => retry::classify(st.code(), st.message(), skv_rpc::never_processed(st)),
         ec::Error::TransportError(t) => {
-            if has_connect_error(t) {
+            if skv_rpc::never_processed_cause(t) {
                 Failure::NotSent
             } else {
                 Failure::Interrupted

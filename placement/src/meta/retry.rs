@@ -23,7 +23,8 @@ use std::time::Duration;
 /// What a failed attempt says about the request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Failure {
-    /// The request never left this process: the member could not be connected to.
+    /// The request never reached etcd: the member could not be connected to, or the
+    /// transport proves the call unprocessed (ADR 0035).
     NotSent,
     /// The member answered that it has no leader (etcd refuses before it proposes anything).
     NoLeader,
@@ -52,11 +53,12 @@ impl Failure {
     }
 }
 
-/// Classifies a gRPC failure from etcd by its code and message, and whether a connection
-/// error (`tonic::ConnectError`) is in its cause chain.
-pub fn classify(code: tonic::Code, message: &str, connect_error: bool) -> Failure {
+/// Classifies a gRPC failure from etcd by its code and message, and whether the transport
+/// proves the request never reached etcd (`skv_rpc::never_processed`: no connection, a
+/// refused stream, a graceful GOAWAY; ADR 0035).
+pub fn classify(code: tonic::Code, message: &str, never_processed: bool) -> Failure {
     use tonic::Code as C;
-    if connect_error {
+    if never_processed {
         return Failure::NotSent;
     }
     match code {
