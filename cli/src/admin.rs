@@ -303,6 +303,7 @@ pub async fn stores(g: &Global) -> Result<ExitCode> {
                         "used_bytes": s.used_bytes,
                         "available_bytes": s.available_bytes,
                         "cpu_permille": s.cpu_permille,
+                        "host_idle_millicpus": s.host_idle_millicpus,
                         "last_heartbeat_ms": s.last_heartbeat_ms,
                         "metrics_address": s.metrics_address,
                     })
@@ -324,6 +325,8 @@ pub async fn stores(g: &Global) -> Result<ExitCode> {
                         bytes(s.available_bytes),
                         bytes(s.capacity_bytes),
                         format!("{:.1}%", s.cpu_permille as f64 / 10.0),
+                        s.host_idle_millicpus
+                            .map_or_else(|| "-".into(), |m| format!("{:.2}", m as f64 / 1000.0)),
                         ago(s.last_heartbeat_ms),
                     ]
                 })
@@ -341,6 +344,7 @@ pub async fn stores(g: &Global) -> Result<ExitCode> {
                         "AVAILABLE",
                         "CAPACITY",
                         "CPU",
+                        "HOST IDLE CPUS",
                         "LAST HEARTBEAT"
                     ],
                     &rows

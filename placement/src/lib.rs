@@ -109,9 +109,14 @@ pub struct Config {
     /// Split a range serving more than this many reads+writes per second ... (0 = never)
     #[arg(long, env = "SKV_SPLIT_QPS_THRESHOLD", default_value_t = 2500)]
     pub split_qps_threshold: u64,
-    /// ... for this long, at the median of its sampled load (also the statistics window).
+    /// ... for this long, at the median of its sampled load (also the statistics window) ...
     #[arg(long, env = "SKV_SPLIT_QPS_WINDOW_SECS", default_value_t = 10)]
     pub split_qps_window_secs: u64,
+    /// ... while some store's machine has at least this many CPU cores idle (a ~10 s mean
+    /// the stores report) to take half of the work; 0 = split by load whatever the CPU
+    /// (ADR 0036).
+    #[arg(long, env = "SKV_SPLIT_MIN_IDLE_CPUS", default_value_t = 1.0, value_parser = parse_cpus)]
+    pub split_min_idle_cpus: f64,
     /// Merge two adjacent ranges whose combined size is below this (and combined load below
     /// half the split threshold; 0 = never).
     #[arg(long, env = "SKV_MERGE_SIZE_BYTES", default_value_t = 32 << 20)]
@@ -163,6 +168,14 @@ pub struct Config {
     pub object_store_url: Option<String>,
 }
 
+/// A CPU count: a finite number, 0 or more.
+fn parse_cpus(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= 0.0 && v <= 1e6 => Ok(v),
+        _ => Err(format!("{s:?} is not a CPU count (a number, 0 or more, e.g. 1 or 0.5)")),
+    }
+}
+
 /// How placement authorizes admin and status calls (`--admin-auth`).
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AdminAuth {
@@ -181,6 +194,11 @@ impl Config {
             self.tls_ca_file.as_deref(),
             ["--tls-cert-file", "--tls-key-file", "--tls-ca-file"],
         )
+    }
+
+    /// `--split-min-idle-cpus` in thousandths of a core.
+    pub fn split_min_idle_millicpus(&self) -> u64 {
+        (self.split_min_idle_cpus * 1000.0).round() as u64
     }
 
     /// The load window in milliseconds (at least 1 s), one value for the statistics and the
@@ -209,6 +227,7 @@ impl Config {
             split_size_bytes: 128 << 20,
             split_qps_threshold: 2500,
             split_qps_window_secs: 10,
+            split_min_idle_cpus: 1.0,
             merge_size_bytes: 32 << 20,
             merge_cooldown_secs: 600,
             repair_after_secs: 300,
@@ -325,6 +344,7 @@ mod tests {
             (c.split_size_bytes, c.split_qps_threshold, c.split_qps_window_secs),
             (128 << 20, 2500, 10)
         );
+        assert_eq!(c.split_min_idle_millicpus(), 1000);
         assert_eq!((c.merge_size_bytes, c.merge_cooldown_secs), (32 << 20, 600));
         assert_eq!((c.repair_after_secs, c.max_snapshots_per_store), (300, 2));
         let t = Config::try_parse_from([
@@ -335,6 +355,8 @@ mod tests {
             "10",
             "--split-qps-window-secs",
             "2",
+            "--split-min-idle-cpus",
+            "0.25",
             "--merge-size-bytes",
             "500",
             "--merge-cooldown-secs",
@@ -355,6 +377,13 @@ mod tests {
             (500, 5000, 0)
         );
         assert_eq!(sc.max_snapshots_per_store, 4);
+        assert_eq!(sc.split_min_idle_millicpus, 250);
+        for bad in ["-1", "NaN", "inf", "x", ""] {
+            assert!(
+                Config::try_parse_from(["skv-placement", "--split-min-idle-cpus", bad]).is_err(),
+                "{bad:?}"
+            );
+        }
         assert_eq!(c.listen.port(), 0);
         let d = Config::try_parse_from(["skv-placement"]).unwrap();
         assert!(d.etcd.is_empty());

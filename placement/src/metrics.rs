@@ -27,7 +27,7 @@ pub struct Metrics {
     /// Operator steps refused and retried from a re-read range, by kind and step (a move's
     /// removal sent while leadership was moving, a stale epoch, ...).
     pub operator_step_retries: Family<Labels, Counter>,
-    /// Load splits not made, by reason (single_key).
+    /// Load splits not made, by reason (single_key, no_idle_cpu).
     pub split_skipped: Family<Labels, Counter>,
     /// Stale replicas named in store heartbeat answers.
     pub stale_replicas: Counter,
@@ -83,6 +83,11 @@ impl Metrics {
     /// Registers every series into a new registry.
     pub fn new_registry() -> (Self, Registry) {
         let m = Self::default();
+        // Every reason exported from the start at 0, so that a dashboard or alert on them
+        // finds the series before the first skip.
+        for reason in [crate::scheduler::SKIP_SINGLE_KEY, crate::scheduler::SKIP_NO_IDLE_CPU] {
+            let _ = m.split_skipped.get_or_create(&Self::label("reason", reason));
+        }
         let mut root = Registry::default();
         let r = root.sub_registry_with_prefix("skv_placement");
         r.register(

@@ -197,6 +197,9 @@ pub struct Store {
     pub address: String,
     /// The effective state (liveness already applied, see [`is_down`]).
     pub state: StoreState,
+    /// Idle CPU of the store's machine, thousandths of a core (a ~10 s mean, as last
+    /// reported); `None` when the store does not measure it.
+    pub host_idle_millicpus: Option<u64>,
 }
 
 impl TryFrom<&pb::StoreInfo> for Store {
@@ -209,6 +212,7 @@ impl TryFrom<&pb::StoreInfo> for Store {
             id: StoreId(s.store_id),
             address: s.address.clone(),
             state: state.into(),
+            host_idle_millicpus: s.host_idle_millicpus,
         })
     }
 }

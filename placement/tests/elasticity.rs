@@ -186,6 +186,69 @@ async fn hot_range_is_split_at_the_median_of_its_sampled_load() {
     let _ = tokio::time::timeout(Duration::from_secs(10), h.shutdown()).await;
 }
 
+/// Store heartbeats of `ids` (fakes at `fakes`) reporting `idle` thousandths of a core idle.
+async fn report_idle_cpu(c: &mut PlacementClient<Channel>, fakes: &[FakeStoreHandle], ids: &[u64], idle: u64) {
+    for (f, id) in fakes.iter().zip(ids) {
+        c.store_heartbeat(StoreHeartbeatRequest {
+            store: Some(StoreInfo {
+                store_id: *id,
+                address: f.addr.to_string(),
+                host_idle_millicpus: Some(idle),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+}
+
+/// ADR 0036: while every store reports its machine busy (less than `--split-min-idle-cpus`
+/// idle), a hot range is not split by load; once a store reports a core idle, it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hot_range_waits_for_a_machine_with_idle_cpu_before_splitting() {
+    let etcd = Etcd::start().await;
+    let h = start(&etcd, |c| {
+        c.split_qps_threshold = 1000;
+        c.split_qps_window_secs = 1;
+        c.initial_wait_ms = 200;
+    })
+    .await;
+    let mut c = client(h.addr);
+    let (fakes, ids, d) = cluster(&mut c, 3).await;
+    report_idle_cpu(&mut c, &fakes, &ids, 200).await;
+    let leader = d.replicas[0].store_id;
+    let li = ids.iter().position(|i| *i == leader).unwrap();
+    let load = RangeLoad {
+        reads: 600,
+        writes: 400,
+        approximate_size_bytes: 1 << 20,
+        approximate_keys: 1000,
+        sampled_keys: ["a", "b", "c", "d"].iter().map(|k| k.as_bytes().to_vec()).collect(),
+        interval_ms: 100,
+        ..Default::default()
+    };
+    let stop = heartbeats(c.clone(), fakes[li].calls.clone(), leader, d.range_id, Some(load));
+    // 10,000 ops/s for 4 windows (40 scheduler ticks): no split while the machines are busy.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    for f in &fakes {
+        assert!(
+            f.calls.lock().unwrap().split_range.is_empty(),
+            "split while no CPU was idle"
+        );
+    }
+    report_idle_cpu(&mut c, &fakes[2..], &ids[2..], 1500).await;
+    let split = wait_until(
+        "a load split once a machine has idle CPU",
+        Duration::from_secs(15),
+        || async { fakes[li].calls.lock().unwrap().split_range.first().cloned() },
+    )
+    .await;
+    stop.cancel();
+    assert_eq!(split.split_key, b"c".to_vec());
+    let _ = tokio::time::timeout(Duration::from_secs(10), h.shutdown()).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drained_store_replicas_are_moved_learner_first() {
     let etcd = Etcd::start().await;

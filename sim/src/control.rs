@@ -99,6 +99,9 @@ impl Ctl {
             id: StoreId(id),
             address: format!("sim:{id}"),
             state: StoreState::Up,
+            // Not measured in the simulation: load splits are decided as without the
+            // idle-CPU rule (ADR 0036).
+            host_idle_millicpus: None,
         });
         self.snap.store_up_since_ms.insert(StoreId(id), now);
         self.snap.store_last_heartbeat_ms.insert(StoreId(id), now);

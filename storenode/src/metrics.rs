@@ -93,6 +93,8 @@ pub struct Metrics {
     pub capacity_bytes: Gauge,
     pub available_bytes: Gauge,
     pub cpu_permille: Gauge,
+    /// The machine's idle CPU (thousandths of a core, a mean over about 10 s; ADR 0036).
+    pub host_idle_millicpus: Gauge,
     /// Replicas stopped and destroyed (removed from their range, or retired by a merge).
     pub replicas_destroyed: Counter,
     /// Data keys and bytes (key + record) deleted by the garbage collection of replicas.
@@ -161,6 +163,7 @@ impl Metrics {
             capacity_bytes: Gauge::default(),
             available_bytes: Gauge::default(),
             cpu_permille: Gauge::default(),
+            host_idle_millicpus: Gauge::default(),
             replicas_destroyed: Counter::default(),
             gc_keys_deleted: Counter::default(),
             gc_bytes_deleted: Counter::default(),
@@ -301,6 +304,11 @@ impl Metrics {
             "skv_storenode_cpu_permille",
             "Process CPU over the last heartbeat interval, in thousandths of one core",
             self.cpu_permille.clone(),
+        );
+        reg.register(
+            "skv_storenode_host_idle_millicpus",
+            "Idle CPU of the machine (all cores, /proc/stat), in thousandths of one core, mean over about 10 s",
+            self.host_idle_millicpus.clone(),
         );
         reg.register(
             "skv_storenode_replicas_destroyed",

@@ -125,7 +125,8 @@ impl Placement {
 /// Store heartbeat: `capacity_bytes` / `available_bytes` are statvfs of `data_dir` (its
 /// file system's size, and its free bytes for non-root users), `used_bytes` the engine's
 /// own disk space, `cpu_permille` this process's CPU since the previous heartbeat in
-/// thousandths of one core; `replicas` holds the descriptor of every initialized local
+/// thousandths of one core, `host_idle_millicpus` the machine's idle CPU (a mean over
+/// about 10 s, ADR 0036); `replicas` holds the descriptor of every initialized local
 /// replica (followers too). The `stale` replicas placement answers with are checked locally
 /// before anything is destroyed ([`NodeInner::handle_stale`]).
 ///
@@ -143,6 +144,7 @@ pub async fn heartbeat_loop(
 ) {
     let mut tick = tokio::time::interval(interval);
     let mut cpu = crate::stats::CpuMeter::new();
+    let mut host_cpu = crate::stats::HostCpuMeter::new();
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
@@ -155,6 +157,7 @@ pub async fn heartbeat_loop(
             .await
             .unwrap_or_default();
         let cpu_permille = cpu.sample();
+        let host_idle_millicpus = host_cpu.sample();
         node.metrics
             .capacity_bytes
             .set(disk.capacity_bytes.min(i64::MAX as u64) as i64);
@@ -162,6 +165,9 @@ pub async fn heartbeat_loop(
             .available_bytes
             .set(disk.available_bytes.min(i64::MAX as u64) as i64);
         node.metrics.cpu_permille.set(cpu_permille.min(i64::MAX as u64) as i64);
+        if let Some(idle) = host_idle_millicpus {
+            node.metrics.host_idle_millicpus.set(idle.min(i64::MAX as u64) as i64);
+        }
         let info = StoreInfo {
             store_id: node.store_id.0,
             address: address.clone(),
@@ -174,6 +180,7 @@ pub async fn heartbeat_loop(
             metrics_address: metrics_address.clone(),
             available_bytes: disk.available_bytes,
             cpu_permille,
+            host_idle_millicpus,
         };
         let req = StoreHeartbeatRequest {
             store: Some(info),

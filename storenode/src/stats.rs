@@ -1,5 +1,6 @@
 //! Measurements a storenode reports to placement: the file system of its data directory
-//! (statvfs), its process CPU (/proc/self/stat), and the approximate size and key count
+//! (statvfs), its process CPU (/proc/self/stat), its machine's idle CPU (/proc/stat), and
+//! the approximate size and key count
 //! of each range, kept incrementally by apply.
 //!
 //! ## Range size and key count
@@ -177,6 +178,108 @@ impl CpuMeter {
     }
 }
 
+/// Idle CPU of the whole machine, in thousandths of one core: an exponentially weighted
+/// mean of the samples taken at each call (half-life [`HOST_IDLE_HALF_LIFE`], so about the
+/// last 10 s; Linux: `/proc/stat`; elsewhere `None`). Placement reads it to tell whether a
+/// load split can put half of a range's work on idle CPU (ADR 0036). A container sees the
+/// host's `/proc/stat`: the figure is the machine's, not a CPU quota's.
+pub struct HostCpuMeter {
+    last: Option<(Instant, HostCpuTicks)>,
+    mean: Option<f64>,
+}
+
+/// How fast the mean follows a change: a step is half followed after this long.
+pub const HOST_IDLE_HALF_LIFE: std::time::Duration = std::time::Duration::from_secs(7);
+
+impl Default for HostCpuMeter {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl HostCpuMeter {
+    pub fn new() -> Self {
+        Self {
+            last: host_cpu_ticks().map(|t| (Instant::now(), t)),
+            mean: None,
+        }
+    }
+
+    /// Takes a sample and returns the mean so far (`None` until two readings exist, or
+    /// where `/proc/stat` cannot be read).
+    pub fn sample(&mut self) -> Option<u64> {
+        let now = Instant::now();
+        let ticks = host_cpu_ticks()?;
+        let (at, before) = self.last.replace((now, ticks))?;
+        let idle = ticks.idle_millicpus_since(&before)?;
+        Some(self.fold(idle as f64, now.duration_since(at)))
+    }
+
+    /// Adds one interval's idle CPU (`idle`, over `dt`) to the mean; returns the mean.
+    fn fold(&mut self, idle: f64, dt: std::time::Duration) -> u64 {
+        let mean = match self.mean {
+            None => idle,
+            Some(m) => {
+                // The weight of the new sample: 1 − 2^(−dt / half-life).
+                let w = 1.0 - (-dt.as_secs_f64() / HOST_IDLE_HALF_LIFE.as_secs_f64()).exp2();
+                m + (idle - m) * w
+            }
+        };
+        self.mean = Some(mean);
+        mean.round().max(0.0) as u64
+    }
+}
+
+/// The `cpu` line of /proc/stat: idle ticks (idle + iowait), all ticks, and the number of
+/// CPUs (`cpuN` lines).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct HostCpuTicks {
+    idle: u64,
+    total: u64,
+    cpus: u64,
+}
+
+impl HostCpuTicks {
+    /// Idle CPU between `before` and `self`, in thousandths of one core.
+    fn idle_millicpus_since(&self, before: &HostCpuTicks) -> Option<u64> {
+        let total = self.total.checked_sub(before.total).filter(|t| *t > 0)?;
+        let idle = self.idle.checked_sub(before.idle)?.min(total);
+        Some(((idle as f64 / total as f64) * self.cpus as f64 * 1000.0).round() as u64)
+    }
+}
+
+fn host_cpu_ticks() -> Option<HostCpuTicks> {
+    let s = std::fs::read_to_string("/proc/stat").ok()?;
+    parse_proc_stat(&s)
+}
+
+/// `cpu  user nice system idle iowait irq softirq steal [guest guest_nice]`: the total is
+/// the first eight fields (guest time is already counted in user and nice), idle is idle +
+/// iowait; the CPUs are the `cpuN` lines.
+fn parse_proc_stat(stat: &str) -> Option<HostCpuTicks> {
+    let mut lines = stat.lines();
+    let first = lines.next()?;
+    let mut f = first.split_whitespace();
+    if f.next()? != "cpu" {
+        return None;
+    }
+    let v: Vec<u64> = f.take(8).map(str::parse).collect::<Result<_, _>>().ok()?;
+    if v.len() < 5 {
+        return None;
+    }
+    let cpus = lines
+        .filter(|l| l.starts_with("cpu") && l.as_bytes().get(3).is_some_and(u8::is_ascii_digit))
+        .count() as u64;
+    if cpus == 0 {
+        return None;
+    }
+    Some(HostCpuTicks {
+        idle: v[3] + v[4],
+        total: v.iter().sum(),
+        cpus,
+    })
+}
+
 /// utime + stime of this process in clock ticks.
 fn process_cpu_ticks() -> Option<u64> {
     let s = std::fs::read_to_string("/proc/self/stat").ok()?;
@@ -199,6 +302,7 @@ mod tests {
     use super::*;
     use crate::engine::{encode_tombstone, encode_value};
     use crate::metrics::Metrics;
+    use std::time::Duration;
 
     #[test]
     fn proc_stat_cpu_fields_are_found_after_the_command_name() {
@@ -208,6 +312,58 @@ mod tests {
         assert_eq!(parse_cpu_ticks("1 (x) S 1"), None);
         #[cfg(target_os = "linux")]
         assert!(process_cpu_ticks().is_some());
+    }
+
+    #[test]
+    fn host_idle_cpu_from_proc_stat() {
+        let a =
+            "cpu  100 0 50 800 50 0 0 0 0 0\ncpu0 50 0 25 400 25 0 0 0 0 0\ncpu1 50 0 25 400 25 0 0 0 0 0\nintr 1 2\n";
+        let b = "cpu  200 0 100 900 50 0 0 0 0 0\ncpu0 1 0 0 0 0 0 0 0 0 0\ncpu1 1 0 0 0 0 0 0 0 0 0\n";
+        let (ta, tb) = (parse_proc_stat(a).unwrap(), parse_proc_stat(b).unwrap());
+        assert_eq!(
+            ta,
+            HostCpuTicks {
+                idle: 850,
+                total: 1000,
+                cpus: 2
+            }
+        );
+        // 250 ticks passed, 100 of them idle: 40% of 2 CPUs = 0.8 of one core.
+        assert_eq!(tb.idle_millicpus_since(&ta), Some(800));
+        // No time passed, or the counters went back: no figure.
+        assert_eq!(ta.idle_millicpus_since(&ta), None);
+        assert_eq!(ta.idle_millicpus_since(&tb), None);
+        for bad in [
+            "",
+            "garbage",
+            "cpu  1 2 x 4 5",
+            "cpu  1 2 3\ncpu0 1 2 3 4 5",
+            "cpu  1 2 3 4 5 6 7 8\n",
+        ] {
+            assert_eq!(parse_proc_stat(bad), None, "{bad:?}");
+        }
+        #[cfg(target_os = "linux")]
+        {
+            let t = host_cpu_ticks().unwrap();
+            assert!(t.cpus >= 1 && t.idle <= t.total);
+        }
+    }
+
+    #[test]
+    fn host_idle_cpu_mean_follows_a_step_by_its_half_life() {
+        let mut m = HostCpuMeter { last: None, mean: None };
+        assert_eq!(m.fold(2000.0, Duration::from_secs(1)), 2000);
+        // A drop to 0 is half followed after one half-life, whatever the sampling steps.
+        let mut got = 0;
+        for _ in 0..7 {
+            got = m.fold(0.0, Duration::from_secs(1));
+        }
+        assert_eq!(got, 1000);
+        let mut n = HostCpuMeter {
+            last: None,
+            mean: Some(2000.0),
+        };
+        assert_eq!(n.fold(0.0, HOST_IDLE_HALF_LIFE), 1000);
     }
 
     #[test]

@@ -52,6 +52,7 @@ mod tests {
             id: StoreId(id),
             address: format!("s{id}"),
             state,
+            host_idle_millicpus: None,
         }
     }
 

@@ -26,7 +26,7 @@ use crate::stats::LoadView;
 use skv_common::ids::{RangeId, StoreId};
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-pub use split::load_split_key;
+pub use split::{SKIP_NO_IDLE_CPU, SKIP_SINGLE_KEY, idle_cpu_for_a_split, load_split_key};
 
 /// Replication factor.
 pub const REPLICAS: usize = 3;
@@ -45,8 +45,12 @@ pub struct SchedulerConfig {
     pub split_size_bytes: u64,
     /// Split a range above this many read+write ops/s ...
     pub split_qps_threshold: f64,
-    /// ... sustained for this long (also the statistics window).
+    /// ... sustained for this long (also the statistics window) ...
     pub split_qps_window_ms: u64,
+    /// ... while some UP store's machine has at least this much idle CPU (thousandths of
+    /// a core) to take half of the range's work; 0 = split by load whatever the CPU
+    /// (ADR 0036). Stores that do not report their idle CPU count as having it.
+    pub split_min_idle_millicpus: u64,
     /// Merge two adjacent ranges whose combined size is below this (and combined load
     /// below `split_qps_threshold / 2`).
     pub merge_size_bytes: u64,
@@ -71,6 +75,7 @@ impl Default for SchedulerConfig {
             split_size_bytes: 128 << 20,
             split_qps_threshold: 2500.0,
             split_qps_window_ms: 10_000,
+            split_min_idle_millicpus: 1000,
             merge_size_bytes: 32 << 20,
             merge_cooldown_ms: 600_000,
             repair_after_ms: 300_000,
@@ -292,7 +297,8 @@ fn stores_of(d: &Descriptor) -> String {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Plan {
     pub ops: Vec<Operator>,
-    /// Load splits not made, and why (`single_key`): logged and counted by the caller.
+    /// Load splits not made, and why ([`SKIP_SINGLE_KEY`], [`SKIP_NO_IDLE_CPU`]): logged and
+    /// counted by the caller.
     pub split_skipped: Vec<(RangeId, &'static str)>,
     /// DRAINING stores that hold no replica any more.
     pub drained: Vec<StoreId>,
@@ -594,6 +600,7 @@ mod tests {
             id: StoreId(id),
             address: format!("127.0.0.1:{}", 9000 + id),
             state: if up { StoreState::Up } else { StoreState::Down },
+            host_idle_millicpus: None,
         }
     }
 

@@ -274,6 +274,7 @@ fn store(id: u64) -> Store {
         id: StoreId(id),
         address: format!("127.0.0.1:{}", 9000 + id),
         state: StoreState::Up,
+        host_idle_millicpus: None,
     }
 }
 
@@ -337,12 +338,51 @@ fn load_on_one_key_is_never_split_and_is_reported() {
     sim.set_load(RangeId(3), 9000.0, 1 << 20, vec![d.start.clone(); 50]);
     let plan = sim.tick();
     assert!(plan.ops.iter().all(|o| !matches!(o, Operator::Split { .. })));
-    assert_eq!(plan.split_skipped, vec![(RangeId(3), "single_key")]);
+    assert_eq!(plan.split_skipped, vec![(RangeId(3), SKIP_SINGLE_KEY)]);
     // A load below the threshold for part of the window: not sustained, no split.
     let mut sim = Sim::new(5, 10, spread3(5));
     sim.set_load(RangeId(3), 9000.0, 1 << 20, vec![key(1), key(2), key(3)]);
     sim.snap.load.get_mut(&RangeId(3)).unwrap().min_sample_qps = 100.0;
     assert!(sim.tick().ops.iter().all(|o| !matches!(o, Operator::Split { .. })));
+}
+
+#[test]
+fn a_hot_range_is_not_split_while_every_machine_is_busy_and_a_large_one_still_is() {
+    // Three stores on one busy 2-core machine (the playground under a benchmark): each
+    // reports the machine's 0.3 idle cores.
+    let mut sim = Sim::new(3, 2, spread3(3));
+    for s in &mut sim.snap.stores {
+        s.host_idle_millicpus = Some(300);
+    }
+    let d = sim.range(RangeId(1)).unwrap().desc.clone();
+    let a = key_num(&d.start).unwrap_or(0);
+    let sampled: Vec<Vec<u8>> = (0..10).map(|i| key(a + 100 * i)).collect();
+    sim.set_load(RangeId(1), 12_500.0, 1 << 20, sampled.clone());
+    // Size still splits: it bounds snapshots and recovery, whatever the CPU.
+    sim.set_load(RangeId(2), 0.0, 1 << 30, vec![]);
+    let plan = sim.tick();
+    let splits: Vec<(RangeId, Reason)> = plan
+        .ops
+        .iter()
+        .filter_map(|o| match o {
+            Operator::Split { desc, reason, .. } => Some((desc.id, *reason)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(splits, vec![(RangeId(2), Reason::Size)]);
+    assert_eq!(plan.split_skipped, vec![(RangeId(1), SKIP_NO_IDLE_CPU)]);
+    // A machine with a core idle joins (store 3 moved to one): the hot range splits.
+    sim.snap.stores[2].host_idle_millicpus = Some(1500);
+    sim.set_load(RangeId(1), 12_500.0, 1 << 20, sampled);
+    let plan = sim.tick();
+    assert!(
+        plan.ops
+            .iter()
+            .any(|o| matches!(o, Operator::Split { desc, reason: Reason::Load, .. } if desc.id == RangeId(1))),
+        "{:?}",
+        plan.ops
+    );
+    assert!(plan.split_skipped.is_empty());
 }
 
 #[test]

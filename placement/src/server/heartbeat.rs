@@ -84,6 +84,7 @@ pub(super) async fn store_heartbeat(s: &Shared, req: StoreHeartbeatRequest) -> P
     info.used_bytes = hb.used_bytes;
     info.available_bytes = hb.available_bytes;
     info.cpu_permille = hb.cpu_permille;
+    info.host_idle_millicpus = hb.host_idle_millicpus;
     info.range_count = hb.range_count;
     info.leader_count = hb.leader_count;
     info.last_heartbeat_ms = now;

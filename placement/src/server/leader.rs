@@ -86,6 +86,7 @@ pub fn scheduler_config(config: &Config) -> SchedulerConfig {
         split_size_bytes: config.split_size_bytes,
         split_qps_threshold: config.split_qps_threshold as f64,
         split_qps_window_ms: config.split_qps_window_ms(),
+        split_min_idle_millicpus: config.split_min_idle_millicpus(),
         merge_size_bytes: config.merge_size_bytes,
         merge_cooldown_ms: config.merge_cooldown_secs.saturating_mul(1000),
         repair_after_ms: config.repair_after_secs.saturating_mul(1000),
@@ -254,11 +255,12 @@ async fn tick_inner(s: &Arc<Shared>, term: &CancellationToken) {
         let last = mem.skip_logged.get(range_id).copied().unwrap_or(0);
         if now.saturating_sub(last) >= SKIP_LOG_EVERY_MS {
             mem.skip_logged.insert(*range_id, now);
-            tracing::info!(
-                range_id = range_id.get(),
-                reason,
-                "hot range not split: its load is on one key"
-            );
+            let why = if *reason == scheduler::SKIP_NO_IDLE_CPU {
+                "no store's machine has idle CPU for half of its load"
+            } else {
+                "its load is on one key"
+            };
+            tracing::info!(range_id = range_id.get(), reason, "hot range not split: {why}");
         }
     }
     for op in plan.ops {
