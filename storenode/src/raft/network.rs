@@ -50,19 +50,19 @@ pub const SNAPSHOT_CHUNK: usize = 1 << 20;
 /// Throughput assumed when sizing an RPC deadline: far below a LAN or a release build, and
 /// still met by a debug build on a busy 2-core machine.
 pub const CONSERVATIVE_BYTES_PER_SEC: u64 = 2 << 20;
-/// Smallest deadline of an AppendEntries that carries entries: the follower appends and
-/// fsyncs them before answering.
+/// Smallest deadline of an AppendEntries, with entries or without (a heartbeat, a commit
+/// index update): openraft's follower answers any accepted append only once its log is
+/// flushed (`Condition::IOFlushed` on the last accepted log I/O), so even an empty one
+/// waits for the fsync of the entries before it. A shorter deadline (openraft's 75 ms)
+/// failed healthy followers whose fsync ran long: the leader dropped the replication
+/// session and started another, resending what was in flight.
 pub const APPEND_BASE: Duration = Duration::from_millis(500);
 
 /// The deadline of one Raft RPC: openraft's budget (`soft_ttl`, which it says transports
-/// should enforce), raised to [`APPEND_BASE`] for an AppendEntries carrying entries, plus
-/// `payload_bytes` at [`CONSERVATIVE_BYTES_PER_SEC`]. A full message (~4 MiB) gets ~2.5 s.
-pub fn rpc_deadline(soft_ttl: Duration, payload_bytes: usize, carries_entries: bool) -> Duration {
-    let base = if carries_entries {
-        soft_ttl.max(APPEND_BASE)
-    } else {
-        soft_ttl
-    };
+/// should enforce), raised to [`APPEND_BASE`] for an AppendEntries, plus `payload_bytes` at
+/// [`CONSERVATIVE_BYTES_PER_SEC`]. A full message (~4 MiB) gets ~2.5 s.
+pub fn rpc_deadline(soft_ttl: Duration, payload_bytes: usize, is_append: bool) -> Duration {
+    let base = if is_append { soft_ttl.max(APPEND_BASE) } else { soft_ttl };
     let micros = (payload_bytes as u64).saturating_mul(1_000_000) / CONSERVATIVE_BYTES_PER_SEC;
     base + Duration::from_micros(micros)
 }
@@ -421,8 +421,7 @@ impl Network {
             .await
             .map_err(unreachable)?;
         let payload = encode(rpc).map_err(|e| RPCError::Network(NetworkError::new(&AnyError::error(e.to_string()))))?;
-        let carries_entries = matches!(rpc, RaftRpc::Append(a) if !a.entries.is_empty());
-        let deadline = rpc_deadline(option.soft_ttl(), payload.len(), carries_entries);
+        let deadline = rpc_deadline(option.soft_ttl(), payload.len(), matches!(rpc, RaftRpc::Append(_)));
         let mut client = self.transport.client(self.target).map_err(unreachable)?;
         let fut = client.send(self.message(payload));
         let resp = match tokio::time::timeout(deadline, fut).await {
@@ -586,10 +585,12 @@ mod tests {
     #[test]
     fn deadlines_fit_the_payload() {
         let ttl = Duration::from_millis(75);
-        // Heartbeats and votes keep openraft's budget.
+        // Votes (and anything but an append) keep openraft's budget.
         assert_eq!(rpc_deadline(ttl, 200, false), ttl + Duration::from_micros(95));
-        // Entries: at least APPEND_BASE, plus the bytes at the conservative throughput.
+        // Appends, empty ones too: at least APPEND_BASE, plus the bytes at the conservative
+        // throughput.
         assert_eq!(rpc_deadline(ttl, 0, true), APPEND_BASE);
+        assert_eq!(rpc_deadline(ttl, 200, true), APPEND_BASE + Duration::from_micros(95));
         let full = rpc_deadline(ttl, crate::raft::log_store::APPEND_BYTES_BUDGET, true);
         assert_eq!(full, APPEND_BASE + Duration::from_secs(2));
         // One maximal value (1 MiB) alone still gets its own time.
