@@ -171,7 +171,7 @@ pub struct Config {
 /// A CPU count: a finite number, 0 or more.
 fn parse_cpus(s: &str) -> Result<f64, String> {
     match s.trim().parse::<f64>() {
-        Ok(v) if v.is_finite() && v >= 0.0 && v <= 1e6 => Ok(v),
+        Ok(v) if (0.0..=1e6).contains(&v) => Ok(v),
         _ => Err(format!("{s:?} is not a CPU count (a number, 0 or more, e.g. 1 or 0.5)")),
     }
 }

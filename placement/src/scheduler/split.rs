@@ -120,7 +120,8 @@ mod tests {
     fn a_load_split_needs_a_machine_with_idle_cpu() {
         use StoreState::{Down, Up};
         // (stores as (state, idle), min_idle, split allowed)
-        let table: Vec<(Vec<(StoreState, Option<u64>)>, u64, bool)> = vec![
+        type Stores = Vec<(StoreState, Option<u64>)>;
+        let table: Vec<(Stores, u64, bool)> = vec![
             // One 2-core machine under load (the playground): nowhere to put half the work.
             (vec![(Up, Some(300)), (Up, Some(300)), (Up, Some(300))], 1000, false),
             // A store on a machine with a core idle can take a half.
