@@ -32,7 +32,7 @@ pub use endpoint::{EndpointOptions, channel_with, endpoint, endpoint_with, lazy_
 pub use placement::PlacementMembers;
 pub use server::incoming;
 pub use timeout::parse_grpc_timeout;
-pub use unprocessed::{never_processed, never_processed_cause};
+pub use unprocessed::{never_processed, never_processed_cause, tls_refused_cause};
 
 /// Errors of this crate. A bad address is a configuration error: report it, don't retry.
 #[derive(Debug, thiserror::Error)]

@@ -35,6 +35,39 @@ pub fn never_processed_cause(e: &(dyn StdError + 'static)) -> bool {
     false
 }
 
+/// How rustls displays `AlertReceived` and `InvalidCertificate`.
+const TLS_REFUSAL_TEXTS: [&str; 2] = ["received fatal alert: ", "invalid peer certificate: "];
+
+/// True when the cause chain holds a TLS refusal: the peer's TLS alert (it refused our
+/// certificate, or wanted one we did not present) or our rejection of its certificate.
+/// Configuration, not weather: sending the call again gets the same answer, so callers
+/// report it at once instead of retrying (placement's etcd client).
+pub fn tls_refused_cause(e: &(dyn StdError + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(e) = cur {
+        if let Some(t) = e.downcast_ref::<tokio_rustls::rustls::Error>() {
+            return matches!(
+                t,
+                tokio_rustls::rustls::Error::AlertReceived(_) | tokio_rustls::rustls::Error::InvalidCertificate(_)
+            );
+        }
+        // io::Error's `source` skips the error it wraps (tokio-rustls wraps rustls' there).
+        // tonic's TLS connector keeps only rustls' text ("received fatal alert: …",
+        // "invalid peer certificate: …"; pinned by a test below), so the text is read too.
+        if let Some(inner) = e.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()) {
+            if tls_refused_cause(inner) {
+                return true;
+            }
+            let text = inner.to_string();
+            if TLS_REFUSAL_TEXTS.iter().any(|p| text.starts_with(p)) {
+                return true;
+            }
+        }
+        cur = e.source();
+    }
+    false
+}
+
 /// One link of a cause chain, judged alone.
 fn unprocessed_cause(e: &(dyn StdError + 'static)) -> bool {
     if e.is::<tonic::ConnectError>() {
@@ -63,6 +96,32 @@ mod tests {
 
     fn transport(e: impl StdError + Send + Sync + 'static) -> Status {
         Status::from_error(Box::new(e))
+    }
+
+    #[test]
+    fn a_tls_refusal_is_found_through_io_errors_and_nothing_else_is() {
+        use tokio_rustls::rustls::{AlertDescription, CertificateError, Error as TlsError};
+        let io = |e: TlsError| std::io::Error::new(std::io::ErrorKind::InvalidData, e);
+        let refused = transport(io(TlsError::AlertReceived(AlertDescription::CertificateRequired)));
+        assert!(StdError::source(&refused).is_some_and(tls_refused_cause));
+        let bad_cert = io(TlsError::InvalidCertificate(CertificateError::UnknownIssuer));
+        assert!(tls_refused_cause(&bad_cert));
+        for other in [
+            std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset"),
+            io(TlsError::DecryptError),
+            std::io::Error::new(std::io::ErrorKind::InvalidData, "not tls"),
+        ] {
+            assert!(!tls_refused_cause(&other), "{other}");
+        }
+        // A refusal is not "never processed": the rule for retrying stays the caller's.
+        assert!(!never_processed(&refused));
+        // Only rustls' text survives tonic's connector: the texts are rustls' Display.
+        let alert = TlsError::AlertReceived(AlertDescription::BadCertificate).to_string();
+        let cert = TlsError::InvalidCertificate(CertificateError::Expired).to_string();
+        assert!(alert.starts_with(TLS_REFUSAL_TEXTS[0]), "{alert}");
+        assert!(cert.starts_with(TLS_REFUSAL_TEXTS[1]), "{cert}");
+        let as_text = std::io::Error::new(std::io::ErrorKind::InvalidData, alert);
+        assert!(tls_refused_cause(&as_text));
     }
 
     #[test]

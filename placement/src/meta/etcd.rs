@@ -205,6 +205,17 @@ fn timed_out(after: Duration) -> AttemptError {
 
 /// What an etcd-client error says about the request ([`retry::classify`]).
 fn failure_of(e: &ec::Error) -> Failure {
+    // A TLS refusal (no or a wrong client certificate, a server certificate we reject) gets
+    // the same answer every time: reported at once, not retried.
+    // (etcd-client's error has no `source`: its variants are looked into.)
+    let tls_refused = match e {
+        ec::Error::GRpcStatus(st) => std::error::Error::source(st).is_some_and(skv_rpc::tls_refused_cause),
+        ec::Error::TransportError(t) => skv_rpc::tls_refused_cause(t),
+        _ => false,
+    };
+    if tls_refused {
+        return Failure::Permanent;
+    }
     match e {
         ec::Error::GRpcStatus(st) => retry::classify(st.code(), st.message(), skv_rpc::never_processed(st)),
         ec::Error::TransportError(t) => {
