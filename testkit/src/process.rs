@@ -7,15 +7,22 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// A free TCP port on 127.0.0.1 for a child process to listen on, below the kernel's
-/// ephemeral range (`net.ipv4.ip_local_port_range`, 32768-60999 by default).
+/// ephemeral range (`net.ipv4.ip_local_port_range`, 32768-60999 by default), reserved for
+/// this test process until it exits.
 ///
 /// A port taken with `bind(0)` comes from the ephemeral range, which is also where the
 /// kernel picks the local port of every outgoing connection: between releasing it here and the
 /// child binding it, any of the many connections of concurrently running tests can be given
 /// it, and the child then fails to start with EADDRINUSE (seen in CI: a placement's metrics
-/// port). Ports below the range are only ever taken by an explicit bind, so a random one that
-/// binds now stays free unless another test picks the same one. Falls back to `bind(0)`
-/// when the range starts too low to leave room.
+/// port). Ports below the range are only ever taken by an explicit bind.
+///
+/// That still leaves two tests (nextest runs each in its own process) picking the same port
+/// between one's pick and its child's bind: seen in CI as a chaos cluster's client reaching
+/// another test's server ("Unimplemented"). So each pick also takes an exclusive `flock` on
+/// `<tmp>/skv-test-ports/<port>.lock` and keeps it open until the process exits (the kernel
+/// drops the lock with the process, so a crashed test leaves nothing reserved); a port whose
+/// lock another live test holds is skipped. Falls back to `bind(0)` when the range starts too
+/// low to leave room or no lock can be taken.
 pub fn free_port() -> u16 {
     use rand::Rng;
     let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
@@ -26,7 +33,14 @@ pub fn free_port() -> u16 {
         let mut rng = rand::rng();
         for _ in 0..200 {
             let port = rng.random_range(10_000..low);
+            let Some(lock) = reserve_port(port) else {
+                continue;
+            };
             if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                RESERVED_PORTS
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .push(lock);
                 return port;
             }
         }
@@ -35,6 +49,24 @@ pub fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .unwrap_or_else(|e| panic!("no free port on 127.0.0.1: {e}"))
+}
+
+/// The lock files of the ports [`free_port`] handed out, held until the process exits.
+static RESERVED_PORTS: std::sync::Mutex<Vec<std::fs::File>> = std::sync::Mutex::new(Vec::new());
+
+/// Takes the exclusive lock of `port` among test processes; `None` if another holds it
+/// (or the lock file cannot be opened).
+fn reserve_port(port: u16) -> Option<std::fs::File> {
+    let dir = std::env::temp_dir().join("skv-test-ports");
+    std::fs::create_dir_all(&dir).ok()?;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join(format!("{port}.lock")))
+        .ok()?;
+    file.try_lock().ok()?;
+    Some(file)
 }
 
 /// Path of a workspace binary (`skv-storenode`, `skvctl`, ...) in the same
@@ -173,5 +205,27 @@ where
             panic!("timed out after {timeout:?} waiting for {what}");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_port_handed_out_stays_reserved_against_other_pickers() {
+        let port = free_port();
+        // Another test process opening the same lock file is refused (flock conflicts
+        // between open file descriptions, in one process or in two).
+        assert!(
+            reserve_port(port).is_none(),
+            "port {port} was handed out but is not reserved"
+        );
+        // The port itself is still free for the child to bind.
+        assert!(TcpListener::bind(("127.0.0.1", port)).is_ok());
+        // And two picks never return the same port.
+        let ports: std::collections::HashSet<u16> = (0..50).map(|_| free_port()).collect();
+        assert_eq!(ports.len(), 50);
+        assert!(!ports.contains(&port));
     }
 }
