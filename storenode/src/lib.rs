@@ -582,7 +582,14 @@ pub async fn start_with(config: Config, opts: StartOptions) -> anyhow::Result<Se
             loop {
                 tokio::select! {
                     _ = c.cancelled() => return,
-                    _ = t.tick() => node.refresh_gauges(),
+                    // Off the runtime's threads: `refresh_gauges` asks fjall for its disk
+                    // space, which waits for fjall's journal lock, held through every journal
+                    // fsync and rotation (up to ~160 ms seen during memtable flushes: a
+                    // runtime thread of two stalled; write-path-profile.md section 8).
+                    _ = t.tick() => {
+                        let n = node.clone();
+                        let _ = tokio::task::spawn_blocking(move || n.refresh_gauges()).await;
+                    }
                 }
             }
         });

@@ -153,9 +153,13 @@ pub async fn heartbeat_loop(
         let reps = node.replicas();
         let leaders: Vec<_> = reps.iter().filter(|r| r.is_leader()).collect();
         let dir = data_dir.clone();
-        let disk = tokio::task::spawn_blocking(move || crate::stats::disk_stats(&dir))
-            .await
-            .unwrap_or_default();
+        let engine = node.engine.clone();
+        // Both block: a statfs, and fjall's disk space, which waits for fjall's journal lock
+        // (held through journal fsyncs and rotations).
+        let (disk, used_bytes) =
+            tokio::task::spawn_blocking(move || (crate::stats::disk_stats(&dir), engine.db.disk_space().unwrap_or(0)))
+                .await
+                .unwrap_or_default();
         let cpu_permille = cpu.sample();
         let host_idle_millicpus = host_cpu.sample();
         node.metrics
@@ -173,7 +177,7 @@ pub async fn heartbeat_loop(
             address: address.clone(),
             state: StoreState::Up as i32,
             capacity_bytes: disk.capacity_bytes,
-            used_bytes: node.engine.db.disk_space().unwrap_or(0),
+            used_bytes,
             range_count: reps.len() as u64,
             leader_count: leaders.len() as u64,
             last_heartbeat_ms: 0,
