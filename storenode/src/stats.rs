@@ -1,7 +1,6 @@
 //! Measurements a storenode reports to placement: the file system of its data directory
 //! (statvfs), its process CPU (/proc/self/stat), its machine's idle CPU (/proc/stat), and
-//! the approximate size and key count
-//! of each range, kept incrementally by apply.
+//! the approximate size and key count of each range, kept incrementally by apply.
 //!
 //! ## Range size and key count
 //! Apply knows, for every write, whether the key was live before (versions are kept, so the
