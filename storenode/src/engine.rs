@@ -100,6 +100,15 @@ pub fn create_dir_all_durable(dir: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// fjall's default memtable size (64 MiB).
+pub const DEFAULT_MEMTABLE_BYTES: u64 = 64 * 1024 * 1024;
+
+/// A memtable size drawn uniformly from 3/4 to 5/4 of [`DEFAULT_MEMTABLE_BYTES`] (ADR 0037).
+fn jittered_memtable_bytes() -> u64 {
+    let base = DEFAULT_MEMTABLE_BYTES;
+    base / 4 * 3 + rand::random_range(0..=base / 2)
+}
+
 /// The group-commit fsync of every keyspace (Raft log and engine), with its failpoints.
 fn persist_all(db: &Database) -> io::Result<()> {
     fail::fail_point!(crate::failpoints::SKIP_FSYNC, |_| Ok(()));
@@ -137,8 +146,18 @@ impl Engine {
         // fjall fsyncs inside `db/` but not the directory that holds it: without this, a
         // power loss right after the first start could drop the `db` entry (strict POSIX).
         sync_dir(dir)?;
-        let data = db.keyspace("data", KeyspaceCreateOptions::default)?;
-        let raft = db.keyspace("raft", KeyspaceCreateOptions::default)?;
+        // Each engine draws its memtable size once, when its keyspaces are created (fjall
+        // stores it with the keyspace): replicas that share a machine and receive the same
+        // writes then do not flush in the same second (ADR 0037). The simulation keeps
+        // fjall's default, so that its runs stay reproducible.
+        let memtable = if inline_sync {
+            DEFAULT_MEMTABLE_BYTES
+        } else {
+            jittered_memtable_bytes()
+        };
+        let keyspace_opts = || KeyspaceCreateOptions::default().max_memtable_size(memtable);
+        let data = db.keyspace("data", keyspace_opts)?;
+        let raft = db.keyspace("raft", keyspace_opts)?;
         let meta = db.keyspace("meta", KeyspaceCreateOptions::default)?;
         let (syncer, sync_thread) = if inline_sync {
             (None, None)
@@ -407,6 +426,16 @@ pub fn data_range<'a>(start: &'a [u8], end: &'a [u8]) -> (std::ops::Bound<&'a [u
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn memtable_sizes_are_drawn_within_a_quarter_of_the_default_and_differ() {
+        let draws: Vec<u64> = (0..200).map(|_| jittered_memtable_bytes()).collect();
+        let (lo, hi) = (DEFAULT_MEMTABLE_BYTES / 4 * 3, DEFAULT_MEMTABLE_BYTES / 4 * 5);
+        assert!(draws.iter().all(|b| (lo..=hi).contains(b)), "{draws:?}");
+        // Spread over the range, not a constant: 200 draws span more than half of it.
+        let spread = draws.iter().max().unwrap() - draws.iter().min().unwrap();
+        assert!(spread > (hi - lo) / 2, "spread {spread}");
+    }
 
     #[test]
     fn a_new_data_dir_tree_is_created_and_its_directories_synced() {
